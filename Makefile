@@ -1,0 +1,33 @@
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+VPIP := $(VENV)/bin/pip
+PIP_FLAGS := --disable-pip-version-check -q
+
+.PHONY: venv test demo bench clean
+
+venv: $(VENV)/.deps-stamp
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch/torchvision first, pinned, so the editable install below does not pull a different build.
+$(VENV)/.torch-stamp: | $(VPY)
+	$(VPIP) install $(PIP_FLAGS) torch==2.14.1 torchvision==0.29.1
+	touch $@
+
+$(VENV)/.deps-stamp: pyproject.toml $(VENV)/.torch-stamp
+	$(VPIP) install $(PIP_FLAGS) -e '.[test,demo]'
+	touch $@
+
+test: venv
+	$(VPY) -m pytest -q tests
+
+demo: venv
+	$(VPY) -m ematrain.demo
+
+bench: venv
+	$(VPY) benchmarks/bench_ema.py
+
+clean:
+	rm -rf output data
