@@ -1,0 +1,226 @@
+"""Checkpoints: timm-compatible keys, atomic writes, and loading that never runs pickled code."""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .errors import UserError
+
+CHECKPOINT_VERSION = 2
+
+
+# ----------------------------------------------------------------------------- atomic files
+def atomic_write(path: str | Path, write: Callable) -> None:
+    """Write `path` through a temporary file in the same folder, fsync it, then rename it over.
+
+    A crash or a full disk at any moment leaves either the old file or the new one, never a
+    half-written file. `write` receives a binary file object.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself is durable only once the folder entry is on disk.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> None:
+    def write(f):
+        with open(src, "rb") as s:
+            while chunk := s.read(1 << 22):
+                f.write(chunk)
+    atomic_write(dst, write)
+
+
+# ----------------------------------------------------------------------------- building
+def build_checkpoint(*, epoch: int, arch: str, model, optimizer, scheduler, ema, args: dict,
+                     metric: float | None, num_updates: int, data_config: dict, num_classes: int,
+                     class_names: list[str], extra: dict | None = None) -> dict:
+    """A checkpoint with timm's keys plus what validate.py and resume need."""
+    from .ema import unwrap_model
+    ckpt = {
+        "epoch": epoch,
+        "arch": arch,
+        "state_dict": unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "args": args,
+        "metric": metric,
+        "version": CHECKPOINT_VERSION,
+        "ematrain_version": __version__,
+        "num_updates": num_updates,
+        "data_config": dict(data_config),
+        "num_classes": num_classes,
+        "class_names": list(class_names),
+    }
+    if scheduler is not None:
+        ckpt["scheduler"] = scheduler.state_dict()
+    if ema is not None:
+        ckpt["state_dict_ema"] = ema.shadow_state_dict(0)
+        meta = ema.state_dict()
+        shadows = meta.pop("shadows")
+        for i in range(1, len(shadows)):
+            ckpt[f"state_dict_ema_{i}"] = shadows[i]
+        meta["keys"] = ["state_dict_ema"] + [f"state_dict_ema_{i}" for i in range(1, len(shadows))]
+        ckpt["ema"] = meta
+    if extra:
+        ckpt.update(extra)
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- loading
+def load_file(path: str | Path) -> dict:
+    """Load a checkpoint, a state dict or a .safetensors file as a dict of tensors and values.
+
+    Uses ``torch.load(weights_only=True)``, allow-listing only ``argparse.Namespace`` (timm's
+    train.py stores its args that way). Anything else that would need code to unpickle is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as load_safetensors
+        try:
+            return load_safetensors(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"cannot read {path}: not a valid .safetensors file ({exc})") from None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
+        if "Unsupported global" in str(exc) or "weights_only" in str(exc):
+            raise UserError(f"refusing {path}: it holds pickled code or objects that are not "
+                            f"plain weights ({first[:160]})") from None
+        raise UserError(f"cannot read {path}: not a PyTorch checkpoint ({first[:160]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError,
+            AttributeError, IndexError, KeyError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read {path}: truncated, corrupt or not a checkpoint ({msg[:160]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"cannot read {path}: expected a dict of weights, got {type(data).__name__}")
+    return data
+
+
+def _is_state_dict(data: dict) -> bool:
+    return bool(data) and all(isinstance(v, torch.Tensor) for v in data.values())
+
+
+def ema_keys(ckpt: dict) -> list[str]:
+    """Keys of the EMA shadows in a checkpoint, first (timm's `state_dict_ema`) first."""
+    meta = ckpt.get("ema")
+    if isinstance(meta, dict) and meta.get("keys"):
+        return [k for k in meta["keys"] if k in ckpt]
+    return [k for k in ("state_dict_ema", "model_ema") if k in ckpt][:1]
+
+
+def ema_decays(ckpt: dict) -> list[float | None]:
+    meta = ckpt.get("ema")
+    if isinstance(meta, dict) and meta.get("decays"):
+        return [float(d) for d in meta["decays"]]
+    return [None] * len(ema_keys(ckpt))
+
+
+def select_weights(ckpt: dict, path: str | Path, use_ema: bool = False,
+                   ema_index: int | None = None, ema_decay: float | None = None) -> dict:
+    """The state dict to evaluate: raw, the first EMA, or the EMA picked by index or decay."""
+    if not use_ema and ema_index is None and ema_decay is None:
+        if "state_dict" in ckpt:
+            return _strip_prefixes(ckpt["state_dict"])
+        if "model" in ckpt and isinstance(ckpt["model"], dict):
+            return _strip_prefixes(ckpt["model"])
+        if _is_state_dict(ckpt):
+            return _strip_prefixes(ckpt)
+        raise UserError(f"{path} holds no model weights (no 'state_dict' key)")
+    keys = ema_keys(ckpt)
+    if not keys:
+        raise UserError(f"{path} holds no EMA weights; run without --use-ema to evaluate the raw weights")
+    if ema_decay is not None:
+        decays = ema_decays(ckpt)
+        matches = [i for i, d in enumerate(decays) if d is not None and abs(d - ema_decay) <= 1e-12 * max(1.0, d)]
+        if not matches:
+            known = ", ".join(f"{d:g}" for d in decays if d is not None) or "unknown"
+            raise UserError(f"{path} has no EMA with decay {ema_decay:g} (it has: {known})")
+        ema_index = matches[0]
+    index = ema_index or 0
+    if not 0 <= index < len(keys):
+        raise UserError(f"{path} has {len(keys)} EMA shadow(s); --ema-index {index} is out of range")
+    return _strip_prefixes(ckpt[keys[index]])
+
+
+def _strip_prefixes(state: dict) -> dict:
+    """Drop DDP's 'module.' and torch.compile's '_orig_mod.' prefixes."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_weights_into(model, state: dict, path: str | Path) -> None:
+    """Strict load with a one-line explanation when the weights do not fit the model."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {k}: checkpoint "
+                         f"{tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        raise UserError(f"checkpoint {path} does not fit the model: {'; '.join(parts)}")
+    model.load_state_dict(state)
+
+
+def args_dict(ckpt: dict) -> dict:
+    """The training args of a checkpoint as a plain dict (ours, or timm's Namespace)."""
+    args = ckpt.get("args")
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, dict) else {}

@@ -1,0 +1,208 @@
+"""Command-line flags for train.py (timm's names and meanings) and YAML recipes (`-c`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UserError instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="train.py", description="Train a timm model on an ImageFolder data set, "
+                "with model-weight EMA validated every epoch.")
+    p.add_argument("-c", "--config", default="", metavar="FILE",
+                   help="YAML recipe: its keys become defaults, command-line flags win")
+
+    g = p.add_argument_group("Dataset parameters")
+    g.add_argument("data_dir", nargs="?", default=None, metavar="DIR",
+                   help="data root holding <train-split>/ and <val-split>/ ImageFolder trees")
+    g.add_argument("--train-split", default="train", help="training split folder (default: train)")
+    g.add_argument("--val-split", default="val",
+                   help="validation split folder (default: val; 'validation' if val is absent)")
+
+    g = p.add_argument_group("Model parameters")
+    g.add_argument("--model", default="resnet50", help="timm model name (default: resnet50)")
+    g.add_argument("--pretrained", action="store_true", default=False,
+                   help="start from timm's pretrained weights (needs them cached locally)")
+    g.add_argument("--initial-checkpoint", default="", metavar="PATH",
+                   help="start from these weights (ours, timm's, a state dict or .safetensors)")
+    g.add_argument("--resume", default="", metavar="PATH",
+                   help="resume a run from its checkpoint ('auto': the experiment's last.pth.tar)")
+    g.add_argument("--no-resume-opt", action="store_true", default=False,
+                   help="on resume, do not restore optimizer and scheduler state")
+    g.add_argument("--num-classes", type=int, default=None, metavar="N",
+                   help="classifier outputs (default: the number of class folders)")
+    g.add_argument("--img-size", type=int, default=None, metavar="N", help="input image size")
+    g.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N",
+                   help="input dimensions C H W (overrides --img-size)")
+    g.add_argument("--crop-pct", type=float, default=None, help="evaluation center-crop fraction")
+    g.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN",
+                   help="per-channel normalisation mean (default: the model's)")
+    g.add_argument("--std", type=float, nargs="+", default=None, metavar="STD",
+                   help="per-channel normalisation std (default: the model's)")
+    g.add_argument("--interpolation", default="", help="resize interpolation (default: the model's)")
+    g.add_argument("-b", "--batch-size", type=int, default=128, metavar="N",
+                   help="training batch size (default: 128)")
+    g.add_argument("-vb", "--validation-batch-size", type=int, default=None, metavar="N",
+                   help="validation batch size (default: the training batch size)")
+    g.add_argument("--drop", type=float, default=0.0, help="dropout rate (default: 0)")
+    g.add_argument("--drop-path", type=float, default=None, help="drop-path rate")
+
+    g = p.add_argument_group("Optimizer parameters")
+    g.add_argument("--opt", default="sgd", help="timm optimizer name (default: sgd)")
+    g.add_argument("--opt-eps", type=float, default=None, help="optimizer epsilon")
+    g.add_argument("--opt-betas", type=float, nargs="+", default=None, help="optimizer betas")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    g.add_argument("--weight-decay", type=float, default=2e-5, help="weight decay (default: 2e-5)")
+    g.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+                   help="clip gradients at this value (default: off)")
+    g.add_argument("--clip-mode", default="norm", choices=["norm", "value", "agc"],
+                   help="gradient clipping mode (default: norm)")
+
+    g = p.add_argument_group("Learning rate schedule parameters")
+    g.add_argument("--sched", default="cosine", help="timm LR scheduler (default: cosine)")
+    g.add_argument("--sched-on-updates", action="store_true", default=False,
+                   help="step the schedule every optimizer update instead of every epoch")
+    g.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: --lr-base scaled by the batch size)")
+    g.add_argument("--lr-base", type=float, default=0.1,
+                   help="base learning rate for --lr-base-size images per step (default: 0.1)")
+    g.add_argument("--lr-base-size", type=int, default=256,
+                   help="batch size that --lr-base refers to (default: 256)")
+    g.add_argument("--warmup-lr", type=float, default=1e-5, help="warmup start LR (default: 1e-5)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="LR floor of the schedule (default: 0)")
+    g.add_argument("--epochs", type=int, default=300, help="epochs to train (default: 300)")
+    g.add_argument("--warmup-epochs", type=int, default=5, help="LR warmup epochs (default: 5)")
+    g.add_argument("--cooldown-epochs", type=int, default=0, help="epochs at min LR after the schedule")
+    g.add_argument("--decay-epochs", type=float, default=90, help="step schedules: epochs per decay")
+    g.add_argument("--decay-rate", type=float, default=0.1, help="step schedules: LR decay factor")
+
+    g = p.add_argument_group("Augmentation and regularization parameters")
+    g.add_argument("--no-aug", action="store_true", default=False, help="disable training augmentation")
+    g.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0], metavar="PCT",
+                   help="random-resized-crop scale range (default: 0.08 1.0)")
+    g.add_argument("--ratio", type=float, nargs=2, default=[3 / 4, 4 / 3], metavar="RATIO",
+                   help="random-resized-crop aspect ratio range (default: 3/4 4/3)")
+    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (default: 0.5)")
+    g.add_argument("--color-jitter", type=float, default=0.4, help="color jitter factor (default: 0.4)")
+    g.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5")
+    g.add_argument("--reprob", type=float, default=0.0, help="random erase probability (default: 0)")
+    g.add_argument("--remode", default="pixel", help="random erase mode (default: pixel)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
+
+    g = p.add_argument_group("Model exponential moving average parameters")
+    g.add_argument("--model-ema", action="store_true", default=False,
+                   help="keep exponential moving averages of the weights, validated every epoch")
+    g.add_argument("--model-ema-decay", type=float, nargs="+", default=None, metavar="DECAY",
+                   help="EMA decay per update; several values keep several shadows (default: 0.9998)")
+    g.add_argument("--model-ema-half-life", nargs="+", default=None, metavar="H",
+                   help="EMA horizon instead of a decay: e.g. 2ep, 500it, 300kimg (several allowed)")
+    g.add_argument("--model-ema-force-cpu", action="store_true", default=False,
+                   help="keep the EMA shadows in host memory (still validated every epoch)")
+    g.add_argument("--model-ema-every", type=int, default=1, metavar="N",
+                   help="average every N optimizer steps with decay**N (default: 1)")
+    g.add_argument("--model-ema-warmup", action="store_true", default=False,
+                   help="timm's EMA warmup: the decay rises towards its target")
+    g.add_argument("--model-ema-warmup-power", type=float, default=2 / 3,
+                   help="EMA warmup power (default: 2/3)")
+    g.add_argument("--model-ema-dtype", default=None, choices=["float32", "float16", "bfloat16", "float64"],
+                   help="EMA shadow dtype (default: float32 for 16-bit models, else the model's)")
+
+    g = p.add_argument_group("Miscellaneous parameters")
+    g.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    g.add_argument("--log-interval", type=int, default=50, metavar="N",
+                   help="steps between progress read-outs (default: 50)")
+    g.add_argument("--checkpoint-hist", type=int, default=10, metavar="N",
+                   help="best epoch checkpoints to keep (default: 10)")
+    g.add_argument("-j", "--workers", type=int, default=4, metavar="N",
+                   help="data loading worker processes (default: 4)")
+    g.add_argument("--device", default=None,
+                   help="device to train on (default: cuda when available, else cpu)")
+    g.add_argument("--output", default="", metavar="DIR",
+                   help="output root (default: ./output); runs go to <output>/train/<experiment>")
+    g.add_argument("--experiment", default="", help="run name (default: <date>-<model>)")
+    g.add_argument("--eval-metric", default="top1", choices=["top1", "top5", "loss"],
+                   help="metric that picks the best checkpoints (default: top1)")
+    return p
+
+
+def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags; a `-c` YAML file supplies defaults, explicit flags win."""
+    parser = _train_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_yaml_defaults(pre.config, parser))
+    args = parser.parse_args(argv)
+    if args.data_dir is None:
+        raise UserError("no data root given: train.py DIR (with DIR/train and DIR/val)")
+    check_train_args(args)
+    return args
+
+
+def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Read a YAML recipe and check that every key is a flag of `parser`."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise UserError(f"config file {path} is not valid YAML{at}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of flag names to values")
+    known = {a.dest for a in parser._actions} - {"help", "config"}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"config file {path}: unknown key(s): {', '.join(unknown)}")
+    return data
+
+
+def check_train_args(args: argparse.Namespace) -> None:
+    """Range and consistency checks that argparse cannot express."""
+    positive = {"batch_size": "--batch-size", "epochs": "--epochs", "log_interval": "--log-interval",
+                "model_ema_every": "--model-ema-every"}
+    for dest, flag in positive.items():
+        if getattr(args, dest) < 1:
+            raise UserError(f"{flag} must be >= 1, got {getattr(args, dest)}")
+    if args.validation_batch_size is not None and args.validation_batch_size < 1:
+        raise UserError(f"--validation-batch-size must be >= 1, got {args.validation_batch_size}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UserError(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.warmup_epochs < 0:
+        raise UserError(f"--warmup-epochs must be >= 0, got {args.warmup_epochs}")
+    if args.lr is not None and args.lr <= 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    if args.model_ema_decay is not None and args.model_ema_half_life is not None:
+        raise UserError("give --model-ema-decay or --model-ema-half-life, not both")
+    for d in args.model_ema_decay or []:
+        if not 0.0 < d < 1.0:
+            raise UserError(f"--model-ema-decay must be in (0, 1), got {d}")
+    if args.model_ema_half_life:
+        from .ema import parse_half_life
+        for text in args.model_ema_half_life:
+            try:
+                parse_half_life(text)
+            except ValueError as exc:
+                raise UserError(f"--model-ema-half-life: {exc}") from None
+    if not args.model_ema and (args.model_ema_decay or args.model_ema_half_life
+                               or args.model_ema_force_cpu):
+        # A user who names an EMA setting wants the EMA; turning it on beats silently ignoring it.
+        args.model_ema = True
+    if args.checkpoint_hist < 1:
+        raise UserError(f"--checkpoint-hist must be >= 1, got {args.checkpoint_hist}")

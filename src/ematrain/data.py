@@ -1,0 +1,128 @@
+"""ImageFolder splits, timm transforms and seeded data loaders."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .errors import UserError
+
+# Keys of the data config that fix the evaluation transform; kept in checkpoints so that
+# validate.py rebuilds exactly the transform training validated with.
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def resolve_split_dir(root: str | Path, split: str) -> Path:
+    """`root/split`, accepting timm's 'validation' for a missing 'val' (and the reverse)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data root not found: {root}")
+    path = root / split
+    if path.is_dir():
+        return path
+    alias = {"val": "validation", "validation": "val"}.get(split)
+    if alias and (root / alias).is_dir():
+        return root / alias
+    raise UserError(f"split '{split}' not found: no folder {path}")
+
+
+def _load_rgb(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from None
+
+
+def load_image_folder(split_dir: Path, transform=None) -> ImageFolder:
+    """An ImageFolder whose bad layouts and bad images surface as one-line UserErrors."""
+    class_dirs = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise UserError(f"split {split_dir} has no class folders")
+    try:
+        dataset = ImageFolder(str(split_dir), transform=transform, loader=_load_rgb,
+                              allow_empty=True)
+    except FileNotFoundError as exc:
+        raise UserError(f"split {split_dir}: {exc}") from None
+    if not dataset.samples:
+        raise UserError(f"split {split_dir} has no images "
+                        f"(looked for {', '.join(IMG_EXTENSIONS[:4])}, ...)")
+    counts = np.bincount([t for _, t in dataset.samples], minlength=len(dataset.classes))
+    empty = [c for c, n in zip(dataset.classes, counts) if n == 0]
+    if empty:
+        raise UserError(f"split {split_dir}: class folder(s) with no images: {', '.join(empty[:5])}")
+    return dataset
+
+
+def check_same_classes(train: ImageFolder, val: ImageFolder, val_dir: Path) -> None:
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        parts = []
+        if only_train:
+            parts.append(f"missing in val: {', '.join(only_train[:5])}")
+        if only_val:
+            parts.append(f"not in train: {', '.join(only_val[:5])}")
+        raise UserError(f"class folders of {val_dir} differ from the training split ({'; '.join(parts)})")
+
+
+def data_config_for(args, model) -> dict:
+    """timm's data config for the model, with the user's overrides applied."""
+    overrides = {k: getattr(args, k, None) for k in
+                 ("input_size", "img_size", "crop_pct", "mean", "std", "interpolation")}
+    config = resolve_data_config(overrides, model=model)
+    return {k: config[k] for k in DATA_CONFIG_KEYS if k in config}
+
+
+def train_transform(data_config: dict, args):
+    return create_transform(
+        **data_config,
+        is_training=True,
+        no_aug=args.no_aug,
+        scale=tuple(args.scale),
+        ratio=tuple(args.ratio),
+        hflip=args.hflip,
+        color_jitter=args.color_jitter,
+        auto_augment=args.aa,
+        re_prob=args.reprob,
+        re_mode=args.remode,
+    )
+
+
+def eval_transform(data_config: dict):
+    return create_transform(**data_config, is_training=False)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # DataLoader seeds torch per worker from its generator; numpy and random follow it, so
+    # augmentation in each worker depends only on (seed, epoch, worker).
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset, batch_size: int, workers: int, shuffle: bool, seed: int,
+                drop_last: bool = False, pin_memory: bool = False, sampler=None) -> DataLoader:
+    """A loader whose order and worker seeds come from `seed` alone (re-create it per epoch)."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+        persistent_workers=False,
+    )

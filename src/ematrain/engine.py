@@ -1,0 +1,170 @@
+"""The training and validation loops.
+
+The hot loop keeps running sums on the device and reads them back only every `log_interval`
+steps and at the end of the epoch: on a GPU each `.item()` stalls the pipeline.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from timm.utils import AverageMeter, accuracy, dispatch_clip_grad
+from torch import nn
+from tqdm import tqdm
+
+from .ema import ModelEma, unwrap_model
+from .errors import UserError
+
+
+def show_bars() -> bool:
+    """Progress bars only on a terminal, so CI logs stay readable."""
+    return sys.stderr.isatty()
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"non-finite loss at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+@dataclass
+class TrainState:
+    """Counters that run across epochs (saved in checkpoints for resume)."""
+    epoch: int = 0
+    num_updates: int = 0
+
+
+def current_lr(optimizer) -> float:
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    return sum(lrs) / len(lrs)
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn, scheduler, state: TrainState,
+                    device: torch.device, ema: ModelEma | None = None, clip_grad: float | None = None,
+                    clip_mode: str = "norm", log_interval: int = 50, epochs: int = 0,
+                    log=print) -> dict:
+    """One pass over `loader`; returns {'loss': mean training loss, 'lr': mean LR}."""
+    model.train()
+    loss_meter = AverageMeter()
+    steps = len(loader)
+    bar = tqdm(total=steps, desc=f"train {state.epoch}", leave=False, disable=not show_bars(),
+               unit="step", dynamic_ncols=True)
+    interval_start, interval_images = time.perf_counter(), 0
+    for step, (images, targets) in enumerate(loader):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        output = model(images)
+        loss = loss_fn(output, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad is not None:
+            dispatch_clip_grad(model.parameters(), value=clip_grad, mode=clip_mode)
+        optimizer.step()
+        state.num_updates += 1
+        if ema is not None:
+            ema.update(model)
+        if scheduler is not None:
+            scheduler.step_update(num_updates=state.num_updates)
+        loss_meter.update(loss.detach(), images.size(0))
+        interval_images += images.size(0)
+        bar.update(1)
+
+        last = step + 1 == steps
+        if (step + 1) % log_interval == 0 or last:
+            loss_now = float(loss.detach())
+            if not torch.isfinite(torch.tensor(loss_now)):
+                bar.close()
+                raise NonFiniteLoss(state.epoch, step)
+            elapsed = time.perf_counter() - interval_start
+            rate = interval_images / max(elapsed, 1e-9)
+            lr = current_lr(optimizer)
+            if bar.disable:
+                log(f"  train {state.epoch}/{epochs} [{step + 1}/{steps}] loss {loss_now:.4f} "
+                    f"lr {lr:.3g} {rate:.0f} img/s")
+            else:
+                bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+            interval_start, interval_images = time.perf_counter(), 0
+    bar.close()
+    mean_loss = float(loss_meter.avg)
+    if not torch.isfinite(torch.tensor(mean_loss)):
+        raise NonFiniteLoss(state.epoch, steps - 1)
+    return {"loss": mean_loss, "lr": current_lr(optimizer)}
+
+
+class _WeightSwapper:
+    """Loads the raw or a shadow's weights into the live model, one copy per change.
+
+    Used when the shadows live on another device than the model (``--model-ema-force-cpu``):
+    each shadow is then evaluated on the training device without a second copy of the model
+    there. The raw weights are stashed in host memory and restored bit for bit.
+    """
+
+    def __init__(self, model: nn.Module, shadows: list[nn.Module]):
+        source = unwrap_model(model)
+        self.live = list(source.parameters()) + list(source.buffers())
+        pin = any(t.device.type == "cuda" for t in self.live) and torch.cuda.is_available()
+        stash = [t.detach().to("cpu", copy=True) for t in self.live]
+        if pin:
+            stash = [t.pin_memory() for t in stash]
+        self.sets = [stash] + [list(m.parameters()) + list(m.buffers()) for m in shadows]
+        self.current = 0
+
+    @torch.no_grad()
+    def load(self, index: int) -> None:
+        if index != self.current:
+            torch._foreach_copy_(self.live, self.sets[index], non_blocking=True)
+            self.current = index
+
+    def restore(self) -> None:
+        self.load(0)
+        if any(t.device.type == "cuda" for t in self.live):
+            torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | None = None,
+             epoch: int | None = None) -> list[dict]:
+    """Evaluate the raw weights and every EMA shadow in one pass over `loader`.
+
+    Each batch is decoded and augmented once and fed to every weight set, so K EMAs cost K extra
+    forward passes, not K extra passes over the data. Returns one dict per weight set (raw
+    first) with 'loss', 'top1', 'top5' and 'count'.
+    """
+    loss_fn = nn.CrossEntropyLoss()
+    model.eval()
+    shadows = ema.modules if ema is not None else []
+    swapper = None
+    if shadows and ema.device != next(unwrap_model(model).parameters()).device:
+        swapper = _WeightSwapper(model, shadows)
+    nets = [model] + ([model] * len(shadows) if swapper else list(shadows))
+    meters = [(AverageMeter(), AverageMeter(), AverageMeter()) for _ in nets]
+    count = 0
+    order = list(range(len(nets)))
+    desc = "validate" if epoch is None else f"val {epoch}"
+    try:
+        for images, targets in tqdm(loader, desc=desc, leave=False, disable=not show_bars(),
+                                    unit="batch", dynamic_ncols=True):
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            n = images.size(0)
+            for index in order:
+                if swapper is not None:
+                    swapper.load(index)
+                output = nets[index](images)
+                top1, top5 = accuracy(output, targets, topk=(1, 5))
+                loss_m, top1_m, top5_m = meters[index]
+                loss_m.update(loss_fn(output, targets), n)
+                top1_m.update(top1, n)
+                top5_m.update(top5, n)
+            count += n
+            # Walking the sets back and forth saves one weight swap per batch.
+            order.reverse()
+    finally:
+        if swapper is not None:
+            swapper.restore()
+    if count == 0:
+        raise UserError("validation split produced no batches")
+    return [{"loss": float(l.avg), "top1": float(t1.avg), "top5": float(t5.avg), "count": count}
+            for l, t1, t5 in meters]

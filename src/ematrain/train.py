@@ -1,0 +1,333 @@
+"""train.py: train a timm model on an ImageFolder data set, validating raw and EMA weights."""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+
+from . import checkpoint as ckpt_io
+from . import data, outputs
+from .cli import log, resolve_device, run_main, seed_everything
+from .config import parse_train_args
+from .ema import ModelEma, half_life_from_decay, parse_half_life
+from .engine import NonFiniteLoss, TrainState, train_one_epoch, validate
+from .errors import UserError
+from .models import create_model
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}
+
+
+@dataclass
+class Best:
+    """Best epoch so far of one weight set by the eval metric."""
+    metric: float | None = None
+    epoch: int | None = None
+
+    def improves(self, value: float, lower_is_better: bool) -> bool:
+        if self.metric is None:
+            return True
+        return value < self.metric if lower_is_better else value > self.metric
+
+
+@dataclass
+class History:
+    """Best epochs kept as checkpoint-<epoch>.pth.tar (timm's --checkpoint-hist)."""
+    entries: list = field(default_factory=list)  # [metric, epoch] pairs, best first
+
+
+# ----------------------------------------------------------------------------- set-up pieces
+def build_datasets(args):
+    train_dir = data.resolve_split_dir(args.data_dir, args.train_split)
+    val_dir = data.resolve_split_dir(args.data_dir, args.val_split)
+    train_set = data.load_image_folder(train_dir)
+    val_set = data.load_image_folder(val_dir)
+    data.check_same_classes(train_set, val_set, val_dir)
+    return train_set, val_set
+
+
+def resolve_num_classes(args, train_set) -> int:
+    found = len(train_set.classes)
+    if args.num_classes is not None and args.num_classes != found:
+        raise UserError(f"--num-classes {args.num_classes} disagrees with the data: "
+                        f"{found} class folders in {args.train_split}")
+    return found
+
+
+def resolve_lr(args) -> float:
+    """--lr, or --lr-base scaled by the global batch as timm does (sqrt for adaptive optimizers)."""
+    if args.lr is not None:
+        return args.lr
+    ratio = args.batch_size / args.lr_base_size
+    opt = args.opt.lower()
+    if any(name in opt for name in ("ada", "lamb")):
+        ratio = math.sqrt(ratio)
+    return args.lr_base * ratio
+
+
+def build_optimizer(args, model, lr):
+    kwargs = {}
+    if args.opt_eps is not None:
+        kwargs["eps"] = args.opt_eps
+    if args.opt_betas is not None:
+        kwargs["betas"] = tuple(args.opt_betas)
+    try:
+        return create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+                                   momentum=args.momentum, **kwargs)
+    except (AssertionError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"cannot create optimizer '{args.opt}': {str(exc)[:160]}") from None
+
+
+def build_scheduler(args, optimizer, updates_per_epoch):
+    try:
+        return create_scheduler_v2(
+            optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+            decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+            warmup_epochs=args.warmup_epochs, cooldown_epochs=args.cooldown_epochs,
+            step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch,
+            plateau_mode="min" if args.eval_metric == "loss" else "max")
+    except (AssertionError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot create scheduler '{args.sched}': {str(exc)[:160]}") from None
+
+
+def resolve_ema_decays(args, steps_per_epoch: int) -> list[float]:
+    """Per-optimizer-step decays from --model-ema-decay or --model-ema-half-life."""
+    if args.model_ema_half_life:
+        images_per_step = args.batch_size  # x world size x accumulation once those land
+        decays = []
+        for text in args.model_ema_half_life:
+            steps = parse_half_life(text).in_updates(images_per_step, steps_per_epoch)
+            decays.append(0.5 ** (1.0 / steps))
+        return decays
+    return list(args.model_ema_decay or [0.9998])
+
+
+def log_ema_horizons(decays, every, steps_per_epoch, total_steps, images_per_step) -> None:
+    for d in decays:
+        steps = half_life_from_decay(d)
+        log.info(f"EMA decay {d:.6g}: half-life {steps:.4g} optimizer steps = "
+                 f"{steps / steps_per_epoch:.3g} epochs = {steps * images_per_step:.4g} images"
+                 + (f" (updated every {every} steps with decay^{every})" if every > 1 else ""))
+        if steps > total_steps:
+            log.warning(f"warning: EMA {d:.6g} has a half-life ({steps:.4g} steps) longer than the "
+                        f"whole run ({total_steps} steps): it will still mostly hold the early weights")
+        elif steps < 0.1 * steps_per_epoch:
+            log.warning(f"warning: EMA {d:.6g} has a half-life ({steps:.4g} steps) under a tenth "
+                        f"of an epoch: it averages almost nothing")
+
+
+def build_ema(args, model, device, decays) -> ModelEma | None:
+    if not args.model_ema:
+        return None
+    ema_device = torch.device("cpu") if args.model_ema_force_cpu else device
+    dtype = _DTYPES[args.model_ema_dtype] if args.model_ema_dtype else None
+    return ModelEma(model, decays, device=ema_device, dtype=dtype, every=args.model_ema_every,
+                    warmup=args.model_ema_warmup, warmup_power=args.model_ema_warmup_power)
+
+
+# ----------------------------------------------------------------------------- the run
+class Trainer:
+    """Holds the pieces of one run; each method does one step of the epoch loop."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = resolve_device(args.device)
+        seed_everything(args.seed)
+        train_set, val_set = build_datasets(args)
+        self.class_names = train_set.classes
+        self.num_classes = resolve_num_classes(args, train_set)
+        self.model = create_model(args.model, self.num_classes, pretrained=args.pretrained,
+                                  drop_rate=args.drop, drop_path_rate=args.drop_path)
+        if args.initial_checkpoint:
+            state = ckpt_io.load_file(args.initial_checkpoint)
+            weights = ckpt_io.select_weights(state, args.initial_checkpoint)
+            ckpt_io.load_weights_into(self.model, weights, args.initial_checkpoint)
+        self.model.to(self.device)
+        self.data_config = data.data_config_for(args, self.model)
+        train_set.transform = data.train_transform(self.data_config, args)
+        val_set.transform = data.eval_transform(self.data_config)
+        self.train_set, self.val_set = train_set, val_set
+        self.drop_last = len(train_set) >= args.batch_size
+        self.steps_per_epoch = (len(train_set) // args.batch_size if self.drop_last
+                                else math.ceil(len(train_set) / args.batch_size))
+        self.lr = resolve_lr(args)
+        self.optimizer = build_optimizer(args, self.model, self.lr)
+        self.scheduler, self.num_epochs = build_scheduler(args, self.optimizer, self.steps_per_epoch)
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+        decays = resolve_ema_decays(args, self.steps_per_epoch)
+        self.ema = build_ema(args, self.model, self.device, decays)
+        self.decays = self.ema.decays if self.ema is not None else []
+        self.state = TrainState()
+        self.best = [Best() for _ in range(1 + len(self.decays))]
+        self.history = History()
+        self.rows: list[dict] = []
+        self.run_dir: Path | None = None
+
+    # --------------------------------------------------------------- resume
+    def resume(self, path: str) -> None:
+        ckpt = ckpt_io.load_file(path)
+        if "state_dict" not in ckpt or "epoch" not in ckpt:
+            raise UserError(f"cannot resume from {path}: not a training checkpoint")
+        if ckpt.get("arch") not in (None, self.args.model):
+            raise UserError(f"cannot resume from {path}: it is a '{ckpt['arch']}' checkpoint, "
+                            f"this run trains '{self.args.model}'")
+        ckpt_io.load_weights_into(self.model, ckpt_io.select_weights(ckpt, path), path)
+        if self.ema is not None:
+            if "ema" not in ckpt:
+                raise UserError(f"cannot resume from {path}: it holds no EMA state but --model-ema is on")
+            shadows = [ckpt[k] for k in ckpt["ema"]["keys"]]
+            try:
+                self.ema.load_state_dict({**ckpt["ema"], "shadows": shadows})
+            except (ValueError, RuntimeError) as exc:
+                raise UserError(f"cannot resume EMA from {path}: {str(exc)[:160]}") from None
+        if not self.args.no_resume_opt:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if "scheduler" in ckpt:
+                self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.state.epoch = int(ckpt["epoch"]) + 1
+        self.state.num_updates = int(ckpt.get("num_updates", 0))
+        resume = ckpt.get("resume_state", {})
+        self.best = [Best(b.get("metric"), b.get("epoch")) for b in resume.get("best", [])] or self.best
+        self.history.entries = [list(e) for e in resume.get("history", [])]
+        log.info(f"resumed from {path} at epoch {self.state.epoch}")
+
+    # --------------------------------------------------------------- epoch pieces
+    def make_loaders(self, epoch: int):
+        # Seeding per epoch from (seed, epoch) makes each epoch's order and augmentation
+        # independent of what ran before, which is what makes resume exact.
+        seed_everything(self.args.seed + epoch)
+        pin = self.device.type == "cuda"
+        train = data.make_loader(self.train_set, self.args.batch_size, self.args.workers,
+                                 shuffle=True, seed=self.args.seed * 1000 + epoch,
+                                 drop_last=self.drop_last, pin_memory=pin)
+        val = data.make_loader(self.val_set, self.args.validation_batch_size or self.args.batch_size,
+                               self.args.workers, shuffle=False, seed=0, pin_memory=pin)
+        return train, val
+
+    def metric_of(self, result: dict) -> float:
+        return result[self.args.eval_metric]
+
+    def save_epoch(self, epoch: int, results: list[dict]) -> list[str]:
+        """last.pth.tar, then copies for the best files that improved; returns their names."""
+        lower = self.args.eval_metric == "loss"
+        improved = [self.best[i].improves(self.metric_of(r), lower) for i, r in enumerate(results)]
+        for i, r in enumerate(results):
+            if improved[i]:
+                self.best[i] = Best(self.metric_of(r), epoch)
+        self._update_history(epoch, self.metric_of(results[0]), lower)
+        ckpt = ckpt_io.build_checkpoint(
+            epoch=epoch, arch=self.args.model, model=self.model, optimizer=self.optimizer,
+            scheduler=self.scheduler, ema=self.ema, args=dict(vars(self.args)),
+            metric=self.metric_of(results[0]), num_updates=self.state.num_updates,
+            data_config=self.data_config, num_classes=self.num_classes,
+            class_names=self.class_names,
+            extra={"resume_state": {"best": [vars(b) for b in self.best],
+                                    "history": self.history.entries}})
+        last = self.run_dir / "last.pth.tar"
+        ckpt_io.save_checkpoint(last, ckpt)
+        written = ["last.pth.tar"]
+        if improved[0]:
+            ckpt_io.atomic_copy(last, self.run_dir / "model_best.pth.tar")
+            written.append("model_best.pth.tar")
+        if len(results) > 1 and improved[1]:
+            ckpt_io.atomic_copy(last, self.run_dir / "model_best_ema.pth.tar")
+            written.append("model_best_ema.pth.tar")
+        if any(e == epoch for _, e in self.history.entries):
+            ckpt_io.atomic_copy(last, self.run_dir / f"checkpoint-{epoch}.pth.tar")
+        self._prune_history()
+        return written
+
+    def _update_history(self, epoch: int, metric: float, lower: bool) -> None:
+        entries = [e for e in self.history.entries if e[1] != epoch] + [[metric, epoch]]
+        entries.sort(key=lambda e: e[0], reverse=not lower)
+        self.history.entries = entries[: self.args.checkpoint_hist]
+
+    def _prune_history(self) -> None:
+        keep = {f"checkpoint-{e}.pth.tar" for _, e in self.history.entries}
+        for path in self.run_dir.glob("checkpoint-*.pth.tar"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+
+    def epoch_line(self, epoch: int, train: dict, results: list[dict]) -> str:
+        names = ["raw"] + [f"ema {d:g}" for d in self.decays]
+        parts = [f"epoch {epoch}/{self.num_epochs - 1} lr {train['lr']:.3g} "
+                 f"train_loss {train['loss']:.4f}"]
+        for name, r in zip(names, results):
+            parts.append(f"{name}: top1 {r['top1']:.2f} top5 {r['top5']:.2f} loss {r['loss']:.4f}")
+        lower = self.args.eval_metric == "loss"
+        best = min if lower else max
+        winner = best(range(len(results)), key=lambda i: self.metric_of(results[i]))
+        parts.append(f"best this epoch: {names[winner]}")
+        if self.ema is not None and self.ema.skipped_nonfinite:
+            parts.append(f"EMA updates skipped (NaN/Inf weights): {self.ema.skipped_nonfinite}")
+        return " | ".join(parts)
+
+    # --------------------------------------------------------------- main loop
+    def fit(self) -> int:
+        args = self.args
+        self.run_dir = outputs.make_run_dir(args.output, args.experiment, args.model)
+        if args.resume:
+            path = self.run_dir / "last.pth.tar" if args.resume == "auto" else Path(args.resume)
+            if args.resume == "auto" and not path.is_file():
+                log.info(f"--resume auto: no {path}, starting fresh")
+            else:
+                self.resume(str(path))
+                self.rows = [r for r in outputs.read_summary(self.run_dir)
+                             if int(r["epoch"]) < self.state.epoch]
+        outputs.write_args(self.run_dir, vars(args))
+        columns = outputs.summary_columns(self.decays)
+        log.info(f"training {args.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M "
+                 f"params) on {self.device}: {len(self.train_set)} train / {len(self.val_set)} val "
+                 f"images, {self.num_classes} classes, lr {self.lr:.4g}, {self.num_epochs} epochs")
+        log.info(f"output: {self.run_dir}")
+        if self.ema is not None:
+            log_ema_horizons(self.decays, self.ema.every, self.steps_per_epoch,
+                             self.steps_per_epoch * self.num_epochs, args.batch_size)
+        for epoch in range(self.state.epoch, self.num_epochs):
+            self.state.epoch = epoch
+            train_loader, val_loader = self.make_loaders(epoch)
+            try:
+                train = train_one_epoch(
+                    self.model, train_loader, self.optimizer, self.loss_fn, self.scheduler,
+                    self.state, self.device, ema=self.ema, clip_grad=args.clip_grad,
+                    clip_mode=args.clip_mode, log_interval=args.log_interval,
+                    epochs=self.num_epochs - 1, log=log.info)
+            except NonFiniteLoss as exc:
+                print(f"train.py: error: {exc}; stopped. The last good checkpoint is "
+                      f"{self.run_dir / 'last.pth.tar'}", file=sys.stderr)
+                return 1
+            results = validate(self.model, val_loader, self.device, ema=self.ema, epoch=epoch)
+            self.scheduler.step(epoch + 1, self.metric_of(results[0]))
+            self.rows.append(outputs.summary_row(epoch, train["lr"], train["loss"], results, self.decays))
+            outputs.write_summary(self.run_dir, self.rows, columns)
+            self.save_epoch(epoch, results)
+            outputs.plot_curves(self.run_dir, self.rows, self.decays)
+            print(self.epoch_line(epoch, train, results), flush=True)
+        self.report()
+        return 0
+
+    def report(self) -> None:
+        names = ["raw"] + [f"ema {d:g}" for d in self.decays]
+        for name, best in zip(names, self.best):
+            if best.epoch is not None:
+                log.info(f"best {name}: {self.args.eval_metric} {best.metric:.4f} at epoch {best.epoch}")
+        log.info(f"done: {self.run_dir}")
+
+
+def _main(argv) -> int:
+    args = parse_train_args(argv)
+    return Trainer(args).fit()
+
+
+def main(argv=None) -> int:
+    return run_main("train.py", _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+#!/usr/bin/env python3
+"""Train a timm model with model-weight EMA: see `python train.py --help`."""
+import sys
+from pathlib import Path
+
+# Run from a checkout without installing: put src/ on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+
+from ematrain.train import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
