@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from timm.utils import AverageMeter, accuracy, dispatch_clip_grad
+from timm.utils import AverageMeter, dispatch_clip_grad
 from torch import nn
 from tqdm import tqdm
 
@@ -132,14 +132,16 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
     forward passes, not K extra passes over the data. Returns one dict per weight set (raw
     first) with 'loss', 'top1', 'top5' and 'count'.
     """
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
     model.eval()
     shadows = ema.modules if ema is not None else []
     swapper = None
     if shadows and ema.device != next(unwrap_model(model).parameters()).device:
         swapper = _WeightSwapper(model, shadows)
     nets = [model] + ([model] * len(shadows) if swapper else list(shadows))
-    meters = [(AverageMeter(), AverageMeter(), AverageMeter()) for _ in nets]
+    # Integer counts and a float64 loss sum: the numbers do not depend on the batch size, so
+    # validate.py reproduces the training log exactly.
+    sums = [torch.zeros(3, dtype=torch.float64, device=device) for _ in nets]
     count = 0
     order = list(range(len(nets)))
     desc = "validate" if epoch is None else f"val {epoch}"
@@ -153,11 +155,8 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
                 if swapper is not None:
                     swapper.load(index)
                 output = nets[index](images)
-                top1, top5 = accuracy(output, targets, topk=(1, 5))
-                loss_m, top1_m, top5_m = meters[index]
-                loss_m.update(loss_fn(output, targets), n)
-                top1_m.update(top1, n)
-                top5_m.update(top5, n)
+                top1, top5 = topk_correct(output, targets, (1, 5))
+                sums[index] += torch.stack([loss_fn(output.float(), targets).double(), top1, top5])
             count += n
             # Walking the sets back and forth saves one weight swap per batch.
             order.reverse()
@@ -166,5 +165,16 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
             swapper.restore()
     if count == 0:
         raise UserError("validation split produced no batches")
-    return [{"loss": float(l.avg), "top1": float(t1.avg), "top5": float(t5.avg), "count": count}
-            for l, t1, t5 in meters]
+    results = []
+    for loss_sum, top1, top5 in (s.tolist() for s in sums):
+        results.append({"loss": loss_sum / count, "top1": 100.0 * top1 / count,
+                        "top5": 100.0 * top5 / count, "count": count})
+    return results
+
+
+def topk_correct(output: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
+    """How many targets are among the top-k predictions, for each k (k capped at the classes)."""
+    maxk = min(max(ks), output.size(1))
+    top = output.topk(maxk, dim=1).indices
+    hits = top.eq(targets.unsqueeze(1))
+    return [hits[:, :min(k, maxk)].any(dim=1).sum().double() for k in ks]
