@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 log = logging.getLogger("ematrain")
 
@@ -48,5 +48,8 @@ def run_main(prog: str, body: Callable[[list[str] | None], int], argv=None) -> i
     try:
         return body(argv)
     except UserError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; files on disk are the last complete ones", file=sys.stderr)
+        return 130

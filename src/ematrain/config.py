@@ -122,6 +122,8 @@ def _train_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     g.add_argument("--log-interval", type=int, default=50, metavar="N",
                    help="steps between progress read-outs (default: 50)")
+    g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
+                   help="skip up to N steps whose loss is NaN/Inf instead of stopping (default: 0)")
     g.add_argument("--checkpoint-hist", type=int, default=10, metavar="N",
                    help="best epoch checkpoints to keep (default: 10)")
     g.add_argument("-j", "--workers", type=int, default=4, metavar="N",
@@ -204,5 +206,7 @@ def check_train_args(args: argparse.Namespace) -> None:
                                or args.model_ema_force_cpu):
         # A user who names an EMA setting wants the EMA; turning it on beats silently ignoring it.
         args.model_ema = True
+    if args.skip_nonfinite < 0:
+        raise UserError(f"--skip-nonfinite must be >= 0, got {args.skip_nonfinite}")
     if args.checkpoint_hist < 1:
         raise UserError(f"--checkpoint-hist must be >= 1, got {args.checkpoint_hist}")

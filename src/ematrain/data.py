@@ -126,3 +126,62 @@ def make_loader(dataset, batch_size: int, workers: int, shuffle: bool, seed: int
         generator=generator,
         persistent_workers=False,
     )
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Wraps a dataset so that each sample's augmentation depends only on (seed, epoch, index).
+
+    Re-seeding python, numpy and torch before each sample makes augmentation independent of the
+    number of workers and of which worker loads which batch. That is what lets a run resumed in
+    the middle of an epoch see exactly the images the uninterrupted run saw.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample_seed = hash((self.seed, self.epoch, index)) % 2**32
+        random.seed(sample_seed)
+        np.random.seed(sample_seed)
+        torch.manual_seed(sample_seed)
+        return self.dataset[index]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation fixed by (seed, epoch), optionally starting part-way (for resume).
+
+    With `num_replicas` > 1 each rank takes every num_replicas-th index of the same permutation.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0,
+                 num_replicas: int = 1):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.num_replicas = rank, num_replicas
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's permutation; skip its first `start` indices of this rank."""
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if not self.shuffle:
+            order = list(range(self.size))
+        else:
+            g = torch.Generator()
+            g.manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        return order[self.rank::self.num_replicas]
+
+    def __iter__(self):
+        return iter(self._indices()[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, len(self._indices()) - self.start)

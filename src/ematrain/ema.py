@@ -5,25 +5,35 @@ updated together in one fused multi-tensor operation per call.
 
 Design notes (why it looks the way it does):
 
-* The tensor lists the update works on are built once and reused. The model side is cached by
-  the identity and storage pointers of its tensors, so a model moved or re-allocated between
-  steps is picked up again instead of silently reading stale memory.
+* The tensor lists the update works on are built once and reused. Every update re-reads the
+  storage pointers of the model's tensors (a cheap walk over the module tree), so a model moved,
+  re-allocated or given new Parameter objects between steps is picked up again instead of
+  silently reading stale memory.
 * Floating-point parameters *and* floating-point buffers (BatchNorm running statistics) are
   averaged; integer buffers (``num_batches_tracked``) are copied.
+* The small floating-point tensors of each shadow (biases, norm weights, BatchNorm statistics:
+  most of a CNN's tensors but little of its memory) are views into one flat buffer. An update
+  gathers the model's small tensors with one ``torch.cat`` and checks and averages them with one
+  op each, instead of paying a few hundred per-tensor op costs (which dominate on a CPU).
 * Several decays are updated by one ``torch._foreach_lerp_`` call over a list in which every
   slice of the model is followed by the matching slices of each shadow. Slices are small enough
   to stay in cache, so the model is read from memory about once rather than once per decay.
+  Slicing happens only where the model and the shadows lay out their elements alike.
 * The shadow may live on another device or in another dtype (a float32 shadow of a bfloat16
   model). The model is then first copied into staging buffers (pinned host memory for a CUDA
   model and a CPU shadow) with batched non-blocking copies, and the update runs where the
   shadow lives.
-* An update whose model weights hold NaN or Inf is skipped and counted, never blended in.
+* An update whose model weights hold NaN or Inf is skipped and counted, never blended in. The
+  whole model must be checked before any shadow is written, so the check is one extra read of
+  the model: one pass of 4 bytes per float32 weight on top of the update's 12 (read model, read
+  and write shadow). ``skip_nonfinite=False`` saves it.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -42,6 +52,8 @@ __all__ = [
 
 # Slices of this many elements (1 MiB of float32) keep one model slice and its shadows in L2.
 _CHUNK_ELEMS = 1 << 18
+# Shadow tensors of at most this many elements are packed into one flat buffer per shadow.
+_SMALL_ELEMS = 1 << 16
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -57,6 +69,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def half_life_from_decay(decay: float) -> float:
     """Updates after which an old weight's share has halved: ln 0.5 / ln decay."""
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"decay must be in (0, 1), got {decay}")
     return math.log(0.5) / math.log(decay)
 
 
@@ -121,11 +135,50 @@ def _float_and_int_tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[
     return floats, ints
 
 
-def _chunks(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """Flat views of at most _CHUNK_ELEMS elements (the whole tensor if it cannot be flattened)."""
-    if not tensor.is_contiguous() or tensor.numel() <= _CHUNK_ELEMS:
-        return [tensor]
-    return list(tensor.detach().view(-1).split(_CHUNK_ELEMS))
+def _storage_key(module: nn.Module) -> list[int]:
+    """Storage pointers of every parameter and buffer slot of ``module``, in a fixed order.
+
+    A plain walk over the module dicts: several times cheaper than ``parameters()`` and
+    ``buffers()``, so it can run on every update. Any change that matters (``.data`` reassigned,
+    the model moved or converted, new Parameter objects loaded with ``assign=True``, a submodule
+    replaced) gives new storage and so a new key. The update plan reads either the live tensor
+    objects, which follow a ``.data`` change, or views that keep their old storage alive, so a
+    pointer cannot come back at the same address while a view of the old storage is in use.
+    """
+    key = [id(module)]
+    stack = [module]
+    pop, push, add = stack.pop, stack.extend, key.extend
+    while stack:
+        mod = pop()
+        if mod is None:  # a submodule slot set to None
+            continue
+        if mod._parameters:
+            add([0 if t is None else t.data_ptr() for t in mod._parameters.values()])
+        if mod._buffers:
+            add([0 if t is None else t.data_ptr() for t in mod._buffers.values()])
+        if mod._modules:
+            push(mod._modules.values())
+    return key
+
+
+class _Plan:
+    """Tensor lists of one update, valid while the model's storage does not change."""
+
+    def __init__(self, floats: list[torch.Tensor], ints: list[torch.Tensor]):
+        self.floats = floats
+        self.ints = ints
+        # Staging (model on another device or in another dtype than the shadows).
+        self.copy_dst: list[torch.Tensor] | None = None
+        self.copy_src: list[torch.Tensor] | None = None
+        self.sync: torch.device | None = None
+        # Gathering the model's small tensors into one flat buffer (same device and dtype).
+        self.gather: list[torch.Tensor | None] | None = None
+        self.gather_fix: list[tuple[int, torch.Tensor]] = []
+        self.gather_buf: torch.Tensor | None = None
+        # What the finiteness check reads, and the lerp operands.
+        self.check: list[torch.Tensor] = []
+        self.lerp_self: list[torch.Tensor] = []
+        self.lerp_end: list[torch.Tensor] = []
 
 
 class ModelEma:
@@ -150,6 +203,10 @@ class ModelEma:
         steps: `update` calls seen (optimizer steps), part of the state.
         num_updates: averaging operations applied.
         skipped_nonfinite: updates skipped because the model held NaN or Inf.
+
+    The shadows' small floating-point tensors are views into one flat buffer per shadow (see the
+    module notes). Moving or converting a shadow module (``ema.module.to(...)``) is noticed at the
+    next update, which then averages where the shadows now live.
     """
 
     def __init__(
@@ -164,7 +221,10 @@ class ModelEma:
         warmup_gamma: float = 1.0,
         skip_nonfinite: bool = True,
     ):
-        decays = [float(decay)] if isinstance(decay, (int, float)) else [float(d) for d in decay]
+        if isinstance(decay, numbers.Real):
+            decays = [float(decay)]
+        else:
+            decays = [float(d) for d in decay]
         if not decays:
             raise ValueError("at least one EMA decay is required")
         for d in decays:
@@ -193,13 +253,7 @@ class ModelEma:
         self.device = torch.device(device)
 
         self.modules = [self._make_copy(source) for _ in decays]
-        self._shadow_floats, self._shadow_ints = [], []
-        for module in self.modules:
-            floats, ints = _float_and_int_tensors(module)
-            self._shadow_floats.append(floats)
-            self._shadow_ints.append(ints)
-        self._model_key = None
-        self._plan = None
+        self._adopt_shadows()
 
     # ----------------------------------------------------------------------------- set-up
     def _make_copy(self, source: nn.Module) -> nn.Module:
@@ -208,62 +262,134 @@ class ModelEma:
         for tensor in list(module.parameters()) + list(module.buffers()):
             if tensor.is_floating_point():
                 tensor.data = tensor.data.to(self.dtype)
+            if isinstance(tensor, nn.Parameter):
+                tensor.grad = None  # deepcopy copies .grad; a shadow never needs one
         module.eval()
         module.requires_grad_(False)
         return module
+
+    @torch.no_grad()
+    def _adopt_shadows(self) -> None:
+        """Collect the shadows' tensors and pack each shadow's small float tensors together.
+
+        Small contiguous float tensors of a shadow become views into one flat buffer, so that
+        they are averaged by one op (see the module notes). Also run again when a shadow module
+        was moved or converted from outside.
+        """
+        self._shadow_floats, self._shadow_ints = [], []
+        for module in self.modules:
+            floats, ints = _float_and_int_tensors(module)
+            self._shadow_floats.append(floats)
+            self._shadow_ints.append(ints)
+        first = self._shadow_floats[0]
+        if first:
+            self.device, self.dtype = first[0].device, first[0].dtype
+        self._small = [i for i, t in enumerate(first)
+                       if t.numel() <= _SMALL_ELEMS and t.is_contiguous()
+                       and t.dtype == self.dtype and t.device == self.device]
+        self._small_flats = []
+        if self._small:
+            for floats in self._shadow_floats:
+                parts = [floats[i] for i in self._small]
+                flat = torch.empty(sum(t.numel() for t in parts), dtype=self.dtype,
+                                   device=self.device)
+                offset = 0
+                for t in parts:
+                    view = flat[offset:offset + t.numel()]
+                    view.copy_(t.reshape(-1))
+                    t.data = view.view(t.shape)
+                    offset += t.numel()
+                self._small_flats.append(flat)
+        self._shadow_marks = self._marks()
+        self._model_key = None
+        self._plan = None
+
+    def _marks(self) -> list[tuple[int, ...]]:
+        """Storage of each shadow's first and last float tensor: changes when it is moved."""
+        return [tuple(t.data_ptr() for t in floats[:1] + floats[-1:])
+                for floats in self._shadow_floats]
 
     @property
     def module(self) -> nn.Module:
         return self.modules[0]
 
-    def _model_tensors(self, model: nn.Module):
-        """The model's tensors, rebuilding the update plan when they moved or were replaced."""
+    def _model_tensors(self, model: nn.Module) -> _Plan:
+        """The update plan, rebuilt when the model's tensors moved or were replaced."""
         source = unwrap_model(model)
-        floats, ints = _float_and_int_tensors(source)
-        key = (id(source), tuple(t.data_ptr() for t in floats), tuple(t.data_ptr() for t in ints))
+        key = _storage_key(source)
         if key != self._model_key:
+            floats, ints = _float_and_int_tensors(source)
             if len(floats) != len(self._shadow_floats[0]) or len(ints) != len(self._shadow_ints[0]):
                 raise ValueError("model does not match the EMA's structure")
             for m, s in zip(floats, self._shadow_floats[0]):
                 if m.shape != s.shape:
                     raise ValueError(f"model tensor of shape {tuple(m.shape)} does not match EMA "
                                      f"tensor of shape {tuple(s.shape)}")
-            self._model_key = key
             self._plan = self._build_plan(floats, ints)
+            self._model_key = key
         return self._plan
 
-    def _build_plan(self, floats, ints) -> dict:
-        needs_staging = any(t.device != self.device or t.dtype != self.dtype for t in floats)
-        staging = None
-        sources = floats
-        if needs_staging:
-            pin = self.device.type == "cpu" and any(t.device.type == "cuda" for t in floats)
-            total = sum(t.numel() for t in floats)
-            flat = torch.empty(total, dtype=self.dtype, device=self.device, pin_memory=pin)
-            staging, offset = [], 0
-            for t in floats:
-                staging.append(flat[offset:offset + t.numel()].view(t.shape))
-                offset += t.numel()
-            sources = staging
-        if len(self.decays) == 1:
-            lerp_self, lerp_end = self._shadow_floats[0], list(sources)
+    def _build_plan(self, floats: list[torch.Tensor], ints: list[torch.Tensor]) -> _Plan:
+        plan = _Plan(floats, ints)
+        small = self._small
+        small_set = set(small)
+        others = [i for i in range(len(floats)) if i not in small_set]
+        n_small = sum(floats[i].numel() for i in small)
+        staged = any(m.device != s.device or m.dtype != s.dtype
+                     for m, s in zip(floats, self._shadow_floats[0]))
+        if staged:
+            # One flat staging buffer where the shadows live: small tensors first, in the order
+            # of the shadows' flat buffers, then the rest.
+            pin = (self.device.type == "cpu" and torch.cuda.is_available()
+                   and any(t.device.type == "cuda" for t in floats))
+            flat = torch.empty(sum(t.numel() for t in floats), dtype=self.dtype,
+                               device=self.device, pin_memory=pin)
+            views: list[torch.Tensor] = [flat] * len(floats)
+            offset = 0
+            for i in small + others:
+                views[i] = flat[offset:offset + floats[i].numel()].view(floats[i].shape)
+                offset += floats[i].numel()
+            plan.copy_dst, plan.copy_src = views, list(floats)
+            cuda = [t.device for t in floats if t.device.type == "cuda"]
+            plan.sync = cuda[0] if cuda else None
+            plan.check = [flat]
+            small_src = flat[:n_small]
+            other_src = [views[i] for i in others]
         else:
-            # Every model slice followed by the same slice of each shadow: see module docstring.
-            lerp_self, lerp_end = [], []
-            shadow_chunks = [[_chunks(t) for t in shadow] for shadow in self._shadow_floats]
-            for i, src in enumerate(sources):
-                for j, src_chunk in enumerate(_chunks(src)):
-                    for k in range(len(self.decays)):
-                        lerp_self.append(shadow_chunks[k][i][j])
-                        lerp_end.append(src_chunk)
-        int_sources = [t for t in ints]
-        return {
-            "floats": floats,
-            "staging": staging,
-            "lerp_self": lerp_self,
-            "lerp_end": lerp_end,
-            "ints": int_sources,
-        }
+            small_src = None
+            if small:
+                small_src = torch.empty(n_small, dtype=self.dtype, device=self.device)
+                plan.gather_buf = small_src
+                plan.gather = [floats[i].detach().view(-1) if floats[i].is_contiguous() else None
+                               for i in small]
+                plan.gather_fix = [(j, floats[i]) for j, i in enumerate(small)
+                                   if not floats[i].is_contiguous()]
+            other_src = [floats[i] for i in others]
+            plan.check = ([small_src] if small else []) + other_src
+
+        ends = ([small_src] if small else []) + other_src
+        selfs = [([self._small_flats[k]] if small else []) + [shadow[i] for i in others]
+                 for k, shadow in enumerate(self._shadow_floats)]
+        if len(selfs) == 1:
+            plan.lerp_self, plan.lerp_end = selfs[0], ends
+            return plan
+        # Several decays: every model slice followed by the same slice of each shadow.
+        for p, src in enumerate(ends):
+            targets = [s[p] for s in selfs]
+            if (src.numel() > _CHUNK_ELEMS and src.is_contiguous()
+                    and all(t.is_contiguous() for t in targets)):
+                # Slice only where model and shadows lay their elements out alike.
+                src_parts = src.detach().view(-1).split(_CHUNK_ELEMS)
+                target_parts = [t.view(-1).split(_CHUNK_ELEMS) for t in targets]
+                for j, part in enumerate(src_parts):
+                    for parts in target_parts:
+                        plan.lerp_self.append(parts[j])
+                        plan.lerp_end.append(part)
+            else:
+                for t in targets:
+                    plan.lerp_self.append(t)
+                    plan.lerp_end.append(src)
+        return plan
 
     # ----------------------------------------------------------------------------- decay
     def current_decays(self, step: int | None = None) -> list[float]:
@@ -284,27 +410,35 @@ class ModelEma:
         self.steps += 1
         if self.steps % self.every != 0:
             return False
+        if self._marks() != self._shadow_marks:
+            self._adopt_shadows()
         plan = self._model_tensors(model)
-        floats = plan["floats"]
-        if plan["staging"] is not None:
-            torch._foreach_copy_(plan["staging"], floats, non_blocking=True)
-            if any(t.device.type == "cuda" for t in floats):
-                torch.cuda.current_stream(floats[0].device).synchronize()
-            floats = plan["staging"]
-        if self.skip_nonfinite and not _all_finite(floats):
+        if plan.copy_dst is not None:
+            torch._foreach_copy_(plan.copy_dst, plan.copy_src, non_blocking=True)
+            if plan.sync is not None:
+                torch.cuda.current_stream(plan.sync).synchronize()
+        elif plan.gather is not None:
+            parts = plan.gather
+            if plan.gather_fix:  # small model tensors that are not contiguous (channels_last)
+                parts = list(parts)
+                for j, tensor in plan.gather_fix:
+                    parts[j] = tensor.reshape(-1)
+            torch.cat(parts, out=plan.gather_buf)
+        if self.skip_nonfinite and not _all_finite(plan.check):
             self.skipped_nonfinite += 1
             return False
         # The decay of the step that completes this interval (warmup counts from step 0).
         decays = self.current_decays(self.steps - self.every)
         weights = [1.0 - d for d in decays]
-        if len(weights) == 1:
-            torch._foreach_lerp_(plan["lerp_self"], plan["lerp_end"], weights[0])
-        else:
-            torch._foreach_lerp_(plan["lerp_self"], plan["lerp_end"],
-                                 weights * (len(plan["lerp_self"]) // len(weights)))
-        if plan["ints"]:
+        if plan.lerp_self:
+            if len(weights) == 1:
+                torch._foreach_lerp_(plan.lerp_self, plan.lerp_end, weights[0])
+            else:
+                torch._foreach_lerp_(plan.lerp_self, plan.lerp_end,
+                                     weights * (len(plan.lerp_self) // len(weights)))
+        if plan.ints:
             for shadow_ints in self._shadow_ints:
-                torch._foreach_copy_(shadow_ints, plan["ints"], non_blocking=True)
+                torch._foreach_copy_(shadow_ints, plan.ints, non_blocking=True)
         self.num_updates += 1
         return True
 
@@ -374,15 +508,19 @@ class ModelEma:
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """True when no tensor holds NaN or Inf: one sum per tensor, one host sync in all.
+    """True when no tensor holds NaN or Inf: one reduction per tensor, one host sync in all.
 
-    A sum is the cheapest full read that propagates NaN and Inf (an overflow to Inf also counts
-    as bad, which is the safe side).
+    A sum (a 2-norm on CUDA, where a fused multi-tensor kernel exists) is the cheapest full read
+    that propagates NaN and Inf. 16-bit tensors are reduced in float32 so that a large but finite
+    sum does not overflow; a float32 overflow to Inf counts as bad, which is the safe side.
     """
     if not tensors:
         return True
+    half = tensors[0].dtype in (torch.float16, torch.bfloat16)
     if tensors[0].device.type == "cuda":
-        total = torch.stack(torch._foreach_norm(tensors, 2)).sum()
+        partial = torch._foreach_norm(tensors, 2, dtype=torch.float32 if half else None)
+    elif half:
+        partial = [t.sum(dtype=torch.float32) for t in tensors]
     else:
-        total = torch.stack([t.sum() for t in tensors]).sum()
-    return bool(torch.isfinite(total))
+        partial = [t.sum() for t in tensors]
+    return bool(torch.isfinite(torch.stack(partial)).all())

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from timm.utils import AverageMeter, dispatch_clip_grad
+from timm.utils import dispatch_clip_grad
 from torch import nn
 from tqdm import tqdm
 
@@ -29,11 +29,21 @@ class NonFiniteLoss(RuntimeError):
         self.epoch, self.step = epoch, step
 
 
+class Interrupted(Exception):
+    """Raised between steps when a stop was requested (SIGINT/SIGTERM)."""
+
+
 @dataclass
 class TrainState:
     """Counters that run across epochs (saved in checkpoints for resume)."""
     epoch: int = 0
     num_updates: int = 0
+    # Within the current epoch: steps done and the running loss sum, so that a run resumed
+    # mid-epoch reports the same train_loss as the uninterrupted one.
+    epoch_step: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    skipped_nonfinite: int = 0
 
 
 def current_lr(optimizer) -> float:
@@ -44,19 +54,37 @@ def current_lr(optimizer) -> float:
 def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn, scheduler, state: TrainState,
                     device: torch.device, ema: ModelEma | None = None, clip_grad: float | None = None,
                     clip_mode: str = "norm", log_interval: int = 50, epochs: int = 0,
-                    log=print) -> dict:
-    """One pass over `loader`; returns {'loss': mean training loss, 'lr': mean LR}."""
+                    skip_nonfinite: int = 0, should_stop=lambda: False, log=print) -> dict:
+    """Train from step `state.epoch_step` to the end of the epoch.
+
+    Returns {'loss': mean training loss, 'lr': mean LR}. A non-finite loss raises NonFiniteLoss
+    before its update is applied when `skip_nonfinite` allows no more skips (checked every step
+    when skipping is allowed, else read back at the log interval with the exact step recorded).
+    """
     model.train()
-    loss_meter = AverageMeter()
-    steps = len(loader)
-    bar = tqdm(total=steps, desc=f"train {state.epoch}", leave=False, disable=not show_bars(),
-               unit="step", dynamic_ncols=True)
+    steps = state.epoch_step + len(loader)
+    loss_sum = torch.tensor(state.loss_sum, dtype=torch.float64, device=device)
+    first_bad = torch.tensor(-1, device=device)
+    bar = tqdm(total=steps, initial=state.epoch_step, desc=f"train {state.epoch}", leave=False,
+               disable=not show_bars(), unit="step", dynamic_ncols=True)
     interval_start, interval_images = time.perf_counter(), 0
-    for step, (images, targets) in enumerate(loader):
+    for step, (images, targets) in enumerate(loader, start=state.epoch_step):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         output = model(images)
         loss = loss_fn(output, targets)
+        finite = torch.isfinite(loss.detach())
+        if skip_nonfinite and not bool(finite):
+            state.skipped_nonfinite += 1
+            log(f"  non-finite loss at epoch {state.epoch}, step {step}: step skipped "
+                f"({state.skipped_nonfinite}/{skip_nonfinite})")
+            if state.skipped_nonfinite > skip_nonfinite:
+                bar.close()
+                raise NonFiniteLoss(state.epoch, step)
+            optimizer.zero_grad(set_to_none=True)
+            state.epoch_step = step + 1
+            continue
+        first_bad = torch.where((first_bad < 0) & ~finite, torch.tensor(step, device=device), first_bad)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip_grad is not None:
@@ -67,16 +95,19 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn, scheduler, sta
             ema.update(model)
         if scheduler is not None:
             scheduler.step_update(num_updates=state.num_updates)
-        loss_meter.update(loss.detach(), images.size(0))
+        loss_sum += loss.detach().double() * images.size(0)
+        state.loss_count += images.size(0)
         interval_images += images.size(0)
+        state.epoch_step = step + 1
         bar.update(1)
 
         last = step + 1 == steps
         if (step + 1) % log_interval == 0 or last:
-            loss_now = float(loss.detach())
-            if not torch.isfinite(torch.tensor(loss_now)):
+            bad_step = int(first_bad)
+            if bad_step >= 0:
                 bar.close()
-                raise NonFiniteLoss(state.epoch, step)
+                raise NonFiniteLoss(state.epoch, bad_step)
+            loss_now = float(loss.detach())
             elapsed = time.perf_counter() - interval_start
             rate = interval_images / max(elapsed, 1e-9)
             lr = current_lr(optimizer)
@@ -86,10 +117,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn, scheduler, sta
             else:
                 bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
             interval_start, interval_images = time.perf_counter(), 0
+        if should_stop() and not last:
+            state.loss_sum = float(loss_sum)
+            bar.close()
+            raise Interrupted()
     bar.close()
-    mean_loss = float(loss_meter.avg)
-    if not torch.isfinite(torch.tensor(mean_loss)):
-        raise NonFiniteLoss(state.epoch, steps - 1)
+    state.loss_sum = float(loss_sum)
+    mean_loss = state.loss_sum / max(state.loss_count, 1)
     return {"loss": mean_loss, "lr": current_lr(optimizer)}
 
 

@@ -14,10 +14,19 @@ from .errors import UserError
 METRICS = ("loss", "top1", "top5")
 
 
-def make_run_dir(output: str, experiment: str, model: str, exist_ok: bool = False) -> Path:
-    """`<output or ./output>/train/<experiment or date-model>/`, created if needed."""
+def make_run_dir(output: str, experiment: str, model: str, resuming: bool = False) -> Path:
+    """`<output or ./output>/train/<experiment or date-model>/`, created if needed.
+
+    A new run never writes into an earlier run's folder: like timm, it takes `<name>-1`,
+    `<name>-2`, ... instead. A resumed run continues in its own folder.
+    """
     name = experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{model.replace('/', '_')}"
-    run_dir = Path(output or "output") / "train" / name
+    base = Path(output or "output") / "train" / name
+    run_dir = base
+    suffix = 0
+    while not resuming and run_dir.exists() and any(run_dir.iterdir()):
+        suffix += 1
+        run_dir = base.with_name(f"{name}-{suffix}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

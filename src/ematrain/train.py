@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
+import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -16,9 +18,10 @@ from . import data, outputs
 from .cli import log, resolve_device, run_main, seed_everything
 from .config import parse_train_args
 from .ema import ModelEma, half_life_from_decay, parse_half_life
-from .engine import NonFiniteLoss, TrainState, train_one_epoch, validate
-from .errors import UserError
+from .engine import Interrupted, NonFiniteLoss, TrainState, train_one_epoch, validate
+from .errors import RunFailure, UserError
 from .models import create_model
+from .signals import StopRequest
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
@@ -131,6 +134,33 @@ def build_ema(args, model, device, decays) -> ModelEma | None:
                     warmup=args.model_ema_warmup, warmup_power=args.model_ema_warmup_power)
 
 
+# ----------------------------------------------------------------------------- random state
+def capture_rng() -> dict:
+    """Every random generator the main process uses, as plain tensors and ints."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 # ----------------------------------------------------------------------------- the run
 class Trainer:
     """Holds the pieces of one run; each method does one step of the epoch loop."""
@@ -152,10 +182,12 @@ class Trainer:
         self.data_config = data.data_config_for(args, self.model)
         train_set.transform = data.train_transform(self.data_config, args)
         val_set.transform = data.eval_transform(self.data_config)
-        self.train_set, self.val_set = train_set, val_set
+        self.train_set = data.SeededSamples(train_set, args.seed)
+        self.val_set = val_set
         self.drop_last = len(train_set) >= args.batch_size
         self.steps_per_epoch = (len(train_set) // args.batch_size if self.drop_last
                                 else math.ceil(len(train_set) / args.batch_size))
+        self.sampler = data.EpochSampler(len(train_set), args.seed)
         self.lr = resolve_lr(args)
         self.optimizer = build_optimizer(args, self.model, self.lr)
         self.scheduler, self.num_epochs = build_scheduler(args, self.optimizer, self.steps_per_epoch)
@@ -168,9 +200,11 @@ class Trainer:
         self.history = History()
         self.rows: list[dict] = []
         self.run_dir: Path | None = None
+        self._resume_rng: dict | None = None
 
     # --------------------------------------------------------------- resume
     def resume(self, path: str) -> None:
+        """Restore everything a checkpoint holds; a mid-epoch checkpoint resumes at its step."""
         ckpt = ckpt_io.load_file(path)
         if "state_dict" not in ckpt or "epoch" not in ckpt:
             raise UserError(f"cannot resume from {path}: not a training checkpoint")
@@ -184,34 +218,79 @@ class Trainer:
             shadows = [ckpt[k] for k in ckpt["ema"]["keys"]]
             try:
                 self.ema.load_state_dict({**ckpt["ema"], "shadows": shadows})
-            except (ValueError, RuntimeError) as exc:
-                raise UserError(f"cannot resume EMA from {path}: {str(exc)[:160]}") from None
+            except (ValueError, RuntimeError, KeyError) as exc:
+                raise UserError(f"cannot resume the EMA from {path}: {str(exc)[:160]}") from None
         if not self.args.no_resume_opt:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError) as exc:
+                raise UserError(f"cannot resume the optimizer from {path}: {str(exc)[:160]} "
+                                f"(--no-resume-opt starts a fresh one)") from None
             if "scheduler" in ckpt:
                 self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.state.epoch = int(ckpt["epoch"]) + 1
+        extra = ckpt.get("resume_state", {})
         self.state.num_updates = int(ckpt.get("num_updates", 0))
-        resume = ckpt.get("resume_state", {})
-        self.best = [Best(b.get("metric"), b.get("epoch")) for b in resume.get("best", [])] or self.best
-        self.history.entries = [list(e) for e in resume.get("history", [])]
-        log.info(f"resumed from {path} at epoch {self.state.epoch}")
+        if extra.get("epoch_step"):
+            self.state.epoch = int(extra["epoch"])
+            self.state.epoch_step = int(extra["epoch_step"])
+            self.state.loss_sum = float(extra["loss_sum"])
+            self.state.loss_count = int(extra["loss_count"])
+        else:
+            self.state.epoch = int(ckpt["epoch"]) + 1
+        self.state.skipped_nonfinite = int(extra.get("skipped_nonfinite", 0))
+        if extra.get("best"):
+            self.best = [Best(b.get("metric"), b.get("epoch")) for b in extra["best"]]
+        self.history.entries = [list(e) for e in extra.get("history", [])]
+        self._resume_rng = extra.get("rng") if extra.get("epoch_step") else None
+        where = f"epoch {self.state.epoch}" + (f", step {self.state.epoch_step}"
+                                               if self.state.epoch_step else "")
+        log.info(f"resumed from {path} at {where}")
 
     # --------------------------------------------------------------- epoch pieces
     def make_loaders(self, epoch: int):
         # Seeding per epoch from (seed, epoch) makes each epoch's order and augmentation
         # independent of what ran before, which is what makes resume exact.
         seed_everything(self.args.seed + epoch)
+        if self._resume_rng is not None:
+            restore_rng(self._resume_rng)
+            self._resume_rng = None
+        self.train_set.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start=self.state.epoch_step * self.args.batch_size)
         pin = self.device.type == "cuda"
         train = data.make_loader(self.train_set, self.args.batch_size, self.args.workers,
-                                 shuffle=True, seed=self.args.seed * 1000 + epoch,
-                                 drop_last=self.drop_last, pin_memory=pin)
+                                 shuffle=False, seed=self.args.seed * 1000 + epoch,
+                                 drop_last=self.drop_last, pin_memory=pin, sampler=self.sampler)
         val = data.make_loader(self.val_set, self.args.validation_batch_size or self.args.batch_size,
                                self.args.workers, shuffle=False, seed=0, pin_memory=pin)
         return train, val
 
     def metric_of(self, result: dict) -> float:
         return result[self.args.eval_metric]
+
+    def checkpoint(self, metric: float | None, complete: bool) -> dict:
+        """The run's state; `complete` False marks a checkpoint taken in the middle of an epoch."""
+        epoch = self.state.epoch if complete else self.state.epoch - 1
+        resume_state = {"best": [vars(b) for b in self.best], "history": self.history.entries,
+                        "skipped_nonfinite": self.state.skipped_nonfinite}
+        if not complete:
+            resume_state.update(epoch=self.state.epoch, epoch_step=self.state.epoch_step,
+                                loss_sum=self.state.loss_sum, loss_count=self.state.loss_count,
+                                rng=capture_rng())
+        return ckpt_io.build_checkpoint(
+            epoch=epoch, arch=self.args.model, model=self.model, optimizer=self.optimizer,
+            scheduler=self.scheduler, ema=self.ema, args=dict(vars(self.args)), metric=metric,
+            num_updates=self.state.num_updates, data_config=self.data_config,
+            num_classes=self.num_classes, class_names=self.class_names,
+            extra={"resume_state": resume_state})
+
+    def save(self, name: str, ckpt: dict) -> Path:
+        path = self.run_dir / name
+        try:
+            ckpt_io.save_checkpoint(path, ckpt)
+        except OSError as exc:
+            raise RunFailure(f"cannot write {path}: {exc.strerror or exc}; the previous "
+                             f"checkpoint is intact") from None
+        return path
 
     def save_epoch(self, epoch: int, results: list[dict]) -> list[str]:
         """last.pth.tar, then copies for the best files that improved; returns their names."""
@@ -221,27 +300,22 @@ class Trainer:
             if improved[i]:
                 self.best[i] = Best(self.metric_of(r), epoch)
         self._update_history(epoch, self.metric_of(results[0]), lower)
-        ckpt = ckpt_io.build_checkpoint(
-            epoch=epoch, arch=self.args.model, model=self.model, optimizer=self.optimizer,
-            scheduler=self.scheduler, ema=self.ema, args=dict(vars(self.args)),
-            metric=self.metric_of(results[0]), num_updates=self.state.num_updates,
-            data_config=self.data_config, num_classes=self.num_classes,
-            class_names=self.class_names,
-            extra={"resume_state": {"best": [vars(b) for b in self.best],
-                                    "history": self.history.entries}})
-        last = self.run_dir / "last.pth.tar"
-        ckpt_io.save_checkpoint(last, ckpt)
+        last = self.save("last.pth.tar", self.checkpoint(self.metric_of(results[0]), complete=True))
         written = ["last.pth.tar"]
+        copies = []
         if improved[0]:
-            ckpt_io.atomic_copy(last, self.run_dir / "model_best.pth.tar")
-            written.append("model_best.pth.tar")
+            copies.append("model_best.pth.tar")
         if len(results) > 1 and improved[1]:
-            ckpt_io.atomic_copy(last, self.run_dir / "model_best_ema.pth.tar")
-            written.append("model_best_ema.pth.tar")
+            copies.append("model_best_ema.pth.tar")
         if any(e == epoch for _, e in self.history.entries):
-            ckpt_io.atomic_copy(last, self.run_dir / f"checkpoint-{epoch}.pth.tar")
+            copies.append(f"checkpoint-{epoch}.pth.tar")
+        for name in copies:
+            try:
+                ckpt_io.atomic_copy(last, self.run_dir / name)
+            except OSError as exc:
+                raise RunFailure(f"cannot write {self.run_dir / name}: {exc.strerror or exc}") from None
         self._prune_history()
-        return written
+        return written + copies
 
     def _update_history(self, epoch: int, metric: float, lower: bool) -> None:
         entries = [e for e in self.history.entries if e[1] != epoch] + [[metric, epoch]]
@@ -268,20 +342,32 @@ class Trainer:
             parts.append(f"EMA updates skipped (NaN/Inf weights): {self.ema.skipped_nonfinite}")
         return " | ".join(parts)
 
+    def resume_path(self) -> Path | None:
+        if not self.args.resume:
+            return None
+        if self.args.resume == "auto":
+            if not self.args.experiment:
+                raise UserError("--resume auto needs --experiment to find the run directory")
+            path = Path(self.args.output or "output") / "train" / self.args.experiment / "last.pth.tar"
+            if not path.is_file():
+                log.info(f"--resume auto: no {path}, starting fresh")
+                return None
+            return path
+        return Path(self.args.resume)
+
     # --------------------------------------------------------------- main loop
     def fit(self) -> int:
         args = self.args
-        self.run_dir = outputs.make_run_dir(args.output, args.experiment, args.model)
-        if args.resume:
-            path = self.run_dir / "last.pth.tar" if args.resume == "auto" else Path(args.resume)
-            if args.resume == "auto" and not path.is_file():
-                log.info(f"--resume auto: no {path}, starting fresh")
-            else:
-                self.resume(str(path))
-                self.rows = [r for r in outputs.read_summary(self.run_dir)
-                             if int(r["epoch"]) < self.state.epoch]
+        resume_from = self.resume_path()
+        if resume_from is not None:
+            self.resume(str(resume_from))
+        self.run_dir = outputs.make_run_dir(args.output, args.experiment, args.model,
+                                            resuming=resume_from is not None)
+        if resume_from is not None:
+            self.rows = [r for r in outputs.read_summary(self.run_dir)
+                         if int(r["epoch"]) < self.state.epoch]
         outputs.write_args(self.run_dir, vars(args))
-        columns = outputs.summary_columns(self.decays)
+        self.columns = outputs.summary_columns(self.decays)
         log.info(f"training {args.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M "
                  f"params) on {self.device}: {len(self.train_set)} train / {len(self.val_set)} val "
                  f"images, {self.num_classes} classes, lr {self.lr:.4g}, {self.num_epochs} epochs")
@@ -289,28 +375,51 @@ class Trainer:
         if self.ema is not None:
             log_ema_horizons(self.decays, self.ema.every, self.steps_per_epoch,
                              self.steps_per_epoch * self.num_epochs, args.batch_size)
-        for epoch in range(self.state.epoch, self.num_epochs):
-            self.state.epoch = epoch
-            train_loader, val_loader = self.make_loaders(epoch)
-            try:
-                train = train_one_epoch(
-                    self.model, train_loader, self.optimizer, self.loss_fn, self.scheduler,
-                    self.state, self.device, ema=self.ema, clip_grad=args.clip_grad,
-                    clip_mode=args.clip_mode, log_interval=args.log_interval,
-                    epochs=self.num_epochs - 1, log=log.info)
-            except NonFiniteLoss as exc:
-                print(f"train.py: error: {exc}; stopped. The last good checkpoint is "
-                      f"{self.run_dir / 'last.pth.tar'}", file=sys.stderr)
-                return 1
-            results = validate(self.model, val_loader, self.device, ema=self.ema, epoch=epoch)
-            self.scheduler.step(epoch + 1, self.metric_of(results[0]))
-            self.rows.append(outputs.summary_row(epoch, train["lr"], train["loss"], results, self.decays))
-            outputs.write_summary(self.run_dir, self.rows, columns)
-            self.save_epoch(epoch, results)
-            outputs.plot_curves(self.run_dir, self.rows, self.decays)
-            print(self.epoch_line(epoch, train, results), flush=True)
+        with StopRequest() as stop:
+            for epoch in range(self.state.epoch, self.num_epochs):
+                rc = self.run_epoch(epoch, stop)
+                if rc is not None:
+                    return rc
+                if stop():
+                    log.info(f"stopped after epoch {epoch}; resume with: --resume "
+                             f"{self.run_dir / 'last.pth.tar'}")
+                    return stop.exit_code
         self.report()
         return 0
+
+    def run_epoch(self, epoch: int, stop: StopRequest) -> int | None:
+        """Train and validate one epoch; returns an exit code when the run must end."""
+        args = self.args
+        if epoch != self.state.epoch or not self.state.epoch_step:
+            self.state.epoch_step, self.state.loss_sum, self.state.loss_count = 0, 0.0, 0
+        self.state.epoch = epoch
+        train_loader, val_loader = self.make_loaders(epoch)
+        try:
+            train = train_one_epoch(
+                self.model, train_loader, self.optimizer, self.loss_fn, self.scheduler,
+                self.state, self.device, ema=self.ema, clip_grad=args.clip_grad,
+                clip_mode=args.clip_mode, log_interval=args.log_interval,
+                epochs=self.num_epochs - 1, skip_nonfinite=args.skip_nonfinite,
+                should_stop=stop, log=log.info)
+        except Interrupted:
+            path = self.save("last.pth.tar", self.checkpoint(None, complete=False))
+            print(f"train.py: stopped at epoch {epoch}, step {self.state.epoch_step}; saved {path}. "
+                  f"Resume with: python train.py ... --resume {path}", file=sys.stderr)
+            return stop.exit_code
+        except NonFiniteLoss as exc:
+            print(f"train.py: error: {exc}; stopped. The last good checkpoint is "
+                  f"{self.run_dir / 'last.pth.tar'} (--skip-nonfinite N tolerates N bad steps)",
+                  file=sys.stderr)
+            return 1
+        results = validate(self.model, val_loader, self.device, ema=self.ema, epoch=epoch)
+        self.scheduler.step(epoch + 1, self.metric_of(results[0]))
+        self.rows.append(outputs.summary_row(epoch, train["lr"], train["loss"], results, self.decays))
+        self.state.epoch_step = 0
+        self.save_epoch(epoch, results)
+        outputs.write_summary(self.run_dir, self.rows, self.columns)
+        outputs.plot_curves(self.run_dir, self.rows, self.decays)
+        print(self.epoch_line(epoch, train, results), flush=True)
+        return None
 
     def report(self) -> None:
         names = ["raw"] + [f"ema {d:g}" for d in self.decays]

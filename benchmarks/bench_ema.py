@@ -1,0 +1,254 @@
+"""Benchmark one EMA update against timm, torch.optim.swa_utils and the memory-bandwidth floor.
+
+For each model (timm, random init, float32) this times one update of:
+
+* ours:          ``ematrain.ema.ModelEma`` with one decay and default settings (NaN/Inf skipping on)
+* ours-noskip:   the same with ``skip_nonfinite=False``
+* timm V2 / V3:  ``timm.utils.ModelEmaV2`` / ``ModelEmaV3`` ``.update(model)``
+* AveragedModel: ``torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d),
+  use_buffers=True).update_parameters(model)``
+* floor:         one fused ``lerp_`` over two flat float32 tensors holding as many elements as the
+  model has floating-point parameters and buffers (N). An update must read the model and the
+  shadow and write the shadow, 12 bytes per element; this op moves exactly that with no per-tensor
+  overhead, so it measures the machine's bandwidth for this access pattern: 12 * N / time.
+* floor+read:    ``flat_model.sum()`` followed by the floor op. An update that must not touch the
+  shadow when the model holds NaN/Inf has to read the whole model once before writing anything:
+  16 bytes per element. This is the floor for ours with skipping on.
+
+and, for several decays, ours with ``[0.999, 0.9999, 0.99999]`` against ours with one decay (the
+ideal ratio is 28 / 12 = 2.33: the model is read once, three shadows are read and written).
+
+Measurements are interleaved: every round times each method once, in a rotated order, with the
+caches flushed before each timing, so machine noise hits all methods alike. Reported times are
+medians over rounds; ratios are medians of the per-round ratios.
+
+    python benchmarks/bench_ema.py [--models resnet34 resnet50 vit_small_patch16_224]
+                                   [--repeats 25] [--device auto|cpu|cuda] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+from timm.utils import ModelEmaV2, ModelEmaV3
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+try:
+    from ematrain.ema import ModelEma
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+    from ematrain.ema import ModelEma
+
+DECAY = 0.9999
+DECAYS3 = [0.999, 0.9999, 0.99999]
+TARGET_FLOOR = 1.25   # ours <= 1.25 x floor
+TARGET_V3 = 0.75      # ours <= 0.75 x timm ModelEmaV3
+TARGET_3DECAYS = 2.6  # 3 decays <= 2.6 x one decay
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["resnet34", "resnet50", "vit_small_patch16_224"],
+                   help="timm model names (space or comma separated)")
+    p.add_argument("--repeats", type=int, default=25,
+                   help="timed rounds per method after warm-up (median taken; at least 20 advised)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed updates per method first")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: the CPU, and CUDA as well when available")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    args = p.parse_args(argv)
+    args.models = [m for item in args.models for m in item.split(",") if m]
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return args
+
+
+def machine_info(devices) -> str:
+    lines = [
+        f"platform : {platform.platform()}",
+        f"python   : {platform.python_version()}   torch {torch.__version__}   timm {timm.__version__}",
+        f"cpu      : {platform.processor() or platform.machine()}, {os.cpu_count()} logical cpus, "
+        f"torch threads {torch.get_num_threads()}",
+    ]
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        if names:
+            lines[-1] += f", {names[0]}"
+    except OSError:
+        pass
+    if "cuda" in devices:
+        lines.append(f"cuda     : {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
+    return "\n".join(lines)
+
+
+def float_elements(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen and t.is_floating_point():
+            seen.add(id(t))
+            total += t.numel()
+    return total
+
+
+class Timer:
+    """Times callables on one device with the caches flushed first."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        # Larger than any last-level cache this runs on (CPU L3, GPU L2).
+        self.flush = torch.empty(256 << 20 if device.type == "cuda" else 96 << 20,
+                                 dtype=torch.uint8, device=device)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn) -> float:
+        self.flush.add_(1)
+        self.sync()
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - t0
+
+
+def build_methods(model: torch.nn.Module, device: torch.device) -> dict:
+    """name -> zero-argument callable doing one update."""
+    n = float_elements(model)
+    flat_ema = torch.randn(n, device=device)
+    flat_model = torch.randn(n, device=device)
+    weight = 1.0 - DECAY
+
+    ours = ModelEma(model, DECAY)
+    ours_noskip = ModelEma(model, DECAY, skip_nonfinite=False)
+    ours3 = ModelEma(model, DECAYS3)
+    ours3_noskip = ModelEma(model, DECAYS3, skip_nonfinite=False)
+    v2 = ModelEmaV2(model, decay=DECAY)
+    v3 = ModelEmaV3(model, decay=DECAY)
+    avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(DECAY), use_buffers=True)
+
+    def floor_read():
+        flat_model.sum()
+        flat_ema.lerp_(flat_model, weight)
+
+    return {
+        "floor": lambda: flat_ema.lerp_(flat_model, weight),
+        "floor+read": floor_read,
+        "ours": lambda: ours.update(model),
+        "ours-noskip": lambda: ours_noskip.update(model),
+        "timm-V2": lambda: v2.update(model),
+        "timm-V3": lambda: v3.update(model),
+        "AveragedModel": lambda: avg.update_parameters(model),
+        "ours-3decays": lambda: ours3.update(model),
+        "ours-3decays-noskip": lambda: ours3_noskip.update(model),
+    }
+
+
+def run_model(name: str, device: torch.device, args) -> dict:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).to(device)
+    model.train()
+    n = float_elements(model)
+    methods = build_methods(model, device)
+    names = list(methods)
+    timer = Timer(device)
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            for fn in methods.values():
+                fn()
+        times = {k: [] for k in names}
+        for r in range(args.repeats):
+            shift = r % len(names)
+            for k in names[shift:] + names[:shift]:
+                times[k].append(timer(methods[k]))
+    del methods, model, timer
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"name": name, "device": device.type, "n": n, "times": times}
+
+
+def med(xs) -> float:
+    return statistics.median(xs)
+
+
+def ratio(res, a, b) -> float:
+    """Median over rounds of time(a) / time(b)."""
+    return med([x / y for x, y in zip(res["times"][a], res["times"][b])])
+
+
+def report(results) -> bool:
+    ok = True
+    cols = ["floor", "floor+read", "ours", "ours-noskip", "timm-V2", "timm-V3", "AveragedModel"]
+    print("\nOne update, one decay (ms, median)")
+    head = f"{'model':24s} {'dev':4s} {'Mparams':>7s} " + " ".join(f"{c:>13s}" for c in cols)
+    head += f" {'GB/s':>6s} {'ours/floor':>10s} {'noskip/floor':>12s} {'ours/(fl+rd)':>12s}" \
+            f" {'ours/V3':>8s} {'noskip/V3':>9s}"
+    print(head)
+    for res in results:
+        t = {k: med(v) for k, v in res["times"].items()}
+        gbs = 12 * res["n"] / t["floor"] / 1e9
+        r_floor, r_v3 = ratio(res, "ours", "floor"), ratio(res, "ours", "timm-V3")
+        line = f"{res['name']:24s} {res['device']:4s} {res['n'] / 1e6:7.2f} "
+        line += " ".join(f"{t[c] * 1e3:13.3f}" for c in cols)
+        line += f" {gbs:6.1f} {r_floor:10.3f} {ratio(res, 'ours-noskip', 'floor'):12.3f}"
+        line += f" {ratio(res, 'ours', 'floor+read'):12.3f} {r_v3:8.3f}"
+        line += f" {ratio(res, 'ours-noskip', 'timm-V3'):9.3f}"
+        print(line)
+        res["ok_floor"], res["ok_v3"] = r_floor <= TARGET_FLOOR, r_v3 <= TARGET_V3
+    print("\nThree decays at once vs one decay (ms, median; ideal ratio 28/12 = 2.33)")
+    print(f"{'model':24s} {'dev':4s} {'ours':>9s} {'ours-3':>9s} {'ratio':>7s}"
+          f" {'noskip':>9s} {'noskip-3':>9s} {'ratio':>7s}")
+    for res in results:
+        t = {k: med(v) for k, v in res["times"].items()}
+        r3 = ratio(res, "ours-3decays", "ours")
+        print(f"{res['name']:24s} {res['device']:4s} {t['ours'] * 1e3:9.3f}"
+              f" {t['ours-3decays'] * 1e3:9.3f} {r3:7.3f} {t['ours-noskip'] * 1e3:9.3f}"
+              f" {t['ours-3decays-noskip'] * 1e3:9.3f}"
+              f" {ratio(res, 'ours-3decays-noskip', 'ours-noskip'):7.3f}")
+        res["ok_3"] = r3 <= TARGET_3DECAYS
+    print(f"\nTargets: ours <= {TARGET_FLOOR} x floor, ours <= {TARGET_V3} x timm V3, "
+          f"3 decays <= {TARGET_3DECAYS} x 1 decay")
+    for res in results:
+        flags = [("floor", res["ok_floor"]), ("V3", res["ok_v3"]), ("3 decays", res["ok_3"])]
+        print(f"  {res['name']:24s} {res['device']:4s} "
+              + "  ".join(f"{k}: {'ok' if v else 'MISSED'}" for k, v in flags))
+        ok &= all(v for _, v in flags)
+    return ok
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        devices = [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        print("CUDA is not available", file=sys.stderr)
+        return 2
+    print(machine_info(devices))
+    print(f"decay {DECAY}, 3 decays {DECAYS3}, {args.warmup} warm-up + {args.repeats} timed rounds "
+          f"per method, interleaved")
+    results = []
+    for dev in devices:
+        for name in args.models:
+            t0 = time.perf_counter()
+            results.append(run_model(name, torch.device(dev), args))
+            print(f"  {name} on {dev}: {time.perf_counter() - t0:.1f} s", flush=True)
+    report(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

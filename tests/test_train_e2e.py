@@ -1,0 +1,390 @@
+"""End-to-end train.py runs on a tiny generated data set: files, summary.csv, checkpoints,
+EMA arithmetic, validate.py agreement with the training log, and YAML recipes.
+
+The training runs are shared: a module fixture starts them all once (two at a time, one torch
+thread each, which on a 2-core machine is faster than one run with two threads), and every test
+below asserts on their outputs.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+
+from conftest import run_cli
+
+COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--warmup-epochs", "0",
+          "--lr", "0.05", "-j", "0"]
+BASE_COLUMNS = ["epoch", "lr", "train_loss", "eval_loss", "eval_top1", "eval_top5"]
+EMA_COLUMNS = ["ema_eval_loss", "ema_eval_top1", "ema_eval_top5"]
+EMA99_COLUMNS = ["ema0.99_eval_loss", "ema0.99_eval_top1", "ema0.99_eval_top5"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SEED = 42  # train.py's default --seed
+
+
+def run_all(jobs: dict, workers: int = 2) -> dict:
+    """Run {name: (script, args)} concurrently; torch gets one thread per process."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.setenv("MKL_NUM_THREADS", "1")
+        with ThreadPoolExecutor(workers) as pool:
+            futures = {name: pool.submit(run_cli, script, *args)
+                       for name, (script, args) in jobs.items()}
+            return {name: f.result() for name, f in futures.items()}
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_header(run_dir: Path) -> list[str]:
+    with open(run_dir / "summary.csv", newline="") as f:
+        return next(csv.reader(f))
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def float_keys(state: dict) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point()]
+
+
+def flat(state: dict) -> torch.Tensor:
+    return torch.cat([state[k].double().flatten() for k in sorted(float_keys(state))])
+
+
+def initial_weights() -> dict:
+    """The weights train.py starts from: seeded like its Trainer, then timm's init."""
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
+    return timm.create_model("test_resnet", num_classes=3, drop_rate=0.0).state_dict()
+
+
+# ----------------------------------------------------------------------------- the runs
+class Runs:
+    def __init__(self, out: Path, procs: dict):
+        self.out, self.procs = out, procs
+
+    def dir(self, name: str) -> Path:
+        return self.out / name / "train" / name
+
+    def proc(self, name: str):
+        if name not in self.procs:
+            pytest.fail(f"run '{name}' was not started (an earlier run it needs failed)")
+        return self.procs[name]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory) -> Runs:
+    out = tmp_path_factory.mktemp("e2e")
+
+    def train(name, *extra):
+        return ("train.py", [tiny_data, *COMMON, "--output", out / name, "--experiment", name,
+                             *extra])
+
+    recipe = out / "recipe.yaml"
+    # Same settings as the 'ema' run, but from YAML (one key hyphenated, as flags are spelled).
+    recipe.write_text(yaml.safe_dump({
+        "model": "test_resnet", "epochs": 1, "img_size": 32, "batch_size": 16,
+        "warmup-epochs": 0, "lr": 0.05, "workers": 0, "model_ema": True,
+        "model_ema_decay": [0.9]}))
+    procs = run_all({
+        "raw": train("raw", "--epochs", "2"),
+        "ema": train("ema", "--epochs", "2", "--model-ema", "--model-ema-decay", "0.9"),
+        "cpu": train("cpu", "--epochs", "2", "--model-ema-force-cpu", "--model-ema-decay", "0.9"),
+        "two": train("two", "--epochs", "2", "--model-ema", "--model-ema-decay", "0.9", "0.99"),
+        # One optimizer step in all (the whole train split in one batch): the shadow must be
+        # exactly 0.9 * init + 0.1 * trained.
+        "onestep": train("onestep", "--epochs", "1", "-b", "512", "--model-ema",
+                         "--model-ema-decay", "0.9"),
+        "config": ("train.py", [tiny_data, "-c", recipe, "--epochs", "2",
+                                "--output", out / "config", "--experiment", "config"]),
+    })
+    runs = Runs(out, procs)
+    # args.yaml of a finished run fed back as a recipe (data root included).
+    ema_args = runs.dir("ema") / "args.yaml"
+    if ema_args.is_file():
+        procs.update(run_all({"refed": ("train.py", [
+            "-c", ema_args, "--epochs", "1", "--output", out / "refed", "--experiment", "refed"])}))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def validations(runs, tiny_data) -> dict:
+    """validate.py on the runs' last checkpoints, each with a JSON results file."""
+    jobs = {}
+
+    def job(name, run, *extra):
+        res = runs.out / f"validate-{name}.json"
+        jobs[name] = ("validate.py", [tiny_data, "--checkpoint", runs.dir(run) / "last.pth.tar",
+                                      "-j", "0", "--results-file", res, *extra])
+
+    job("ema_raw", "ema")
+    job("ema_ema", "ema", "--use-ema")
+    job("two_decay", "two", "--ema-decay", "0.99")
+    job("two_index", "two", "--ema-index", "1")
+    job("two_first", "two", "--use-ema")
+    procs = run_all(jobs)
+    out = {}
+    for name, proc in procs.items():
+        res = runs.out / f"validate-{name}.json"
+        out[name] = (proc, json.loads(res.read_text()) if res.is_file() else None)
+    return out
+
+
+ALL_RUNS = ["raw", "ema", "cpu", "two", "onestep", "config"]
+EMA_RUNS = ["ema", "cpu", "two", "onestep", "config"]
+
+
+@pytest.mark.parametrize("name", ALL_RUNS + ["refed"])
+def test_run_succeeds(runs, name):
+    proc = runs.proc(name)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- files
+@pytest.mark.parametrize("name", ALL_RUNS)
+def test_run_files(runs, name):
+    run_dir = runs.dir(name)
+    for fname in ("args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar", "curves.png"):
+        assert (run_dir / fname).is_file(), f"{fname} missing in {sorted(p.name for p in run_dir.iterdir())}"
+        assert (run_dir / fname).stat().st_size > 0, fname
+    assert (run_dir / "model_best_ema.pth.tar").is_file() == (name in EMA_RUNS)
+    png = (run_dir / "curves.png").read_bytes()
+    assert png[:8] == PNG_MAGIC
+    assert png[12:16] == b"IHDR" and png[-8:-4] == b"IEND"
+    leftovers = [p.name for p in run_dir.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("name", ALL_RUNS)
+def test_args_yaml_records_the_run(runs, name):
+    saved = yaml.safe_load((runs.dir(name) / "args.yaml").read_text())
+    assert saved["model"] == "test_resnet"
+    assert saved["img_size"] == 32
+    assert saved["lr"] == 0.05
+    assert saved["experiment"] == name
+    assert saved["model_ema"] is (name in EMA_RUNS)
+    assert saved["epochs"] == (1 if name == "onestep" else 2)
+
+
+# ----------------------------------------------------------------------------- summary.csv
+@pytest.mark.parametrize("name, columns", [
+    ("raw", BASE_COLUMNS),
+    ("ema", BASE_COLUMNS + EMA_COLUMNS),
+    ("cpu", BASE_COLUMNS + EMA_COLUMNS),
+    ("two", BASE_COLUMNS + EMA_COLUMNS + EMA99_COLUMNS),
+    ("config", BASE_COLUMNS + EMA_COLUMNS),
+])
+def test_summary_columns_and_rows(runs, name, columns):
+    run_dir = runs.dir(name)
+    assert read_header(run_dir) == columns
+    rows = read_rows(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    for row in rows:
+        assert set(row) == set(columns)
+        for col in columns:
+            value = float(row[col])  # every cell a number, EMA cells included
+            assert math.isfinite(value), (col, row[col])
+        for prefix in {c[: -len("eval_top1")] for c in columns if c.endswith("eval_top1")}:
+            assert 0.0 <= float(row[f"{prefix}eval_top1"]) <= float(row[f"{prefix}eval_top5"]) <= 100.0
+            assert float(row[f"{prefix}eval_loss"]) > 0.0
+    # Cosine schedule over 2 epochs without warmup: full LR, then half.
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.05, 0.025])
+
+
+def test_accuracy_rises_above_chance(runs):
+    rows = read_rows(runs.dir("raw"))
+    assert float(rows[-1]["eval_top1"]) > 60.0  # 3 classes: chance is 33.3 %
+    assert float(rows[-1]["eval_loss"]) < math.log(3)  # better than a uniform guess
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_ema_is_validated_separately(runs):
+    """The EMA columns are the shadow's own numbers, not a copy of the raw ones."""
+    for name in ("ema", "two"):
+        for row in read_rows(runs.dir(name)):
+            assert float(row["ema_eval_loss"]) != float(row["eval_loss"])
+    for row in read_rows(runs.dir("two")):
+        assert float(row["ema0.99_eval_loss"]) != float(row["ema_eval_loss"])
+
+
+def test_training_unchanged_by_ema(runs):
+    """Keeping (and validating) EMA shadows must not perturb the raw training at all."""
+    raw, ema, two = (read_rows(runs.dir(n)) for n in ("raw", "ema", "two"))
+    for cols in (BASE_COLUMNS,):
+        assert [[r[c] for c in cols] for r in ema] == [[r[c] for c in cols] for r in raw]
+        assert [[r[c] for c in cols] for r in two] == [[r[c] for c in cols] for r in raw]
+    # The first shadow of the two-decay run is the same 0.9 EMA as the single-decay run.
+    assert ([[r[c] for c in EMA_COLUMNS] for r in two]
+            == [[r[c] for c in EMA_COLUMNS] for r in ema])
+
+
+def test_force_cpu_run_matches_plain_ema_run(runs):
+    """Same seed and decay: --model-ema-force-cpu gives the very same numbers, EMA included."""
+    assert read_rows(runs.dir("cpu")) == read_rows(runs.dir("ema"))
+    a, b = load(runs.dir("cpu") / "last.pth.tar"), load(runs.dir("ema") / "last.pth.tar")
+    for key in ("state_dict", "state_dict_ema"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    saved = yaml.safe_load((runs.dir("cpu") / "args.yaml").read_text())
+    assert saved["model_ema_force_cpu"] is True and saved["model_ema"] is True
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _plain(value) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+@pytest.mark.parametrize("name", ["raw", "ema", "two"])
+@pytest.mark.parametrize("fname", ["last.pth.tar", "model_best.pth.tar", "model_best_ema.pth.tar"])
+def test_checkpoint_contents(runs, name, fname):
+    path = runs.dir(name) / fname
+    if name == "raw" and fname == "model_best_ema.pth.tar":
+        assert not path.exists()
+        return
+    ckpt = load(path)
+    for key in ("epoch", "arch", "state_dict", "optimizer", "args", "metric", "version"):
+        assert key in ckpt, key
+    assert ckpt["arch"] == "test_resnet"
+    assert type(ckpt["args"]) is dict and _plain(ckpt["args"])
+    assert ckpt["args"]["model"] == "test_resnet" and ckpt["args"]["experiment"] == name
+    assert isinstance(ckpt["version"], int)
+    rows = read_rows(runs.dir(name))
+    epoch = ckpt["epoch"]
+    assert epoch in (0, 1)
+    if fname == "last.pth.tar":
+        assert epoch == 1
+    # The stored metric is the raw top-1 of the checkpoint's epoch.
+    assert ckpt["metric"] == float(rows[epoch]["eval_top1"])
+    if fname == "model_best.pth.tar":
+        assert ckpt["metric"] == max(float(r["eval_top1"]) for r in rows)
+    if fname == "model_best_ema.pth.tar":
+        assert float(rows[epoch]["ema_eval_top1"]) == max(float(r["ema_eval_top1"]) for r in rows)
+    has_ema = name != "raw"
+    assert ("state_dict_ema" in ckpt) == has_ema
+    if has_ema:
+        assert ckpt["state_dict_ema"].keys() == ckpt["state_dict"].keys()
+        for k, v in ckpt["state_dict"].items():
+            assert ckpt["state_dict_ema"][k].shape == v.shape, k
+
+
+@pytest.mark.parametrize("name", ["ema", "two"])
+def test_timm_load_checkpoint(runs, name):
+    from timm.models import load_checkpoint
+
+    path = runs.dir(name) / "last.pth.tar"
+    ckpt = load(path)
+    raw, ema = ckpt["state_dict"], ckpt["state_dict_ema"]
+    assert any(not torch.equal(raw[k], ema[k]) for k in float_keys(raw))
+    for use_ema, expected in ((True, ema), (False, raw)):
+        model = timm.create_model("test_resnet", num_classes=3)
+        load_checkpoint(model, str(path), use_ema=use_ema)
+        got = model.state_dict()
+        assert got.keys() == expected.keys()
+        for k in got:
+            assert torch.equal(got[k], expected[k]), (use_ema, k)
+
+
+def test_ema_shadow_is_the_arithmetic_average(runs):
+    """After exactly one update the 0.9 shadow is init + 0.1 * (trained - init), tensor by tensor."""
+    ckpt = load(runs.dir("onestep") / "last.pth.tar")
+    assert ckpt["num_updates"] == 1
+    init, trained, shadow = initial_weights(), ckpt["state_dict"], ckpt["state_dict_ema"]
+    assert init.keys() == trained.keys() == shadow.keys()
+    moved = 0
+    for k in trained:
+        if not trained[k].is_floating_point():
+            assert torch.equal(shadow[k], trained[k]), k  # integer buffers are copied
+            continue
+        expected = init[k].lerp(trained[k], 0.1)
+        torch.testing.assert_close(shadow[k], expected, rtol=1e-6, atol=1e-7, msg=k)
+        if not torch.equal(init[k], trained[k]):
+            moved += 1
+            assert not torch.equal(shadow[k], trained[k]), k
+            assert not torch.equal(shadow[k], init[k]), k
+    assert moved > 10  # the check above is not vacuous
+
+
+def test_ema_horizons_order(runs):
+    """Over 8 updates a 0.99 shadow is still mostly the initial weights; a 0.9 one has moved on."""
+    ckpt = load(runs.dir("two") / "last.pth.tar")
+    init, final = flat(initial_weights()), flat(ckpt["state_dict"])
+    s90, s99 = flat(ckpt["state_dict_ema"]), flat(ckpt["state_dict_ema_1"])
+    assert (s99 - init).norm() < (s99 - final).norm()
+    assert (s90 - final).norm() < (s99 - final).norm()
+    assert (s90 - init).norm() > (s99 - init).norm()
+
+
+# ----------------------------------------------------------------------------- validate.py
+def _check_validation(validations, name, row, prefix):
+    proc, res = validations[name]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert res is not None
+    assert res["top1"] == float(row[f"{prefix}eval_top1"])
+    assert res["top5"] == float(row[f"{prefix}eval_top5"])
+    assert res["loss"] == float(row[f"{prefix}eval_loss"])
+    assert f"top1 {res['top1']:.4f}" in proc.stdout
+    return res
+
+
+def test_validate_reproduces_training_log(runs, validations):
+    last = read_rows(runs.dir("ema"))[-1]
+    raw = _check_validation(validations, "ema_raw", last, "")
+    ema = _check_validation(validations, "ema_ema", last, "ema_")
+    assert raw["weights"] == "raw" and ema["weights"].startswith("ema")
+    assert raw["loss"] != ema["loss"]
+
+
+def test_validate_picks_second_ema(runs, validations):
+    last = read_rows(runs.dir("two"))[-1]
+    by_decay = _check_validation(validations, "two_decay", last, "ema0.99_")
+    by_index = _check_validation(validations, "two_index", last, "ema0.99_")
+    first = _check_validation(validations, "two_first", last, "ema_")
+    assert by_decay == {**by_index, "checkpoint": by_decay["checkpoint"]}
+    assert "0.99" in by_decay["weights"] and "0.99" not in first["weights"]
+    assert by_decay["loss"] != first["loss"]
+
+
+# ----------------------------------------------------------------------------- YAML recipes
+def test_config_file_with_command_line_override(runs):
+    """Recipe says epochs 1, the command line says 2: two rows, and the recipe's other values
+    train exactly as the same flags do."""
+    rows = read_rows(runs.dir("config"))
+    assert len(rows) == 2
+    saved = yaml.safe_load((runs.dir("config") / "args.yaml").read_text())
+    assert saved["epochs"] == 2 and saved["warmup_epochs"] == 0 and saved["batch_size"] == 16
+    assert saved["model_ema_decay"] == [0.9]
+    assert rows == read_rows(runs.dir("ema"))
+
+
+def test_args_yaml_fed_back_as_config(runs):
+    proc = runs.proc("refed")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = runs.dir("refed")
+    rows = read_rows(run_dir)
+    assert len(rows) == 1
+    # Epoch 0 of a 1-epoch run with the recorded settings is epoch 0 of the original run.
+    assert rows[0] == read_rows(runs.dir("ema"))[0]
+    original = yaml.safe_load((runs.dir("ema") / "args.yaml").read_text())
+    again = yaml.safe_load((run_dir / "args.yaml").read_text())
+    changed = {k for k in original.keys() | again.keys() if original.get(k) != again.get(k)}
+    assert changed == {"epochs", "experiment", "output"}
