@@ -10,6 +10,23 @@ import yaml
 from .errors import UserError
 
 
+class ParseKwargs(argparse.Action):
+    """KEY=VALUE pairs; values are Python literals when they parse as one, else strings."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import ast
+        kwargs = {}
+        for item in values:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UserError(f"{option_string}: expected KEY=VALUE, got '{item}'")
+            try:
+                kwargs[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kwargs[key] = value
+        setattr(namespace, self.dest, kwargs)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UserError instead of printing usage and exiting."""
 
@@ -40,6 +57,12 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="resume a run from its checkpoint ('auto': the experiment's last.pth.tar)")
     g.add_argument("--no-resume-opt", action="store_true", default=False,
                    help="on resume, do not restore optimizer and scheduler state")
+    g.add_argument("--pretrained-path", default=None, metavar="PATH",
+                   help="local weights file for --pretrained (timm's pretrained_cfg_overlay file=)")
+    g.add_argument("--gp", default=None, metavar="POOL",
+                   help="global pool type (fast, avg, max, avgmax, avgmaxc); default: the model's")
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                   help="extra keyword arguments for timm.create_model, e.g. stem_type=deep")
     g.add_argument("--num-classes", type=int, default=None, metavar="N",
                    help="classifier outputs (default: the number of class folders)")
     g.add_argument("--img-size", type=int, default=None, metavar="N", help="input image size")
@@ -55,6 +78,18 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="training batch size (default: 128)")
     g.add_argument("-vb", "--validation-batch-size", type=int, default=None, metavar="N",
                    help="validation batch size (default: the training batch size)")
+    g.add_argument("--grad-accum-steps", type=int, default=1, metavar="N",
+                   help="batches per optimizer step (the EMA updates once per optimizer step)")
+    g.add_argument("--channels-last", action="store_true", default=False,
+                   help="use channels-last memory layout")
+    g.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor",
+                   help="torch.compile the model with this backend (default when given: inductor)")
+    g.add_argument("--amp", action="store_true", default=False,
+                   help="mixed precision autocast (bfloat16 works on the CPU; float16 needs CUDA)")
+    g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
+                   help="autocast dtype (default: float16; a grad scaler is used with float16)")
+    g.add_argument("--no-prefetcher", action="store_true", default=False,
+                   help="accepted for timm compatibility (ematrain has no separate prefetcher)")
     g.add_argument("--drop", type=float, default=0.0, help="dropout rate (default: 0)")
     g.add_argument("--drop-path", type=float, default=None, help="drop-path rate")
 
@@ -66,6 +101,8 @@ def _train_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=2e-5, help="weight decay (default: 2e-5)")
     g.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
                    help="clip gradients at this value (default: off)")
+    g.add_argument("--layer-decay", type=float, default=None,
+                   help="layer-wise learning-rate decay (e.g. 0.65 for ViTs)")
     g.add_argument("--clip-mode", default="norm", choices=["norm", "value", "agc"],
                    help="gradient clipping mode (default: norm)")
 
@@ -99,6 +136,22 @@ def _train_parser() -> argparse.ArgumentParser:
     g.add_argument("--reprob", type=float, default=0.0, help="random erase probability (default: 0)")
     g.add_argument("--remode", default="pixel", help="random erase mode (default: pixel)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, on when > 0 (default: 0)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, on when > 0 (default: 0)")
+    g.add_argument("--cutmix-minmax", type=float, nargs=2, default=None, metavar="PCT",
+                   help="cutmix min/max box ratio (overrides alpha)")
+    g.add_argument("--mixup-prob", type=float, default=1.0,
+                   help="probability of mixup or cutmix per batch (default: 1)")
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5,
+                   help="probability of cutmix instead of mixup when both are on (default: 0.5)")
+    g.add_argument("--mixup-mode", default="batch", choices=["batch", "pair", "elem"],
+                   help="how mixup/cutmix params are drawn (default: batch)")
+    g.add_argument("--mixup-off-epoch", type=int, default=0, metavar="N",
+                   help="turn mixup/cutmix off from this epoch (default: 0 = never)")
+    g.add_argument("--bce-loss", action="store_true", default=False,
+                   help="binary cross-entropy loss instead of softmax cross-entropy")
+    g.add_argument("--bce-target-thresh", type=float, default=None,
+                   help="threshold that binarizes soft BCE targets")
 
     g = p.add_argument_group("Model exponential moving average parameters")
     g.add_argument("--model-ema", action="store_true", default=False,
@@ -124,6 +177,8 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="steps between progress read-outs (default: 50)")
     g.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
                    help="skip up to N steps whose loss is NaN/Inf instead of stopping (default: 0)")
+    g.add_argument("--recovery-interval", type=int, default=0, metavar="N",
+                   help="also save recovery.pth.tar every N optimizer steps (default: 0 = off)")
     g.add_argument("--checkpoint-hist", type=int, default=10, metavar="N",
                    help="best epoch checkpoints to keep (default: 10)")
     g.add_argument("-j", "--workers", type=int, default=4, metavar="N",
@@ -176,7 +231,7 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
 def check_train_args(args: argparse.Namespace) -> None:
     """Range and consistency checks that argparse cannot express."""
     positive = {"batch_size": "--batch-size", "epochs": "--epochs", "log_interval": "--log-interval",
-                "model_ema_every": "--model-ema-every"}
+                "model_ema_every": "--model-ema-every", "grad_accum_steps": "--grad-accum-steps"}
     for dest, flag in positive.items():
         if getattr(args, dest) < 1:
             raise UserError(f"{flag} must be >= 1, got {getattr(args, dest)}")
@@ -206,6 +261,14 @@ def check_train_args(args: argparse.Namespace) -> None:
                                or args.model_ema_force_cpu):
         # A user who names an EMA setting wants the EMA; turning it on beats silently ignoring it.
         args.model_ema = True
+    if args.recovery_interval < 0:
+        raise UserError(f"--recovery-interval must be >= 0, got {args.recovery_interval}")
+    for name in ("mixup_prob", "mixup_switch_prob", "hflip", "reprob"):
+        value = getattr(args, name)
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
+    if args.mixup < 0 or args.cutmix < 0:
+        raise UserError("--mixup and --cutmix must be >= 0")
     if args.skip_nonfinite < 0:
         raise UserError(f"--skip-nonfinite must be >= 0, got {args.skip_nonfinite}")
     if args.checkpoint_hist < 1:

@@ -51,80 +51,124 @@ def current_lr(optimizer) -> float:
     return sum(lrs) / len(lrs)
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, loss_fn, scheduler, state: TrainState,
-                    device: torch.device, ema: ModelEma | None = None, clip_grad: float | None = None,
-                    clip_mode: str = "norm", log_interval: int = 50, epochs: int = 0,
-                    skip_nonfinite: int = 0, should_stop=lambda: False, log=print) -> dict:
-    """Train from step `state.epoch_step` to the end of the epoch.
+@dataclass
+class StepConfig:
+    """How one training step runs: loss, precision, accumulation, clipping, mixing."""
+    loss_fn: nn.Module
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+    accum_steps: int = 1
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    channels_last: bool = False
+    mixup_fn: object | None = None
+    log_interval: int = 50
+    skip_nonfinite: int = 0
 
-    Returns {'loss': mean training loss, 'lr': mean LR}. A non-finite loss raises NonFiniteLoss
-    before its update is applied when `skip_nonfinite` allows no more skips (checked every step
-    when skipping is allowed, else read back at the log interval with the exact step recorded).
+
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: TrainState,
+                    device: torch.device, cfg: StepConfig, ema: ModelEma | None = None,
+                    epochs: int = 0, should_stop=lambda: False, on_update=lambda: None,
+                    log=print) -> dict:
+    """Train from batch `state.epoch_step` to the end of the epoch.
+
+    With gradient accumulation, `cfg.accum_steps` batches make one optimizer step and the EMA
+    is updated once per optimizer step. A stop request is honoured only right after an optimizer
+    step, so no accumulated gradient is lost. Returns {'loss': mean loss, 'lr': mean LR}.
+
+    A non-finite loss raises NonFiniteLoss. Without `cfg.skip_nonfinite` it is read back at the
+    log interval (no per-step sync) with the exact step recorded on the device; with it, every
+    step is checked before its update so the bad step can be skipped.
     """
     model.train()
-    steps = state.epoch_step + len(loader)
+    batches = state.epoch_step + len(loader)
+    accum = cfg.accum_steps
     loss_sum = torch.tensor(state.loss_sum, dtype=torch.float64, device=device)
     first_bad = torch.tensor(-1, device=device)
-    bar = tqdm(total=steps, initial=state.epoch_step, desc=f"train {state.epoch}", leave=False,
+    bar = tqdm(total=batches, initial=state.epoch_step, desc=f"train {state.epoch}", leave=False,
                disable=not show_bars(), unit="step", dynamic_ncols=True)
     interval_start, interval_images = time.perf_counter(), 0
-    for step, (images, targets) in enumerate(loader, start=state.epoch_step):
+    amp = torch.autocast(device.type, dtype=cfg.amp_dtype, enabled=cfg.amp_dtype is not None)
+    for batch, (images, targets) in enumerate(loader, start=state.epoch_step):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        output = model(images)
-        loss = loss_fn(output, targets)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if cfg.mixup_fn is not None:
+            images, targets = cfg.mixup_fn(images, targets)
+        with amp:
+            output = model(images)
+            loss = cfg.loss_fn(output, targets)
         finite = torch.isfinite(loss.detach())
-        if skip_nonfinite and not bool(finite):
+        # The last batches of an epoch may form a shorter accumulation group.
+        group_end = (batch + 1) % accum == 0 or batch + 1 == batches
+        if cfg.skip_nonfinite and not bool(finite):
             state.skipped_nonfinite += 1
-            log(f"  non-finite loss at epoch {state.epoch}, step {step}: step skipped "
-                f"({state.skipped_nonfinite}/{skip_nonfinite})")
-            if state.skipped_nonfinite > skip_nonfinite:
+            log(f"  non-finite loss at epoch {state.epoch}, step {batch}: skipped "
+                f"({state.skipped_nonfinite}/{cfg.skip_nonfinite})")
+            if state.skipped_nonfinite > cfg.skip_nonfinite:
                 bar.close()
-                raise NonFiniteLoss(state.epoch, step)
+                raise NonFiniteLoss(state.epoch, batch)
             optimizer.zero_grad(set_to_none=True)
-            state.epoch_step = step + 1
+            state.epoch_step = batch + 1
+            bar.update(1)
             continue
-        first_bad = torch.where((first_bad < 0) & ~finite, torch.tensor(step, device=device), first_bad)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad is not None:
-            dispatch_clip_grad(model.parameters(), value=clip_grad, mode=clip_mode)
-        optimizer.step()
-        state.num_updates += 1
-        if ema is not None:
-            ema.update(model)
-        if scheduler is not None:
-            scheduler.step_update(num_updates=state.num_updates)
+        first_bad = torch.where((first_bad < 0) & ~finite, torch.tensor(batch, device=device), first_bad)
+        scaled = loss / accum if accum > 1 else loss
+        if cfg.scaler is not None:
+            cfg.scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
+        if group_end:
+            _optimizer_step(model, optimizer, cfg)
+            state.num_updates += 1
+            if ema is not None:
+                ema.update(model)
+            if scheduler is not None:
+                scheduler.step_update(num_updates=state.num_updates)
         loss_sum += loss.detach().double() * images.size(0)
         state.loss_count += images.size(0)
         interval_images += images.size(0)
-        state.epoch_step = step + 1
+        state.epoch_step = batch + 1
         bar.update(1)
 
-        last = step + 1 == steps
-        if (step + 1) % log_interval == 0 or last:
-            bad_step = int(first_bad)
-            if bad_step >= 0:
+        last = batch + 1 == batches
+        if (batch + 1) % cfg.log_interval == 0 or last:
+            bad = int(first_bad)
+            if bad >= 0:
                 bar.close()
-                raise NonFiniteLoss(state.epoch, bad_step)
+                raise NonFiniteLoss(state.epoch, bad)
             loss_now = float(loss.detach())
-            elapsed = time.perf_counter() - interval_start
-            rate = interval_images / max(elapsed, 1e-9)
+            rate = interval_images / max(time.perf_counter() - interval_start, 1e-9)
             lr = current_lr(optimizer)
             if bar.disable:
-                log(f"  train {state.epoch}/{epochs} [{step + 1}/{steps}] loss {loss_now:.4f} "
+                log(f"  train {state.epoch}/{epochs} [{batch + 1}/{batches}] loss {loss_now:.4f} "
                     f"lr {lr:.3g} {rate:.0f} img/s")
             else:
                 bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
             interval_start, interval_images = time.perf_counter(), 0
-        if should_stop() and not last:
+        if group_end and not last:
             state.loss_sum = float(loss_sum)
-            bar.close()
-            raise Interrupted()
+            on_update()
+            if should_stop():
+                bar.close()
+                raise Interrupted()
     bar.close()
     state.loss_sum = float(loss_sum)
-    mean_loss = state.loss_sum / max(state.loss_count, 1)
-    return {"loss": mean_loss, "lr": current_lr(optimizer)}
+    return {"loss": state.loss_sum / max(state.loss_count, 1), "lr": current_lr(optimizer)}
+
+
+def _optimizer_step(model: nn.Module, optimizer, cfg: StepConfig) -> None:
+    if cfg.clip_grad is not None:
+        if cfg.scaler is not None:
+            cfg.scaler.unscale_(optimizer)
+        dispatch_clip_grad(model.parameters(), value=cfg.clip_grad, mode=cfg.clip_mode)
+    if cfg.scaler is not None:
+        cfg.scaler.step(optimizer)
+        cfg.scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 class _WeightSwapper:
@@ -159,7 +203,8 @@ class _WeightSwapper:
 
 @torch.no_grad()
 def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | None = None,
-             epoch: int | None = None) -> list[dict]:
+             epoch: int | None = None, amp_dtype: torch.dtype | None = None,
+             channels_last: bool = False) -> list[dict]:
     """Evaluate the raw weights and every EMA shadow in one pass over `loader`.
 
     Each batch is decoded and augmented once and fed to every weight set, so K EMAs cost K extra
@@ -184,11 +229,14 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
                                     unit="batch", dynamic_ncols=True):
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             n = images.size(0)
             for index in order:
                 if swapper is not None:
                     swapper.load(index)
-                output = nets[index](images)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    output = nets[index](images)
                 top1, top5 = topk_correct(output, targets, (1, 5))
                 sums[index] += torch.stack([loss_fn(output.float(), targets).double(), top1, top5])
             count += n

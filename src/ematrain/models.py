@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 
 import timm
 
@@ -16,11 +17,20 @@ def check_model_name(name: str) -> None:
     raise UserError(f"unknown model '{name}'{hint}")
 
 
-def create_model(name: str, num_classes: int, pretrained: bool = False, **kwargs):
+def create_model(name: str, num_classes: int, pretrained: bool = False,
+                 pretrained_path: str | None = None, **kwargs):
+    """timm.create_model; `pretrained_path` points --pretrained at a local weights file."""
     check_model_name(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if pretrained_path:
+        if not Path(pretrained_path).is_file():
+            raise UserError(f"--pretrained-path file not found: {pretrained_path}")
+        pretrained = True
+        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_path)}
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except TypeError as exc:
+        raise UserError(f"cannot create model '{name}': {str(exc)[:160]}") from None
     except (RuntimeError, OSError, ValueError) as exc:
         if pretrained:
             raise UserError(f"cannot load pretrained weights for '{name}' (no network here; "

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.data import Mixup
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
@@ -18,7 +20,8 @@ from . import data, outputs
 from .cli import log, resolve_device, run_main, seed_everything
 from .config import parse_train_args
 from .ema import ModelEma, half_life_from_decay, parse_half_life
-from .engine import Interrupted, NonFiniteLoss, TrainState, train_one_epoch, validate
+from .engine import (Interrupted, NonFiniteLoss, StepConfig, TrainState, train_one_epoch,
+                     validate)
 from .errors import RunFailure, UserError
 from .models import create_model
 from .signals import StopRequest
@@ -82,7 +85,7 @@ def build_optimizer(args, model, lr):
         kwargs["betas"] = tuple(args.opt_betas)
     try:
         return create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
-                                   momentum=args.momentum, **kwargs)
+                                   momentum=args.momentum, layer_decay=args.layer_decay, **kwargs)
     except (AssertionError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"cannot create optimizer '{args.opt}': {str(exc)[:160]}") from None
 
@@ -102,7 +105,7 @@ def build_scheduler(args, optimizer, updates_per_epoch):
 def resolve_ema_decays(args, steps_per_epoch: int) -> list[float]:
     """Per-optimizer-step decays from --model-ema-decay or --model-ema-half-life."""
     if args.model_ema_half_life:
-        images_per_step = args.batch_size  # x world size x accumulation once those land
+        images_per_step = args.batch_size * args.grad_accum_steps  # x world size once that lands
         decays = []
         for text in args.model_ema_half_life:
             steps = parse_half_life(text).in_updates(images_per_step, steps_per_epoch)
@@ -123,6 +126,37 @@ def log_ema_horizons(decays, every, steps_per_epoch, total_steps, images_per_ste
         elif steps < 0.1 * steps_per_epoch:
             log.warning(f"warning: EMA {d:.6g} has a half-life ({steps:.4g} steps) under a tenth "
                         f"of an epoch: it averages almost nothing")
+
+
+def build_amp(args, device):
+    """Autocast dtype (None when off) and a grad scaler for float16 on CUDA."""
+    if not args.amp:
+        return None, None
+    dtype = _DTYPES[args.amp_dtype]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise UserError("--amp-dtype float16 needs CUDA; on the CPU use --amp-dtype bfloat16")
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return dtype, scaler
+
+
+def build_mixup(args, num_classes):
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    if args.batch_size % 2:
+        raise UserError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=num_classes)
+
+
+def build_train_loss(args, mixing: bool) -> nn.Module:
+    """timm's choice: soft-target losses under mixup/cutmix (which smooth the labels already)."""
+    if args.bce_loss:
+        return BinaryCrossEntropy(smoothing=0.0 if mixing else args.smoothing,
+                                  target_threshold=args.bce_target_thresh)
+    if mixing:
+        return SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(label_smoothing=args.smoothing)
 
 
 def build_ema(args, model, device, decays) -> ModelEma | None:
@@ -173,28 +207,39 @@ class Trainer:
         self.class_names = train_set.classes
         self.num_classes = resolve_num_classes(args, train_set)
         self.model = create_model(args.model, self.num_classes, pretrained=args.pretrained,
-                                  drop_rate=args.drop, drop_path_rate=args.drop_path)
+                                  pretrained_path=args.pretrained_path, drop_rate=args.drop,
+                                  drop_path_rate=args.drop_path, global_pool=args.gp,
+                                  **args.model_kwargs)
         if args.initial_checkpoint:
             state = ckpt_io.load_file(args.initial_checkpoint)
             weights = ckpt_io.select_weights(state, args.initial_checkpoint)
             ckpt_io.load_weights_into(self.model, weights, args.initial_checkpoint)
         self.model.to(self.device)
+        if args.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.amp_dtype, self.scaler = build_amp(args, self.device)
         self.data_config = data.data_config_for(args, self.model)
         train_set.transform = data.train_transform(self.data_config, args)
         val_set.transform = data.eval_transform(self.data_config)
         self.train_set = data.SeededSamples(train_set, args.seed)
         self.val_set = val_set
         self.drop_last = len(train_set) >= args.batch_size
-        self.steps_per_epoch = (len(train_set) // args.batch_size if self.drop_last
-                                else math.ceil(len(train_set) / args.batch_size))
+        batches = (len(train_set) // args.batch_size if self.drop_last
+                   else math.ceil(len(train_set) / args.batch_size))
+        self.steps_per_epoch = math.ceil(batches / args.grad_accum_steps)  # optimizer steps
         self.sampler = data.EpochSampler(len(train_set), args.seed)
         self.lr = resolve_lr(args)
         self.optimizer = build_optimizer(args, self.model, self.lr)
         self.scheduler, self.num_epochs = build_scheduler(args, self.optimizer, self.steps_per_epoch)
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+        self.mixup_fn = build_mixup(args, self.num_classes)
+        self.loss_fn = build_train_loss(args, mixing=self.mixup_fn is not None)
         decays = resolve_ema_decays(args, self.steps_per_epoch)
         self.ema = build_ema(args, self.model, self.device, decays)
         self.decays = self.ema.decays if self.ema is not None else []
+        if args.torchcompile:
+            # Compiled after the EMA and optimizer are built: both work on the plain module.
+            self.model = torch.compile(self.model, backend=args.torchcompile)
+            log.info(f"model compiled with torch.compile backend '{args.torchcompile}'")
         self.state = TrainState()
         self.best = [Best() for _ in range(1 + len(self.decays))]
         self.history = History()
@@ -229,6 +274,8 @@ class Trainer:
             if "scheduler" in ckpt:
                 self.scheduler.load_state_dict(ckpt["scheduler"])
         extra = ckpt.get("resume_state", {})
+        if self.scaler is not None and "amp_scaler" in extra:
+            self.scaler.load_state_dict(extra["amp_scaler"])
         self.state.num_updates = int(ckpt.get("num_updates", 0))
         if extra.get("epoch_step"):
             self.state.epoch = int(extra["epoch"])
@@ -276,6 +323,8 @@ class Trainer:
             resume_state.update(epoch=self.state.epoch, epoch_step=self.state.epoch_step,
                                 loss_sum=self.state.loss_sum, loss_count=self.state.loss_count,
                                 rng=capture_rng())
+        if self.scaler is not None:
+            resume_state["amp_scaler"] = self.scaler.state_dict()
         return ckpt_io.build_checkpoint(
             epoch=epoch, arch=self.args.model, model=self.model, optimizer=self.optimizer,
             scheduler=self.scheduler, ema=self.ema, args=dict(vars(self.args)), metric=metric,
@@ -315,6 +364,8 @@ class Trainer:
             except OSError as exc:
                 raise RunFailure(f"cannot write {self.run_dir / name}: {exc.strerror or exc}") from None
         self._prune_history()
+        # An epoch-end checkpoint supersedes any mid-epoch recovery file.
+        (self.run_dir / "recovery.pth.tar").unlink(missing_ok=True)
         return written + copies
 
     def _update_history(self, epoch: int, metric: float, lower: bool) -> None:
@@ -342,18 +393,26 @@ class Trainer:
             parts.append(f"EMA updates skipped (NaN/Inf weights): {self.ema.skipped_nonfinite}")
         return " | ".join(parts)
 
+    def maybe_save_recovery(self) -> None:
+        """Every --recovery-interval optimizer steps, a mid-epoch checkpoint to resume from."""
+        interval = self.args.recovery_interval
+        if interval and self.state.num_updates % interval == 0:
+            self.save("recovery.pth.tar", self.checkpoint(None, complete=False))
+
     def resume_path(self) -> Path | None:
+        """--resume PATH, or with 'auto' the newer of the run's last and recovery checkpoints."""
         if not self.args.resume:
             return None
-        if self.args.resume == "auto":
-            if not self.args.experiment:
-                raise UserError("--resume auto needs --experiment to find the run directory")
-            path = Path(self.args.output or "output") / "train" / self.args.experiment / "last.pth.tar"
-            if not path.is_file():
-                log.info(f"--resume auto: no {path}, starting fresh")
-                return None
-            return path
-        return Path(self.args.resume)
+        if self.args.resume != "auto":
+            return Path(self.args.resume)
+        if not self.args.experiment:
+            raise UserError("--resume auto needs --experiment to find the run directory")
+        run_dir = Path(self.args.output or "output") / "train" / self.args.experiment
+        found = [p for p in (run_dir / "last.pth.tar", run_dir / "recovery.pth.tar") if p.is_file()]
+        if not found:
+            log.info(f"--resume auto: no checkpoint in {run_dir}, starting fresh")
+            return None
+        return max(found, key=lambda p: p.stat().st_mtime_ns)
 
     # --------------------------------------------------------------- main loop
     def fit(self) -> int:
@@ -374,7 +433,8 @@ class Trainer:
         log.info(f"output: {self.run_dir}")
         if self.ema is not None:
             log_ema_horizons(self.decays, self.ema.every, self.steps_per_epoch,
-                             self.steps_per_epoch * self.num_epochs, args.batch_size)
+                             self.steps_per_epoch * self.num_epochs,
+                             args.batch_size * args.grad_accum_steps)
         with StopRequest() as stop:
             for epoch in range(self.state.epoch, self.num_epochs):
                 rc = self.run_epoch(epoch, stop)
@@ -394,13 +454,18 @@ class Trainer:
             self.state.epoch_step, self.state.loss_sum, self.state.loss_count = 0, 0.0, 0
         self.state.epoch = epoch
         train_loader, val_loader = self.make_loaders(epoch)
+        if self.mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            self.mixup_fn.mixup_enabled = False
+        cfg = StepConfig(loss_fn=self.loss_fn, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                         accum_steps=args.grad_accum_steps, amp_dtype=self.amp_dtype,
+                         scaler=self.scaler, channels_last=args.channels_last,
+                         mixup_fn=self.mixup_fn, log_interval=args.log_interval,
+                         skip_nonfinite=args.skip_nonfinite)
         try:
             train = train_one_epoch(
-                self.model, train_loader, self.optimizer, self.loss_fn, self.scheduler,
-                self.state, self.device, ema=self.ema, clip_grad=args.clip_grad,
-                clip_mode=args.clip_mode, log_interval=args.log_interval,
-                epochs=self.num_epochs - 1, skip_nonfinite=args.skip_nonfinite,
-                should_stop=stop, log=log.info)
+                self.model, train_loader, self.optimizer, self.scheduler, self.state, self.device,
+                cfg, ema=self.ema, epochs=self.num_epochs - 1, should_stop=stop,
+                on_update=self.maybe_save_recovery, log=log.info)
         except Interrupted:
             path = self.save("last.pth.tar", self.checkpoint(None, complete=False))
             print(f"train.py: stopped at epoch {epoch}, step {self.state.epoch_step}; saved {path}. "
@@ -411,7 +476,8 @@ class Trainer:
                   f"{self.run_dir / 'last.pth.tar'} (--skip-nonfinite N tolerates N bad steps)",
                   file=sys.stderr)
             return 1
-        results = validate(self.model, val_loader, self.device, ema=self.ema, epoch=epoch)
+        results = validate(self.model, val_loader, self.device, ema=self.ema, epoch=epoch,
+                           amp_dtype=self.amp_dtype, channels_last=args.channels_last)
         self.scheduler.step(epoch + 1, self.metric_of(results[0]))
         self.rows.append(outputs.summary_row(epoch, train["lr"], train["loss"], results, self.decays))
         self.state.epoch_step = 0
