@@ -184,7 +184,15 @@ def _train_parser() -> argparse.ArgumentParser:
     g.add_argument("-j", "--workers", type=int, default=4, metavar="N",
                    help="data loading worker processes (default: 4)")
     g.add_argument("--device", default=None,
-                   help="device to train on (default: cuda when available, else cpu)")
+                   help="device for a single-process run (default: cuda when available, else "
+                        "cpu); under torchrun each rank takes cuda:LOCAL_RANK or the cpu")
+    g.add_argument("--dist-backend", default=None,
+                   help="torch.distributed backend (default: nccl on CUDA, gloo on the CPU)")
+    g.add_argument("--sync-bn", action="store_true", default=False,
+                   help="convert BatchNorm to SyncBatchNorm under torchrun")
+    g.add_argument("--dist-bn", default="reduce", choices=["reduce", "broadcast", ""],
+                   help="without --sync-bn: average ('reduce') or copy rank 0's ('broadcast') "
+                        "BatchNorm statistics before each evaluation (default: reduce)")
     g.add_argument("--output", default="", metavar="DIR",
                    help="output root (default: ./output); runs go to <output>/train/<experiment>")
     g.add_argument("--experiment", default="", help="run name (default: <date>-<model>)")

@@ -159,13 +159,17 @@ class SeededSamples(torch.utils.data.Dataset):
 class EpochSampler(torch.utils.data.Sampler):
     """A permutation fixed by (seed, epoch), optionally starting part-way (for resume).
 
-    With `num_replicas` > 1 each rank takes every num_replicas-th index of the same permutation.
+    With `num_replicas` > 1 each rank takes every num_replicas-th index of the same permutation,
+    which also serves as the distributed sampler (with `set_epoch`, like torch's).
     """
 
     def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0,
-                 num_replicas: int = 1):
+                 num_replicas: int = 1, pad: bool = False):
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.rank, self.num_replicas = rank, num_replicas
+        # Training pads by wrapping around so every rank runs the same number of steps (DDP
+        # needs that); evaluation does not, so every image counts exactly once.
+        self.pad = pad
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -179,6 +183,9 @@ class EpochSampler(torch.utils.data.Sampler):
             g = torch.Generator()
             g.manual_seed(self.seed * 100003 + self.epoch)
             order = torch.randperm(self.size, generator=g).tolist()
+        if self.pad and self.num_replicas > 1 and self.size % self.num_replicas:
+            extra = self.num_replicas - self.size % self.num_replicas
+            order += (order * (extra // len(order) + 1))[:extra]
         return order[self.rank::self.num_replicas]
 
     def __iter__(self):

@@ -69,7 +69,7 @@ class StepConfig:
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: TrainState,
                     device: torch.device, cfg: StepConfig, ema: ModelEma | None = None,
                     epochs: int = 0, should_stop=lambda: False, on_update=lambda: None,
-                    log=print) -> dict:
+                    any_rank=lambda flag: flag, show: bool = True, log=print) -> dict:
     """Train from batch `state.epoch_step` to the end of the epoch.
 
     With gradient accumulation, `cfg.accum_steps` batches make one optimizer step and the EMA
@@ -86,7 +86,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: Train
     loss_sum = torch.tensor(state.loss_sum, dtype=torch.float64, device=device)
     first_bad = torch.tensor(-1, device=device)
     bar = tqdm(total=batches, initial=state.epoch_step, desc=f"train {state.epoch}", leave=False,
-               disable=not show_bars(), unit="step", dynamic_ncols=True)
+               disable=not (show and show_bars()), unit="step", dynamic_ncols=True)
     interval_start, interval_images = time.perf_counter(), 0
     amp = torch.autocast(device.type, dtype=cfg.amp_dtype, enabled=cfg.amp_dtype is not None)
     for batch, (images, targets) in enumerate(loader, start=state.epoch_step):
@@ -102,7 +102,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: Train
         finite = torch.isfinite(loss.detach())
         # The last batches of an epoch may form a shorter accumulation group.
         group_end = (batch + 1) % accum == 0 or batch + 1 == batches
-        if cfg.skip_nonfinite and not bool(finite):
+        # Under DDP every rank must agree to skip, or the gradient all-reduce would hang.
+        if cfg.skip_nonfinite and any_rank(not bool(finite)):
             state.skipped_nonfinite += 1
             log(f"  non-finite loss at epoch {state.epoch}, step {batch}: skipped "
                 f"({state.skipped_nonfinite}/{cfg.skip_nonfinite})")
@@ -135,13 +136,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: Train
         last = batch + 1 == batches
         if (batch + 1) % cfg.log_interval == 0 or last:
             bad = int(first_bad)
-            if bad >= 0:
+            if any_rank(bad >= 0):
                 bar.close()
                 raise NonFiniteLoss(state.epoch, bad)
             loss_now = float(loss.detach())
             rate = interval_images / max(time.perf_counter() - interval_start, 1e-9)
             lr = current_lr(optimizer)
-            if bar.disable:
+            if bar.disable and show:
                 log(f"  train {state.epoch}/{epochs} [{batch + 1}/{batches}] loss {loss_now:.4f} "
                     f"lr {lr:.3g} {rate:.0f} img/s")
             else:
@@ -150,7 +151,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: Train
         if group_end and not last:
             state.loss_sum = float(loss_sum)
             on_update()
-            if should_stop():
+            if any_rank(should_stop()):
                 bar.close()
                 raise Interrupted()
     bar.close()
@@ -204,28 +205,30 @@ class _WeightSwapper:
 @torch.no_grad()
 def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | None = None,
              epoch: int | None = None, amp_dtype: torch.dtype | None = None,
-             channels_last: bool = False) -> list[dict]:
+             channels_last: bool = False, reduce=lambda t: t, show: bool = True) -> list[dict]:
     """Evaluate the raw weights and every EMA shadow in one pass over `loader`.
 
     Each batch is decoded and augmented once and fed to every weight set, so K EMAs cost K extra
-    forward passes, not K extra passes over the data. Returns one dict per weight set (raw
+    forward passes, not K extra passes over the data. `reduce` sums the per-set totals across
+    ranks (each rank sees a disjoint share of the images). Returns one dict per weight set (raw
     first) with 'loss', 'top1', 'top5' and 'count'.
     """
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    # Per-sample losses summed in float64 and integer hit counts: the numbers do not depend on
+    # how the images are split into batches or ranks, so validate.py and a distributed run
+    # reproduce the training log.
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    model = unwrap_model(model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
     model.eval()
     shadows = ema.modules if ema is not None else []
     swapper = None
     if shadows and ema.device != next(unwrap_model(model).parameters()).device:
         swapper = _WeightSwapper(model, shadows)
     nets = [model] + ([model] * len(shadows) if swapper else list(shadows))
-    # Integer counts and a float64 loss sum: the numbers do not depend on the batch size, so
-    # validate.py reproduces the training log exactly.
-    sums = [torch.zeros(3, dtype=torch.float64, device=device) for _ in nets]
-    count = 0
+    sums = torch.zeros(len(nets), 4, dtype=torch.float64, device=device)
     order = list(range(len(nets)))
     desc = "validate" if epoch is None else f"val {epoch}"
     try:
-        for images, targets in tqdm(loader, desc=desc, leave=False, disable=not show_bars(),
+        for images, targets in tqdm(loader, desc=desc, leave=False, disable=not (show and show_bars()),
                                     unit="batch", dynamic_ncols=True):
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
@@ -238,17 +241,19 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     output = nets[index](images)
                 top1, top5 = topk_correct(output, targets, (1, 5))
-                sums[index] += torch.stack([loss_fn(output.float(), targets).double(), top1, top5])
-            count += n
+                loss = loss_fn(output.float(), targets).double().sum()
+                sums[index] += torch.stack([loss, top1, top5, torch.tensor(float(n), dtype=torch.float64, device=device)])
             # Walking the sets back and forth saves one weight swap per batch.
             order.reverse()
     finally:
         if swapper is not None:
             swapper.restore()
+    sums = reduce(sums)
+    count = int(sums[0, 3])
     if count == 0:
         raise UserError("validation split produced no batches")
     results = []
-    for loss_sum, top1, top5 in (s.tolist() for s in sums):
+    for loss_sum, top1, top5, _ in sums.tolist():
         results.append({"loss": loss_sum / count, "top1": 100.0 * top1 / count,
                         "top5": 100.0 * top5 / count, "count": count})
     return results

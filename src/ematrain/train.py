@@ -1,6 +1,7 @@
 """train.py: train a timm model on an ImageFolder data set, validating raw and EMA weights."""
 from __future__ import annotations
 
+import logging
 import math
 import random
 import sys
@@ -16,10 +17,10 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from . import checkpoint as ckpt_io
-from . import data, outputs
-from .cli import log, resolve_device, run_main, seed_everything
+from . import data, distributed, outputs
+from .cli import log, run_main, seed_everything
 from .config import parse_train_args
-from .ema import ModelEma, half_life_from_decay, parse_half_life
+from .ema import ModelEma, half_life_from_decay, parse_half_life, unwrap_model
 from .engine import (Interrupted, NonFiniteLoss, StepConfig, TrainState, train_one_epoch,
                      validate)
 from .errors import RunFailure, UserError
@@ -66,11 +67,15 @@ def resolve_num_classes(args, train_set) -> int:
     return found
 
 
-def resolve_lr(args) -> float:
-    """--lr, or --lr-base scaled by the global batch as timm does (sqrt for adaptive optimizers)."""
+def resolve_lr(args, world_size: int = 1) -> float:
+    """--lr (the global rate), or --lr-base scaled by the global batch as timm does.
+
+    The global batch is world size x batch size x accumulation; adaptive optimizers scale with its
+    square root, the others linearly.
+    """
     if args.lr is not None:
         return args.lr
-    ratio = args.batch_size / args.lr_base_size
+    ratio = args.batch_size * world_size * args.grad_accum_steps / args.lr_base_size
     opt = args.opt.lower()
     if any(name in opt for name in ("ada", "lamb")):
         ratio = math.sqrt(ratio)
@@ -102,10 +107,14 @@ def build_scheduler(args, optimizer, updates_per_epoch):
         raise UserError(f"cannot create scheduler '{args.sched}': {str(exc)[:160]}") from None
 
 
-def resolve_ema_decays(args, steps_per_epoch: int) -> list[float]:
-    """Per-optimizer-step decays from --model-ema-decay or --model-ema-half-life."""
+def resolve_ema_decays(args, steps_per_epoch: int, world_size: int = 1) -> list[float]:
+    """Per-optimizer-step decays from --model-ema-decay or --model-ema-half-life.
+
+    A half-life in images or epochs is converted with the real images per optimizer step
+    (batch x world size x accumulation), so it survives a change of batch size or GPU count.
+    """
     if args.model_ema_half_life:
-        images_per_step = args.batch_size * args.grad_accum_steps  # x world size once that lands
+        images_per_step = args.batch_size * args.grad_accum_steps * world_size
         decays = []
         for text in args.model_ema_half_life:
             steps = parse_half_life(text).in_updates(images_per_step, steps_per_epoch)
@@ -201,7 +210,9 @@ class Trainer:
 
     def __init__(self, args):
         self.args = args
-        self.device = resolve_device(args.device)
+        self.dist, self.device = distributed.init_distributed(args.device, args.dist_backend)
+        if not self.dist.is_primary:
+            log.setLevel(logging.WARNING)
         seed_everything(args.seed)
         train_set, val_set = build_datasets(args)
         self.class_names = train_set.classes
@@ -214,6 +225,8 @@ class Trainer:
             state = ckpt_io.load_file(args.initial_checkpoint)
             weights = ckpt_io.select_weights(state, args.initial_checkpoint)
             ckpt_io.load_weights_into(self.model, weights, args.initial_checkpoint)
+        if args.sync_bn and self.dist.enabled:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -223,19 +236,29 @@ class Trainer:
         val_set.transform = data.eval_transform(self.data_config)
         self.train_set = data.SeededSamples(train_set, args.seed)
         self.val_set = val_set
-        self.drop_last = len(train_set) >= args.batch_size
-        batches = (len(train_set) // args.batch_size if self.drop_last
-                   else math.ceil(len(train_set) / args.batch_size))
+        world, rank = self.dist.world_size, self.dist.rank
+        self.sampler = data.EpochSampler(len(train_set), args.seed, rank=rank, num_replicas=world,
+                                         pad=True)
+        self.val_sampler = data.EpochSampler(len(val_set), 0, shuffle=False, rank=rank,
+                                             num_replicas=world)
+        per_rank = len(self.sampler)
+        self.drop_last = per_rank >= args.batch_size
+        batches = (per_rank // args.batch_size if self.drop_last
+                   else math.ceil(per_rank / args.batch_size))
         self.steps_per_epoch = math.ceil(batches / args.grad_accum_steps)  # optimizer steps
-        self.sampler = data.EpochSampler(len(train_set), args.seed)
-        self.lr = resolve_lr(args)
+        self.lr = resolve_lr(args, world)
         self.optimizer = build_optimizer(args, self.model, self.lr)
         self.scheduler, self.num_epochs = build_scheduler(args, self.optimizer, self.steps_per_epoch)
         self.mixup_fn = build_mixup(args, self.num_classes)
         self.loss_fn = build_train_loss(args, mixing=self.mixup_fn is not None)
-        decays = resolve_ema_decays(args, self.steps_per_epoch)
+        decays = resolve_ema_decays(args, self.steps_per_epoch, world)
+        # Every rank keeps its own shadow of the unwrapped module; DDP keeps the parameters in
+        # step, so the shadows agree (checked every epoch).
         self.ema = build_ema(args, self.model, self.device, decays)
         self.decays = self.ema.decays if self.ema is not None else []
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if args.torchcompile:
             # Compiled after the EMA and optimizer are built: both work on the plain module.
             self.model = torch.compile(self.model, backend=args.torchcompile)
@@ -308,7 +331,8 @@ class Trainer:
                                  shuffle=False, seed=self.args.seed * 1000 + epoch,
                                  drop_last=self.drop_last, pin_memory=pin, sampler=self.sampler)
         val = data.make_loader(self.val_set, self.args.validation_batch_size or self.args.batch_size,
-                               self.args.workers, shuffle=False, seed=0, pin_memory=pin)
+                               self.args.workers, shuffle=False, seed=0, pin_memory=pin,
+                               sampler=self.val_sampler)
         return train, val
 
     def metric_of(self, result: dict) -> float:
@@ -334,6 +358,8 @@ class Trainer:
 
     def save(self, name: str, ckpt: dict) -> Path:
         path = self.run_dir / name
+        if not self.dist.is_primary:
+            return path
         try:
             ckpt_io.save_checkpoint(path, ckpt)
         except OSError as exc:
@@ -349,6 +375,8 @@ class Trainer:
             if improved[i]:
                 self.best[i] = Best(self.metric_of(r), epoch)
         self._update_history(epoch, self.metric_of(results[0]), lower)
+        if not self.dist.is_primary:
+            return []
         last = self.save("last.pth.tar", self.checkpoint(self.metric_of(results[0]), complete=True))
         written = ["last.pth.tar"]
         copies = []
@@ -420,21 +448,30 @@ class Trainer:
         resume_from = self.resume_path()
         if resume_from is not None:
             self.resume(str(resume_from))
-        self.run_dir = outputs.make_run_dir(args.output, args.experiment, args.model,
-                                            resuming=resume_from is not None)
+        run_dir = None
+        if self.dist.is_primary:
+            run_dir = outputs.make_run_dir(args.output, args.experiment, args.model,
+                                           resuming=resume_from is not None)
+        self.run_dir = Path(distributed.broadcast_object(str(run_dir), self.dist))
         if resume_from is not None:
             self.rows = [r for r in outputs.read_summary(self.run_dir)
                          if int(r["epoch"]) < self.state.epoch]
-        outputs.write_args(self.run_dir, vars(args))
+        if self.dist.is_primary:
+            outputs.write_args(self.run_dir, vars(args))
         self.columns = outputs.summary_columns(self.decays)
+        where = (f"{self.dist.world_size} processes ({self.device.type}, "
+                 f"{torch.distributed.get_backend()})" if self.dist.enabled else str(self.device))
+        global_batch = args.batch_size * self.dist.world_size * args.grad_accum_steps
         log.info(f"training {args.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M "
-                 f"params) on {self.device}: {len(self.train_set)} train / {len(self.val_set)} val "
-                 f"images, {self.num_classes} classes, lr {self.lr:.4g}, {self.num_epochs} epochs")
+                 f"params) on {where}: {len(self.train_set)} train / {len(self.val_set)} val "
+                 f"images, {self.num_classes} classes, {self.num_epochs} epochs")
+        log.info(f"lr {self.lr:.4g} for a global batch of {global_batch}"
+                 + ("" if args.lr is not None else f" (--lr-base {args.lr_base:g} per "
+                                                   f"{args.lr_base_size} images)"))
         log.info(f"output: {self.run_dir}")
         if self.ema is not None:
             log_ema_horizons(self.decays, self.ema.every, self.steps_per_epoch,
-                             self.steps_per_epoch * self.num_epochs,
-                             args.batch_size * args.grad_accum_steps)
+                             self.steps_per_epoch * self.num_epochs, global_batch)
         with StopRequest() as stop:
             for epoch in range(self.state.epoch, self.num_epochs):
                 rc = self.run_epoch(epoch, stop)
@@ -465,27 +502,51 @@ class Trainer:
             train = train_one_epoch(
                 self.model, train_loader, self.optimizer, self.scheduler, self.state, self.device,
                 cfg, ema=self.ema, epochs=self.num_epochs - 1, should_stop=stop,
-                on_update=self.maybe_save_recovery, log=log.info)
+                on_update=self.maybe_save_recovery, any_rank=self.any_rank,
+                show=self.dist.is_primary, log=log.info)
         except Interrupted:
             path = self.save("last.pth.tar", self.checkpoint(None, complete=False))
-            print(f"train.py: stopped at epoch {epoch}, step {self.state.epoch_step}; saved {path}. "
-                  f"Resume with: python train.py ... --resume {path}", file=sys.stderr)
-            return stop.exit_code
+            distributed.barrier(self.dist)
+            if self.dist.is_primary:
+                print(f"train.py: stopped at epoch {epoch}, step {self.state.epoch_step}; saved "
+                      f"{path}. Resume with: python train.py ... --resume {path}", file=sys.stderr)
+            return stop.exit_code or 130
         except NonFiniteLoss as exc:
-            print(f"train.py: error: {exc}; stopped. The last good checkpoint is "
-                  f"{self.run_dir / 'last.pth.tar'} (--skip-nonfinite N tolerates N bad steps)",
-                  file=sys.stderr)
+            if self.dist.is_primary:
+                print(f"train.py: error: {exc}; stopped. The last good checkpoint is "
+                      f"{self.run_dir / 'last.pth.tar'} (--skip-nonfinite N tolerates N bad "
+                      f"steps)", file=sys.stderr)
             return 1
+        self.sync_replicas()
         results = validate(self.model, val_loader, self.device, ema=self.ema, epoch=epoch,
-                           amp_dtype=self.amp_dtype, channels_last=args.channels_last)
+                           amp_dtype=self.amp_dtype, channels_last=args.channels_last,
+                           reduce=lambda t: distributed.all_reduce_sum(t, self.dist),
+                           show=self.dist.is_primary)
         self.scheduler.step(epoch + 1, self.metric_of(results[0]))
         self.rows.append(outputs.summary_row(epoch, train["lr"], train["loss"], results, self.decays))
         self.state.epoch_step = 0
         self.save_epoch(epoch, results)
-        outputs.write_summary(self.run_dir, self.rows, self.columns)
-        outputs.plot_curves(self.run_dir, self.rows, self.decays)
-        print(self.epoch_line(epoch, train, results), flush=True)
+        if self.dist.is_primary:
+            outputs.write_summary(self.run_dir, self.rows, self.columns)
+            outputs.plot_curves(self.run_dir, self.rows, self.decays)
+            print(self.epoch_line(epoch, train, results), flush=True)
+        distributed.barrier(self.dist)
         return None
+
+    def any_rank(self, flag: bool) -> bool:
+        return distributed.any_rank(flag, self.dist, self.device)
+
+    def sync_replicas(self) -> None:
+        """Under torchrun: make BatchNorm statistics agree, then check the EMA shadows agree."""
+        if not self.dist.enabled:
+            return
+        shadows = self.ema.modules if self.ema is not None else []
+        if not self.args.sync_bn:
+            for module in [unwrap_model(self.model)] + shadows:
+                distributed.distribute_bn(module, self.dist, self.args.dist_bn, self.device)
+        if shadows:
+            sums = distributed.check_replicas_agree(shadows, self.dist, self.device)
+            log.info("EMA checksums (equal on all ranks): " + ", ".join(f"{s:.10g}" for s in sums))
 
     def report(self) -> None:
         names = ["raw"] + [f"ema {d:g}" for d in self.decays]
@@ -497,7 +558,10 @@ class Trainer:
 
 def _main(argv) -> int:
     args = parse_train_args(argv)
-    return Trainer(args).fit()
+    try:
+        return Trainer(args).fit()
+    finally:
+        distributed.shutdown()
 
 
 def main(argv=None) -> int:

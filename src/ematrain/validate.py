@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from . import checkpoint as ckpt_io
-from . import data
-from .cli import log, resolve_device, run_main
+from . import data, distributed
+from .cli import log, run_main
 from .config import _Parser
 from .engine import validate
 from .errors import UserError
@@ -108,7 +108,14 @@ def write_results(path: str, results: dict) -> None:
 
 def _main(argv) -> int:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    info, device = distributed.init_distributed(args.device, None)
+    try:
+        return _evaluate(args, info, device)
+    finally:
+        distributed.shutdown()
+
+
+def _evaluate(args, info, device) -> int:
     split_dir = data.resolve_split_dir(args.data_dir, args.split)
     dataset = data.load_image_folder(split_dir)
     ckpt = ckpt_io.load_file(args.checkpoint)
@@ -127,9 +134,15 @@ def _main(argv) -> int:
     train_args = ckpt_io.args_dict(ckpt)
     batch_size = (args.batch_size or train_args.get("validation_batch_size")
                   or train_args.get("batch_size") or 256)
+    # Under torchrun each rank takes a disjoint share; every image counts exactly once.
+    sampler = data.EpochSampler(len(dataset), 0, shuffle=False, rank=info.rank,
+                                num_replicas=info.world_size)
     loader = data.make_loader(dataset, batch_size, args.workers, shuffle=False, seed=0,
-                              pin_memory=device.type == "cuda")
-    result = validate(model, loader, device)[0]
+                              pin_memory=device.type == "cuda", sampler=sampler)
+    result = validate(model, loader, device, reduce=lambda t: distributed.all_reduce_sum(t, info),
+                      show=info.is_primary)[0]
+    if not info.is_primary:
+        return 0
     which = "raw"
     if args.use_ema or args.ema_index is not None or args.ema_decay is not None:
         decays = ckpt_io.ema_decays(ckpt)
