@@ -85,6 +85,9 @@ def machine_info(devices) -> str:
             lines[-1] += f", {names[0]}"
     except OSError:
         pass
+    if hasattr(os, "getloadavg"):
+        lines.append("load avg : {:.2f} {:.2f} {:.2f} (1, 5, 15 min; other work on the machine adds "
+                     "noise)".format(*os.getloadavg()))
     if "cuda" in devices:
         lines.append(f"cuda     : {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
     return "\n".join(lines)

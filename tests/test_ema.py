@@ -32,6 +32,15 @@ RTOL = 1e-6
 
 
 # --------------------------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """These tensors are tiny; one thread keeps the file fast on a small, busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def bn_net(seed: int = 0) -> nn.Module:
     """Small conv net with BatchNorm (float running stats + integer num_batches_tracked)."""
     torch.manual_seed(seed)

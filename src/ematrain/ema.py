@@ -161,6 +161,18 @@ def _storage_key(module: nn.Module) -> list[int]:
     return key
 
 
+def _pack(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Move ``tensors`` (in place, keeping their values) into views of one new flat buffer."""
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=device)
+    offset = 0
+    for t in tensors:
+        view = flat[offset:offset + t.numel()]
+        view.copy_(t.reshape(-1))
+        t.data = view.view(t.shape)
+        offset += t.numel()
+    return flat
+
+
 class _Plan:
     """Tensor lists of one update, valid while the model's storage does not change."""
 
@@ -175,6 +187,8 @@ class _Plan:
         self.gather: list[torch.Tensor | None] | None = None
         self.gather_fix: list[tuple[int, torch.Tensor]] = []
         self.gather_buf: torch.Tensor | None = None
+        # Integer buffers gathered straight into the shadows' flat integer buffers.
+        self.int_gather: list[torch.Tensor] | None = None
         # What the finiteness check reads, and the lerp operands.
         self.check: list[torch.Tensor] = []
         self.lerp_self: list[torch.Tensor] = []
@@ -270,11 +284,11 @@ class ModelEma:
 
     @torch.no_grad()
     def _adopt_shadows(self) -> None:
-        """Collect the shadows' tensors and pack each shadow's small float tensors together.
+        """Collect the shadows' tensors and pack each shadow's small tensors together.
 
         Small contiguous float tensors of a shadow become views into one flat buffer, so that
-        they are averaged by one op (see the module notes). Also run again when a shadow module
-        was moved or converted from outside.
+        they are averaged by one op (see the module notes); so do its integer buffers. Also run
+        again when a shadow module was moved or converted from outside.
         """
         self._shadow_floats, self._shadow_ints = [], []
         for module in self.modules:
@@ -291,15 +305,14 @@ class ModelEma:
         if self._small:
             for floats in self._shadow_floats:
                 parts = [floats[i] for i in self._small]
-                flat = torch.empty(sum(t.numel() for t in parts), dtype=self.dtype,
-                                   device=self.device)
-                offset = 0
-                for t in parts:
-                    view = flat[offset:offset + t.numel()]
-                    view.copy_(t.reshape(-1))
-                    t.data = view.view(t.shape)
-                    offset += t.numel()
-                self._small_flats.append(flat)
+                self._small_flats.append(_pack(parts, self.dtype, self.device))
+        # Integer buffers (num_batches_tracked) likewise, when they share one dtype.
+        ints0 = self._shadow_ints[0]
+        self._int_flats = []
+        if ints0 and all(t.is_contiguous() and t.dtype == ints0[0].dtype
+                         and t.device == ints0[0].device for t in ints0):
+            for ints in self._shadow_ints:
+                self._int_flats.append(_pack(ints, ints0[0].dtype, ints0[0].device))
         self._shadow_marks = self._marks()
         self._model_key = None
         self._plan = None
@@ -331,6 +344,9 @@ class ModelEma:
 
     def _build_plan(self, floats: list[torch.Tensor], ints: list[torch.Tensor]) -> _Plan:
         plan = _Plan(floats, ints)
+        if self._int_flats and all(t.is_contiguous() and t.dtype == self._int_flats[0].dtype
+                                   and t.device == self._int_flats[0].device for t in ints):
+            plan.int_gather = [t.view(-1) for t in ints]
         small = self._small
         small_set = set(small)
         others = [i for i in range(len(floats)) if i not in small_set]
@@ -436,7 +452,11 @@ class ModelEma:
             else:
                 torch._foreach_lerp_(plan.lerp_self, plan.lerp_end,
                                      weights * (len(plan.lerp_self) // len(weights)))
-        if plan.ints:
+        if plan.int_gather is not None:
+            torch.cat(plan.int_gather, out=self._int_flats[0])
+            for flat in self._int_flats[1:]:
+                flat.copy_(self._int_flats[0])
+        elif plan.ints:
             for shadow_ints in self._shadow_ints:
                 torch._foreach_copy_(shadow_ints, plan.ints, non_blocking=True)
         self.num_updates += 1

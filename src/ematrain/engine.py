@@ -5,10 +5,12 @@ steps and at the end of the epoch: on a GPU each `.item()` stalls the pipeline.
 """
 from __future__ import annotations
 
+import random
 import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from timm.utils import dispatch_clip_grad
 from torch import nn
@@ -64,6 +66,22 @@ class StepConfig:
     mixup_fn: object | None = None
     log_interval: int = 50
     skip_nonfinite: int = 0
+    seed: int = 0
+    rank: int = 0
+
+
+def seed_step(seed: int, epoch: int, batch: int, rank: int) -> None:
+    """Seed the main process's generators for one step (dropout, drop-path, mixup).
+
+    The step's randomness then depends only on (seed, epoch, step, rank): a run resumed at any
+    step, or run with another number of data workers, draws exactly the same numbers.
+    """
+    step_seed = hash((seed, epoch, batch, rank, 1)) % 2**32
+    random.seed(step_seed)
+    np.random.seed(step_seed)
+    torch.default_generator.manual_seed(step_seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed(step_seed)
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: TrainState,
@@ -90,6 +108,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: Train
     interval_start, interval_images = time.perf_counter(), 0
     amp = torch.autocast(device.type, dtype=cfg.amp_dtype, enabled=cfg.amp_dtype is not None)
     for batch, (images, targets) in enumerate(loader, start=state.epoch_step):
+        seed_step(cfg.seed, state.epoch, batch, cfg.rank)
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if cfg.channels_last:

@@ -31,6 +31,10 @@ def make_run_dir(output: str, experiment: str, model: str, resuming: bool = Fals
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output directory {run_dir}: {exc.strerror}") from None
+    if resuming:
+        # A run killed during a save leaves its temporary file behind; the real file is whole.
+        for stale in run_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     probe = run_dir / ".write-test"
     try:
         probe.write_bytes(b"")

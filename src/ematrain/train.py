@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
@@ -177,33 +175,6 @@ def build_ema(args, model, device, decays) -> ModelEma | None:
                     warmup=args.model_ema_warmup, warmup_power=args.model_ema_warmup_power)
 
 
-# ----------------------------------------------------------------------------- random state
-def capture_rng() -> dict:
-    """Every random generator the main process uses, as plain tensors and ints."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                  "cached_gaussian": float(np_state[4])},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ----------------------------------------------------------------------------- the run
 class Trainer:
     """Holds the pieces of one run; each method does one step of the epoch loop."""
@@ -268,7 +239,6 @@ class Trainer:
         self.history = History()
         self.rows: list[dict] = []
         self.run_dir: Path | None = None
-        self._resume_rng: dict | None = None
 
     # --------------------------------------------------------------- resume
     def resume(self, path: str) -> None:
@@ -311,7 +281,6 @@ class Trainer:
         if extra.get("best"):
             self.best = [Best(b.get("metric"), b.get("epoch")) for b in extra["best"]]
         self.history.entries = [list(e) for e in extra.get("history", [])]
-        self._resume_rng = extra.get("rng") if extra.get("epoch_step") else None
         where = f"epoch {self.state.epoch}" + (f", step {self.state.epoch_step}"
                                                if self.state.epoch_step else "")
         log.info(f"resumed from {path} at {where}")
@@ -321,9 +290,6 @@ class Trainer:
         # Seeding per epoch from (seed, epoch) makes each epoch's order and augmentation
         # independent of what ran before, which is what makes resume exact.
         seed_everything(self.args.seed + epoch)
-        if self._resume_rng is not None:
-            restore_rng(self._resume_rng)
-            self._resume_rng = None
         self.train_set.set_epoch(epoch)
         self.sampler.set_epoch(epoch, start=self.state.epoch_step * self.args.batch_size)
         pin = self.device.type == "cuda"
@@ -345,8 +311,7 @@ class Trainer:
                         "skipped_nonfinite": self.state.skipped_nonfinite}
         if not complete:
             resume_state.update(epoch=self.state.epoch, epoch_step=self.state.epoch_step,
-                                loss_sum=self.state.loss_sum, loss_count=self.state.loss_count,
-                                rng=capture_rng())
+                                loss_sum=self.state.loss_sum, loss_count=self.state.loss_count)
         if self.scaler is not None:
             resume_state["amp_scaler"] = self.scaler.state_dict()
         return ckpt_io.build_checkpoint(
@@ -497,7 +462,8 @@ class Trainer:
                          accum_steps=args.grad_accum_steps, amp_dtype=self.amp_dtype,
                          scaler=self.scaler, channels_last=args.channels_last,
                          mixup_fn=self.mixup_fn, log_interval=args.log_interval,
-                         skip_nonfinite=args.skip_nonfinite)
+                         skip_nonfinite=args.skip_nonfinite, seed=args.seed,
+                         rank=self.dist.rank)
         try:
             train = train_one_epoch(
                 self.model, train_loader, self.optimizer, self.scheduler, self.state, self.device,

@@ -1,0 +1,130 @@
+"""Exact resume: a real train.py killed (SIGKILL) or interrupted (SIGINT) and resumed ends with
+bit-identical weights, EMA shadows and summary rows as the same run uninterrupted."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, make_imagefolder, run_cli
+
+EPOCHS = 3
+COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "--epochs", str(EPOCHS),
+          "--warmup-epochs", "0", "--lr", "0.05", "--drop", "0.2", "--model-ema",
+          "--model-ema-decay", "0.9", "0.99", "--seed", "7", "--log-interval", "1"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("resume") / "data", num_classes=3,
+                            train_per_class=16, val_per_class=6)
+
+
+@pytest.fixture(scope="module")
+def reference(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    r = run_cli("train.py", data_root, *COMMON, "-j", "0", "--output", out, "--experiment", "ref")
+    assert r.returncode == 0, r.stderr
+    return out / "train" / "ref"
+
+
+def _popen(data_root, out, *extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), str(data_root), *COMMON,
+                             "--output", str(out), *extra], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _assert_same_run(run_dir: Path, ref_dir: Path) -> None:
+    a = torch.load(ref_dir / "last.pth.tar", weights_only=True)
+    b = torch.load(run_dir / "last.pth.tar", weights_only=True)
+    assert a["epoch"] == b["epoch"] == EPOCHS - 1
+    for key in ("state_dict", "state_dict_ema", "state_dict_ema_1"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    assert a["ema"]["steps"] == b["ema"]["steps"]
+    assert a["num_updates"] == b["num_updates"]
+    ref_rows = (ref_dir / "summary.csv").read_text().splitlines()
+    rows = (run_dir / "summary.csv").read_text().splitlines()
+    assert rows == ref_rows
+    assert [r.split(",")[0] for r in rows[1:]] == [str(e) for e in range(EPOCHS)]
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("workers,recovery", [("0", None), ("2", "3")])
+def test_sigkill_then_resume_is_bit_identical(data_root, reference, tmp_path, workers, recovery):
+    extra = ["-j", workers, "--experiment", "run"]
+    if recovery:
+        extra += ["--recovery-interval", recovery]
+    proc = _popen(data_root, tmp_path, *extra)
+    run_dir = tmp_path / "train" / "run"
+    rng = random.Random(int(workers))
+    deadline = time.time() + 300
+    while not (run_dir / "last.pth.tar").exists():
+        assert proc.poll() is None, "run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 1.5))  # an arbitrary moment after the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the kill landed")
+    r = run_cli("train.py", data_root, *COMMON, "--output", tmp_path, "--resume", "auto", *extra)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stderr
+    _assert_same_run(run_dir, reference)
+
+
+def test_sigint_saves_mid_epoch_and_resume_is_bit_identical(data_root, reference, tmp_path):
+    proc = _popen(data_root, tmp_path, "-j", "0", "--experiment", "run")
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if "train 1/2 [3/" in line:
+            proc.send_signal(signal.SIGINT)
+    proc.wait()
+    text = "".join(output)
+    assert proc.returncode == 130, text
+    assert "--resume" in text and "last.pth.tar" in text
+    run_dir = tmp_path / "train" / "run"
+    ckpt = torch.load(run_dir / "last.pth.tar", weights_only=True)
+    assert ckpt["resume_state"]["epoch"] == 1 and ckpt["resume_state"]["epoch_step"] >= 3
+    rows = (run_dir / "summary.csv").read_text().splitlines()
+    assert len(rows) == 2  # header + epoch 0: the interrupted epoch is not reported
+    r = run_cli("train.py", data_root, *COMMON, "-j", "0", "--output", tmp_path,
+                "--experiment", "run", "--resume", str(run_dir / "last.pth.tar"))
+    assert r.returncode == 0, r.stderr
+    _assert_same_run(run_dir, reference)
+
+
+def test_second_ctrl_c_quits_at_once_leaving_good_files(data_root, tmp_path):
+    proc = _popen(data_root, tmp_path, "-j", "0", "--experiment", "run")
+    run_dir = tmp_path / "train" / "run"
+    for line in proc.stdout:
+        if "train 1/2 [2/" in line:
+            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.stdout.read()
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    ckpt = torch.load(run_dir / "last.pth.tar", weights_only=True)  # whole, loadable
+    assert ckpt["epoch"] in (0, 1) or ckpt["resume_state"].get("epoch_step")
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def test_resume_without_matching_ema_state_is_a_clear_error(data_root, reference, tmp_path):
+    r = run_cli("train.py", data_root, *COMMON[:-4], "--model-ema-decay", "0.9", "-j", "0",
+                "--output", tmp_path, "--experiment", "x", "--resume", reference / "last.pth.tar")
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.splitlines() if l.strip() and "error" in l]
+    assert len(lines) == 1 and "EMA" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,239 @@
+"""validate.py on our checkpoints, timm-style ones, plain state dicts and .safetensors files,
+and its one-line refusals (missing, truncated, unsafe or mismatched files).
+
+One short training run makes the checkpoint; the other files are derived from it in-process;
+all validate.py calls run once, concurrently, in a module fixture.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+TRAIN = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--warmup-epochs", "0",
+         "--lr", "0.05", "-j", "0", "--epochs", "1", "--model-ema", "--model-ema-decay", "0.9"]
+
+
+def run_all(jobs: dict, workers: int = 2) -> dict:
+    """Run {name: (script, args)} concurrently; torch gets one thread per process."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.setenv("MKL_NUM_THREADS", "1")
+        with ThreadPoolExecutor(workers) as pool:
+            futures = {name: pool.submit(run_cli, script, *args)
+                       for name, (script, args) in jobs.items()}
+            return {name: f.result() for name, f in futures.items()}
+
+
+class _RunsCode:
+    """Unpickling this object opens (creates) `path`: stands in for any pickled code."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class Setup:
+    pass
+
+
+@pytest.fixture(scope="module")
+def env(tiny_data, tmp_path_factory) -> Setup:
+    s = Setup()
+    s.base = base = tmp_path_factory.mktemp("validate")
+    s.data = tiny_data
+    s.num_val = sum(1 for _ in (tiny_data / "val").rglob("*.png"))
+    train = run_all({"train": ("train.py", [tiny_data, *TRAIN, "--output", base / "out",
+                                            "--experiment", "run"])})["train"]
+    assert train.returncode == 0, train.stderr[-3000:]
+    s.run_dir = base / "out" / "train" / "run"
+    s.ckpt = s.run_dir / "last.pth.tar"
+    with open(s.run_dir / "summary.csv", newline="") as f:
+        s.row = list(csv.DictReader(f))[-1]
+    ckpt = torch.load(s.ckpt, map_location="cpu", weights_only=True)
+    s.state_dict = ckpt["state_dict"]
+
+    s.no_ema = base / "no_ema.pth.tar"
+    torch.save({k: v for k, v in ckpt.items() if not k.startswith(("state_dict_ema", "ema"))},
+               s.no_ema)
+
+    s.truncated = base / "truncated.pth.tar"
+    blob = s.ckpt.read_bytes()
+    s.truncated.write_bytes(blob[: len(blob) // 2])
+
+    s.marker = base / "pickled_code_ran"
+    s.unsafe = base / "unsafe.pth.tar"
+    torch.save({"state_dict": ckpt["state_dict"], "arch": "test_resnet",
+                "payload": _RunsCode(s.marker)}, s.unsafe)
+    # Control: the payload really does run code when unpickled without weights_only.
+    s.control_marker = base / "control_ran"
+    control = base / "control.pth.tar"
+    torch.save({"payload": _RunsCode(s.control_marker)}, control)
+    loaded = torch.load(control, weights_only=False)
+    loaded["payload"].close()
+    s.control_ran = s.control_marker.exists()
+
+    # timm's train.py: args as an argparse.Namespace, only timm's keys, EMA as state_dict_ema.
+    s.timm_style = base / "timm_style.pth.tar"
+    timm_keys = ("epoch", "arch", "state_dict", "state_dict_ema", "optimizer", "args", "metric",
+                 "version")
+    timm_ckpt = {k: ckpt[k] for k in timm_keys}
+    timm_ckpt["args"] = argparse.Namespace(**ckpt["args"])
+    torch.save(timm_ckpt, s.timm_style)
+
+    s.plain = base / "plain_state_dict.pth"
+    torch.save(ckpt["state_dict"], s.plain)
+    from safetensors.torch import save_file
+    s.safetensors = base / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in ckpt["state_dict"].items()}, str(s.safetensors))
+
+    s.missing_dir = base / "no_such_dir"
+
+    def val(*args, results=None):
+        extra = ["--results-file", base / results] if results else []
+        return ("validate.py", [tiny_data, "-j", "0", *args, *extra])
+
+    # Bare weights carry no training settings: give the input size and the batch size training
+    # validated with (float32 forward passes differ in the last bits between batch sizes).
+    bare = ["--model", "test_resnet", "--img-size", "32", "-b", "16"]
+
+    jobs = {
+        "raw_csv": val("--checkpoint", s.ckpt, results="raw_csv.csv"),
+        "ema_json": val("--checkpoint", s.ckpt, "--use-ema", results="ema_json.json"),
+        "missing": val("--checkpoint", base / "nope.pth.tar"),
+        "no_ema": val("--checkpoint", s.no_ema, "--use-ema"),
+        "other_arch": val("--checkpoint", s.ckpt, "--model", "test_vit"),
+        "truncated": val("--checkpoint", s.truncated),
+        "unsafe": val("--checkpoint", s.unsafe),
+        "timm_raw": val("--checkpoint", s.timm_style, results="timm_raw.json"),
+        "timm_ema": val("--checkpoint", s.timm_style, "--use-ema", results="timm_ema.json"),
+        "plain": val("--checkpoint", s.plain, *bare, results="plain.json"),
+        "plain_no_model": val("--checkpoint", s.plain),
+        "safetensors": val("--checkpoint", s.safetensors, *bare, results="safetensors.json"),
+        "results_missing_dir": ("validate.py", [tiny_data, "-j", "0", "--checkpoint", s.ckpt,
+                                                "--results-file", s.missing_dir / "r.json"]),
+    }
+    s.procs = run_all(jobs)
+    return s
+
+
+def results(env, name: str) -> dict:
+    proc = env.procs[name]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return json.loads((env.base / f"{name}.json").read_text())
+
+
+def assert_one_line_error(env, name: str, *words: str) -> str:
+    proc = env.procs[name]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("validate.py: error: ")
+    for word in words:
+        assert word.lower() in lines[0].lower(), (word, lines[0])
+    assert proc.stdout.strip() == ""
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- our checkpoint
+def test_results_json(env):
+    res = results(env, "ema_json")
+    assert res["model"] == "test_resnet"
+    assert res["checkpoint"] == str(env.ckpt)
+    assert res["weights"].startswith("ema")
+    assert res["count"] == env.num_val
+    assert res["top1"] == float(env.row["ema_eval_top1"])
+    assert res["top5"] == float(env.row["ema_eval_top5"])
+    assert res["loss"] == float(env.row["ema_eval_loss"])
+    assert res["img_size"] == 32
+    assert f"top1 {res['top1']:.4f}" in env.procs["ema_json"].stdout
+
+
+def test_results_csv(env):
+    proc = env.procs["raw_csv"]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(env.base / "raw_csv.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1
+    res = rows[0]
+    assert res["model"] == "test_resnet" and res["weights"] == "raw"
+    assert int(res["count"]) == env.num_val
+    assert float(res["top1"]) == float(env.row["eval_top1"])
+    assert float(res["top5"]) == float(env.row["eval_top5"])
+    assert float(res["loss"]) == float(env.row["eval_loss"])
+    # Same fields as the JSON form.
+    assert list(res) == list(results(env, "ema_json"))
+    assert float(res["loss"]) != results(env, "ema_json")["loss"]
+
+
+# ----------------------------------------------------------------------------- refusals
+def test_missing_checkpoint(env):
+    assert_one_line_error(env, "missing", "nope.pth.tar", "not found")
+
+
+def test_use_ema_without_ema(env):
+    assert_one_line_error(env, "no_ema", "no EMA")
+
+
+def test_other_architecture(env):
+    assert_one_line_error(env, "other_arch", "does not fit")
+
+
+def test_truncated_checkpoint(env):
+    assert_one_line_error(env, "truncated", env.truncated.name)
+
+
+def test_pickled_code_is_not_run(env):
+    assert env.control_ran, "the test payload does not run code: the check below would be vacuous"
+    assert_one_line_error(env, "unsafe", env.unsafe.name)
+    assert not env.marker.exists()
+
+
+def test_plain_state_dict_needs_model(env):
+    assert_one_line_error(env, "plain_no_model", "--model")
+
+
+def test_results_file_in_missing_directory(env):
+    assert_one_line_error(env, "results_missing_dir", env.missing_dir.name)
+    assert not env.missing_dir.exists()
+
+
+# ----------------------------------------------------------------------------- other formats
+def _same_numbers(a: dict, b: dict) -> None:
+    assert (a["top1"], a["top5"], a["loss"], a["count"]) == (b["top1"], b["top5"], b["loss"], b["count"])
+
+
+def test_timm_checkpoint_with_namespace_args(env):
+    raw = results(env, "timm_raw")
+    assert raw["model"] == "test_resnet" and raw["weights"] == "raw"
+    assert raw["loss"] == float(env.row["eval_loss"])
+    assert raw["top1"] == float(env.row["eval_top1"])
+    assert raw["img_size"] == 32  # taken from the Namespace args
+
+
+def test_timm_checkpoint_use_ema(env):
+    ema = results(env, "timm_ema")
+    _same_numbers(ema, results(env, "ema_json"))
+    assert ema["loss"] != results(env, "timm_raw")["loss"]
+
+
+@pytest.mark.parametrize("name", ["plain", "safetensors"])
+def test_bare_weights_file(env, name):
+    res = results(env, name)
+    assert res["model"] == "test_resnet"
+    assert res["weights"] == "raw"
+    assert res["loss"] == float(env.row["eval_loss"])
+    assert res["top1"] == float(env.row["eval_top1"])
+    assert res["top5"] == float(env.row["eval_top5"])
+    assert res["count"] == env.num_val
