@@ -164,12 +164,15 @@ class EpochSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0,
-                 num_replicas: int = 1, pad: bool = False):
+                 num_replicas: int = 1, pad: bool = False, block: int = 1):
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.rank, self.num_replicas = rank, num_replicas
         # Training pads by wrapping around so every rank runs the same number of steps (DDP
         # needs that); evaluation does not, so every image counts exactly once.
         self.pad = pad
+        # Evaluation shards whole batches (block = batch size): each rank then sees exactly the
+        # batches a single process would, so the numbers match a single-process run.
+        self.block = block
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -186,6 +189,9 @@ class EpochSampler(torch.utils.data.Sampler):
         if self.pad and self.num_replicas > 1 and self.size % self.num_replicas:
             extra = self.num_replicas - self.size % self.num_replicas
             order += (order * (extra // len(order) + 1))[:extra]
+        if self.block > 1:
+            blocks = [order[i:i + self.block] for i in range(0, len(order), self.block)]
+            return [i for b in blocks[self.rank::self.num_replicas] for i in b]
         return order[self.rank::self.num_replicas]
 
     def __iter__(self):

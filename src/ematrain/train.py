@@ -210,8 +210,9 @@ class Trainer:
         world, rank = self.dist.world_size, self.dist.rank
         self.sampler = data.EpochSampler(len(train_set), args.seed, rank=rank, num_replicas=world,
                                          pad=True)
-        self.val_sampler = data.EpochSampler(len(val_set), 0, shuffle=False, rank=rank,
-                                             num_replicas=world)
+        self.val_sampler = data.EpochSampler(
+            len(val_set), 0, shuffle=False, rank=rank, num_replicas=world,
+            block=args.validation_batch_size or args.batch_size)
         per_rank = len(self.sampler)
         self.drop_last = per_rank >= args.batch_size
         batches = (per_rank // args.batch_size if self.drop_last
@@ -249,7 +250,7 @@ class Trainer:
         if ckpt.get("arch") not in (None, self.args.model):
             raise UserError(f"cannot resume from {path}: it is a '{ckpt['arch']}' checkpoint, "
                             f"this run trains '{self.args.model}'")
-        ckpt_io.load_weights_into(self.model, ckpt_io.select_weights(ckpt, path), path)
+        ckpt_io.load_weights_into(unwrap_model(self.model), ckpt_io.select_weights(ckpt, path), path)
         if self.ema is not None:
             if "ema" not in ckpt:
                 raise UserError(f"cannot resume from {path}: it holds no EMA state but --model-ema is on")

@@ -136,7 +136,7 @@ def _evaluate(args, info, device) -> int:
                   or train_args.get("batch_size") or 256)
     # Under torchrun each rank takes a disjoint share; every image counts exactly once.
     sampler = data.EpochSampler(len(dataset), 0, shuffle=False, rank=info.rank,
-                                num_replicas=info.world_size)
+                                num_replicas=info.world_size, block=batch_size)
     loader = data.make_loader(dataset, batch_size, args.workers, shuffle=False, seed=0,
                               pin_memory=device.type == "cuda", sampler=sampler)
     result = validate(model, loader, device, reduce=lambda t: distributed.all_reduce_sum(t, info),

@@ -1,0 +1,126 @@
+"""torchrun with 2 CPU processes (gloo): training, exact-once validation, resume, EMA agreement."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, make_imagefolder, run_cli
+
+TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "--warmup-epochs", "0",
+        "--lr", "0.05", "-j", "0", "--model-ema", "--model-ema-decay", "0.9"]
+
+
+def torchrun(*args, nproc=2, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", *(str(a) for a in args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    # 3 x 7 = 21 validation images: not divisible by the world size.
+    return make_imagefolder(tmp_path_factory.mktemp("dist") / "data", num_classes=3,
+                            train_per_class=12, val_per_class=7)
+
+
+@pytest.fixture(scope="module")
+def two_proc_run(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist_out")
+    r = torchrun(REPO_ROOT / "train.py", data_root, *TINY, "--epochs", "1", "--output", out,
+                 "--experiment", "ddp")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out, r
+
+
+def test_two_process_training_writes_one_run(two_proc_run):
+    out, r = two_proc_run
+    runs = list((out / "train").iterdir())
+    assert [p.name for p in runs] == ["ddp"]
+    rows = list(csv.DictReader(open(runs[0] / "summary.csv")))
+    assert [row["epoch"] for row in rows] == ["0"]
+    for name in ("last.pth.tar", "model_best.pth.tar", "model_best_ema.pth.tar", "args.yaml"):
+        assert (runs[0] / name).is_file()
+    assert "2 processes (cpu, gloo)" in r.stderr
+    assert r.stdout.count("epoch 0/0") == 1  # only rank 0 prints the epoch line
+    checks = [l for l in r.stderr.splitlines() if l.startswith("EMA checksums (equal on all ranks)")]
+    assert len(checks) == 1
+    ckpt = torch.load(runs[0] / "last.pth.tar", weights_only=True)
+    shadow_sum = sum(float(v.double().sum()) for v in ckpt["state_dict_ema"].values()
+                     if v.is_floating_point())
+    assert abs(shadow_sum - float(checks[0].split(":")[1])) <= 1e-6 * max(1.0, abs(shadow_sum))
+
+
+def test_distributed_validation_equals_single_process(two_proc_run, data_root, tmp_path):
+    out, _ = two_proc_run
+    ckpt = out / "train" / "ddp" / "last.pth.tar"
+    single = tmp_path / "single.json"
+    # One process, with the same thread count as each rank: float32 kernels round differently
+    # with another number of threads.
+    r = torchrun(REPO_ROOT / "validate.py", data_root, "--checkpoint", ckpt, "--use-ema", "-b", "4",
+                 "-j", "0", "--results-file", single, nproc=1)
+    assert r.returncode == 0, r.stderr
+    double = tmp_path / "double.json"
+    r = torchrun(REPO_ROOT / "validate.py", data_root, "--checkpoint", ckpt, "--use-ema", "-b", "4",
+                 "-j", "0", "--results-file", double)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("top1") == 1
+    a, b = json.loads(single.read_text()), json.loads(double.read_text())
+    assert a["count"] == b["count"] == 21
+    assert a["top1"] == b["top1"] and a["top5"] == b["top5"]
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-12)
+
+
+def test_two_process_run_resumes(two_proc_run, data_root):
+    out, _ = two_proc_run
+    r = torchrun(REPO_ROOT / "train.py", data_root, *TINY, "--epochs", "2", "--output", out,
+                 "--experiment", "ddp", "--resume", "auto")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resumed from" in r.stderr and "at epoch 1" in r.stderr
+    rows = list(csv.DictReader(open(out / "train" / "ddp" / "summary.csv")))
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    ckpt = torch.load(out / "train" / "ddp" / "last.pth.tar", weights_only=True)
+    assert ckpt["epoch"] == 1
+
+
+def test_diverged_shadows_stop_the_run(tmp_path):
+    script = tmp_path / "diverge.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO_ROOT / 'src')!r})
+        import torch
+        from ematrain import distributed
+        from ematrain.errors import RunFailure
+        info, device = distributed.init_distributed("cpu", None)
+        torch.manual_seed(0)
+        module = torch.nn.Linear(4, 2)
+        torch.nn.init.constant_(module.weight, 1.0)
+        distributed.check_replicas_agree([module], info, device)  # equal: passes
+        if info.rank == 1:
+            with torch.no_grad():
+                module.weight[0, 0] += 1e-3
+        try:
+            distributed.check_replicas_agree([module], info, device)
+        except RunFailure as exc:
+            print("STOPPED", exc)
+        distributed.shutdown()
+    """))
+    r = torchrun(script)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("STOPPED") == 2 and "diverged" in r.stdout
+
+
+def test_lr_base_scales_with_global_batch(data_root, tmp_path):
+    r = torchrun(REPO_ROOT / "train.py", data_root, *[a for a in TINY if a not in ("--lr", "0.05")],
+                 "--lr-base", "0.1", "--lr-base-size", "256", "--epochs", "1", "--output", tmp_path,
+                 "--experiment", "lr")
+    assert r.returncode == 0, r.stderr
+    # global batch 2 x 8 = 16: lr = 0.1 * 16 / 256
+    assert "lr 0.00625 for a global batch of 16" in r.stderr
