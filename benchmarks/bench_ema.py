@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import os
 import platform
 import statistics
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: the CPU, and CUDA as well when available")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--compare-ema", type=Path, default=None, metavar="FILE",
+                   help="another ema.py (e.g. an older version) to time alongside, as 'other'")
     args = p.parse_args(argv)
     args.models = [m for item in args.models for m in item.split(",") if m]
     if args.repeats < 1:
@@ -124,7 +127,16 @@ class Timer:
         return time.perf_counter() - t0
 
 
-def build_methods(model: torch.nn.Module, device: torch.device) -> dict:
+def load_other(path: Path):
+    """ModelEma class from another copy of ema.py."""
+    spec = importlib.util.spec_from_file_location("bench_other_ema", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses need the module registered
+    spec.loader.exec_module(module)
+    return module.ModelEma
+
+
+def build_methods(model: torch.nn.Module, device: torch.device, other=None) -> dict:
     """name -> zero-argument callable doing one update."""
     n = float_elements(model)
     flat_ema = torch.randn(n, device=device)
@@ -143,7 +155,7 @@ def build_methods(model: torch.nn.Module, device: torch.device) -> dict:
         flat_model.sum()
         flat_ema.lerp_(flat_model, weight)
 
-    return {
+    methods = {
         "floor": lambda: flat_ema.lerp_(flat_model, weight),
         "floor+read": floor_read,
         "ours": lambda: ours.update(model),
@@ -154,14 +166,20 @@ def build_methods(model: torch.nn.Module, device: torch.device) -> dict:
         "ours-3decays": lambda: ours3.update(model),
         "ours-3decays-noskip": lambda: ours3_noskip.update(model),
     }
+    if other is not None:
+        o1, o0 = other(model, DECAY), other(model, DECAY, skip_nonfinite=False)
+        o3 = other(model, DECAYS3)
+        methods.update({"other": lambda: o1.update(model), "other-noskip": lambda: o0.update(model),
+                        "other-3decays": lambda: o3.update(model)})
+    return methods
 
 
-def run_model(name: str, device: torch.device, args) -> dict:
+def run_model(name: str, device: torch.device, args, other=None) -> dict:
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).to(device)
     model.train()
     n = float_elements(model)
-    methods = build_methods(model, device)
+    methods = build_methods(model, device, other)
     names = list(methods)
     timer = Timer(device)
     with torch.no_grad():
@@ -219,6 +237,17 @@ def report(results) -> bool:
               f" {t['ours-3decays-noskip'] * 1e3:9.3f}"
               f" {ratio(res, 'ours-3decays-noskip', 'ours-noskip'):7.3f}")
         res["ok_3"] = r3 <= TARGET_3DECAYS
+    if "other" in results[0]["times"]:
+        print("\nours vs the --compare-ema version (ms, median; ratio = ours / other)")
+        print(f"{'model':24s} {'dev':4s} {'other':>9s} {'ours':>9s} {'ratio':>7s} {'other-ns':>9s}"
+              f" {'ours-ns':>9s} {'ratio':>7s} {'other-3':>9s} {'ours-3':>9s} {'ratio':>7s}")
+        for res in results:
+            t = {k: med(v) for k, v in res["times"].items()}
+            line = f"{res['name']:24s} {res['device']:4s}"
+            for o, u in [("other", "ours"), ("other-noskip", "ours-noskip"),
+                         ("other-3decays", "ours-3decays")]:
+                line += f" {t[o] * 1e3:9.3f} {t[u] * 1e3:9.3f} {ratio(res, u, o):7.3f}"
+            print(line)
     print(f"\nTargets: ours <= {TARGET_FLOOR} x floor, ours <= {TARGET_V3} x timm V3, "
           f"3 decays <= {TARGET_3DECAYS} x 1 decay")
     for res in results:
@@ -243,11 +272,14 @@ def main(argv=None) -> int:
     print(machine_info(devices))
     print(f"decay {DECAY}, 3 decays {DECAYS3}, {args.warmup} warm-up + {args.repeats} timed rounds "
           f"per method, interleaved")
+    other = load_other(args.compare_ema) if args.compare_ema else None
+    if other is not None:
+        print(f"also timing ModelEma from {args.compare_ema} as 'other'")
     results = []
     for dev in devices:
         for name in args.models:
             t0 = time.perf_counter()
-            results.append(run_model(name, torch.device(dev), args))
+            results.append(run_model(name, torch.device(dev), args, other))
             print(f"  {name} on {dev}: {time.perf_counter() - t0:.1f} s", flush=True)
     report(results)
     return 0

@@ -173,9 +173,6 @@ def test_corrupt_image_named(cases, name):
     assert not [f for f in left if Path(f).name.startswith(".")], left
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: a YAML scalar for a nargs='+' flag (timm recipes write `model_ema_decay: "
-    "0.9998`) reaches check_train_args as a float: TypeError traceback, exit 1"))
 def test_yaml_scalar_for_list_flag(cases):
     proc = cases["yaml_scalar_decay"].proc
     assert "Traceback" not in proc.stderr
@@ -189,14 +186,9 @@ def test_yaml_scalar_for_list_flag(cases):
             assert "ema_eval_top1" in next(csv.reader(f))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: --img-size 0 is not range-checked; PIL raises mid-epoch, traceback, exit 1"))
 def test_img_size_zero_refused(cases):
     assert_refused_up_front(cases["img_size_0"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: --smoothing outside [0, 1) is not range-checked; cross_entropy raises "
-    "mid-epoch, traceback, exit 1"))
 def test_smoothing_out_of_range_refused(cases):
     assert_refused_up_front(cases["smoothing_out_of_range"])

@@ -25,7 +25,7 @@ from ematrain.ema import (
     warmup_decay,
 )
 
-# A float32 lerp is exact to about one ulp per step; values here are O(1), so a few steps stay far
+# A float32 lerp rounds by about one ulp per step; values here are O(1), so a few steps stay far
 # inside this.  A wrong decay or a stale tensor is off by orders of magnitude more.
 ATOL = 2e-6
 RTOL = 1e-6

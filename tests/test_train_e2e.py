@@ -190,12 +190,7 @@ SUMMARY_COLUMNS = [
 ]
 
 
-@pytest.mark.parametrize("name, columns", [
-    pytest.param(*SUMMARY_COLUMNS[0], marks=pytest.mark.xfail(strict=True, reason=(
-        "product bug: outputs.ema_column_prefixes([]) returns ['ema_'], so a run without "
-        "--model-ema gets empty ema_eval_* columns"))),
-    *SUMMARY_COLUMNS[1:],
-])
+@pytest.mark.parametrize("name, columns", SUMMARY_COLUMNS)
 def test_summary_header_exact(runs, name, columns):
     assert read_header(runs.dir(name)) == columns
 

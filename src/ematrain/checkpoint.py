@@ -17,6 +17,15 @@ from .errors import UserError
 CHECKPOINT_VERSION = 2
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 # ----------------------------------------------------------------------------- atomic files
 def atomic_write(path: str | Path, write: Callable) -> None:
     """Write `path` through a temporary file in the same folder, fsync it, then rename it over.
@@ -27,6 +36,8 @@ def atomic_write(path: str | Path, write: Callable) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; give the file the permissions a plain open() would.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -228,11 +228,18 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
         raise UserError(f"config file {path} is not valid YAML{at}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of flag names to values")
-    known = {a.dest for a in parser._actions} - {"help", "config"}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - set(actions))
     if unknown:
         raise UserError(f"config file {path}: unknown key(s): {', '.join(unknown)}")
+    for key, value in data.items():
+        nargs = actions[key].nargs
+        # timm recipes write one value for list flags (model_ema_decay: 0.9998).
+        if nargs in ("+", "*") and value is not None and not isinstance(value, (list, dict)):
+            data[key] = [value]
+        if isinstance(nargs, int) and nargs > 1 and value is not None and not isinstance(value, list):
+            raise UserError(f"config file {path}: {key} needs a list of {nargs} values")
     return data
 
 
@@ -243,6 +250,18 @@ def check_train_args(args: argparse.Namespace) -> None:
     for dest, flag in positive.items():
         if getattr(args, dest) < 1:
             raise UserError(f"{flag} must be >= 1, got {getattr(args, dest)}")
+    if args.img_size is not None and args.img_size < 1:
+        raise UserError(f"--img-size must be >= 1, got {args.img_size}")
+    if args.input_size is not None and min(args.input_size) < 1:
+        raise UserError(f"--input-size values must be >= 1, got {args.input_size}")
+    for name in ("smoothing", "drop"):
+        value = getattr(args, name)
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"--{name} must be in [0, 1), got {value}")
+    if args.drop_path is not None and not 0.0 <= args.drop_path < 1.0:
+        raise UserError(f"--drop-path must be in [0, 1), got {args.drop_path}")
+    if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
+        raise UserError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.validation_batch_size is not None and args.validation_batch_size < 1:
         raise UserError(f"--validation-batch-size must be >= 1, got {args.validation_batch_size}")
     if args.workers < 0:

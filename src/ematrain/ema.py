@@ -12,9 +12,10 @@ Design notes (why it looks the way it does):
 * Floating-point parameters *and* floating-point buffers (BatchNorm running statistics) are
   averaged; integer buffers (``num_batches_tracked``) are copied.
 * The small floating-point tensors of each shadow (biases, norm weights, BatchNorm statistics:
-  most of a CNN's tensors but little of its memory) are views into one flat buffer. An update
-  gathers the model's small tensors with one ``torch.cat`` and checks and averages them with one
-  op each, instead of paying a few hundred per-tensor op costs (which dominate on a CPU).
+  most of a CNN's tensors but little of its memory) are views into one flat buffer, and so are
+  its integer buffers. An update gathers the model's small tensors with one ``torch.cat`` and
+  checks and averages them with one op each, instead of paying a few hundred per-tensor op costs
+  (which add up on a CPU).
 * Several decays are updated by one ``torch._foreach_lerp_`` call over a list in which every
   slice of the model is followed by the matching slices of each shadow. Slices are small enough
   to stay in cache, so the model is read from memory about once rather than once per decay.

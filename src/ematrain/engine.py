@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from timm.models import model_parameters
 from timm.utils import dispatch_clip_grad
 from torch import nn
 from tqdm import tqdm
@@ -134,11 +135,16 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: Train
             bar.update(1)
             continue
         first_bad = torch.where((first_bad < 0) & ~finite, torch.tensor(batch, device=device), first_bad)
-        scaled = loss / accum if accum > 1 else loss
+        # Divide by the real size of this group: the epoch's last group may be shorter.
+        group_start = batch - batch % accum
+        group_size = min(accum, batches - group_start)
+        scaled = loss / group_size if group_size > 1 else loss
+        # Second-order optimizers (AdaHessian) need the graph of the gradients.
+        create_graph = getattr(optimizer, "is_second_order", False)
         if cfg.scaler is not None:
-            cfg.scaler.scale(scaled).backward()
+            cfg.scaler.scale(scaled).backward(create_graph=create_graph)
         else:
-            scaled.backward()
+            scaled.backward(create_graph=create_graph)
         if group_end:
             _optimizer_step(model, optimizer, cfg)
             state.num_updates += 1
@@ -182,7 +188,9 @@ def _optimizer_step(model: nn.Module, optimizer, cfg: StepConfig) -> None:
     if cfg.clip_grad is not None:
         if cfg.scaler is not None:
             cfg.scaler.unscale_(optimizer)
-        dispatch_clip_grad(model.parameters(), value=cfg.clip_grad, mode=cfg.clip_mode)
+        # AGC leaves the classifier alone, as timm does.
+        params = model_parameters(model, exclude_head="agc" in cfg.clip_mode)
+        dispatch_clip_grad(params, value=cfg.clip_grad, mode=cfg.clip_mode)
     if cfg.scaler is not None:
         cfg.scaler.step(optimizer)
         cfg.scaler.update()

@@ -48,11 +48,16 @@ def write_args(run_dir: Path, args: dict) -> None:
     """args.yaml, loadable again with `-c` (the positional data root is kept as data_dir)."""
     clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()
              if k not in ("config",)}
+    if clean.get("data_dir"):
+        # Absolute, so `-c args.yaml` works from any directory.
+        clean["data_dir"] = str(Path(clean["data_dir"]).resolve())
     atomic_write_text(run_dir / "args.yaml", yaml.safe_dump(clean, sort_keys=True))
 
 
 def ema_column_prefixes(decays: list[float]) -> list[str]:
     """Column-group prefixes per EMA: timm's `ema_` for the first, `ema<decay>_` for the rest."""
+    if not decays:
+        return []
     return ["ema_"] + [f"ema{d:g}_" for d in decays[1:]]
 
 

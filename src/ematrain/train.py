@@ -265,7 +265,7 @@ class Trainer:
             except (ValueError, KeyError) as exc:
                 raise UserError(f"cannot resume the optimizer from {path}: {str(exc)[:160]} "
                                 f"(--no-resume-opt starts a fresh one)") from None
-            if "scheduler" in ckpt:
+            if "scheduler" in ckpt and self.scheduler is not None:
                 self.scheduler.load_state_dict(ckpt["scheduler"])
         extra = ckpt.get("resume_state", {})
         if self.scaler is not None and "amp_scaler" in extra:
@@ -489,7 +489,8 @@ class Trainer:
                            amp_dtype=self.amp_dtype, channels_last=args.channels_last,
                            reduce=lambda t: distributed.all_reduce_sum(t, self.dist),
                            show=self.dist.is_primary)
-        self.scheduler.step(epoch + 1, self.metric_of(results[0]))
+        if self.scheduler is not None:
+            self.scheduler.step(epoch + 1, self.metric_of(results[0]))
         self.rows.append(outputs.summary_row(epoch, train["lr"], train["loss"], results, self.decays))
         self.state.epoch_step = 0
         self.save_epoch(epoch, results)

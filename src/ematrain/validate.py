@@ -49,6 +49,10 @@ def parse_args(argv=None):
     args = _parser().parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.img_size is not None and args.img_size < 1:
+        raise UserError(f"--img-size must be >= 1, got {args.img_size}")
+    if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
+        raise UserError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
     if args.results_file:
