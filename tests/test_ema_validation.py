@@ -1,0 +1,101 @@
+"""The EMA as the training loop uses it: one validation pass for every weight set, the CPU-shadow
+swap, and half-lives that survive a change of batch size."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+from conftest import make_imagefolder
+from ematrain import data
+from ematrain.config import parse_train_args
+from ematrain.ema import ModelEma, half_life_from_decay
+from ematrain.engine import _WeightSwapper, validate
+from ematrain.train import resolve_ema_decays
+
+
+@pytest.fixture(scope="module")
+def val_loader(tmp_path_factory):
+    root = make_imagefolder(tmp_path_factory.mktemp("emaval") / "d", num_classes=3,
+                            train_per_class=2, val_per_class=7)
+    dataset = data.load_image_folder(root / "val")
+    config = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3,
+              "std": (0.5,) * 3, "crop_pct": 1.0, "crop_mode": "center"}
+    dataset.transform = data.eval_transform(config)
+    return data.make_loader(dataset, batch_size=4, workers=0, shuffle=False, seed=0)
+
+
+def _trained_pair(decays, device=None):
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    ema = ModelEma(model, decays, device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(4):
+        model.train()
+        loss = model(torch.randn(6, 3, 32, 32)).logsumexp(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model)
+    return model, ema
+
+
+def test_one_pass_equals_separate_passes_exactly(val_loader):
+    model, ema = _trained_pair([0.5, 0.9])
+    together = validate(model, val_loader, torch.device("cpu"), ema=ema)
+    alone = [validate(m, val_loader, torch.device("cpu"))[0] for m in [model] + ema.modules]
+    assert together == alone
+    assert together[0] != together[1]  # the weight sets really differ
+    assert together[0]["count"] == 21
+
+
+def test_cpu_shadow_swap_gives_the_same_numbers_and_restores_raw(val_loader, monkeypatch):
+    model, ema = _trained_pair([0.5, 0.9])
+    reference = validate(model, val_loader, torch.device("cpu"), ema=ema)
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    # Force the swap path that --model-ema-force-cpu takes on a GPU machine.
+    monkeypatch.setattr(ema, "device", torch.device("meta"))
+    swapped = validate(model, val_loader, torch.device("cpu"), ema=ema)
+    assert swapped == reference
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, raw[name]), name
+
+
+def test_swapper_loads_each_set_and_restores_bit_for_bit():
+    model, ema = _trained_pair([0.5, 0.9])
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    swapper = _WeightSwapper(model, ema.modules)
+    for index, shadow in ((2, ema.modules[1]), (1, ema.modules[0])):
+        swapper.load(index)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, shadow.state_dict()[name]), name
+    swapper.restore()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, raw[name]), name
+
+
+@pytest.mark.parametrize("half_life,unit_images", [("2ep", None), ("3000img", 3000), ("4kimg", 4000)])
+def test_half_life_keeps_its_horizon_in_images_across_batch_sizes(tmp_path, half_life, unit_images):
+    images_per_epoch = 1024
+    horizons = []
+    for batch in (16, 64):
+        args = parse_train_args([str(tmp_path), "--model-ema-half-life", half_life, "-b", str(batch)])
+        steps_per_epoch = images_per_epoch // batch
+        (decay,) = resolve_ema_decays(args, steps_per_epoch)
+        horizons.append(half_life_from_decay(decay) * batch)  # half-life in images
+    expected = unit_images or 2 * images_per_epoch
+    assert horizons[0] == pytest.approx(expected, rel=1e-9)
+    assert horizons[1] == pytest.approx(expected, rel=1e-9)
+
+
+def test_half_life_in_steps_counts_optimizer_steps(tmp_path):
+    args = parse_train_args([str(tmp_path), "--model-ema-half-life", "100it", "-b", "32",
+                             "--grad-accum-steps", "4"])
+    (decay,) = resolve_ema_decays(args, steps_per_epoch=10)
+    assert decay == pytest.approx(0.5 ** (1 / 100), rel=1e-12)
+    args = parse_train_args([str(tmp_path), "--model-ema-half-life", "1ep", "-b", "32",
+                             "--grad-accum-steps", "4"])
+    (decay,) = resolve_ema_decays(args, steps_per_epoch=10)
+    assert math.log(0.5) / math.log(decay) == pytest.approx(10, rel=1e-12)
