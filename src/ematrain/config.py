@@ -63,6 +63,10 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="global pool type (fast, avg, max, avgmax, avgmaxc); default: the model's")
     g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                    help="extra keyword arguments for timm.create_model, e.g. stem_type=deep")
+    g.add_argument("--in-chans", type=int, default=None, metavar="N",
+                   help="input image channels (default: 3; images are loaded as RGB)")
+    g.add_argument("--grad-checkpointing", action="store_true", default=False,
+                   help="activation checkpointing: less memory, more compute")
     g.add_argument("--num-classes", type=int, default=None, metavar="N",
                    help="classifier outputs (default: the number of class folders)")
     g.add_argument("--img-size", type=int, default=None, metavar="N", help="input image size")
@@ -90,6 +94,8 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="autocast dtype (default: float16; a grad scaler is used with float16)")
     g.add_argument("--no-prefetcher", action="store_true", default=False,
                    help="accepted for timm compatibility (ematrain has no separate prefetcher)")
+    g.add_argument("--pin-mem", action="store_true", default=False,
+                   help="accepted for timm compatibility (memory is pinned whenever on CUDA)")
     g.add_argument("--drop", type=float, default=0.0, help="dropout rate (default: 0)")
     g.add_argument("--drop-path", type=float, default=None, help="drop-path rate")
 
@@ -97,6 +103,8 @@ def _train_parser() -> argparse.ArgumentParser:
     g.add_argument("--opt", default="sgd", help="timm optimizer name (default: sgd)")
     g.add_argument("--opt-eps", type=float, default=None, help="optimizer epsilon")
     g.add_argument("--opt-betas", type=float, nargs="+", default=None, help="optimizer betas")
+    g.add_argument("--opt-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                   help="extra optimizer keyword arguments")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     g.add_argument("--weight-decay", type=float, default=2e-5, help="weight decay (default: 2e-5)")
     g.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
@@ -123,6 +131,24 @@ def _train_parser() -> argparse.ArgumentParser:
     g.add_argument("--cooldown-epochs", type=int, default=0, help="epochs at min LR after the schedule")
     g.add_argument("--decay-epochs", type=float, default=90, help="step schedules: epochs per decay")
     g.add_argument("--decay-rate", type=float, default=0.1, help="step schedules: LR decay factor")
+    g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], metavar="EPOCH",
+                   help="multistep schedule: epochs at which the LR decays (default: 90 180 270)")
+    g.add_argument("--patience-epochs", type=int, default=10,
+                   help="plateau schedule: epochs without improvement before decaying (default: 10)")
+    g.add_argument("--warmup-prefix", action="store_true", default=False,
+                   help="run the warmup before the schedule instead of inside it")
+    g.add_argument("--lr-noise", type=float, nargs="+", default=None, metavar="PCT",
+                   help="LR noise on/off epoch fractions (one or two values)")
+    g.add_argument("--lr-noise-pct", type=float, default=0.67, help="LR noise limit (default: 0.67)")
+    g.add_argument("--lr-noise-std", type=float, default=1.0, help="LR noise std (default: 1.0)")
+    g.add_argument("--lr-cycle-mul", type=float, default=1.0,
+                   help="cosine/tanh: cycle length multiplier (default: 1.0)")
+    g.add_argument("--lr-cycle-decay", type=float, default=0.5,
+                   help="cosine/tanh: LR decay per cycle (default: 0.5)")
+    g.add_argument("--lr-cycle-limit", type=int, default=1,
+                   help="cosine/tanh: number of cycles (default: 1)")
+    g.add_argument("--lr-k-decay", type=float, default=1.0,
+                   help="cosine/poly: k-decay rate (default: 1.0)")
 
     g = p.add_argument_group("Augmentation and regularization parameters")
     g.add_argument("--no-aug", action="store_true", default=False, help="disable training augmentation")
@@ -130,11 +156,15 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="random-resized-crop scale range (default: 0.08 1.0)")
     g.add_argument("--ratio", type=float, nargs=2, default=[3 / 4, 4 / 3], metavar="RATIO",
                    help="random-resized-crop aspect ratio range (default: 3/4 4/3)")
+    g.add_argument("--train-interpolation", default="random",
+                   help="training resize interpolation (default: random, as timm)")
+    g.add_argument("--vflip", type=float, default=0.0, help="vertical flip probability (default: 0)")
     g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (default: 0.5)")
     g.add_argument("--color-jitter", type=float, default=0.4, help="color jitter factor (default: 0.4)")
     g.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5")
     g.add_argument("--reprob", type=float, default=0.0, help="random erase probability (default: 0)")
     g.add_argument("--remode", default="pixel", help="random erase mode (default: pixel)")
+    g.add_argument("--recount", type=int, default=1, help="random erase count (default: 1)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, on when > 0 (default: 0)")
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, on when > 0 (default: 0)")
@@ -290,7 +320,12 @@ def check_train_args(args: argparse.Namespace) -> None:
         args.model_ema = True
     if args.recovery_interval < 0:
         raise UserError(f"--recovery-interval must be >= 0, got {args.recovery_interval}")
-    for name in ("mixup_prob", "mixup_switch_prob", "hflip", "reprob"):
+    if args.in_chans is not None and args.in_chans != 3:
+        raise UserError(f"--in-chans {args.in_chans}: ImageFolder images are loaded as RGB, so "
+                        f"only 3 channels are supported")
+    if args.lr_noise is not None and len(args.lr_noise) not in (1, 2):
+        raise UserError("--lr-noise takes one or two values")
+    for name in ("mixup_prob", "mixup_switch_prob", "hflip", "vflip", "reprob"):
         value = getattr(args, name)
         if not 0.0 <= value <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")

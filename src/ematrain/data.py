@@ -83,17 +83,20 @@ def data_config_for(args, model) -> dict:
 
 
 def train_transform(data_config: dict, args):
+    config = dict(data_config, interpolation=args.train_interpolation or data_config["interpolation"])
     return create_transform(
-        **data_config,
+        **config,
         is_training=True,
         no_aug=args.no_aug,
         scale=tuple(args.scale),
         ratio=tuple(args.ratio),
         hflip=args.hflip,
+        vflip=args.vflip,
         color_jitter=args.color_jitter,
         auto_augment=args.aa,
         re_prob=args.reprob,
         re_mode=args.remode,
+        re_count=args.recount,
     )
 
 

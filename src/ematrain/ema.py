@@ -387,6 +387,11 @@ class ModelEma:
         ends = ([small_src] if small else []) + other_src
         selfs = [([self._small_flats[k]] if small else []) + [shadow[i] for i in others]
                  for k, shadow in enumerate(self._shadow_floats)]
+        # The average runs over the tensors in the reverse order of the finiteness check, so
+        # that it starts with the model tensors the check read last, still in the CPU's cache.
+        ends.reverse()
+        for s in selfs:
+            s.reverse()
         if len(selfs) == 1:
             plan.lerp_self, plan.lerp_end = selfs[0], ends
             return plan

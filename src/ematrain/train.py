@@ -81,7 +81,7 @@ def resolve_lr(args, world_size: int = 1) -> float:
 
 
 def build_optimizer(args, model, lr):
-    kwargs = {}
+    kwargs = dict(args.opt_kwargs)
     if args.opt_eps is not None:
         kwargs["eps"] = args.opt_eps
     if args.opt_betas is not None:
@@ -99,10 +99,22 @@ def build_scheduler(args, optimizer, updates_per_epoch):
             optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
             decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
             warmup_epochs=args.warmup_epochs, cooldown_epochs=args.cooldown_epochs,
+            decay_milestones=args.decay_milestones, patience_epochs=args.patience_epochs,
+            warmup_prefix=args.warmup_prefix, noise=_noise_epochs(args.lr_noise),
+            noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed,
+            cycle_mul=args.lr_cycle_mul, cycle_decay=args.lr_cycle_decay,
+            cycle_limit=args.lr_cycle_limit, k_decay=args.lr_k_decay,
             step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch,
             plateau_mode="min" if args.eval_metric == "loss" else "max")
     except (AssertionError, ValueError, KeyError) as exc:
         raise UserError(f"cannot create scheduler '{args.sched}': {str(exc)[:160]}") from None
+
+
+def _noise_epochs(noise):
+    """--lr-noise as timm's factory takes it: one value, or an [on, off] pair."""
+    if noise is None:
+        return None
+    return noise[0] if len(noise) == 1 else list(noise)
 
 
 def resolve_ema_decays(args, steps_per_epoch: int, world_size: int = 1) -> list[float]:
@@ -191,7 +203,9 @@ class Trainer:
         self.model = create_model(args.model, self.num_classes, pretrained=args.pretrained,
                                   pretrained_path=args.pretrained_path, drop_rate=args.drop,
                                   drop_path_rate=args.drop_path, global_pool=args.gp,
-                                  **args.model_kwargs)
+                                  in_chans=args.in_chans, **args.model_kwargs)
+        if args.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
         if args.initial_checkpoint:
             state = ckpt_io.load_file(args.initial_checkpoint)
             weights = ckpt_io.select_weights(state, args.initial_checkpoint)

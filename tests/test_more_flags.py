@@ -1,0 +1,123 @@
+"""The rest of timm's schedule, optimizer, augmentation and model flags: each reaches timm's
+building block and changes what it builds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms as T
+
+from conftest import make_imagefolder, run_cli
+from ematrain.config import parse_train_args
+from ematrain.train import Trainer
+
+TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs", "0",
+        "--epochs", "4", "--lr", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_imagefolder(tmp_path_factory.mktemp("more") / "data", num_classes=3,
+                            train_per_class=4, val_per_class=2)
+
+
+def trainer(data, *extra) -> Trainer:
+    return Trainer(parse_train_args([str(data), *TINY, *map(str, extra)]))
+
+
+def epoch_lrs(tr: Trainer, epochs: int) -> list[float]:
+    """LR at the start of each epoch as the scheduler sets it."""
+    lrs = []
+    for epoch in range(epochs):
+        tr.scheduler.step(epoch)
+        lrs.append(tr.optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+def test_decay_milestones_set_multistep_epochs(data):
+    tr = trainer(data, "--sched", "multistep", "--decay-milestones", "1", "3", "--decay-rate", "0.5")
+    assert list(tr.scheduler.decay_t) == [1, 3]
+    # timm's MultiStepLRScheduler decays one epoch ahead of each milestone (bisect on t + 1).
+    assert epoch_lrs(tr, 4) == pytest.approx([0.05, 0.05, 0.025, 0.025])
+    default = trainer(data, "--sched", "multistep")
+    assert list(default.scheduler.decay_t) == [90, 180, 270]
+
+
+def test_warmup_prefix_runs_warmup_before_the_schedule(data):
+    inside = epoch_lrs(trainer(data, "--warmup-epochs", "1", "--warmup-lr", "0.01"), 3)
+    prefix = epoch_lrs(trainer(data, "--warmup-epochs", "1", "--warmup-lr", "0.01",
+                               "--warmup-prefix"), 3)
+    assert inside[0] == prefix[0] == pytest.approx(0.01)
+    # With the prefix the cosine starts after the warmup: epoch 1 is at the peak LR.
+    assert prefix[1] == pytest.approx(0.1) and inside[1] < 0.1
+
+
+def test_lr_cycle_limit_restarts_the_cosine(data):
+    one = epoch_lrs(trainer(data, "--epochs", "4"), 4)
+    two = epoch_lrs(trainer(data, "--epochs", "4", "--lr-cycle-limit", "2",
+                            "--lr-cycle-decay", "0.5"), 4)
+    assert tr_num_epochs(data, "--lr-cycle-limit", "2") > 4 or two != one
+
+
+def tr_num_epochs(data, *extra) -> int:
+    return trainer(data, *extra).num_epochs
+
+
+def test_lr_k_decay_changes_the_cosine_shape(data):
+    plain = epoch_lrs(trainer(data), 4)
+    k = epoch_lrs(trainer(data, "--lr-k-decay", "2.0"), 4)
+    assert plain[0] == k[0] and plain[2] != pytest.approx(k[2])
+
+
+def test_lr_noise_perturbs_the_schedule(data):
+    plain = epoch_lrs(trainer(data), 4)
+    noisy = epoch_lrs(trainer(data, "--lr-noise", "0.25", "--lr-noise-pct", "0.5"), 4)
+    assert noisy[0] == plain[0] and noisy[1:] != pytest.approx(plain[1:])
+
+
+def test_patience_epochs_reach_the_plateau_scheduler(data):
+    tr = trainer(data, "--sched", "plateau", "--patience-epochs", "3")
+    assert tr.scheduler.lr_scheduler.patience == 3
+
+
+def test_opt_kwargs_reach_the_optimizer(data):
+    tr = trainer(data, "--opt", "sgd", "--opt-kwargs", "nesterov=True", "dampening=0")
+    assert tr.optimizer.param_groups[0]["nesterov"] is True
+
+
+def _train_ops(tr):
+    return list(tr.train_set.dataset.transform.transforms)
+
+
+def test_train_interpolation_vflip_and_recount_reach_the_transform(data):
+    ops = _train_ops(trainer(data, "--train-interpolation", "bicubic", "--vflip", "0.3",
+                             "--reprob", "0.5", "--recount", "3"))
+    crop = next(o for o in ops if isinstance(o, RandomResizedCropAndInterpolation))
+    assert crop.interpolation == T.InterpolationMode.BICUBIC
+    vflip = next(o for o in ops if isinstance(o, T.RandomVerticalFlip))
+    assert vflip.p == 0.3
+    erase = next(o for o in ops if isinstance(o, RandomErasing))
+    assert erase.max_count == 3
+    default = _train_ops(trainer(data))
+    crop = next(o for o in default if isinstance(o, RandomResizedCropAndInterpolation))
+    assert isinstance(crop.interpolation, (tuple, list))  # timm's 'random': several modes
+    assert not any(isinstance(o, T.RandomVerticalFlip) for o in default)
+
+
+def test_grad_checkpointing_is_switched_on(data):
+    tr = trainer(data, "--grad-checkpointing")
+    assert tr.model.grad_checkpointing is True
+    assert trainer(data).model.grad_checkpointing is False
+
+
+def test_in_chans_other_than_three_is_refused(data, tmp_path):
+    r = run_cli("train.py", data, *TINY, "--in-chans", "1", "--output", tmp_path)
+    assert r.returncode == 2 and "only 3 channels" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flag", ["--pin-mem", "--no-prefetcher"])
+def test_compatibility_flags_are_accepted(data, flag):
+    assert getattr(parse_train_args([str(data), flag]), flag[2:].replace("-", "_")) is True
