@@ -138,18 +138,32 @@ def load_file(path: str | Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
-        if "Unsupported global" in str(exc) or "weights_only" in str(exc):
-            raise UserError(f"refusing {path}: it holds pickled code or objects that are not "
-                            f"plain weights ({first[:160]})") from None
-        raise UserError(f"cannot read {path}: not a PyTorch checkpoint ({first[:160]})") from None
+        unsafe = _unsafe_globals(path)
+        if unsafe or "weights_only" in str(exc).lower() or "global" in str(exc).lower():
+            what = f" ({', '.join(unsafe[:3])})" if unsafe else ""
+            raise UserError(f"refusing {path}: loading it would run pickled code{what}; only "
+                            f"plain weights are accepted") from None
+        raise UserError(f"cannot read {path}: not a PyTorch checkpoint") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError,
             AttributeError, IndexError, KeyError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read {path}: truncated, corrupt or not a checkpoint ({msg[:160]})") from None
+        raise UserError(f"cannot read {path}: truncated, corrupt or not a checkpoint "
+                        f"({_short_reason(exc)})") from None
     if not isinstance(data, dict):
         raise UserError(f"cannot read {path}: expected a dict of weights, got {type(data).__name__}")
     return data
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Names of the code a pickle would call, read without running it."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # noqa: BLE001 - only a hint for the message
+        return []
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(". ")[0][:120]
 
 
 def _is_state_dict(data: dict) -> bool:
@@ -209,7 +223,8 @@ def _strip_prefixes(state: dict) -> dict:
     return out
 
 
-def load_weights_into(model, state: dict, path: str | Path) -> None:
+def load_weights_into(model, state: dict, path: str | Path, arch: str | None = None,
+                      model_name: str | None = None) -> None:
     """Strict load with a one-line explanation when the weights do not fit the model."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -225,6 +240,8 @@ def load_weights_into(model, state: dict, path: str | Path) -> None:
             parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        if arch and model_name and arch != model_name:
+            parts.insert(0, f"it holds a '{arch}', the model is '{model_name}'")
         raise UserError(f"checkpoint {path} does not fit the model: {'; '.join(parts)}")
     model.load_state_dict(state)
 

@@ -234,7 +234,7 @@ def _train_parser() -> argparse.ArgumentParser:
 def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse flags; a `-c` YAML file supplies defaults, explicit flags win."""
     parser = _train_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**load_yaml_defaults(pre.config, parser))

@@ -39,7 +39,8 @@ def _load_rgb(path: str) -> Image.Image:
             img = Image.open(f)
             return img.convert("RGB")
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
+        reason = "not a valid image" if "cannot identify" in str(exc) else str(exc)[:100]
+        raise UserError(f"cannot read image {path}: {reason}") from None
 
 
 def load_image_folder(split_dir: Path, transform=None) -> ImageFolder:

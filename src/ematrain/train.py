@@ -209,7 +209,8 @@ class Trainer:
         if args.initial_checkpoint:
             state = ckpt_io.load_file(args.initial_checkpoint)
             weights = ckpt_io.select_weights(state, args.initial_checkpoint)
-            ckpt_io.load_weights_into(self.model, weights, args.initial_checkpoint)
+            ckpt_io.load_weights_into(self.model, weights, args.initial_checkpoint,
+                                      arch=state.get("arch"), model_name=args.model)
         if args.sync_bn and self.dist.enabled:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)

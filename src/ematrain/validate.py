@@ -46,7 +46,7 @@ def _parser():
 
 
 def parse_args(argv=None):
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(None if argv is None else [str(a) for a in argv])
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.img_size is not None and args.img_size < 1:
@@ -131,7 +131,8 @@ def _evaluate(args, info, device) -> int:
                                      ema_index=args.ema_index, ema_decay=args.ema_decay)
     arch = resolve_arch(args, ckpt)
     model = create_model(arch, resolve_num_classes(args, ckpt, dataset))
-    ckpt_io.load_weights_into(model, weights, args.checkpoint)
+    ckpt_io.load_weights_into(model, weights, args.checkpoint, arch=ckpt.get("arch"),
+                              model_name=arch)
     model.to(device)
     data_config = resolve_data_config(args, ckpt, model)
     dataset.transform = data.eval_transform(data_config)
