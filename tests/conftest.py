@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import subprocess
 import sys
+import tempfile
+import traceback
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -94,6 +100,105 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def _python_default_warning_filters() -> None:
+    """The filters a fresh interpreter starts with (no -W, no dev mode)."""
+    warnings.resetwarnings()
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__", append=True)
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.filterwarnings("ignore", category=category, append=True)
+    warnings.simplefilter("default", append=True)  # the interpreter's default action
+
+
+@contextlib.contextmanager
+def _capture_fds():
+    """Point file descriptors 1 and 2 at temporary files; yields {fd: file}."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    files = {fd: tempfile.TemporaryFile() for fd in (1, 2)}
+    saved = {fd: os.dup(fd) for fd in files}
+    try:
+        for fd, f in files.items():
+            os.dup2(f.fileno(), fd)
+        yield files
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, keep in saved.items():
+            os.dup2(keep, fd)
+            os.close(keep)
+
+
+def run_in_process(main: Callable[[list], int], script: str, *args) -> subprocess.CompletedProcess:
+    """Call an entry point's ``main(argv)`` in this process, captured as ``run_cli`` captures
+    ``python <script> *args``; returns the same kind of result.
+
+    Output is captured at the Python level and at the file-descriptor level (C/C++ messages,
+    forked workers). Python warnings are recorded under a fresh interpreter's filters and
+    appended to stderr as the interpreter would print them. The 'ematrain' logger loses its
+    handlers for the call, so ``setup_logging`` binds a new one to the captured stderr; the old
+    ones (and the level) come back afterwards. An exception that escapes ``main`` becomes exit
+    code 1 with its traceback on stderr, as in a process; SystemExit gives its code. The global
+    random states (random, numpy, torch) are restored afterwards.
+    """
+    import random
+
+    import torch
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    logger = logging.getLogger("ematrain")
+    saved_log = (list(logger.handlers), logger.level, logger.propagate)
+    saved_rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    try:
+        logger.handlers = []
+        with _capture_fds() as fds, warnings.catch_warnings(record=True) as caught, \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            _python_default_warning_filters()
+            try:
+                rc = main(argv)
+            except SystemExit as exc:
+                if exc.code is None or isinstance(exc.code, int):
+                    rc = exc.code or 0
+                else:
+                    print(exc.code, file=sys.stderr)
+                    rc = 1
+            except Exception:
+                traceback.print_exc()
+                rc = 1
+        for w in caught:
+            err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
+        fd_text = {}
+        for fd, f in fds.items():
+            f.seek(0)
+            fd_text[fd] = f.read().decode("utf-8", errors="replace")
+            f.close()
+    finally:
+        for handler in logger.handlers:
+            if handler not in saved_log[0]:
+                handler.close()
+        logger.handlers = saved_log[0]
+        logger.setLevel(saved_log[1])
+        logger.propagate = saved_log[2]
+        random.setstate(saved_rng[0])
+        np.random.set_state(saved_rng[1])
+        torch.set_rng_state(saved_rng[2])
+    return subprocess.CompletedProcess([script, *argv], rc, out.getvalue() + fd_text[1],
+                                       err.getvalue() + fd_text[2])
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """torch on `n` intra-op threads for the block, as OMP_NUM_THREADS=n gives a subprocess."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,11 @@
 and its one-line refusals (missing, truncated, unsafe or mismatched files).
 
 One short training run makes the checkpoint; the other files are derived from it in-process;
-all validate.py calls run once, concurrently, in a module fixture.
+all validate.py calls run once in a module fixture. Training and most validate.py calls run
+in-process through the entry points' ``main(argv)`` (captured as a process would be: see
+``conftest.run_in_process``); the unsafe-checkpoint call runs the real ``validate.py`` script in a
+subprocess, concurrently, so the pickled-code check holds for a fresh process and its exit is
+checked at the process level.
 """
 from __future__ import annotations
 
@@ -15,21 +19,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_in_process, torch_threads
+from ematrain import train as train_entry
+from ematrain import validate as validate_entry
 
 TRAIN = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--warmup-epochs", "0",
          "--lr", "0.05", "-j", "0", "--epochs", "1", "--model-ema", "--model-ema-decay", "0.9"]
 
+ENTRY_POINTS = {"train.py": train_entry.main, "validate.py": validate_entry.main}
+SUBPROCESS = ("unsafe",)  # run as `python validate.py ...`
+
 
 def run_all(jobs: dict, workers: int = 2) -> dict:
-    """Run {name: (script, args)} concurrently; torch gets one thread per process."""
-    with pytest.MonkeyPatch.context() as mp:
+    """Run {name: (script, args)}: SUBPROCESS jobs concurrently as processes, the others
+    in-process meanwhile; torch gets one thread in every case (so the numbers match training's,
+    which also ran on one thread)."""
+    with pytest.MonkeyPatch.context() as mp, torch_threads(1):
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.setenv("MKL_NUM_THREADS", "1")
         with ThreadPoolExecutor(workers) as pool:
             futures = {name: pool.submit(run_cli, script, *args)
-                       for name, (script, args) in jobs.items()}
-            return {name: f.result() for name, f in futures.items()}
+                       for name, (script, args) in jobs.items() if name in SUBPROCESS}
+            done = {name: run_in_process(ENTRY_POINTS[script], script, *args)
+                    for name, (script, args) in jobs.items() if name not in SUBPROCESS}
+            done.update((name, f.result()) for name, f in futures.items())
+    return done
 
 
 class _RunsCode:
@@ -122,6 +136,7 @@ def env(tiny_data, tmp_path_factory) -> Setup:
         "results_missing_dir": ("validate.py", [tiny_data, "-j", "0", "--checkpoint", s.ckpt,
                                                 "--results-file", s.missing_dir / "r.json"]),
     }
+    s.jobs = jobs
     s.procs = run_all(jobs)
     return s
 
@@ -197,6 +212,18 @@ def test_truncated_checkpoint(env):
 def test_pickled_code_is_not_run(env):
     assert env.control_ran, "the test payload does not run code: the check below would be vacuous"
     assert_one_line_error(env, "unsafe", env.unsafe.name)
+    assert not env.marker.exists()
+
+
+def test_in_process_run_matches_the_script(env):
+    """The in-process runner reports what `python validate.py` reports (so the other cases hold
+    for the script too): same exit code, same stdout, same stderr; still no code run."""
+    assert "unsafe" in SUBPROCESS
+    script, args = env.jobs["unsafe"]
+    with torch_threads(1):
+        here = run_in_process(ENTRY_POINTS[script], script, *args)
+    proc = env.procs["unsafe"]
+    assert (here.returncode, here.stdout, here.stderr) == (proc.returncode, proc.stdout, proc.stderr)
     assert not env.marker.exists()
 
 
