@@ -185,6 +185,16 @@ def ema_decays(ckpt: dict) -> list[float | None]:
     return [None] * len(ema_keys(ckpt))
 
 
+def ema_index_for_decay(ckpt: dict, decay: float, path) -> int:
+    """The shadow whose decay is `decay`, as given exactly or as printed (6 significant digits)."""
+    decays = ema_decays(ckpt)
+    for i, d in enumerate(decays):
+        if d is not None and (abs(d - decay) <= 1e-12 * max(1.0, d) or f"{d:g}" == f"{decay:g}"):
+            return i
+    known = ", ".join(f"{d:g}" for d in decays if d is not None) or "unknown"
+    raise UserError(f"{path} has no EMA with decay {decay:g} (it has: {known})")
+
+
 def select_weights(ckpt: dict, path: str | Path, use_ema: bool = False,
                    ema_index: int | None = None, ema_decay: float | None = None) -> dict:
     """The state dict to evaluate: raw, the first EMA, or the EMA picked by index or decay."""
@@ -200,12 +210,7 @@ def select_weights(ckpt: dict, path: str | Path, use_ema: bool = False,
     if not keys:
         raise UserError(f"{path} holds no EMA weights; run without --use-ema to evaluate the raw weights")
     if ema_decay is not None:
-        decays = ema_decays(ckpt)
-        matches = [i for i, d in enumerate(decays) if d is not None and abs(d - ema_decay) <= 1e-12 * max(1.0, d)]
-        if not matches:
-            known = ", ".join(f"{d:g}" for d in decays if d is not None) or "unknown"
-            raise UserError(f"{path} has no EMA with decay {ema_decay:g} (it has: {known})")
-        ema_index = matches[0]
+        ema_index = ema_index_for_decay(ckpt, ema_decay, path)
     index = ema_index or 0
     if not 0 <= index < len(keys):
         raise UserError(f"{path} has {len(keys)} EMA shadow(s); --ema-index {index} is out of range")

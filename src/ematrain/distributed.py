@@ -111,12 +111,13 @@ def distribute_bn(module: torch.nn.Module, info: DistInfo, mode: str, device: to
 
 @torch.no_grad()
 def check_replicas_agree(modules: list[torch.nn.Module], info: DistInfo, device: torch.device,
-                         what: str = "EMA shadow") -> list[float]:
+                         what: str = "EMA shadow", include_buffers: bool = True) -> list[float]:
     """A cheap float64 checksum per module on every rank; stops the run if any rank differs."""
     sums = []
     for module in modules:
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for t in list(module.parameters()) + list(module.buffers()):
+        tensors = list(module.parameters()) + (list(module.buffers()) if include_buffers else [])
+        for t in tensors:
             if t.is_floating_point():
                 total += t.detach().to(device=device, dtype=torch.float64).sum()
         sums.append(total)

@@ -5,6 +5,7 @@ steps and at the end of the epoch: on a GPU each `.item()` stalls the pipeline.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 import time
@@ -69,6 +70,10 @@ class StepConfig:
     skip_nonfinite: int = 0
     seed: int = 0
     rank: int = 0
+    recovery_interval: int = 0
+    # Under DDP a stop request is agreed across ranks (a collective), so it is polled only every
+    # `stop_every` steps; a single process polls its flag after every step for free.
+    stop_every: int = 1
 
 
 def seed_step(seed: int, epoch: int, batch: int, rank: int) -> None:
@@ -87,7 +92,7 @@ def seed_step(seed: int, epoch: int, batch: int, rank: int) -> None:
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: TrainState,
                     device: torch.device, cfg: StepConfig, ema: ModelEma | None = None,
-                    epochs: int = 0, should_stop=lambda: False, on_update=lambda: None,
+                    epochs: int = 0, should_stop=lambda: False, save_recovery=lambda: None,
                     any_rank=lambda flag: flag, show: bool = True, log=print) -> dict:
     """Train from batch `state.epoch_step` to the end of the epoch.
 
@@ -108,6 +113,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: Train
                disable=not (show and show_bars()), unit="step", dynamic_ncols=True)
     interval_start, interval_images = time.perf_counter(), 0
     amp = torch.autocast(device.type, dtype=cfg.amp_dtype, enabled=cfg.amp_dtype is not None)
+
+    def raise_if_bad_loss():
+        bad = int(first_bad)
+        if any_rank(bad >= 0):
+            bar.close()
+            raise NonFiniteLoss(state.epoch, bad)
+
     for batch, (images, targets) in enumerate(loader, start=state.epoch_step):
         seed_step(cfg.seed, state.epoch, batch, cfg.rank)
         images = images.to(device, non_blocking=True)
@@ -116,12 +128,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: Train
             images = images.contiguous(memory_format=torch.channels_last)
         if cfg.mixup_fn is not None:
             images, targets = cfg.mixup_fn(images, targets)
-        with amp:
+        # The last batches of an epoch may form a shorter accumulation group.
+        group_end = (batch + 1) % accum == 0 or batch + 1 == batches
+        # A skipped step must not leave its batch's statistics in BatchNorm's running buffers.
+        saved_buffers = _float_buffers(model, clone=True) if cfg.skip_nonfinite else None
+        with amp, _no_grad_sync(model, group_end):
             output = model(images)
             loss = cfg.loss_fn(output, targets)
         finite = torch.isfinite(loss.detach())
-        # The last batches of an epoch may form a shorter accumulation group.
-        group_end = (batch + 1) % accum == 0 or batch + 1 == batches
         # Under DDP every rank must agree to skip, or the gradient all-reduce would hang.
         if cfg.skip_nonfinite and any_rank(not bool(finite)):
             state.skipped_nonfinite += 1
@@ -131,20 +145,23 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: Train
                 bar.close()
                 raise NonFiniteLoss(state.epoch, batch)
             optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                torch._foreach_copy_(_float_buffers(model), saved_buffers)
             state.epoch_step = batch + 1
             bar.update(1)
             continue
-        first_bad = torch.where((first_bad < 0) & ~finite, torch.tensor(batch, device=device), first_bad)
+        first_bad = torch.where((first_bad < 0) & ~finite, batch, first_bad)
         # Divide by the real size of this group: the epoch's last group may be shorter.
         group_start = batch - batch % accum
         group_size = min(accum, batches - group_start)
         scaled = loss / group_size if group_size > 1 else loss
         # Second-order optimizers (AdaHessian) need the graph of the gradients.
         create_graph = getattr(optimizer, "is_second_order", False)
-        if cfg.scaler is not None:
-            cfg.scaler.scale(scaled).backward(create_graph=create_graph)
-        else:
-            scaled.backward(create_graph=create_graph)
+        with _no_grad_sync(model, group_end):
+            if cfg.scaler is not None:
+                cfg.scaler.scale(scaled).backward(create_graph=create_graph)
+            else:
+                scaled.backward(create_graph=create_graph)
         if group_end:
             _optimizer_step(model, optimizer, cfg)
             state.num_updates += 1
@@ -160,10 +177,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: Train
 
         last = batch + 1 == batches
         if (batch + 1) % cfg.log_interval == 0 or last:
-            bad = int(first_bad)
-            if any_rank(bad >= 0):
-                bar.close()
-                raise NonFiniteLoss(state.epoch, bad)
+            raise_if_bad_loss()
             loss_now = float(loss.detach())
             rate = interval_images / max(time.perf_counter() - interval_start, 1e-9)
             lr = current_lr(optimizer)
@@ -174,14 +188,32 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: Train
                 bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
             interval_start, interval_images = time.perf_counter(), 0
         if group_end and not last:
-            state.loss_sum = float(loss_sum)
-            on_update()
-            if any_rank(should_stop()):
-                bar.close()
-                raise Interrupted()
+            recover = cfg.recovery_interval and state.num_updates % cfg.recovery_interval == 0
+            stop = (batch + 1) % cfg.stop_every == 0 and any_rank(should_stop())
+            if recover or stop:
+                # Never save weights a bad step may already have spoiled.
+                raise_if_bad_loss()
+                state.loss_sum = float(loss_sum)
+                if recover:
+                    save_recovery()
+                if stop:
+                    bar.close()
+                    raise Interrupted()
     bar.close()
     state.loss_sum = float(loss_sum)
     return {"loss": state.loss_sum / max(state.loss_count, 1), "lr": current_lr(optimizer)}
+
+
+def _float_buffers(model: nn.Module, clone: bool = False) -> list[torch.Tensor]:
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    return [b.detach().clone() for b in buffers] if clone else buffers
+
+
+def _no_grad_sync(model: nn.Module, group_end: bool):
+    """DDP's no_sync for the micro-batches of an accumulation group before its last one."""
+    if not group_end and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def _optimizer_step(model: nn.Module, optimizer, cfg: StepConfig) -> None:
@@ -244,7 +276,10 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
     # how the images are split into batches or ranks, so validate.py and a distributed run
     # reproduce the training log.
     loss_fn = nn.CrossEntropyLoss(reduction="none")
-    model = unwrap_model(model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    # DDP's forward would broadcast buffers (a collective) while ranks hold different numbers of
+    # validation batches: evaluate the plain module under DDP.
+    if isinstance(getattr(model, "_orig_mod", model), nn.parallel.DistributedDataParallel):
+        model = unwrap_model(model)
     model.eval()
     shadows = ema.modules if ema is not None else []
     swapper = None
@@ -265,8 +300,11 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
             for index in order:
                 if swapper is not None:
                     swapper.load(index)
+                x = images
+                if index and swapper is None and amp_dtype is None and ema.dtype != images.dtype:
+                    x = images.to(ema.dtype)  # a shadow kept in another dtype (--model-ema-dtype)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    output = nets[index](images)
+                    output = nets[index](x)
                 top1, top5 = topk_correct(output, targets, (1, 5))
                 loss = loss_fn(output.float(), targets).double().sum()
                 sums[index] += torch.stack([loss, top1, top5, torch.tensor(float(n), dtype=torch.float64, device=device)])

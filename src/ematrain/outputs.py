@@ -14,14 +14,16 @@ from .errors import UserError
 METRICS = ("loss", "top1", "top5")
 
 
-def make_run_dir(output: str, experiment: str, model: str, resuming: bool = False) -> Path:
+def make_run_dir(output: str, experiment: str, model: str, resuming: bool = False,
+                 path: Path | None = None) -> Path:
     """`<output or ./output>/train/<experiment or date-model>/`, created if needed.
 
     A new run never writes into an earlier run's folder: like timm, it takes `<name>-1`,
     `<name>-2`, ... instead. A resumed run continues in its own folder.
     """
     name = experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{model.replace('/', '_')}"
-    base = Path(output or "output") / "train" / name
+    base = path or Path(output or "output") / "train" / name
+    name = base.name
     run_dir = base
     suffix = 0
     while not resuming and run_dir.exists() and any(run_dir.iterdir()):

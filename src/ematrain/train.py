@@ -183,6 +183,13 @@ def build_ema(args, model, device, decays) -> ModelEma | None:
         return None
     ema_device = torch.device("cpu") if args.model_ema_force_cpu else device
     dtype = _DTYPES[args.model_ema_dtype] if args.model_ema_dtype else None
+    if dtype is not None and dtype != torch.float64:
+        eps = torch.finfo(dtype).eps
+        for d in decays:
+            if 1.0 - d < eps:
+                log.warning(f"warning: with --model-ema-dtype {args.model_ema_dtype} an update of "
+                            f"(1 - {d:g}) = {1 - d:.2g} is below the dtype's precision "
+                            f"({eps:.2g}): the shadow will barely move")
     return ModelEma(model, decays, device=ema_device, dtype=dtype, every=args.model_ema_every,
                     warmup=args.model_ema_warmup, warmup_power=args.model_ema_warmup_power)
 
@@ -239,6 +246,9 @@ class Trainer:
         self.mixup_fn = build_mixup(args, self.num_classes)
         self.loss_fn = build_train_loss(args, mixing=self.mixup_fn is not None)
         decays = resolve_ema_decays(args, self.steps_per_epoch, world)
+        labels = [f"{d:g}" for d in decays]
+        if args.model_ema and len(set(labels)) < len(labels):
+            raise UserError(f"EMA decays must differ in their first 6 digits: {', '.join(labels)}")
         # Every rank keeps its own shadow of the unwrapped module; DDP keeps the parameters in
         # step, so the shadows agree (checked every epoch).
         self.ema = build_ema(args, self.model, self.device, decays)
@@ -269,6 +279,11 @@ class Trainer:
         if self.ema is not None:
             if "ema" not in ckpt:
                 raise UserError(f"cannot resume from {path}: it holds no EMA state but --model-ema is on")
+            saved = [float(d) for d in ckpt["ema"].get("decays", [])]
+            if len(saved) != len(self.decays) or any(abs(a - b) > 1e-12 for a, b in zip(saved, self.decays)):
+                raise UserError(f"cannot resume the EMA from {path}: it averages decays "
+                                f"{', '.join(f'{d:g}' for d in saved)}, this run asks for "
+                                f"{', '.join(f'{d:g}' for d in self.decays)}")
             shadows = [ckpt[k] for k in ckpt["ema"]["keys"]]
             try:
                 self.ema.load_state_dict({**ckpt["ema"], "shadows": shadows})
@@ -297,6 +312,13 @@ class Trainer:
         if extra.get("best"):
             self.best = [Best(b.get("metric"), b.get("epoch")) for b in extra["best"]]
         self.history.entries = [list(e) for e in extra.get("history", [])]
+        self.rows = [dict(r) for r in extra.get("rows", [])]
+        # As timm does: put the schedule where the run left it (this matters with
+        # --no-resume-opt, whose fresh scheduler would otherwise start at the warmup LR).
+        if self.scheduler is not None:
+            self.scheduler.step(self.state.epoch)
+            if self.args.sched_on_updates:
+                self.scheduler.step_update(self.state.num_updates)
         where = f"epoch {self.state.epoch}" + (f", step {self.state.epoch_step}"
                                                if self.state.epoch_step else "")
         log.info(f"resumed from {path} at {where}")
@@ -323,8 +345,11 @@ class Trainer:
     def checkpoint(self, metric: float | None, complete: bool) -> dict:
         """The run's state; `complete` False marks a checkpoint taken in the middle of an epoch."""
         epoch = self.state.epoch if complete else self.state.epoch - 1
+        # The summary rows travel with the checkpoint: a kill between writing the checkpoint and
+        # summary.csv then loses no row.
         resume_state = {"best": [vars(b) for b in self.best], "history": self.history.entries,
-                        "skipped_nonfinite": self.state.skipped_nonfinite}
+                        "skipped_nonfinite": self.state.skipped_nonfinite,
+                        "rows": [dict(r) for r in self.rows]}
         if not complete:
             resume_state.update(epoch=self.state.epoch, epoch_step=self.state.epoch_step,
                                 loss_sum=self.state.loss_sum, loss_count=self.state.loss_count)
@@ -402,10 +427,9 @@ class Trainer:
             parts.append(f"EMA updates skipped (NaN/Inf weights): {self.ema.skipped_nonfinite}")
         return " | ".join(parts)
 
-    def maybe_save_recovery(self) -> None:
-        """Every --recovery-interval optimizer steps, a mid-epoch checkpoint to resume from."""
-        interval = self.args.recovery_interval
-        if interval and self.state.num_updates % interval == 0:
+    def save_recovery(self) -> None:
+        """Every --recovery-interval optimizer steps: a mid-epoch checkpoint to resume from."""
+        if self.dist.is_primary:
             self.save("recovery.pth.tar", self.checkpoint(None, complete=False))
 
     def resume_path(self) -> Path | None:
@@ -431,10 +455,16 @@ class Trainer:
             self.resume(str(resume_from))
         run_dir = None
         if self.dist.is_primary:
-            run_dir = outputs.make_run_dir(args.output, args.experiment, args.model,
-                                           resuming=resume_from is not None)
+            own = resume_from.parent if resume_from is not None else None
+            if own is not None and not args.experiment and (own / "args.yaml").is_file():
+                # A resumed run continues in the folder of the checkpoint it resumes.
+                run_dir = outputs.make_run_dir("", "", args.model, resuming=True, path=own)
+            else:
+                run_dir = outputs.make_run_dir(args.output, args.experiment, args.model,
+                                               resuming=resume_from is not None
+                                               or args.resume == "auto")
         self.run_dir = Path(distributed.broadcast_object(str(run_dir), self.dist))
-        if resume_from is not None:
+        if resume_from is not None and not self.rows:
             self.rows = [r for r in outputs.read_summary(self.run_dir)
                          if int(r["epoch"]) < self.state.epoch]
         if self.dist.is_primary:
@@ -479,12 +509,13 @@ class Trainer:
                          scaler=self.scaler, channels_last=args.channels_last,
                          mixup_fn=self.mixup_fn, log_interval=args.log_interval,
                          skip_nonfinite=args.skip_nonfinite, seed=args.seed,
-                         rank=self.dist.rank)
+                         rank=self.dist.rank, recovery_interval=args.recovery_interval,
+                         stop_every=args.log_interval if self.dist.enabled else 1)
         try:
             train = train_one_epoch(
                 self.model, train_loader, self.optimizer, self.scheduler, self.state, self.device,
                 cfg, ema=self.ema, epochs=self.num_epochs - 1, should_stop=stop,
-                on_update=self.maybe_save_recovery, any_rank=self.any_rank,
+                save_recovery=self.save_recovery, any_rank=self.any_rank,
                 show=self.dist.is_primary, log=log.info)
         except Interrupted:
             path = self.save("last.pth.tar", self.checkpoint(None, complete=False))
@@ -528,7 +559,11 @@ class Trainer:
             for module in [unwrap_model(self.model)] + shadows:
                 distributed.distribute_bn(module, self.dist, self.args.dist_bn, self.device)
         if shadows:
-            sums = distributed.check_replicas_agree(shadows, self.dist, self.device)
+            # Without any BatchNorm sync each rank's shadow keeps its own running statistics:
+            # only the parameters can be compared then.
+            buffers = bool(self.args.sync_bn or self.args.dist_bn)
+            sums = distributed.check_replicas_agree(shadows, self.dist, self.device,
+                                                    include_buffers=buffers)
             log.info("EMA checksums (equal on all ranks): " + ", ".join(f"{s:.10g}" for s in sums))
 
     def report(self) -> None:

@@ -153,7 +153,7 @@ def _evaluate(args, info, device) -> int:
         decays = ckpt_io.ema_decays(ckpt)
         index = args.ema_index or 0
         if args.ema_decay is not None:
-            index = [i for i, d in enumerate(decays) if d is not None and abs(d - args.ema_decay) <= 1e-12 * max(1.0, d)][0]
+            index = ckpt_io.ema_index_for_decay(ckpt, args.ema_decay, args.checkpoint)
         which = f"ema {decays[index]:g}" if decays[index] is not None else "ema"
     results = {"model": arch, "checkpoint": str(args.checkpoint), "weights": which,
                "top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
