@@ -124,3 +124,12 @@ def test_lr_base_scales_with_global_batch(data_root, tmp_path):
     assert r.returncode == 0, r.stderr
     # global batch 2 x 8 = 16: lr = 0.1 * 16 / 256
     assert "lr 0.00625 for a global batch of 16" in r.stderr
+
+
+def test_no_bn_sync_compares_parameters_only(data_root, tmp_path):
+    # Without --sync-bn and with --dist-bn '' each rank's shadow keeps its own BatchNorm
+    # statistics; the run must go on, comparing the parameters.
+    r = torchrun(REPO_ROOT / "train.py", data_root, *TINY, "--epochs", "1", "--dist-bn", "",
+                 "--output", tmp_path, "--experiment", "nobn")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "EMA checksums (equal on all ranks)" in r.stderr

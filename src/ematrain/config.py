@@ -315,7 +315,8 @@ def check_train_args(args: argparse.Namespace) -> None:
             except ValueError as exc:
                 raise UserError(f"--model-ema-half-life: {exc}") from None
     if not args.model_ema and (args.model_ema_decay or args.model_ema_half_life
-                               or args.model_ema_force_cpu):
+                               or args.model_ema_force_cpu or args.model_ema_dtype
+                               or args.model_ema_warmup or args.model_ema_every != 1):
         # A user who names an EMA setting wants the EMA; turning it on beats silently ignoring it.
         args.model_ema = True
     if args.recovery_interval < 0:
