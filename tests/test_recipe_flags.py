@@ -23,7 +23,7 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import make_imagefolder, run_cli
+from conftest import make_imagefolder, run_cli, torch_threads
 from ematrain import checkpoint as ckpt_io
 from ematrain import outputs
 from ematrain.config import parse_train_args
@@ -48,11 +48,9 @@ def data(tmp_path_factory) -> Path:
 def _one_thread_no_plots(monkeypatch):
     # One torch thread: on a shared 2-core machine oversubscribed threads are several times
     # slower. curves.png is not under test here and costs a matplotlib import per epoch.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     monkeypatch.setattr(outputs, "plot_curves", lambda *a, **k: None)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def make_trainer(data, *extra, base=TINY) -> Trainer:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT, make_imagefolder
+from conftest import REPO_ROOT, make_imagefolder, torch_threads
 from ematrain import outputs
 from ematrain.config import parse_train_args
 from ematrain.ema import unwrap_model
@@ -32,11 +32,9 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _one_thread_no_plots(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     monkeypatch.setattr(outputs, "plot_curves", lambda *a, **k: None)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def recipe(name: str) -> dict:

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from conftest import make_imagefolder
+from conftest import make_imagefolder, torch_threads
 from ematrain import train as train_mod
 from ematrain.config import parse_train_args
 from ematrain.engine import NonFiniteLoss, StepConfig, train_one_epoch
@@ -24,10 +24,8 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
