@@ -518,7 +518,9 @@ class Trainer:
                 save_recovery=self.save_recovery, any_rank=self.any_rank,
                 show=self.dist.is_primary, log=log.info)
         except Interrupted:
-            path = self.save("last.pth.tar", self.checkpoint(None, complete=False))
+            path = self.run_dir / "last.pth.tar"
+            if self.dist.is_primary:  # other ranks would build the whole checkpoint for nothing
+                self.save("last.pth.tar", self.checkpoint(None, complete=False))
             distributed.barrier(self.dist)
             if self.dist.is_primary:
                 print(f"train.py: stopped at epoch {epoch}, step {self.state.epoch_step}; saved "
