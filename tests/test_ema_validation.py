@@ -11,8 +11,8 @@ import torch
 from conftest import make_imagefolder
 from ematrain import data
 from ematrain.config import parse_train_args
-from ematrain.ema import ModelEma, half_life_from_decay
-from ematrain.engine import _WeightSwapper, validate
+from ematrain.ema import ModelEma, WeightSwapper, half_life_from_decay
+from ematrain.engine import validate
 from ematrain.train import resolve_ema_decays
 
 
@@ -66,7 +66,7 @@ def test_cpu_shadow_swap_gives_the_same_numbers_and_restores_raw(val_loader, mon
 def test_swapper_loads_each_set_and_restores_bit_for_bit():
     model, ema = _trained_pair([0.5, 0.9])
     raw = {k: v.clone() for k, v in model.state_dict().items()}
-    swapper = _WeightSwapper(model, ema.modules)
+    swapper = WeightSwapper(model, ema.modules)
     for index, shadow in ((2, ema.modules[1]), (1, ema.modules[0])):
         swapper.load(index)
         for name, value in model.state_dict().items():

@@ -44,6 +44,7 @@ from torch import nn
 
 __all__ = [
     "ModelEma",
+    "WeightSwapper",
     "unwrap_model",
     "decay_from_half_life",
     "half_life_from_decay",
@@ -482,21 +483,15 @@ class ModelEma:
     def swapped_into(self, model: nn.Module, index: int = 0) -> Iterator[nn.Module]:
         """Temporarily load shadow ``index`` into ``model``; restore the raw weights bit for bit.
 
-        The raw weights are stashed in host memory, so no second copy of the model is held on
-        the model's device. Optimizer state is untouched: only tensor values are copied.
+        See `WeightSwapper`: no second copy of the model is held on its device, and optimizer
+        state is untouched.
         """
-        source = unwrap_model(model)
-        floats, ints = _float_and_int_tensors(source)
-        stash = [t.detach().to("cpu", copy=True) for t in floats + ints]
+        swapper = WeightSwapper(model, [self.modules[index]])
         try:
-            with torch.no_grad():
-                torch._foreach_copy_(floats, self._shadow_floats[index])
-                if ints:
-                    torch._foreach_copy_(ints, self._shadow_ints[index])
+            swapper.load(1)
             yield model
         finally:
-            with torch.no_grad():
-                torch._foreach_copy_(floats + ints, stash)
+            swapper.restore()
 
     # ----------------------------------------------------------------------------- state
     def shadow_state_dict(self, index: int = 0) -> dict[str, torch.Tensor]:
@@ -531,6 +526,44 @@ class ModelEma:
         self.steps = int(state["steps"])
         self.num_updates = int(state["num_updates"])
         self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
+
+
+class WeightSwapper:
+    """Loads the raw weights or one of several shadows into the live model, one copy per change.
+
+    This is how a shadow that lives elsewhere (``--model-ema-force-cpu``) is evaluated on the
+    training device without a second copy of the model there. The raw weights are stashed in
+    host memory (pinned for a CUDA model) and `restore` puts them back bit for bit. Only tensor
+    values are copied, so the Parameter objects, and the optimizer state keyed on them, stay.
+
+    Sets are numbered 0 (the raw weights) and 1.. (``shadows`` in order).
+    """
+
+    def __init__(self, model: nn.Module, shadows: Sequence[nn.Module]):
+        source = unwrap_model(model)
+        self.live = list(source.parameters()) + list(source.buffers())
+        on_cuda = any(t.device.type == "cuda" for t in self.live)
+        stash = [t.detach().to("cpu", copy=True) for t in self.live]
+        if on_cuda and torch.cuda.is_available():
+            stash = [t.pin_memory() for t in stash]
+        self.sets = [stash] + [list(m.parameters()) + list(m.buffers()) for m in shadows]
+        for tensors in self.sets[1:]:
+            if len(tensors) != len(self.live):
+                raise ValueError("shadow does not match the model's structure")
+        self.current = 0
+
+    @torch.no_grad()
+    def load(self, index: int) -> None:
+        """Make set ``index`` the live weights (a no-op when it already is)."""
+        if index != self.current:
+            torch._foreach_copy_(self.live, self.sets[index], non_blocking=True)
+            self.current = index
+
+    def restore(self) -> None:
+        """Put the raw weights back, and wait for the copy so the stash can be dropped."""
+        self.load(0)
+        if any(t.device.type == "cuda" for t in self.live):
+            torch.cuda.synchronize()
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

@@ -18,7 +18,7 @@ from timm.utils import dispatch_clip_grad
 from torch import nn
 from tqdm import tqdm
 
-from .ema import ModelEma, unwrap_model
+from .ema import ModelEma, WeightSwapper, unwrap_model
 from .errors import UserError
 
 
@@ -231,36 +231,6 @@ def _optimizer_step(model: nn.Module, optimizer, cfg: StepConfig) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-class _WeightSwapper:
-    """Loads the raw or a shadow's weights into the live model, one copy per change.
-
-    Used when the shadows live on another device than the model (``--model-ema-force-cpu``):
-    each shadow is then evaluated on the training device without a second copy of the model
-    there. The raw weights are stashed in host memory and restored bit for bit.
-    """
-
-    def __init__(self, model: nn.Module, shadows: list[nn.Module]):
-        source = unwrap_model(model)
-        self.live = list(source.parameters()) + list(source.buffers())
-        pin = any(t.device.type == "cuda" for t in self.live) and torch.cuda.is_available()
-        stash = [t.detach().to("cpu", copy=True) for t in self.live]
-        if pin:
-            stash = [t.pin_memory() for t in stash]
-        self.sets = [stash] + [list(m.parameters()) + list(m.buffers()) for m in shadows]
-        self.current = 0
-
-    @torch.no_grad()
-    def load(self, index: int) -> None:
-        if index != self.current:
-            torch._foreach_copy_(self.live, self.sets[index], non_blocking=True)
-            self.current = index
-
-    def restore(self) -> None:
-        self.load(0)
-        if any(t.device.type == "cuda" for t in self.live):
-            torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | None = None,
              epoch: int | None = None, amp_dtype: torch.dtype | None = None,
@@ -284,7 +254,7 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
     shadows = ema.modules if ema is not None else []
     swapper = None
     if shadows and ema.device != next(unwrap_model(model).parameters()).device:
-        swapper = _WeightSwapper(model, shadows)
+        swapper = WeightSwapper(model, shadows)
     nets = [model] + ([model] * len(shadows) if swapper else list(shadows))
     sums = torch.zeros(len(nets), 4, dtype=torch.float64, device=device)
     order = list(range(len(nets)))
