@@ -121,3 +121,72 @@ def test_in_chans_other_than_three_is_refused(data, tmp_path):
 @pytest.mark.parametrize("flag", ["--pin-mem", "--no-prefetcher"])
 def test_compatibility_flags_are_accepted(data, flag):
     assert getattr(parse_train_args([str(data), flag]), flag[2:].replace("-", "_")) is True
+
+
+# ------------------------------------------------------------------ data root and model flags
+def test_data_dir_flag_is_the_positional_root(data, tmp_path):
+    assert parse_train_args(["--data-dir", str(data)]).data_dir == str(data)
+    assert parse_train_args([str(data), "--data-dir", str(data)]).data_dir == str(data)
+    tr = Trainer(parse_train_args(["--data-dir", str(data), *TINY]))
+    assert tr.class_names == trainer(data).class_names == ["class_0", "class_1", "class_2"]
+    r = run_cli("train.py", data, "--data-dir", tmp_path, *TINY, "--output", tmp_path / "out")
+    assert r.returncode == 2 and not (tmp_path / "out").exists()
+    assert r.stderr.strip() == f"train.py: error: two data roots given: {data} and --data-dir {tmp_path}"
+
+
+def test_data_root_on_the_command_line_wins_over_a_recipe(data, tmp_path):
+    other = make_imagefolder(tmp_path / "other", num_classes=2, train_per_class=2,
+                             val_per_class=1)
+    recipe = tmp_path / "args.yaml"
+    recipe.write_text(f"data_dir: {data}\nmodel: test_resnet\n")
+    assert parse_train_args(["-c", recipe]).data_dir == str(data)
+    assert parse_train_args(["-c", recipe, str(other)]).data_dir == str(other)
+    assert parse_train_args(["-c", recipe, "--data-dir", str(other)]).data_dir == str(other)
+
+
+def test_validate_takes_data_dir_too(tmp_path):
+    from ematrain.validate import parse_args
+    assert parse_args(["--data-dir", str(tmp_path), "--checkpoint", "x"]).data_dir == str(tmp_path)
+    assert parse_args([str(tmp_path), "--checkpoint", "x"]).data_dir == str(tmp_path)
+    r = run_cli("validate.py", "--checkpoint", tmp_path / "x.pth.tar")
+    assert r.returncode == 2 and "no data root given" in r.stderr and "Traceback" not in r.stderr
+
+
+def _batchnorms(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def test_bn_momentum_and_eps_reach_every_batchnorm(data):
+    default = _batchnorms(trainer(data).model)
+    assert default and {(m.momentum, m.eps) for m in default} == {(0.1, 1e-5)}
+    changed = _batchnorms(trainer(data, "--bn-momentum", "0.01", "--bn-eps", "1e-3").model)
+    assert len(changed) == len(default)
+    assert {(m.momentum, m.eps) for m in changed} == {(0.01, 1e-3)}
+    # The running mean moves at the new momentum: one training forward of a constant batch.
+    layer = changed[0]
+    before = layer.running_mean.clone()
+    layer.train()
+    x = torch.randn(4, layer.num_features, 2, 2)
+    layer(x)
+    expected = 0.99 * before + 0.01 * x.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(layer.running_mean, expected)
+
+
+def test_bn_flags_on_a_model_without_batchnorm_are_refused(data, tmp_path):
+    r = run_cli("train.py", data, *TINY, "--model", "test_vit", "--bn-eps", "1e-3",
+                "--output", tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "train.py: error: --bn-eps given but the model has no BatchNorm layers"
+
+
+def test_drop_block_reaches_the_model(data, tmp_path):
+    from timm.layers import DropBlock2d
+    blocks = [m for m in trainer(data, "--drop-block", "0.2").model.modules()
+              if isinstance(m, DropBlock2d)]
+    assert blocks and all(b.drop_prob == pytest.approx(0.2) for b in blocks)
+    assert not any(isinstance(m, DropBlock2d) for m in trainer(data).model.modules())
+    r = run_cli("train.py", data, *TINY, "--model", "test_vit", "--drop-block", "0.2",
+                "--output", tmp_path)
+    assert r.returncode == 2 and "drop_block_rate" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train.py", data, *TINY, "--drop-block", "1.5", "--output", tmp_path)
+    assert r.returncode == 2 and "--drop-block must be in [0, 1), got 1.5" in r.stderr

@@ -41,8 +41,10 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="YAML recipe: its keys become defaults, command-line flags win")
 
     g = p.add_argument_group("Dataset parameters")
-    g.add_argument("data_dir", nargs="?", default=None, metavar="DIR",
+    g.add_argument("data", nargs="?", default=None, metavar="DIR",
                    help="data root holding <train-split>/ and <val-split>/ ImageFolder trees")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="the data root as a flag, timm's spelling (same as DIR)")
     g.add_argument("--train-split", default="train", help="training split folder (default: train)")
     g.add_argument("--val-split", default="val",
                    help="validation split folder (default: val; 'validation' if val is absent)")
@@ -98,6 +100,12 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="accepted for timm compatibility (memory is pinned whenever on CUDA)")
     g.add_argument("--drop", type=float, default=0.0, help="dropout rate (default: 0)")
     g.add_argument("--drop-path", type=float, default=None, help="drop-path rate")
+    g.add_argument("--drop-block", type=float, default=None,
+                   help="drop-block rate (models that support it, e.g. resnet)")
+    g.add_argument("--bn-momentum", type=float, default=None,
+                   help="momentum of every BatchNorm layer (default: the model's own)")
+    g.add_argument("--bn-eps", type=float, default=None,
+                   help="epsilon of every BatchNorm layer (default: the model's own)")
 
     g = p.add_argument_group("Optimizer parameters")
     g.add_argument("--opt", default="sgd", help="timm optimizer name (default: sgd)")
@@ -239,10 +247,24 @@ def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
     if pre.config:
         parser.set_defaults(**load_yaml_defaults(pre.config, parser))
     args = parser.parse_args(argv)
-    if args.data_dir is None:
-        raise UserError("no data root given: train.py DIR (with DIR/train and DIR/val)")
+    resolve_data_root(args, cli=pre, usage="train.py DIR (with DIR/train and DIR/val)")
     check_train_args(args)
     return args
+
+
+def resolve_data_root(args: argparse.Namespace, cli: argparse.Namespace, usage: str) -> None:
+    """Settle timm's two spellings of the data root, positional DIR and --data-dir, in data_dir.
+
+    ``cli`` holds only what the command line gave (no -c recipe defaults): a root given there
+    wins over a recipe's, so ``-c old-run/args.yaml NEWDIR`` trains on NEWDIR. Two different
+    roots on the command line are an error rather than a silent pick.
+    """
+    if cli.data and cli.data_dir and cli.data != cli.data_dir:
+        raise UserError(f"two data roots given: {cli.data} and --data-dir {cli.data_dir}")
+    root = cli.data_dir or cli.data or args.data_dir or args.data
+    if not root:
+        raise UserError(f"no data root given: {usage}")
+    args.data_dir, args.data = root, None
 
 
 def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
@@ -288,8 +310,14 @@ def check_train_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not 0.0 <= value < 1.0:
             raise UserError(f"--{name} must be in [0, 1), got {value}")
-    if args.drop_path is not None and not 0.0 <= args.drop_path < 1.0:
-        raise UserError(f"--drop-path must be in [0, 1), got {args.drop_path}")
+    for name in ("drop_path", "drop_block"):
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+    if args.bn_momentum is not None and not 0.0 <= args.bn_momentum <= 1.0:
+        raise UserError(f"--bn-momentum must be in [0, 1], got {args.bn_momentum}")
+    if args.bn_eps is not None and not args.bn_eps > 0.0:
+        raise UserError(f"--bn-eps must be > 0, got {args.bn_eps}")
     if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
         raise UserError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.validation_batch_size is not None and args.validation_batch_size < 1:

@@ -5,6 +5,7 @@ import difflib
 from pathlib import Path
 
 import timm
+from torch import nn
 
 from .errors import UserError
 
@@ -36,3 +37,23 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
             raise UserError(f"cannot load pretrained weights for '{name}' (no network here; "
                             f"use --initial-checkpoint with a local file): {str(exc)[:120]}") from None
         raise UserError(f"cannot create model '{name}': {str(exc)[:160]}") from None
+
+
+def set_batchnorm(model: nn.Module, momentum: float | None = None, eps: float | None = None) -> None:
+    """Give every BatchNorm layer this momentum and/or eps (--bn-momentum, --bn-eps).
+
+    timm hands these to the few model builders that take them (the EfficientNet family) and
+    other models reject them; setting the layers works for every architecture. A model without
+    BatchNorm is an error rather than a flag silently ignored.
+    """
+    if momentum is None and eps is None:
+        return
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        flag = "--bn-momentum" if momentum is not None else "--bn-eps"
+        raise UserError(f"{flag} given but the model has no BatchNorm layers")
+    for layer in layers:
+        if momentum is not None:
+            layer.momentum = momentum
+        if eps is not None:
+            layer.eps = eps

@@ -47,7 +47,7 @@ def make_run_dir(output: str, experiment: str, model: str, resuming: bool = Fals
 
 
 def write_args(run_dir: Path, args: dict) -> None:
-    """args.yaml, loadable again with `-c` (the positional data root is kept as data_dir)."""
+    """args.yaml, loadable again with `-c` (the data root is kept as data_dir)."""
     clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()
              if k not in ("config",)}
     if clean.get("data_dir"):

@@ -22,7 +22,7 @@ from .ema import ModelEma, half_life_from_decay, parse_half_life, unwrap_model
 from .engine import (Interrupted, NonFiniteLoss, StepConfig, TrainState, train_one_epoch,
                      validate)
 from .errors import RunFailure, UserError
-from .models import create_model
+from .models import create_model, set_batchnorm
 from .signals import StopRequest
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -209,8 +209,9 @@ class Trainer:
         self.num_classes = resolve_num_classes(args, train_set)
         self.model = create_model(args.model, self.num_classes, pretrained=args.pretrained,
                                   pretrained_path=args.pretrained_path, drop_rate=args.drop,
-                                  drop_path_rate=args.drop_path, global_pool=args.gp,
-                                  in_chans=args.in_chans, **args.model_kwargs)
+                                  drop_path_rate=args.drop_path, drop_block_rate=args.drop_block,
+                                  global_pool=args.gp, in_chans=args.in_chans, **args.model_kwargs)
+        set_batchnorm(self.model, args.bn_momentum, args.bn_eps)
         if args.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         if args.initial_checkpoint:

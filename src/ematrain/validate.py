@@ -10,7 +10,7 @@ from pathlib import Path
 from . import checkpoint as ckpt_io
 from . import data, distributed
 from .cli import log, run_main
-from .config import _Parser
+from .config import _Parser, resolve_data_root
 from .engine import validate
 from .errors import UserError
 from .models import create_model
@@ -20,7 +20,10 @@ def _parser():
     p = _Parser(prog="validate.py", description="Evaluate a checkpoint's raw or EMA weights. By "
                 "default the evaluation transform is the one training validated with, so the "
                 "numbers match the training log.")
-    p.add_argument("data_dir", metavar="DIR", help="data root holding the split folder")
+    p.add_argument("data", nargs="?", default=None, metavar="DIR",
+                   help="data root holding the split folder")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="the data root as a flag, timm's spelling (same as DIR)")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="our checkpoint, timm's, a plain state dict or a .safetensors file")
     p.add_argument("--use-ema", action="store_true", default=False,
@@ -47,6 +50,7 @@ def _parser():
 
 def parse_args(argv=None):
     args = _parser().parse_args(None if argv is None else [str(a) for a in argv])
+    resolve_data_root(args, cli=args, usage="validate.py DIR --checkpoint PATH")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.img_size is not None and args.img_size < 1:
