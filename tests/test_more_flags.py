@@ -190,3 +190,35 @@ def test_drop_block_reaches_the_model(data, tmp_path):
     assert r.returncode == 2 and "drop_block_rate" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("train.py", data, *TINY, "--drop-block", "1.5", "--output", tmp_path)
     assert r.returncode == 2 and "--drop-block must be in [0, 1), got 1.5" in r.stderr
+
+
+def test_model_kwargs_win_over_the_named_flags(data):
+    from timm.layers import DropBlock2d
+    model = trainer(data, "--drop-block", "0.2", "--model-kwargs", "drop_block_rate=0.3").model
+    blocks = [m for m in model.modules() if isinstance(m, DropBlock2d)]
+    assert blocks and all(b.drop_prob == pytest.approx(0.3) for b in blocks)
+    assert trainer(data, "--drop", "0.1", "--model-kwargs", "drop_rate=0.4").model.drop_rate == 0.4
+
+
+def test_sync_bn_conversion_keeps_fused_activations():
+    """timm's BatchNormAct2d applies its activation itself; torch's converter would drop it."""
+    import timm
+    from timm.layers import convert_sync_batchnorm
+    model = timm.create_model("test_efficientnet", num_classes=3).eval()
+    converted = convert_sync_batchnorm(timm.create_model("test_efficientnet", num_classes=3)).eval()
+    converted.load_state_dict(model.state_dict())
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x))
+
+
+def test_args_yaml_of_a_resumed_run_is_a_recipe_that_starts_afresh(data, tmp_path):
+    import yaml
+    from ematrain import outputs
+    args = vars(parse_train_args([str(data), *TINY, "--resume", "auto"]))
+    outputs.write_args(tmp_path, args)
+    saved = yaml.safe_load((tmp_path / "args.yaml").read_text())
+    assert "resume" not in saved and saved["model"] == "test_resnet"
+    again = parse_train_args(["-c", tmp_path / "args.yaml"])
+    assert again.resume == "" and again.data_dir == str(Path(data).resolve())

@@ -264,3 +264,24 @@ def test_bare_weights_file(env, name):
     assert res["top1"] == float(env.row["eval_top1"])
     assert res["top5"] == float(env.row["eval_top5"])
     assert res["count"] == env.num_val
+
+
+# ----------------------------------------------------------------------------- architecture flags
+def test_architecture_flags_are_rebuilt_for_validation(tiny_data, tmp_path):
+    """--gp catavgmax changes the head's shape and --bn-eps what every BatchNorm computes:
+    validate.py must rebuild that network from the checkpoint to reproduce the log."""
+    out = tmp_path / "out"
+    train = run_all({"train": ("train.py", [tiny_data, *TRAIN, "--gp", "catavgmax", "--bn-eps",
+                                            "0.5", "--output", out, "--experiment", "arch"])})
+    assert train["train"].returncode == 0, train["train"].stderr[-3000:]
+    run_dir = out / "train" / "arch"
+    with open(run_dir / "summary.csv", newline="") as f:
+        row = list(csv.DictReader(f))[-1]
+    val = ["validate.py", [tiny_data, "-j", "0", "--checkpoint", run_dir / "last.pth.tar"]]
+    procs = run_all({"raw": (val[0], val[1] + ["--results-file", tmp_path / "raw.json"]),
+                     "ema": (val[0], val[1] + ["--use-ema", "--results-file", tmp_path / "ema.json"])})
+    for name, prefix in (("raw", "eval_"), ("ema", "ema_eval_")):
+        assert procs[name].returncode == 0, procs[name].stderr[-2000:]
+        res = json.loads((tmp_path / f"{name}.json").read_text())
+        assert res["loss"] == float(row[prefix + "loss"])
+        assert res["top1"] == float(row[prefix + "top1"])

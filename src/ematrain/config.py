@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -259,12 +260,18 @@ def resolve_data_root(args: argparse.Namespace, cli: argparse.Namespace, usage: 
     wins over a recipe's, so ``-c old-run/args.yaml NEWDIR`` trains on NEWDIR. Two different
     roots on the command line are an error rather than a silent pick.
     """
-    if cli.data and cli.data_dir and cli.data != cli.data_dir:
-        raise UserError(f"two data roots given: {cli.data} and --data-dir {cli.data_dir}")
+    _refuse_two_roots(cli, "")
+    if not (cli.data or cli.data_dir):
+        _refuse_two_roots(args, " (in the -c recipe)")
     root = cli.data_dir or cli.data or args.data_dir or args.data
     if not root:
         raise UserError(f"no data root given: {usage}")
     args.data_dir, args.data = root, None
+
+
+def _refuse_two_roots(where: argparse.Namespace, source: str) -> None:
+    if where.data and where.data_dir and Path(where.data).resolve() != Path(where.data_dir).resolve():
+        raise UserError(f"two data roots given{source}: {where.data} and --data-dir {where.data_dir}")
 
 
 def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
@@ -316,8 +323,8 @@ def check_train_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
     if args.bn_momentum is not None and not 0.0 <= args.bn_momentum <= 1.0:
         raise UserError(f"--bn-momentum must be in [0, 1], got {args.bn_momentum}")
-    if args.bn_eps is not None and not args.bn_eps > 0.0:
-        raise UserError(f"--bn-eps must be > 0, got {args.bn_eps}")
+    if args.bn_eps is not None and not 0.0 < args.bn_eps < math.inf:
+        raise UserError(f"--bn-eps must be a positive number, got {args.bn_eps}")
     if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
         raise UserError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if args.validation_batch_size is not None and args.validation_batch_size < 1:

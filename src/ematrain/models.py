@@ -39,6 +39,17 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
         raise UserError(f"cannot create model '{name}': {str(exc)[:160]}") from None
 
 
+def architecture_kwargs(args: dict) -> dict:
+    """The training flags that shape the network, as create_model keyword arguments.
+
+    validate.py rebuilds a checkpoint's model from these (ours and timm's save them under the
+    same names), so a run with ``--gp catavgmax`` or ``--model-kwargs`` evaluates the network it
+    trained. ``--model-kwargs`` comes last and wins over the named flags.
+    """
+    return {"global_pool": args.get("gp"), "in_chans": args.get("in_chans"),
+            **(args.get("model_kwargs") or {})}
+
+
 def set_batchnorm(model: nn.Module, momentum: float | None = None, eps: float | None = None) -> None:
     """Give every BatchNorm layer this momentum and/or eps (--bn-momentum, --bn-eps).
 

@@ -48,8 +48,9 @@ def make_run_dir(output: str, experiment: str, model: str, resuming: bool = Fals
 
 def write_args(run_dir: Path, args: dict) -> None:
     """args.yaml, loadable again with `-c` (the data root is kept as data_dir)."""
+    # A recipe, not the run's history: `-c args.yaml` must start a new run, never resume this one.
     clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()
-             if k not in ("config",)}
+             if k not in ("config", "resume")}
     if clean.get("data_dir"):
         # Absolute, so `-c args.yaml` works from any directory.
         clean["data_dir"] = str(Path(clean["data_dir"]).resolve())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from timm.data import Mixup
+from timm.layers import convert_sync_batchnorm
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -22,7 +23,7 @@ from .ema import ModelEma, half_life_from_decay, parse_half_life, unwrap_model
 from .engine import (Interrupted, NonFiniteLoss, StepConfig, TrainState, train_one_epoch,
                      validate)
 from .errors import RunFailure, UserError
-from .models import create_model, set_batchnorm
+from .models import architecture_kwargs, create_model, set_batchnorm
 from .signals import StopRequest
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -207,10 +208,11 @@ class Trainer:
         train_set, val_set = build_datasets(args)
         self.class_names = train_set.classes
         self.num_classes = resolve_num_classes(args, train_set)
+        regularisation = {"drop_rate": args.drop, "drop_path_rate": args.drop_path,
+                          "drop_block_rate": args.drop_block}
         self.model = create_model(args.model, self.num_classes, pretrained=args.pretrained,
-                                  pretrained_path=args.pretrained_path, drop_rate=args.drop,
-                                  drop_path_rate=args.drop_path, drop_block_rate=args.drop_block,
-                                  global_pool=args.gp, in_chans=args.in_chans, **args.model_kwargs)
+                                  pretrained_path=args.pretrained_path,
+                                  **{**regularisation, **architecture_kwargs(vars(args))})
         set_batchnorm(self.model, args.bn_momentum, args.bn_eps)
         if args.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
@@ -220,7 +222,8 @@ class Trainer:
             ckpt_io.load_weights_into(self.model, weights, args.initial_checkpoint,
                                       arch=state.get("arch"), model_name=args.model)
         if args.sync_bn and self.dist.enabled:
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            # timm's converter keeps the activation of its fused BatchNormAct2d layers.
+            self.model = convert_sync_batchnorm(self.model)
         self.model.to(self.device)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)

@@ -13,7 +13,7 @@ from .cli import log, run_main
 from .config import _Parser, resolve_data_root
 from .engine import validate
 from .errors import UserError
-from .models import create_model
+from .models import architecture_kwargs, create_model, set_batchnorm
 
 
 def _parser():
@@ -134,13 +134,19 @@ def _evaluate(args, info, device) -> int:
     weights = ckpt_io.select_weights(ckpt, args.checkpoint, use_ema=args.use_ema,
                                      ema_index=args.ema_index, ema_decay=args.ema_decay)
     arch = resolve_arch(args, ckpt)
-    model = create_model(arch, resolve_num_classes(args, ckpt, dataset))
+    train_args = ckpt_io.args_dict(ckpt)
+    # Rebuild the network training built: pooling, --model-kwargs and BatchNorm eps change
+    # what the weights compute (only when evaluating the checkpoint's own architecture).
+    same_arch = arch == (ckpt.get("arch") or train_args.get("model"))
+    model = create_model(arch, resolve_num_classes(args, ckpt, dataset),
+                         **(architecture_kwargs(train_args) if same_arch else {}))
+    if same_arch:
+        set_batchnorm(model, eps=train_args.get("bn_eps"))
     ckpt_io.load_weights_into(model, weights, args.checkpoint, arch=ckpt.get("arch"),
                               model_name=arch)
     model.to(device)
     data_config = resolve_data_config(args, ckpt, model)
     dataset.transform = data.eval_transform(data_config)
-    train_args = ckpt_io.args_dict(ckpt)
     batch_size = (args.batch_size or train_args.get("validation_batch_size")
                   or train_args.get("batch_size") or 256)
     # Under torchrun each rank takes a disjoint share; every image counts exactly once.
