@@ -222,3 +222,15 @@ def test_args_yaml_of_a_resumed_run_is_a_recipe_that_starts_afresh(data, tmp_pat
     assert "resume" not in saved and saved["model"] == "test_resnet"
     again = parse_train_args(["-c", tmp_path / "args.yaml"])
     assert again.resume == "" and again.data_dir == str(Path(data).resolve())
+
+
+def test_model_dtype_is_applied_and_its_conflicts_refused(data, tmp_path):
+    tr = trainer(data, "--model-dtype", "bfloat16", "--model-ema")
+    assert {p.dtype for p in tr.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in tr.ema.module.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer(data).model.parameters()} == {torch.float32}
+    r = run_cli("train.py", data, *TINY, "--model-dtype", "bfloat16", "--amp", "--amp-dtype",
+                "bfloat16", "--output", tmp_path)
+    assert r.returncode == 2 and "give one of them" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train.py", data, *TINY, "--model-dtype", "float16", "--output", tmp_path)
+    assert r.returncode == 2 and "--model-dtype float16 needs CUDA" in r.stderr

@@ -285,3 +285,31 @@ def test_architecture_flags_are_rebuilt_for_validation(tiny_data, tmp_path):
         res = json.loads((tmp_path / f"{name}.json").read_text())
         assert res["loss"] == float(row[prefix + "loss"])
         assert res["top1"] == float(row[prefix + "top1"])
+
+
+def test_bfloat16_model_keeps_float32_shadows_and_validates_alike(tiny_data, tmp_path):
+    """--model-dtype bfloat16: the weights train in bfloat16, the EMA is kept in float32 (an
+    update of (1 - decay) x (model - ema) would round away in 16 bits), and validate.py evaluates
+    each in its own dtype, reproducing the log."""
+    out = tmp_path / "out"
+    train = run_all({"train": ("train.py", [tiny_data, *TRAIN, "--model-dtype", "bfloat16",
+                                            "--output", out, "--experiment", "bf16"])})
+    assert train["train"].returncode == 0, train["train"].stderr[-3000:]
+    run_dir = out / "train" / "bf16"
+    ckpt = torch.load(run_dir / "last.pth.tar", map_location="cpu", weights_only=True)
+    floats = lambda sd: {v.dtype for v in sd.values() if v.is_floating_point()}  # noqa: E731
+    assert floats(ckpt["state_dict"]) == {torch.bfloat16}
+    assert floats(ckpt["state_dict_ema"]) == {torch.float32}
+    with open(run_dir / "summary.csv", newline="") as f:
+        row = list(csv.DictReader(f))[-1]
+    val = [tiny_data, "-j", "0", "--checkpoint", run_dir / "last.pth.tar"]
+    procs = run_all({"raw": ("validate.py", val + ["--results-file", tmp_path / "raw.json"]),
+                     "ema": ("validate.py", val + ["--use-ema", "--results-file", tmp_path / "ema.json"])})
+    for name, prefix in (("raw", "eval_"), ("ema", "ema_eval_")):
+        assert procs[name].returncode == 0, procs[name].stderr[-2000:]
+        res = json.loads((tmp_path / f"{name}.json").read_text())
+        assert res["loss"] == float(row[prefix + "loss"])
+        assert res["top1"] == float(row[prefix + "top1"])
+    from ematrain.validate import evaluation_dtype
+    assert evaluation_dtype(ckpt["state_dict"], torch.device("cpu")) == torch.bfloat16
+    assert evaluation_dtype(ckpt["state_dict_ema"], torch.device("cpu")) is None

@@ -95,6 +95,9 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="mixed precision autocast (bfloat16 works on the CPU; float16 needs CUDA)")
     g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
                    help="autocast dtype (default: float16; a grad scaler is used with float16)")
+    g.add_argument("--model-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="keep the model's weights and inputs in this dtype (low precision without "
+                        "AMP; the EMA shadows stay float32 unless --model-ema-dtype says otherwise)")
     g.add_argument("--no-prefetcher", action="store_true", default=False,
                    help="accepted for timm compatibility (ematrain has no separate prefetcher)")
     g.add_argument("--pin-mem", action="store_true", default=False,
@@ -321,6 +324,10 @@ def check_train_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not 0.0 <= value < 1.0:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+    if args.amp and args.model_dtype not in (None, "float32"):
+        raise UserError(f"--amp is mixed precision for a float32 model; with --model-dtype "
+                        f"{args.model_dtype} the model already computes in {args.model_dtype}: "
+                        f"give one of them")
     if args.bn_momentum is not None and not 0.0 <= args.bn_momentum <= 1.0:
         raise UserError(f"--bn-momentum must be in [0, 1], got {args.bn_momentum}")
     if args.bn_eps is not None and not 0.0 < args.bn_eps < math.inf:

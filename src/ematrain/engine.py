@@ -63,6 +63,8 @@ class StepConfig:
     clip_mode: str = "norm"
     accum_steps: int = 1
     amp_dtype: torch.dtype | None = None
+    # Inputs are cast to this (--model-dtype); None keeps the loader's float32.
+    input_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     channels_last: bool = False
     mixup_fn: object | None = None
@@ -122,7 +124,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: Train
 
     for batch, (images, targets) in enumerate(loader, start=state.epoch_step):
         seed_step(cfg.seed, state.epoch, batch, cfg.rank)
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, dtype=cfg.input_dtype, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -134,7 +136,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: Train
         saved_buffers = _float_buffers(model, clone=True) if cfg.skip_nonfinite else None
         with amp, _no_grad_sync(model, group_end):
             output = model(images)
-            loss = cfg.loss_fn(output, targets)
+            # The loss of a 16-bit model's output is computed in float32, as autocast does.
+            loss = cfg.loss_fn(output.float(), targets)
         finite = torch.isfinite(loss.detach())
         # Under DDP every rank must agree to skip, or the gradient all-reduce would hang.
         if cfg.skip_nonfinite and any_rank(not bool(finite)):
@@ -252,10 +255,15 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
         model = unwrap_model(model)
     model.eval()
     shadows = ema.modules if ema is not None else []
+    first = next(unwrap_model(model).parameters())
     swapper = None
-    if shadows and ema.device != next(unwrap_model(model).parameters()).device:
+    if shadows and ema.device != first.device:
         swapper = WeightSwapper(model, shadows)
     nets = [model] + ([model] * len(shadows) if swapper else list(shadows))
+    # Each weight set computes in its own dtype (--model-dtype, --model-ema-dtype); a swapped-in
+    # shadow takes the live model's.
+    dtypes = [first.dtype] + [first.dtype if swapper else next(shadow.parameters()).dtype
+                              for shadow in shadows]
     sums = torch.zeros(len(nets), 4, dtype=torch.float64, device=device)
     order = list(range(len(nets)))
     desc = "validate" if epoch is None else f"val {epoch}"
@@ -271,8 +279,8 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
                 if swapper is not None:
                     swapper.load(index)
                 x = images
-                if index and swapper is None and amp_dtype is None and ema.dtype != images.dtype:
-                    x = images.to(ema.dtype)  # a shadow kept in another dtype (--model-ema-dtype)
+                if amp_dtype is None and images.dtype != dtypes[index]:
+                    x = images.to(dtypes[index])
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     output = nets[index](x)
                 top1, top5 = topk_correct(output, targets, (1, 5))

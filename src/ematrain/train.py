@@ -159,6 +159,16 @@ def build_amp(args, device):
     return dtype, scaler
 
 
+def build_model_dtype(args, device) -> torch.dtype | None:
+    """--model-dtype: the dtype the model's weights are kept in (None: as created, float32)."""
+    if args.model_dtype in (None, "float32"):
+        return None
+    dtype = _DTYPES[args.model_dtype]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise UserError("--model-dtype float16 needs CUDA; on the CPU use --model-dtype bfloat16")
+    return dtype
+
+
 def build_mixup(args, num_classes):
     if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
         return None
@@ -224,7 +234,8 @@ class Trainer:
         if args.sync_bn and self.dist.enabled:
             # timm's converter keeps the activation of its fused BatchNormAct2d layers.
             self.model = convert_sync_batchnorm(self.model)
-        self.model.to(self.device)
+        self.model_dtype = build_model_dtype(args, self.device)
+        self.model.to(self.device, dtype=self.model_dtype)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.amp_dtype, self.scaler = build_amp(args, self.device)
@@ -510,6 +521,7 @@ class Trainer:
             self.mixup_fn.mixup_enabled = False
         cfg = StepConfig(loss_fn=self.loss_fn, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                          accum_steps=args.grad_accum_steps, amp_dtype=self.amp_dtype,
+                         input_dtype=self.model_dtype,
                          scaler=self.scaler, channels_last=args.channels_last,
                          mixup_fn=self.mixup_fn, log_interval=args.log_interval,
                          skip_nonfinite=args.skip_nonfinite, seed=args.seed,

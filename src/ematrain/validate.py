@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from . import checkpoint as ckpt_io
 from . import data, distributed
 from .cli import log, run_main
@@ -73,6 +75,15 @@ def resolve_arch(args, ckpt: dict) -> str:
     if not arch:
         raise UserError(f"{args.checkpoint} does not name its model; pass --model")
     return arch
+
+
+def evaluation_dtype(weights: dict, device) -> torch.dtype | None:
+    """16-bit weights (--model-dtype) are evaluated in their own dtype, as training validated
+    them; float16 only on CUDA. None: the model's float32."""
+    dtypes = {t.dtype for t in weights.values() if torch.is_tensor(t) and t.is_floating_point()}
+    if dtypes == {torch.bfloat16} or (dtypes == {torch.float16} and device.type == "cuda"):
+        return dtypes.pop()
+    return None
 
 
 def resolve_num_classes(args, ckpt: dict, dataset) -> int:
@@ -144,7 +155,7 @@ def _evaluate(args, info, device) -> int:
         set_batchnorm(model, eps=train_args.get("bn_eps"))
     ckpt_io.load_weights_into(model, weights, args.checkpoint, arch=ckpt.get("arch"),
                               model_name=arch)
-    model.to(device)
+    model.to(device, dtype=evaluation_dtype(weights, device))
     data_config = resolve_data_config(args, ckpt, model)
     dataset.transform = data.eval_transform(data_config)
     batch_size = (args.batch_size or train_args.get("validation_batch_size")
