@@ -234,3 +234,37 @@ def test_model_dtype_is_applied_and_its_conflicts_refused(data, tmp_path):
     assert r.returncode == 2 and "give one of them" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("train.py", data, *TINY, "--model-dtype", "float16", "--output", tmp_path)
     assert r.returncode == 2 and "--model-dtype float16 needs CUDA" in r.stderr
+
+
+def test_lr_base_scale_overrides_the_optimizer_default(data):
+    # -b 4 against --lr-base-size 256: ratio 1/64, sqrt 1/8.
+    base = ["--lr-base", "0.64", "--lr-base-size", "256"]
+    def lr(*extra):
+        args = parse_train_args([str(data), *TINY[:-2], *base, *extra])  # TINY[-2:] is --lr 0.1
+        return Trainer(args).lr
+    assert lr() == pytest.approx(0.01)                             # sgd: linear
+    assert lr("--opt", "adamw") == pytest.approx(0.08)             # adaptive: sqrt
+    assert lr("--lr-base-scale", "sqrt") == pytest.approx(0.08)
+    assert lr("--opt", "adamw", "--lr-base-scale", "linear") == pytest.approx(0.01)
+
+
+def test_head_init_scale_and_bias_reach_the_classifier(data, tmp_path):
+    plain = trainer(data).model.get_classifier()
+    head = trainer(data, "--head-init-scale", "0.5", "--head-init-bias", "-2").model.get_classifier()
+    torch.testing.assert_close(head.weight, plain.weight * 0.5, atol=0, rtol=0)
+    assert torch.equal(head.bias, torch.full_like(head.bias, -2.0))
+    scaled = trainer(data, "--head-init-scale", "0.5").model.get_classifier()
+    torch.testing.assert_close(scaled.bias, plain.bias * 0.5, atol=0, rtol=0)
+    import timm
+    from ematrain.errors import UserError
+    from ematrain.models import init_head
+    with pytest.raises(UserError, match="no classifier layer"):
+        init_head(timm.create_model("test_resnet", num_classes=0), scale=0.1)
+
+
+@pytest.mark.parametrize("key,flag", [("num_classes", "--num-classes"),
+                                      ("pretrained", "--pretrained")])
+def test_model_kwargs_that_a_flag_owns_are_refused(data, tmp_path, key, flag):
+    r = run_cli("train.py", data, *TINY, "--model-kwargs", f"{key}=1", "--output", tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"--model-kwargs {key}: use {flag}" in r.stderr

@@ -64,6 +64,10 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="local weights file for --pretrained (timm's pretrained_cfg_overlay file=)")
     g.add_argument("--gp", default=None, metavar="POOL",
                    help="global pool type (fast, avg, max, avgmax, avgmaxc); default: the model's")
+    g.add_argument("--head-init-scale", type=float, default=None,
+                   help="multiply the classifier's initial weights and bias by this")
+    g.add_argument("--head-init-bias", type=float, default=None,
+                   help="set the classifier's initial bias to this value")
     g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                    help="extra keyword arguments for timm.create_model, e.g. stem_type=deep")
     g.add_argument("--in-chans", type=int, default=None, metavar="N",
@@ -136,6 +140,9 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="base learning rate for --lr-base-size images per step (default: 0.1)")
     g.add_argument("--lr-base-size", type=int, default=256,
                    help="batch size that --lr-base refers to (default: 256)")
+    g.add_argument("--lr-base-scale", default="", choices=["", "linear", "sqrt"],
+                   help="how --lr-base scales with the global batch (default: sqrt for "
+                        "Ada*/LAMB optimizers, linear otherwise)")
     g.add_argument("--warmup-lr", type=float, default=1e-5, help="warmup start LR (default: 1e-5)")
     g.add_argument("--min-lr", type=float, default=0.0, help="LR floor of the schedule (default: 0)")
     g.add_argument("--epochs", type=int, default=300, help="epochs to train (default: 300)")
@@ -324,6 +331,11 @@ def check_train_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not 0.0 <= value < 1.0:
             raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+    owned = {"num_classes": "--num-classes", "pretrained": "--pretrained",
+             "checkpoint_path": "--initial-checkpoint", "pretrained_cfg_overlay": "--pretrained-path"}
+    for key in args.model_kwargs:
+        if key in owned:
+            raise UserError(f"--model-kwargs {key}: use {owned[key]} instead")
     if args.amp and args.model_dtype not in (None, "float32"):
         raise UserError(f"--amp is mixed precision for a float32 model; with --model-dtype "
                         f"{args.model_dtype} the model already computes in {args.model_dtype}: "

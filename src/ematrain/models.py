@@ -5,6 +5,7 @@ import difflib
 from pathlib import Path
 
 import timm
+import torch
 from torch import nn
 
 from .errors import UserError
@@ -68,3 +69,25 @@ def set_batchnorm(model: nn.Module, momentum: float | None = None, eps: float | 
             layer.momentum = momentum
         if eps is not None:
             layer.eps = eps
+
+
+@torch.no_grad()
+def init_head(model: nn.Module, scale: float | None = None, bias: float | None = None) -> None:
+    """--head-init-scale / --head-init-bias, applied as timm does: after any initial weights.
+
+    A small head scale is the usual fine-tuning trick: the new classifier starts near zero and
+    does not disturb the pretrained features in the first steps.
+    """
+    if scale is None and bias is None:
+        return
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise UserError("--head-init-scale/--head-init-bias: the model has no classifier layer")
+    if scale is not None:
+        head.weight.mul_(scale)
+        if head.bias is not None:
+            head.bias.mul_(scale)
+    if bias is not None:
+        if head.bias is None:
+            raise UserError("--head-init-bias: the model's classifier has no bias")
+        head.bias.fill_(bias)

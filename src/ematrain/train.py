@@ -23,7 +23,7 @@ from .ema import ModelEma, half_life_from_decay, parse_half_life, unwrap_model
 from .engine import (Interrupted, NonFiniteLoss, StepConfig, TrainState, train_one_epoch,
                      validate)
 from .errors import RunFailure, UserError
-from .models import architecture_kwargs, create_model, set_batchnorm
+from .models import architecture_kwargs, create_model, init_head, set_batchnorm
 from .signals import StopRequest
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -75,8 +75,10 @@ def resolve_lr(args, world_size: int = 1) -> float:
     if args.lr is not None:
         return args.lr
     ratio = args.batch_size * world_size * args.grad_accum_steps / args.lr_base_size
-    opt = args.opt.lower()
-    if any(name in opt for name in ("ada", "lamb")):
+    scale = args.lr_base_scale
+    if not scale:  # timm's default: square-root scaling for adaptive optimizers
+        scale = "sqrt" if any(name in args.opt.lower() for name in ("ada", "lamb")) else "linear"
+    if scale == "sqrt":
         ratio = math.sqrt(ratio)
     return args.lr_base * ratio
 
@@ -231,6 +233,7 @@ class Trainer:
             weights = ckpt_io.select_weights(state, args.initial_checkpoint)
             ckpt_io.load_weights_into(self.model, weights, args.initial_checkpoint,
                                       arch=state.get("arch"), model_name=args.model)
+        init_head(self.model, args.head_init_scale, args.head_init_bias)
         if args.sync_bn and self.dist.enabled:
             # timm's converter keeps the activation of its fused BatchNormAct2d layers.
             self.model = convert_sync_batchnorm(self.model)
