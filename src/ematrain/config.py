@@ -180,6 +180,9 @@ def _train_parser() -> argparse.ArgumentParser:
     g.add_argument("--vflip", type=float, default=0.0, help="vertical flip probability (default: 0)")
     g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (default: 0.5)")
     g.add_argument("--color-jitter", type=float, default=0.4, help="color jitter factor (default: 0.4)")
+    g.add_argument("--aug-repeats", type=float, default=0, metavar="N",
+                   help="repeated augmentation: each image N times per epoch under different "
+                        "augmentations, spread over the ranks (0: off; single process too)")
     g.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5")
     g.add_argument("--reprob", type=float, default=0.0, help="random erase probability (default: 0)")
     g.add_argument("--remode", default="pixel", help="random erase mode (default: pixel)")
@@ -336,6 +339,9 @@ def check_train_args(args: argparse.Namespace) -> None:
     for key in args.model_kwargs:
         if key in owned:
             raise UserError(f"--model-kwargs {key}: use {owned[key]} instead")
+    repeats = args.aug_repeats
+    if not (math.isfinite(repeats) and repeats >= 0 and repeats == int(repeats)):
+        raise UserError(f"--aug-repeats must be a whole number >= 0, got {args.aug_repeats:g}")
     if args.amp and args.model_dtype not in (None, "float32"):
         raise UserError(f"--amp is mixed precision for a float32 model; with --model-dtype "
                         f"{args.model_dtype} the model already computes in {args.model_dtype}: "

@@ -1,6 +1,7 @@
 """ImageFolder splits, timm transforms and seeded data loaders."""
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -151,13 +152,15 @@ class SeededSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
-        sample_seed = hash((self.seed, self.epoch, index)) % 2**32
+    def __getitem__(self, code: int):
+        # Codes beyond the dataset are repeats of `code % len` (--aug-repeats): the same image
+        # under its own augmentation.
+        sample_seed = hash((self.seed, self.epoch, code)) % 2**32
         random.seed(sample_seed)
         np.random.seed(sample_seed)
         # The CPU generator only: torch.manual_seed also seeds every accelerator (~100x slower).
         torch.default_generator.manual_seed(sample_seed)
-        return self.dataset[index]
+        return self.dataset[code % len(self.dataset)]
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -165,11 +168,17 @@ class EpochSampler(torch.utils.data.Sampler):
 
     With `num_replicas` > 1 each rank takes every num_replicas-th index of the same permutation,
     which also serves as the distributed sampler (with `set_epoch`, like torch's).
+
+    With `repeats` R > 1 (repeated augmentation, --aug-repeats) each index of the permutation is
+    followed by R - 1 repeats, yielded as codes ``index + r * size`` that `SeededSamples` maps
+    back to the index with an augmentation of their own. Consecutive copies go to different
+    ranks, as in timm's RepeatAugSampler, and the epoch keeps its length (about size / R
+    distinct images, each R times), without timm's rounding down to multiples of 256 images.
     """
 
     def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0,
-                 num_replicas: int = 1, pad: bool = False, block: int = 1):
-        self.size, self.seed, self.shuffle = size, seed, shuffle
+                 num_replicas: int = 1, pad: bool = False, block: int = 1, repeats: int = 1):
+        self.size, self.seed, self.shuffle, self.repeats = size, seed, shuffle, repeats
         self.rank, self.num_replicas = rank, num_replicas
         # Training pads by wrapping around so every rank runs the same number of steps (DDP
         # needs that); evaluation does not, so every image counts exactly once.
@@ -190,13 +199,18 @@ class EpochSampler(torch.utils.data.Sampler):
             g = torch.Generator()
             g.manual_seed(self.seed * 100003 + self.epoch)
             order = torch.randperm(self.size, generator=g).tolist()
-        if self.pad and self.num_replicas > 1 and self.size % self.num_replicas:
-            extra = self.num_replicas - self.size % self.num_replicas
+        if self.repeats > 1:
+            order = [i + r * self.size for i in order for r in range(self.repeats)]
+        if self.pad and self.num_replicas > 1 and len(order) % self.num_replicas:
+            extra = self.num_replicas - len(order) % self.num_replicas
             order += (order * (extra // len(order) + 1))[:extra]
         if self.block > 1:
             blocks = [order[i:i + self.block] for i in range(0, len(order), self.block)]
             return [i for b in blocks[self.rank::self.num_replicas] for i in b]
-        return order[self.rank::self.num_replicas]
+        mine = order[self.rank::self.num_replicas]
+        if self.repeats > 1:
+            mine = mine[:math.ceil(self.size / self.num_replicas)]
+        return mine
 
     def __iter__(self):
         return iter(self._indices()[self.start:])

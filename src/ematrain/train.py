@@ -249,7 +249,7 @@ class Trainer:
         self.val_set = val_set
         world, rank = self.dist.world_size, self.dist.rank
         self.sampler = data.EpochSampler(len(train_set), args.seed, rank=rank, num_replicas=world,
-                                         pad=True)
+                                         pad=True, repeats=max(1, int(args.aug_repeats)))
         self.val_sampler = data.EpochSampler(
             len(val_set), 0, shuffle=False, rank=rank, num_replicas=world,
             block=args.validation_batch_size or args.batch_size)
