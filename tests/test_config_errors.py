@@ -16,6 +16,8 @@ import pytest
 
 from conftest import make_imagefolder, run_cli, run_in_process, torch_threads
 from ematrain import train
+from ematrain.config import parse_train_args
+from ematrain.errors import UserError
 
 COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--warmup-epochs", "0",
           "--lr", "0.05", "-j", "0", "--epochs", "1"]
@@ -212,3 +214,47 @@ def test_img_size_zero_refused(cases):
 
 def test_smoothing_out_of_range_refused(cases):
     assert_refused_up_front(cases["smoothing_out_of_range"])
+
+
+# ------------------------------------------------------------------ timm's args.yaml as a recipe
+TIMM_ARGS = Path(__file__).parent / "data" / "timm_args.yaml"
+
+
+def test_timm_args_yaml_is_a_recipe(tmp_path):
+    args = parse_train_args(["-c", TIMM_ARGS, str(tmp_path)])
+    assert args.model == "resnet50" and args.batch_size == 128 and args.val_split == "validation"
+    assert args.decay_milestones == [90, 180, 270] and args.data_dir == str(tmp_path)
+    # model_ema: false in the recipe keeps the EMA off although model_ema_decay is recorded...
+    assert args.model_ema is False
+    # ...and an EMA flag on the command line still turns it on, at the recipe's decay.
+    on = parse_train_args(["-c", TIMM_ARGS, str(tmp_path), "--model-ema-warmup"])
+    assert on.model_ema is True and on.model_ema_decay == [0.9998]
+
+
+@pytest.mark.parametrize("line,shown", [("aug_splits: 3", "aug_splits=3"),
+                                        ("dataset: torch/cifar10", "dataset='torch/cifar10'"),
+                                        ("log_wandb: true", "log_wandb=True")])
+def test_timm_settings_we_lack_are_refused_when_switched_on(tmp_path, line, shown):
+    key = line.split(":")[0]
+    text = "\n".join(l for l in TIMM_ARGS.read_text().splitlines() if not l.startswith(key + ":"))
+    recipe = tmp_path / "timm.yaml"
+    recipe.write_text(text + f"\n{line}\n")
+    with pytest.raises(UserError) as err:
+        parse_train_args(["-c", recipe, str(tmp_path)])
+    assert str(err.value) == (f"config file {recipe}: timm setting(s) ematrain does not support: "
+                              f"{shown}")
+
+
+def test_a_recipe_typo_is_still_an_unknown_key(tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("modle: resnet18\naug_splits: 0\n")
+    with pytest.raises(UserError, match=r"unknown key\(s\): modle$"):
+        parse_train_args(["-c", recipe, str(tmp_path)])
+
+
+def test_timm_flags_we_lack_are_named_on_the_command_line(tmp_path):
+    with pytest.raises(UserError, match=r"^--aug-splits, --jsd-loss: timm setting\(s\) ematrain "
+                                        r"does not support$"):
+        parse_train_args([str(tmp_path), "--aug-splits", "3", "--jsd-loss"])
+    with pytest.raises(UserError, match=r"^unrecognized arguments: --bogus$"):
+        parse_train_args([str(tmp_path), "--bogus"])

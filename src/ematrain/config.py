@@ -32,6 +32,12 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises UserError instead of printing usage and exiting."""
 
     def error(self, message):
+        if message.startswith("unrecognized arguments") and self.prog == "train.py":
+            timm_only = [w for w in message.split()
+                         if w.startswith("--") and w[2:].split("=")[0].replace("-", "_")
+                         in TIMM_SETTINGS_NOT_SUPPORTED]
+            if timm_only:
+                message = f"{', '.join(timm_only)}: timm setting(s) ematrain does not support"
         raise UserError(message)
 
 
@@ -258,12 +264,22 @@ def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = _train_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        parser.set_defaults(**load_yaml_defaults(pre.config, parser))
+    recipe = load_yaml_defaults(pre.config, parser) if pre.config else {}
+    parser.set_defaults(**recipe)
     args = parser.parse_args(argv)
     resolve_data_root(args, cli=pre, usage="train.py DIR (with DIR/train and DIR/val)")
+    # A user who names an EMA setting wants the EMA: turning it on beats silently ignoring it.
+    # A recipe that says model_ema: false (timm's args.yaml records the EMA settings even then)
+    # keeps it off unless the command line asks for it.
+    if not args.model_ema and _ema_settings_given(pre if recipe.get("model_ema") is False else args):
+        args.model_ema = True
     check_train_args(args)
     return args
+
+
+def _ema_settings_given(ns: argparse.Namespace) -> bool:
+    return bool(ns.model_ema or ns.model_ema_decay or ns.model_ema_half_life or ns.model_ema_force_cpu
+                or ns.model_ema_dtype or ns.model_ema_warmup or ns.model_ema_every != 1)
 
 
 def resolve_data_root(args: argparse.Namespace, cli: argparse.Namespace, usage: str) -> None:
@@ -302,9 +318,8 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
         raise UserError(f"config file {path} must be a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - set(actions))
-    if unknown:
-        raise UserError(f"config file {path}: unknown key(s): {', '.join(unknown)}")
+    data = _drop_idle_timm_settings(path, {k: v for k, v in data.items() if k not in actions}) | {
+        k: v for k, v in data.items() if k in actions}
     for key, value in data.items():
         nargs = actions[key].nargs
         # timm recipes write one value for list flags (model_ema_decay: 0.9998).
@@ -313,6 +328,37 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
         if isinstance(nargs, int) and nargs > 1 and value is not None and not isinstance(value, list):
             raise UserError(f"config file {path}: {key} needs a list of {nargs} values")
     return data
+
+
+# timm train.py settings that ematrain does not implement, with the value that leaves them off.
+# timm writes every setting into its args.yaml, so these keys are what lets such a file serve as
+# a recipe here: at these values they change nothing and are dropped; set to anything else they
+# are refused, never silently ignored.
+TIMM_SETTINGS_NOT_SUPPORTED = {
+    "dataset": "", "dataset_download": False, "dataset_trust_remote_code": False,
+    "class_map": "", "train_num_samples": None, "val_num_samples": None, "input_img_mode": None,
+    "input_key": None, "target_key": None, "epoch_repeats": 0.0, "start_epoch": None,
+    "aug_splits": 0, "jsd_loss": False, "resplit": False, "split_bn": False, "drop_connect": None,
+    "fuser": "", "fast_norm": False, "torchscript": False, "amp_impl": "native",
+    "no_ddp_bb": False, "synchronize_step": False, "device_modules": None, "tta": 0,
+    "local_rank": 0, "use_multi_epochs_loader": False, "worker_seeding": "all",
+    "save_images": False, "log_wandb": False, "wandb_project": None, "wandb_tags": [],
+    "wandb_resume_id": "", "train_crop_mode": None,
+}
+
+
+def _drop_idle_timm_settings(path: str, extra: dict) -> dict:
+    """Keys of a recipe that are no flag of ours: timm settings left off are dropped, anything
+    else (a typo, or a timm feature switched on) is an error naming the keys."""
+    unknown = sorted(k for k in extra if k not in TIMM_SETTINGS_NOT_SUPPORTED)
+    if unknown:
+        raise UserError(f"config file {path}: unknown key(s): {', '.join(unknown)}")
+    active = [f"{k}={extra[k]!r}" for k in sorted(extra)
+              if extra[k] not in (None, TIMM_SETTINGS_NOT_SUPPORTED[k]) and extra[k] != ""]
+    if active:
+        raise UserError(f"config file {path}: timm setting(s) ematrain does not support: "
+                        f"{', '.join(active)}")
+    return {}
 
 
 def check_train_args(args: argparse.Namespace) -> None:
@@ -374,11 +420,6 @@ def check_train_args(args: argparse.Namespace) -> None:
                 parse_half_life(text)
             except ValueError as exc:
                 raise UserError(f"--model-ema-half-life: {exc}") from None
-    if not args.model_ema and (args.model_ema_decay or args.model_ema_half_life
-                               or args.model_ema_force_cpu or args.model_ema_dtype
-                               or args.model_ema_warmup or args.model_ema_every != 1):
-        # A user who names an EMA setting wants the EMA; turning it on beats silently ignoring it.
-        args.model_ema = True
     if args.recovery_interval < 0:
         raise UserError(f"--recovery-interval must be >= 0, got {args.recovery_interval}")
     if args.in_chans is not None and args.in_chans != 3:
