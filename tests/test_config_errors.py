@@ -233,7 +233,9 @@ def test_timm_args_yaml_is_a_recipe(tmp_path):
 
 @pytest.mark.parametrize("line,shown", [("aug_splits: 3", "aug_splits=3"),
                                         ("dataset: torch/cifar10", "dataset='torch/cifar10'"),
-                                        ("log_wandb: true", "log_wandb=True")])
+                                        ("log_wandb: true", "log_wandb=True"),
+                                        ("naflex_loader: true", "naflex_loader=True"),
+                                        ("kd_model_name: resnet50", "kd_model_name='resnet50'")])
 def test_timm_settings_we_lack_are_refused_when_switched_on(tmp_path, line, shown):
     key = line.split(":")[0]
     text = "\n".join(l for l in TIMM_ARGS.read_text().splitlines() if not l.startswith(key + ":"))
@@ -258,3 +260,33 @@ def test_timm_flags_we_lack_are_named_on_the_command_line(tmp_path):
         parse_train_args([str(tmp_path), "--aug-splits", "3", "--jsd-loss"])
     with pytest.raises(UserError, match=r"^unrecognized arguments: --bogus$"):
         parse_train_args([str(tmp_path), "--bogus"])
+    with pytest.raises(UserError, match=r"^--aug-splits: timm setting\(s\) ematrain does not "
+                                        r"support; unrecognized arguments: --modle$"):
+        parse_train_args([str(tmp_path), "--aug-splits", "3", "--modle", "x"])
+
+
+def test_a_half_life_on_the_command_line_replaces_the_recipe_decay(tmp_path):
+    args = parse_train_args(["-c", TIMM_ARGS, str(tmp_path), "--model-ema-half-life", "1ep"])
+    assert args.model_ema and args.model_ema_half_life == ["1ep"] and args.model_ema_decay is None
+    recipe = tmp_path / "hl.yaml"
+    recipe.write_text("model_ema_half_life: 2ep\n")
+    args = parse_train_args(["-c", recipe, str(tmp_path), "--model-ema-decay", "0.99"])
+    assert args.model_ema_decay == [0.99] and args.model_ema_half_life is None
+    with pytest.raises(UserError, match="not both"):
+        parse_train_args([str(tmp_path), "--model-ema-decay", "0.99", "--model-ema-half-life", "1ep"])
+
+
+@pytest.mark.parametrize("line,message", [
+    ("aug_repeats: null", "aug_repeats cannot be empty"),
+    ("model_dtype: half", "model_dtype must be one of float32, bfloat16, float16, got 'half'"),
+    ("lr_base_scale: cube", "lr_base_scale must be one of"),
+    ("model_ema: 0", "model_ema must be true or false, got 0"),
+    ("epochs: 2.5", "epochs needs whole number(s), got 2.5"),
+    ("lr: fast", "lr needs number(s), got 'fast'"),
+])
+def test_recipe_values_get_the_checks_the_command_line_gets(tmp_path, line, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(line + "\n")
+    with pytest.raises(UserError) as err:
+        parse_train_args(["-c", recipe, str(tmp_path)])
+    assert str(err.value).startswith(f"config file {recipe}: {message}")

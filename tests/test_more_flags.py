@@ -268,3 +268,9 @@ def test_model_kwargs_that_a_flag_owns_are_refused(data, tmp_path, key, flag):
     r = run_cli("train.py", data, *TINY, "--model-kwargs", f"{key}=1", "--output", tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"--model-kwargs {key}: use {flag}" in r.stderr
+
+
+def test_head_init_values_must_be_finite(data):
+    from ematrain.errors import UserError
+    with pytest.raises(UserError, match="--head-init-scale must be a finite number, got nan"):
+        parse_train_args([str(data), "--head-init-scale", "nan"])

@@ -313,3 +313,26 @@ def test_bfloat16_model_keeps_float32_shadows_and_validates_alike(tiny_data, tmp
     from ematrain.validate import evaluation_dtype
     assert evaluation_dtype(ckpt["state_dict"], torch.device("cpu")) == torch.bfloat16
     assert evaluation_dtype(ckpt["state_dict_ema"], torch.device("cpu")) is None
+
+
+def test_a_swapped_shadow_is_scored_in_the_model_dtype_and_validate_py_follows():
+    """On a GPU, --model-ema-force-cpu scores the float32 shadow swapped into the bfloat16 model:
+    the checkpoint records that dtype and validate.py evaluates the EMA weights in it."""
+    import timm
+    from ematrain import checkpoint as ckpt_io
+    from ematrain.ema import ModelEma
+    from ematrain.validate import evaluation_dtype
+    model = timm.create_model("test_resnet", num_classes=3).to(torch.bfloat16)
+    ema = ModelEma(model, 0.9)
+    common = dict(epoch=0, arch="test_resnet", model=model, scheduler=None, ema=ema, args={},
+                  metric=None, num_updates=0, data_config={}, num_classes=3, class_names=["a"] * 3,
+                  optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert ckpt_io.build_checkpoint(**common)["ema"]["eval_dtype"] == "float32"
+    ema.device = torch.device("meta")  # the shadow lives elsewhere than the model: swapped
+    ckpt = ckpt_io.build_checkpoint(**common)
+    assert ckpt["ema"]["eval_dtype"] == "bfloat16"
+    cpu = torch.device("cpu")
+    assert evaluation_dtype(ckpt["state_dict_ema"], cpu, "bfloat16") == torch.bfloat16
+    assert evaluation_dtype(ckpt["state_dict_ema"], cpu, "float32") is None
+    assert evaluation_dtype(ckpt["state_dict_ema"], cpu) is None
+    assert evaluation_dtype(ckpt["state_dict"], cpu) == torch.bfloat16

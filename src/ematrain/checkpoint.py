@@ -111,6 +111,11 @@ def build_checkpoint(*, epoch: int, arch: str, model, optimizer, scheduler, ema,
         for i in range(1, len(shadows)):
             ckpt[f"state_dict_ema_{i}"] = shadows[i]
         meta["keys"] = ["state_dict_ema"] + [f"state_dict_ema_{i}" for i in range(1, len(shadows))]
+        # The dtype validation scored the shadows in: their own, or the live model's when a
+        # shadow on another device is swapped into it. validate.py reproduces it.
+        live = next(unwrap_model(model).parameters())
+        scored = live.dtype if ema.device != live.device else ema.dtype
+        meta["eval_dtype"] = str(scored).removeprefix("torch.")
         ckpt["ema"] = meta
     if extra:
         ckpt.update(extra)

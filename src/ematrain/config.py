@@ -32,13 +32,20 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises UserError instead of printing usage and exiting."""
 
     def error(self, message):
-        if message.startswith("unrecognized arguments") and self.prog == "train.py":
-            timm_only = [w for w in message.split()
-                         if w.startswith("--") and w[2:].split("=")[0].replace("-", "_")
-                         in TIMM_SETTINGS_NOT_SUPPORTED]
+        if message.startswith("unrecognized arguments: ") and self.prog == "train.py":
+            words = message.removeprefix("unrecognized arguments: ").split()
+            timm_only = [w for w in words if w.startswith("--") and _is_timm_key(w)]
             if timm_only:
+                rest = [w for w in words if w.startswith("-") and w not in timm_only]
                 message = f"{', '.join(timm_only)}: timm setting(s) ematrain does not support"
+                if rest:
+                    message += f"; unrecognized arguments: {' '.join(rest)}"
         raise UserError(message)
+
+
+def _is_timm_key(flag: str) -> bool:
+    key = flag[2:].split("=")[0].replace("-", "_")
+    return key in TIMM_SETTINGS_NOT_SUPPORTED or _timm_gate(key) is not None
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -187,8 +194,9 @@ def _train_parser() -> argparse.ArgumentParser:
     g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (default: 0.5)")
     g.add_argument("--color-jitter", type=float, default=0.4, help="color jitter factor (default: 0.4)")
     g.add_argument("--aug-repeats", type=float, default=0, metavar="N",
-                   help="repeated augmentation: each image N times per epoch under different "
-                        "augmentations, spread over the ranks (0: off; single process too)")
+                   help="repeated augmentation: an epoch of the usual length made of about 1/N "
+                        "of the images, each N times under its own augmentation, the copies "
+                        "spread over the ranks (0: off; works in a single process too)")
     g.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5")
     g.add_argument("--reprob", type=float, default=0.0, help="random erase probability (default: 0)")
     g.add_argument("--remode", default="pixel", help="random erase mode (default: pixel)")
@@ -268,6 +276,12 @@ def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(**recipe)
     args = parser.parse_args(argv)
     resolve_data_root(args, cli=pre, usage="train.py DIR (with DIR/train and DIR/val)")
+    # The command line wins over a recipe here too: a half-life given there replaces the recipe's
+    # decay (timm's args.yaml always records one), and a decay replaces its half-life.
+    if pre.model_ema_half_life and not pre.model_ema_decay:
+        args.model_ema_decay = None
+    if pre.model_ema_decay and not pre.model_ema_half_life:
+        args.model_ema_half_life = None
     # A user who names an EMA setting wants the EMA: turning it on beats silently ignoring it.
     # A recipe that says model_ema: false (timm's args.yaml records the EMA settings even then)
     # keeps it off unless the command line asks for it.
@@ -321,6 +335,7 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
     data = _drop_idle_timm_settings(path, {k: v for k, v in data.items() if k not in actions}) | {
         k: v for k, v in data.items() if k in actions}
     for key, value in data.items():
+        _check_recipe_value(path, actions[key], key, value)
         nargs = actions[key].nargs
         # timm recipes write one value for list flags (model_ema_decay: 0.9998).
         if nargs in ("+", "*") and value is not None and not isinstance(value, (list, dict)):
@@ -339,26 +354,65 @@ TIMM_SETTINGS_NOT_SUPPORTED = {
     "class_map": "", "train_num_samples": None, "val_num_samples": None, "input_img_mode": None,
     "input_key": None, "target_key": None, "epoch_repeats": 0.0, "start_epoch": None,
     "aug_splits": 0, "jsd_loss": False, "resplit": False, "split_bn": False, "drop_connect": None,
-    "fuser": "", "fast_norm": False, "torchscript": False, "amp_impl": "native",
-    "no_ddp_bb": False, "synchronize_step": False, "device_modules": None, "tta": 0,
-    "local_rank": 0, "use_multi_epochs_loader": False, "worker_seeding": "all",
-    "save_images": False, "log_wandb": False, "wandb_project": None, "wandb_tags": [],
-    "wandb_resume_id": "", "train_crop_mode": None,
+    "fuser": "", "fast_norm": False, "torchscript": False, "torchcompile_mode": None,
+    "amp_impl": "native", "no_ddp_bb": False, "synchronize_step": False, "device_modules": None,
+    "tta": 0, "local_rank": 0, "use_multi_epochs_loader": False, "worker_seeding": "all",
+    "save_images": False, "log_wandb": False, "train_crop_mode": None, "bce_sum": False,
+    "bce_pos_weight": None, "color_jitter_prob": None, "grayscale_prob": 0.0,
+    "gaussian_blur_prob": 0.0, "naflex_loader": False, "kd_model_name": None,
 }
+# Settings that only act when another one is on: whatever their value, they are idle while
+# their gate is off.
+# Matched by prefix, so timm's variants of these families (NaFlex, distillation, wandb) are known.
+_TIMM_GATED = {"naflex_": "naflex_loader", "kd_": "kd_model_name",
+               "distill_loss_weight": "kd_model_name", "task_loss_weight": "kd_model_name",
+               "wandb_": "log_wandb"}
+
+
+def _timm_gate(key: str) -> str | None:
+    return next((gate for prefix, gate in _TIMM_GATED.items()
+                 if key.startswith(prefix) and key != gate), None)
+
+
+def _is_off(key: str, value) -> bool:
+    return value in (None, "", False, 0, [], {}) or value == TIMM_SETTINGS_NOT_SUPPORTED.get(key)
 
 
 def _drop_idle_timm_settings(path: str, extra: dict) -> dict:
     """Keys of a recipe that are no flag of ours: timm settings left off are dropped, anything
     else (a typo, or a timm feature switched on) is an error naming the keys."""
-    unknown = sorted(k for k in extra if k not in TIMM_SETTINGS_NOT_SUPPORTED)
+    unknown = sorted(k for k in extra if k not in TIMM_SETTINGS_NOT_SUPPORTED and not _timm_gate(k))
     if unknown:
         raise UserError(f"config file {path}: unknown key(s): {', '.join(unknown)}")
+    # A gated setting is part of its gate's feature: only the gate, when on, is reported.
     active = [f"{k}={extra[k]!r}" for k in sorted(extra)
-              if extra[k] not in (None, TIMM_SETTINGS_NOT_SUPPORTED[k]) and extra[k] != ""]
+              if _timm_gate(k) is None and not _is_off(k, extra[k])]
     if active:
         raise UserError(f"config file {path}: timm setting(s) ematrain does not support: "
                         f"{', '.join(active)}")
     return {}
+
+
+def _check_recipe_value(path: str, action: argparse.Action, key: str, value) -> None:
+    """What argparse would check on the command line: recipe values skip it (set_defaults)."""
+    if value is None:
+        if action.default is not None and action.nargs not in ("?",):
+            raise UserError(f"config file {path}: {key} cannot be empty")
+        return
+    items = value if isinstance(value, list) else [value]
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise UserError(f"config file {path}: {key} must be true or false, got {value!r}")
+        return
+    if action.choices is not None and any(v not in action.choices for v in items):
+        raise UserError(f"config file {path}: {key} must be one of "
+                        f"{', '.join(map(str, action.choices))}, got {value!r}")
+    if action.type in (int, float):
+        for v in items:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+                    action.type is int and not isinstance(v, int)):
+                raise UserError(f"config file {path}: {key} needs {'whole ' if action.type is int else ''}"
+                                f"number(s), got {value!r}")
 
 
 def check_train_args(args: argparse.Namespace) -> None:
@@ -392,6 +446,10 @@ def check_train_args(args: argparse.Namespace) -> None:
         raise UserError(f"--amp is mixed precision for a float32 model; with --model-dtype "
                         f"{args.model_dtype} the model already computes in {args.model_dtype}: "
                         f"give one of them")
+    for name in ("head_init_scale", "head_init_bias"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if args.bn_momentum is not None and not 0.0 <= args.bn_momentum <= 1.0:
         raise UserError(f"--bn-momentum must be in [0, 1], got {args.bn_momentum}")
     if args.bn_eps is not None and not 0.0 < args.bn_eps < math.inf:

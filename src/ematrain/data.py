@@ -200,7 +200,11 @@ class EpochSampler(torch.utils.data.Sampler):
             g.manual_seed(self.seed * 100003 + self.epoch)
             order = torch.randperm(self.size, generator=g).tolist()
         if self.repeats > 1:
-            order = [i + r * self.size for i in order for r in range(self.repeats)]
+            # Only the head of the repeated sequence is used (the epoch keeps its length), so
+            # only that much is built: ranks x ceil(size / ranks) codes, never size x repeats.
+            used = min(self.size * self.repeats,
+                       math.ceil(self.size / self.num_replicas) * self.num_replicas)
+            order = [order[p // self.repeats] + (p % self.repeats) * self.size for p in range(used)]
         if self.pad and self.num_replicas > 1 and len(order) % self.num_replicas:
             extra = self.num_replicas - len(order) % self.num_replicas
             order += (order * (extra // len(order) + 1))[:extra]

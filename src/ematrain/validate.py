@@ -77,12 +77,20 @@ def resolve_arch(args, ckpt: dict) -> str:
     return arch
 
 
-def evaluation_dtype(weights: dict, device) -> torch.dtype | None:
-    """16-bit weights (--model-dtype) are evaluated in their own dtype, as training validated
-    them; float16 only on CUDA. None: the model's float32."""
-    dtypes = {t.dtype for t in weights.values() if torch.is_tensor(t) and t.is_floating_point()}
-    if dtypes == {torch.bfloat16} or (dtypes == {torch.float16} and device.type == "cuda"):
-        return dtypes.pop()
+def evaluation_dtype(weights: dict, device, recorded: str | None = None) -> torch.dtype | None:
+    """The dtype training validated these weights in (None: float32), float16 only on CUDA.
+
+    ``recorded`` is the checkpoint's note for EMA weights (a shadow on another device is scored
+    swapped into a 16-bit model); otherwise 16-bit weights (--model-dtype) were scored in their
+    own dtype.
+    """
+    if recorded:
+        dtype = getattr(torch, recorded, None)
+    else:
+        dtypes = {t.dtype for t in weights.values() if torch.is_tensor(t) and t.is_floating_point()}
+        dtype = dtypes.pop() if len(dtypes) == 1 else None
+    if dtype == torch.bfloat16 or (dtype == torch.float16 and device.type == "cuda"):
+        return dtype
     return None
 
 
@@ -155,7 +163,9 @@ def _evaluate(args, info, device) -> int:
         set_batchnorm(model, eps=train_args.get("bn_eps"))
     ckpt_io.load_weights_into(model, weights, args.checkpoint, arch=ckpt.get("arch"),
                               model_name=arch)
-    model.to(device, dtype=evaluation_dtype(weights, device))
+    wants_ema = args.use_ema or args.ema_index is not None or args.ema_decay is not None
+    recorded = (ckpt.get("ema") or {}).get("eval_dtype") if wants_ema else None
+    model.to(device, dtype=evaluation_dtype(weights, device, recorded))
     data_config = resolve_data_config(args, ckpt, model)
     dataset.transform = data.eval_transform(data_config)
     batch_size = (args.batch_size or train_args.get("validation_batch_size")
@@ -170,7 +180,7 @@ def _evaluate(args, info, device) -> int:
     if not info.is_primary:
         return 0
     which = "raw"
-    if args.use_ema or args.ema_index is not None or args.ema_decay is not None:
+    if wants_ema:
         decays = ckpt_io.ema_decays(ckpt)
         index = args.ema_index or 0
         if args.ema_decay is not None:
