@@ -217,7 +217,7 @@ def test_smoothing_out_of_range_refused(cases):
 
 
 # ------------------------------------------------------------------ timm's args.yaml as a recipe
-TIMM_ARGS = Path(__file__).parent / "data" / "timm_args.yaml"
+TIMM_ARGS = Path(__file__).parent / "fixtures" / "timm_args.yaml"
 
 
 def test_timm_args_yaml_is_a_recipe(tmp_path):
