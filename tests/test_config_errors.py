@@ -9,6 +9,7 @@ to show the entry point behaves the same at the process level (no traceback, one
 from __future__ import annotations
 
 import csv
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -290,3 +291,44 @@ def test_recipe_values_get_the_checks_the_command_line_gets(tmp_path, line, mess
     with pytest.raises(UserError) as err:
         parse_train_args(["-c", recipe, str(tmp_path)])
     assert str(err.value).startswith(f"config file {recipe}: {message}")
+
+
+@pytest.mark.parametrize("line,value", [("lr: 1e-3", 0.001), ("weight_decay: 5e-5", 5e-5),
+                                        ("model_ema_decay: 0.99", [0.99]),
+                                        ("model_ema_half_life: 2ep", ["2ep"]),
+                                        ("torchcompile: true", "inductor"),
+                                        ("torchcompile: false", None)])
+def test_recipe_values_are_converted_as_the_command_line_would(tmp_path, line, value):
+    recipe = tmp_path / "ok.yaml"
+    recipe.write_text(line + "\n")
+    args = parse_train_args(["-c", recipe, str(tmp_path)])
+    assert getattr(args, line.split(":")[0]) == value
+
+
+@pytest.mark.parametrize("line,message", [
+    ("input_size: [3, 32]", "input_size needs 3 values"),
+    ("scale: [0.5]", "scale needs 2 values"),
+    ("model_kwargs: drop_rate=0.1", "model_kwargs must be a mapping"),
+    ("model_ema_half_life: 2000", "bad half-life '2000'"),
+    ("interpolation: 3", "--interpolation must be one of"),
+    ("torchcompile: 3", "--torchcompile: unknown backend '3'"),
+    ("opt_betas: 0.9", "--opt-betas takes 2"),
+    ("mean: [0.5, 0.5]", "--mean takes 1 or 3 values"),
+])
+def test_recipe_shapes_and_text_values_are_checked(tmp_path, line, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(line + "\n")
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_train_args(["-c", recipe, str(tmp_path)])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--aa", "bogus"], "cannot build the training augmentation (--aa bogus"),
+    (["--gp", "bogus"], "cannot create model 'test_resnet': Invalid pool type: bogus"),
+])
+def test_bad_augmentation_and_pool_names_are_one_line(tmp_path, flags, message):
+    data = make_imagefolder(tmp_path / "data", num_classes=2, train_per_class=2, val_per_class=1)
+    r = run_cli("train.py", data, "--model", "test_resnet", "--img-size", "32", "-b", "2", "-j", "0",
+                "--output", tmp_path / "out", *flags)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert message in r.stderr and not (tmp_path / "out").exists()

@@ -199,7 +199,8 @@ def _train_parser() -> argparse.ArgumentParser:
                         "spread over the ranks (0: off; works in a single process too)")
     g.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5")
     g.add_argument("--reprob", type=float, default=0.0, help="random erase probability (default: 0)")
-    g.add_argument("--remode", default="pixel", help="random erase mode (default: pixel)")
+    g.add_argument("--remode", default="pixel", choices=["pixel", "rand", "const"],
+                   help="random erase mode (default: pixel)")
     g.add_argument("--recount", type=int, default=1, help="random erase count (default: 1)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, on when > 0 (default: 0)")
@@ -334,15 +335,8 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     data = _drop_idle_timm_settings(path, {k: v for k, v in data.items() if k not in actions}) | {
         k: v for k, v in data.items() if k in actions}
-    for key, value in data.items():
-        _check_recipe_value(path, actions[key], key, value)
-        nargs = actions[key].nargs
-        # timm recipes write one value for list flags (model_ema_decay: 0.9998).
-        if nargs in ("+", "*") and value is not None and not isinstance(value, (list, dict)):
-            data[key] = [value]
-        if isinstance(nargs, int) and nargs > 1 and value is not None and not isinstance(value, list):
-            raise UserError(f"config file {path}: {key} needs a list of {nargs} values")
-    return data
+    # timm recipes write one value for list flags (model_ema_decay: 0.9998): that becomes a list.
+    return {key: _recipe_value(path, actions[key], key, value) for key, value in data.items()}
 
 
 # timm train.py settings that ematrain does not implement, with the value that leaves them off.
@@ -393,26 +387,51 @@ def _drop_idle_timm_settings(path: str, extra: dict) -> dict:
     return {}
 
 
-def _check_recipe_value(path: str, action: argparse.Action, key: str, value) -> None:
-    """What argparse would check on the command line: recipe values skip it (set_defaults)."""
+def _recipe_value(path: str, action: argparse.Action, key: str, value):
+    """A recipe value checked and converted as argparse would treat it on the command line
+    (set_defaults skips that): types, choices, true/false, list lengths, KEY=VALUE mappings."""
+    where = f"config file {path}: {key}"
     if value is None:
-        if action.default is not None and action.nargs not in ("?",):
-            raise UserError(f"config file {path}: {key} cannot be empty")
-        return
-    items = value if isinstance(value, list) else [value]
+        if action.default is not None and action.nargs != "?":
+            raise UserError(f"{where} cannot be empty")
+        return None
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
-            raise UserError(f"config file {path}: {key} must be true or false, got {value!r}")
-        return
-    if action.choices is not None and any(v not in action.choices for v in items):
-        raise UserError(f"config file {path}: {key} must be one of "
-                        f"{', '.join(map(str, action.choices))}, got {value!r}")
-    if action.type in (int, float):
-        for v in items:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (
-                    action.type is int and not isinstance(v, int)):
-                raise UserError(f"config file {path}: {key} needs {'whole ' if action.type is int else ''}"
-                                f"number(s), got {value!r}")
+            raise UserError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(action, ParseKwargs):
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a mapping of names to values, got {value!r}")
+        return value
+    if action.nargs == "?" and isinstance(value, bool) and action.const is not None:
+        return action.const if value else None  # torchcompile: true means the bare flag
+    listed = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not listed:
+        raise UserError(f"{where} takes one value, got {value!r}")
+    if isinstance(action.nargs, int) and len(items) != action.nargs:
+        raise UserError(f"{where} needs {action.nargs} values, got {value!r}")
+    if action.nargs == "+" and not items:
+        raise UserError(f"{where} needs at least one value")
+    converted = []
+    for item in items:
+        if action.type in (int, float) and isinstance(item, str):
+            # YAML reads 1e-3 (no decimal point) as text; the command line would accept it.
+            try:
+                item = action.type(item)
+            except ValueError:
+                pass
+        if action.type in (int, float) and (isinstance(item, bool) or not isinstance(item, (int, float))
+                                            or (action.type is int and not isinstance(item, int))):
+            kind = "whole number(s)" if action.type is int else "number(s)"
+            raise UserError(f"{where} needs {kind}, got {value!r}")
+        if action.type in (None, str) and not isinstance(item, str):
+            item = str(item)  # text options: the command line would give the text
+        if action.choices is not None and item not in action.choices:
+            raise UserError(f"{where} must be one of {', '.join(map(str, action.choices))}, "
+                            f"got {value!r}")
+        converted.append(item)
+    return converted if isinstance(value, list) or action.nargs in ("+", "*") else converted[0]
 
 
 def check_train_args(args: argparse.Namespace) -> None:
@@ -439,6 +458,26 @@ def check_train_args(args: argparse.Namespace) -> None:
     for key in args.model_kwargs:
         if key in owned:
             raise UserError(f"--model-kwargs {key}: use {owned[key]} instead")
+    modes = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+    if args.interpolation not in ("",) + modes:
+        raise UserError(f"--interpolation must be one of {', '.join(modes)}, got {args.interpolation!r}")
+    if args.train_interpolation not in ("", "random") + modes:
+        raise UserError(f"--train-interpolation must be random or one of {', '.join(modes)}, "
+                        f"got {args.train_interpolation!r}")
+    for name in ("mean", "std"):
+        value = getattr(args, name)
+        if value is not None and len(value) not in (1, 3):
+            raise UserError(f"--{name} takes 1 or 3 values (RGB), got {len(value)}")
+    if args.opt_betas is not None and (len(args.opt_betas) not in (2, 3)
+                                       or not all(0.0 <= b < 1.0 for b in args.opt_betas)):
+        raise UserError(f"--opt-betas takes 2 (or 3, e.g. for adan) values in [0, 1), "
+                        f"got {' '.join(f'{b:g}' for b in args.opt_betas)}")
+    if args.torchcompile:
+        import torch._dynamo
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.torchcompile not in backends:
+            raise UserError(f"--torchcompile: unknown backend {args.torchcompile!r} "
+                            f"(e.g. {', '.join(torch._dynamo.list_backends())}, eager)")
     repeats = args.aug_repeats
     if not (math.isfinite(repeats) and repeats >= 0 and repeats == int(repeats)):
         raise UserError(f"--aug-repeats must be a whole number >= 0, got {args.aug_repeats:g}")
@@ -475,7 +514,7 @@ def check_train_args(args: argparse.Namespace) -> None:
         from .ema import parse_half_life
         for text in args.model_ema_half_life:
             try:
-                parse_half_life(text)
+                parse_half_life(str(text))
             except ValueError as exc:
                 raise UserError(f"--model-ema-half-life: {exc}") from None
     if args.recovery_interval < 0:

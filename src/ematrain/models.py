@@ -32,12 +32,12 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except TypeError as exc:
-        raise UserError(f"cannot create model '{name}': {str(exc)[:160]}") from None
-    except (RuntimeError, OSError, ValueError) as exc:
+        raise UserError(f"cannot create model '{name}': {_describe(exc)}") from None
+    except (RuntimeError, OSError, ValueError, AssertionError, KeyError) as exc:
         if pretrained:
             raise UserError(f"cannot load pretrained weights for '{name}' (no network here; "
                             f"use --initial-checkpoint with a local file): {str(exc)[:120]}") from None
-        raise UserError(f"cannot create model '{name}': {str(exc)[:160]}") from None
+        raise UserError(f"cannot create model '{name}': {_describe(exc)}") from None
 
 
 def architecture_kwargs(args: dict) -> dict:
@@ -49,6 +49,18 @@ def architecture_kwargs(args: dict) -> dict:
     """
     return {"global_pool": args.get("gp"), "in_chans": args.get("in_chans"),
             **(args.get("model_kwargs") or {})}
+
+
+def _describe(exc: Exception) -> str:
+    # A bare assert in timm has no message: name the exception and where it came from instead.
+    text = str(exc).strip()[:160]
+    if text:
+        return text
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    where = f" in {frame.tb_frame.f_code.co_name}()" if frame is not None else ""
+    return f"{type(exc).__name__}{where} (check --gp and --model-kwargs)"
 
 
 def set_batchnorm(model: nn.Module, momentum: float | None = None, eps: float | None = None) -> None:

@@ -243,7 +243,11 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.amp_dtype, self.scaler = build_amp(args, self.device)
         self.data_config = data.data_config_for(args, self.model)
-        train_set.transform = data.train_transform(self.data_config, args)
+        try:
+            train_set.transform = data.train_transform(self.data_config, args)
+        except (AssertionError, KeyError, ValueError) as exc:
+            raise UserError(f"cannot build the training augmentation (--aa {args.aa}, --scale, "
+                            f"--ratio, --color-jitter): {type(exc).__name__} {exc}".rstrip()) from None
         val_set.transform = data.eval_transform(self.data_config)
         self.train_set = data.SeededSamples(train_set, args.seed)
         self.val_set = val_set

@@ -78,7 +78,7 @@ def resolve_arch(args, ckpt: dict) -> str:
 
 
 def evaluation_dtype(weights: dict, device, recorded: str | None = None) -> torch.dtype | None:
-    """The dtype training validated these weights in (None: float32), float16 only on CUDA.
+    """The dtype training validated these weights in (None: float32); float16 only on CUDA.
 
     ``recorded`` is the checkpoint's note for EMA weights (a shadow on another device is scored
     swapped into a 16-bit model); otherwise 16-bit weights (--model-dtype) were scored in their
@@ -89,7 +89,7 @@ def evaluation_dtype(weights: dict, device, recorded: str | None = None) -> torc
     else:
         dtypes = {t.dtype for t in weights.values() if torch.is_tensor(t) and t.is_floating_point()}
         dtype = dtypes.pop() if len(dtypes) == 1 else None
-    if dtype == torch.bfloat16 or (dtype == torch.float16 and device.type == "cuda"):
+    if dtype in (torch.bfloat16, torch.float64) or (dtype == torch.float16 and device.type == "cuda"):
         return dtype
     return None
 
