@@ -128,3 +128,19 @@ def test_resume_without_matching_ema_state_is_a_clear_error(data_root, reference
     lines = [l for l in r.stderr.splitlines() if l.strip() and "error" in l]
     assert len(lines) == 1 and "EMA" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_kill_between_the_last_checkpoint_and_its_summary_line_loses_no_row(
+        data_root, reference, tmp_path):
+    """The race the SIGKILL test can hit by chance, made certain: the finished run's last
+    summary.csv line is missing, as if killed right after last.pth.tar was written."""
+    import shutil
+    run_dir = tmp_path / "train" / "ref"
+    shutil.copytree(reference, run_dir)
+    summary = run_dir / "summary.csv"
+    lines = summary.read_text().splitlines()
+    summary.write_text("\n".join(lines[:-1]) + "\n")
+    r = run_cli("train.py", data_root, *COMMON, "-j", "0", "--output", tmp_path,
+                "--experiment", "ref", "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    assert summary.read_text().splitlines() == lines

@@ -489,9 +489,14 @@ class Trainer:
         if resume_from is not None and not self.rows:
             self.rows = [r for r in outputs.read_summary(self.run_dir)
                          if int(r["epoch"]) < self.state.epoch]
+        self.columns = outputs.summary_columns(self.decays)
         if self.dist.is_primary:
             outputs.write_args(self.run_dir, vars(args))
-        self.columns = outputs.summary_columns(self.decays)
+            if resume_from is not None and self.rows:
+                # The checkpoint's rows are the record: a kill after the last epoch's checkpoint
+                # but before its summary.csv line has no later epoch to repair the file.
+                outputs.write_summary(self.run_dir, self.rows, self.columns)
+                outputs.plot_curves(self.run_dir, self.rows, self.decays)
         where = (f"{self.dist.world_size} processes ({self.device.type}, "
                  f"{torch.distributed.get_backend()})" if self.dist.enabled else str(self.device))
         global_batch = args.batch_size * self.dist.world_size * args.grad_accum_steps
