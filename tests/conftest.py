@@ -201,6 +201,29 @@ def torch_threads(n: int = 1):
         torch.set_num_threads(before)
 
 
+def run_jobs(jobs: dict, as_process: Sequence[str] = (), workers: int = 2) -> dict:
+    """Run {name: (script, args)} and return {name: CompletedProcess}.
+
+    Jobs named in `as_process` run as real `python <script>` processes, concurrently; the others
+    run in-process meanwhile through the script's ``main(argv)``. torch gets one thread in every
+    case, so in-process numbers match those of a one-thread subprocess.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ematrain import train, validate
+    entry_points = {"train.py": train.main, "validate.py": validate.main}
+    with pytest.MonkeyPatch.context() as mp, torch_threads(1):
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.setenv("MKL_NUM_THREADS", "1")
+        with ThreadPoolExecutor(workers) as pool:
+            futures = {name: pool.submit(run_cli, script, *args)
+                       for name, (script, args) in jobs.items() if name in as_process}
+            done = {name: run_in_process(entry_points[script], script, *args)
+                    for name, (script, args) in jobs.items() if name not in as_process}
+            done.update((name, f.result()) for name, f in futures.items())
+    return done
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import csv
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import make_imagefolder, run_cli, run_in_process, torch_threads
+from conftest import make_imagefolder, run_cli, run_in_process, run_jobs, torch_threads
 from ematrain import train
 from ematrain.config import parse_train_args
 from ematrain.errors import UserError
@@ -29,19 +28,8 @@ COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--warmup-ep
 SUBPROCESS = ("corrupt_image_workers", "missing_root")
 
 
-def run_all(jobs: dict, workers: int = 2) -> dict:
-    """Run {name: (script, args)}: SUBPROCESS cases concurrently as processes, the others
-    in-process meanwhile; torch gets one thread in every case."""
-    with pytest.MonkeyPatch.context() as mp, torch_threads(1):
-        mp.setenv("OMP_NUM_THREADS", "1")
-        mp.setenv("MKL_NUM_THREADS", "1")
-        with ThreadPoolExecutor(workers) as pool:
-            futures = {name: pool.submit(run_cli, script, *args)
-                       for name, (script, args) in jobs.items() if name in SUBPROCESS}
-            done = {name: run_in_process(train.main, script, *args)
-                    for name, (script, args) in jobs.items() if name not in SUBPROCESS}
-            done.update((name, f.result()) for name, f in futures.items())
-    return done
+def run_all(jobs: dict) -> dict:
+    return run_jobs(jobs, as_process=SUBPROCESS)
 
 
 def small_tree(root: Path, **kw) -> Path:

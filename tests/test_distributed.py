@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import REPO_ROOT, make_imagefolder, run_cli
+from conftest import REPO_ROOT, make_imagefolder
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "--warmup-epochs", "0",
         "--lr", "0.05", "-j", "0", "--model-ema", "--model-ema-decay", "0.9"]

@@ -11,7 +11,7 @@ from conftest import make_imagefolder, run_cli
 from ematrain import checkpoint as ckpt_io
 from ematrain import train as train_mod
 from ematrain.config import parse_train_args
-from ematrain.engine import NonFiniteLoss, StepConfig, TrainState, train_one_epoch
+from ematrain.engine import NonFiniteLoss, StepConfig, train_one_epoch
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--epochs", "1",
         "--warmup-epochs", "0", "--lr", "0.05", "-j", "0"]

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_cli, run_in_process, torch_threads
+from conftest import run_in_process, run_jobs, torch_threads
 from ematrain import train as train_entry
 from ematrain import validate as validate_entry
 
@@ -30,20 +29,8 @@ ENTRY_POINTS = {"train.py": train_entry.main, "validate.py": validate_entry.main
 SUBPROCESS = ("unsafe",)  # run as `python validate.py ...`
 
 
-def run_all(jobs: dict, workers: int = 2) -> dict:
-    """Run {name: (script, args)}: SUBPROCESS jobs concurrently as processes, the others
-    in-process meanwhile; torch gets one thread in every case (so the numbers match training's,
-    which also ran on one thread)."""
-    with pytest.MonkeyPatch.context() as mp, torch_threads(1):
-        mp.setenv("OMP_NUM_THREADS", "1")
-        mp.setenv("MKL_NUM_THREADS", "1")
-        with ThreadPoolExecutor(workers) as pool:
-            futures = {name: pool.submit(run_cli, script, *args)
-                       for name, (script, args) in jobs.items() if name in SUBPROCESS}
-            done = {name: run_in_process(ENTRY_POINTS[script], script, *args)
-                    for name, (script, args) in jobs.items() if name not in SUBPROCESS}
-            done.update((name, f.result()) for name, f in futures.items())
-    return done
+def run_all(jobs: dict) -> dict:
+    return run_jobs(jobs, as_process=SUBPROCESS)
 
 
 class _RunsCode:

@@ -333,10 +333,10 @@ def load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
         raise UserError(f"config file {path} must be a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    data = _drop_idle_timm_settings(path, {k: v for k, v in data.items() if k not in actions}) | {
-        k: v for k, v in data.items() if k in actions}
+    _refuse_foreign_keys(path, {k: v for k, v in data.items() if k not in actions})
     # timm recipes write one value for list flags (model_ema_decay: 0.9998): that becomes a list.
-    return {key: _recipe_value(path, actions[key], key, value) for key, value in data.items()}
+    return {key: _recipe_value(path, actions[key], key, value)
+            for key, value in data.items() if key in actions}
 
 
 # timm train.py settings that ematrain does not implement, with the value that leaves them off.
@@ -372,9 +372,9 @@ def _is_off(key: str, value) -> bool:
     return value in (None, "", False, 0, [], {}) or value == TIMM_SETTINGS_NOT_SUPPORTED.get(key)
 
 
-def _drop_idle_timm_settings(path: str, extra: dict) -> dict:
-    """Keys of a recipe that are no flag of ours: timm settings left off are dropped, anything
-    else (a typo, or a timm feature switched on) is an error naming the keys."""
+def _refuse_foreign_keys(path: str, extra: dict) -> None:
+    """Keys of a recipe that are no flag of ours may only be timm settings left off (the caller
+    drops them); a typo, or a timm feature switched on, is an error naming the keys."""
     unknown = sorted(k for k in extra if k not in TIMM_SETTINGS_NOT_SUPPORTED and not _timm_gate(k))
     if unknown:
         raise UserError(f"config file {path}: unknown key(s): {', '.join(unknown)}")
@@ -384,7 +384,6 @@ def _drop_idle_timm_settings(path: str, extra: dict) -> dict:
     if active:
         raise UserError(f"config file {path}: timm setting(s) ematrain does not support: "
                         f"{', '.join(active)}")
-    return {}
 
 
 def _recipe_value(path: str, action: argparse.Action, key: str, value):
