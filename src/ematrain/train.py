@@ -150,13 +150,19 @@ def log_ema_horizons(decays, every, steps_per_epoch, total_steps, images_per_ste
                         f"of an epoch: it averages almost nothing")
 
 
+def _low_precision(flag: str, name: str, device) -> torch.dtype:
+    """The dtype a --amp-dtype/--model-dtype name stands for; float16 kernels need CUDA."""
+    dtype = _DTYPES[name]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise UserError(f"{flag} float16 needs CUDA; on the CPU use {flag} bfloat16")
+    return dtype
+
+
 def build_amp(args, device):
     """Autocast dtype (None when off) and a grad scaler for float16 on CUDA."""
     if not args.amp:
         return None, None
-    dtype = _DTYPES[args.amp_dtype]
-    if dtype == torch.float16 and device.type != "cuda":
-        raise UserError("--amp-dtype float16 needs CUDA; on the CPU use --amp-dtype bfloat16")
+    dtype = _low_precision("--amp-dtype", args.amp_dtype, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return dtype, scaler
 
@@ -165,10 +171,7 @@ def build_model_dtype(args, device) -> torch.dtype | None:
     """--model-dtype: the dtype the model's weights are kept in (None: as created, float32)."""
     if args.model_dtype in (None, "float32"):
         return None
-    dtype = _DTYPES[args.model_dtype]
-    if dtype == torch.float16 and device.type != "cuda":
-        raise UserError("--model-dtype float16 needs CUDA; on the CPU use --model-dtype bfloat16")
-    return dtype
+    return _low_precision("--model-dtype", args.model_dtype, device)
 
 
 def build_mixup(args, num_classes):
