@@ -233,3 +233,24 @@ def repo_root() -> Path:
 def tiny_data(tmp_path_factory) -> Path:
     """A session-wide 3-class train/val ImageFolder tree (24/8 images per class)."""
     return make_imagefolder(tmp_path_factory.mktemp("tiny_data") / "data")
+
+
+# ----------------------------------------------------------------------------- runs in-process
+def make_training(argv):
+    """The `Training` train.py would run for `argv` (no resume), built in this process."""
+    from ematrain.build import build_run
+    from ematrain.settings import train_settings
+    from ematrain.train import Training
+    return Training(build_run(train_settings([str(a) for a in argv])))
+
+
+def run_epochs(tr, out, epochs: int = 1) -> list[dict]:
+    """Train and validate `epochs` epochs through `Training.run_epoch` (the call `fit` makes),
+    writing into `out`; returns the summary rows so far."""
+    tr.run_dir = Path(out)
+    tr.run_dir.mkdir(parents=True, exist_ok=True)
+    tr.run.keeper.run_dir = tr.run_dir
+    start = tr.run.counters.epoch
+    for epoch in range(start, start + epochs):
+        assert tr.run_epoch(epoch, lambda: False) is None
+    return tr.run.summary.rows

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import make_imagefolder, run_cli, run_in_process, run_jobs, torch_threads
 from ematrain import train
-from ematrain.config import parse_train_args
+from ematrain.settings import train_settings
 from ematrain.errors import UserError
 
 COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--warmup-epochs", "0",
@@ -210,13 +210,13 @@ TIMM_ARGS = Path(__file__).parent / "fixtures" / "timm_args.yaml"
 
 
 def test_timm_args_yaml_is_a_recipe(tmp_path):
-    args = parse_train_args(["-c", TIMM_ARGS, str(tmp_path)])
+    args = train_settings(["-c", TIMM_ARGS, str(tmp_path)]).args
     assert args.model == "resnet50" and args.batch_size == 128 and args.val_split == "validation"
     assert args.decay_milestones == [90, 180, 270] and args.data_dir == str(tmp_path)
     # model_ema: false in the recipe keeps the EMA off although model_ema_decay is recorded...
     assert args.model_ema is False
     # ...and an EMA flag on the command line still turns it on, at the recipe's decay.
-    on = parse_train_args(["-c", TIMM_ARGS, str(tmp_path), "--model-ema-warmup"])
+    on = train_settings(["-c", TIMM_ARGS, str(tmp_path), "--model-ema-warmup"]).args
     assert on.model_ema is True and on.model_ema_decay == [0.9998]
 
 
@@ -231,7 +231,7 @@ def test_timm_settings_we_lack_are_refused_when_switched_on(tmp_path, line, show
     recipe = tmp_path / "timm.yaml"
     recipe.write_text(text + f"\n{line}\n")
     with pytest.raises(UserError) as err:
-        parse_train_args(["-c", recipe, str(tmp_path)])
+        train_settings(["-c", recipe, str(tmp_path)])
     assert str(err.value) == (f"config file {recipe}: timm setting(s) ematrain does not support: "
                               f"{shown}")
 
@@ -240,29 +240,29 @@ def test_a_recipe_typo_is_still_an_unknown_key(tmp_path):
     recipe = tmp_path / "typo.yaml"
     recipe.write_text("modle: resnet18\naug_splits: 0\n")
     with pytest.raises(UserError, match=r"unknown key\(s\): modle$"):
-        parse_train_args(["-c", recipe, str(tmp_path)])
+        train_settings(["-c", recipe, str(tmp_path)])
 
 
 def test_timm_flags_we_lack_are_named_on_the_command_line(tmp_path):
     with pytest.raises(UserError, match=r"^--aug-splits, --jsd-loss: timm setting\(s\) ematrain "
                                         r"does not support$"):
-        parse_train_args([str(tmp_path), "--aug-splits", "3", "--jsd-loss"])
+        train_settings([str(tmp_path), "--aug-splits", "3", "--jsd-loss"])
     with pytest.raises(UserError, match=r"^unrecognized arguments: --bogus$"):
-        parse_train_args([str(tmp_path), "--bogus"])
+        train_settings([str(tmp_path), "--bogus"])
     with pytest.raises(UserError, match=r"^--aug-splits: timm setting\(s\) ematrain does not "
                                         r"support; unrecognized arguments: --modle$"):
-        parse_train_args([str(tmp_path), "--aug-splits", "3", "--modle", "x"])
+        train_settings([str(tmp_path), "--aug-splits", "3", "--modle", "x"])
 
 
 def test_a_half_life_on_the_command_line_replaces_the_recipe_decay(tmp_path):
-    args = parse_train_args(["-c", TIMM_ARGS, str(tmp_path), "--model-ema-half-life", "1ep"])
+    args = train_settings(["-c", TIMM_ARGS, str(tmp_path), "--model-ema-half-life", "1ep"]).args
     assert args.model_ema and args.model_ema_half_life == ["1ep"] and args.model_ema_decay is None
     recipe = tmp_path / "hl.yaml"
     recipe.write_text("model_ema_half_life: 2ep\n")
-    args = parse_train_args(["-c", recipe, str(tmp_path), "--model-ema-decay", "0.99"])
+    args = train_settings(["-c", recipe, str(tmp_path), "--model-ema-decay", "0.99"]).args
     assert args.model_ema_decay == [0.99] and args.model_ema_half_life is None
     with pytest.raises(UserError, match="not both"):
-        parse_train_args([str(tmp_path), "--model-ema-decay", "0.99", "--model-ema-half-life", "1ep"])
+        train_settings([str(tmp_path), "--model-ema-decay", "0.99", "--model-ema-half-life", "1ep"])
 
 
 @pytest.mark.parametrize("line,value", [("lr: 1e-3", 0.001), ("weight_decay: 5e-5", 5e-5),
@@ -273,22 +273,26 @@ def test_a_half_life_on_the_command_line_replaces_the_recipe_decay(tmp_path):
 def test_recipe_values_are_converted_as_the_command_line_would(tmp_path, line, value):
     recipe = tmp_path / "ok.yaml"
     recipe.write_text(line + "\n")
-    args = parse_train_args(["-c", recipe, str(tmp_path)])
+    args = train_settings(["-c", recipe, str(tmp_path)]).args
     assert getattr(args, line.split(":")[0]) == value
 
 
 @pytest.mark.parametrize("line,message", [
-    # What argparse checks on the command line: recipe values bypass it (set_defaults).
+    # Recipe values are parsed by argparse itself, with the command line's checks, and named as
+    # the recipe's when they fail; what only YAML can say is checked on the way to argparse.
     ("aug_repeats: null", "config file {}: aug_repeats cannot be empty"),
-    ("model_dtype: half", "config file {}: model_dtype must be one of float32, bfloat16, float16, "
-                          "got 'half'"),
-    ("lr_base_scale: cube", "config file {}: lr_base_scale must be one of"),
+    ("model_dtype: half", "config file {}: model_dtype: invalid choice: 'half' (choose from "
+                          "'float32', 'bfloat16', 'float16')"),
+    ("lr_base_scale: cube", "config file {}: lr_base_scale: invalid choice: 'cube'"),
     ("model_ema: 0", "config file {}: model_ema must be true or false, got 0"),
-    ("epochs: 2.5", "config file {}: epochs needs whole number(s), got 2.5"),
-    ("lr: fast", "config file {}: lr needs number(s), got 'fast'"),
-    ("input_size: [3, 32]", "config file {}: input_size needs 3 values"),
-    ("scale: [0.5]", "config file {}: scale needs 2 values"),
+    ("epochs: 2.5", "config file {}: epochs: invalid int value: '2.5'"),
+    ("lr: fast", "config file {}: lr: expected a number, got 'fast'"),
+    ("lr: .nan", "config file {}: lr: expected a finite number, got 'nan'"),
+    ("input_size: [3, 32]", "config file {}: input_size: expected 3 arguments"),
+    ("scale: [0.5]", "config file {}: scale: expected 2 arguments"),
+    ("lr: [0.1, 0.2]", "config file {}: lr takes one value, got [0.1, 0.2]"),
     ("model_kwargs: drop_rate=0.1", "config file {}: model_kwargs must be a mapping"),
+    ("lr: 0.1\nlr: 0.2", "config file {}: key 'lr' is given twice (line 2)"),
     # And the checks after parsing, which recipe values reach like command-line ones.
     ("model_ema_half_life: 2000", "bad half-life '2000'"),
     ("interpolation: 3", "--interpolation must be one of"),
@@ -300,7 +304,7 @@ def test_bad_recipe_values_are_one_line_errors(tmp_path, line, message):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(line + "\n")
     with pytest.raises(UserError, match=re.escape(message.format(recipe))):
-        parse_train_args(["-c", recipe, str(tmp_path)])
+        train_settings(["-c", recipe, str(tmp_path)])
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -10,10 +10,9 @@ import torch
 
 from conftest import make_imagefolder
 from ematrain import data
-from ematrain.config import parse_train_args
 from ematrain.ema import ModelEma, WeightSwapper, half_life_from_decay
 from ematrain.engine import validate
-from ematrain.train import resolve_ema_decays
+from ematrain.settings import train_settings
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +80,9 @@ def test_half_life_keeps_its_horizon_in_images_across_batch_sizes(tmp_path, half
     images_per_epoch = 1024
     horizons = []
     for batch in (16, 64):
-        args = parse_train_args([str(tmp_path), "--model-ema-half-life", half_life, "-b", str(batch)])
+        s = train_settings([str(tmp_path), "--model-ema-half-life", half_life, "-b", str(batch)])
         steps_per_epoch = images_per_epoch // batch
-        (decay,) = resolve_ema_decays(args, steps_per_epoch)
+        (decay,) = s.ema.decays_per_step(s.global_batch(), steps_per_epoch)
         horizons.append(half_life_from_decay(decay) * batch)  # half-life in images
     expected = unit_images or 2 * images_per_epoch
     assert horizons[0] == pytest.approx(expected, rel=1e-9)
@@ -91,11 +90,11 @@ def test_half_life_keeps_its_horizon_in_images_across_batch_sizes(tmp_path, half
 
 
 def test_half_life_in_steps_counts_optimizer_steps(tmp_path):
-    args = parse_train_args([str(tmp_path), "--model-ema-half-life", "100it", "-b", "32",
-                             "--grad-accum-steps", "4"])
-    (decay,) = resolve_ema_decays(args, steps_per_epoch=10)
+    s = train_settings([str(tmp_path), "--model-ema-half-life", "100it", "-b", "32",
+                        "--grad-accum-steps", "4"])
+    (decay,) = s.ema.decays_per_step(s.global_batch(), steps_per_epoch=10)
     assert decay == pytest.approx(0.5 ** (1 / 100), rel=1e-12)
-    args = parse_train_args([str(tmp_path), "--model-ema-half-life", "1ep", "-b", "32",
-                             "--grad-accum-steps", "4"])
-    (decay,) = resolve_ema_decays(args, steps_per_epoch=10)
+    s = train_settings([str(tmp_path), "--model-ema-half-life", "1ep", "-b", "32",
+                        "--grad-accum-steps", "4"])
+    (decay,) = s.ema.decays_per_step(s.global_batch(), steps_per_epoch=10)
     assert math.log(0.5) / math.log(decay) == pytest.approx(10, rel=1e-12)

@@ -10,9 +10,9 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
-from conftest import make_imagefolder, run_cli
-from ematrain.config import parse_train_args
-from ematrain.train import Trainer
+from conftest import make_imagefolder, make_training, run_cli
+from ematrain.settings import train_settings
+from ematrain.train import Training
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs", "0",
         "--epochs", "4", "--lr", "0.1"]
@@ -24,26 +24,26 @@ def data(tmp_path_factory) -> Path:
                             train_per_class=4, val_per_class=2)
 
 
-def trainer(data, *extra) -> Trainer:
-    return Trainer(parse_train_args([str(data), *TINY, *map(str, extra)]))
+def trainer(data, *extra) -> Training:
+    return make_training([data, *TINY, *extra])
 
 
-def epoch_lrs(tr: Trainer, epochs: int) -> list[float]:
+def epoch_lrs(tr: Training, epochs: int) -> list[float]:
     """LR at the start of each epoch as the scheduler sets it."""
     lrs = []
     for epoch in range(epochs):
-        tr.scheduler.step(epoch)
-        lrs.append(tr.optimizer.param_groups[0]["lr"])
+        tr.run.scheduler.step(epoch)
+        lrs.append(tr.run.optimizer.param_groups[0]["lr"])
     return lrs
 
 
 def test_decay_milestones_set_multistep_epochs(data):
     tr = trainer(data, "--sched", "multistep", "--decay-milestones", "1", "3", "--decay-rate", "0.5")
-    assert list(tr.scheduler.decay_t) == [1, 3]
+    assert list(tr.run.scheduler.decay_t) == [1, 3]
     # timm's MultiStepLRScheduler decays one epoch ahead of each milestone (bisect on t + 1).
     assert epoch_lrs(tr, 4) == pytest.approx([0.05, 0.05, 0.025, 0.025])
     default = trainer(data, "--sched", "multistep")
-    assert list(default.scheduler.decay_t) == [90, 180, 270]
+    assert list(default.run.scheduler.decay_t) == [90, 180, 270]
 
 
 def test_warmup_prefix_runs_warmup_before_the_schedule(data):
@@ -63,7 +63,7 @@ def test_lr_cycle_limit_restarts_the_cosine(data):
 
 
 def tr_num_epochs(data, *extra) -> int:
-    return trainer(data, *extra).num_epochs
+    return trainer(data, *extra).run.num_epochs
 
 
 def test_lr_k_decay_changes_the_cosine_shape(data):
@@ -80,16 +80,16 @@ def test_lr_noise_perturbs_the_schedule(data):
 
 def test_patience_epochs_reach_the_plateau_scheduler(data):
     tr = trainer(data, "--sched", "plateau", "--patience-epochs", "3")
-    assert tr.scheduler.lr_scheduler.patience == 3
+    assert tr.run.scheduler.lr_scheduler.patience == 3
 
 
 def test_opt_kwargs_reach_the_optimizer(data):
     tr = trainer(data, "--opt", "sgd", "--opt-kwargs", "nesterov=True", "dampening=0")
-    assert tr.optimizer.param_groups[0]["nesterov"] is True
+    assert tr.run.optimizer.param_groups[0]["nesterov"] is True
 
 
 def _train_ops(tr):
-    return list(tr.train_set.dataset.transform.transforms)
+    return list(tr.run.data.train_set.dataset.transform.transforms)
 
 
 def test_train_interpolation_vflip_and_recount_reach_the_transform(data):
@@ -109,8 +109,8 @@ def test_train_interpolation_vflip_and_recount_reach_the_transform(data):
 
 def test_grad_checkpointing_is_switched_on(data):
     tr = trainer(data, "--grad-checkpointing")
-    assert tr.model.grad_checkpointing is True
-    assert trainer(data).model.grad_checkpointing is False
+    assert tr.run.model.grad_checkpointing is True
+    assert trainer(data).run.model.grad_checkpointing is False
 
 
 def test_in_chans_other_than_three_is_refused(data, tmp_path):
@@ -120,15 +120,16 @@ def test_in_chans_other_than_three_is_refused(data, tmp_path):
 
 @pytest.mark.parametrize("flag", ["--pin-mem", "--no-prefetcher"])
 def test_compatibility_flags_are_accepted(data, flag):
-    assert getattr(parse_train_args([str(data), flag]), flag[2:].replace("-", "_")) is True
+    assert getattr(train_settings([str(data), flag]).args, flag[2:].replace("-", "_")) is True
 
 
 # ------------------------------------------------------------------ data root and model flags
 def test_data_dir_flag_is_the_positional_root(data, tmp_path):
-    assert parse_train_args(["--data-dir", str(data)]).data_dir == str(data)
-    assert parse_train_args([str(data), "--data-dir", str(data)]).data_dir == str(data)
-    tr = Trainer(parse_train_args(["--data-dir", str(data), *TINY]))
-    assert tr.class_names == trainer(data).class_names == ["class_0", "class_1", "class_2"]
+    assert train_settings(["--data-dir", str(data)]).data.data_dir == str(data)
+    assert train_settings([str(data), "--data-dir", str(data)]).data.data_dir == str(data)
+    tr = make_training(["--data-dir", str(data), *TINY])
+    assert tr.run.data.class_names == trainer(data).run.data.class_names == [
+        "class_0", "class_1", "class_2"]
     r = run_cli("train.py", data, "--data-dir", tmp_path, *TINY, "--output", tmp_path / "out")
     assert r.returncode == 2 and not (tmp_path / "out").exists()
     assert r.stderr.strip() == f"train.py: error: two data roots given: {data} and --data-dir {tmp_path}"
@@ -139,15 +140,16 @@ def test_data_root_on_the_command_line_wins_over_a_recipe(data, tmp_path):
                              val_per_class=1)
     recipe = tmp_path / "args.yaml"
     recipe.write_text(f"data_dir: {data}\nmodel: test_resnet\n")
-    assert parse_train_args(["-c", recipe]).data_dir == str(data)
-    assert parse_train_args(["-c", recipe, str(other)]).data_dir == str(other)
-    assert parse_train_args(["-c", recipe, "--data-dir", str(other)]).data_dir == str(other)
+    assert train_settings(["-c", recipe]).data.data_dir == str(data)
+    assert train_settings(["-c", recipe, str(other)]).data.data_dir == str(other)
+    assert train_settings(["-c", recipe, "--data-dir", str(other)]).data.data_dir == str(other)
 
 
 def test_validate_takes_data_dir_too(tmp_path):
-    from ematrain.validate import parse_args
-    assert parse_args(["--data-dir", str(tmp_path), "--checkpoint", "x"]).data_dir == str(tmp_path)
-    assert parse_args([str(tmp_path), "--checkpoint", "x"]).data_dir == str(tmp_path)
+    from ematrain.settings import validate_settings
+    assert validate_settings(["--data-dir", str(tmp_path), "--checkpoint", "x"]).data_dir == str(
+        tmp_path)
+    assert validate_settings([str(tmp_path), "--checkpoint", "x"]).data_dir == str(tmp_path)
     r = run_cli("validate.py", "--checkpoint", tmp_path / "x.pth.tar")
     assert r.returncode == 2 and "no data root given" in r.stderr and "Traceback" not in r.stderr
 
@@ -157,9 +159,9 @@ def _batchnorms(model):
 
 
 def test_bn_momentum_and_eps_reach_every_batchnorm(data):
-    default = _batchnorms(trainer(data).model)
+    default = _batchnorms(trainer(data).run.model)
     assert default and {(m.momentum, m.eps) for m in default} == {(0.1, 1e-5)}
-    changed = _batchnorms(trainer(data, "--bn-momentum", "0.01", "--bn-eps", "1e-3").model)
+    changed = _batchnorms(trainer(data, "--bn-momentum", "0.01", "--bn-eps", "1e-3").run.model)
     assert len(changed) == len(default)
     assert {(m.momentum, m.eps) for m in changed} == {(0.01, 1e-3)}
     # The running mean moves at the new momentum: one training forward of a constant batch.
@@ -181,10 +183,10 @@ def test_bn_flags_on_a_model_without_batchnorm_are_refused(data, tmp_path):
 
 def test_drop_block_reaches_the_model(data, tmp_path):
     from timm.layers import DropBlock2d
-    blocks = [m for m in trainer(data, "--drop-block", "0.2").model.modules()
+    blocks = [m for m in trainer(data, "--drop-block", "0.2").run.model.modules()
               if isinstance(m, DropBlock2d)]
     assert blocks and all(b.drop_prob == pytest.approx(0.2) for b in blocks)
-    assert not any(isinstance(m, DropBlock2d) for m in trainer(data).model.modules())
+    assert not any(isinstance(m, DropBlock2d) for m in trainer(data).run.model.modules())
     r = run_cli("train.py", data, *TINY, "--model", "test_vit", "--drop-block", "0.2",
                 "--output", tmp_path)
     assert r.returncode == 2 and "drop_block_rate" in r.stderr and "Traceback" not in r.stderr
@@ -194,10 +196,11 @@ def test_drop_block_reaches_the_model(data, tmp_path):
 
 def test_model_kwargs_win_over_the_named_flags(data):
     from timm.layers import DropBlock2d
-    model = trainer(data, "--drop-block", "0.2", "--model-kwargs", "drop_block_rate=0.3").model
+    model = trainer(data, "--drop-block", "0.2", "--model-kwargs", "drop_block_rate=0.3").run.model
     blocks = [m for m in model.modules() if isinstance(m, DropBlock2d)]
     assert blocks and all(b.drop_prob == pytest.approx(0.3) for b in blocks)
-    assert trainer(data, "--drop", "0.1", "--model-kwargs", "drop_rate=0.4").model.drop_rate == 0.4
+    assert trainer(data, "--drop", "0.1", "--model-kwargs",
+                   "drop_rate=0.4").run.model.drop_rate == 0.4
 
 
 def test_sync_bn_conversion_keeps_fused_activations():
@@ -216,19 +219,19 @@ def test_sync_bn_conversion_keeps_fused_activations():
 def test_args_yaml_of_a_resumed_run_is_a_recipe_that_starts_afresh(data, tmp_path):
     import yaml
     from ematrain import outputs
-    args = vars(parse_train_args([str(data), *TINY, "--resume", "auto"]))
-    outputs.write_args(tmp_path, args)
+    tr = trainer(data, "--resume", "auto")
+    outputs.write_args(tmp_path, tr.run.record())
     saved = yaml.safe_load((tmp_path / "args.yaml").read_text())
     assert "resume" not in saved and saved["model"] == "test_resnet"
-    again = parse_train_args(["-c", tmp_path / "args.yaml"])
-    assert again.resume == "" and again.data_dir == str(Path(data).resolve())
+    again = train_settings(["-c", tmp_path / "args.yaml"])
+    assert again.loop.resume == "" and again.data.data_dir == str(Path(data).resolve())
 
 
 def test_model_dtype_is_applied_and_its_conflicts_refused(data, tmp_path):
     tr = trainer(data, "--model-dtype", "bfloat16", "--model-ema")
-    assert {p.dtype for p in tr.model.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in tr.ema.module.parameters()} == {torch.float32}
-    assert {p.dtype for p in trainer(data).model.parameters()} == {torch.float32}
+    assert {p.dtype for p in tr.run.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in tr.run.ema.module.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer(data).run.model.parameters()} == {torch.float32}
     r = run_cli("train.py", data, *TINY, "--model-dtype", "bfloat16", "--amp", "--amp-dtype",
                 "bfloat16", "--output", tmp_path)
     assert r.returncode == 2 and "give one of them" in r.stderr and "Traceback" not in r.stderr
@@ -240,8 +243,7 @@ def test_lr_base_scale_overrides_the_optimizer_default(data):
     # -b 4 against --lr-base-size 256: ratio 1/64, sqrt 1/8.
     base = ["--lr-base", "0.64", "--lr-base-size", "256"]
     def lr(*extra):
-        args = parse_train_args([str(data), *TINY[:-2], *base, *extra])  # TINY[-2:] is --lr 0.1
-        return Trainer(args).lr
+        return make_training([data, *TINY[:-2], *base, *extra]).run.lr  # TINY[-2:] is --lr 0.1
     assert lr() == pytest.approx(0.01)                             # sgd: linear
     assert lr("--opt", "adamw") == pytest.approx(0.08)             # adaptive: sqrt
     assert lr("--lr-base-scale", "sqrt") == pytest.approx(0.08)
@@ -249,11 +251,12 @@ def test_lr_base_scale_overrides_the_optimizer_default(data):
 
 
 def test_head_init_scale_and_bias_reach_the_classifier(data, tmp_path):
-    plain = trainer(data).model.get_classifier()
-    head = trainer(data, "--head-init-scale", "0.5", "--head-init-bias", "-2").model.get_classifier()
+    plain = trainer(data).run.model.get_classifier()
+    head = trainer(data, "--head-init-scale", "0.5", "--head-init-bias",
+                   "-2").run.model.get_classifier()
     torch.testing.assert_close(head.weight, plain.weight * 0.5, atol=0, rtol=0)
     assert torch.equal(head.bias, torch.full_like(head.bias, -2.0))
-    scaled = trainer(data, "--head-init-scale", "0.5").model.get_classifier()
+    scaled = trainer(data, "--head-init-scale", "0.5").run.model.get_classifier()
     torch.testing.assert_close(scaled.bias, plain.bias * 0.5, atol=0, rtol=0)
     import timm
     from ematrain.errors import UserError
@@ -272,5 +275,5 @@ def test_model_kwargs_that_a_flag_owns_are_refused(data, tmp_path, key, flag):
 
 def test_head_init_values_must_be_finite(data):
     from ematrain.errors import UserError
-    with pytest.raises(UserError, match="--head-init-scale must be a finite number, got nan"):
-        parse_train_args([str(data), "--head-init-scale", "nan"])
+    with pytest.raises(UserError, match="--head-init-scale: expected a finite number, got 'nan'"):
+        train_settings([str(data), "--head-init-scale", "nan"])

@@ -1,8 +1,8 @@
 """timm's train.py flags: each one is parsed with timm's name and meaning, reaches the real code
 path, and has a visible effect in a real training step on a tiny data set.
 
-Most tests build a `Trainer` in-process and run `Trainer.run_epoch` (the same call `fit` makes,
-so the StepConfig, loss, mixup, EMA and scheduler wiring is the product's own), observing the
+Most tests build a `Training` in-process and run `Training.run_epoch` (the same call `fit` makes,
+so the recipe, loss, mixup, EMA and scheduler wiring is the product's own), observing the
 step through hooks: a pre-step hook on the optimizer (LR, gradients after clipping), forward hooks
 on the model (autocast dtype, memory format) and a wrapper around the training loss (targets).
 A few runs go end to end through `python train.py` in subprocesses.
@@ -23,14 +23,14 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import make_imagefolder, run_cli, torch_threads
+from conftest import make_imagefolder, make_training, run_cli, run_epochs, torch_threads
 from ematrain import checkpoint as ckpt_io
 from ematrain import outputs
-from ematrain.config import parse_train_args
-from ematrain.ema import unwrap_model
+from ematrain.build import build_mixup, build_optimizer, build_scheduler, build_train_loss
 from ematrain.errors import UserError
-from ematrain.train import (Trainer, build_mixup, build_optimizer, build_scheduler,
-                            build_train_loss, resolve_lr)
+from ematrain.models import unwrap_model
+from ematrain.settings import train_settings
+from ematrain.train import Training
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0",
         "--warmup-epochs", "0", "--epochs", "1"]
@@ -53,19 +53,12 @@ def _one_thread_no_plots(monkeypatch):
         yield
 
 
-def make_trainer(data, *extra, base=TINY) -> Trainer:
-    return Trainer(parse_train_args([str(data), *base, *map(str, extra)]))
+def make_trainer(data, *extra, base=TINY) -> Training:
+    return make_training([data, *base, *extra])
 
 
-def run_epochs(tr: Trainer, out: Path, epochs: int = 1) -> list[dict]:
-    """Train and validate `epochs` epochs through Trainer.run_epoch; returns the summary rows."""
-    tr.run_dir = Path(out)
-    tr.run_dir.mkdir(parents=True, exist_ok=True)
-    tr.columns = outputs.summary_columns(tr.decays)
-    for epoch in range(tr.state.epoch, tr.state.epoch + epochs):
-        assert tr.run_epoch(epoch, lambda: False) is None
-        tr.state.epoch = epoch + 1
-    return tr.rows
+def settings(data, *extra):
+    return train_settings([str(data), *TINY, *map(str, extra)])
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -81,19 +74,19 @@ def changed(before: dict, model: nn.Module) -> bool:
 class StepProbe:
     """Optimizer pre-step hook: per optimizer step, the LRs and what the gradients look like."""
 
-    def __init__(self, tr: Trainer, keep_grads: bool = False):
+    def __init__(self, tr: Training, keep_grads: bool = False):
         self.tr, self.keep_grads = tr, keep_grads
         self.lrs: list[list[float]] = []
         self.epochs: list[int] = []
         self.grads: list[dict] = []
         self.callbacks = []
-        tr.optimizer.register_step_pre_hook(self._hook)
+        tr.run.optimizer.register_step_pre_hook(self._hook)
 
     def _hook(self, optimizer, args, kwargs):
         self.lrs.append([g["lr"] for g in optimizer.param_groups])
-        self.epochs.append(self.tr.state.epoch)
+        self.epochs.append(self.tr.run.counters.epoch)
         if self.keep_grads:
-            named = unwrap_model(self.tr.model).named_parameters()
+            named = self.tr.run.module.named_parameters()
             self.grads.append({n: p.grad.detach().clone() for n, p in named if p.grad is not None})
         for cb in self.callbacks:
             cb(len(self.lrs))
@@ -106,15 +99,15 @@ class StepProbe:
 class LossProbe(nn.Module):
     """Wraps the trainer's training loss; records what reaches it."""
 
-    def __init__(self, tr: Trainer):
+    def __init__(self, tr: Training):
         super().__init__()
-        self.inner, self.tr = tr.loss_fn, tr
+        self.inner, self.tr = tr.loop.recipe.loss_fn, tr
         self.calls: list[dict] = []
-        tr.loss_fn = self
+        tr.loop.recipe.loss_fn = self
 
     def forward(self, output, target):
         loss = self.inner(output, target)
-        self.calls.append({"epoch": self.tr.state.epoch, "output": output.detach().float(),
+        self.calls.append({"epoch": self.tr.run.counters.epoch, "output": output.detach().float(),
                            "target": target.detach().clone(), "loss": loss.detach().float()})
         return loss
 
@@ -161,7 +154,7 @@ def help_sections(text: str) -> dict[str, set[str]]:
 
 def test_help_lists_flags_in_groups(capsys):
     with pytest.raises(SystemExit) as exc:
-        parse_train_args(["--help"])
+        train_settings(["--help"])
     assert exc.value.code == 0
     sections = help_sections(capsys.readouterr().out)
     for title, flags in GROUPS.items():
@@ -176,27 +169,27 @@ def test_help_lists_flags_in_groups(capsys):
 # ----------------------------------------------------------------------------- precision
 def test_amp_bfloat16_autocasts_training_and_validation(data, tmp_path):
     tr = make_trainer(data, "--amp", "--amp-dtype", "bfloat16")
-    assert tr.amp_dtype == torch.bfloat16 and tr.scaler is None
+    assert tr.run.precision.autocast == torch.bfloat16 and tr.run.scaler is None
     seen = {True: set(), False: set()}
-    first_conv(tr.model).register_forward_hook(
-        lambda m, i, o: seen[unwrap_model(tr.model).training].add(o.dtype))
+    first_conv(tr.run.model).register_forward_hook(
+        lambda m, i, o: seen[unwrap_model(tr.run.model).training].add(o.dtype))
     probe = LossProbe(tr)
-    before = snapshot(tr.model)
+    before = snapshot(tr.run.model)
     rows = run_epochs(tr, tmp_path)
     assert seen[True] == {torch.bfloat16}, "training forward not under bfloat16 autocast"
     assert seen[False] == {torch.bfloat16}, "validation forward not under bfloat16 autocast"
     assert all(c["output"].isfinite().all() for c in probe.calls)
-    assert math.isfinite(rows[0]["train_loss"]) and changed(before, tr.model)
+    assert math.isfinite(rows[0]["train_loss"]) and changed(before, tr.run.model)
     # The weights themselves stay float32 (autocast, not a bfloat16 model).
-    assert all(p.dtype == torch.float32 for p in tr.model.parameters())
+    assert all(p.dtype == torch.float32 for p in tr.run.model.parameters())
 
 
 def test_no_amp_runs_float32(data, tmp_path):
     tr = make_trainer(data)
     seen = set()
-    first_conv(tr.model).register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    first_conv(tr.run.model).register_forward_hook(lambda m, i, o: seen.add(o.dtype))
     run_epochs(tr, tmp_path)
-    assert seen == {torch.float32} and tr.amp_dtype is None
+    assert seen == {torch.float32} and tr.run.precision.autocast is None
 
 
 def test_amp_float16_on_cpu_refused(data):
@@ -207,16 +200,16 @@ def test_amp_float16_on_cpu_refused(data):
 
 def test_amp_dtype_choices_are_timms():
     with pytest.raises(UserError, match="amp-dtype"):
-        parse_train_args(["d", "--amp-dtype", "float8"])
-    assert parse_train_args(["d"]).amp_dtype == "float16"  # timm's default
+        train_settings(["d", "--amp-dtype", "float8"])
+    assert train_settings(["d"]).precision.amp_dtype == "float16"  # timm's default
 
 
 def test_channels_last(data, tmp_path):
     tr = make_trainer(data, "--channels-last")
-    convs = [m for m in tr.model.modules() if isinstance(m, nn.Conv2d)]
+    convs = [m for m in tr.run.model.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     layouts = []
-    tr.model.register_forward_pre_hook(
+    tr.run.model.register_forward_pre_hook(
         lambda m, args: layouts.append((m.training,
                                         args[0].is_contiguous(memory_format=torch.channels_last),
                                         args[0].is_contiguous())))
@@ -231,21 +224,21 @@ def test_channels_last(data, tmp_path):
 def test_without_channels_last_inputs_are_nchw(data, tmp_path):
     tr = make_trainer(data)
     layouts = []
-    tr.model.register_forward_pre_hook(lambda m, a: layouts.append(a[0].is_contiguous()))
+    tr.run.model.register_forward_pre_hook(lambda m, a: layouts.append(a[0].is_contiguous()))
     run_epochs(tr, tmp_path)
     assert layouts and all(layouts)
 
 
 def test_torchcompile_eager(data, tmp_path):
     tr = make_trainer(data, "--torchcompile", "eager", "--model-ema", "--model-ema-decay", "0.9")
-    assert isinstance(tr.model, torch._dynamo.eval_frame.OptimizedModule)
-    assert tr.args.torchcompile == "eager"
-    before = snapshot(tr.model)
-    ema_before = {k: v.clone() for k, v in tr.ema.shadow_state_dict(0).items()}
+    assert isinstance(tr.run.model, torch._dynamo.eval_frame.OptimizedModule)
+    assert tr.run.settings.args.torchcompile == "eager"
+    before = snapshot(tr.run.model)
+    ema_before = {k: v.clone() for k, v in tr.run.ema.shadow_state_dict(0).items()}
     rows = run_epochs(tr, tmp_path)
-    assert math.isfinite(rows[0]["train_loss"]) and changed(before, tr.model)
-    assert tr.ema.steps == STEPS
-    assert any(not torch.equal(ema_before[k], v) for k, v in tr.ema.shadow_state_dict(0).items()
+    assert math.isfinite(rows[0]["train_loss"]) and changed(before, tr.run.model)
+    assert tr.run.ema.steps == STEPS
+    assert any(not torch.equal(ema_before[k], v) for k, v in tr.run.ema.shadow_state_dict(0).items()
                if v.is_floating_point())
     ckpt = ckpt_io.load_file(tmp_path / "last.pth.tar")
     plain = set(timm.create_model("test_resnet", num_classes=3).state_dict())
@@ -255,8 +248,8 @@ def test_torchcompile_eager(data, tmp_path):
 
 
 def test_torchcompile_default_backend_is_inductor():
-    assert parse_train_args(["d", "--torchcompile"]).torchcompile == "inductor"
-    assert parse_train_args(["d"]).torchcompile is None
+    assert train_settings(["d", "--torchcompile"]).model.torchcompile == "inductor"
+    assert train_settings(["d"]).model.torchcompile is None
 
 
 # ----------------------------------------------------------------------------- accumulation
@@ -272,22 +265,22 @@ def _reference_grads(model, batches, loss_fn, divisor):
 def test_grad_accum_steps(data, tmp_path, accum):
     tr = make_trainer(data, "--grad-accum-steps", accum, "--model-ema", "--model-ema-decay", "0.9",
                       "--sched-on-updates")
-    assert tr.steps_per_epoch == STEPS // accum
+    assert tr.run.data.steps_per_epoch == STEPS // accum
     inputs = []
-    tr.model.register_forward_pre_hook(
+    tr.run.model.register_forward_pre_hook(
         lambda m, a: inputs.append(a[0].detach().clone()) if m.training else None)
     loss = LossProbe(tr)
     probe = StepProbe(tr, keep_grads=True)
     ref = {}
     # At the first optimizer step the gradient is the mean over the group's micro-batches.
     probe.callbacks.append(lambda n: ref.update(_reference_grads(
-        tr.model, [(x, c["target"]) for x, c in zip(inputs, loss.calls)], loss.inner, accum))
+        tr.run.model, [(x, c["target"]) for x, c in zip(inputs, loss.calls)], loss.inner, accum))
         if n == 1 else None)
     run_epochs(tr, tmp_path)
     assert len(loss.calls) == STEPS  # micro-batches
     assert probe.count == STEPS // accum  # optimizer steps
-    assert tr.state.num_updates == STEPS // accum
-    assert tr.ema.steps == STEPS // accum and tr.ema.num_updates == STEPS // accum
+    assert tr.run.counters.num_updates == STEPS // accum
+    assert tr.run.ema.steps == STEPS // accum and tr.run.ema.num_updates == STEPS // accum
     for name, g in ref.items():
         torch.testing.assert_close(probe.grads[0][name], g, rtol=1e-4, atol=1e-6)
     # The schedule advances once per optimizer step, not per micro-batch.
@@ -297,13 +290,13 @@ def test_grad_accum_steps(data, tmp_path, accum):
 def test_grad_accum_last_short_group_is_a_mean(data, tmp_path):
     tr = make_trainer(data, "--grad-accum-steps", "4")  # 6 batches: groups of 4 and 2
     inputs = []
-    tr.model.register_forward_pre_hook(
+    tr.run.model.register_forward_pre_hook(
         lambda m, a: inputs.append(a[0].detach().clone()) if m.training else None)
     loss = LossProbe(tr)
     probe = StepProbe(tr, keep_grads=True)
     ref = {}
     probe.callbacks.append(lambda n: ref.update(_reference_grads(
-        tr.model, [(x, c["target"]) for x, c in list(zip(inputs, loss.calls))[4:]], loss.inner, 2))
+        tr.run.model, [(x, c["target"]) for x, c in list(zip(inputs, loss.calls))[4:]], loss.inner, 2))
         if n == 2 else None)
     run_epochs(tr, tmp_path)
     assert probe.count == 2
@@ -320,7 +313,7 @@ def test_clip_grad(data, tmp_path, mode):
     probe = StepProbe(tr, keep_grads=True)
     run_epochs(tr, tmp_path)
     assert probe.count == STEPS
-    params = dict(unwrap_model(tr.model).named_parameters())
+    params = dict(unwrap_model(tr.run.model).named_parameters())
     for grads in probe.grads:
         if mode == "norm":
             total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
@@ -343,22 +336,21 @@ def test_clip_mode_agc_leaves_the_head_alone(data, tmp_path):
     tr = make_trainer(data, "--clip-grad", "0.001", "--clip-mode", "agc")
     probe = StepProbe(tr, keep_grads=True)
     run_epochs(tr, tmp_path)
-    head = unwrap_model(tr.model).fc.weight.detach()
+    head = unwrap_model(tr.run.model).fc.weight.detach()
     limit = unitwise_norm(head).clamp(min=1e-3) * 1e-3
     assert (unitwise_norm(probe.grads[-1]["fc.weight"]) > limit * 1.01).any()
 
 
 def test_clip_mode_choices():
     with pytest.raises(UserError, match="clip-mode"):
-        parse_train_args(["d", "--clip-mode", "max"])
+        train_settings(["d", "--clip-mode", "max"])
 
 
 # ----------------------------------------------------------------------------- losses, mixup
 def test_smoothing_loss(data, tmp_path):
-    args = parse_train_args([str(data), *TINY, "--smoothing", "0.3"])
-    built = build_train_loss(args, mixing=False)
+    built = build_train_loss(settings(data, "--smoothing", "0.3").labels)
     assert isinstance(built, nn.CrossEntropyLoss) and built.label_smoothing == 0.3
-    tr = Trainer(args)
+    tr = make_trainer(data, "--smoothing", "0.3")
     probe = LossProbe(tr)
     run_epochs(tr, tmp_path)
     assert len(probe.calls) == STEPS
@@ -373,7 +365,7 @@ def test_smoothing_loss(data, tmp_path):
 
 def test_smoothing_zero_is_plain_cross_entropy(data):
     tr = make_trainer(data, "--smoothing", "0")
-    assert isinstance(tr.loss_fn, nn.CrossEntropyLoss) and tr.loss_fn.label_smoothing == 0.0
+    assert isinstance(tr.run.loss_fn, nn.CrossEntropyLoss) and tr.run.loss_fn.label_smoothing == 0.0
 
 
 def _mixed(target: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -386,16 +378,16 @@ def _mixed(target: torch.Tensor, smoothing: float) -> torch.Tensor:
 def test_mixup_cutmix_params_and_soft_targets(data, tmp_path):
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
-    args = parse_train_args([str(data), *TINY, "--mixup", "0.8", "--cutmix", "1.0",
-                             "--mixup-prob", "0.9", "--mixup-switch-prob", "0.3",
-                             "--mixup-mode", "pair", "--smoothing", "0.1"])
-    fn = build_mixup(args, 3)
+    labels = settings(data, "--mixup", "0.8", "--cutmix", "1.0", "--mixup-prob", "0.9",
+                      "--mixup-switch-prob", "0.3", "--mixup-mode", "pair",
+                      "--smoothing", "0.1").labels
+    fn = build_mixup(labels, 3)
     assert isinstance(fn, Mixup)
     assert (fn.mixup_alpha, fn.cutmix_alpha, fn.mix_prob, fn.switch_prob, fn.mode,
             fn.label_smoothing, fn.num_classes) == (0.8, 1.0, 0.9, 0.3, "pair", 0.1, 3)
-    assert isinstance(build_train_loss(args, mixing=True), SoftTargetCrossEntropy)
-    tr = Trainer(parse_train_args([str(data), *TINY, "--mixup", "0.8", "--cutmix", "1.0"]))
-    assert isinstance(tr.loss_fn, SoftTargetCrossEntropy) and tr.mixup_fn.mixup_enabled
+    assert isinstance(build_train_loss(labels), SoftTargetCrossEntropy)
+    tr = make_trainer(data, "--mixup", "0.8", "--cutmix", "1.0")
+    assert isinstance(tr.run.loss_fn, SoftTargetCrossEntropy) and tr.run.mixup_fn.mixup_enabled
     probe = LossProbe(tr)
     run_epochs(tr, tmp_path)
     targets = [c["target"] for c in probe.calls]
@@ -415,8 +407,8 @@ def test_mixup_prob_zero_never_mixes(data, tmp_path):
 
 
 def test_cutmix_minmax_turns_mixing_on(data):
-    args = parse_train_args([str(data), *TINY, "--cutmix-minmax", "0.2", "0.8"])
-    assert build_mixup(args, 3).cutmix_minmax == [0.2, 0.8]
+    labels = settings(data, "--cutmix-minmax", "0.2", "0.8").labels
+    assert build_mixup(labels, 3).cutmix_minmax == [0.2, 0.8]
 
 
 def test_mixup_needs_even_batch(data):
@@ -429,9 +421,9 @@ def test_mixup_off_epoch(data, tmp_path):
                       "--epochs", "2")
     probe = LossProbe(tr)
     run_epochs(tr, tmp_path / "e0", epochs=1)
-    assert tr.mixup_fn.mixup_enabled
+    assert tr.run.mixup_fn.mixup_enabled
     run_epochs(tr, tmp_path / "e1", epochs=1)
-    assert not tr.mixup_fn.mixup_enabled
+    assert not tr.run.mixup_fn.mixup_enabled
     by_epoch = {e: [c["target"] for c in probe.calls if c["epoch"] == e] for e in (0, 1)}
     assert any(_mixed(t, 0.1).any() for t in by_epoch[0])
     assert len(by_epoch[1]) == STEPS and not any(_mixed(t, 0.1).any() for t in by_epoch[1])
@@ -440,10 +432,10 @@ def test_mixup_off_epoch(data, tmp_path):
 def test_bce_loss(data, tmp_path):
     from timm.loss import BinaryCrossEntropy
     tr = make_trainer(data, "--bce-loss", "--smoothing", "0.2")
-    assert isinstance(tr.loss_fn, BinaryCrossEntropy)
-    assert tr.loss_fn.smoothing == 0.2 and tr.loss_fn.target_threshold is None
+    assert isinstance(tr.run.loss_fn, BinaryCrossEntropy)
+    assert tr.run.loss_fn.smoothing == 0.2 and tr.run.loss_fn.target_threshold is None
     probe = LossProbe(tr)
-    before = snapshot(tr.model)
+    before = snapshot(tr.run.model)
     run_epochs(tr, tmp_path)
     c = probe.calls[0]
     # timm's BCE: one-hot targets smoothed to smoothing/n off and 1-smoothing+smoothing/n on.
@@ -452,21 +444,20 @@ def test_bce_loss(data, tmp_path):
     dense.scatter_(1, c["target"][:, None], 1 - 0.2 + 0.2 / n)
     expected = nn.functional.binary_cross_entropy_with_logits(c["output"], dense)
     torch.testing.assert_close(c["loss"], expected, rtol=1e-5, atol=1e-6)
-    assert changed(before, tr.model)
+    assert changed(before, tr.run.model)
 
 
 def test_bce_with_mixup_and_threshold(data):
     from timm.loss import BinaryCrossEntropy
-    args = parse_train_args([str(data), *TINY, "--bce-loss", "--bce-target-thresh", "0.2",
-                             "--mixup", "0.8"])
-    loss = build_train_loss(args, mixing=True)
+    loss = build_train_loss(settings(data, "--bce-loss", "--bce-target-thresh", "0.2",
+                                     "--mixup", "0.8").labels)
     assert isinstance(loss, BinaryCrossEntropy)
     assert loss.smoothing == 0.0 and loss.target_threshold == 0.2  # mixup smooths already
 
 
 # ----------------------------------------------------------------------------- augmentation
 def _transforms(tr):
-    return list(tr.train_set.dataset.transform.transforms)
+    return list(tr.run.data.train_set.dataset.transform.transforms)
 
 
 def _of(tr, name):
@@ -482,7 +473,7 @@ def test_rand_augment(data):
     assert {op.magnitude_std for op in ra.ops} == {0.5}
     assert not _of(make_trainer(data), "RandAugment")
     # The transform is the one the training loader applies.
-    image, label = tr.train_set[0]
+    image, label = tr.run.data.train_set[0]
     assert image.shape == (3, 32, 32)
 
 
@@ -503,7 +494,7 @@ def test_random_erasing_reaches_the_samples(data):
                       "--ratio", "1", "1", "--hflip", "0", "--color-jitter", "0")
     plain = make_trainer(data, "--scale", "1", "1", "--ratio", "1", "1", "--hflip", "0",
                          "--color-jitter", "0")
-    erased, clean = tr.train_set[0][0], plain.train_set[0][0]
+    erased, clean = tr.run.data.train_set[0][0], plain.run.data.train_set[0][0]
     zeros = (erased == 0).all(0)
     assert zeros.sum() >= 4 and not (clean == 0).all(0).any()
 
@@ -546,7 +537,7 @@ def test_no_aug(data):
 # ----------------------------------------------------------------------------- regularization
 def test_drop_and_drop_path_resnet(data):
     tr = make_trainer(data, "--drop", "0.3", "--drop-path", "0.1")
-    model = tr.model
+    model = tr.run.model
     assert model.drop_rate == 0.3
     probs = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
     assert probs and max(probs) == pytest.approx(0.1)
@@ -555,7 +546,7 @@ def test_drop_and_drop_path_resnet(data):
     assert not torch.equal(model(x), model(x)), "dropout/drop-path inactive in training"
     model.eval()
     assert torch.equal(model(x), model(x))
-    plain = make_trainer(data).model
+    plain = make_trainer(data).run.model
     assert plain.drop_rate == 0.0
     assert not [m for m in plain.modules() if type(m).__name__ == "DropPath"]
     plain.train()
@@ -565,8 +556,8 @@ def test_drop_and_drop_path_resnet(data):
 def test_drop_and_drop_path_vit(data):
     tr = make_trainer(data, "--model", "test_vit", "--model-kwargs", "img_size=32",
                       "--drop", "0.3", "--drop-path", "0.1")
-    assert tr.model.head_drop.p == 0.3
-    assert tr.model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert tr.run.model.head_drop.p == 0.3
+    assert tr.run.model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -588,9 +579,9 @@ def test_scheduler_list_matches_timm():
 
 def _lr_curve(tr, metric=50.0):
     lrs = []
-    for epoch in range(tr.num_epochs + 1):
-        lrs.append(tr.optimizer.param_groups[0]["lr"])
-        tr.scheduler.step(epoch + 1, metric)
+    for epoch in range(tr.run.num_epochs + 1):
+        lrs.append(tr.run.optimizer.param_groups[0]["lr"])
+        tr.run.scheduler.step(epoch + 1, metric)
     return lrs
 
 
@@ -602,7 +593,7 @@ def test_every_timm_scheduler(data, sched):
     if sched == "rsqrt":
         extra += ["--warmup-epochs", "1"]  # its timescale defaults to the warmup length
     tr = make_trainer(data, *extra)
-    assert tr.num_epochs == 4
+    assert tr.run.num_epochs == 4
     lrs = _lr_curve(tr)
     assert all(math.isfinite(x) and x >= 0 for x in lrs)
     body = lrs[1:] if sched == "rsqrt" else lrs
@@ -625,9 +616,9 @@ def test_plateau_mode_follows_eval_metric(data):
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        assert make_trainer(data, "--sched", "plateau").scheduler.lr_scheduler.mode == "max"
+        assert make_trainer(data, "--sched", "plateau").run.scheduler.lr_scheduler.mode == "max"
         tr = make_trainer(data, "--sched", "plateau", "--eval-metric", "loss")
-    assert tr.scheduler.lr_scheduler.mode == "min"
+    assert tr.run.scheduler.lr_scheduler.mode == "min"
 
 
 def test_unknown_scheduler_refused(data):
@@ -665,10 +656,10 @@ def test_warmup_epochs_and_warmup_lr(data, tmp_path):
 
 
 def test_cooldown_epochs_added(data):
-    assert make_trainer(data, "--epochs", "3").num_epochs == 3
+    assert make_trainer(data, "--epochs", "3").run.num_epochs == 3
     tr = make_trainer(data, "--epochs", "3", "--cooldown-epochs", "2", "--min-lr", "0.001",
                       "--lr", "0.1")
-    assert tr.num_epochs == 5
+    assert tr.run.num_epochs == 5
     lrs = _lr_curve(tr)
     assert lrs[3:5] == pytest.approx([0.001, 0.001])  # the cooldown epochs sit at --min-lr
 
@@ -681,7 +672,7 @@ def test_sched_on_updates(data, tmp_path):
     assert len(lrs) == STEPS and len(set(lrs)) == STEPS
     assert all(b < a for a, b in zip(lrs, lrs[1:])), lrs
     # t counts updates: after 6 of 12 the cosine is half way.
-    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(0.05, rel=1e-6)
+    assert tr.run.optimizer.param_groups[0]["lr"] == pytest.approx(0.05, rel=1e-6)
     tr = make_trainer(data, "--lr", "0.1", "--epochs", "2")
     probe = StepProbe(tr)
     run_epochs(tr, tmp_path / "epochs")
@@ -694,10 +685,10 @@ def test_plateau_refuses_sched_on_updates(data):
 
 
 def test_build_scheduler_on_updates_scales_lengths(data):
-    args = parse_train_args([str(data), *TINY, "--sched", "step", "--decay-epochs", "1",
-                             "--decay-rate", "0.5", "--sched-on-updates", "--lr", "0.1"])
+    spec = settings(data, "--sched", "step", "--decay-epochs", "1", "--decay-rate", "0.5",
+                    "--sched-on-updates", "--lr", "0.1").schedule
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-    sched, epochs = build_scheduler(args, opt, updates_per_epoch=10)
+    sched, epochs = build_scheduler(spec, opt, updates_per_epoch=10, seed=0, eval_metric="top1")
     assert sched.t_in_epochs is False and sched.decay_t == 10 and epochs == 1
 
 
@@ -713,9 +704,9 @@ def opt_model():
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("name", ALL_OPTIMIZERS)
 def test_every_timm_optimizer_builds(data, opt_model, name):
-    args = parse_train_args([str(data), *TINY, "--opt", name])
+    spec = settings(data, "--opt", name).optim
     try:
-        opt = build_optimizer(args, opt_model, 1e-3)
+        opt = build_optimizer(spec, opt_model, 1e-3)
     except UserError as exc:
         # Refused as a one-line user error (exit 2), never a traceback.
         if "CUDA" in str(exc) or "install" in str(exc).lower():
@@ -730,18 +721,18 @@ def test_every_timm_optimizer_builds(data, opt_model, name):
 @pytest.mark.parametrize("name", ["sgd", "adamw", "lamb", "lion"])
 def test_optimizer_step_changes_weights(data, tmp_path, name):
     tr = make_trainer(data, "--opt", name, "--lr", "1e-3")
-    assert type(tr.optimizer).__name__.lower().startswith({"sgd": "sgd", "adamw": "adamw",
+    assert type(tr.run.optimizer).__name__.lower().startswith({"sgd": "sgd", "adamw": "adamw",
                                                            "lamb": "lamb", "lion": "lion"}[name])
-    before = snapshot(tr.model)
+    before = snapshot(tr.run.model)
     rows = run_epochs(tr, tmp_path)
-    assert math.isfinite(rows[0]["train_loss"]) and changed(before, tr.model)
+    assert math.isfinite(rows[0]["train_loss"]) and changed(before, tr.run.model)
 
 
 def test_second_order_optimizer_trains(data, tmp_path):
     tr = make_trainer(data, "--opt", "adahessian", "--lr", "1e-3")
-    before = snapshot(tr.model)
+    before = snapshot(tr.run.model)
     run_epochs(tr, tmp_path)
-    assert changed(before, tr.model)
+    assert changed(before, tr.run.model)
 
 
 def test_unknown_optimizer_refused(data):
@@ -752,54 +743,54 @@ def test_unknown_optimizer_refused(data):
 def test_opt_eps_betas_momentum_weight_decay(data):
     tr = make_trainer(data, "--opt", "adamw", "--opt-eps", "1e-6", "--opt-betas", "0.8", "0.95",
                       "--weight-decay", "0.05")
-    groups = tr.optimizer.param_groups
+    groups = tr.run.optimizer.param_groups
     assert {g["eps"] for g in groups} == {1e-6}
     assert {tuple(g["betas"]) for g in groups} == {(0.8, 0.95)}
     # timm: no weight decay on biases and norm weights, --weight-decay on the rest.
     assert {g["weight_decay"] for g in groups} == {0.0, 0.05}
     tr = make_trainer(data, "--opt", "sgd", "--momentum", "0.7")
-    assert {g["momentum"] for g in tr.optimizer.param_groups} == {0.7}
-    assert {g["nesterov"] for g in tr.optimizer.param_groups} == {True}  # timm's sgd
+    assert {g["momentum"] for g in tr.run.optimizer.param_groups} == {0.7}
+    assert {g["nesterov"] for g in tr.run.optimizer.param_groups} == {True}  # timm's sgd
 
 
 def test_layer_decay(data, tmp_path):
     tr = make_trainer(data, "--model", "test_vit", "--model-kwargs", "img_size=32", "--opt",
                       "adamw", "--layer-decay", "0.65", "--lr", "1e-3")
-    depth = len(tr.model.blocks)
-    scales = sorted({g["lr_scale"] for g in tr.optimizer.param_groups})
+    depth = len(tr.run.model.blocks)
+    scales = sorted({g["lr_scale"] for g in tr.run.optimizer.param_groups})
     assert len(scales) == depth + 2
     assert scales[-1] == pytest.approx(1.0)
     assert scales == pytest.approx([0.65 ** (depth + 1 - i) for i in range(depth + 2)])
     probe = StepProbe(tr)
-    before = snapshot(tr.model)
+    before = snapshot(tr.run.model)
     run_epochs(tr, tmp_path)
     # The schedule applies each group's scale to the LR it sets.
     for lrs in probe.lrs:
-        for lr, g in zip(lrs, tr.optimizer.param_groups):
+        for lr, g in zip(lrs, tr.run.optimizer.param_groups):
             assert lr == pytest.approx(1e-3 * g["lr_scale"])
-    assert changed(before, tr.model)
+    assert changed(before, tr.run.model)
     plain = make_trainer(data, "--model", "test_vit", "--model-kwargs", "img_size=32",
                          "--opt", "adamw")
-    assert all("lr_scale" not in g or g["lr_scale"] == 1.0 for g in plain.optimizer.param_groups)
+    assert all("lr_scale" not in g or g["lr_scale"] == 1.0 for g in plain.run.optimizer.param_groups)
 
 
 # ----------------------------------------------------------------------------- learning rate
 def test_lr_from_lr_base():
     def lr(*flags):
-        return resolve_lr(parse_train_args(["d", *flags]))
+        return train_settings(["d", *flags]).lr()
     base = ["--lr-base", "0.1", "--lr-base-size", "256", "-b", "64"]
     assert lr(*base) == pytest.approx(0.025)  # linear for sgd
     assert lr(*base, "--opt", "adamw") == pytest.approx(0.05)  # sqrt for adaptive optimizers
     assert lr(*base, "--opt", "lamb") == pytest.approx(0.05)
     assert lr(*base, "--grad-accum-steps", "2") == pytest.approx(0.05)  # the global batch
-    assert resolve_lr(parse_train_args(["d", *base]), world_size=4) == pytest.approx(0.1)
+    assert train_settings(["d", *base]).lr(world_size=4) == pytest.approx(0.1)
     assert lr(*base, "--lr", "0.3") == 0.3  # --lr wins
     assert lr() == pytest.approx(0.1 * 128 / 256)  # timm defaults: --lr-base 0.1, -b 128
 
 
 def test_lr_base_reaches_the_optimizer(data, tmp_path):
     tr = make_trainer(data, "--lr-base", "0.1", "--lr-base-size", "16")
-    assert tr.lr == pytest.approx(0.025)
+    assert tr.run.lr == pytest.approx(0.025)
     probe = StepProbe(tr)
     run_epochs(tr, tmp_path)
     assert [x[0] for x in probe.lrs] == pytest.approx([0.025] * STEPS)
@@ -822,12 +813,12 @@ def _assert_weights(model, state, skip=()):
 @pytest.mark.parametrize("kind", ["ours", "state_dict", "safetensors"])
 def test_initial_checkpoint(data, tmp_path, source_model, kind):
     state = source_model.state_dict()
-    assert not torch.equal(make_trainer(data).model.state_dict()["fc.weight"], state["fc.weight"])
+    assert not torch.equal(make_trainer(data).run.model.state_dict()["fc.weight"], state["fc.weight"])
     if kind == "ours":
         donor = make_trainer(data, "--seed", "7")
-        donor.model.load_state_dict(state)
+        donor.run.model.load_state_dict(state)
         path = tmp_path / "donor.pth.tar"
-        ckpt_io.save_checkpoint(path, donor.checkpoint(None, complete=True))
+        ckpt_io.write_file(path, ckpt_io.save(donor.run))
     elif kind == "state_dict":
         path = tmp_path / "weights.pth"
         torch.save(state, path)
@@ -836,8 +827,8 @@ def test_initial_checkpoint(data, tmp_path, source_model, kind):
         path = tmp_path / "weights.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     tr = make_trainer(data, "--initial-checkpoint", path, "--model-ema", "--model-ema-decay", "0.9")
-    _assert_weights(tr.model, state)
-    _assert_weights(tr.ema.modules[0], state)  # the EMA starts from the loaded weights too
+    _assert_weights(tr.run.model, state)
+    _assert_weights(tr.run.ema.modules[0], state)  # the EMA starts from the loaded weights too
 
 
 def test_initial_checkpoint_wrong_model_refused(data, tmp_path):
@@ -853,8 +844,8 @@ def test_pretrained_path(data, tmp_path, source_model):
     tr = make_trainer(data, "--pretrained-path", path)
     # timm's pretrained loading keeps the body and re-initialises a classifier whose class count
     # differs from the pretrained config's (1000 for test_resnet).
-    _assert_weights(tr.model, source_model.state_dict(), skip=("fc.",))
-    assert not torch.equal(tr.model.fc.weight, source_model.fc.weight)
+    _assert_weights(tr.run.model, source_model.state_dict(), skip=("fc.",))
+    assert not torch.equal(tr.run.model.fc.weight, source_model.fc.weight)
     with pytest.raises(UserError, match="not found"):
         make_trainer(data, "--pretrained-path", tmp_path / "missing.pth")
 
@@ -862,23 +853,23 @@ def test_pretrained_path(data, tmp_path, source_model):
 @pytest.mark.parametrize("pool", ["max", "avgmax"])
 def test_global_pool(data, pool):
     tr = make_trainer(data, "--gp", pool)
-    assert tr.model.global_pool.pool_type == pool
-    feats = torch.randn(2, tr.model.num_features, 3, 3)
-    pooled = tr.model.forward_head(feats, pre_logits=True)
+    assert tr.run.model.global_pool.pool_type == pool
+    feats = torch.randn(2, tr.run.model.num_features, 3, 3)
+    pooled = tr.run.model.forward_head(feats, pre_logits=True)
     expected = {"max": feats.amax((2, 3)),
                 "avgmax": 0.5 * (feats.amax((2, 3)) + feats.mean((2, 3)))}[pool]
     torch.testing.assert_close(pooled, expected)
-    assert make_trainer(data).model.global_pool.pool_type == "avg"
+    assert make_trainer(data).run.model.global_pool.pool_type == "avg"
 
 
 def test_model_kwargs(data, tmp_path):
     tr = make_trainer(data, "--model-kwargs", "stem_width=8", "stem_type=deep")
-    assert tr.args.model_kwargs == {"stem_width": 8, "stem_type": "deep"}
-    assert tr.model.conv1[0].out_channels == 8
-    assert make_trainer(data).model.conv1[0].out_channels != 8
-    before = snapshot(tr.model)
+    assert tr.run.settings.args.model_kwargs == {"stem_width": 8, "stem_type": "deep"}
+    assert tr.run.model.conv1[0].out_channels == 8
+    assert make_trainer(data).run.model.conv1[0].out_channels != 8
+    before = snapshot(tr.run.model)
     run_epochs(tr, tmp_path)
-    assert changed(before, tr.model)
+    assert changed(before, tr.run.model)
 
 
 def test_model_kwargs_bad_key_refused(data):
@@ -892,24 +883,24 @@ def test_checkpoint_hist(data, tmp_path):
                       "--experiment", "hist")
     assert tr.fit() == 0
     kept = sorted(p.name for p in tr.run_dir.glob("checkpoint-*.pth.tar"))
-    assert len(kept) == 1 and len(tr.history.entries) == 1
-    assert kept == [f"checkpoint-{tr.history.entries[0][1]}.pth.tar"]
+    assert len(kept) == 1 and len(tr.run.keeper.history) == 1
+    assert kept == [f"checkpoint-{tr.run.keeper.history[0][1]}.pth.tar"]
 
 
 def test_recovery_interval(data, tmp_path):
     tr = make_trainer(data, "--recovery-interval", "2", "--model-ema", "--model-ema-decay", "0.9")
     seen = []
-    real_save = tr.save
+    real_save = tr.run.keeper.save_mid_epoch
 
-    def save(name, ckpt):
-        path = real_save(name, ckpt)
+    def save(ckpt, name="recovery.pth.tar"):
+        path = real_save(ckpt, name)
         if name == "recovery.pth.tar":
             on_disk = ckpt_io.load_file(path)
-            seen.append((on_disk["resume_state"]["epoch_step"], on_disk["num_updates"],
+            seen.append((on_disk["counters"]["epoch_step"], on_disk["counters"]["num_updates"],
                          "state_dict_ema" in on_disk))
         return path
 
-    tr.save = save
+    tr.run.keeper.save_mid_epoch = save
     run_epochs(tr, tmp_path)
     assert seen == [(2, 2, True), (4, 4, True)]  # the last step is covered by last.pth.tar
     assert not (tmp_path / "recovery.pth.tar").exists()  # superseded at the epoch's end
@@ -919,15 +910,15 @@ def test_recovery_interval(data, tmp_path):
 def test_recovery_interval_off_by_default(data, tmp_path):
     tr = make_trainer(data)
     names = []
-    real_save = tr.save
-    tr.save = lambda name, ckpt: (names.append(name), real_save(name, ckpt))[1]
+    real_write = tr.run.keeper._write
+    tr.run.keeper._write = lambda name, ckpt: (names.append(name), real_write(name, ckpt))[1]
     run_epochs(tr, tmp_path)
     assert "recovery.pth.tar" not in names
 
 
 def test_no_prefetcher_accepted(data):
     tr = make_trainer(data, "--no-prefetcher")
-    assert tr.args.no_prefetcher is True
+    assert tr.run.settings.args.no_prefetcher is True
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -971,7 +962,7 @@ def test_cli_combined_flags(cli_runs):
     assert saved["grad_accum_steps"] == 2 and saved["mixup"] == 0.8
     assert saved["aa"] == "rand-m9-mstd0.5" and saved["recovery_interval"] == 1
     ckpt = ckpt_io.load_file(run / "last.pth.tar")
-    assert ckpt["epoch"] == 1 and ckpt["num_updates"] == 2 * STEPS // 2
+    assert ckpt["epoch"] == 1 and ckpt["counters"]["num_updates"] == 2 * STEPS // 2
     assert ckpt["ema"]["steps"] == 2 * STEPS // 2
     assert tuple(ckpt["optimizer"]["param_groups"][0]["betas"]) == (0.9, 0.99)
     lrs = [float(r["lr"]) for r in outputs.read_summary(run)]

@@ -10,11 +10,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT, make_imagefolder, torch_threads
+from conftest import REPO_ROOT, make_imagefolder, make_training, run_epochs, torch_threads
 from ematrain import outputs
-from ematrain.config import parse_train_args
-from ematrain.ema import unwrap_model
-from ematrain.train import Trainer
+from ematrain.settings import train_settings
 
 CONFIGS = REPO_ROOT / "configs"
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
@@ -69,10 +67,10 @@ def test_recipes_present():
 def test_recipe_keys_applied(data, name):
     values = recipe(name)
     assert isinstance(values, dict) and values
-    args = parse_train_args([str(data), "-c", str(CONFIGS / name)])
+    args = train_settings([str(data), "-c", str(CONFIGS / name)]).args
     assert_applied(args, values)
     # Command-line flags win over the recipe; the other keys still apply.
-    args = parse_train_args([str(data), "-c", str(CONFIGS / name), "--epochs", "1", "-b", "2"])
+    args = train_settings([str(data), "-c", str(CONFIGS / name), "--epochs", "1", "-b", "2"]).args
     assert args.epochs == 1 and args.batch_size == 2
     assert_applied(args, values, skip=("epochs", "batch_size"))
 
@@ -80,32 +78,31 @@ def test_recipe_keys_applied(data, name):
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_trains_when_shrunk(data, tmp_path, name):
     values = recipe(name)
-    args = parse_train_args([str(data), "-c", str(CONFIGS / name), *tiny_flags(name)])
+    argv = [str(data), "-c", str(CONFIGS / name), *tiny_flags(name)]
+    args = train_settings(argv).args
     overridden = {"model", "img_size", "batch_size", "epochs", "workers", "model_kwargs"}
     assert_applied(args, values, skip=overridden)
-    tr = Trainer(args)
+    tr = make_training(argv)
+    run = tr.run
     if values.get("model_ema"):
-        assert tr.ema is not None
-        assert tr.ema.decays == pytest.approx(values.get("model_ema_decay", [0.9998]))
-        assert tr.ema.warmup == bool(values.get("model_ema_warmup", False))
+        assert run.ema is not None
+        assert run.ema.decays == pytest.approx(values.get("model_ema_decay", [0.9998]))
+        assert run.ema.warmup == bool(values.get("model_ema_warmup", False))
     if values.get("mixup") or values.get("cutmix"):
-        assert tr.mixup_fn is not None and tr.mixup_fn.mixup_alpha == values.get("mixup", 0.0)
+        assert run.mixup_fn is not None and run.mixup_fn.mixup_alpha == values.get("mixup", 0.0)
     if values.get("amp"):
-        assert str(tr.amp_dtype) == f"torch.{values.get('amp_dtype', 'float16')}"
-    assert type(tr.optimizer).__name__.lower().startswith(values.get("opt", "sgd"))
-    before = {k: v.detach().clone() for k, v in unwrap_model(tr.model).state_dict().items()}
-    shadow = ({k: v.clone() for k, v in tr.ema.shadow_state_dict(0).items()}
-              if tr.ema is not None else None)
-    tr.run_dir = tmp_path
-    tr.columns = outputs.summary_columns(tr.decays)
-    assert tr.run_epoch(0, lambda: False) is None
-    row = tr.rows[0]
+        assert str(run.precision.autocast) == f"torch.{values.get('amp_dtype', 'float16')}"
+    assert type(run.optimizer).__name__.lower().startswith(values.get("opt", "sgd"))
+    before = {k: v.detach().clone() for k, v in run.module.state_dict().items()}
+    shadow = ({k: v.clone() for k, v in run.ema.shadow_state_dict(0).items()}
+              if run.ema is not None else None)
+    row = run_epochs(tr, tmp_path)[0]
     assert math.isfinite(row["train_loss"]) and math.isfinite(row["eval_loss"])
-    after = unwrap_model(tr.model).state_dict()
+    after = run.module.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before
                if before[k].is_floating_point()), "no weight changed"
     if shadow is not None:
-        now = tr.ema.shadow_state_dict(0)
+        now = run.ema.shadow_state_dict(0)
         assert any(not torch.equal(shadow[k], now[k]) for k in shadow
                    if shadow[k].is_floating_point()), "EMA did not move"
     assert (tmp_path / "last.pth.tar").is_file()
@@ -114,14 +111,13 @@ def test_recipe_trains_when_shrunk(data, tmp_path, name):
 def test_vit_recipe_builds_its_real_model(data):
     """The recipe as written (real ViT-S/16 at 224 px) builds: model, layer decay, transforms."""
     values = recipe("vit-small-mixup.yaml")
-    args = parse_train_args([str(data), "-c", str(CONFIGS / "vit-small-mixup.yaml"), "-j", "0"])
-    tr = Trainer(args)
-    assert tr.data_config["input_size"] == (3, 224, 224)
-    assert type(tr.model).__name__ == "VisionTransformer" and len(tr.model.blocks) == 12
-    assert tr.model.blocks[-1].drop_path1.drop_prob == pytest.approx(values["drop_path"])
-    scales = sorted({g["lr_scale"] for g in tr.optimizer.param_groups})
+    run = make_training([data, "-c", CONFIGS / "vit-small-mixup.yaml", "-j", "0"]).run
+    assert run.data.data_config["input_size"] == (3, 224, 224)
+    assert type(run.model).__name__ == "VisionTransformer" and len(run.model.blocks) == 12
+    assert run.model.blocks[-1].drop_path1.drop_prob == pytest.approx(values["drop_path"])
+    scales = sorted({g["lr_scale"] for g in run.optimizer.param_groups})
     assert scales == pytest.approx([0.65 ** (13 - i) for i in range(14)])  # embed, 12 blocks, head
-    names = {type(t).__name__ for t in tr.train_set.dataset.transform.transforms}
+    names = {type(t).__name__ for t in run.data.train_set.dataset.transform.transforms}
     assert {"RandAugment", "RandomErasing"} <= names
-    assert tr.lr == pytest.approx(5e-4)
-    assert tr.num_epochs == 300
+    assert run.lr == pytest.approx(5e-4)
+    assert run.num_epochs == 300

@@ -51,7 +51,7 @@ def _assert_same_run(run_dir: Path, ref_dir: Path) -> None:
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
     assert a["ema"]["steps"] == b["ema"]["steps"]
-    assert a["num_updates"] == b["num_updates"]
+    assert a["counters"] == b["counters"]
     ref_rows = (ref_dir / "summary.csv").read_text().splitlines()
     rows = (run_dir / "summary.csv").read_text().splitlines()
     assert rows == ref_rows
@@ -96,7 +96,7 @@ def test_sigint_saves_mid_epoch_and_resume_is_bit_identical(data_root, reference
     assert "--resume" in text and "last.pth.tar" in text
     run_dir = tmp_path / "train" / "run"
     ckpt = torch.load(run_dir / "last.pth.tar", weights_only=True)
-    assert ckpt["resume_state"]["epoch"] == 1 and ckpt["resume_state"]["epoch_step"] >= 3
+    assert ckpt["counters"]["epoch"] == 1 and ckpt["counters"]["epoch_step"] >= 3
     rows = (run_dir / "summary.csv").read_text().splitlines()
     assert len(rows) == 2  # header + epoch 0: the interrupted epoch is not reported
     r = run_cli("train.py", data_root, *COMMON, "-j", "0", "--output", tmp_path,
@@ -117,7 +117,7 @@ def test_second_ctrl_c_quits_at_once_leaving_good_files(data_root, tmp_path):
     proc.wait(timeout=120)
     assert proc.returncode != 0
     ckpt = torch.load(run_dir / "last.pth.tar", weights_only=True)  # whole, loadable
-    assert ckpt["epoch"] in (0, 1) or ckpt["resume_state"].get("epoch_step")
+    assert ckpt["epoch"] in (0, 1) or ckpt["counters"]["epoch_step"]
     assert not list(run_dir.glob("*.tmp"))
 
 

@@ -7,10 +7,12 @@ import logging
 import pytest
 import torch
 
-from conftest import make_imagefolder, torch_threads
+from conftest import make_imagefolder, make_training, torch_threads
+from ematrain import resume
 from ematrain import train as train_mod
-from ematrain.config import parse_train_args
-from ematrain.engine import NonFiniteLoss, StepConfig, train_one_epoch
+from ematrain.build import build_run
+from ematrain.engine import NonFiniteLoss
+from ematrain.settings import resolve_train
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--epochs", "1",
         "--warmup-epochs", "0", "--lr", "0.05", "-j", "0"]
@@ -71,13 +73,12 @@ def test_no_resume_opt_resumes_at_the_schedules_lr(data_root, tmp_path, capsys):
     assert train_mod.main([str(data_root), *TINY, "--epochs", "2", "--warmup-epochs", "1",
                            "--warmup-lr", "1e-4", "--sched", "step", "--decay-epochs", "10",
                            "--output", str(tmp_path), "--experiment", "w"]) == 0
-    args = parse_train_args([str(data_root), *TINY, "--epochs", "2", "--warmup-epochs", "1",
-                             "--warmup-lr", "1e-4", "--sched", "step", "--decay-epochs", "10",
-                             "--no-resume-opt", "--output", str(tmp_path)])
-    trainer = train_mod.Trainer(args)
     ckpt = tmp_path / "train/w/checkpoint-0.pth.tar"
-    trainer.resume(str(ckpt if ckpt.exists() else tmp_path / "train/w/model_best.pth.tar"))
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    ckpt = ckpt if ckpt.exists() else tmp_path / "train/w/model_best.pth.tar"
+    settings, source = resolve_train(["--resume", ckpt, "--no-resume-opt"])
+    run = build_run(settings)
+    resume.restore(run, source)
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
 class NanAfter(torch.nn.Module):
@@ -93,41 +94,40 @@ class NanAfter(torch.nn.Module):
 
 
 def test_recovery_save_never_stores_weights_after_a_bad_step(data_root, tmp_path):
-    args = parse_train_args([str(data_root), *TINY, "--output", str(tmp_path), "--log-interval", "100"])
-    trainer = train_mod.Trainer(args)
+    tr = make_training([data_root, *TINY, "--output", tmp_path, "--log-interval", "100",
+                        "--recovery-interval", "1"])
     saved = []
-    loader, _ = trainer.make_loaders(0)
-    cfg = StepConfig(loss_fn=NanAfter(1), log_interval=100, recovery_interval=1)
+    tr.run.keeper.save_mid_epoch = lambda ckpt, name=None: saved.append(
+        [p.detach().clone() for p in tr.run.model.parameters()])
+    tr.loop.recipe.loss_fn = NanAfter(1)
+    loader, _ = tr.run.data.loaders(0, 0, seed=0)
     with pytest.raises(NonFiniteLoss) as info:
-        train_one_epoch(trainer.model, loader, trainer.optimizer, trainer.scheduler, trainer.state,
-                        trainer.device, cfg, save_recovery=lambda: saved.append(
-                            [p.detach().clone() for p in trainer.model.parameters()]))
+        tr.train(loader, lambda: False)
     assert info.value.step == 1
     assert len(saved) == 1  # after step 0 only
     assert all(torch.isfinite(p).all() for p in saved[0])
 
 
 def test_skipped_step_leaves_batchnorm_statistics_untouched(data_root, tmp_path):
-    args = parse_train_args([str(data_root), *TINY, "--output", str(tmp_path)])
-    trainer = train_mod.Trainer(args)
-    loader, _ = trainer.make_loaders(0)
+    tr = make_training([data_root, *TINY, "--output", tmp_path, "--log-interval", "100",
+                        "--skip-nonfinite", "100"])
+    loader, _ = tr.run.data.loaders(0, 0, seed=0)
 
     class NanStats(torch.nn.Module):
         """A NaN loss whose forward also pushed NaN into BatchNorm running statistics."""
 
         def forward(self, output, target):
             with torch.no_grad():
-                for m in trainer.model.modules():
+                for m in tr.run.model.modules():
                     if isinstance(m, torch.nn.BatchNorm2d):
                         m.running_mean.fill_(float("nan"))
             return output.sum() * float("nan")
 
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "running" in k}
-    cfg = StepConfig(loss_fn=NanStats(), log_interval=100, skip_nonfinite=100)
-    train_one_epoch(trainer.model, loader, trainer.optimizer, trainer.scheduler, trainer.state,
-                    trainer.device, cfg)
-    after = trainer.model.state_dict()
-    assert trainer.state.skipped_nonfinite == trainer.steps_per_epoch
+    before = {k: v.clone() for k, v in tr.run.model.state_dict().items() if "running" in k}
+    tr.loop.recipe.loss_fn = NanStats()
+    tr.train(loader, lambda: False)
+    after = tr.run.model.state_dict()
+    assert tr.run.counters.skipped_nonfinite == tr.run.data.steps_per_epoch
     for name, value in before.items():
         assert torch.equal(after[name], value), name
 

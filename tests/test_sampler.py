@@ -7,7 +7,10 @@ from collections import Counter
 import pytest
 import torch
 
+from conftest import make_imagefolder, make_training
 from ematrain.data import EpochSampler, SeededSamples
+from ematrain.errors import UserError
+from ematrain.settings import train_settings
 
 
 def test_without_repeats_each_epoch_is_a_seeded_permutation():
@@ -63,17 +66,15 @@ def test_each_repeat_gets_its_own_augmentation_and_the_same_label():
 
 
 def test_aug_repeats_reach_the_training_sampler(tmp_path):
-    from conftest import make_imagefolder
-    from ematrain.config import parse_train_args
-    from ematrain.errors import UserError
-    from ematrain.train import Trainer
     data = make_imagefolder(tmp_path / "data", num_classes=3, train_per_class=4, val_per_class=1)
     base = [str(data), "--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0"]
-    plain = Trainer(parse_train_args(base))
-    repeated = Trainer(parse_train_args(base + ["--aug-repeats", "3"]))
-    assert repeated.sampler.repeats == 3 and plain.sampler.repeats == 1
-    assert len(repeated.sampler) == len(plain.sampler) == 12
-    assert len({c % 12 for c in repeated.sampler}) == 4
-    for bad in ("1.5", "-1", "nan"):
+    plain = make_training(base).run.data.sampler
+    repeated = make_training(base + ["--aug-repeats", "3"]).run.data.sampler
+    assert repeated.repeats == 3 and plain.repeats == 1
+    assert len(repeated) == len(plain) == 12
+    assert len({c % 12 for c in repeated}) == 4
+    for bad in ("1.5", "-1"):
         with pytest.raises(UserError, match="--aug-repeats must be a whole number"):
-            parse_train_args(base + ["--aug-repeats", bad])
+            train_settings(base + ["--aug-repeats", bad])
+    with pytest.raises(UserError, match="--aug-repeats: expected a finite number"):
+        train_settings(base + ["--aug-repeats", "nan"])

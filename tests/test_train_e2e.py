@@ -313,7 +313,7 @@ def test_timm_load_checkpoint(runs, name):
 def test_ema_shadow_is_the_arithmetic_average(runs):
     """After exactly one update the 0.9 shadow is init + 0.1 * (trained - init), tensor by tensor."""
     ckpt = load(runs.dir("onestep") / "last.pth.tar")
-    assert ckpt["num_updates"] == 1
+    assert ckpt["counters"]["num_updates"] == 1
     init, trained, shadow = initial_weights(), ckpt["state_dict"], ckpt["state_dict_ema"]
     assert init.keys() == trained.keys() == shadow.keys()
     moved = 0

@@ -311,15 +311,15 @@ def test_a_swapped_shadow_is_scored_in_the_model_dtype_and_validate_py_follows()
     from ematrain.validate import evaluation_dtype
     model = timm.create_model("test_resnet", num_classes=3).to(torch.bfloat16)
     ema = ModelEma(model, 0.9)
-    common = dict(epoch=0, arch="test_resnet", model=model, scheduler=None, ema=ema, args={},
-                  metric=None, num_updates=0, data_config={}, num_classes=3, class_names=["a"] * 3,
-                  optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    assert ckpt_io.build_checkpoint(**common)["ema"]["eval_dtype"] == "float32"
+
+    def saved():
+        return ckpt_io.ema_entries(ema.state_dict(), ema.scored_dtype(model))
+    assert saved()["ema"]["eval_dtype"] == "float32"
     ema.device = torch.device("meta")  # the shadow lives elsewhere than the model: swapped
-    ckpt = ckpt_io.build_checkpoint(**common)
+    ckpt = saved()
     assert ckpt["ema"]["eval_dtype"] == "bfloat16"
     cpu = torch.device("cpu")
     assert evaluation_dtype(ckpt["state_dict_ema"], cpu, "bfloat16") == torch.bfloat16
     assert evaluation_dtype(ckpt["state_dict_ema"], cpu, "float32") is None
     assert evaluation_dtype(ckpt["state_dict_ema"], cpu) is None
-    assert evaluation_dtype(ckpt["state_dict"], cpu) == torch.bfloat16
+    assert evaluation_dtype(model.state_dict(), cpu) == torch.bfloat16

@@ -1,140 +1,191 @@
-"""Checkpoints: timm-compatible keys, atomic writes, and loading that never runs pickled code."""
+"""The checkpoint format: its keys, who owns each, and saving, restoring and loading checkpoints.
+
+A checkpoint has timm's keys, so timm's tools read it, plus ours. Each stateful part of a run
+(`Run.parts()`: model, optimizer, scheduler, scaler, EMA, counters, keeper, summary) gives its
+``state_dict()`` and takes it back with ``load_state_dict()``; this module alone knows under which
+keys those states live. The key table `SCHEMA` is the reference: the README's table is checked
+against it by a test, and `save` writes exactly its keys.
+
+Loading never runs pickled code: ``torch.load(weights_only=True)``, with only
+``argparse.Namespace`` allow-listed (timm's train.py stores its args that way).
+"""
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
-import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 
 from . import __version__
+from .atomic import atomic_write
 from .errors import UserError
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 
 
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+@dataclass(frozen=True)
+class Key:
+    name: str
+    owner: str   # the part whose state it is
+    origin: str  # "timm": a key timm's train.py writes too; "ematrain": ours
+    what: str
 
 
-_UMASK = _read_umask()
+SCHEMA: tuple[Key, ...] = (
+    Key("epoch", "counters", "timm", "the last complete epoch (-1 before the first one ends)"),
+    Key("arch", "model", "timm", "timm model name"),
+    Key("state_dict", "model", "timm", "the raw weights (of the plain module, no wrapper prefixes)"),
+    Key("state_dict_ema", "ema", "timm", "the first EMA shadow's weights"),
+    Key("state_dict_ema_<i>", "ema", "ematrain", "the weights of further shadows, i = 1, 2, ..."),
+    Key("optimizer", "optimizer", "timm", "the optimizer's state_dict()"),
+    Key("amp_scaler", "scaler", "timm", "the float16 AMP grad scaler's state (only with one)"),
+    Key("args", "settings", "timm", "every setting of the run as a plain dict: what "
+        "`--resume PATH` continues with"),
+    Key("metric", "keeper", "timm", "the raw weights' --eval-metric this epoch (None mid-epoch)"),
+    Key("version", "checkpoint", "timm", "this format's version"),
+    Key("ematrain_version", "checkpoint", "ematrain", "the ematrain release that wrote it"),
+    Key("scheduler", "scheduler", "ematrain", "the LR scheduler's state_dict() (when one runs)"),
+    Key("ema", "ema", "ematrain", "decays, `keys` (where each shadow is), update counters, "
+        "settings, and `eval_dtype` (the dtype validation scored the shadows in)"),
+    Key("counters", "counters", "ematrain", "epoch and step to resume at, optimizer updates, the "
+        "epoch's running loss, skipped steps, world size"),
+    Key("keeper", "keeper", "ematrain", "best epoch and metric of each weight set, and the "
+        "checkpoint-<epoch> history"),
+    Key("summary", "summary", "ematrain", "the summary.csv rows so far"),
+    Key("data_config", "data", "ematrain", "the evaluation transform (validate.py rebuilds it)"),
+    Key("num_classes", "data", "ematrain", "classifier outputs"),
+    Key("class_names", "data", "ematrain", "class folder names, in label order"),
+)
+# Parts whose state sits under a key of its own name.
+_PLAIN_PARTS = ("optimizer", "scheduler", "amp_scaler", "counters", "keeper", "summary")
 
 
-# ----------------------------------------------------------------------------- atomic files
-def atomic_write(path: str | Path, write: Callable) -> None:
-    """Write `path` through a temporary file in the same folder, fsync it, then rename it over.
-
-    A crash or a full disk at any moment leaves either the old file or the new one, never a
-    half-written file. `write` receives a binary file object.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+def schema_markdown() -> str:
+    """The key table as the README shows it."""
+    lines = ["| key | owner | from | what |", "|---|---|---|---|"]
+    lines += [f"| `{k.name}` | {k.owner} | {k.origin} | {k.what} |" for k in SCHEMA]
+    return "\n".join(lines)
 
 
-def _fsync_dir(folder: Path) -> None:
-    # The rename itself is durable only once the folder entry is on disk.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-
-def atomic_copy(src: str | Path, dst: str | Path) -> None:
-    def write(f):
-        with open(src, "rb") as s:
-            while chunk := s.read(1 << 22):
-                f.write(chunk)
-    atomic_write(dst, write)
-
-
-# ----------------------------------------------------------------------------- building
-def build_checkpoint(*, epoch: int, arch: str, model, optimizer, scheduler, ema, args: dict,
-                     metric: float | None, num_updates: int, data_config: dict, num_classes: int,
-                     class_names: list[str], extra: dict | None = None) -> dict:
-    """A checkpoint with timm's keys plus what validate.py and resume need."""
-    from .ema import unwrap_model
+# ----------------------------------------------------------------------------- saving
+def save(run, metric: float | None = None) -> dict:
+    """The checkpoint of `run` now: every part's state under its schema key."""
+    parts = run.parts()
     ckpt = {
-        "epoch": epoch,
-        "arch": arch,
-        "state_dict": unwrap_model(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "args": args,
+        "epoch": run.counters.epoch - 1,
+        "arch": run.settings.model.model,
+        "state_dict": parts.pop("model").state_dict(),
+        "args": run.record(),
         "metric": metric,
         "version": CHECKPOINT_VERSION,
         "ematrain_version": __version__,
-        "num_updates": num_updates,
-        "data_config": dict(data_config),
-        "num_classes": num_classes,
-        "class_names": list(class_names),
+        "data_config": dict(run.data.data_config),
+        "num_classes": run.num_classes,
+        "class_names": list(run.data.class_names),
     }
-    if scheduler is not None:
-        ckpt["scheduler"] = scheduler.state_dict()
+    ema = parts.pop("ema", None)
     if ema is not None:
-        ckpt["state_dict_ema"] = ema.shadow_state_dict(0)
-        meta = ema.state_dict()
-        shadows = meta.pop("shadows")
-        for i in range(1, len(shadows)):
-            ckpt[f"state_dict_ema_{i}"] = shadows[i]
-        meta["keys"] = ["state_dict_ema"] + [f"state_dict_ema_{i}" for i in range(1, len(shadows))]
-        # The dtype validation scored the shadows in: their own, or the live model's when a
-        # shadow on another device is swapped into it. validate.py reproduces it.
-        live = next(unwrap_model(model).parameters())
-        scored = live.dtype if ema.device != live.device else ema.dtype
-        meta["eval_dtype"] = str(scored).removeprefix("torch.")
-        ckpt["ema"] = meta
-    if extra:
-        ckpt.update(extra)
+        ckpt.update(ema_entries(ema.state_dict(), ema.scored_dtype(run.model)))
+    for name, part in parts.items():
+        ckpt[name] = part.state_dict()
     return ckpt
+
+
+def ema_entries(state: dict, scored: torch.dtype) -> dict:
+    """The EMA's state in timm's layout: the first shadow where timm puts it, the others beside
+    it, and everything else under `ema`."""
+    meta = dict(state)
+    shadows = meta.pop("shadows")
+    keys = ["state_dict_ema"] + [f"state_dict_ema_{i}" for i in range(1, len(shadows))]
+    meta["keys"] = keys
+    meta["eval_dtype"] = str(scored).removeprefix("torch.")
+    return {"ema": meta, **dict(zip(keys, shadows))}
+
+
+def write_file(path: str | Path, ckpt: dict) -> None:
+    """Write a checkpoint atomically: a crash leaves the previous file whole."""
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+# ----------------------------------------------------------------------------- restoring
+def restore(run, ckpt: dict, path, skip: frozenset = frozenset()) -> None:
+    """Load every part of `run` from `ckpt` except those named in `skip`.
+
+    A key missing, or holding something its part cannot take, is one line naming the key.
+    """
+    ckpt = upgrade(ckpt)
+    parts = run.parts()
+    for name, part in parts.items():
+        if name in skip:
+            continue
+        key = "state_dict" if name == "model" else name
+        if key not in ckpt:
+            raise UserError(f"cannot resume from {path}: it has no '{key}' (it was saved "
+                            f"without the {name} this run has)")
+        if name == "model":
+            load_weights_into(part, select_weights(ckpt, path).state, path,
+                              arch=ckpt.get("arch"), model_name=run.settings.model.model)
+            continue
+        try:
+            part.load_state_dict(ema_state(ckpt) if name == "ema" else ckpt[key])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+            raise UserError(f"cannot resume from {path}: its '{key}' does not fit this run's "
+                            f"{name} ({_short_reason(exc)})") from None
+
+
+def ema_state(ckpt: dict) -> dict:
+    """The EMA's state_dict() put back together from the schema's keys."""
+    meta = dict(ckpt["ema"])
+    meta["shadows"] = [ckpt[key] for key in meta.pop("keys")]
+    meta.pop("eval_dtype", None)
+    return meta
+
+
+def upgrade(ckpt: dict) -> dict:
+    """An older checkpoint in the current layout: version 2 kept counters, keeper and summary in
+    one `resume_state` dict; timm's have none of them (the run goes on after `epoch`)."""
+    if "counters" in ckpt or not isinstance(ckpt.get("epoch"), int):
+        return ckpt
+    ckpt = dict(ckpt)
+    old = ckpt.pop("resume_state", None)
+    old = old if isinstance(old, dict) else {}
+    mid = bool(old.get("epoch_step"))
+    ckpt["counters"] = {
+        "epoch": int(old["epoch"]) if mid else ckpt["epoch"] + 1,
+        "epoch_step": int(old.get("epoch_step", 0)), "loss_sum": float(old.get("loss_sum", 0.0)),
+        "loss_count": int(old.get("loss_count", 0)), "num_updates": int(ckpt.get("num_updates", 0)),
+        "skipped_nonfinite": int(old.get("skipped_nonfinite", 0))}
+    if old:
+        decays = (ckpt.get("ema") or {}).get("decays", [])
+        names = ["raw"] + [f"ema {float(d):g}" for d in decays]
+        ckpt["keeper"] = {"best": {n: dict(b) for n, b in zip(names, old.get("best", []))},
+                          "history": [list(e) for e in old.get("history", [])]}
+        ckpt["summary"] = {"rows": [dict(r) for r in old.get("rows", [])]}
+        if "amp_scaler" in old:
+            ckpt["amp_scaler"] = old["amp_scaler"]
+    return ckpt
+
+
+def is_ours(ckpt: dict) -> bool:
+    """Written by ematrain (so `args` records every setting of the run)."""
+    return "ematrain_version" in ckpt and isinstance(ckpt.get("args"), dict)
 
 
 # ----------------------------------------------------------------------------- loading
 def load_file(path: str | Path) -> dict:
     """Load a checkpoint, a state dict or a .safetensors file as a dict of tensors and values.
 
-    Uses ``torch.load(weights_only=True)``, allow-listing only ``argparse.Namespace`` (timm's
-    train.py stores its args that way). Anything else that would need code to unpickle is refused.
+    Anything that would need code to unpickle is refused.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file as load_safetensors
         try:
             return load_safetensors(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
@@ -171,10 +222,12 @@ def _short_reason(exc: BaseException) -> str:
     return text.split(". ")[0][:120]
 
 
-def _is_state_dict(data: dict) -> bool:
-    return bool(data) and all(isinstance(v, torch.Tensor) for v in data.values())
+def _is_state_dict(data) -> bool:
+    return isinstance(data, dict) and bool(data) and all(
+        isinstance(v, torch.Tensor) for v in data.values())
 
 
+# ----------------------------------------------------------------------------- weights
 def ema_keys(ckpt: dict) -> list[str]:
     """Keys of the EMA shadows in a checkpoint, first (timm's `state_dict_ema`) first."""
     meta = ckpt.get("ema")
@@ -200,29 +253,38 @@ def ema_index_for_decay(ckpt: dict, decay: float, path) -> int:
     raise UserError(f"{path} has no EMA with decay {decay:g} (it has: {known})")
 
 
-def select_weights(ckpt: dict, path: str | Path, use_ema: bool = False,
-                   ema_index: int | None = None, ema_decay: float | None = None) -> dict:
-    """The state dict to evaluate: raw, the first EMA, or the EMA picked by index or decay."""
+@dataclass(frozen=True)
+class Weights:
+    """One weight set of a checkpoint, as validate.py and --initial-checkpoint take it."""
+    state: dict
+    name: str                 # "raw", "ema", "ema 0.99"
+    eval_dtype: str | None    # for EMA weights: the dtype training scored them in
+
+
+def select_weights(ckpt: dict, path, use_ema: bool = False, ema_index: int | None = None,
+                   ema_decay: float | None = None) -> Weights:
+    """The raw weights, the first EMA, or the EMA picked by index or decay."""
     if not use_ema and ema_index is None and ema_decay is None:
-        if "state_dict" in ckpt:
-            return _strip_prefixes(ckpt["state_dict"])
-        if "model" in ckpt and isinstance(ckpt["model"], dict):
-            return _strip_prefixes(ckpt["model"])
-        if _is_state_dict(ckpt):
-            return _strip_prefixes(ckpt)
-        raise UserError(f"{path} holds no model weights (no 'state_dict' key)")
+        for state in (ckpt.get("state_dict"), ckpt.get("model"), ckpt):
+            if _is_state_dict(state):
+                return Weights(strip_prefixes(state), "raw", None)
+        raise UserError(f"{path} holds no model weights (no 'state_dict' of tensors)")
     keys = ema_keys(ckpt)
     if not keys:
         raise UserError(f"{path} holds no EMA weights; run without --use-ema to evaluate the raw weights")
-    if ema_decay is not None:
-        ema_index = ema_index_for_decay(ckpt, ema_decay, path)
-    index = ema_index or 0
+    index = ema_index_for_decay(ckpt, ema_decay, path) if ema_decay is not None else ema_index or 0
     if not 0 <= index < len(keys):
         raise UserError(f"{path} has {len(keys)} EMA shadow(s); --ema-index {index} is out of range")
-    return _strip_prefixes(ckpt[keys[index]])
+    state = ckpt[keys[index]]
+    if not _is_state_dict(state):
+        raise UserError(f"{path}: '{keys[index]}' is not a state dict of tensors")
+    decay = ema_decays(ckpt)[index]
+    meta = ckpt.get("ema") if isinstance(ckpt.get("ema"), dict) else {}
+    return Weights(strip_prefixes(state), "ema" if decay is None else f"ema {decay:g}",
+                   meta.get("eval_dtype"))
 
 
-def _strip_prefixes(state: dict) -> dict:
+def strip_prefixes(state: dict) -> dict:
     """Drop DDP's 'module.' and torch.compile's '_orig_mod.' prefixes."""
     out = {}
     for key, value in state.items():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .errors import UserError
+from .seeding import loader_generator, seed_sample, seed_worker
 
 # Keys of the data config that fix the evaluation transform; kept in checkpoints so that
 # validate.py rebuilds exactly the transform training validated with.
@@ -76,61 +76,36 @@ def check_same_classes(train: ImageFolder, val: ImageFolder, val_dir: Path) -> N
         raise UserError(f"class folders of {val_dir} differ from the training split ({'; '.join(parts)})")
 
 
-def data_config_for(args, model) -> dict:
-    """timm's data config for the model, with the user's overrides applied."""
-    overrides = {k: getattr(args, k, None) for k in
-                 ("input_size", "img_size", "crop_pct", "mean", "std", "interpolation")}
-    config = resolve_data_config(overrides, model=model)
+def data_config_for(overrides: dict, model) -> dict:
+    """timm's data config for the model, with the user's overrides (`ImageSpec.overrides()`)."""
+    config = resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
     return {k: config[k] for k in DATA_CONFIG_KEYS if k in config}
 
 
-def train_transform(data_config: dict, args):
-    config = dict(data_config, interpolation=args.train_interpolation or data_config["interpolation"])
-    return create_transform(
-        **config,
-        is_training=True,
-        no_aug=args.no_aug,
-        scale=tuple(args.scale),
-        ratio=tuple(args.ratio),
-        hflip=args.hflip,
-        vflip=args.vflip,
-        color_jitter=args.color_jitter,
-        auto_augment=args.aa,
-        re_prob=args.reprob,
-        re_mode=args.remode,
-        re_count=args.recount,
-    )
+def train_transform(data_config: dict, aug):
+    """timm's training transform for `data_config` with the augmentation of `aug` (AugSpec)."""
+    config = dict(data_config, interpolation=aug.train_interpolation or data_config["interpolation"])
+    try:
+        return create_transform(
+            **config, is_training=True, no_aug=aug.no_aug, scale=tuple(aug.scale),
+            ratio=tuple(aug.ratio), hflip=aug.hflip, vflip=aug.vflip, color_jitter=aug.color_jitter,
+            auto_augment=aug.aa, re_prob=aug.reprob, re_mode=aug.remode, re_count=aug.recount)
+    except (AssertionError, KeyError, ValueError) as exc:
+        raise UserError(f"cannot build the training augmentation (--aa {aug.aa}, --scale, "
+                        f"--ratio, --color-jitter): {type(exc).__name__} {exc}".rstrip()) from None
 
 
 def eval_transform(data_config: dict):
     return create_transform(**data_config, is_training=False)
 
 
-def _seed_worker(worker_id: int) -> None:
-    # DataLoader seeds torch per worker from its generator; numpy and random follow it, so
-    # augmentation in each worker depends only on (seed, epoch, worker).
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def make_loader(dataset, batch_size: int, workers: int, shuffle: bool, seed: int,
-                drop_last: bool = False, pin_memory: bool = False, sampler=None) -> DataLoader:
+def make_loader(dataset, batch_size: int, workers: int, seed: int, drop_last: bool = False,
+                pin_memory: bool = False, sampler=None, shuffle: bool = False) -> DataLoader:
     """A loader whose order and worker seeds come from `seed` alone (re-create it per epoch)."""
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        num_workers=workers,
-        drop_last=drop_last,
-        pin_memory=pin_memory,
-        worker_init_fn=_seed_worker,
-        generator=generator,
-        persistent_workers=False,
-    )
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, num_workers=workers, drop_last=drop_last,
+                      pin_memory=pin_memory, worker_init_fn=seed_worker,
+                      generator=loader_generator(seed), persistent_workers=False)
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -155,11 +130,7 @@ class SeededSamples(torch.utils.data.Dataset):
     def __getitem__(self, code: int):
         # Codes beyond the dataset are repeats of `code % len` (--aug-repeats): the same image
         # under its own augmentation.
-        sample_seed = hash((self.seed, self.epoch, code)) % 2**32
-        random.seed(sample_seed)
-        np.random.seed(sample_seed)
-        # The CPU generator only: torch.manual_seed also seeds every accelerator (~100x slower).
-        torch.default_generator.manual_seed(sample_seed)
+        seed_sample(self.seed, self.epoch, code)
         return self.dataset[code % len(self.dataset)]
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from . import outputs
 from . import validate as validate_cli
+from .build import build_run
 from .cli import run_main
-from .config import parse_train_args
 from .demo_data import write_digits_imagefolder
-from .train import Trainer
+from .settings import train_settings
+from .train import Training
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,26 +23,29 @@ REPO = Path(__file__).resolve().parents[2]
 def _demo(argv) -> int:
     data_root = write_digits_imagefolder(Path("data/digits"))
     config = REPO / "configs" / "demo.yaml"
-    args = parse_train_args([str(data_root), "-c", str(config), *(argv or [])])
-    trainer = Trainer(args)
-    rc = trainer.fit()
+    settings = train_settings([str(data_root), "-c", str(config), *(argv or [])])
+    run = build_run(settings)
+    training = Training(run)
+    rc = training.fit()
     if rc != 0:
         return rc
-    run_dir = trainer.run_dir
-    best = trainer.best[1]
-    row = next(r for r in outputs.read_summary(run_dir) if int(r["epoch"]) == best.epoch)
+    run_dir = training.run_dir
+    first_ema = run.weight_sets[1]
+    best = run.keeper.best[first_ema.name]["epoch"]
+    row = next(r for r in outputs.read_summary(run_dir) if int(r["epoch"]) == best)
     results_file = run_dir / "validate_ema.json"
     rc = validate_cli.main([str(data_root), "--checkpoint", str(run_dir / "model_best_ema.pth.tar"),
-                            "--use-ema", "-j", str(args.workers), "--results-file", str(results_file)])
+                            "--use-ema", "-j", str(settings.loader.workers),
+                            "--results-file", str(results_file)])
     if rc != 0:
         return rc
     checked = json.loads(results_file.read_text())
     print()
     print(f"run directory:     {run_dir}")
     print(f"  curves:          {run_dir / 'curves.png'}")
-    print(f"  best EMA ckpt:   {run_dir / 'model_best_ema.pth.tar'} (epoch {best.epoch})")
-    print(f"EMA {trainer.decays[0]:g} top-1 from training (epoch {best.epoch}): {float(row['ema_eval_top1']):.4f}")
-    print(f"EMA {trainer.decays[0]:g} top-1 from validate.py:            {checked['top1']:.4f}")
+    print(f"  best EMA ckpt:   {run_dir / 'model_best_ema.pth.tar'} (epoch {best})")
+    print(f"EMA {first_ema.decay:g} top-1 from training (epoch {best}): {float(row['ema_eval_top1']):.4f}")
+    print(f"EMA {first_ema.decay:g} top-1 from validate.py:            {checked['top1']:.4f}")
     same = float(row["ema_eval_top1"]) == checked["top1"]
     print("match: yes" if same else "match: NO")
     return 0 if same else 1

@@ -29,6 +29,19 @@ class DistInfo:
         return self.rank == 0
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """The requested device, or CUDA when available, else the CPU."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}' (try cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but CUDA is not available on this machine")
+    return device
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -39,7 +52,6 @@ def init_distributed(device_arg: str | None, backend: str | None) -> tuple[DistI
     NCCL on CUDA, gloo on the CPU unless `backend` says otherwise.
     """
     if not launched_by_torchrun():
-        from .cli import resolve_device
         return DistInfo(), resolve_device(device_arg)
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])

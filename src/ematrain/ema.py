@@ -42,10 +42,11 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from .models import unwrap_model
+
 __all__ = [
     "ModelEma",
     "WeightSwapper",
-    "unwrap_model",
     "decay_from_half_life",
     "half_life_from_decay",
     "parse_half_life",
@@ -56,17 +57,6 @@ __all__ = [
 _CHUNK_ELEMS = 1 << 18
 # Shadow tensors of at most this many elements are packed into one flat buffer per shadow.
 _SMALL_ELEMS = 1 << 16
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the plain module inside DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 def half_life_from_decay(decay: float) -> float:
@@ -112,8 +102,8 @@ def parse_half_life(text: str) -> HalfLife:
     if suffix and unit != "img":
         raise ValueError(f"bad half-life {text!r}: k/M suffixes apply to img only")
     value *= {"": 1, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6}[suffix]
-    if value <= 0:
-        raise ValueError(f"bad half-life {text!r}: must be positive")
+    if not 0 < value < math.inf:
+        raise ValueError(f"bad half-life {text!r}: must be a positive finite number")
     return HalfLife(value, unit)
 
 
@@ -513,19 +503,30 @@ class ModelEma:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Load the shadows and counters of `state`.
+
+        The settings in `state` (``every``, warmup) are not applied: they are this instance's,
+        chosen by whoever built it (a resumed run decides which settings hold). The decays define
+        what each shadow is, so they must match: ValueError otherwise.
+        """
         if len(state["shadows"]) != len(self.modules):
             raise ValueError(f"EMA state holds {len(state['shadows'])} shadows, "
-                             f"this run has {len(self.modules)}")
+                             f"this EMA has {len(self.modules)}")
+        saved = [float(d) for d in state["decays"]]
+        if any(abs(a - b) > 1e-12 for a, b in zip(saved, self.decays)):
+            raise ValueError(f"EMA state averages decays {', '.join(f'{d:g}' for d in saved)}, "
+                             f"this EMA {', '.join(f'{d:g}' for d in self.decays)}")
         for module, shadow in zip(self.modules, state["shadows"]):
             module.load_state_dict(shadow)
-        self.decays = [float(d) for d in state["decays"]]
-        self.every = int(state["every"])
-        self.warmup = bool(state["warmup"])
-        self.warmup_power = float(state["warmup_power"])
-        self.warmup_gamma = float(state["warmup_gamma"])
         self.steps = int(state["steps"])
         self.num_updates = int(state["num_updates"])
         self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
+
+    def scored_dtype(self, model: nn.Module) -> torch.dtype:
+        """The dtype validation scores the shadows in: their own, or the live model's when the
+        shadows live on another device and are swapped into it."""
+        live = next(unwrap_model(model).parameters())
+        return live.dtype if self.device != live.device else self.dtype
 
 
 class WeightSwapper:

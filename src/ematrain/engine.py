@@ -1,25 +1,32 @@
-"""The training and validation loops.
+"""The train step, the epoch loop around it, and validation.
 
-The hot loop keeps running sums on the device and reads them back only every `log_interval`
-steps and at the end of the epoch: on a GPU each `.item()` stalls the pipeline.
+`train_step` is torchvision's recipe: forward, loss, backward (through the AMP scaler), and on the
+last batch of an accumulation group clip, step and the EMA update. `EpochLoop.run` walks an epoch's
+batches around it (seeding, progress, the non-finite bookkeeping, skipped-step rollback) and
+hands control back to its caller after every optimizer update, where recovery saves and stop
+requests are handled.
+
+The loop keeps running sums on the device and reads them back only every `log_interval` steps
+and when its caller asks (before a save): on a GPU each `.item()` stalls the pipeline.
 """
 from __future__ import annotations
 
 import contextlib
-import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
 
-import numpy as np
 import torch
 from timm.models import model_parameters
 from timm.utils import dispatch_clip_grad
 from torch import nn
 from tqdm import tqdm
 
-from .ema import ModelEma, WeightSwapper, unwrap_model
+from .ema import ModelEma, WeightSwapper
 from .errors import UserError
+from .models import unwrap_model
+from .seeding import seed_step
 
 
 def show_bars() -> bool:
@@ -33,21 +40,42 @@ class NonFiniteLoss(RuntimeError):
         self.epoch, self.step = epoch, step
 
 
-class Interrupted(Exception):
-    """Raised between steps when a stop was requested (SIGINT/SIGTERM)."""
+class SkippedStep(Exception):
+    """Raised by `train_step` before the backward of a loss that --skip-nonfinite skips."""
 
 
 @dataclass
-class TrainState:
-    """Counters that run across epochs (saved in checkpoints for resume)."""
-    epoch: int = 0
-    num_updates: int = 0
-    # Within the current epoch: steps done and the running loss sum, so that a run resumed
-    # mid-epoch reports the same train_loss as the uninterrupted one.
-    epoch_step: int = 0
+class Counters:
+    """Where the run is; saved in every checkpoint, so a resumed run goes on at the same step."""
+    epoch: int = 0          # the epoch in progress, or the next one to start
+    epoch_step: int = 0     # batches of it done
+    num_updates: int = 0    # optimizer updates in all
+    # This epoch's running loss (summed over samples): a run resumed mid-epoch reports the same
+    # train_loss as the uninterrupted one.
     loss_sum: float = 0.0
     loss_count: int = 0
     skipped_nonfinite: int = 0
+    world_size: int = 1
+
+    @property
+    def mid_epoch(self) -> bool:
+        return self.epoch_step > 0
+
+    def finish_epoch(self) -> None:
+        self.epoch, self.epoch_step, self.loss_sum, self.loss_count = self.epoch + 1, 0, 0.0, 0
+
+    @property
+    def train_loss(self) -> float:
+        return self.loss_sum / max(self.loss_count, 1)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        types = {"loss_sum": float}
+        for name in asdict(self):
+            if name in state:
+                setattr(self, name, types.get(name, int)(state[name]))
 
 
 def current_lr(optimizer) -> float:
@@ -55,156 +83,223 @@ def current_lr(optimizer) -> float:
     return sum(lrs) / len(lrs)
 
 
+# ----------------------------------------------------------------------------- the step
 @dataclass
-class StepConfig:
-    """How one training step runs: loss, precision, accumulation, clipping, mixing."""
+class Recipe:
+    """How one training step runs: loss, precision, clipping; `skip` for --skip-nonfinite."""
     loss_fn: nn.Module
+    autocast: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
     clip_grad: float | None = None
     clip_mode: str = "norm"
-    accum_steps: int = 1
-    amp_dtype: torch.dtype | None = None
-    # Inputs are cast to this (--model-dtype); None keeps the loader's float32.
-    input_dtype: torch.dtype | None = None
-    scaler: torch.amp.GradScaler | None = None
-    channels_last: bool = False
-    mixup_fn: object | None = None
-    log_interval: int = 50
-    skip_nonfinite: int = 0
-    seed: int = 0
-    rank: int = 0
-    recovery_interval: int = 0
-    # Under DDP a stop request is agreed across ranks (a collective), so it is polled only every
-    # `stop_every` steps; a single process polls its flag after every step for free.
-    stop_every: int = 1
+    # --skip-nonfinite: given the loss, whether to skip this step (every rank must agree).
+    skip: Callable[[torch.Tensor], bool] | None = None
 
 
-def seed_step(seed: int, epoch: int, batch: int, rank: int) -> None:
-    """Seed the main process's generators for one step (dropout, drop-path, mixup).
+def _no_sync(model: nn.Module, update: bool):
+    """DDP's no_sync for the micro-batches of an accumulation group before its last one."""
+    if not update and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
 
-    The step's randomness then depends only on (seed, epoch, step, rank): a run resumed at any
-    step, or run with another number of data workers, draws exactly the same numbers.
+
+def train_step(model: nn.Module, optimizer, images: torch.Tensor, targets: torch.Tensor,
+               recipe: Recipe, ema: ModelEma | None, update: bool = True,
+               group_size: int = 1) -> torch.Tensor:
+    """Forward, loss, backward; when `update`: clip, optimizer step, EMA update.
+
+    `group_size` batches make one update (gradient accumulation): each one's loss is divided by
+    it. Returns the batch's loss (detached, on the device).
     """
-    step_seed = hash((seed, epoch, batch, rank, 1)) % 2**32
-    random.seed(step_seed)
-    np.random.seed(step_seed)
-    torch.default_generator.manual_seed(step_seed)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.manual_seed(step_seed)
-
-
-def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, state: TrainState,
-                    device: torch.device, cfg: StepConfig, ema: ModelEma | None = None,
-                    epochs: int = 0, should_stop=lambda: False, save_recovery=lambda: None,
-                    any_rank=lambda flag: flag, show: bool = True, log=print) -> dict:
-    """Train from batch `state.epoch_step` to the end of the epoch.
-
-    With gradient accumulation, `cfg.accum_steps` batches make one optimizer step and the EMA
-    is updated once per optimizer step. A stop request is honoured only right after an optimizer
-    step, so no accumulated gradient is lost. Returns {'loss': mean loss, 'lr': mean LR}.
-
-    A non-finite loss raises NonFiniteLoss. Without `cfg.skip_nonfinite` it is read back at the
-    log interval (no per-step sync) with the exact step recorded on the device; with it, every
-    step is checked before its update so the bad step can be skipped.
-    """
-    model.train()
-    batches = state.epoch_step + len(loader)
-    accum = cfg.accum_steps
-    loss_sum = torch.tensor(state.loss_sum, dtype=torch.float64, device=device)
-    first_bad = torch.tensor(-1, device=device)
-    bar = tqdm(total=batches, initial=state.epoch_step, desc=f"train {state.epoch}", leave=False,
-               disable=not (show and show_bars()), unit="step", dynamic_ncols=True)
-    interval_start, interval_images = time.perf_counter(), 0
-    amp = torch.autocast(device.type, dtype=cfg.amp_dtype, enabled=cfg.amp_dtype is not None)
-
-    def raise_if_bad_loss():
-        bad = int(first_bad)
-        if any_rank(bad >= 0):
-            bar.close()
-            raise NonFiniteLoss(state.epoch, bad)
-
-    for batch, (images, targets) in enumerate(loader, start=state.epoch_step):
-        seed_step(cfg.seed, state.epoch, batch, cfg.rank)
-        images = images.to(device, dtype=cfg.input_dtype, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if cfg.mixup_fn is not None:
-            images, targets = cfg.mixup_fn(images, targets)
-        # The last batches of an epoch may form a shorter accumulation group.
-        group_end = (batch + 1) % accum == 0 or batch + 1 == batches
-        # A skipped step must not leave its batch's statistics in BatchNorm's running buffers.
-        saved_buffers = _float_buffers(model, clone=True) if cfg.skip_nonfinite else None
-        with amp, _no_grad_sync(model, group_end):
-            output = model(images)
+    device = images.device.type
+    with _no_sync(model, update):
+        with torch.autocast(device, dtype=recipe.autocast, enabled=recipe.autocast is not None):
             # The loss of a 16-bit model's output is computed in float32, as autocast does.
-            loss = cfg.loss_fn(output.float(), targets)
-        finite = torch.isfinite(loss.detach())
-        # Under DDP every rank must agree to skip, or the gradient all-reduce would hang.
-        if cfg.skip_nonfinite and any_rank(not bool(finite)):
-            state.skipped_nonfinite += 1
-            log(f"  non-finite loss at epoch {state.epoch}, step {batch}: skipped "
-                f"({state.skipped_nonfinite}/{cfg.skip_nonfinite})")
-            if state.skipped_nonfinite > cfg.skip_nonfinite:
-                bar.close()
-                raise NonFiniteLoss(state.epoch, batch)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                torch._foreach_copy_(_float_buffers(model), saved_buffers)
-            state.epoch_step = batch + 1
-            bar.update(1)
-            continue
-        first_bad = torch.where((first_bad < 0) & ~finite, batch, first_bad)
-        # Divide by the real size of this group: the epoch's last group may be shorter.
-        group_start = batch - batch % accum
-        group_size = min(accum, batches - group_start)
+            loss = recipe.loss_fn(model(images).float(), targets)
+        if recipe.skip is not None and recipe.skip(loss):
+            raise SkippedStep
         scaled = loss / group_size if group_size > 1 else loss
         # Second-order optimizers (AdaHessian) need the graph of the gradients.
         create_graph = getattr(optimizer, "is_second_order", False)
-        with _no_grad_sync(model, group_end):
-            if cfg.scaler is not None:
-                cfg.scaler.scale(scaled).backward(create_graph=create_graph)
-            else:
-                scaled.backward(create_graph=create_graph)
-        if group_end:
-            _optimizer_step(model, optimizer, cfg)
-            state.num_updates += 1
-            if ema is not None:
-                ema.update(model)
-            if scheduler is not None:
-                scheduler.step_update(num_updates=state.num_updates)
-        loss_sum += loss.detach().double() * images.size(0)
-        state.loss_count += images.size(0)
-        interval_images += images.size(0)
-        state.epoch_step = batch + 1
-        bar.update(1)
+        if recipe.scaler is not None:
+            recipe.scaler.scale(scaled).backward(create_graph=create_graph)
+        else:
+            scaled.backward(create_graph=create_graph)
+    if update:
+        if recipe.clip_grad is not None:
+            if recipe.scaler is not None:
+                recipe.scaler.unscale_(optimizer)
+            # AGC leaves the classifier alone, as timm does.
+            params = model_parameters(model, exclude_head="agc" in recipe.clip_mode)
+            dispatch_clip_grad(params, value=recipe.clip_grad, mode=recipe.clip_mode)
+        if recipe.scaler is not None:
+            recipe.scaler.step(optimizer)
+            recipe.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
+    return loss.detach()
 
-        last = batch + 1 == batches
-        if (batch + 1) % cfg.log_interval == 0 or last:
-            raise_if_bad_loss()
-            loss_now = float(loss.detach())
-            rate = interval_images / max(time.perf_counter() - interval_start, 1e-9)
-            lr = current_lr(optimizer)
-            if bar.disable and show:
-                log(f"  train {state.epoch}/{epochs} [{batch + 1}/{batches}] loss {loss_now:.4f} "
-                    f"lr {lr:.3g} {rate:.0f} img/s")
-            else:
-                bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
-            interval_start, interval_images = time.perf_counter(), 0
-        if group_end and not last:
-            recover = cfg.recovery_interval and state.num_updates % cfg.recovery_interval == 0
-            stop = (batch + 1) % cfg.stop_every == 0 and any_rank(should_stop())
-            if recover or stop:
-                # Never save weights a bad step may already have spoiled.
-                raise_if_bad_loss()
-                state.loss_sum = float(loss_sum)
-                if recover:
-                    save_recovery()
-                if stop:
-                    bar.close()
-                    raise Interrupted()
-    bar.close()
-    state.loss_sum = float(loss_sum)
-    return {"loss": state.loss_sum / max(state.loss_count, 1), "lr": current_lr(optimizer)}
+
+# ----------------------------------------------------------------------------- the epoch loop
+@dataclass
+class Batches:
+    """What happens to a loader batch before the step: device, dtype, layout, mixing."""
+    device: torch.device
+    dtype: torch.dtype | None = None  # --model-dtype; None keeps the loader's float32
+    channels_last: bool = False
+    mixup_fn: Callable | None = None
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor):
+        images = images.to(self.device, dtype=self.dtype, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.mixup_fn is not None:
+            images, targets = self.mixup_fn(images, targets)
+        return images, targets
+
+
+@dataclass
+class LoopConfig:
+    accum_steps: int = 1
+    log_interval: int = 50
+    skip_nonfinite: int = 0  # steps that may be skipped in the whole run
+    seed: int = 0
+    rank: int = 0
+
+
+class _Tally:
+    """The epoch's loss sum and the first non-finite step, kept on the device."""
+
+    def __init__(self, counters: Counters, device: torch.device):
+        self.counters = counters
+        self.loss_sum = torch.tensor(counters.loss_sum, dtype=torch.float64, device=device)
+        self.first_bad = torch.tensor(-1, device=device)
+
+    def add(self, loss: torch.Tensor, count: int, batch: int) -> None:
+        finite = torch.isfinite(loss)
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, batch, self.first_bad)
+        self.loss_sum += loss.double() * count
+        self.counters.loss_count += count
+
+    def flush(self) -> None:
+        self.counters.loss_sum = float(self.loss_sum)
+
+
+class EpochLoop:
+    """Runs epochs of `train_step` and yields to its caller after every optimizer update.
+
+    A non-finite loss raises NonFiniteLoss: without --skip-nonfinite it is found at the next
+    log interval (or `check`) from a marker kept on the device, with the exact step; with it,
+    every loss is checked before its backward, and a bad step is skipped: its gradients dropped
+    and the BatchNorm statistics its forward changed restored.
+    """
+
+    def __init__(self, model, optimizer, scheduler, ema, recipe: Recipe, batches: Batches,
+                 counters: Counters, config: LoopConfig, any_rank=lambda flag: flag,
+                 show: bool = True, log=print):
+        self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
+        self.recipe, self.batches, self.counters, self.config = recipe, batches, counters, config
+        self.any_rank, self.show, self.log = any_rank, show, log
+        self.tally: _Tally | None = None
+        self._last_loss: torch.Tensor | None = None
+        if config.skip_nonfinite:
+            recipe.skip = lambda loss: any_rank(not bool(torch.isfinite(loss)))
+
+    def run(self, loader, epochs: int) -> Iterator[int]:
+        """Train from batch `counters.epoch_step` to the end of the epoch."""
+        c, accum = self.counters, self.config.accum_steps
+        batches = c.epoch_step + len(loader)
+        self.model.train()
+        self.tally = _Tally(c, self.batches.device)
+        progress = _Progress(self, batches, epochs)
+        try:
+            for batch, (images, targets) in enumerate(loader, start=c.epoch_step):
+                seed_step(self.config.seed, c.epoch, batch, self.config.rank)
+                images, targets = self.batches(images, targets)
+                # The last batches of an epoch may form a shorter accumulation group.
+                group_start = batch - batch % accum
+                update = (batch + 1) % accum == 0 or batch + 1 == batches
+                group_size = min(accum, batches - group_start)
+                if not self._step(batch, images, targets, update, group_size):
+                    progress.update(batch, None, 0)
+                    continue
+                if update:
+                    c.num_updates += 1
+                    if self.scheduler is not None:
+                        self.scheduler.step_update(num_updates=c.num_updates)
+                progress.update(batch, self._last_loss, images.size(0))
+                if update and batch + 1 < batches:
+                    yield c.num_updates
+        finally:
+            progress.close()
+        self.tally.flush()
+
+    def _step(self, batch: int, images, targets, update: bool, group_size: int) -> bool:
+        rollback = _float_buffers(self.model, clone=True) if self.config.skip_nonfinite else None
+        try:
+            loss = train_step(self.model, self.optimizer, images, targets, self.recipe, self.ema,
+                              update, group_size)
+        except SkippedStep:
+            self._skip(batch, rollback)
+            return False
+        self.tally.add(loss, images.size(0), batch)
+        self.counters.epoch_step = batch + 1
+        self._last_loss = loss
+        return True
+
+    def _skip(self, batch: int, rollback: list[torch.Tensor]) -> None:
+        c = self.counters
+        c.skipped_nonfinite += 1
+        self.log(f"  non-finite loss at epoch {c.epoch}, step {batch}: skipped "
+                 f"({c.skipped_nonfinite}/{self.config.skip_nonfinite})")
+        if c.skipped_nonfinite > self.config.skip_nonfinite:
+            raise NonFiniteLoss(c.epoch, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_copy_(_float_buffers(self.model), rollback)
+        c.epoch_step = batch + 1
+
+    def check(self) -> None:
+        """Raise NonFiniteLoss if any step so far had a non-finite loss (one host read), and
+        bring the counters' loss sum up to date: call before saving weights."""
+        bad = int(self.tally.first_bad)
+        if self.any_rank(bad >= 0):
+            raise NonFiniteLoss(self.counters.epoch, bad)
+        self.tally.flush()
+
+
+class _Progress:
+    """The bar on a terminal, a plain line every `log_interval` steps elsewhere."""
+
+    def __init__(self, loop: EpochLoop, batches: int, epochs: int):
+        self.loop, self.batches, self.epochs = loop, batches, epochs
+        c = loop.counters
+        self.bar = tqdm(total=batches, initial=c.epoch_step, desc=f"train {c.epoch}", leave=False,
+                        disable=not (loop.show and show_bars()), unit="step", dynamic_ncols=True)
+        self.start, self.images = time.perf_counter(), 0
+
+    def update(self, batch: int, loss: torch.Tensor | None, images: int) -> None:
+        self.bar.update(1)
+        self.images += images
+        last = batch + 1 == self.batches
+        if loss is None or not ((batch + 1) % self.loop.config.log_interval == 0 or last):
+            return
+        self.loop.check()
+        loss_now, lr = float(loss), current_lr(self.loop.optimizer)
+        rate = self.images / max(time.perf_counter() - self.start, 1e-9)
+        if self.bar.disable and self.loop.show:
+            self.loop.log(f"  train {self.loop.counters.epoch}/{self.epochs} [{batch + 1}/"
+                          f"{self.batches}] loss {loss_now:.4f} lr {lr:.3g} {rate:.0f} img/s")
+        else:
+            self.bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+        self.start, self.images = time.perf_counter(), 0
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _float_buffers(model: nn.Module, clone: bool = False) -> list[torch.Tensor]:
@@ -212,28 +307,7 @@ def _float_buffers(model: nn.Module, clone: bool = False) -> list[torch.Tensor]:
     return [b.detach().clone() for b in buffers] if clone else buffers
 
 
-def _no_grad_sync(model: nn.Module, group_end: bool):
-    """DDP's no_sync for the micro-batches of an accumulation group before its last one."""
-    if not group_end and isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
-def _optimizer_step(model: nn.Module, optimizer, cfg: StepConfig) -> None:
-    if cfg.clip_grad is not None:
-        if cfg.scaler is not None:
-            cfg.scaler.unscale_(optimizer)
-        # AGC leaves the classifier alone, as timm does.
-        params = model_parameters(model, exclude_head="agc" in cfg.clip_mode)
-        dispatch_clip_grad(params, value=cfg.clip_grad, mode=cfg.clip_mode)
-    if cfg.scaler is not None:
-        cfg.scaler.step(optimizer)
-        cfg.scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
+# ----------------------------------------------------------------------------- validation
 @torch.no_grad()
 def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | None = None,
              epoch: int | None = None, amp_dtype: torch.dtype | None = None,
@@ -243,12 +317,8 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
     Each batch is decoded and augmented once and fed to every weight set, so K EMAs cost K extra
     forward passes, not K extra passes over the data. `reduce` sums the per-set totals across
     ranks (each rank sees a disjoint share of the images). Returns one dict per weight set (raw
-    first) with 'loss', 'top1', 'top5' and 'count'.
+    first, then the shadows in order) with 'loss', 'top1', 'top5' and 'count'.
     """
-    # Per-sample losses summed in float64 and integer hit counts: the numbers do not depend on
-    # how the images are split into batches or ranks, so validate.py and a distributed run
-    # reproduce the training log.
-    loss_fn = nn.CrossEntropyLoss(reduction="none")
     # DDP's forward would broadcast buffers (a collective) while ranks hold different numbers of
     # validation batches: evaluate the plain module under DDP.
     if isinstance(getattr(model, "_orig_mod", model), nn.parallel.DistributedDataParallel):
@@ -256,50 +326,56 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
     model.eval()
     shadows = ema.modules if ema is not None else []
     first = next(unwrap_model(model).parameters())
-    swapper = None
-    if shadows and ema.device != first.device:
-        swapper = WeightSwapper(model, shadows)
+    swapper = WeightSwapper(model, shadows) if shadows and ema.device != first.device else None
     nets = [model] + ([model] * len(shadows) if swapper else list(shadows))
     # Each weight set computes in its own dtype (--model-dtype, --model-ema-dtype); a swapped-in
     # shadow takes the live model's.
-    dtypes = [first.dtype] + [first.dtype if swapper else next(shadow.parameters()).dtype
-                              for shadow in shadows]
+    dtypes = [first.dtype] + [first.dtype if swapper else next(s.parameters()).dtype
+                              for s in shadows]
     sums = torch.zeros(len(nets), 4, dtype=torch.float64, device=device)
     order = list(range(len(nets)))
-    desc = "validate" if epoch is None else f"val {epoch}"
+    bar = tqdm(loader, desc="validate" if epoch is None else f"val {epoch}", leave=False,
+               disable=not (show and show_bars()), unit="batch", dynamic_ncols=True)
     try:
-        for images, targets in tqdm(loader, desc=desc, leave=False, disable=not (show and show_bars()),
-                                    unit="batch", dynamic_ncols=True):
+        for images, targets in bar:
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            n = images.size(0)
             for index in order:
                 if swapper is not None:
                     swapper.load(index)
-                x = images
-                if amp_dtype is None and images.dtype != dtypes[index]:
-                    x = images.to(dtypes[index])
+                x = images if amp_dtype is not None else images.to(dtypes[index])
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     output = nets[index](x)
-                top1, top5 = topk_correct(output, targets, (1, 5))
-                loss = loss_fn(output.float(), targets).double().sum()
-                sums[index] += torch.stack([loss, top1, top5, torch.tensor(float(n), dtype=torch.float64, device=device)])
+                sums[index] += _batch_sums(output, targets)
             # Walking the sets back and forth saves one weight swap per batch.
             order.reverse()
     finally:
         if swapper is not None:
             swapper.restore()
-    sums = reduce(sums)
+    return _results(reduce(sums))
+
+
+def _batch_sums(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[loss sum, top-1 hits, top-5 hits, images] of one batch, in float64.
+
+    Per-sample losses summed in float64 and integer hit counts: the numbers do not depend on how
+    the images are split into batches or ranks, so validate.py and a distributed run reproduce
+    the training log.
+    """
+    loss = nn.functional.cross_entropy(output.float(), targets, reduction="none").double().sum()
+    top1, top5 = topk_correct(output, targets, (1, 5))
+    count = torch.tensor(float(targets.size(0)), dtype=torch.float64, device=output.device)
+    return torch.stack([loss, top1, top5, count])
+
+
+def _results(sums: torch.Tensor) -> list[dict]:
     count = int(sums[0, 3])
     if count == 0:
         raise UserError("validation split produced no batches")
-    results = []
-    for loss_sum, top1, top5, _ in sums.tolist():
-        results.append({"loss": loss_sum / count, "top1": 100.0 * top1 / count,
-                        "top5": 100.0 * top5 / count, "count": count})
-    return results
+    return [{"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count,
+             "count": count} for loss, top1, top5, _ in sums.tolist()]
 
 
 def topk_correct(output: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:

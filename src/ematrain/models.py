@@ -11,6 +11,17 @@ from torch import nn
 from .errors import UserError
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the plain module inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def check_model_name(name: str) -> None:
     if timm.is_model(name):
         return

@@ -1,4 +1,5 @@
-"""The run directory: args.yaml, summary.csv and curves.png, each written atomically."""
+"""What a run shows and leaves: its folder, args.yaml, summary.csv, curves.png, the epoch line and
+the final report. Every file is written atomically."""
 from __future__ import annotations
 
 import csv
@@ -8,15 +9,17 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import atomic_write, atomic_write_text
+from .atomic import atomic_write, atomic_write_text, remove_stale_temporaries
 from .errors import UserError
+from .weightsets import WeightSet
 
 METRICS = ("loss", "top1", "top5")
 
 
+# ----------------------------------------------------------------------------- the run folder
 def make_run_dir(output: str, experiment: str, model: str, resuming: bool = False,
                  path: Path | None = None) -> Path:
-    """`<output or ./output>/train/<experiment or date-model>/`, created if needed.
+    """`<output or ./output>/train/<experiment or date-model>/` (or `path`), created if needed.
 
     A new run never writes into an earlier run's folder: like timm, it takes `<name>-1`,
     `<name>-2`, ... instead. A resumed run continues in its own folder.
@@ -34,9 +37,7 @@ def make_run_dir(output: str, experiment: str, model: str, resuming: bool = Fals
     except OSError as exc:
         raise UserError(f"cannot create output directory {run_dir}: {exc.strerror}") from None
     if resuming:
-        # A run killed during a save leaves its temporary file behind; the real file is whole.
-        for stale in run_dir.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+        remove_stale_temporaries(run_dir)
     probe = run_dir / ".write-test"
     try:
         probe.write_bytes(b"")
@@ -46,50 +47,49 @@ def make_run_dir(output: str, experiment: str, model: str, resuming: bool = Fals
     return run_dir
 
 
-def write_args(run_dir: Path, args: dict) -> None:
-    """args.yaml, loadable again with `-c` (the data root is kept as data_dir)."""
+def write_args(run_dir: Path, record: dict) -> None:
+    """args.yaml: the run's settings as a recipe, loadable again with `-c`."""
     # A recipe, not the run's history: `-c args.yaml` must start a new run, never resume this one.
-    clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()
+    clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in record.items()
              if k not in ("config", "resume")}
-    if clean.get("data_dir"):
-        # Absolute, so `-c args.yaml` works from any directory.
-        clean["data_dir"] = str(Path(clean["data_dir"]).resolve())
     atomic_write_text(run_dir / "args.yaml", yaml.safe_dump(clean, sort_keys=True))
 
 
-def ema_column_prefixes(decays: list[float]) -> list[str]:
-    """Column-group prefixes per EMA: timm's `ema_` for the first, `ema<decay>_` for the rest."""
-    if not decays:
-        return []
-    return ["ema_"] + [f"ema{d:g}_" for d in decays[1:]]
+# ----------------------------------------------------------------------------- summary.csv
+class Summary:
+    """summary.csv: one row per epoch, `epoch, lr, train_loss` and each weight set's metrics.
 
+    The rows also travel in every checkpoint (`state_dict`), so a kill between writing a
+    checkpoint and writing summary.csv loses no row: a resumed run rewrites the file from them.
+    """
 
-def summary_columns(decays: list[float]) -> list[str]:
-    cols = ["epoch", "lr", "train_loss"] + [f"eval_{m}" for m in METRICS]
-    for prefix in ema_column_prefixes(decays):
-        cols += [f"{prefix}eval_{m}" for m in METRICS]
-    return cols
+    def __init__(self, sets: tuple[WeightSet, ...]):
+        self.sets = sets
+        self.columns = ["epoch", "lr", "train_loss"] + [
+            f"{s.column_prefix}eval_{m}" for s in sets for m in METRICS]
+        self.rows: list[dict] = []
 
+    def add(self, epoch: int, lr: float, train_loss: float, results: dict[str, dict]) -> dict:
+        row = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
+        for s in self.sets:
+            row.update({f"{s.column_prefix}eval_{m}": results[s.name][m] for m in METRICS})
+        self.rows.append(row)
+        return row
 
-def summary_row(epoch: int, lr: float, train_loss: float, results: list[dict],
-                decays: list[float]) -> dict:
-    row = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
-    for m in METRICS:
-        row[f"eval_{m}"] = results[0][m]
-    for prefix, res in zip(ema_column_prefixes(decays), results[1:]):
-        for m in METRICS:
-            row[f"{prefix}eval_{m}"] = res[m]
-    return row
+    def write(self, run_dir: Path) -> None:
+        """Rewrite summary.csv whole: a resumed run never duplicates or loses a row."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: row.get(k, "") for k in self.columns})
+        atomic_write_text(run_dir / "summary.csv", buf.getvalue())
 
+    def state_dict(self) -> dict:
+        return {"rows": [dict(r) for r in self.rows]}
 
-def write_summary(run_dir: Path, rows: list[dict], columns: list[str]) -> None:
-    """Rewrite summary.csv whole: a resumed run never duplicates or loses a row."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k, "") for k in columns})
-    atomic_write_text(run_dir / "summary.csv", buf.getvalue())
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = [dict(r) for r in state["rows"]]
 
 
 def read_summary(run_dir: Path) -> list[dict]:
@@ -100,19 +100,19 @@ def read_summary(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def plot_curves(run_dir: Path, rows: list[dict], decays: list[float]) -> None:
+def plot_curves(run_dir: Path, rows: list[dict], sets: tuple[WeightSet, ...]) -> None:
     """curves.png: top-1 and loss per epoch for the raw weights and every EMA."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [int(r["epoch"]) for r in rows]
-    series = [("raw", "")] + [
-        (f"EMA {d:g}", prefix) for d, prefix in zip(decays, ema_column_prefixes(decays))]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label, prefix in series:
-        ax_acc.plot(epochs, [float(r[f"{prefix}eval_top1"]) for r in rows], marker="o", label=label)
-        ax_loss.plot(epochs, [float(r[f"{prefix}eval_loss"]) for r in rows], marker="o", label=label)
+    for s in sets:
+        ax_acc.plot(epochs, [float(r[f"{s.column_prefix}eval_top1"]) for r in rows], marker="o",
+                    label=s.label)
+        ax_loss.plot(epochs, [float(r[f"{s.column_prefix}eval_loss"]) for r in rows], marker="o",
+                     label=s.label)
     ax_acc.set(title="validation top-1", xlabel="epoch", ylabel="top-1 (%)")
     ax_loss.set(title="validation loss", xlabel="epoch", ylabel="loss")
     for ax in (ax_acc, ax_loss):
@@ -121,3 +121,30 @@ def plot_curves(run_dir: Path, rows: list[dict], decays: list[float]) -> None:
     fig.tight_layout()
     atomic_write(run_dir / "curves.png", lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- console lines
+def epoch_line(epoch: int, num_epochs: int, lr: float, train_loss: float,
+               results: dict[str, dict], sets: tuple[WeightSet, ...], metric: str,
+               skipped_ema_updates: int = 0) -> str:
+    """The one line each epoch prints: every weight set's numbers and which did best."""
+    parts = [f"epoch {epoch}/{num_epochs - 1} lr {lr:.3g} train_loss {train_loss:.4f}"]
+    for s in sets:
+        r = results[s.name]
+        parts.append(f"{s.name}: top1 {r['top1']:.2f} top5 {r['top5']:.2f} loss {r['loss']:.4f}")
+    pick = min if metric == "loss" else max
+    winner = pick(sets, key=lambda s: results[s.name][metric])
+    parts.append(f"best this epoch: {winner.name}")
+    if skipped_ema_updates:
+        parts.append(f"EMA updates skipped (NaN/Inf weights): {skipped_ema_updates}")
+    return " | ".join(parts)
+
+
+def final_report(best: dict[str, dict], sets: tuple[WeightSet, ...], metric: str) -> list[str]:
+    """One line per weight set: its best epoch by the eval metric."""
+    lines = []
+    for s in sets:
+        record = best.get(s.name)
+        if record and record.get("epoch") is not None:
+            lines.append(f"best {s.name}: {metric} {record['metric']:.4f} at epoch {record['epoch']}")
+    return lines

@@ -1,0 +1,78 @@
+"""Files that are either the old version or the new one, never half of each.
+
+Every file a run writes goes through `atomic_write`: a temporary file in the same folder, flushed,
+fsynced and renamed over the target. A crash, a kill or a full disk at any moment leaves the
+previous file whole.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def atomic_write(path: str | Path, write: Callable) -> None:
+    """Write `path` through a temporary file in its folder; `write` receives a binary file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp creates 0600; give the file the permissions a plain open() would.
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> None:
+    def write(f):
+        with open(src, "rb") as s:
+            while chunk := s.read(1 << 22):
+                f.write(chunk)
+    atomic_write(dst, write)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename in `folder` durable: the folder entry itself must reach the disk."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """A run killed during a write leaves its temporary file behind; the real file is whole."""
+    for stale in folder.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)

@@ -1,0 +1,302 @@
+"""Building a run's parts from its settings: `build_run(settings) -> Run`.
+
+Each builder takes the specs it needs (never the argparse Namespace) and returns one part; `Run`
+holds them and names the stateful ones (`parts`), which the checkpoint schema saves and restores.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from timm.data import Mixup
+from timm.layers import convert_sync_batchnorm
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+
+from . import checkpoint as ckpt_io
+from . import data, distributed
+from .ema import ModelEma, half_life_from_decay
+from .engine import Counters
+from .errors import UserError
+from .keeper import CheckpointKeeper
+from .logs import log
+from .models import create_model, init_head, set_batchnorm, unwrap_model
+from .outputs import Summary
+from .seeding import seed_everything
+from .settings import (DataSpec, EmaSpec, LabelSpec, LoaderSpec, ModelSpec, OptimSpec, Precision,
+                       ScheduleSpec, TrainSettings, dtype_named)
+from .weightsets import WeightSet, weight_sets
+
+
+@dataclass
+class TrainData:
+    """The two splits, their samplers, and the loaders of each epoch."""
+    train_set: data.SeededSamples
+    val_set: object
+    sampler: data.EpochSampler
+    val_sampler: data.EpochSampler
+    data_config: dict
+    batch_size: int
+    val_batch_size: int
+    workers: int
+    pin_memory: bool
+    drop_last: bool
+    steps_per_epoch: int  # optimizer steps
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.train_set.dataset.classes
+
+    def loaders(self, epoch: int, start_batch: int, seed: int):
+        """This epoch's loaders; training starts at batch `start_batch` (resume)."""
+        # The epoch's order and augmentation depend only on (seed, epoch): that makes resume exact.
+        self.train_set.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start=start_batch * self.batch_size)
+        train = data.make_loader(self.train_set, self.batch_size, self.workers,
+                                 seed=seed * 1000 + epoch, drop_last=self.drop_last,
+                                 pin_memory=self.pin_memory, sampler=self.sampler)
+        val = data.make_loader(self.val_set, self.val_batch_size, self.workers, seed=0,
+                               pin_memory=self.pin_memory, sampler=self.val_sampler)
+        return train, val
+
+
+@dataclass
+class Run:
+    """One training run's parts, built once from its settings."""
+    settings: TrainSettings
+    dist: distributed.DistInfo
+    device: torch.device
+    precision: Precision
+    data: TrainData
+    num_classes: int
+    model: nn.Module          # what trains: possibly wrapped in DDP and torch.compile
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    num_epochs: int
+    lr: float
+    scaler: torch.amp.GradScaler | None
+    ema: ModelEma | None
+    loss_fn: nn.Module
+    mixup_fn: Mixup | None
+    weight_sets: tuple[WeightSet, ...]
+    keeper: CheckpointKeeper
+    counters: Counters = field(default_factory=Counters)
+    summary: Summary = None
+
+    def __post_init__(self):
+        if self.summary is None:
+            self.summary = Summary(self.weight_sets)
+        self.counters.world_size = self.dist.world_size
+
+    @property
+    def module(self) -> nn.Module:
+        """The plain model inside any DDP / torch.compile wrapper."""
+        return unwrap_model(self.model)
+
+    @property
+    def decays(self) -> list[float]:
+        return self.ema.decays if self.ema is not None else []
+
+    def parts(self) -> dict:
+        """The stateful parts, by the name the checkpoint schema files them under."""
+        parts = {"model": self.module, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                 "amp_scaler": self.scaler, "ema": self.ema, "counters": self.counters,
+                 "keeper": self.keeper, "summary": self.summary}
+        return {name: part for name, part in parts.items() if part is not None}
+
+    def record(self) -> dict:
+        """The run's settings as a plain dict (args.yaml, a checkpoint's `args`)."""
+        record = dict(vars(self.settings.args))
+        # Absolute, so `-c args.yaml` and `--resume PATH` work from any directory.
+        record["data_dir"] = str(Path(record["data_dir"]).resolve())
+        return record
+
+    def images_per_step(self) -> int:
+        return self.settings.global_batch(self.dist.world_size)
+
+
+# ----------------------------------------------------------------------------- builders
+def build_data(spec: DataSpec, loader: LoaderSpec, num_classes: int | None, seed: int,
+               dist: distributed.DistInfo, accum_steps: int, pin_memory: bool):
+    """The training and validation ImageFolders with their samplers (transforms come later)."""
+    train_dir = data.resolve_split_dir(spec.data_dir, spec.train_split)
+    val_dir = data.resolve_split_dir(spec.data_dir, spec.val_split)
+    train_set = data.load_image_folder(train_dir)
+    val_set = data.load_image_folder(val_dir)
+    data.check_same_classes(train_set, val_set, val_dir)
+    found = len(train_set.classes)
+    if num_classes is not None and num_classes != found:
+        raise UserError(f"--num-classes {num_classes} disagrees with the data: "
+                        f"{found} class folders in {spec.train_split}")
+    world, rank = dist.world_size, dist.rank
+    val_batch = spec.validation_batch_size or loader.batch_size
+    sampler = data.EpochSampler(len(train_set), seed, rank=rank, num_replicas=world, pad=True,
+                                repeats=max(1, int(spec.aug_repeats)))
+    val_sampler = data.EpochSampler(len(val_set), 0, shuffle=False, rank=rank,
+                                    num_replicas=world, block=val_batch)
+    per_rank = len(sampler)
+    drop_last = per_rank >= loader.batch_size
+    batches = per_rank // loader.batch_size if drop_last else math.ceil(per_rank / loader.batch_size)
+    return TrainData(data.SeededSamples(train_set, seed), val_set, sampler, val_sampler, {},
+                     loader.batch_size, val_batch, loader.workers, pin_memory, drop_last,
+                     math.ceil(batches / accum_steps))
+
+
+def build_model(spec: ModelSpec, num_classes: int, device: torch.device,
+                precision: Precision, sync_bn: bool) -> nn.Module:
+    """The timm model, its initial weights, on its device in its dtype."""
+    model = create_model(spec.model, num_classes, pretrained=spec.pretrained,
+                         pretrained_path=spec.pretrained_path, **spec.create_kwargs())
+    set_batchnorm(model, spec.bn_momentum, spec.bn_eps)
+    if spec.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if spec.initial_checkpoint:
+        state = ckpt_io.load_file(spec.initial_checkpoint)
+        weights = ckpt_io.select_weights(state, spec.initial_checkpoint)
+        ckpt_io.load_weights_into(model, weights.state, spec.initial_checkpoint,
+                                  arch=state.get("arch"), model_name=spec.model)
+    init_head(model, spec.head_init_scale, spec.head_init_bias)
+    if sync_bn:
+        # timm's converter keeps the activation of its fused BatchNormAct2d layers.
+        model = convert_sync_batchnorm(model)
+    model.to(device, dtype=precision.model_dtype)
+    if precision.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(spec: OptimSpec, model: nn.Module, lr: float):
+    try:
+        return create_optimizer_v2(model, opt=spec.opt, lr=lr, weight_decay=spec.weight_decay,
+                                   momentum=spec.momentum, layer_decay=spec.layer_decay,
+                                   **spec.create_kwargs())
+    except (AssertionError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"cannot create optimizer '{spec.opt}': {str(exc)[:160]}") from None
+
+
+def build_scheduler(spec: ScheduleSpec, optimizer, updates_per_epoch: int, seed: int,
+                    eval_metric: str):
+    """timm's scheduler and the number of epochs it runs (cooldown included)."""
+    try:
+        return create_scheduler_v2(
+            optimizer, sched=spec.sched, num_epochs=spec.epochs, decay_epochs=spec.decay_epochs,
+            decay_rate=spec.decay_rate, min_lr=spec.min_lr, warmup_lr=spec.warmup_lr,
+            warmup_epochs=spec.warmup_epochs, cooldown_epochs=spec.cooldown_epochs,
+            decay_milestones=spec.decay_milestones, patience_epochs=spec.patience_epochs,
+            warmup_prefix=spec.warmup_prefix, noise=spec.noise, noise_pct=spec.lr_noise_pct,
+            noise_std=spec.lr_noise_std, noise_seed=seed, cycle_mul=spec.lr_cycle_mul,
+            cycle_decay=spec.lr_cycle_decay, cycle_limit=spec.lr_cycle_limit,
+            k_decay=spec.lr_k_decay, step_on_epochs=not spec.sched_on_updates,
+            updates_per_epoch=updates_per_epoch,
+            plateau_mode="min" if eval_metric == "loss" else "max")
+    except (AssertionError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot create scheduler '{spec.sched}': {str(exc)[:160]}") from None
+
+
+def build_mixup(spec: LabelSpec, num_classes: int) -> Mixup | None:
+    if not spec.mixing:
+        return None
+    return Mixup(mixup_alpha=spec.mixup, cutmix_alpha=spec.cutmix, cutmix_minmax=spec.cutmix_minmax,
+                 prob=spec.mixup_prob, switch_prob=spec.mixup_switch_prob, mode=spec.mixup_mode,
+                 label_smoothing=spec.smoothing, num_classes=num_classes)
+
+
+def build_train_loss(spec: LabelSpec) -> nn.Module:
+    """timm's choice: soft-target losses under mixup/cutmix (which smooth the labels already)."""
+    if spec.bce_loss:
+        return BinaryCrossEntropy(smoothing=0.0 if spec.mixing else spec.smoothing,
+                                  target_threshold=spec.bce_target_thresh)
+    if spec.mixing:
+        return SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(label_smoothing=spec.smoothing)
+
+
+def build_ema(spec: EmaSpec, model: nn.Module, device: torch.device,
+              decays: list[float]) -> ModelEma | None:
+    """The shadows. Every rank keeps its own shadow of the unwrapped module; DDP keeps the
+    parameters in step, so the shadows agree (checked every epoch)."""
+    if not spec.enabled:
+        return None
+    dtype = dtype_named(spec.dtype)
+    if dtype is not None and dtype != torch.float64:
+        eps = torch.finfo(dtype).eps
+        for d in decays:
+            if 1.0 - d < eps:
+                log.warning(f"warning: with --model-ema-dtype {spec.dtype} an update of "
+                            f"(1 - {d:g}) = {1 - d:.2g} is below the dtype's precision "
+                            f"({eps:.2g}): the shadow will barely move")
+    return ModelEma(model, decays, device=torch.device("cpu") if spec.force_cpu else device,
+                    dtype=dtype, every=spec.every, warmup=spec.warmup,
+                    warmup_power=spec.warmup_power)
+
+
+def wrap_model(model: nn.Module, dist: distributed.DistInfo, device: torch.device,
+               compile_backend: str | None) -> nn.Module:
+    """DDP under torchrun, then torch.compile; the EMA and optimizer work on the plain module."""
+    if dist.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if compile_backend:
+        model = torch.compile(model, backend=compile_backend)
+        log.info(f"model compiled with torch.compile backend '{compile_backend}'")
+    return model
+
+
+def build_run(settings: TrainSettings) -> Run:
+    """Every part of a run, in the order their dependencies need."""
+    s = settings
+    dist, device = distributed.init_distributed(s.dist.device, s.dist.dist_backend)
+    if not dist.is_primary:
+        log.setLevel(logging.WARNING)
+    seed_everything(s.loop.seed)
+    precision = s.precision.on(device)
+    train = build_data(s.data, s.loader, s.model.num_classes, s.loop.seed, dist,
+                       s.optim.grad_accum_steps, pin_memory=device.type == "cuda")
+    num_classes = len(train.class_names)
+    model = build_model(s.model, num_classes, device, precision, s.dist.sync_bn and dist.enabled)
+    train.data_config = data.data_config_for(s.image.overrides(), model)
+    train.train_set.dataset.transform = data.train_transform(train.data_config, s.aug)
+    train.val_set.transform = data.eval_transform(train.data_config)
+    lr = s.lr(dist.world_size)
+    optimizer = build_optimizer(s.optim, model, lr)
+    scheduler, num_epochs = build_scheduler(s.schedule, optimizer, train.steps_per_epoch,
+                                            s.loop.seed, s.loop.eval_metric)
+    mixup = build_mixup(s.labels, num_classes)
+    decays = (s.ema.decays_per_step(s.global_batch(dist.world_size), train.steps_per_epoch)
+              if s.ema.enabled else [])
+    ema = build_ema(s.ema, model, device, decays)
+    sets = weight_sets(decays, ema_labels(s.ema, decays))
+    return Run(settings=s, dist=dist, device=device, precision=precision, data=train,
+               num_classes=num_classes, model=wrap_model(model, dist, device, s.model.torchcompile),
+               optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,
+               scaler=torch.amp.GradScaler("cuda") if precision.grad_scaler else None, ema=ema,
+               loss_fn=build_train_loss(s.labels), mixup_fn=mixup, weight_sets=sets,
+               keeper=CheckpointKeeper(sets, s.loop.eval_metric, s.loop.checkpoint_hist,
+                                       primary=dist.is_primary))
+
+
+def ema_labels(spec: EmaSpec, decays: list[float]) -> list[str]:
+    """How plots name each EMA: as the user gave it (a half-life), or by its decay."""
+    if spec.half_lives:
+        return [f"EMA half-life {h}" for h in spec.half_lives]
+    return [f"EMA {d:g}" for d in decays]
+
+
+def log_ema_horizons(decays: list[float], every: int, steps_per_epoch: int, total_steps: int,
+                     images_per_step: int) -> None:
+    for d in decays:
+        steps = half_life_from_decay(d)
+        log.info(f"EMA decay {d:.6g}: half-life {steps:.4g} optimizer steps = "
+                 f"{steps / steps_per_epoch:.3g} epochs = {steps * images_per_step:.4g} images"
+                 + (f" (updated every {every} steps with decay^{every})" if every > 1 else ""))
+        if steps > total_steps:
+            log.warning(f"warning: EMA {d:.6g} has a half-life ({steps:.4g} steps) longer than the "
+                        f"whole run ({total_steps} steps): it will still mostly hold the early weights")
+        elif steps < 0.1 * steps_per_epoch:
+            log.warning(f"warning: EMA {d:.6g} has a half-life ({steps:.4g} steps) under a tenth "
+                        f"of an epoch: it averages almost nothing")

@@ -1,0 +1,229 @@
+"""Resuming a run: which checkpoint, and what becomes of every setting it recorded.
+
+A checkpoint of ours records every setting of its run (`args`), and `train.py --resume PATH` alone
+continues the run with them. Flags given beside it (or in a `-c` recipe) go through
+`RESUME_POLICY`: for each setting whose value differs from the recorded one, the table says
+whether the checkpoint's value is kept, the new one applies, or the resume is refused, and why.
+Nothing is replaced or dropped without a line saying so.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import checkpoint as ckpt_io
+from .errors import UserError
+from .logs import log
+
+KEEP = "checkpoint wins"              # the recorded value is kept; a notice names the ignored one
+NEW = "command line wins"             # the new value applies from here on, with a notice
+REFUSE = "refused"                    # the resume stops with one line
+MID_EPOCH = "refused mid-epoch"       # refused in the middle of an epoch, else as NEW
+FRESH_OPTIMIZER = "needs --no-resume-opt"  # the saved optimizer state would undo it
+
+
+@dataclass(frozen=True)
+class Rule:
+    setting: str  # a flag's dest, or what the checkpoint records otherwise (class_names, ...)
+    policy: str
+    why: str
+
+
+_OPT_WHY = "the saved optimizer state carries the old value"
+RESUME_POLICY: tuple[Rule, ...] = (
+    Rule("model", REFUSE, "the weights are that architecture's"),
+    Rule("gp", REFUSE, "the pooling changes what the weights compute"),
+    Rule("model_kwargs", REFUSE, "they shape the network the weights belong to"),
+    Rule("in_chans", REFUSE, "the stem's weights have the recorded channels"),
+    Rule("num_classes", REFUSE, "the classifier has the recorded outputs"),
+    Rule("class_names", REFUSE, "labels are class-folder positions: other folders shift them"),
+    Rule("model_ema", REFUSE, "the checkpoint's EMA state would be dropped, or made up"),
+    Rule("ema_decays", REFUSE, "each shadow is the average at its own decay"),
+    Rule("seed", KEEP, "data order, augmentation and dropout follow the seed: another one "
+         "would make the rest no continuation of this run"),
+    Rule("output", KEEP, "a resumed run continues in its own folder"),
+    Rule("experiment", KEEP, "a resumed run continues in its own folder"),
+    Rule("batch_size", MID_EPOCH, "the position within the epoch is counted in batches"),
+    Rule("grad_accum_steps", MID_EPOCH, "the position within the epoch is counted in batches"),
+    Rule("aug_repeats", MID_EPOCH, "it reorders the epoch's samples"),
+    Rule("world_size", MID_EPOCH, "each process's share of the epoch depends on it"),
+    Rule("opt", FRESH_OPTIMIZER, "the saved optimizer state is the old optimizer's"),
+    Rule("momentum", FRESH_OPTIMIZER, _OPT_WHY),
+    Rule("weight_decay", FRESH_OPTIMIZER, _OPT_WHY),
+    Rule("opt_eps", FRESH_OPTIMIZER, _OPT_WHY),
+    Rule("opt_betas", FRESH_OPTIMIZER, _OPT_WHY),
+    Rule("opt_kwargs", FRESH_OPTIMIZER, _OPT_WHY),
+    Rule("layer_decay", FRESH_OPTIMIZER, _OPT_WHY),
+)
+# Every other setting (epochs, the LR and its schedule, the EMA interval and warmup, the
+# augmentation, ...) applies from the resumed step on.
+DEFAULT_RULE = Rule("*", NEW, "it applies from here on")
+_RULES = {rule.setting: rule for rule in RESUME_POLICY}
+# Settings that say how to start this process, not what the run is.
+_NOT_COMPARED = {"config", "resume", "data", "no_resume_opt"}
+# The scheduler's saved state holds these settings: when one changes it is rebuilt instead.
+SCHEDULE_SETTINGS = {"sched", "epochs", "warmup_epochs", "warmup_lr", "min_lr", "cooldown_epochs",
+                     "decay_epochs", "decay_rate", "decay_milestones", "patience_epochs",
+                     "warmup_prefix", "lr_noise", "lr_noise_pct", "lr_noise_std", "lr_cycle_mul",
+                     "lr_cycle_decay", "lr_cycle_limit", "lr_k_decay", "sched_on_updates", "lr",
+                     "lr_base", "lr_base_size", "lr_base_scale", "eval_metric"}
+
+
+def policy_markdown() -> str:
+    """The table as the README shows it."""
+    lines = ["| setting | on resume | why |", "|---|---|---|"]
+    lines += [f"| `{r.setting}` | {r.policy} | {r.why} |" for r in RESUME_POLICY + (DEFAULT_RULE,)]
+    return "\n".join(lines).replace("| `*` |", "| every other setting |")
+
+
+@dataclass
+class ResumeSource:
+    """The checkpoint a run resumes from."""
+    path: Path
+    ckpt: dict
+    changed: set = field(default_factory=set)  # settings whose new value applies
+
+    @property
+    def recorded(self) -> dict | None:
+        """Every setting of the run, for checkpoints of ours; None for timm's and others'."""
+        return dict(self.ckpt["args"]) if ckpt_io.is_ours(self.ckpt) else None
+
+    @property
+    def mid_epoch(self) -> bool:
+        return bool(self.ckpt.get("counters", {}).get("epoch_step"))
+
+
+def find_checkpoint(resume: str, output: str, experiment: str) -> Path | None:
+    """--resume PATH, or with 'auto' the newer of the run's last and recovery checkpoints."""
+    if not resume:
+        return None
+    if resume != "auto":
+        return Path(resume)
+    if not experiment:
+        raise UserError("--resume auto needs --experiment to find the run directory")
+    run_dir = Path(output or "output") / "train" / experiment
+    found = [p for p in (run_dir / "last.pth.tar", run_dir / "recovery.pth.tar") if p.is_file()]
+    if not found:
+        log.info(f"--resume auto: no checkpoint in {run_dir}, starting fresh")
+        return None
+    return max(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+def open_source(path: Path) -> ResumeSource:
+    ckpt = ckpt_io.load_file(path)
+    if "state_dict" not in ckpt or "epoch" not in ckpt:
+        raise UserError(f"cannot resume from {path}: not a training checkpoint")
+    if not isinstance(ckpt["epoch"], int) or isinstance(ckpt["epoch"], bool):
+        raise UserError(f"cannot resume from {path}: its 'epoch' is {ckpt['epoch']!r}, "
+                        f"not a whole number")
+    return ResumeSource(path, ckpt_io.upgrade(ckpt))
+
+
+# ----------------------------------------------------------------------------- the policy
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v!r}" for k, v in value.items()) or "{}"
+    return "(unset)" if value in (None, "") else str(value)
+
+
+def _same(old, new) -> bool:
+    norm = (lambda v: list(v) if isinstance(v, tuple) else v)
+    return norm(old) == norm(new)
+
+
+def decide(rule: Rule, source: ResumeSource, old, new, flag: str, fresh_optimizer: bool) -> bool:
+    """Apply `rule` to a changed setting: log the notice, or refuse. True: the new value holds."""
+    policy = rule.policy
+    if policy == MID_EPOCH:
+        if source.mid_epoch:
+            raise UserError(f"cannot resume {source.path} in the middle of an epoch with {flag} "
+                            f"{_show(new)} (it records {_show(old)}): {rule.why}")
+        policy = NEW
+    if policy == FRESH_OPTIMIZER:
+        if not fresh_optimizer:
+            raise UserError(f"cannot resume {source.path} with {flag} {_show(new)} (it records "
+                            f"{_show(old)}): {rule.why}; add --no-resume-opt to start a fresh "
+                            f"optimizer")
+        policy = NEW
+    if policy == REFUSE:
+        raise UserError(f"cannot resume from {source.path}: it records {flag} {_show(old)}, this "
+                        f"run asks for {_show(new)} ({rule.why})")
+    if policy == KEEP:
+        log.info(f"resume: keeping {flag} {_show(old)} from the checkpoint, not {_show(new)}: "
+                 f"{rule.why}")
+        return False
+    log.info(f"resume: {flag} {_show(new)} (the checkpoint's run had {_show(old)}): {rule.why}")
+    return True
+
+
+def apply_to_settings(ns: argparse.Namespace, source: ResumeSource) -> None:
+    """Compare the parsed settings with the recorded ones and apply the policy to each that
+    differs (`ns` holds the recorded values wherever the command line gave none)."""
+    recorded = source.recorded or {}
+    if not recorded and source.ckpt.get("arch"):
+        recorded = {"model": source.ckpt["arch"]}  # timm's checkpoints name their model
+    for dest, old in recorded.items():
+        if dest in _NOT_COMPARED or not hasattr(ns, dest) or _same(old, getattr(ns, dest)):
+            continue
+        new = getattr(ns, dest)
+        if decide(_RULES.get(dest, DEFAULT_RULE), source, old, new, "--" + dest.replace("_", "-"),
+                  ns.no_resume_opt):
+            source.changed.add(dest)
+        else:
+            setattr(ns, dest, old)
+
+
+def check_run(run, source: ResumeSource) -> None:
+    """The rules for what the checkpoint records beyond flags, against the built run."""
+    ckpt = source.ckpt
+    names = ckpt.get("class_names")
+    if names and list(names) != list(run.data.class_names):
+        raise UserError(f"cannot resume from {source.path}: the class folders of "
+                        f"{run.settings.data.data_dir} differ from the ones it was trained on "
+                        f"({_RULES['class_names'].why})")
+    if (run.ema is not None) != ("ema" in ckpt):
+        state = "holds EMA state" if "ema" in ckpt else "holds no EMA state"
+        raise UserError(f"cannot resume from {source.path}: it {state} but the EMA is "
+                        f"{'on' if run.ema is not None else 'off'} ({_RULES['model_ema'].why})")
+    if run.ema is not None:
+        saved = [float(d) for d in ckpt["ema"].get("decays", [])]
+        if len(saved) != len(run.decays) or any(abs(a - b) > 1e-12
+                                                for a, b in zip(saved, run.decays)):
+            raise UserError(f"cannot resume the EMA from {source.path}: it averages decays "
+                            f"{', '.join(f'{d:g}' for d in saved)}, this run asks for "
+                            f"{', '.join(f'{d:g}' for d in run.decays)}")
+    world = ckpt.get("counters", {}).get("world_size", run.dist.world_size)
+    if world != run.dist.world_size:
+        decide(_RULES["world_size"], source, world, run.dist.world_size, "processes", True)
+
+
+def restore(run, source: ResumeSource) -> None:
+    """Load the run's parts from the checkpoint, as the policy decided."""
+    check_run(run, source)
+    skip = {"optimizer", "scheduler"} if run.settings.loop.no_resume_opt else set()
+    rebuilt = bool(source.changed & SCHEDULE_SETTINGS)
+    if rebuilt:
+        skip.add("scheduler")  # its saved state would bring the old settings back
+    if not ckpt_io.is_ours(source.ckpt):
+        skip |= {"keeper", "summary"}
+    fresh = [(g["lr"], g.get("initial_lr")) for g in run.optimizer.param_groups]
+    ckpt_io.restore(run, source.ckpt, source.path, skip=frozenset(skip))
+    if rebuilt and "optimizer" not in skip:
+        for group, (lr, initial) in zip(run.optimizer.param_groups, fresh):
+            group["lr"] = lr
+            if initial is not None:
+                group["initial_lr"] = initial
+    # As timm does: put the schedule where the run left it (this matters with --no-resume-opt,
+    # whose fresh scheduler would otherwise start at the warmup LR).
+    if run.scheduler is not None:
+        run.scheduler.step(run.counters.epoch)
+        if run.settings.schedule.sched_on_updates:
+            run.scheduler.step_update(run.counters.num_updates)
+    c = run.counters
+    log.info(f"resumed from {source.path} at epoch {c.epoch}"
+             + (f", step {c.epoch_step}" if c.epoch_step else ""))

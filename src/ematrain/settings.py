@@ -1,0 +1,554 @@
+"""Typed settings, resolved once from the parsed flags, each with every check of its values.
+
+A spec is a frozen dataclass whose fields are flag values; its `__post_init__` holds all the checks
+of those values, so the checks of one flag are found next to it. train.py and validate.py share the
+specs of what they share (images, loaders). Builders take specs, never the argparse Namespace; the
+Namespace itself survives only as the run's record (args.yaml, a checkpoint's ``args``).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .config import Layer, parse_command
+from .ema import HalfLife, parse_half_life
+from .errors import UserError
+from .flags import train_parser, validate_parser
+from .resume import ResumeSource, apply_to_settings, find_checkpoint, open_source
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}
+# No timm model takes inputs larger than this; a bigger size only exhausts memory.
+MAX_IMAGE_SIZE = 4096
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def from_args(cls, ns: argparse.Namespace, **renamed: str):
+    """Build spec `cls` from the namespace: each field from the dest of its name (or the one
+    `renamed` gives); a field the namespace lacks keeps its default."""
+    values = {}
+    for f in fields(cls):
+        dest = renamed.get(f.name, f.name)
+        if f.init and hasattr(ns, dest):
+            values[f.name] = getattr(ns, dest)
+    return cls(**values)
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _at_least(spec, minimum: int, *dests: str) -> None:
+    for dest in dests:
+        value = getattr(spec, dest)
+        if value is not None and value < minimum:
+            raise UserError(f"{_flag(dest)} must be >= {minimum}, got {value}")
+
+
+def _within(spec, low: float, high: float, *dests: str, closed: bool = True) -> None:
+    for dest in dests:
+        value = getattr(spec, dest)
+        if value is None:
+            continue
+        if not (low <= value <= high if closed else low <= value < high):
+            raise UserError(f"{_flag(dest)} must be in [{low:g}, {high:g}{']' if closed else ')'}, "
+                            f"got {value}")
+
+
+def dtype_named(name: str | None) -> torch.dtype | None:
+    return _DTYPES[name] if name else None
+
+
+# ----------------------------------------------------------------------------- shared specs
+@dataclass(frozen=True)
+class ImageSpec:
+    """The evaluation image geometry and normalisation (timm's data config overrides)."""
+    img_size: int | None = None
+    input_size: list | None = None
+    crop_pct: float | None = None
+    mean: list | None = None
+    std: list | None = None
+    interpolation: str = ""
+
+    def __post_init__(self):
+        for dest in ("img_size", "input_size"):
+            sizes = getattr(self, dest)
+            sizes = [sizes] if isinstance(sizes, int) else (sizes or [])
+            for size in sizes[-2:] if dest == "input_size" else sizes:
+                if not 1 <= size <= MAX_IMAGE_SIZE:
+                    raise UserError(f"{_flag(dest)} must be between 1 and {MAX_IMAGE_SIZE} pixels, "
+                                    f"got {size}")
+        if self.input_size is not None and self.input_size[0] != 3:
+            raise UserError(f"--input-size: ImageFolder images are loaded as RGB, so the first "
+                            f"value (channels) must be 3, got {self.input_size[0]}")
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
+            raise UserError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
+        for dest in ("mean", "std"):
+            value = getattr(self, dest)
+            if value is not None and len(value) not in (1, 3):
+                raise UserError(f"--{dest} takes 1 or 3 values (RGB), got {len(value)}")
+        if self.interpolation not in ("",) + _INTERPOLATIONS:
+            raise UserError(f"--interpolation must be one of {', '.join(_INTERPOLATIONS)}, "
+                            f"got {self.interpolation!r}")
+
+    def overrides(self) -> dict:
+        """What timm's resolve_data_config takes from the user."""
+        return {"img_size": self.img_size, "input_size": self.input_size, "crop_pct": self.crop_pct,
+                "mean": self.mean, "std": self.std, "interpolation": self.interpolation}
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Batch size and loader processes."""
+    batch_size: int | None
+    workers: int
+
+    def __post_init__(self):
+        _at_least(self, 1, "batch_size")
+        _at_least(self, 0, "workers")
+
+
+# ----------------------------------------------------------------------------- train specs
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the ImageFolder splits are and how they are batched."""
+    data_dir: str | None
+    train_split: str
+    val_split: str
+    validation_batch_size: int | None
+    aug_repeats: float
+
+    def __post_init__(self):
+        if not self.data_dir:
+            raise UserError("no data root given: train.py DIR (with DIR/train and DIR/val)")
+        _at_least(self, 1, "validation_batch_size")
+        repeats = self.aug_repeats
+        if not (repeats >= 0 and repeats == int(repeats)):
+            raise UserError(f"--aug-repeats must be a whole number >= 0, got {repeats:g}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The network: timm architecture, its construction arguments, initial weights."""
+    model: str
+    num_classes: int | None
+    pretrained: bool
+    pretrained_path: str | None
+    initial_checkpoint: str
+    gp: str | None
+    model_kwargs: dict
+    in_chans: int | None
+    drop: float
+    drop_path: float | None
+    drop_block: float | None
+    bn_momentum: float | None
+    bn_eps: float | None
+    head_init_scale: float | None
+    head_init_bias: float | None
+    grad_checkpointing: bool
+    torchcompile: str | None
+
+    # Keys of --model-kwargs that a flag of ours owns.
+    OWNED = {"num_classes": "--num-classes", "pretrained": "--pretrained",
+             "checkpoint_path": "--initial-checkpoint", "pretrained_cfg_overlay": "--pretrained-path"}
+
+    def __post_init__(self):
+        _at_least(self, 1, "num_classes")
+        _within(self, 0.0, 1.0, "drop", "drop_path", "drop_block", closed=False)
+        _within(self, 0.0, 1.0, "bn_momentum")
+        if self.bn_eps is not None and not self.bn_eps > 0.0:
+            raise UserError(f"--bn-eps must be a positive number, got {self.bn_eps}")
+        for key in self.model_kwargs:
+            if key in self.OWNED:
+                raise UserError(f"--model-kwargs {key}: use {self.OWNED[key]} instead")
+        if self.in_chans is not None and self.in_chans != 3:
+            raise UserError(f"--in-chans {self.in_chans}: ImageFolder images are loaded as RGB, so "
+                            f"only 3 channels are supported")
+        if self.torchcompile:
+            import torch._dynamo
+            if self.torchcompile not in torch._dynamo.list_backends(exclude_tags=()):
+                raise UserError(f"--torchcompile: unknown backend {self.torchcompile!r} "
+                                f"(e.g. {', '.join(torch._dynamo.list_backends())}, eager)")
+
+    def create_kwargs(self) -> dict:
+        """timm.create_model keyword arguments; --model-kwargs wins over the named flags."""
+        return {"drop_rate": self.drop, "drop_path_rate": self.drop_path,
+                "drop_block_rate": self.drop_block, "global_pool": self.gp,
+                "in_chans": self.in_chans, **self.model_kwargs}
+
+
+@dataclass(frozen=True)
+class AugSpec:
+    """Training augmentation (timm's create_transform) and repeated augmentation."""
+    no_aug: bool
+    scale: list
+    ratio: list
+    train_interpolation: str
+    hflip: float
+    vflip: float
+    color_jitter: float
+    aa: str | None
+    reprob: float
+    remode: str
+    recount: int
+
+    def __post_init__(self):
+        if self.train_interpolation not in ("", "random") + _INTERPOLATIONS:
+            raise UserError(f"--train-interpolation must be random or one of "
+                            f"{', '.join(_INTERPOLATIONS)}, got {self.train_interpolation!r}")
+        _within(self, 0.0, 1.0, "hflip", "vflip", "reprob")
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """What the loss sees: mixup/cutmix, label smoothing, BCE."""
+    mixup: float
+    cutmix: float
+    cutmix_minmax: list | None
+    mixup_prob: float
+    mixup_switch_prob: float
+    mixup_mode: str
+    mixup_off_epoch: int
+    smoothing: float
+    bce_loss: bool
+    bce_target_thresh: float | None
+
+    def __post_init__(self):
+        _within(self, 0.0, 1.0, "smoothing", closed=False)
+        _within(self, 0.0, 1.0, "mixup_prob", "mixup_switch_prob")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise UserError("--mixup and --cutmix must be >= 0")
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """timm's optimizer, the learning rate, gradient accumulation and clipping."""
+    opt: str
+    lr: float | None
+    lr_base: float
+    lr_base_size: int
+    lr_base_scale: str
+    opt_eps: float | None
+    opt_betas: list | None
+    opt_kwargs: dict
+    momentum: float
+    weight_decay: float
+    layer_decay: float | None
+    clip_grad: float | None
+    clip_mode: str
+    grad_accum_steps: int
+
+    def __post_init__(self):
+        if self.lr is not None and self.lr <= 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+        _at_least(self, 1, "grad_accum_steps", "lr_base_size")
+        if self.opt_betas is not None and (len(self.opt_betas) not in (2, 3)
+                                           or not all(0.0 <= b < 1.0 for b in self.opt_betas)):
+            raise UserError(f"--opt-betas takes 2 (or 3, e.g. for adan) values in [0, 1), "
+                            f"got {' '.join(f'{b:g}' for b in self.opt_betas)}")
+
+    def lr_for(self, global_batch: int) -> float:
+        """--lr (the global rate), or --lr-base scaled by the global batch as timm does:
+        adaptive optimizers with its square root, the others linearly."""
+        if self.lr is not None:
+            return self.lr
+        ratio = global_batch / self.lr_base_size
+        scale = self.lr_base_scale
+        if not scale:
+            scale = "sqrt" if any(name in self.opt.lower() for name in ("ada", "lamb")) else "linear"
+        return self.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
+
+    def create_kwargs(self) -> dict:
+        kwargs = dict(self.opt_kwargs)
+        if self.opt_eps is not None:
+            kwargs["eps"] = self.opt_eps
+        if self.opt_betas is not None:
+            kwargs["betas"] = tuple(self.opt_betas)
+        return kwargs
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """timm's LR scheduler and the run's length."""
+    sched: str
+    epochs: int
+    warmup_epochs: int
+    warmup_lr: float
+    min_lr: float
+    cooldown_epochs: int
+    decay_epochs: float
+    decay_rate: float
+    decay_milestones: list
+    patience_epochs: int
+    warmup_prefix: bool
+    lr_noise: list | None
+    lr_noise_pct: float
+    lr_noise_std: float
+    lr_cycle_mul: float
+    lr_cycle_decay: float
+    lr_cycle_limit: int
+    lr_k_decay: float
+    sched_on_updates: bool
+
+    def __post_init__(self):
+        _at_least(self, 1, "epochs")
+        _at_least(self, 0, "warmup_epochs", "cooldown_epochs")
+        if self.lr_noise is not None and len(self.lr_noise) not in (1, 2):
+            raise UserError("--lr-noise takes one or two values")
+
+    @property
+    def noise(self):
+        """--lr-noise as timm's factory takes it: one value, or an [on, off] pair."""
+        if self.lr_noise is None:
+            return None
+        return self.lr_noise[0] if len(self.lr_noise) == 1 else list(self.lr_noise)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What `PrecisionSpec` means on one device."""
+    autocast: torch.dtype | None   # AMP dtype, None when off
+    model_dtype: torch.dtype | None  # --model-dtype, None: as created (float32)
+    grad_scaler: bool               # float16 AMP needs a scaler
+    channels_last: bool
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """AMP, low-precision weights and memory layout."""
+    amp: bool
+    amp_dtype: str
+    model_dtype: str | None
+    channels_last: bool
+
+    def __post_init__(self):
+        if self.amp and self.model_dtype not in (None, "float32"):
+            raise UserError(f"--amp is mixed precision for a float32 model; with --model-dtype "
+                            f"{self.model_dtype} the model already computes in {self.model_dtype}: "
+                            f"give one of them")
+
+    def on(self, device: torch.device) -> Precision:
+        autocast = self._dtype("--amp-dtype", self.amp_dtype, device) if self.amp else None
+        model_dtype = (None if self.model_dtype in (None, "float32")
+                       else self._dtype("--model-dtype", self.model_dtype, device))
+        return Precision(autocast, model_dtype, autocast == torch.float16, self.channels_last)
+
+    @staticmethod
+    def _dtype(flag: str, name: str, device: torch.device) -> torch.dtype:
+        dtype = _DTYPES[name]
+        if dtype == torch.float16 and device.type != "cuda":
+            raise UserError(f"{flag} float16 needs CUDA; on the CPU use {flag} bfloat16")
+        return dtype
+
+
+@dataclass(frozen=True)
+class EmaSpec:
+    """The EMA shadows: their horizons, schedule, placement and dtype."""
+    enabled: bool
+    decays: list | None
+    half_lives: list | None
+    force_cpu: bool
+    every: int
+    warmup: bool
+    warmup_power: float
+    dtype: str | None
+    half_life_units: list = field(init=False, repr=False, compare=False)
+
+    DEFAULT_DECAY = 0.9998
+
+    def __post_init__(self):
+        if self.decays is not None and self.half_lives is not None:
+            raise UserError("give --model-ema-decay or --model-ema-half-life, not both")
+        for d in self.decays or []:
+            if not 0.0 < d < 1.0:
+                raise UserError(f"--model-ema-decay must be in (0, 1), got {d}")
+        parsed = []
+        for text in self.half_lives or []:
+            try:
+                parsed.append(parse_half_life(str(text)))
+            except ValueError as exc:
+                raise UserError(f"--model-ema-half-life: {exc}") from None
+        object.__setattr__(self, "half_life_units", parsed)
+        _at_least(self, 1, "every")
+        if not self.warmup_power > 0:
+            raise UserError(f"--model-ema-warmup-power must be > 0, got {self.warmup_power}")
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "EmaSpec":
+        return from_args(cls, ns, enabled="model_ema", decays="model_ema_decay",
+                         half_lives="model_ema_half_life", force_cpu="model_ema_force_cpu",
+                         every="model_ema_every", warmup="model_ema_warmup",
+                         warmup_power="model_ema_warmup_power", dtype="model_ema_dtype")
+
+    def decays_per_step(self, images_per_step: int, steps_per_epoch: int) -> list[float]:
+        """Per-optimizer-step decays. A half-life in images or epochs is converted with the real
+        images per optimizer step, so it survives a change of batch size or GPU count."""
+        if not self.half_life_units:
+            decays = list(self.decays or [self.DEFAULT_DECAY])
+        else:
+            decays = [self._decay_of(text, half_life, images_per_step, steps_per_epoch)
+                      for text, half_life in zip(self.half_lives, self.half_life_units)]
+        labels = [f"{d:g}" for d in decays]
+        if len(set(labels)) < len(labels):
+            raise UserError(f"EMA decays must differ in their first 6 digits: {', '.join(labels)}")
+        return decays
+
+    @staticmethod
+    def _decay_of(text: str, half_life: HalfLife, images_per_step: int,
+                  steps_per_epoch: int) -> float:
+        steps = half_life.in_updates(images_per_step, steps_per_epoch)
+        decay = 0.5 ** (1.0 / steps)
+        if not 0.0 < decay < 1.0:
+            raise UserError(f"--model-ema-half-life {text} is {steps:.3g} optimizer steps, too "
+                            f"{'long' if decay >= 1.0 else 'short'} for a decay in (0, 1)")
+        return decay
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """The epoch loop: seeding, read-outs, non-finite steps, checkpoints and the run folder."""
+    seed: int
+    log_interval: int
+    skip_nonfinite: int
+    recovery_interval: int
+    checkpoint_hist: int
+    eval_metric: str
+    output: str
+    experiment: str
+    resume: str
+    no_resume_opt: bool
+
+    def __post_init__(self):
+        _at_least(self, 1, "log_interval", "checkpoint_hist")
+        _at_least(self, 0, "skip_nonfinite", "recovery_interval")
+
+
+@dataclass(frozen=True)
+class DistSpec:
+    """Device and torchrun settings."""
+    device: str | None
+    dist_backend: str | None
+    dist_bn: str
+    sync_bn: bool
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything train.py was asked for, checked; `args` is the flat record of it."""
+    args: argparse.Namespace
+    data: DataSpec
+    loader: LoaderSpec
+    image: ImageSpec
+    model: ModelSpec
+    aug: AugSpec
+    labels: LabelSpec
+    optim: OptimSpec
+    schedule: ScheduleSpec
+    precision: PrecisionSpec
+    ema: EmaSpec
+    loop: LoopSpec
+    dist: DistSpec
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "TrainSettings":
+        specs = {"data": DataSpec, "loader": LoaderSpec, "image": ImageSpec, "model": ModelSpec,
+                 "aug": AugSpec, "labels": LabelSpec, "optim": OptimSpec, "schedule": ScheduleSpec,
+                 "precision": PrecisionSpec, "loop": LoopSpec, "dist": DistSpec}
+        built = {name: from_args(spec, ns) for name, spec in specs.items()}
+        settings = cls(args=ns, ema=EmaSpec.from_args(ns), **built)
+        if settings.labels.mixing and settings.loader.batch_size % 2:
+            raise UserError(f"mixup/cutmix need an even --batch-size, got "
+                            f"{settings.loader.batch_size}")
+        return settings
+
+    def global_batch(self, world_size: int = 1) -> int:
+        """Images per optimizer step: processes x batch size x accumulation."""
+        return world_size * self.loader.batch_size * self.optim.grad_accum_steps
+
+    def lr(self, world_size: int = 1) -> float:
+        """The global learning rate (--lr, or --lr-base scaled by the global batch)."""
+        return self.optim.lr_for(self.global_batch(world_size))
+
+
+# ----------------------------------------------------------------------------- validate.py
+@dataclass(frozen=True)
+class WeightChoice:
+    """Which weights of a checkpoint validate.py evaluates."""
+    use_ema: bool
+    ema_decay: float | None
+    ema_index: int | None
+
+    def __post_init__(self):
+        _at_least(self, 0, "ema_index")
+
+    @property
+    def wants_ema(self) -> bool:
+        return self.use_ema or self.ema_index is not None or self.ema_decay is not None
+
+
+@dataclass(frozen=True)
+class ValidateSettings:
+    """Everything validate.py was asked for, checked."""
+    args: argparse.Namespace
+    data_dir: str | None
+    split: str
+    checkpoint: str
+    model: str | None
+    num_classes: int | None
+    device: str | None
+    results_file: str
+    image: ImageSpec
+    loader: LoaderSpec
+    choice: WeightChoice
+
+    def __post_init__(self):
+        if not self.data_dir:
+            raise UserError("no data root given: validate.py DIR --checkpoint PATH")
+        _at_least(self, 1, "num_classes")
+        if self.results_file:
+            path = Path(self.results_file)
+            if path.suffix not in (".json", ".csv"):
+                raise UserError(f"--results-file must end in .json or .csv: {path}")
+            if not path.parent.is_dir():
+                raise UserError(f"--results-file directory does not exist: {path.parent}")
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "ValidateSettings":
+        own = {f.name: getattr(ns, f.name) for f in fields(cls)
+               if f.name not in ("args", "image", "loader", "choice")}
+        return cls(args=ns, image=from_args(ImageSpec, ns), loader=from_args(LoaderSpec, ns),
+                   choice=from_args(WeightChoice, ns), **own)
+
+
+# ----------------------------------------------------------------------------- resolution
+def train_settings(argv: list[str]) -> TrainSettings:
+    """train.py's settings from the command line and its `-c` recipe (no resume)."""
+    return TrainSettings.from_args(parse_command(train_parser, [str(a) for a in argv]))
+
+
+def resolve_train(argv: list[str]) -> tuple[TrainSettings, ResumeSource | None]:
+    """train.py's settings, resolved once: with --resume, the checkpoint's recorded settings
+    under the recipe and the command line, through the resume policy."""
+    argv = [str(a) for a in argv]
+    ns = parse_command(train_parser, argv)
+    path = find_checkpoint(ns.resume, ns.output, ns.experiment)
+    if path is None:
+        return TrainSettings.from_args(ns), None
+    source = open_source(path)
+    if source.recorded is not None:
+        ns = parse_command(train_parser, argv, below=[Layer(f"checkpoint {path}", source.recorded)])
+    apply_to_settings(ns, source)
+    return TrainSettings.from_args(ns), source
+
+
+def validate_settings(argv: list[str]) -> ValidateSettings:
+    """validate.py's settings from its command line."""
+    return ValidateSettings.from_args(parse_command(validate_parser, [str(a) for a in argv]))
