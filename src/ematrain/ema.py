@@ -165,6 +165,80 @@ def _pack(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device)
     return flat
 
 
+def _shadow_copy(source: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """An eval-mode, gradient-free copy of `source` on `device`, floats in `dtype`."""
+    module = copy.deepcopy(source)
+    module.to(device=device)
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype)
+        if isinstance(tensor, nn.Parameter):
+            tensor.grad = None  # deepcopy copies .grad; a shadow never needs one
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+class _Shadows:
+    """The shadow modules' tensors, each shadow's small ones packed into one flat buffer.
+
+    Small contiguous float tensors of a shadow become views into one flat buffer, so that they
+    are averaged by one op (see the module notes); so do its integer buffers. `adopt` runs again
+    when a shadow module was moved or converted from outside (`moved`).
+    """
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = modules
+        self.adopt()
+
+    @torch.no_grad()
+    def adopt(self) -> None:
+        self.floats, self.ints = zip(*(_float_and_int_tensors(m) for m in self.modules))
+        first = self.floats[0]
+        if first:
+            self.device, self.dtype = first[0].device, first[0].dtype
+        self.small = [i for i, t in enumerate(first)
+                      if t.numel() <= _SMALL_ELEMS and t.is_contiguous()
+                      and t.dtype == self.dtype and t.device == self.device]
+        self.small_flats = []
+        if self.small:
+            for floats in self.floats:
+                self.small_flats.append(_pack([floats[i] for i in self.small], self.dtype,
+                                              self.device))
+        # Integer buffers (num_batches_tracked) likewise, when they share one dtype.
+        ints0 = self.ints[0]
+        self.int_flats = []
+        if ints0 and all(t.is_contiguous() and t.dtype == ints0[0].dtype
+                         and t.device == ints0[0].device for t in ints0):
+            for ints in self.ints:
+                self.int_flats.append(_pack(ints, ints0[0].dtype, ints0[0].device))
+        self._marks = self._storage_marks()
+        self._model_key, self._plan = None, None
+
+    def _storage_marks(self) -> list[tuple[int, ...]]:
+        """Storage of each shadow's first and last float tensor: changes when it is moved."""
+        return [tuple(t.data_ptr() for t in floats[:1] + floats[-1:]) for floats in self.floats]
+
+    def moved(self) -> bool:
+        return self._storage_marks() != self._marks
+
+    def plan_for(self, model: nn.Module) -> "_Plan":
+        """The update plan, rebuilt when the model's tensors moved or were replaced."""
+        source = unwrap_model(model)
+        key = _storage_key(source)
+        if key != self._model_key:
+            floats, ints = _float_and_int_tensors(source)
+            if len(floats) != len(self.floats[0]) or len(ints) != len(self.ints[0]):
+                raise ValueError("model does not match the EMA's structure")
+            for m, s in zip(floats, self.floats[0]):
+                if m.shape != s.shape:
+                    raise ValueError(f"model tensor of shape {tuple(m.shape)} does not match EMA "
+                                     f"tensor of shape {tuple(s.shape)}")
+            self._plan = _Plan.build(floats, ints, self)
+            self._model_key = key
+        return self._plan
+
+
 class _Plan:
     """Tensor lists of one update, valid while the model's storage does not change."""
 
@@ -185,6 +259,126 @@ class _Plan:
         self.check: list[torch.Tensor] = []
         self.lerp_self: list[torch.Tensor] = []
         self.lerp_end: list[torch.Tensor] = []
+
+    @classmethod
+    def build(cls, floats: list[torch.Tensor], ints: list[torch.Tensor],
+              shadows: _Shadows) -> "_Plan":
+        plan = cls(floats, ints)
+        flats = shadows.int_flats
+        if flats and all(t.is_contiguous() and t.dtype == flats[0].dtype
+                         and t.device == flats[0].device for t in ints):
+            plan.int_gather = [t.view(-1) for t in ints]
+        small = shadows.small
+        small_set = set(small)
+        others = [i for i in range(len(floats)) if i not in small_set]
+        staged = any(m.device != s.device or m.dtype != s.dtype
+                     for m, s in zip(floats, shadows.floats[0]))
+        if staged:
+            small_src, other_src = plan._stage(small, others, shadows)
+        else:
+            small_src, other_src = plan._gather_small(small, others, shadows)
+        ends = ([small_src] if small else []) + other_src
+        selfs = [([shadows.small_flats[k]] if small else []) + [shadow[i] for i in others]
+                 for k, shadow in enumerate(shadows.floats)]
+        # The average runs over the tensors in the reverse order of the finiteness check, so
+        # that it starts with the model tensors the check read last, still in the CPU's cache.
+        ends.reverse()
+        for s in selfs:
+            s.reverse()
+        plan._interleave(ends, selfs)
+        return plan
+
+    def _stage(self, small: list[int], others: list[int], shadows: _Shadows):
+        """One flat staging buffer where the shadows live: small tensors first, in the order
+        of the shadows' flat buffers, then the rest."""
+        floats = self.floats
+        pin = (shadows.device.type == "cpu" and torch.cuda.is_available()
+               and any(t.device.type == "cuda" for t in floats))
+        flat = torch.empty(sum(t.numel() for t in floats), dtype=shadows.dtype,
+                           device=shadows.device, pin_memory=pin)
+        views: list[torch.Tensor] = [flat] * len(floats)
+        offset = 0
+        for i in small + others:
+            views[i] = flat[offset:offset + floats[i].numel()].view(floats[i].shape)
+            offset += floats[i].numel()
+        self.copy_dst, self.copy_src = views, list(floats)
+        cuda = [t.device for t in floats if t.device.type == "cuda"]
+        self.sync = cuda[0] if cuda else None
+        self.check = [flat]
+        return flat[:sum(floats[i].numel() for i in small)], [views[i] for i in others]
+
+    def _gather_small(self, small: list[int], others: list[int], shadows: _Shadows):
+        """The model's small tensors gathered into one buffer (one op to check and average)."""
+        floats = self.floats
+        small_src = None
+        if small:
+            small_src = torch.empty(sum(floats[i].numel() for i in small), dtype=shadows.dtype,
+                                    device=shadows.device)
+            self.gather_buf = small_src
+            self.gather = [floats[i].detach().view(-1) if floats[i].is_contiguous() else None
+                           for i in small]
+            self.gather_fix = [(j, floats[i]) for j, i in enumerate(small)
+                               if not floats[i].is_contiguous()]
+        other_src = [floats[i] for i in others]
+        self.check = ([small_src] if small else []) + other_src
+        return small_src, other_src
+
+    def read_model(self) -> None:
+        """Bring the model's values where the update reads them: the staging buffer (another
+        device or dtype) or the gathered small tensors."""
+        if self.copy_dst is not None:
+            torch._foreach_copy_(self.copy_dst, self.copy_src, non_blocking=True)
+            if self.sync is not None:
+                torch.cuda.current_stream(self.sync).synchronize()
+        elif self.gather is not None:
+            parts = self.gather
+            if self.gather_fix:  # small model tensors that are not contiguous (channels_last)
+                parts = list(parts)
+                for j, tensor in self.gather_fix:
+                    parts[j] = tensor.reshape(-1)
+            torch.cat(parts, out=self.gather_buf)
+
+    def average(self, weights: list[float]) -> None:
+        """``shadow += weight * (model - shadow)`` for every shadow, one fused call."""
+        if not self.lerp_self:
+            return
+        if len(weights) == 1:
+            torch._foreach_lerp_(self.lerp_self, self.lerp_end, weights[0])
+        else:
+            torch._foreach_lerp_(self.lerp_self, self.lerp_end,
+                                 weights * (len(self.lerp_self) // len(weights)))
+
+    def copy_ints(self, shadows: _Shadows) -> None:
+        """Integer buffers (num_batches_tracked) are copied, not averaged."""
+        if self.int_gather is not None:
+            torch.cat(self.int_gather, out=shadows.int_flats[0])
+            for flat in shadows.int_flats[1:]:
+                flat.copy_(shadows.int_flats[0])
+        elif self.ints:
+            for shadow_ints in shadows.ints:
+                torch._foreach_copy_(shadow_ints, self.ints, non_blocking=True)
+
+    def _interleave(self, ends: list[torch.Tensor], selfs: list[list[torch.Tensor]]) -> None:
+        """The lerp lists; with several decays every model slice is followed by the same slice
+        of each shadow, so the model is read about once."""
+        if len(selfs) == 1:
+            self.lerp_self, self.lerp_end = selfs[0], ends
+            return
+        for p, src in enumerate(ends):
+            targets = [s[p] for s in selfs]
+            if (src.numel() > _CHUNK_ELEMS and src.is_contiguous()
+                    and all(t.is_contiguous() for t in targets)):
+                # Slice only where model and shadows lay their elements out alike.
+                src_parts = src.detach().view(-1).split(_CHUNK_ELEMS)
+                target_parts = [t.view(-1).split(_CHUNK_ELEMS) for t in targets]
+                for j, part in enumerate(src_parts):
+                    for parts in target_parts:
+                        self.lerp_self.append(parts[j])
+                        self.lerp_end.append(part)
+            else:
+                for t in targets:
+                    self.lerp_self.append(t)
+                    self.lerp_end.append(src)
 
 
 class ModelEma:
@@ -258,151 +452,18 @@ class ModelEma:
             device = src_floats[0].device if src_floats else torch.device("cpu")
         self.device = torch.device(device)
 
-        self.modules = [self._make_copy(source) for _ in decays]
+        self.modules = [_shadow_copy(source, self.device, self.dtype) for _ in decays]
         self._adopt_shadows()
 
     # ----------------------------------------------------------------------------- set-up
-    def _make_copy(self, source: nn.Module) -> nn.Module:
-        module = copy.deepcopy(source)
-        module.to(device=self.device)
-        for tensor in list(module.parameters()) + list(module.buffers()):
-            if tensor.is_floating_point():
-                tensor.data = tensor.data.to(self.dtype)
-            if isinstance(tensor, nn.Parameter):
-                tensor.grad = None  # deepcopy copies .grad; a shadow never needs one
-        module.eval()
-        module.requires_grad_(False)
-        return module
-
-    @torch.no_grad()
     def _adopt_shadows(self) -> None:
-        """Collect the shadows' tensors and pack each shadow's small tensors together.
-
-        Small contiguous float tensors of a shadow become views into one flat buffer, so that
-        they are averaged by one op (see the module notes); so do its integer buffers. Also run
-        again when a shadow module was moved or converted from outside.
-        """
-        self._shadow_floats, self._shadow_ints = [], []
-        for module in self.modules:
-            floats, ints = _float_and_int_tensors(module)
-            self._shadow_floats.append(floats)
-            self._shadow_ints.append(ints)
-        first = self._shadow_floats[0]
-        if first:
-            self.device, self.dtype = first[0].device, first[0].dtype
-        self._small = [i for i, t in enumerate(first)
-                       if t.numel() <= _SMALL_ELEMS and t.is_contiguous()
-                       and t.dtype == self.dtype and t.device == self.device]
-        self._small_flats = []
-        if self._small:
-            for floats in self._shadow_floats:
-                parts = [floats[i] for i in self._small]
-                self._small_flats.append(_pack(parts, self.dtype, self.device))
-        # Integer buffers (num_batches_tracked) likewise, when they share one dtype.
-        ints0 = self._shadow_ints[0]
-        self._int_flats = []
-        if ints0 and all(t.is_contiguous() and t.dtype == ints0[0].dtype
-                         and t.device == ints0[0].device for t in ints0):
-            for ints in self._shadow_ints:
-                self._int_flats.append(_pack(ints, ints0[0].dtype, ints0[0].device))
-        self._shadow_marks = self._marks()
-        self._model_key = None
-        self._plan = None
-
-    def _marks(self) -> list[tuple[int, ...]]:
-        """Storage of each shadow's first and last float tensor: changes when it is moved."""
-        return [tuple(t.data_ptr() for t in floats[:1] + floats[-1:])
-                for floats in self._shadow_floats]
+        """Take the shadows as they are now (again after they were moved from outside)."""
+        self._shadows = _Shadows(self.modules)
+        self.device, self.dtype = self._shadows.device, self._shadows.dtype
 
     @property
     def module(self) -> nn.Module:
         return self.modules[0]
-
-    def _model_tensors(self, model: nn.Module) -> _Plan:
-        """The update plan, rebuilt when the model's tensors moved or were replaced."""
-        source = unwrap_model(model)
-        key = _storage_key(source)
-        if key != self._model_key:
-            floats, ints = _float_and_int_tensors(source)
-            if len(floats) != len(self._shadow_floats[0]) or len(ints) != len(self._shadow_ints[0]):
-                raise ValueError("model does not match the EMA's structure")
-            for m, s in zip(floats, self._shadow_floats[0]):
-                if m.shape != s.shape:
-                    raise ValueError(f"model tensor of shape {tuple(m.shape)} does not match EMA "
-                                     f"tensor of shape {tuple(s.shape)}")
-            self._plan = self._build_plan(floats, ints)
-            self._model_key = key
-        return self._plan
-
-    def _build_plan(self, floats: list[torch.Tensor], ints: list[torch.Tensor]) -> _Plan:
-        plan = _Plan(floats, ints)
-        if self._int_flats and all(t.is_contiguous() and t.dtype == self._int_flats[0].dtype
-                                   and t.device == self._int_flats[0].device for t in ints):
-            plan.int_gather = [t.view(-1) for t in ints]
-        small = self._small
-        small_set = set(small)
-        others = [i for i in range(len(floats)) if i not in small_set]
-        n_small = sum(floats[i].numel() for i in small)
-        staged = any(m.device != s.device or m.dtype != s.dtype
-                     for m, s in zip(floats, self._shadow_floats[0]))
-        if staged:
-            # One flat staging buffer where the shadows live: small tensors first, in the order
-            # of the shadows' flat buffers, then the rest.
-            pin = (self.device.type == "cpu" and torch.cuda.is_available()
-                   and any(t.device.type == "cuda" for t in floats))
-            flat = torch.empty(sum(t.numel() for t in floats), dtype=self.dtype,
-                               device=self.device, pin_memory=pin)
-            views: list[torch.Tensor] = [flat] * len(floats)
-            offset = 0
-            for i in small + others:
-                views[i] = flat[offset:offset + floats[i].numel()].view(floats[i].shape)
-                offset += floats[i].numel()
-            plan.copy_dst, plan.copy_src = views, list(floats)
-            cuda = [t.device for t in floats if t.device.type == "cuda"]
-            plan.sync = cuda[0] if cuda else None
-            plan.check = [flat]
-            small_src = flat[:n_small]
-            other_src = [views[i] for i in others]
-        else:
-            small_src = None
-            if small:
-                small_src = torch.empty(n_small, dtype=self.dtype, device=self.device)
-                plan.gather_buf = small_src
-                plan.gather = [floats[i].detach().view(-1) if floats[i].is_contiguous() else None
-                               for i in small]
-                plan.gather_fix = [(j, floats[i]) for j, i in enumerate(small)
-                                   if not floats[i].is_contiguous()]
-            other_src = [floats[i] for i in others]
-            plan.check = ([small_src] if small else []) + other_src
-
-        ends = ([small_src] if small else []) + other_src
-        selfs = [([self._small_flats[k]] if small else []) + [shadow[i] for i in others]
-                 for k, shadow in enumerate(self._shadow_floats)]
-        # The average runs over the tensors in the reverse order of the finiteness check, so
-        # that it starts with the model tensors the check read last, still in the CPU's cache.
-        ends.reverse()
-        for s in selfs:
-            s.reverse()
-        if len(selfs) == 1:
-            plan.lerp_self, plan.lerp_end = selfs[0], ends
-            return plan
-        # Several decays: every model slice followed by the same slice of each shadow.
-        for p, src in enumerate(ends):
-            targets = [s[p] for s in selfs]
-            if (src.numel() > _CHUNK_ELEMS and src.is_contiguous()
-                    and all(t.is_contiguous() for t in targets)):
-                # Slice only where model and shadows lay their elements out alike.
-                src_parts = src.detach().view(-1).split(_CHUNK_ELEMS)
-                target_parts = [t.view(-1).split(_CHUNK_ELEMS) for t in targets]
-                for j, part in enumerate(src_parts):
-                    for parts in target_parts:
-                        plan.lerp_self.append(parts[j])
-                        plan.lerp_end.append(part)
-            else:
-                for t in targets:
-                    plan.lerp_self.append(t)
-                    plan.lerp_end.append(src)
-        return plan
 
     # ----------------------------------------------------------------------------- decay
     def current_decays(self, step: int | None = None) -> list[float]:
@@ -423,39 +484,16 @@ class ModelEma:
         self.steps += 1
         if self.steps % self.every != 0:
             return False
-        if self._marks() != self._shadow_marks:
+        if self._shadows.moved():
             self._adopt_shadows()
-        plan = self._model_tensors(model)
-        if plan.copy_dst is not None:
-            torch._foreach_copy_(plan.copy_dst, plan.copy_src, non_blocking=True)
-            if plan.sync is not None:
-                torch.cuda.current_stream(plan.sync).synchronize()
-        elif plan.gather is not None:
-            parts = plan.gather
-            if plan.gather_fix:  # small model tensors that are not contiguous (channels_last)
-                parts = list(parts)
-                for j, tensor in plan.gather_fix:
-                    parts[j] = tensor.reshape(-1)
-            torch.cat(parts, out=plan.gather_buf)
+        plan = self._shadows.plan_for(model)
+        plan.read_model()
         if self.skip_nonfinite and not _all_finite(plan.check):
             self.skipped_nonfinite += 1
             return False
         # The decay of the step that completes this interval (warmup counts from step 0).
-        decays = self.current_decays(self.steps - self.every)
-        weights = [1.0 - d for d in decays]
-        if plan.lerp_self:
-            if len(weights) == 1:
-                torch._foreach_lerp_(plan.lerp_self, plan.lerp_end, weights[0])
-            else:
-                torch._foreach_lerp_(plan.lerp_self, plan.lerp_end,
-                                     weights * (len(plan.lerp_self) // len(weights)))
-        if plan.int_gather is not None:
-            torch.cat(plan.int_gather, out=self._int_flats[0])
-            for flat in self._int_flats[1:]:
-                flat.copy_(self._int_flats[0])
-        elif plan.ints:
-            for shadow_ints in self._shadow_ints:
-                torch._foreach_copy_(shadow_ints, plan.ints, non_blocking=True)
+        plan.average([1.0 - d for d in self.current_decays(self.steps - self.every)])
+        plan.copy_ints(self._shadows)
         self.num_updates += 1
         return True
 
@@ -463,7 +501,7 @@ class ModelEma:
     def set(self, model: nn.Module) -> None:
         """Copy the model's weights into every shadow (the update count is kept)."""
         floats, ints = _float_and_int_tensors(unwrap_model(model))
-        for shadow_floats, shadow_ints in zip(self._shadow_floats, self._shadow_ints):
+        for shadow_floats, shadow_ints in zip(self._shadows.floats, self._shadows.ints):
             torch._foreach_copy_(shadow_floats, floats)
             if ints:
                 torch._foreach_copy_(shadow_ints, ints)
