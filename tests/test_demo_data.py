@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sklearn  # noqa: F401  (the test extra pulls in the demo extra; fail loudly if absent)
+from conftest import make_imagefolder
 from PIL import Image
 
-from conftest import make_imagefolder
 from ematrain.demo_data import MARKER, write_digits_imagefolder
 
 DIGIT_CLASSES = [str(d) for d in range(10)]

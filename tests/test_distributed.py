@@ -10,7 +10,6 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT, make_imagefolder
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "--warmup-epochs", "0",

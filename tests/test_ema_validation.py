@@ -1,15 +1,18 @@
 """The EMA as the training loop uses it: one validation pass for every weight set, the CPU-shadow
-swap, and half-lives that survive a change of batch size."""
+swap, shadows in another dtype, and half-lives that survive a change of batch size."""
 from __future__ import annotations
 
+import csv
+import logging
 import math
 
 import pytest
 import timm
 import torch
+from conftest import make_imagefolder, torch_threads
 
-from conftest import make_imagefolder
 from ematrain import data
+from ematrain import train as train_mod
 from ematrain.ema import ModelEma, WeightSwapper, half_life_from_decay
 from ematrain.engine import validate
 from ematrain.settings import train_settings
@@ -98,3 +101,33 @@ def test_half_life_in_steps_counts_optimizer_steps(tmp_path):
                         "--grad-accum-steps", "4"])
     (decay,) = s.ema.decays_per_step(s.global_batch(), steps_per_epoch=10)
     assert math.log(0.5) / math.log(decay) == pytest.approx(10, rel=1e-12)
+
+
+TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--epochs", "1",
+        "--warmup-epochs", "0", "--lr", "0.05", "-j", "0"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("dtypes") / "data", num_classes=3,
+                            train_per_class=8, val_per_class=4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+def test_shadow_in_another_dtype_trains_and_validates(data_root, tmp_path, capsys, dtype):
+    with torch_threads(1):
+        rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment", "d",
+                             "--model-ema-decay", "0.5", "--model-ema-dtype", dtype])
+    assert rc == 0, capsys.readouterr().err
+    rows = list(csv.DictReader(open(tmp_path / "train/d/summary.csv")))
+    assert float(rows[0]["ema_eval_loss"]) > 0
+    ckpt = torch.load(tmp_path / "train/d/last.pth.tar", weights_only=True)
+    assert ckpt["state_dict_ema"]["fc.weight"].dtype == getattr(torch, dtype)
+
+
+def test_low_precision_shadow_that_cannot_move_is_warned(data_root, tmp_path, capsys):
+    logging.getLogger("ematrain").handlers.clear()  # log to this test's captured stderr
+    with torch_threads(1):
+        assert train_mod.main([str(data_root), *TINY, "--model-ema-dtype", "bfloat16",
+                               "--output", str(tmp_path)]) == 0
+    assert "below the dtype's precision" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Bad values during training, failing disks, unsafe checkpoints, and a table-driven CLI fuzz."""
+"""Nothing lost, no traceback: a diverging run, a failing disk, unsafe checkpoints, and a
+table-driven CLI fuzz."""
 from __future__ import annotations
 
 import errno
@@ -6,11 +7,10 @@ import random
 
 import pytest
 import torch
+from conftest import make_imagefolder, run_cli
 
-from conftest import make_imagefolder, make_training, run_cli
 from ematrain import checkpoint as ckpt_io
 from ematrain import train as train_mod
-from ematrain.engine import NonFiniteLoss
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--epochs", "1",
         "--warmup-epochs", "0", "--lr", "0.05", "-j", "0"]
@@ -20,66 +20,6 @@ TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--epochs", "1"
 def data_root(tmp_path_factory):
     return make_imagefolder(tmp_path_factory.mktemp("robust") / "data", num_classes=3,
                             train_per_class=8, val_per_class=4)
-
-
-class NanOnSteps(torch.nn.Module):
-    """Cross-entropy that returns NaN on chosen calls, to fake a diverging step."""
-
-    def __init__(self, bad_calls):
-        super().__init__()
-        self.bad_calls, self.calls = set(bad_calls), 0
-        self.ce = torch.nn.CrossEntropyLoss()
-
-    def forward(self, output, target):
-        loss = self.ce(output, target)
-        self.calls += 1
-        return loss * float("nan") if self.calls - 1 in self.bad_calls else loss
-
-
-def _run(data_root, tmp_path, *extra):
-    return make_training([data_root, *TINY, "--output", tmp_path, "--log-interval", "100", *extra])
-
-
-def _epoch(tr, loss_fn):
-    """One training epoch of `tr` (its loop, recovery and stop handling) with this loss."""
-    tr.loop.recipe.loss_fn = loss_fn
-    loader, _ = tr.run.data.loaders(0, 0, seed=0)
-    tr.train(loader, lambda: False)
-    return tr.run.counters
-
-
-def test_nonfinite_loss_stops_with_exact_step_and_untouched_ema(data_root, tmp_path):
-    tr = _run(data_root, tmp_path, "--model-ema", "--model-ema-decay", "0.9")
-    ema = tr.run.ema
-    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
-    with pytest.raises(NonFiniteLoss) as info:
-        _epoch(tr, NanOnSteps({2}))
-    assert info.value.step == 2 and info.value.epoch == 0
-    # Steps 0 and 1 were averaged in; the NaN step and everything after were refused.
-    assert ema.num_updates == 2
-    assert ema.skipped_nonfinite >= 1
-    for name, value in ema.module.state_dict().items():
-        assert torch.isfinite(value.float()).all(), name
-    assert any(not torch.equal(before[k], v) for k, v in ema.module.state_dict().items())
-
-
-def test_skip_nonfinite_skips_the_bad_step_only(data_root, tmp_path):
-    tr = _run(data_root, tmp_path, "--model-ema", "--model-ema-decay", "0.9",
-              "--skip-nonfinite", "1")
-    counters = _epoch(tr, NanOnSteps({1}))
-    steps = tr.run.data.steps_per_epoch
-    assert counters.skipped_nonfinite == 1
-    assert counters.num_updates == steps - 1
-    assert tr.run.ema.num_updates == steps - 1
-    assert torch.isfinite(torch.tensor(counters.train_loss))
-    for value in tr.run.model.state_dict().values():
-        assert torch.isfinite(value.float()).all()
-
-
-def test_skip_nonfinite_budget_exhausted_stops(data_root, tmp_path):
-    tr = _run(data_root, tmp_path, "--skip-nonfinite", "1")
-    with pytest.raises(NonFiniteLoss):
-        _epoch(tr, NanOnSteps({0, 1}))
 
 
 def test_diverging_run_exits_1_and_keeps_last_good_checkpoint(data_root, tmp_path):

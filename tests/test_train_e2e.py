@@ -19,7 +19,6 @@ import pytest
 import timm
 import torch
 import yaml
-
 from conftest import run_cli
 
 COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--warmup-epochs", "0",

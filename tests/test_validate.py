@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_in_process, run_jobs, torch_threads
+
 from ematrain import train as train_entry
 from ematrain import validate as validate_entry
 
@@ -306,6 +306,7 @@ def test_a_swapped_shadow_is_scored_in_the_model_dtype_and_validate_py_follows()
     """On a GPU, --model-ema-force-cpu scores the float32 shadow swapped into the bfloat16 model:
     the checkpoint records that dtype and validate.py evaluates the EMA weights in it."""
     import timm
+
     from ematrain import checkpoint as ckpt_io
     from ematrain.ema import ModelEma
     from ematrain.validate import evaluation_dtype
@@ -323,3 +324,16 @@ def test_a_swapped_shadow_is_scored_in_the_model_dtype_and_validate_py_follows()
     assert evaluation_dtype(ckpt["state_dict_ema"], cpu, "float32") is None
     assert evaluation_dtype(ckpt["state_dict_ema"], cpu) is None
     assert evaluation_dtype(model.state_dict(), cpu) == torch.bfloat16
+
+
+def test_ema_decay_can_be_given_as_printed(tiny_data, tmp_path, capsys):
+    tiny = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--epochs", "1",
+            "--warmup-epochs", "0", "--lr", "0.05", "-j", "0"]
+    with torch_threads(1):
+        assert train_entry.main([str(tiny_data), *tiny, "--output", str(tmp_path),
+                                 "--experiment", "h", "--model-ema-half-life", "3it", "1ep"]) == 0
+    from ematrain import checkpoint as ckpt_io
+    ckpt = ckpt_io.load_file(tmp_path / "train/h/last.pth.tar")
+    printed = float(f"{ckpt['ema']['decays'][1]:g}")
+    assert printed != ckpt["ema"]["decays"][1]
+    assert ckpt_io.ema_index_for_decay(ckpt, printed, "x") == 1

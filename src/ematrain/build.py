@@ -28,8 +28,18 @@ from .logs import log
 from .models import create_model, init_head, set_batchnorm, unwrap_model
 from .outputs import Summary
 from .seeding import seed_everything
-from .settings import (DataSpec, EmaSpec, LabelSpec, LoaderSpec, ModelSpec, OptimSpec, Precision,
-                       ScheduleSpec, TrainSettings, dtype_named)
+from .settings import (
+    DataSpec,
+    EmaSpec,
+    LabelSpec,
+    LoaderSpec,
+    ModelSpec,
+    OptimSpec,
+    Precision,
+    ScheduleSpec,
+    TrainSettings,
+    dtype_named,
+)
 from .weightsets import WeightSet, weight_sets
 
 

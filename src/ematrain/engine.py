@@ -72,10 +72,11 @@ class Counters:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        types = {"loss_sum": float}
-        for name in asdict(self):
+        if not isinstance(state, dict) or "epoch" not in state:
+            raise TypeError(f"expected the counters as a mapping with an epoch, got {state!r:.60}")
+        for name, value in asdict(self).items():
             if name in state:
-                setattr(self, name, types.get(name, int)(state[name]))
+                setattr(self, name, type(value)(state[name]))
 
 
 def current_lr(optimizer) -> float:

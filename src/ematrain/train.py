@@ -17,7 +17,6 @@ from . import distributed, outputs, resume
 from .build import Run, build_run, log_ema_horizons
 from .cli import run_main
 from .engine import Batches, EpochLoop, LoopConfig, NonFiniteLoss, Recipe, current_lr, validate
-from .errors import RunFailure
 from .keeper import LAST
 from .logs import log
 from .resume import ResumeSource

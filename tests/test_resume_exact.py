@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT, make_imagefolder, run_cli
 
 EPOCHS = 3

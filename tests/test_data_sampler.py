@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 import torch
-
 from conftest import make_imagefolder, make_training
+
 from ematrain.data import EpochSampler, SeededSamples
 from ematrain.errors import UserError
 from ematrain.settings import train_settings

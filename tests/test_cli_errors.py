@@ -9,15 +9,12 @@ to show the entry point behaves the same at the process level (no traceback, one
 from __future__ import annotations
 
 import csv
-import re
 from pathlib import Path
 
 import pytest
-
 from conftest import make_imagefolder, run_cli, run_in_process, run_jobs, torch_threads
+
 from ematrain import train
-from ematrain.settings import train_settings
-from ematrain.errors import UserError
 
 COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--warmup-epochs", "0",
           "--lr", "0.05", "-j", "0", "--epochs", "1"]
@@ -203,108 +200,6 @@ def test_img_size_zero_refused(cases):
 
 def test_smoothing_out_of_range_refused(cases):
     assert_refused_up_front(cases["smoothing_out_of_range"])
-
-
-# ------------------------------------------------------------------ timm's args.yaml as a recipe
-TIMM_ARGS = Path(__file__).parent / "fixtures" / "timm_args.yaml"
-
-
-def test_timm_args_yaml_is_a_recipe(tmp_path):
-    args = train_settings(["-c", TIMM_ARGS, str(tmp_path)]).args
-    assert args.model == "resnet50" and args.batch_size == 128 and args.val_split == "validation"
-    assert args.decay_milestones == [90, 180, 270] and args.data_dir == str(tmp_path)
-    # model_ema: false in the recipe keeps the EMA off although model_ema_decay is recorded...
-    assert args.model_ema is False
-    # ...and an EMA flag on the command line still turns it on, at the recipe's decay.
-    on = train_settings(["-c", TIMM_ARGS, str(tmp_path), "--model-ema-warmup"]).args
-    assert on.model_ema is True and on.model_ema_decay == [0.9998]
-
-
-@pytest.mark.parametrize("line,shown", [("aug_splits: 3", "aug_splits=3"),
-                                        ("dataset: torch/cifar10", "dataset='torch/cifar10'"),
-                                        ("log_wandb: true", "log_wandb=True"),
-                                        ("naflex_loader: true", "naflex_loader=True"),
-                                        ("kd_model_name: resnet50", "kd_model_name='resnet50'")])
-def test_timm_settings_we_lack_are_refused_when_switched_on(tmp_path, line, shown):
-    key = line.split(":")[0]
-    text = "\n".join(l for l in TIMM_ARGS.read_text().splitlines() if not l.startswith(key + ":"))
-    recipe = tmp_path / "timm.yaml"
-    recipe.write_text(text + f"\n{line}\n")
-    with pytest.raises(UserError) as err:
-        train_settings(["-c", recipe, str(tmp_path)])
-    assert str(err.value) == (f"config file {recipe}: timm setting(s) ematrain does not support: "
-                              f"{shown}")
-
-
-def test_a_recipe_typo_is_still_an_unknown_key(tmp_path):
-    recipe = tmp_path / "typo.yaml"
-    recipe.write_text("modle: resnet18\naug_splits: 0\n")
-    with pytest.raises(UserError, match=r"unknown key\(s\): modle$"):
-        train_settings(["-c", recipe, str(tmp_path)])
-
-
-def test_timm_flags_we_lack_are_named_on_the_command_line(tmp_path):
-    with pytest.raises(UserError, match=r"^--aug-splits, --jsd-loss: timm setting\(s\) ematrain "
-                                        r"does not support$"):
-        train_settings([str(tmp_path), "--aug-splits", "3", "--jsd-loss"])
-    with pytest.raises(UserError, match=r"^unrecognized arguments: --bogus$"):
-        train_settings([str(tmp_path), "--bogus"])
-    with pytest.raises(UserError, match=r"^--aug-splits: timm setting\(s\) ematrain does not "
-                                        r"support; unrecognized arguments: --modle$"):
-        train_settings([str(tmp_path), "--aug-splits", "3", "--modle", "x"])
-
-
-def test_a_half_life_on_the_command_line_replaces_the_recipe_decay(tmp_path):
-    args = train_settings(["-c", TIMM_ARGS, str(tmp_path), "--model-ema-half-life", "1ep"]).args
-    assert args.model_ema and args.model_ema_half_life == ["1ep"] and args.model_ema_decay is None
-    recipe = tmp_path / "hl.yaml"
-    recipe.write_text("model_ema_half_life: 2ep\n")
-    args = train_settings(["-c", recipe, str(tmp_path), "--model-ema-decay", "0.99"]).args
-    assert args.model_ema_decay == [0.99] and args.model_ema_half_life is None
-    with pytest.raises(UserError, match="not both"):
-        train_settings([str(tmp_path), "--model-ema-decay", "0.99", "--model-ema-half-life", "1ep"])
-
-
-@pytest.mark.parametrize("line,value", [("lr: 1e-3", 0.001), ("weight_decay: 5e-5", 5e-5),
-                                        ("model_ema_decay: 0.99", [0.99]),
-                                        ("model_ema_half_life: 2ep", ["2ep"]),
-                                        ("torchcompile: true", "inductor"),
-                                        ("torchcompile: false", None)])
-def test_recipe_values_are_converted_as_the_command_line_would(tmp_path, line, value):
-    recipe = tmp_path / "ok.yaml"
-    recipe.write_text(line + "\n")
-    args = train_settings(["-c", recipe, str(tmp_path)]).args
-    assert getattr(args, line.split(":")[0]) == value
-
-
-@pytest.mark.parametrize("line,message", [
-    # Recipe values are parsed by argparse itself, with the command line's checks, and named as
-    # the recipe's when they fail; what only YAML can say is checked on the way to argparse.
-    ("aug_repeats: null", "config file {}: aug_repeats cannot be empty"),
-    ("model_dtype: half", "config file {}: model_dtype: invalid choice: 'half' (choose from "
-                          "'float32', 'bfloat16', 'float16')"),
-    ("lr_base_scale: cube", "config file {}: lr_base_scale: invalid choice: 'cube'"),
-    ("model_ema: 0", "config file {}: model_ema must be true or false, got 0"),
-    ("epochs: 2.5", "config file {}: epochs: invalid int value: '2.5'"),
-    ("lr: fast", "config file {}: lr: expected a number, got 'fast'"),
-    ("lr: .nan", "config file {}: lr: expected a finite number, got 'nan'"),
-    ("input_size: [3, 32]", "config file {}: input_size: expected 3 arguments"),
-    ("scale: [0.5]", "config file {}: scale: expected 2 arguments"),
-    ("lr: [0.1, 0.2]", "config file {}: lr takes one value, got [0.1, 0.2]"),
-    ("model_kwargs: drop_rate=0.1", "config file {}: model_kwargs must be a mapping"),
-    ("lr: 0.1\nlr: 0.2", "config file {}: key 'lr' is given twice (line 2)"),
-    # And the checks after parsing, which recipe values reach like command-line ones.
-    ("model_ema_half_life: 2000", "bad half-life '2000'"),
-    ("interpolation: 3", "--interpolation must be one of"),
-    ("torchcompile: 3", "--torchcompile: unknown backend '3'"),
-    ("opt_betas: 0.9", "--opt-betas takes 2"),
-    ("mean: [0.5, 0.5]", "--mean takes 1 or 3 values"),
-])
-def test_bad_recipe_values_are_one_line_errors(tmp_path, line, message):
-    recipe = tmp_path / "bad.yaml"
-    recipe.write_text(line + "\n")
-    with pytest.raises(UserError, match=re.escape(message.format(recipe))):
-        train_settings(["-c", recipe, str(tmp_path)])
 
 
 @pytest.mark.parametrize("flags,message", [

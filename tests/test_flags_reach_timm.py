@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_imagefolder, make_training, run_cli
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
-from conftest import make_imagefolder, make_training, run_cli
 from ematrain.settings import train_settings
 from ematrain.train import Training
 
@@ -218,6 +218,7 @@ def test_sync_bn_conversion_keeps_fused_activations():
 
 def test_args_yaml_of_a_resumed_run_is_a_recipe_that_starts_afresh(data, tmp_path):
     import yaml
+
     from ematrain import outputs
     tr = trainer(data, "--resume", "auto")
     outputs.write_args(tmp_path, tr.run.record())
@@ -259,6 +260,7 @@ def test_head_init_scale_and_bias_reach_the_classifier(data, tmp_path):
     scaled = trainer(data, "--head-init-scale", "0.5").run.model.get_classifier()
     torch.testing.assert_close(scaled.bias, plain.bias * 0.5, atol=0, rtol=0)
     import timm
+
     from ematrain.errors import UserError
     from ematrain.models import init_head
     with pytest.raises(UserError, match="no classifier layer"):

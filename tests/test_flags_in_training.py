@@ -21,9 +21,9 @@ import timm
 import timm.optim
 import torch
 import yaml
+from conftest import make_imagefolder, make_training, run_cli, run_epochs, torch_threads
 from torch import nn
 
-from conftest import make_imagefolder, make_training, run_cli, run_epochs, torch_threads
 from ematrain import checkpoint as ckpt_io
 from ematrain import outputs
 from ematrain.build import build_mixup, build_optimizer, build_scheduler, build_train_loss

@@ -1,0 +1,129 @@
+"""The checkpoint schema: `ematrain.checkpoint.SCHEMA` names every key a checkpoint holds, every
+stateful part of a run round-trips through it, older checkpoints are read, and the README shows the
+same table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, make_imagefolder, make_training, run_epochs, torch_threads
+
+from ematrain import checkpoint as ckpt_io
+from ematrain import outputs
+from ematrain.errors import UserError
+
+TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs", "0",
+        "--lr", "0.05", "--epochs", "3"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_imagefolder(tmp_path_factory.mktemp("schema") / "data", num_classes=3,
+                            train_per_class=8, val_per_class=4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_no_plots(monkeypatch):
+    monkeypatch.setattr(outputs, "plot_curves", lambda *a, **k: None)
+    with torch_threads(1):
+        yield
+
+
+def keys_named(ckpt: dict) -> set[str]:
+    return {"state_dict_ema_<i>" if k.startswith("state_dict_ema_") else k for k in ckpt}
+
+
+def test_a_checkpoint_holds_exactly_the_schemas_keys(data, tmp_path):
+    tr = make_training([data, *TINY, "--model-ema", "--model-ema-decay", "0.9", "0.99"])
+    run_epochs(tr, tmp_path)
+    ckpt = ckpt_io.load_file(tmp_path / "last.pth.tar")
+    schema = {k.name for k in ckpt_io.SCHEMA}
+    # Only the float16 AMP scaler (CUDA) is missing on this machine.
+    assert keys_named(ckpt) == schema - {"amp_scaler"}
+    assert ckpt["version"] == ckpt_io.CHECKPOINT_VERSION
+    assert isinstance(ckpt["args"], dict) and ckpt["args"]["model"] == "test_resnet"
+    assert ckpt["ema"]["keys"] == ["state_dict_ema", "state_dict_ema_1"]
+    owners = {k.owner for k in ckpt_io.SCHEMA}
+    assert set(tr.run.parts()) - {"amp_scaler"} <= owners
+
+
+def state_of(part):
+    return part.state_dict()
+
+
+def assert_same(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_every_stateful_part_round_trips(data, tmp_path):
+    """Train one epoch and stop mid-way through the next; a fresh run restored from the saved
+    file has every part's state equal, part by part."""
+    argv = [data, *TINY, "--model-ema", "--model-ema-decay", "0.9", "0.99", "--seed", "5"]
+    tr = make_training(argv)
+    run_epochs(tr, tmp_path)
+    loader, _ = tr.run.data.loaders(1, 0, seed=5)
+    updates = tr.loop.run(loader, 2)
+    next(updates)
+    next(updates)  # two optimizer updates into epoch 1
+    tr.loop.check()
+    path = tmp_path / "mid.pth.tar"
+    ckpt_io.write_file(path, ckpt_io.save(tr.run))
+    updates.close()
+    fresh = make_training([*argv[:-1], "9"])  # another seed: other initial weights
+    ckpt_io.restore(fresh.run, ckpt_io.load_file(path), path)
+    parts, restored = tr.run.parts(), fresh.run.parts()
+    assert parts.keys() == restored.keys() == {"model", "optimizer", "scheduler", "ema",
+                                               "counters", "keeper", "summary"}
+    for name in parts:
+        assert_same(state_of(parts[name]), state_of(restored[name]), name)
+    assert tr.run.counters.epoch == 1 and tr.run.counters.epoch_step == 2
+
+
+def test_a_version_2_checkpoint_is_read_in_the_current_layout():
+    old = {"epoch": 4, "state_dict": {}, "num_updates": 60, "version": 2,
+           "ema": {"decays": [0.9, 0.99]},
+           "resume_state": {"best": [{"metric": 80.0, "epoch": 3}, {"metric": 85.0, "epoch": 4},
+                                     {"metric": 70.0, "epoch": 4}],
+                            "history": [[80.0, 3]], "rows": [{"epoch": 0}], "skipped_nonfinite": 1,
+                            "epoch": 5, "epoch_step": 7, "loss_sum": 3.5, "loss_count": 28}}
+    new = ckpt_io.upgrade(old)
+    assert new["counters"] == {"epoch": 5, "epoch_step": 7, "loss_sum": 3.5, "loss_count": 28,
+                               "num_updates": 60, "skipped_nonfinite": 1}
+    assert new["keeper"] == {"best": {"raw": {"metric": 80.0, "epoch": 3},
+                                      "ema 0.9": {"metric": 85.0, "epoch": 4},
+                                      "ema 0.99": {"metric": 70.0, "epoch": 4}},
+                             "history": [[80.0, 3]]}
+    assert new["summary"] == {"rows": [{"epoch": 0}]}
+    # timm's checkpoints have no counters: the run goes on after their epoch.
+    assert ckpt_io.upgrade({"epoch": 9, "state_dict": {}})["counters"]["epoch"] == 10
+
+
+@pytest.mark.parametrize("key,value,reason", [
+    ("counters", "seven", "counters"),
+    ("keeper", {"best": 3}, "keeper"),
+    ("ema", {"decays": [0.9], "keys": ["state_dict_ema_7"]}, "ema"),
+])
+def test_a_part_that_does_not_fit_is_one_line(data, tmp_path, key, value, reason):
+    tr = make_training([data, *TINY, "--model-ema", "--model-ema-decay", "0.9"])
+    ckpt = ckpt_io.save(tr.run)
+    ckpt[key] = value
+    with pytest.raises(UserError, match=f"its '{reason}' does not fit"):
+        ckpt_io.restore(make_training([data, *TINY, "--model-ema", "--model-ema-decay",
+                                       "0.9"]).run, ckpt, "x.pth.tar")
+
+
+def test_the_readme_shows_the_schema():
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert ckpt_io.schema_markdown() in readme

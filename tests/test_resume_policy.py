@@ -1,0 +1,278 @@
+"""The resume policy: `train.py --resume PATH` alone continues a run with the settings its
+checkpoint records, and every setting given beside it is kept, applied or refused by the table in
+`ematrain.resume`, never silently replaced or dropped."""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, make_imagefolder, run_cli, run_in_process, torch_threads
+
+from ematrain import resume as resume_mod
+from ematrain import train
+from ematrain.build import build_run
+from ematrain.errors import UserError
+from ematrain.settings import resolve_train
+
+TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs", "0",
+        "--lr", "0.05", "--epochs", "1", "--seed", "3"]
+STEPS = 6  # 3 classes x 8 training images / batch 4
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_imagefolder(tmp_path_factory.mktemp("policy") / "data", num_classes=3,
+                            train_per_class=8, val_per_class=4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+def train_in_process(*argv):
+    return run_in_process(train.main, "train.py", *argv)
+
+
+@pytest.fixture(scope="module")
+def ema_run(data, tmp_path_factory) -> Path:
+    """One finished epoch with two EMAs; tests copy it before resuming."""
+    out = tmp_path_factory.mktemp("ema_run")
+    with torch_threads(1):
+        r = train_in_process(data, *TINY, "--model-ema", "--model-ema-decay", "0.9", "0.99",
+                             "--output", out, "--experiment", "run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out / "train" / "run"
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "train" / run.name
+    shutil.copytree(run, target)
+    return target
+
+
+def rows(run: Path) -> list[dict]:
+    with open(run / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------- the four defects
+def test_a_new_ema_interval_on_resume_applies_and_is_announced(ema_run, tmp_path):
+    run = copy_run(ema_run, tmp_path)
+    r = train_in_process("--resume", run / "last.pth.tar", "--model-ema-every", "4",
+                         "--epochs", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resume: --model-ema-every 4 (the checkpoint's run had 1)" in r.stderr
+    ckpt = torch.load(run / "last.pth.tar", weights_only=True)
+    assert ckpt["ema"]["every"] == 4
+    assert ckpt["ema"]["steps"] == 2 * STEPS
+    # Every step of epoch 0, then every 4th of epoch 1 (steps 8 and 12).
+    assert ckpt["ema"]["num_updates"] == STEPS + 2
+    assert "model_ema_every: 4" in (run / "args.yaml").read_text()
+
+
+def test_an_ema_run_resumed_without_ema_flags_keeps_its_ema(ema_run, data, tmp_path):
+    run = copy_run(ema_run, tmp_path)
+    r = train_in_process(data, "--model", "test_resnet", "--epochs", "2",
+                         "--resume", run / "last.pth.tar")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = torch.load(run / "last.pth.tar", weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert "state_dict_ema" in ckpt and "state_dict_ema_1" in ckpt
+    assert ckpt["ema"]["decays"] == [0.9, 0.99] and ckpt["ema"]["steps"] == 2 * STEPS
+    summary = rows(run)
+    assert [r["epoch"] for r in summary] == ["0", "1"]
+    assert all(r["ema_eval_top1"] and r["ema0.99_eval_top1"] for r in summary)
+
+
+def test_an_ema_run_resumed_with_the_ema_switched_off_is_refused(ema_run, tmp_path):
+    run = copy_run(ema_run, tmp_path)
+    before = (run / "last.pth.tar").read_bytes()
+    recipe = tmp_path / "off.yaml"
+    recipe.write_text("model_ema: false\n")
+    r = train_in_process("--resume", run / "last.pth.tar", "-c", recipe, "--epochs", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "it records --model-ema on, this run asks for off" in r.stderr
+    assert (run / "last.pth.tar").read_bytes() == before
+
+
+def test_renamed_class_folders_are_refused_on_resume(ema_run, data, tmp_path):
+    run = copy_run(ema_run, tmp_path)
+    renamed = tmp_path / "renamed"
+    shutil.copytree(data, renamed)
+    for split in ("train", "val"):
+        (renamed / split / "class_0").rename(renamed / split / "class_z")
+    before = (run / "last.pth.tar").read_bytes()
+    r = train_in_process(renamed, "--resume", run / "last.pth.tar", "--epochs", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "class folders" in lines[0] and "differ" in lines[0]
+    assert (run / "last.pth.tar").read_bytes() == before
+    assert len(rows(run)) == 1
+
+
+def test_the_printed_resume_command_alone_continues_the_run_exactly(data, tmp_path):
+    """A run stopped after its first epoch prints `Resume with: python train.py --resume PATH`;
+    that command, typed as printed in another directory, finishes the run exactly as an
+    uninterrupted run ends."""
+    flags = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--epochs", "2",
+             "--warmup-epochs", "0", "--lr", "0.07", "--drop", "0.1", "--model-ema",
+             "--model-ema-half-life", "2it", "--seed", "11", "--sched", "step",
+             "--decay-epochs", "1", "--smoothing", "0.05"]
+    ref = run_cli("train.py", data, *flags, "--output", tmp_path / "ref", "--experiment", "r")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    stopper = tmp_path / "stop_after_first_epoch.py"
+    stopper.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO_ROOT / 'src')!r})\n"
+        "from ematrain import signals, train\n"
+        "signals.StopRequest.__call__ = lambda self: self.signum is not None or "
+        "getattr(self, 'epochs_seen', 0) > 0\n"
+        "real = train.Training.finish_epoch\n"
+        "def finish(self, epoch, loader, real=real):\n"
+        "    real(self, epoch, loader)\n"
+        "    signals.StopRequest.epochs_seen = 1\n"
+        "train.Training.finish_epoch = finish\n"
+        "sys.exit(train.main())\n")
+    import subprocess
+    import sys
+    first = subprocess.run([sys.executable, stopper, data, *flags, "--output", tmp_path / "out",
+                            "--experiment", "r"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 130, first.stderr[-2000:]
+    hint = [line for line in first.stderr.splitlines() if "Resume with:" in line]
+    assert len(hint) == 1 and "stopped after epoch 0" in hint[0]
+    command = hint[0].split("Resume with: ")[1].split()
+    assert command[:3] == ["python", "train.py", "--resume"] and len(command) == 4
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    second = run_cli(command[1], *command[2:], cwd=elsewhere)
+    assert second.returncode == 0, second.stderr[-2000:]
+    a = torch.load(tmp_path / "ref/train/r/last.pth.tar", weights_only=True)
+    b = torch.load(tmp_path / "out/train/r/last.pth.tar", weights_only=True)
+    for key in ("state_dict", "state_dict_ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+    assert a["counters"] == b["counters"] and a["ema"]["decays"] == b["ema"]["decays"]
+    assert (rows(tmp_path / "ref/train/r") == rows(tmp_path / "out/train/r"))
+
+
+def test_a_stop_mid_epoch_prints_the_same_resume_command(ema_run, tmp_path, monkeypatch):
+    """The stop in the middle of an epoch names the command the stop after an epoch names."""
+    from ematrain import signals
+    run = copy_run(ema_run, tmp_path)
+    monkeypatch.setattr(signals.StopRequest, "__call__", lambda self: True)
+    mid = train_in_process("--resume", run / "last.pth.tar", "--epochs", "2")
+    assert mid.returncode == 130, mid.stderr[-2000:]
+    last = run / "last.pth.tar"
+    expected = f"Resume with: python train.py --resume {last}"
+    line = [ln for ln in mid.stderr.splitlines() if "Resume with:" in ln]
+    assert line == [f"train.py: stopped at epoch 1, step 1; saved {last}. {expected}"]
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["counters"]["epoch"] == 1 and ckpt["counters"]["epoch_step"] == 1
+
+
+# ----------------------------------------------------------------------------- the table
+def resolve(*argv):
+    return resolve_train([str(a) for a in argv])
+
+
+def test_the_checkpoint_seed_is_kept(ema_run):
+    settings, source = resolve("--resume", ema_run / "last.pth.tar", "--seed", "99")
+    assert settings.loop.seed == 3
+    assert settings.model.model == "test_resnet" and settings.ema.decays == [0.9, 0.99]
+    assert "seed" not in source.changed
+
+
+def test_another_architecture_is_refused(ema_run):
+    with pytest.raises(UserError, match=r"it records --model test_resnet, this run asks for "
+                                        r"resnet18 \(the weights are that architecture's\)"):
+        resolve("--resume", ema_run / "last.pth.tar", "--model", "resnet18")
+
+
+def test_other_ema_decays_are_refused(ema_run):
+    settings, source = resolve("--resume", ema_run / "last.pth.tar", "--model-ema-decay", "0.5")
+    with pytest.raises(UserError, match="it averages decays 0.9, 0.99, this run asks for 0.5"):
+        resume_mod.check_run(build_run(settings), source)
+
+
+def test_optimizer_settings_need_a_fresh_optimizer(ema_run):
+    with pytest.raises(UserError, match="--weight-decay 0.1 .*add --no-resume-opt"):
+        resolve("--resume", ema_run / "last.pth.tar", "--weight-decay", "0.1")
+    settings, source = resolve("--resume", ema_run / "last.pth.tar", "--weight-decay", "0.1",
+                               "--no-resume-opt")
+    assert settings.optim.weight_decay == 0.1 and "weight_decay" in source.changed
+
+
+def test_a_batch_size_change_is_refused_only_mid_epoch(ema_run, tmp_path):
+    settings, _ = resolve("--resume", ema_run / "last.pth.tar", "-b", "2")
+    assert settings.loader.batch_size == 2  # at an epoch boundary the new size applies
+    ckpt = torch.load(ema_run / "last.pth.tar", weights_only=True)
+    ckpt["counters"]["epoch_step"] = 2
+    mid = tmp_path / "mid.pth.tar"
+    torch.save(ckpt, mid)
+    with pytest.raises(UserError, match="in the middle of an epoch with --batch-size 2"):
+        resolve("--resume", mid, "-b", "2")
+
+
+def test_a_longer_run_rebuilds_the_schedule_for_its_length(ema_run, tmp_path):
+    run = copy_run(ema_run, tmp_path)
+    settings, source = resolve("--resume", run / "last.pth.tar", "--epochs", "4")
+    assert "epochs" in source.changed
+    built = build_run(settings)
+    resume_mod.restore(built, source)
+    # Cosine over 4 epochs, now at epoch 1: lr = 0.05 * (1 + cos(pi / 4)) / 2.
+    import math
+    expected = 0.05 * (1 + math.cos(math.pi / 4)) / 2
+    assert built.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-6)
+    assert built.counters.epoch == 1 and built.ema.steps == STEPS
+
+
+def test_the_readme_shows_the_policy_table():
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert resume_mod.policy_markdown() in readme
+
+
+def test_resume_auto_before_any_checkpoint_keeps_the_folder(data, tmp_path, capsys):
+    run = tmp_path / "train" / "x"
+    run.mkdir(parents=True)
+    (run / "args.yaml").write_text("model: test_resnet\n")  # a run killed before epoch 0 ended
+    rc = train.main([str(data), *TINY, "--output", str(tmp_path), "--experiment", "x",
+                         "--resume", "auto"])
+    assert rc == 0
+    assert (run / "last.pth.tar").is_file()
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["x"]
+
+
+def test_resume_from_a_path_continues_in_that_runs_folder(data, tmp_path, capsys):
+    assert train.main([str(data), *TINY, "--output", str(tmp_path),
+                           "--experiment", "first"]) == 0
+    last = tmp_path / "train/first/last.pth.tar"
+    assert train.main([str(data), *TINY, "--epochs", "2", "--resume", str(last)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "train/first/summary.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["first"]
+
+
+def test_no_resume_opt_resumes_at_the_schedules_lr(data, tmp_path, capsys):
+    assert train.main([str(data), *TINY, "--epochs", "2", "--warmup-epochs", "1",
+                           "--warmup-lr", "1e-4", "--sched", "step", "--decay-epochs", "10",
+                           "--output", str(tmp_path), "--experiment", "w"]) == 0
+    ckpt = tmp_path / "train/w/checkpoint-0.pth.tar"
+    ckpt = ckpt if ckpt.exists() else tmp_path / "train/w/model_best.pth.tar"
+    settings, source = resolve_train(["--resume", ckpt, "--no-resume-opt"])
+    run = build_run(settings)
+    resume_mod.restore(run, source)
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_resume_with_other_decays_is_refused(data, tmp_path, capsys):
+    assert train.main([str(data), *TINY, "--output", str(tmp_path), "--experiment", "r",
+                           "--model-ema-decay", "0.9"]) == 0
+    rc = train.main([str(data), *TINY, "--epochs", "2", "--output", str(tmp_path),
+                         "--experiment", "r", "--resume", "auto", "--model-ema-decay", "0.99"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "averages decays 0.9, this run asks for 0.99" in err
