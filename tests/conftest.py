@@ -230,6 +230,25 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """A session-wide 3-class tree with 8 training and 4 validation images per class: 6 steps of
+    batch 4 per epoch. Tests only read it."""
+    return make_imagefolder(tmp_path_factory.mktemp("small_data") / "data", num_classes=3,
+                            train_per_class=8, val_per_class=4)
+
+
+@pytest.fixture
+def one_thread_no_plots(monkeypatch):
+    """One torch thread (on a shared 2-core machine oversubscribed threads are several times
+    slower), and no curves.png, which costs a matplotlib import per epoch where it is not under
+    test. Use with ``pytestmark = pytest.mark.usefixtures("one_thread_no_plots")``."""
+    from ematrain import outputs
+    monkeypatch.setattr(outputs, "plot_curves", lambda *a, **k: None)
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A session-wide 3-class train/val ImageFolder tree (24/8 images per class)."""
     return make_imagefolder(tmp_path_factory.mktemp("tiny_data") / "data")

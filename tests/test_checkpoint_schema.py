@@ -3,31 +3,23 @@ stateful part of a run round-trips through it, older checkpoints are read, and t
 same table."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import REPO_ROOT, make_imagefolder, make_training, run_epochs, torch_threads
+from conftest import REPO_ROOT, make_training, run_epochs
 
 from ematrain import checkpoint as ckpt_io
-from ematrain import outputs
 from ematrain.errors import UserError
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs", "0",
         "--lr", "0.05", "--epochs", "3"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
+
+
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_imagefolder(tmp_path_factory.mktemp("schema") / "data", num_classes=3,
-                            train_per_class=8, val_per_class=4)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_no_plots(monkeypatch):
-    monkeypatch.setattr(outputs, "plot_curves", lambda *a, **k: None)
-    with torch_threads(1):
-        yield
+def data(small_data):
+    return small_data
 
 
 def keys_named(ckpt: dict) -> set[str]:

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, make_imagefolder, make_training, run_epochs, torch_threads
+from conftest import REPO_ROOT, make_training, run_epochs
 
-from ematrain import outputs
 from ematrain.errors import UserError
 from ematrain.settings import train_settings
 
@@ -25,17 +24,12 @@ TINY_MODEL = {"vit": ["--model", "test_vit", "--model-kwargs", "img_size=32"]}
 SHRINK = ["--img-size", "32", "-b", "4", "--epochs", "1", "-j", "0"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
+
+
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_imagefolder(tmp_path_factory.mktemp("recipes") / "data", num_classes=3,
-                            train_per_class=8, val_per_class=4)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_no_plots(monkeypatch):
-    monkeypatch.setattr(outputs, "plot_curves", lambda *a, **k: None)
-    with torch_threads(1):
-        yield
+def data(small_data):
+    return small_data
 
 
 def recipe(name: str) -> dict:

@@ -108,9 +108,8 @@ TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--epochs", "1"
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return make_imagefolder(tmp_path_factory.mktemp("dtypes") / "data", num_classes=3,
-                            train_per_class=8, val_per_class=4)
+def data_root(small_data):
+    return small_data
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float64"])

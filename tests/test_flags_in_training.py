@@ -14,14 +14,13 @@ import inspect
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import timm
 import timm.optim
 import torch
 import yaml
-from conftest import make_imagefolder, make_training, run_cli, run_epochs, torch_threads
+from conftest import make_training, run_cli, run_epochs
 from torch import nn
 
 from ematrain import checkpoint as ckpt_io
@@ -38,19 +37,12 @@ STEPS = 6  # 3 classes x 8 training images / batch 4: optimizer steps per epoch
 
 
 # ----------------------------------------------------------------------------- fixtures
+pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
+
+
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_imagefolder(tmp_path_factory.mktemp("flags") / "data", num_classes=3,
-                            train_per_class=8, val_per_class=4)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_no_plots(monkeypatch):
-    # One torch thread: on a shared 2-core machine oversubscribed threads are several times
-    # slower. curves.png is not under test here and costs a matplotlib import per epoch.
-    monkeypatch.setattr(outputs, "plot_curves", lambda *a, **k: None)
-    with torch_threads(1):
-        yield
+def data(small_data):
+    return small_data
 
 
 def make_trainer(data, *extra, base=TINY) -> Training:

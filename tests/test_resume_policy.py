@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, make_imagefolder, run_cli, run_in_process, torch_threads
+from conftest import REPO_ROOT, run_cli, run_in_process, torch_threads
 
 from ematrain import resume as resume_mod
 from ematrain import train
@@ -22,16 +22,12 @@ TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--w
 STEPS = 6  # 3 classes x 8 training images / batch 4
 
 
+pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
+
+
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_imagefolder(tmp_path_factory.mktemp("policy") / "data", num_classes=3,
-                            train_per_class=8, val_per_class=4)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
+def data(small_data):
+    return small_data
 
 
 def train_in_process(*argv):

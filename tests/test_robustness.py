@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_imagefolder, run_cli
+from conftest import run_cli
 
 from ematrain import checkpoint as ckpt_io
 from ematrain import train as train_mod
@@ -17,9 +17,8 @@ TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--epochs", "1"
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return make_imagefolder(tmp_path_factory.mktemp("robust") / "data", num_classes=3,
-                            train_per_class=8, val_per_class=4)
+def data_root(small_data):
+    return small_data
 
 
 def test_diverging_run_exits_1_and_keeps_last_good_checkpoint(data_root, tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import make_imagefolder, make_training, torch_threads
+from conftest import make_training
 
 from ematrain.ema import ModelEma
 from ematrain.engine import NonFiniteLoss, Recipe, train_step
@@ -15,16 +15,12 @@ TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--epochs", "1"
         "--warmup-epochs", "0", "--lr", "0.05", "-j", "0"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
+
+
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return make_imagefolder(tmp_path_factory.mktemp("step") / "data", num_classes=3,
-                            train_per_class=8, val_per_class=4)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+def data_root(small_data):
+    return small_data
 
 
 def _pair(seed=0):
