@@ -189,12 +189,6 @@ def test_another_architecture_is_refused(ema_run):
         resolve("--resume", ema_run / "last.pth.tar", "--model", "resnet18")
 
 
-def test_other_ema_decays_are_refused(ema_run):
-    settings, source = resolve("--resume", ema_run / "last.pth.tar", "--model-ema-decay", "0.5")
-    with pytest.raises(UserError, match="it averages decays 0.9, 0.99, this run asks for 0.5"):
-        resume_mod.check_run(build_run(settings), source)
-
-
 def test_optimizer_settings_need_a_fresh_optimizer(ema_run):
     with pytest.raises(UserError, match="--weight-decay 0.1 .*add --no-resume-opt"):
         resolve("--resume", ema_run / "last.pth.tar", "--weight-decay", "0.1")
@@ -271,4 +265,24 @@ def test_resume_with_other_decays_is_refused(data, tmp_path, capsys):
     rc = train.main([str(data), *TINY, "--epochs", "2", "--output", str(tmp_path),
                          "--experiment", "r", "--resume", "auto", "--model-ema-decay", "0.99"])
     err = capsys.readouterr().err
-    assert rc == 2 and "averages decays 0.9, this run asks for 0.99" in err
+    assert rc == 2 and "it records --model-ema-decay 0.9, this run asks for 0.99" in err
+
+
+def test_a_new_decay_is_refused_before_anything_is_built(ema_run):
+    with pytest.raises(UserError, match=r"it records --model-ema-decay 0.9 0.99, this run asks "
+                                        r"for 0.5 \(each EMA shadow is the average at its own decay\)"):
+        resolve("--resume", ema_run / "last.pth.tar", "--model-ema-decay", "0.5")
+
+
+def test_a_half_life_keeps_its_horizon_when_the_batch_size_changes(data, tmp_path):
+    first = train_in_process(data, *TINY, "--model-ema-half-life", "1ep", "--output", tmp_path,
+                             "--experiment", "h")
+    assert first.returncode == 0, first.stderr[-2000:]
+    last = tmp_path / "train" / "h" / "last.pth.tar"
+    r = train_in_process("--resume", last, "-b", "2", "--epochs", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "the same half-lives over other images per step" in r.stderr
+    ckpt = torch.load(last, weights_only=True)
+    # One epoch is now 12 steps of 2 images: the decay whose half-life is 12 steps.
+    assert ckpt["ema"]["decays"] == [pytest.approx(0.5 ** (1 / 12), rel=1e-12)]
+    assert ckpt["ema"]["steps"] == STEPS + 12

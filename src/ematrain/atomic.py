@@ -19,12 +19,15 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+# Temporary files of the writes in progress (any thread), so that quitting at once can remove them.
+_IN_FLIGHT: set[str] = set()
 
 
 def atomic_write(path: str | Path, write: Callable) -> None:
     """Write `path` through a temporary file in its folder; `write` receives a binary file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _IN_FLIGHT.add(tmp)
     try:
         # mkstemp creates 0600; give the file the permissions a plain open() would.
         os.fchmod(fd, 0o666 & ~_UMASK)
@@ -36,6 +39,8 @@ def atomic_write(path: str | Path, write: Callable) -> None:
     except BaseException:
         _unlink_quietly(tmp)
         raise
+    finally:
+        _IN_FLIGHT.discard(tmp)
     fsync_dir(path.parent)
 
 
@@ -70,6 +75,12 @@ def _unlink_quietly(path: str | Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def remove_writes_in_flight() -> None:
+    """Remove the temporary files of unfinished writes (before quitting at once)."""
+    for tmp in list(_IN_FLIGHT):
+        _unlink_quietly(tmp)
 
 
 def remove_stale_temporaries(folder: Path) -> None:

@@ -1,10 +1,11 @@
 """The checkpoint format: its keys, who owns each, and saving, restoring and loading checkpoints.
 
 A checkpoint has timm's keys, so timm's tools read it, plus ours. Each stateful part of a run
-(`Run.parts()`: model, optimizer, scheduler, scaler, EMA, counters, keeper, summary) gives its
-``state_dict()`` and takes it back with ``load_state_dict()``; this module alone knows under which
-keys those states live. The key table `SCHEMA` is the reference: the README's table is checked
-against it by a test, and `save` writes exactly its keys.
+(`Run.parts()`: model, optimizer, scheduler, amp_scaler, ema, counters, keeper, summary) gives its
+``state_dict()`` and takes it back with ``load_state_dict()``; the run's settings and data add
+what describes the run (owners `settings` and `data`), and the schema its version. This module
+alone knows under which keys they live. The key table `SCHEMA` is the reference: the README's
+table is checked against it by a test, and `save` writes exactly its keys.
 
 Loading never runs pickled code: ``torch.load(weights_only=True)``, with only
 ``argparse.Namespace`` allow-listed (timm's train.py stores its args that way).
@@ -38,17 +39,17 @@ class Key:
 
 SCHEMA: tuple[Key, ...] = (
     Key("epoch", "counters", "timm", "the last complete epoch (-1 before the first one ends)"),
-    Key("arch", "model", "timm", "timm model name"),
+    Key("arch", "settings", "timm", "timm model name"),
     Key("state_dict", "model", "timm", "the raw weights (of the plain module, no wrapper prefixes)"),
     Key("state_dict_ema", "ema", "timm", "the first EMA shadow's weights"),
     Key("state_dict_ema_<i>", "ema", "ematrain", "the weights of further shadows, i = 1, 2, ..."),
     Key("optimizer", "optimizer", "timm", "the optimizer's state_dict()"),
-    Key("amp_scaler", "scaler", "timm", "the float16 AMP grad scaler's state (only with one)"),
+    Key("amp_scaler", "amp_scaler", "timm", "the float16 AMP grad scaler's state (only with one)"),
     Key("args", "settings", "timm", "every setting of the run as a plain dict: what "
         "`--resume PATH` continues with"),
     Key("metric", "keeper", "timm", "the raw weights' --eval-metric this epoch (None mid-epoch)"),
-    Key("version", "checkpoint", "timm", "this format's version"),
-    Key("ematrain_version", "checkpoint", "ematrain", "the ematrain release that wrote it"),
+    Key("version", "schema", "timm", "this format's version"),
+    Key("ematrain_version", "schema", "ematrain", "the ematrain release that wrote it"),
     Key("scheduler", "scheduler", "ematrain", "the LR scheduler's state_dict() (when one runs)"),
     Key("ema", "ema", "ematrain", "decays, `keys` (where each shadow is), update counters, "
         "settings, and `eval_dtype` (the dtype validation scored the shadows in)"),
@@ -61,8 +62,6 @@ SCHEMA: tuple[Key, ...] = (
     Key("num_classes", "data", "ematrain", "classifier outputs"),
     Key("class_names", "data", "ematrain", "class folder names, in label order"),
 )
-# Parts whose state sits under a key of its own name.
-_PLAIN_PARTS = ("optimizer", "scheduler", "amp_scaler", "counters", "keeper", "summary")
 
 
 def schema_markdown() -> str:

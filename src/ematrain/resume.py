@@ -39,12 +39,14 @@ RESUME_POLICY: tuple[Rule, ...] = (
     Rule("num_classes", REFUSE, "the classifier has the recorded outputs"),
     Rule("class_names", REFUSE, "labels are class-folder positions: other folders shift them"),
     Rule("model_ema", REFUSE, "the checkpoint's EMA state would be dropped, or made up"),
-    Rule("ema_decays", REFUSE, "each shadow is the average at its own decay"),
+    Rule("model_ema_decay", REFUSE, "each EMA shadow is the average at its own decay"),
+    Rule("model_ema_half_life", REFUSE, "each EMA shadow is the average over its own horizon"),
     Rule("seed", KEEP, "data order, augmentation and dropout follow the seed: another one "
          "would make the rest no continuation of this run"),
     Rule("output", KEEP, "a resumed run continues in its own folder"),
     Rule("experiment", KEEP, "a resumed run continues in its own folder"),
-    Rule("batch_size", MID_EPOCH, "the position within the epoch is counted in batches"),
+    Rule("batch_size", MID_EPOCH, "the position within the epoch is counted in batches; a "
+         "half-life keeps its horizon (the per-step decay follows)"),
     Rule("grad_accum_steps", MID_EPOCH, "the position within the epoch is counted in batches"),
     Rule("aug_repeats", MID_EPOCH, "it reorders the epoch's samples"),
     Rule("world_size", MID_EPOCH, "each process's share of the epoch depends on it"),
@@ -139,11 +141,12 @@ def _same(old, new) -> bool:
 def decide(rule: Rule, source: ResumeSource, old, new, flag: str, fresh_optimizer: bool) -> bool:
     """Apply `rule` to a changed setting: log the notice, or refuse. True: the new value holds."""
     policy = rule.policy
+    why = rule.why
     if policy == MID_EPOCH:
         if source.mid_epoch:
             raise UserError(f"cannot resume {source.path} in the middle of an epoch with {flag} "
                             f"{_show(new)} (it records {_show(old)}): {rule.why}")
-        policy = NEW
+        policy, why = NEW, DEFAULT_RULE.why
     if policy == FRESH_OPTIMIZER:
         if not fresh_optimizer:
             raise UserError(f"cannot resume {source.path} with {flag} {_show(new)} (it records "
@@ -157,7 +160,7 @@ def decide(rule: Rule, source: ResumeSource, old, new, flag: str, fresh_optimize
         log.info(f"resume: keeping {flag} {_show(old)} from the checkpoint, not {_show(new)}: "
                  f"{rule.why}")
         return False
-    log.info(f"resume: {flag} {_show(new)} (the checkpoint's run had {_show(old)}): {rule.why}")
+    log.info(f"resume: {flag} {_show(new)} (the checkpoint's run had {_show(old)}): {why}")
     return True
 
 
@@ -191,15 +194,28 @@ def check_run(run, source: ResumeSource) -> None:
         raise UserError(f"cannot resume from {source.path}: it {state} but the EMA is "
                         f"{'on' if run.ema is not None else 'off'} ({_RULES['model_ema'].why})")
     if run.ema is not None:
-        saved = [float(d) for d in ckpt["ema"].get("decays", [])]
-        if len(saved) != len(run.decays) or any(abs(a - b) > 1e-12
-                                                for a, b in zip(saved, run.decays)):
-            raise UserError(f"cannot resume the EMA from {source.path}: it averages decays "
-                            f"{', '.join(f'{d:g}' for d in saved)}, this run asks for "
-                            f"{', '.join(f'{d:g}' for d in run.decays)}")
+        _check_decays(run, source)
     world = ckpt.get("counters", {}).get("world_size", run.dist.world_size)
     if world != run.dist.world_size:
         decide(_RULES["world_size"], source, world, run.dist.world_size, "processes", True)
+
+
+def _check_decays(run, source: ResumeSource) -> None:
+    """The same shadows: the same decays, or (for half-lives) the same number of shadows whose
+    per-step decays follow the new images per step."""
+    ckpt = source.ckpt
+    saved = [float(d) for d in ckpt["ema"].get("decays", [])]
+    if len(saved) == len(run.decays) and all(abs(a - b) <= 1e-12
+                                             for a, b in zip(saved, run.decays)):
+        return
+    show = (lambda ds: ", ".join(f"{d:g}" for d in ds))  # noqa: E731
+    if run.settings.ema.half_lives and len(saved) == len(run.decays):
+        log.info(f"resume: EMA decays {show(run.decays)} per step (the checkpoint's run had "
+                 f"{show(saved)}): the same half-lives over other images per step")
+        ckpt["ema"] = dict(ckpt["ema"], decays=list(run.decays))
+        return
+    raise UserError(f"cannot resume the EMA from {source.path}: it averages decays {show(saved)}, "
+                    f"this run asks for {show(run.decays)}")
 
 
 def restore(run, source: ResumeSource) -> None:

@@ -1,37 +1,90 @@
-"""Graceful stop on SIGINT/SIGTERM: finish the current step, save, exit non-zero."""
+"""Ctrl-C and SIGTERM while training: the first asks for a graceful stop, the second quits at once.
+
+The first signal sets a flag that the epoch loop reads after each optimizer update: the run then
+saves `last.pth.tar` and exits 130 (SIGINT) or 143 (SIGTERM). The second ends the process at once,
+even while the main thread is inside a long native operation. A Python signal handler could not
+do that: it runs only when the main thread gets back to the interpreter. So the signals are seen
+by a watcher thread instead: Python's low-level handler, in whichever thread the signal lands,
+writes its number to a wakeup pipe (`signal.set_wakeup_fd`), and the watcher reads it at once.
+Every file is written atomically, so quitting at once leaves the previous version of each whole;
+the temporary file of a write in progress is removed.
+
+While a `StopRequest` is active the signals are also blocked in the main thread, so every thread
+and loader process started meanwhile inherits the block: loader workers never react to the
+terminal's Ctrl-C, and the stop message is printed once, not once per worker.
+"""
 from __future__ import annotations
 
+import multiprocessing
+import os
 import signal
 import sys
+import threading
+
+from .atomic import remove_writes_in_flight
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_STOP_WATCHING = 0  # the byte that ends the watcher (no signal has number 0)
 
 
 class StopRequest:
-    """Installs handlers that ask the training loop to stop after the current step.
+    """While active (a context manager, in the main thread), SIGINT and SIGTERM are watched.
 
-    A second SIGINT raises KeyboardInterrupt at once; atomic writes still leave the previous
-    good checkpoint in place.
+    Calling the instance tells whether a stop was requested; `exit_code` is 128 + the signal.
     """
 
-    def __init__(self):
+    def __init__(self, prog: str = "train.py"):
+        self.prog = prog
         self.signum: int | None = None
-        self._previous = {}
+        self._saved: dict = {}
 
     def __enter__(self) -> "StopRequest":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        # Started before the signals are blocked, so that the watcher itself may receive them.
+        self._watcher = threading.Thread(target=self._watch, name="ematrain-signals", daemon=True)
+        self._watcher.start()
+        self._saved = {sig: signal.signal(sig, _ignore) for sig in _SIGNALS}
+        self._saved_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+        signal.set_wakeup_fd(self._saved_fd)
+        for sig, handler in self._saved.items():
             signal.signal(sig, handler)
+        os.write(self._write, bytes([_STOP_WATCHING]))
+        self._watcher.join()
+        os.close(self._read)
+        os.close(self._write)
 
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        name = signal.Signals(signum).name
-        print(f"\n{name} received: finishing the current step and saving a checkpoint "
-              f"(press Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+    def _watch(self) -> None:
+        while True:
+            for signum in os.read(self._read, 64):
+                if signum == _STOP_WATCHING:
+                    return
+                # The pipe carries every signal with a Python handler (torch's SIGCHLD too).
+                if signum in _SIGNALS:
+                    self._received(signum)
+
+    def _received(self, signum: int) -> None:
+        if self.signum is None:
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name} received: finishing the current step and "
+                  f"saving a checkpoint (press Ctrl-C again to quit at once)",
+                  file=sys.stderr, flush=True)
+        else:
+            self.quit_now(signum)
+
+    def quit_now(self, signum: int) -> None:
+        remove_writes_in_flight()
+        for child in multiprocessing.active_children():  # loader workers would linger a while
+            child.kill()
+        sys.stdout.flush()
+        print(f"{self.prog}: {signal.Signals(signum).name} again: quitting at once; the files on "
+              f"disk are the last complete ones", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -39,3 +92,7 @@ class StopRequest:
     @property
     def exit_code(self) -> int:
         return 128 + (self.signum or signal.SIGINT)
+
+
+def _ignore(signum, frame) -> None:
+    """The Python-level handler: the watcher has already acted on the signal."""

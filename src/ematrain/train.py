@@ -59,7 +59,7 @@ class Training:
             resume.restore(self.run, self.source)
         self.open_folder()
         self.log_start()
-        with StopRequest() as stop:
+        with StopRequest(self.prog) as stop:
             for epoch in range(self.run.counters.epoch, self.run.num_epochs):
                 rc = self.run_epoch(epoch, stop)
                 if rc is not None:
@@ -125,11 +125,7 @@ class Training:
         try:
             self.train(train_loader, stop)
         except Interrupted:
-            if self.primary:  # other ranks would build the whole checkpoint for nothing
-                run.keeper.save_mid_epoch(ckpt_io.save(run), LAST)
-            distributed.barrier(run.dist)
-            self.print_stop(f"stopped at epoch {epoch}, step {run.counters.epoch_step}")
-            return stop.exit_code or 130
+            return self.stop_mid_epoch(epoch, stop)
         except NonFiniteLoss as exc:
             if self.primary:
                 last = self.run_dir / LAST
@@ -138,8 +134,20 @@ class Training:
                 print(f"{self.prog}: error: {exc}; stopped: {kept} (--skip-nonfinite N "
                       f"tolerates N bad steps)", file=sys.stderr)
             return 1
+        if self.any_rank(stop()):  # a stop request never starts a validation pass
+            self.loop.check()
+            return self.stop_mid_epoch(epoch, stop)
         self.finish_epoch(epoch, val_loader)
         return None
+
+    def stop_mid_epoch(self, epoch: int, stop) -> int:
+        """Save where the epoch stands (a resumed run continues at the next step) and stop."""
+        run = self.run
+        if self.primary:  # other ranks would build the whole checkpoint for nothing
+            run.keeper.save_mid_epoch(ckpt_io.save(run), LAST)
+        distributed.barrier(run.dist)
+        self.print_stop(f"stopped at epoch {epoch}, step {run.counters.epoch_step}")
+        return stop.exit_code
 
     def train(self, loader, stop) -> None:
         """The epoch's training steps; recovery saves and stop requests between updates."""

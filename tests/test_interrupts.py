@@ -1,0 +1,94 @@
+"""Ctrl-C and SIGTERM, as a terminal sends them to a real run (to its whole process group, loader
+workers included): one message; the first press stops after the current step without starting a
+validation pass; the second quits within a second even inside a long step; files stay whole."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from conftest import REPO_ROOT, make_imagefolder
+
+# One optimizer step per epoch that takes about two seconds on one CPU thread.
+SLOW = ["--model", "resnet18", "--img-size", "192", "-b", "24", "-j", "2", "--epochs", "4",
+        "--warmup-epochs", "0", "--lr", "0.01", "--log-interval", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("interrupts") / "data", num_classes=3,
+                            train_per_class=8, val_per_class=2, size=48)
+
+
+class Run:
+    """train.py in a session of its own; its output is collected line by line."""
+
+    def __init__(self, data, out, *extra):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "train.py"), str(data), *SLOW, "--output", str(out),
+             "--experiment", "x", *extra], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.run_dir = out / "train" / "x"
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 240) -> None:
+        deadline = time.time() + timeout
+        while not any(text in line for line in self.lines):
+            assert self.proc.poll() is None, "".join(self.lines)[-3000:]
+            assert time.time() < deadline, f"no {text!r} in time"
+            time.sleep(0.02)
+
+    def press(self, sig=signal.SIGINT) -> None:
+        """As a terminal does: the signal goes to the whole process group."""
+        os.killpg(self.proc.pid, sig)
+
+    def finish(self, timeout: float = 120) -> str:
+        self.proc.wait(timeout=timeout)
+        self.ended = time.time()
+        self.reader.join(timeout=10)
+        return "".join(self.lines)
+
+
+def test_a_second_ctrl_c_quits_within_a_second_inside_a_long_step(data, tmp_path):
+    run = Run(data, tmp_path)
+    run.wait_for("epoch 0/3")  # last.pth.tar of epoch 0 exists; epoch 1's one step begins
+    time.sleep(0.5)
+    run.press()
+    time.sleep(0.3)
+    pressed = time.time()
+    run.press()
+    text = run.finish()
+    quit_after = run.ended - pressed
+    assert run.proc.returncode == 130, text[-3000:]
+    assert quit_after < 1.0, f"took {quit_after:.2f} s to quit"
+    assert text.count("SIGINT received") == 1, text  # not once per loader worker
+    assert "SIGINT again: quitting at once" in text and "Traceback" not in text
+    ckpt = torch.load(run.run_dir / "last.pth.tar", weights_only=True)  # whole, loadable
+    assert ckpt["epoch"] == 0
+    assert not [p for p in run.run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_stop_during_the_last_step_saves_without_validating(data, tmp_path):
+    run = Run(data, tmp_path)
+    run.wait_for("epoch 0/3")
+    time.sleep(0.5)
+    run.press(signal.SIGTERM)
+    text = run.finish()
+    assert run.proc.returncode == 143, text[-3000:]
+    assert "epoch 1/3" not in text  # epoch 1 was trained, not validated
+    assert "stopped at epoch 1, step 1" in text and "Traceback" not in text
+    ckpt = torch.load(run.run_dir / "last.pth.tar", weights_only=True)
+    assert ckpt["counters"]["epoch"] == 1 and ckpt["counters"]["epoch_step"] == 1
+    assert len((run.run_dir / "summary.csv").read_text().splitlines()) == 2
