@@ -15,6 +15,8 @@ import pytest
 from conftest import make_imagefolder, run_cli, run_in_process, run_jobs, torch_threads
 
 from ematrain import train
+from ematrain.errors import UserError
+from ematrain.settings import train_settings
 
 COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--warmup-epochs", "0",
           "--lr", "0.05", "-j", "0", "--epochs", "1"]
@@ -175,10 +177,8 @@ def test_corrupt_image_named(cases, name):
     assert len(errors) == 1, proc.stderr
     assert errors[0].startswith("train.py: error: ")
     assert "class_1" in errors[0] and "0001.png" in errors[0]
-    # Nothing half-done: no checkpoint, no summary, no temporary file.
-    left = files_under(case.out)
-    assert not [f for f in left if f.endswith((".pth.tar", "summary.csv", ".tmp"))], left
-    assert not [f for f in left if Path(f).name.startswith(".")], left
+    # Nothing half-done: the run folder that never got a checkpoint is gone again.
+    assert files_under(case.out) == ["train"], files_under(case.out)
 
 
 def test_yaml_scalar_for_list_flag(cases):
@@ -212,3 +212,34 @@ def test_bad_augmentation_and_pool_names_are_one_line(tmp_path, flags, message):
                 "--output", tmp_path / "out", *flags)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert message in r.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--model-ema-every", "0"], "--model-ema-every must be >= 1, got 0"),
+    (["--cutmix-minmax", "0.9", "0.1"],
+     "--cutmix-minmax takes MIN MAX with 0 < MIN < MAX <= 1, got 0.9 0.1"),
+    (["--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
+    (["--lr", "inf"], "argument --lr: expected a finite number, got 'inf'"),
+    (["--weight-decay=-inf"], "argument --weight-decay: expected a finite number, got '-inf'"),
+    (["--model-ema-decay", "nan"], "argument --model-ema-decay: expected a finite number"),
+    (["--model-ema-half-life", "1e309it"], "bad half-life '1e309it': must be a positive finite"),
+    (["--img-size", "100000"], "--img-size must be between 1 and 4096 pixels, got 100000"),
+    (["--input-size", "3", "64", "9000"], "--input-size must be between 1 and 4096 pixels"),
+])
+def test_bad_values_are_named_by_their_flag(tmp_path, flags, message):
+    with pytest.raises(UserError) as err:
+        train_settings([str(tmp_path), *flags])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("half_life,word", [("1e20it", "long"), ("1e-300it", "short")])
+def test_a_half_life_no_decay_can_express_is_one_line(tmp_path, half_life, word):
+    data = small_tree(tmp_path / "d")
+    with torch_threads(1):
+        r = run_in_process(train.main, "train.py", data, *COMMON, "--model-ema-half-life",
+                           half_life, "--output", tmp_path / "out")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert nonempty_lines(r.stderr) == [
+        f"train.py: error: --model-ema-half-life {half_life} is "
+        f"{float(half_life[:-2]):.3g} optimizer steps, too {word} for a decay in (0, 1)"]
+    assert files_under(tmp_path / "out") == []

@@ -181,15 +181,20 @@ def test_a_half_life_on_the_command_line_replaces_the_recipe_decay(tmp_path):
 
 
 @pytest.mark.parametrize("line,value", [("lr: 1e-3", 0.001), ("weight_decay: 5e-5", 5e-5),
+                                        ("mean: [-1.0e-5, 0.5, 2.5e-7]", [-1e-5, 0.5, 2.5e-7]),
+                                        ("opt_kwargs: {'foo': -3.0e-9}", {"foo": -3e-9}),
                                         ("model_ema_decay: 0.99", [0.99]),
                                         ("model_ema_half_life: 2ep", ["2ep"]),
                                         ("torchcompile: true", "inductor"),
                                         ("torchcompile: false", None)])
 def test_recipe_values_are_converted_as_the_command_line_would(tmp_path, line, value):
+    """Each value as the command line gives it, and the data root after it still read as one
+    (a recipe's list or bare flag must not swallow it)."""
     recipe = tmp_path / "ok.yaml"
     recipe.write_text(line + "\n")
     args = train_settings(["-c", recipe, str(tmp_path)]).args
     assert getattr(args, line.split(":")[0]) == value
+    assert args.data_dir == str(tmp_path)
 
 
 @pytest.mark.parametrize("line,message", [

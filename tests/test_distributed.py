@@ -86,7 +86,19 @@ def test_two_process_run_resumes(two_proc_run, data_root):
     rows = list(csv.DictReader(open(out / "train" / "ddp" / "summary.csv")))
     assert [row["epoch"] for row in rows] == ["0", "1"]
     ckpt = torch.load(out / "train" / "ddp" / "last.pth.tar", weights_only=True)
-    assert ckpt["epoch"] == 1
+    assert ckpt["epoch"] == 1 and ckpt["counters"]["world_size"] == 2
+
+
+def test_a_single_process_run_continues_under_torchrun(data_root, tmp_path):
+    first = torchrun(REPO_ROOT / "train.py", data_root, *TINY, "--epochs", "1", "--output",
+                     tmp_path, "--experiment", "one", nproc=1)
+    assert first.returncode == 0, first.stderr
+    last = tmp_path / "train" / "one" / "last.pth.tar"
+    r = torchrun(REPO_ROOT / "train.py", "--resume", last, "--epochs", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resume: processes 2 (the checkpoint's run had 1)" in r.stderr
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["counters"]["world_size"] == 2
 
 
 def test_diverged_shadows_stop_the_run(tmp_path):

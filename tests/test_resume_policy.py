@@ -286,3 +286,72 @@ def test_a_half_life_keeps_its_horizon_when_the_batch_size_changes(data, tmp_pat
     # One epoch is now 12 steps of 2 images: the decay whose half-life is 12 steps.
     assert ckpt["ema"]["decays"] == [pytest.approx(0.5 ** (1 / 12), rel=1e-12)]
     assert ckpt["ema"]["steps"] == STEPS + 12
+
+
+def test_no_resume_opt_applies_to_its_own_resume_only(ema_run, tmp_path):
+    run = copy_run(ema_run, tmp_path)
+    r = train_in_process("--resume", run / "last.pth.tar", "--no-resume-opt", "--epochs", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    settings, _ = resolve("--resume", run / "last.pth.tar", "--epochs", "3")
+    assert settings.loop.no_resume_opt is False  # the next resume restores the optimizer again
+
+
+def test_a_timm_checkpoint_resumes_with_fresh_parts_named(data, tmp_path):
+    import argparse
+
+    import timm
+    from timm.optim import create_optimizer_v2
+    model = timm.create_model("test_resnet", num_classes=3)
+    # As timm's train.py builds it for --opt sgd --weight-decay 2e-5.
+    optimizer = create_optimizer_v2(model, opt="sgd", lr=0.05, weight_decay=2e-5, momentum=0.9)
+    path = tmp_path / "timm.pth.tar"
+    torch.save({"epoch": 0, "arch": "test_resnet", "state_dict": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "version": 2,
+                "args": argparse.Namespace(model="test_resnet", epochs=1)}, path)
+    r = train_in_process(data, *TINY, "--epochs", "2", "--output", tmp_path / "out",
+                         "--resume", path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "holds no scheduler state; this run's starts fresh" in r.stderr
+    assert "resumed from" in r.stderr and "at epoch 1" in r.stderr
+    (run_dir,) = (tmp_path / "out" / "train").iterdir()
+    assert [r["epoch"] for r in rows(run_dir)] == ["1"]
+
+
+def test_the_start_weights_are_not_loaded_again_on_resume(data, tmp_path):
+    import timm
+    weights = tmp_path / "start.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), weights)
+    first = train_in_process(data, *TINY, "--initial-checkpoint", weights, "--output", tmp_path,
+                             "--experiment", "w")
+    assert first.returncode == 0, first.stderr[-2000:]
+    weights.unlink()  # moved away after the run started
+    r = train_in_process("--resume", tmp_path / "train/w/last.pth.tar", "--epochs", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_new_batch_size_at_an_epoch_boundary_gets_its_own_learning_rate(data, tmp_path):
+    # No --lr: --lr-base 0.1 per 256 images, with 4 images per step and then 8.
+    no_lr = [a for a in TINY if a not in ("--lr", "0.05")]
+    first = train_in_process(data, *no_lr, "--output", tmp_path, "--experiment", "b")
+    assert first.returncode == 0, first.stderr[-2000:]
+    settings, source = resolve("--resume", tmp_path / "train/b/last.pth.tar", "-b", "8",
+                               "--epochs", "2")
+    built = build_run(settings, resuming=True)
+    resume_mod.restore(built, source)
+    import math
+    peak = 0.1 * 8 / 256
+    assert built.lr == pytest.approx(peak)
+    # Cosine over 2 epochs, at epoch 1, from the new peak (not the checkpoint's 0.1 * 4 / 256).
+    expected = peak * (1 + math.cos(math.pi / 2)) / 2
+    assert built.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_a_stop_under_torchrun_names_torchrun(ema_run, monkeypatch):
+    from ematrain.distributed import DistInfo
+    from ematrain.train import Training
+    settings, source = resolve("--resume", ema_run / "last.pth.tar")
+    tr = Training(build_run(settings, resuming=True), source)
+    assert tr.launcher() == "python train.py"
+    tr.run.dist = DistInfo(rank=0, world_size=8, local_rank=0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert tr.launcher() == "torchrun --nnodes 2 --nproc_per_node 4 train.py"

@@ -3,6 +3,7 @@ table-driven CLI fuzz."""
 from __future__ import annotations
 
 import errno
+import os
 import random
 
 import pytest
@@ -131,3 +132,49 @@ def test_cli_fuzz_exit_codes_and_no_partial_files(data_root, tmp_path, capsys, i
         assert (run_dir / "last.pth.tar").is_file() and (run_dir / "summary.csv").is_file()
         torch.load(run_dir / "last.pth.tar", weights_only=True)
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+# --------------------------------------------------------------------------- the run folder
+def test_a_live_run_folder_is_refused_to_a_second_process(data_root, tmp_path, capsys):
+    from ematrain import outputs
+    holder = outputs.RunFolder.open(tmp_path / "train" / "same", resuming=True)
+    try:
+        rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment",
+                             "same", "--resume", "auto"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"is in use by another process (pid {os.getpid()})" in err
+        # A new run with the same name takes the next free folder instead.
+        assert train_mod.main([str(data_root), *TINY, "--output", str(tmp_path),
+                               "--experiment", "same"]) == 0
+        assert (tmp_path / "train" / "same-1" / "last.pth.tar").is_file()
+    finally:
+        holder.close()
+    assert not (tmp_path / "train" / "same" / outputs.LOCK).exists()
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block(data_root, tmp_path):
+    run = tmp_path / "train" / "x"
+    run.mkdir(parents=True)
+    (run / ".ematrain.lock").write_text("12345\n")  # its process is gone: no flock is held
+    assert train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment", "x",
+                           "--resume", "auto"]) == 0
+    assert (run / "last.pth.tar").is_file() and not (run / ".ematrain.lock").exists()
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs/x", "a/b", ".."])
+def test_an_experiment_name_that_is_a_path_is_refused(data_root, tmp_path, capsys, name):
+    rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path / "o"), "--experiment",
+                         name])
+    assert rc == 2 and "must be a folder name, not a path" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "x").exists()
+
+
+def test_an_experiment_named_like_a_file_takes_the_next_name(data_root, tmp_path, capsys):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "e").write_text("x")
+    assert train_mod.main([str(data_root), *TINY, "--output", str(tmp_path),
+                           "--experiment", "e"]) == 0
+    assert (tmp_path / "train" / "e-1" / "last.pth.tar").is_file()
+    rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment", "e",
+                         "--resume", str(tmp_path / "train" / "e")])
+    assert rc == 2 and "Traceback" not in capsys.readouterr().err

@@ -123,7 +123,9 @@ class Run:
         """The run's settings as a plain dict (args.yaml, a checkpoint's `args`)."""
         record = dict(vars(self.settings.args))
         # Absolute, so `-c args.yaml` and `--resume PATH` work from any directory.
-        record["data_dir"] = str(Path(record["data_dir"]).resolve())
+        for key in ("data_dir", "initial_checkpoint", "pretrained_path"):
+            if record.get(key):
+                record[key] = str(Path(record[key]).resolve())
         return record
 
     def images_per_step(self) -> int:
@@ -158,14 +160,16 @@ def build_data(spec: DataSpec, loader: LoaderSpec, num_classes: int | None, seed
 
 
 def build_model(spec: ModelSpec, num_classes: int, device: torch.device,
-                precision: Precision, sync_bn: bool) -> nn.Module:
-    """The timm model, its initial weights, on its device in its dtype."""
-    model = create_model(spec.model, num_classes, pretrained=spec.pretrained,
-                         pretrained_path=spec.pretrained_path, **spec.create_kwargs())
+                precision: Precision, sync_bn: bool, start_weights: bool = True) -> nn.Module:
+    """The timm model, its initial weights (unless `start_weights` is False: a resumed run
+    takes its weights from the checkpoint), on its device in its dtype."""
+    model = create_model(spec.model, num_classes, pretrained=spec.pretrained and start_weights,
+                         pretrained_path=spec.pretrained_path if start_weights else None,
+                         **spec.create_kwargs())
     set_batchnorm(model, spec.bn_momentum, spec.bn_eps)
     if spec.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if spec.initial_checkpoint:
+    if spec.initial_checkpoint and start_weights:
         state = ckpt_io.load_file(spec.initial_checkpoint)
         weights = ckpt_io.select_weights(state, spec.initial_checkpoint)
         ckpt_io.load_weights_into(model, weights.state, spec.initial_checkpoint,
@@ -257,8 +261,9 @@ def wrap_model(model: nn.Module, dist: distributed.DistInfo, device: torch.devic
     return model
 
 
-def build_run(settings: TrainSettings) -> Run:
-    """Every part of a run, in the order their dependencies need."""
+def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
+    """Every part of a run, in the order their dependencies need (`resuming`: the weights will
+    come from a checkpoint, so the start weights are not loaded)."""
     s = settings
     dist, device = distributed.init_distributed(s.dist.device, s.dist.dist_backend)
     if not dist.is_primary:
@@ -268,7 +273,8 @@ def build_run(settings: TrainSettings) -> Run:
     train = build_data(s.data, s.loader, s.model.num_classes, s.loop.seed, dist,
                        s.optim.grad_accum_steps, pin_memory=device.type == "cuda")
     num_classes = len(train.class_names)
-    model = build_model(s.model, num_classes, device, precision, s.dist.sync_bn and dist.enabled)
+    model = build_model(s.model, num_classes, device, precision, s.dist.sync_bn and dist.enabled,
+                        start_weights=not resuming)
     train.data_config = data.data_config_for(s.image.overrides(), model)
     train.train_set.dataset.transform = data.train_transform(train.data_config, s.aug)
     train.val_set.transform = data.eval_transform(train.data_config)

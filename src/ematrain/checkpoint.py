@@ -112,17 +112,27 @@ def write_file(path: str | Path, ckpt: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- restoring
-def restore(run, ckpt: dict, path, skip: frozenset = frozenset()) -> None:
-    """Load every part of `run` from `ckpt` except those named in `skip`.
+# Parts a checkpoint may lack (timm's have no scheduler, keeper or summary; a run that turns on
+# float16 AMP has no scaler state yet): they start fresh.
+OPTIONAL_PARTS = frozenset({"scheduler", "amp_scaler", "keeper", "summary"})
 
-    A key missing, or holding something its part cannot take, is one line naming the key.
+
+def restore(run, ckpt: dict, path, skip: frozenset = frozenset()) -> list[str]:
+    """Load every part of `run` from `ckpt` except those named in `skip`; returns the optional
+    parts the checkpoint lacks (they start fresh).
+
+    A required key missing, or a key holding something its part cannot take, is one line
+    naming the key.
     """
     ckpt = upgrade(ckpt)
-    parts = run.parts()
-    for name, part in parts.items():
+    fresh = []
+    for name, part in run.parts().items():
+        key = "state_dict" if name == "model" else name
         if name in skip:
             continue
-        key = "state_dict" if name == "model" else name
+        if key not in ckpt and name in OPTIONAL_PARTS:
+            fresh.append(name)
+            continue
         if key not in ckpt:
             raise UserError(f"cannot resume from {path}: it has no '{key}' (it was saved "
                             f"without the {name} this run has)")
@@ -135,6 +145,7 @@ def restore(run, ckpt: dict, path, skip: frozenset = frozenset()) -> None:
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
             raise UserError(f"cannot resume from {path}: its '{key}' does not fit this run's "
                             f"{name} ({_short_reason(exc)})") from None
+    return fresh
 
 
 def ema_state(ckpt: dict) -> dict:

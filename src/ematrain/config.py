@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import yaml
 
 from .errors import UserError
@@ -22,7 +23,7 @@ from .timm_settings import refuse_foreign_keys
 # Flags that spell the same setting.
 SAME_SETTING = ({"data", "data_dir"}, {"model_ema_decay", "model_ema_half_life"})
 # Never taken from a lower layer: they say how to start this process, not what the run is.
-NOT_LAYERED = {"config", "resume"}
+NOT_LAYERED = {"config", "resume", "no_resume_opt"}
 
 
 @dataclass
@@ -78,7 +79,11 @@ def _primary_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Acti
 
 
 def _text(value) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        # argparse takes "-1e-05" for an option; the positional spelling of the same number
+        # ("-0.00001", exact) reads as a negative number.
+        return np.format_float_positional(value, trim="-") if value < 0 else repr(value)
+    return str(value)
 
 
 def _option(action: argparse.Action) -> str:
@@ -102,7 +107,9 @@ def _value_tokens(action: argparse.Action, key: str, value, where: str) -> list[
             raise UserError(f"{where}: {key} must be a mapping of names to values, got {value!r}")
         return [opt, *(f"{k}={v!r}" for k, v in value.items()), LIST_END] if value else []
     if action.nargs == "?" and isinstance(value, bool) and action.const is not None:
-        return [opt] if value else []  # torchcompile: true is the bare flag
+        # torchcompile: true is the bare flag, written with its value so that a positional
+        # argument after it is not taken for one.
+        return [f"{opt}={action.const}"] if value else []
     if action.nargs in ("+", "*") or isinstance(action.nargs, int):
         items = value if isinstance(value, (list, tuple)) else [value]
         return [opt, *map(_text, items), LIST_END]

@@ -1,7 +1,9 @@
 """ImageFolder splits, timm transforms and seeded data loaders."""
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,9 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .errors import UserError
+from .logs import log
 from .seeding import loader_generator, seed_sample, seed_worker
+from .signals import in_loader_worker
 
 # Keys of the data config that fix the evaluation transform; kept in checkpoints so that
 # validate.py rebuilds exactly the transform training validated with.
@@ -39,21 +43,79 @@ def _load_rgb(path: str) -> Image.Image:
         with open(path, "rb") as f:
             img = Image.open(f)
             return img.convert("RGB")
+    except Image.DecompressionBombError:
+        raise UserError(f"cannot read image {path}: its header claims more pixels than any "
+                        f"real image (a decompression bomb?)") from None
     except (OSError, ValueError) as exc:
         reason = "not a valid image" if "cannot identify" in str(exc) else str(exc)[:100]
         raise UserError(f"cannot read image {path}: {reason}") from None
 
 
+def _hidden(name: str) -> bool:
+    # Dot-files and folders: .ipynb_checkpoints, macOS's AppleDouble ._x.png, .DS_Store, ...
+    return name.startswith(".")
+
+
+class _Scan:
+    """Walks a split's class folders: hidden entries skipped (and counted), links to folders
+    followed, but a link back to a folder already walked (a loop, or a second path to the same
+    images) refused rather than counted twice."""
+
+    def __init__(self, split_dir: Path):
+        self.split_dir = split_dir
+        self.hidden = 0
+        self.seen: dict[str, str] = {}
+
+    def _refuse(self, error: OSError) -> None:
+        raise UserError(f"cannot read folder {error.filename}: "
+                        f"{(error.strerror or str(error)).lower()}")
+
+    def classes(self) -> list[str]:
+        try:
+            entries = sorted(os.scandir(self.split_dir), key=lambda e: e.name)
+        except OSError as exc:
+            self._refuse(exc)
+        self.hidden += sum(_hidden(e.name) for e in entries)
+        return [e.name for e in entries if not _hidden(e.name) and e.is_dir()]
+
+    def images(self, class_dir: str) -> list[str]:
+        found = []
+        for folder, dirs, files in os.walk(class_dir, followlinks=True, onerror=self._refuse):
+            real = os.path.realpath(folder)
+            if real in self.seen:
+                raise UserError(f"split {self.split_dir}: {folder} leads back to "
+                                f"{self.seen[real]} (a folder link loop, or two paths to the same "
+                                f"images); remove the link")
+            self.seen[real] = folder
+            self.hidden += sum(map(_hidden, dirs)) + sum(map(_hidden, files))
+            dirs[:] = sorted(d for d in dirs if not _hidden(d))
+            found += [os.path.join(folder, f) for f in sorted(files)
+                      if not _hidden(f) and f.lower().endswith(IMG_EXTENSIONS)]
+        return found
+
+
+class SplitFolder(ImageFolder):
+    """torchvision's ImageFolder over the samples that `_Scan` finds."""
+
+    def __init__(self, split_dir: Path, transform=None):
+        self.scan = _Scan(Path(split_dir))
+        super().__init__(str(split_dir), transform=transform, loader=_load_rgb, allow_empty=True)
+
+    def find_classes(self, directory):
+        classes = self.scan.classes()
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None,
+                     allow_empty=False):
+        return [(path, index) for name, index in class_to_idx.items()
+                for path in self.scan.images(os.path.join(directory, name))]
+
+
 def load_image_folder(split_dir: Path, transform=None) -> ImageFolder:
     """An ImageFolder whose bad layouts and bad images surface as one-line UserErrors."""
-    class_dirs = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not class_dirs:
+    dataset = SplitFolder(split_dir, transform)
+    if not dataset.classes:
         raise UserError(f"split {split_dir} has no class folders")
-    try:
-        dataset = ImageFolder(str(split_dir), transform=transform, loader=_load_rgb,
-                              allow_empty=True)
-    except FileNotFoundError as exc:
-        raise UserError(f"split {split_dir}: {exc}") from None
     if not dataset.samples:
         raise UserError(f"split {split_dir} has no images "
                         f"(looked for {', '.join(IMG_EXTENSIONS[:4])}, ...)")
@@ -61,6 +123,9 @@ def load_image_folder(split_dir: Path, transform=None) -> ImageFolder:
     empty = [c for c, n in zip(dataset.classes, counts) if n == 0]
     if empty:
         raise UserError(f"split {split_dir}: class folder(s) with no images: {', '.join(empty[:5])}")
+    if dataset.scan.hidden:
+        log.info(f"{split_dir}: skipped {dataset.scan.hidden} hidden file(s) and folder(s) "
+                 f"(names starting with '.')")
     return dataset
 
 
@@ -104,8 +169,26 @@ def make_loader(dataset, batch_size: int, workers: int, seed: int, drop_last: bo
     """A loader whose order and worker seeds come from `seed` alone (re-create it per epoch)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      pin_memory=pin_memory, worker_init_fn=seed_worker,
+                      pin_memory=pin_memory, worker_init_fn=_init_worker,
                       generator=loader_generator(seed), persistent_workers=False)
+
+
+@contextlib.contextmanager
+def batches(loader):
+    """Iterate `loader`, and end its worker processes when done, also on an error (a reference
+    to the iterator kept by the error's traceback would otherwise keep them running)."""
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _init_worker(worker_id: int) -> None:
+    in_loader_worker()
+    seed_worker(worker_id)
 
 
 class SeededSamples(torch.utils.data.Dataset):

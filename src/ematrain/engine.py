@@ -23,6 +23,7 @@ from timm.utils import dispatch_clip_grad
 from torch import nn
 from tqdm import tqdm
 
+from .data import batches
 from .ema import ModelEma, WeightSwapper
 from .errors import UserError
 from .models import unwrap_model
@@ -212,32 +213,34 @@ class EpochLoop:
 
     def run(self, loader, epochs: int) -> Iterator[int]:
         """Train from batch `counters.epoch_step` to the end of the epoch."""
-        c, accum = self.counters, self.config.accum_steps
-        batches = c.epoch_step + len(loader)
         self.model.train()
-        self.tally = _Tally(c, self.batches.device)
-        progress = _Progress(self, batches, epochs)
+        self.tally = _Tally(self.counters, self.batches.device)
+        progress = _Progress(self, self.counters.epoch_step + len(loader), epochs)
         try:
-            for batch, (images, targets) in enumerate(loader, start=c.epoch_step):
-                seed_step(self.config.seed, c.epoch, batch, self.config.rank)
-                images, targets = self.batches(images, targets)
-                # The last batches of an epoch may form a shorter accumulation group.
-                group_start = batch - batch % accum
-                update = (batch + 1) % accum == 0 or batch + 1 == batches
-                group_size = min(accum, batches - group_start)
-                if not self._step(batch, images, targets, update, group_size):
-                    progress.update(batch, None, 0)
-                    continue
-                if update:
-                    c.num_updates += 1
-                    if self.scheduler is not None:
-                        self.scheduler.step_update(num_updates=c.num_updates)
-                progress.update(batch, self._last_loss, images.size(0))
-                if update and batch + 1 < batches:
-                    yield c.num_updates
+            with batches(loader) as stream:
+                yield from self._batches(stream, progress)
         finally:
             progress.close()
         self.tally.flush()
+
+    def _batches(self, stream, progress: "_Progress") -> Iterator[int]:
+        c, accum, total = self.counters, self.config.accum_steps, progress.batches
+        for batch, (images, targets) in enumerate(stream, start=c.epoch_step):
+            seed_step(self.config.seed, c.epoch, batch, self.config.rank)
+            images, targets = self.batches(images, targets)
+            # The last batches of an epoch may form a shorter accumulation group.
+            update = (batch + 1) % accum == 0 or batch + 1 == total
+            group_size = min(accum, total - (batch - batch % accum))
+            if not self._step(batch, images, targets, update, group_size):
+                progress.update(batch, None, 0)
+                continue
+            if update:
+                c.num_updates += 1
+                if self.scheduler is not None:
+                    self.scheduler.step_update(num_updates=c.num_updates)
+            progress.update(batch, self._last_loss, images.size(0))
+            if update and batch + 1 < total:
+                yield c.num_updates
 
     def _step(self, batch: int, images, targets, update: bool, group_size: int) -> bool:
         rollback = _float_buffers(self.model, clone=True) if self.config.skip_nonfinite else None
@@ -320,42 +323,59 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
     ranks (each rank sees a disjoint share of the images). Returns one dict per weight set (raw
     first, then the shadows in order) with 'loss', 'top1', 'top5' and 'count'.
     """
-    # DDP's forward would broadcast buffers (a collective) while ranks hold different numbers of
-    # validation batches: evaluate the plain module under DDP.
-    if isinstance(getattr(model, "_orig_mod", model), nn.parallel.DistributedDataParallel):
-        model = unwrap_model(model)
-    model.eval()
-    shadows = ema.modules if ema is not None else []
-    first = next(unwrap_model(model).parameters())
-    swapper = WeightSwapper(model, shadows) if shadows and ema.device != first.device else None
-    nets = [model] + ([model] * len(shadows) if swapper else list(shadows))
-    # Each weight set computes in its own dtype (--model-dtype, --model-ema-dtype); a swapped-in
-    # shadow takes the live model's.
-    dtypes = [first.dtype] + [first.dtype if swapper else next(s.parameters()).dtype
-                              for s in shadows]
-    sums = torch.zeros(len(nets), 4, dtype=torch.float64, device=device)
-    order = list(range(len(nets)))
-    bar = tqdm(loader, desc="validate" if epoch is None else f"val {epoch}", leave=False,
-               disable=not (show and show_bars()), unit="batch", dynamic_ncols=True)
+    sets = _EvalSets(model, ema)
+    sums = torch.zeros(len(sets.nets), 4, dtype=torch.float64, device=device)
+    bar = tqdm(total=len(loader), desc="validate" if epoch is None else f"val {epoch}",
+               leave=False, disable=not (show and show_bars()), unit="batch", dynamic_ncols=True)
     try:
-        for images, targets in bar:
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            for index in order:
-                if swapper is not None:
-                    swapper.load(index)
-                x = images if amp_dtype is not None else images.to(dtypes[index])
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    output = nets[index](x)
-                sums[index] += _batch_sums(output, targets)
-            # Walking the sets back and forth saves one weight swap per batch.
-            order.reverse()
+        with batches(loader) as stream:
+            for images, targets in stream:
+                images = images.to(device, non_blocking=True)
+                targets = targets.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                sets.score(images, targets, sums, amp_dtype)
+                bar.update(1)
     finally:
-        if swapper is not None:
-            swapper.restore()
+        bar.close()
+        sets.restore()
     return _results(reduce(sums))
+
+
+class _EvalSets:
+    """The weight sets of one validation pass, each computing in its own dtype (--model-dtype,
+    --model-ema-dtype). A shadow on another device than the model (--model-ema-force-cpu) is
+    swapped into the live model, and computes in its dtype."""
+
+    def __init__(self, model: nn.Module, ema: ModelEma | None):
+        # DDP's forward would broadcast buffers (a collective) while ranks hold different numbers
+        # of validation batches: evaluate the plain module under DDP.
+        if isinstance(getattr(model, "_orig_mod", model), nn.parallel.DistributedDataParallel):
+            model = unwrap_model(model)
+        model.eval()
+        shadows = ema.modules if ema is not None else []
+        first = next(unwrap_model(model).parameters())
+        self.swapper = (WeightSwapper(model, shadows)
+                        if shadows and ema.device != first.device else None)
+        self.nets = [model] + ([model] * len(shadows) if self.swapper else list(shadows))
+        self.dtypes = [first.dtype] + [first.dtype if self.swapper else next(s.parameters()).dtype
+                                       for s in shadows]
+        self.order = list(range(len(self.nets)))
+
+    def score(self, images, targets, sums: torch.Tensor, amp_dtype) -> None:
+        for index in self.order:
+            if self.swapper is not None:
+                self.swapper.load(index)
+            x = images if amp_dtype is not None else images.to(self.dtypes[index])
+            with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                output = self.nets[index](x)
+            sums[index] += _batch_sums(output, targets)
+        # Walking the sets back and forth saves one weight swap per batch.
+        self.order.reverse()
+
+    def restore(self) -> None:
+        if self.swapper is not None:
+            self.swapper.restore()
 
 
 def _batch_sums(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,10 @@ the final report. Every file is written atomically."""
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -17,34 +20,97 @@ METRICS = ("loss", "top1", "top5")
 
 
 # ----------------------------------------------------------------------------- the run folder
-def make_run_dir(output: str, experiment: str, model: str, resuming: bool = False,
-                 path: Path | None = None) -> Path:
-    """`<output or ./output>/train/<experiment or date-model>/` (or `path`), created if needed.
+LOCK = ".ematrain.lock"
+# What a run writes before its first checkpoint: a folder holding only these is removed again
+# when the run fails (nothing of value is lost, no empty run is left to mislead).
+_BEFORE_FIRST_CHECKPOINT = {"args.yaml", "summary.csv", "curves.png", LOCK}
+
+
+class RunFolder:
+    """The run's folder, locked against a second process while the run lives.
 
     A new run never writes into an earlier run's folder: like timm, it takes `<name>-1`,
-    `<name>-2`, ... instead. A resumed run continues in its own folder.
+    `<name>-2`, ... instead (also when another process holds `<name>` right now). A resumed run
+    continues in its own folder, and refuses one that a live process holds. The lock is an
+    flock: it dies with its process, so a killed run's leftover never blocks.
     """
+
+    def __init__(self, path: Path, handle, created: bool):
+        self.path, self._handle, self.created = path, handle, created
+
+    @classmethod
+    def open(cls, base: Path, resuming: bool) -> "RunFolder":
+        candidate, suffix = base, 0
+        while True:
+            if candidate.exists() and not candidate.is_dir():
+                if resuming:
+                    raise UserError(f"run folder {candidate} is a file, not a folder")
+            else:
+                created = not candidate.exists()
+                handle = cls._lock(candidate, resuming)
+                if handle is not None and (resuming or created or not _has_entries(candidate)):
+                    if resuming:
+                        remove_stale_temporaries(candidate)
+                    return cls(candidate, handle, created)
+                if handle is not None:
+                    handle.close()
+            suffix += 1
+            candidate = base.with_name(f"{base.name}-{suffix}")
+
+    @staticmethod
+    def _lock(folder: Path, resuming: bool):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = open(folder / LOCK, "a+")
+        except OSError as exc:
+            raise UserError(f"cannot create output directory {folder}: {exc.strerror}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            if resuming:
+                raise UserError(f"run folder {folder} is in use by another process (pid "
+                                f"{holder}); wait for it to end, or stop it first") from None
+            return None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        return handle
+
+    def close(self) -> None:
+        """Release the lock (the lock file goes too)."""
+        if self._handle is not None:
+            (self.path / LOCK).unlink(missing_ok=True)
+            self._handle.close()
+            self._handle = None
+
+    def discard_if_unused(self) -> None:
+        """Remove a folder this run created and never saved a checkpoint in."""
+        if self.created and all(p.name in _BEFORE_FIRST_CHECKPOINT for p in self.path.iterdir()):
+            self.close()
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _has_entries(folder: Path) -> bool:
+    return any(p.name != LOCK for p in folder.iterdir())
+
+
+def run_folder_base(output: str, experiment: str, model: str) -> Path:
+    """`<output or ./output>/train/<experiment or date-model>`."""
     name = experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{model.replace('/', '_')}"
-    base = path or Path(output or "output") / "train" / name
-    name = base.name
-    run_dir = base
-    suffix = 0
-    while not resuming and run_dir.exists() and any(run_dir.iterdir()):
-        suffix += 1
-        run_dir = base.with_name(f"{name}-{suffix}")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output directory {run_dir}: {exc.strerror}") from None
-    if resuming:
-        remove_stale_temporaries(run_dir)
+    return Path(output or "output") / "train" / name
+
+
+def check_writable(run_dir: Path) -> None:
     probe = run_dir / ".write-test"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
         raise UserError(f"output directory {run_dir} is not writable: {exc.strerror}") from None
-    return run_dir
 
 
 def write_args(run_dir: Path, record: dict) -> None:

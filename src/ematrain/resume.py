@@ -69,7 +69,9 @@ SCHEDULE_SETTINGS = {"sched", "epochs", "warmup_epochs", "warmup_lr", "min_lr", 
                      "decay_epochs", "decay_rate", "decay_milestones", "patience_epochs",
                      "warmup_prefix", "lr_noise", "lr_noise_pct", "lr_noise_std", "lr_cycle_mul",
                      "lr_cycle_decay", "lr_cycle_limit", "lr_k_decay", "sched_on_updates", "lr",
-                     "lr_base", "lr_base_size", "lr_base_scale", "eval_metric"}
+                     "lr_base", "lr_base_size", "lr_base_scale", "eval_metric",
+                     # The global batch sets the LR (--lr-base) and the updates per epoch.
+                     "batch_size", "grad_accum_steps", "world_size"}
 
 
 def policy_markdown() -> str:
@@ -198,6 +200,7 @@ def check_run(run, source: ResumeSource) -> None:
     world = ckpt.get("counters", {}).get("world_size", run.dist.world_size)
     if world != run.dist.world_size:
         decide(_RULES["world_size"], source, world, run.dist.world_size, "processes", True)
+        source.changed.add("world_size")
 
 
 def _check_decays(run, source: ResumeSource) -> None:
@@ -228,7 +231,9 @@ def restore(run, source: ResumeSource) -> None:
     if not ckpt_io.is_ours(source.ckpt):
         skip |= {"keeper", "summary"}
     fresh = [(g["lr"], g.get("initial_lr")) for g in run.optimizer.param_groups]
-    ckpt_io.restore(run, source.ckpt, source.path, skip=frozenset(skip))
+    for name in ckpt_io.restore(run, source.ckpt, source.path, skip=frozenset(skip)):
+        log.info(f"resume: {source.path} holds no {name} state; this run's starts fresh")
+    run.counters.world_size = run.dist.world_size
     if rebuilt and "optimizer" not in skip:
         for group, (lr, initial) in zip(run.optimizer.param_groups, fresh):
             group["lr"] = lr

@@ -38,15 +38,16 @@ def from_args(cls, ns: argparse.Namespace, **renamed: str):
     return cls(**values)
 
 
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
+def _flag(spec, field_name: str) -> str:
+    """The command-line flag of a spec's field (specs may name a field unlike its flag)."""
+    return getattr(spec, "FLAGS", {}).get(field_name) or "--" + field_name.replace("_", "-")
 
 
 def _at_least(spec, minimum: int, *dests: str) -> None:
     for dest in dests:
         value = getattr(spec, dest)
         if value is not None and value < minimum:
-            raise UserError(f"{_flag(dest)} must be >= {minimum}, got {value}")
+            raise UserError(f"{_flag(spec, dest)} must be >= {minimum}, got {value}")
 
 
 def _within(spec, low: float, high: float, *dests: str, closed: bool = True) -> None:
@@ -55,8 +56,8 @@ def _within(spec, low: float, high: float, *dests: str, closed: bool = True) -> 
         if value is None:
             continue
         if not (low <= value <= high if closed else low <= value < high):
-            raise UserError(f"{_flag(dest)} must be in [{low:g}, {high:g}{']' if closed else ')'}, "
-                            f"got {value}")
+            raise UserError(f"{_flag(spec, dest)} must be in [{low:g}, {high:g}"
+                            f"{']' if closed else ')'}, got {value}")
 
 
 def dtype_named(name: str | None) -> torch.dtype | None:
@@ -80,8 +81,8 @@ class ImageSpec:
             sizes = [sizes] if isinstance(sizes, int) else (sizes or [])
             for size in sizes[-2:] if dest == "input_size" else sizes:
                 if not 1 <= size <= MAX_IMAGE_SIZE:
-                    raise UserError(f"{_flag(dest)} must be between 1 and {MAX_IMAGE_SIZE} pixels, "
-                                    f"got {size}")
+                    raise UserError(f"{_flag(self, dest)} must be between 1 and "
+                                    f"{MAX_IMAGE_SIZE} pixels, got {size}")
         if self.input_size is not None and self.input_size[0] != 3:
             raise UserError(f"--input-size: ImageFolder images are loaded as RGB, so the first "
                             f"value (channels) must be 3, got {self.input_size[0]}")
@@ -222,6 +223,9 @@ class LabelSpec:
         _within(self, 0.0, 1.0, "mixup_prob", "mixup_switch_prob")
         if self.mixup < 0 or self.cutmix < 0:
             raise UserError("--mixup and --cutmix must be >= 0")
+        if self.cutmix_minmax is not None and not 0 < self.cutmix_minmax[0] < self.cutmix_minmax[1] <= 1:
+            raise UserError(f"--cutmix-minmax takes MIN MAX with 0 < MIN < MAX <= 1, got "
+                            f"{' '.join(f'{v:g}' for v in self.cutmix_minmax)}")
 
     @property
     def mixing(self) -> bool:
@@ -363,6 +367,7 @@ class EmaSpec:
     half_life_units: list = field(init=False, repr=False, compare=False)
 
     DEFAULT_DECAY = 0.9998
+    FLAGS = {"every": "--model-ema-every", "warmup_power": "--model-ema-warmup-power"}
 
     def __post_init__(self):
         if self.decays is not None and self.half_lives is not None:
@@ -429,6 +434,10 @@ class LoopSpec:
     def __post_init__(self):
         _at_least(self, 1, "log_interval", "checkpoint_hist")
         _at_least(self, 0, "skip_nonfinite", "recovery_interval")
+        name = self.experiment
+        if name and (Path(name).name != name or name in (".", "..") or "\\" in name):
+            raise UserError(f"--experiment {name!r} must be a folder name, not a path: runs go to "
+                            f"<--output>/train/<--experiment>")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ terminal's Ctrl-C, and the stop message is printed once, not once per worker.
 """
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import signal
@@ -92,6 +93,30 @@ class StopRequest:
     @property
     def exit_code(self) -> int:
         return 128 + (self.signum or signal.SIGINT)
+
+
+def in_loader_worker() -> None:
+    """In a DataLoader worker process: ignore SIGINT and SIGTERM. A terminal sends Ctrl-C to the
+    whole process group, and a batch system its SIGTERM to every process of a job; the main
+    process handles them (it may still need a batch to finish its step), and ends the workers
+    itself (`_end_loader_workers`)."""
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+
+@atexit.register
+def _end_loader_workers() -> None:
+    """At exit, before multiprocessing's own exit handler would wait for daemonic workers that
+    ignore its SIGTERM: kill them (their work is over). Loaders normally end their workers
+    themselves (`data.batches`); this is the last resort."""
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children and threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler would report the killed workers as a failure.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
 
 
 def _ignore(signum, frame) -> None:

@@ -7,6 +7,7 @@ report. Stop requests and recovery saves are handled between optimizer updates.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class Training:
                               run.counters, config, any_rank=self.any_rank,
                               show=run.dist.is_primary, log=log.info)
         self.run_dir: Path | None = None
+        self.folder: outputs.RunFolder | None = None
 
     @property
     def primary(self) -> bool:
@@ -58,6 +60,17 @@ class Training:
         if self.source is not None:
             resume.restore(self.run, self.source)
         self.open_folder()
+        try:
+            return self.epochs()
+        except BaseException:
+            if self.folder is not None:
+                self.folder.discard_if_unused()
+            raise
+        finally:
+            if self.folder is not None:
+                self.folder.close()
+
+    def epochs(self) -> int:
         self.log_start()
         with StopRequest(self.prog) as stop:
             for epoch in range(self.run.counters.epoch, self.run.num_epochs):
@@ -76,16 +89,16 @@ class Training:
     def open_folder(self) -> None:
         """The run's folder: a resumed run of ours continues in its checkpoint's folder."""
         run, loop = self.run, self.run.settings.loop
-        run_dir = None
         if self.primary:
             if self.source is not None and ckpt_io.is_ours(self.source.ckpt):
-                run_dir = outputs.make_run_dir("", "", "", resuming=True,
-                                               path=self.source.path.parent)
+                self.folder = outputs.RunFolder.open(self.source.path.parent, resuming=True)
             else:
-                run_dir = outputs.make_run_dir(loop.output, loop.experiment, run.settings.model.model,
-                                               resuming=self.source is not None
-                                               or loop.resume == "auto")
-        self.run_dir = Path(distributed.broadcast_object(str(run_dir), run.dist))
+                base = outputs.run_folder_base(loop.output, loop.experiment, run.settings.model.model)
+                self.folder = outputs.RunFolder.open(
+                    base, resuming=self.source is not None or loop.resume == "auto")
+            outputs.check_writable(self.folder.path)
+        path = str(self.folder.path) if self.folder is not None else None
+        self.run_dir = Path(distributed.broadcast_object(path, run.dist))
         run.keeper.run_dir = self.run_dir
         if self.primary:
             outputs.write_args(self.run_dir, run.record())
@@ -199,8 +212,17 @@ class Training:
     def print_stop(self, what: str) -> None:
         if self.primary:
             last = self.run_dir / LAST
-            print(f"{self.prog}: {what}; saved {last}. Resume with: python {self.prog} --resume "
+            print(f"{self.prog}: {what}; saved {last}. Resume with: {self.launcher()} --resume "
                   f"{last}", file=sys.stderr, flush=True)
+
+    def launcher(self) -> str:
+        """How this run was started: `python train.py`, or torchrun with its process counts."""
+        if not self.run.dist.enabled:
+            return f"python {self.prog}"
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.run.dist.world_size))
+        nodes = self.run.dist.world_size // max(local, 1)
+        return (f"torchrun {f'--nnodes {nodes} ' if nodes > 1 else ''}--nproc_per_node {local} "
+                f"{self.prog}")
 
     def sync_replicas(self) -> None:
         """Under torchrun: make BatchNorm statistics agree, then check the EMA shadows agree."""
@@ -223,7 +245,7 @@ class Training:
 def _main(argv: list[str]) -> int:
     try:
         settings, source = resolve_train(argv)
-        return Training(build_run(settings), source).fit()
+        return Training(build_run(settings, resuming=source is not None), source).fit()
     finally:
         distributed.shutdown()
 
