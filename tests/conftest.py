@@ -273,3 +273,22 @@ def run_epochs(tr, out, epochs: int = 1) -> list[dict]:
     for epoch in range(start, start + epochs):
         assert tr.run_epoch(epoch, lambda: False) is None
     return tr.run.summary.rows
+
+
+def assert_files_agree_with_records(run_dir: Path) -> None:
+    """The best and history files hold the epochs that last.pth.tar's records name, no other
+    history file is left, and no mid-epoch recovery file outlives the epoch's end."""
+    import torch
+    last = torch.load(run_dir / "last.pth.tar", weights_only=True)
+    best = last["keeper"]["best"]
+    files = {"model_best.pth.tar": best["raw"]["epoch"]}
+    if "ema" in last:
+        files["model_best_ema.pth.tar"] = best[f"ema {last['ema']['decays'][0]:g}"]["epoch"]
+    files.update({f"checkpoint-{e}.pth.tar": e for _, e in last["keeper"]["history"]})
+    for name, epoch in files.items():
+        assert torch.load(run_dir / name, weights_only=True, mmap=True)["epoch"] == epoch, name
+    on_disk = sorted(p.name for p in run_dir.glob("checkpoint-*.pth.tar"))
+    assert on_disk == sorted(n for n in files if n.startswith("checkpoint-"))
+    if not last["counters"]["epoch_step"]:
+        assert not (run_dir / "recovery.pth.tar").exists()
+

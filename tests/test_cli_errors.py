@@ -9,6 +9,7 @@ to show the entry point behaves the same at the process level (no traceback, one
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,103 @@ def test_a_half_life_no_decay_can_express_is_one_line(tmp_path, half_life, word)
         f"train.py: error: --model-ema-half-life {half_life} is "
         f"{float(half_life[:-2]):.3g} optimizer steps, too {word} for a decay in (0, 1)"]
     assert files_under(tmp_path / "out") == []
+
+
+# ----------------------------------------------------------------------------- data trees
+def run_tiny(tmp_path, data, *flags):
+    with torch_threads(1):
+        return run_in_process(train.main, "train.py", data, *COMMON, "--output", tmp_path / "out",
+                              "--experiment", "e", *flags)
+
+
+def assert_one_error_line(r, *words):
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [line for line in nonempty_lines(r.stderr) if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("train.py: error: "), r.stderr
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+
+
+def test_a_folder_link_loop_is_refused_not_multiplied(tmp_path):
+    data = small_tree(tmp_path / "d")
+    (data / "train" / "class_0" / "loop").symlink_to("..")
+    r = run_tiny(tmp_path, data)
+    assert_one_error_line(r, "leads back to", "loop")
+    assert files_under(tmp_path / "out") in ([], ["train"])
+
+
+def test_a_class_folder_that_is_a_link_is_followed(tmp_path):
+    data = small_tree(tmp_path / "d")
+    elsewhere = tmp_path / "elsewhere"
+    (data / "train" / "class_2").rename(elsewhere)
+    (data / "train" / "class_2").symlink_to(elsewhere)
+    r = run_tiny(tmp_path, data)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "12 train / 6 val images" in r.stderr
+
+
+def _png_header_claiming(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_one_line_naming_it(tmp_path):
+    data = small_tree(tmp_path / "d")
+    (data / "train" / "class_1" / "0001.png").write_bytes(_png_header_claiming(100000, 100000))
+    r = run_tiny(tmp_path, data)
+    assert_one_error_line(r, "0001.png", "decompression bomb")
+
+
+def test_hidden_files_and_folders_are_skipped_and_counted(tmp_path):
+    data = small_tree(tmp_path / "d")
+    notebook = data / "train" / ".ipynb_checkpoints"
+    notebook.mkdir()
+    (notebook / "x.png").write_bytes((data / "train/class_0/0000.png").read_bytes())
+    (data / "train" / "class_0" / "._0000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (data / "train" / "class_1" / ".hidden.png").write_bytes(
+        (data / "train/class_1/0000.png").read_bytes())
+    r = run_tiny(tmp_path, data)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "12 train / 6 val images, 3 classes" in r.stderr
+    assert "skipped 3 hidden file(s) and folder(s)" in r.stderr
+
+
+def test_an_unreadable_folder_is_named_with_its_reason(tmp_path, monkeypatch):
+    from ematrain import data as data_mod
+    data = small_tree(tmp_path / "d")
+    locked = data / "train" / "class_1"
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.R_OK):  # root reads anyway: let the folder refuse as it would
+            walk = os.walk
+            def refusing_walk(top, **kw):
+                if Path(top) == locked:
+                    kw["onerror"](PermissionError(13, "Permission denied", str(locked)))
+                yield from walk(top, **kw)
+            monkeypatch.setattr(data_mod.os, "walk", refusing_walk)
+        with pytest.raises(UserError, match=f"cannot read folder {locked}: permission denied"):
+            data_mod.load_image_folder(data / "train")
+    finally:
+        locked.chmod(0o755)
+
+
+def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
+    recipe = tmp_path / "b.yaml"
+    recipe.write_bytes(b"\xff\xfe\x00x")
+    r = run_tiny(tmp_path, small_tree(tmp_path / "d"), "-c", recipe)
+    assert_one_error_line(r, "b.yaml", "not UTF-8")
+
+
+def test_a_loss_that_is_nan_before_any_checkpoint_names_no_file(tmp_path):
+    with torch_threads(1):
+        r = run_in_process(train.main, "train.py", small_tree(tmp_path / "d"), *COMMON, "-b", "4",
+                           "--lr", "1e30", "--log-interval", "1", "--output", tmp_path / "out")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "non-finite loss at epoch 0" in r.stderr
+    assert "no checkpoint was saved before it" in r.stderr and "last.pth.tar" not in r.stderr
+    assert files_under(tmp_path / "out") in ([], ["train"])

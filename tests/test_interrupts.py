@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT, make_imagefolder
+from conftest import REPO_ROOT, assert_files_agree_with_records, make_imagefolder
 
 # One optimizer step per epoch that takes about two seconds on one CPU thread.
 SLOW = ["--model", "resnet18", "--img-size", "192", "-b", "24", "-j", "2", "--epochs", "4",
@@ -92,3 +92,69 @@ def test_a_stop_during_the_last_step_saves_without_validating(data, tmp_path):
     ckpt = torch.load(run.run_dir / "last.pth.tar", weights_only=True)
     assert ckpt["counters"]["epoch"] == 1 and ckpt["counters"]["epoch_step"] == 1
     assert len((run.run_dir / "summary.csv").read_text().splitlines()) == 2
+
+
+FAST = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--epochs", "3",
+        "--warmup-epochs", "0", "--lr", "0.05", "--model-ema", "--model-ema-decay", "0.9",
+        "--checkpoint-hist", "2", "--recovery-interval", "2", "--experiment", "b",
+        "--resume", "auto"]
+
+
+def run_with_hook(hook: str, data, out, timeout=300):
+    """train.py FAST with `hook` (Python run first, with `train` and `keeper` imported)."""
+    script = out / "hooked.py"
+    script.write_text("import os, signal, sys, time\n"
+                      f"sys.path.insert(0, {str(REPO_ROOT / 'src')!r})\n"
+                      "from ematrain import keeper, train\n" + hook +
+                      "\nsys.exit(train.main())\n")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, script, data, *FAST, "--output", out], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_kill_right_after_the_last_checkpoint_is_repaired_on_resume(small_data, tmp_path):
+    """Killed (SIGKILL) just after the final epoch's last.pth.tar is in place, before its best
+    and history copies: the next run with the same command repairs the files, although no epoch
+    is left to train."""
+    hook = ("real = keeper.CheckpointKeeper.save_epoch\n"
+            "def save_epoch(self, epoch, ckpt, improved):\n"
+            "    if epoch == 2:\n"
+            "        self._write(keeper.LAST, ckpt)\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real(self, epoch, ckpt, improved)\n"
+            "keeper.CheckpointKeeper.save_epoch = save_epoch\n")
+    killed = run_with_hook(hook, small_data, tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_dir = tmp_path / "train" / "b"
+    assert (run_dir / "recovery.pth.tar").is_file()  # left over by the kill
+    again = subprocess.run([sys.executable, REPO_ROOT / "train.py", small_data, *FAST,
+                            "--output", tmp_path], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "repaired after an interrupted save" in again.stderr
+    assert_files_agree_with_records(run_dir)
+
+
+def test_a_second_ctrl_c_during_a_checkpoint_write_exits_130_with_the_old_file(small_data,
+                                                                                tmp_path):
+    hook = ("import torch\n"
+            "real = torch.save\n"
+            "calls = []\n"
+            "def slow_save(obj, f, *a, **k):\n"
+            "    calls.append(1)\n"
+            "    if isinstance(obj, dict) and obj.get('epoch') == 1:\n"
+            "        f.write(b'partial')\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "        time.sleep(0.3)\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "        time.sleep(30)\n"
+            "    return real(obj, f, *a, **k)\n"
+            "torch.save = slow_save\n")
+    started = time.time()
+    r = run_with_hook(hook, small_data, tmp_path)
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert time.time() - started < 25 and "Traceback" not in r.stderr
+    assert "SIGINT again: quitting at once" in r.stderr
+    run_dir = tmp_path / "train" / "b"
+    assert torch.load(run_dir / "last.pth.tar", weights_only=True)["epoch"] == 0  # whole
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]

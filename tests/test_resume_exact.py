@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, make_imagefolder, run_cli
+from conftest import REPO_ROOT, assert_files_agree_with_records, make_imagefolder, run_cli
 
 EPOCHS = 3
 COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "--epochs", str(EPOCHS),
@@ -56,6 +56,7 @@ def _assert_same_run(run_dir: Path, ref_dir: Path) -> None:
     assert rows == ref_rows
     assert [r.split(",")[0] for r in rows[1:]] == [str(e) for e in range(EPOCHS)]
     assert not list(run_dir.glob(".*.tmp"))
+    assert_files_agree_with_records(run_dir)
 
 
 @pytest.mark.parametrize("workers,recovery", [("0", None), ("2", "3")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import subprocess
 
 import pytest
 import torch
@@ -37,7 +38,12 @@ def test_diverging_run_exits_1_and_keeps_last_good_checkpoint(data_root, tmp_pat
     assert all(torch.equal(good["state_dict"][k], kept["state_dict"][k]) for k in good["state_dict"])
 
 
-def test_full_disk_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("failure", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    # What torch's zip writer raises when the file's write fails part-way.
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+])
+def test_full_disk_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch, capsys, failure):
     out = tmp_path / "out"
     assert train_mod.main([str(data_root), *TINY, "--output", str(out), "--experiment", "d"]) == 0
     last = out / "train/d/last.pth.tar"
@@ -45,16 +51,42 @@ def test_full_disk_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch, c
 
     def no_space(obj, f, *a, **k):
         f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise failure
 
     monkeypatch.setattr(ckpt_io.torch, "save", no_space)
+    capsys.readouterr()
     rc = train_mod.main([str(data_root), *TINY, "--epochs", "2", "--output", str(out),
                          "--experiment", "d", "--resume", "auto"])
     err = capsys.readouterr().err
-    assert rc == 1
-    assert "No space left on device" in err and "previous checkpoint is intact" in err
+    assert rc == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "previous checkpoint is intact" in errors[0]
+    assert str(failure).split(" vs")[0].split("] ")[-1] in errors[0] or "No space" in errors[0]
     assert last.read_bytes() == good
     assert not list(last.parent.glob(".*.tmp"))
+
+
+def test_a_really_full_disk_is_one_line_and_resume_too(data_root, tmp_path):
+    """On a 3 MB tmpfs the first checkpoint does not fit: one line, exit 1; `--resume auto`
+    afterwards is one line too. (Needs the right to mount; skipped without it.)"""
+    import shutil
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        base = [data_root, *TINY, "--model", "resnet18", "--output", mount, "--experiment", "f"]
+        r = run_cli("train.py", *base)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1].startswith("train.py: error: cannot write")
+        again = run_cli("train.py", *base, "--resume", "auto")
+        assert again.returncode in (1, 2) and "Traceback" not in again.stderr, again.stderr
+        assert again.stderr.strip().splitlines()[-1].startswith("train.py: error:")
+        assert not [p for p in mount.rglob("*") if p.name.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
 
 
 def test_output_path_that_is_a_file_is_a_clear_error(data_root, tmp_path):
@@ -93,6 +125,7 @@ VALID = [
     ["--model-ema-force-cpu"], ["--sched", "step"], ["--opt", "adamw"], ["--smoothing", "0"],
     ["--grad-accum-steps", "2"], ["--hflip", "0"], ["--eval-metric", "loss"], ["-vb", "3"],
     ["--checkpoint-hist", "1"], ["--clip-grad", "1.0"], ["--mixup", "0.2"],
+    ["HIDDEN"],  # a data tree with hidden files and folders (skipped, counted)
 ]
 INVALID = [
     ["--model-ema-decay", "1.5"], ["--model-ema-decay", "0"], ["-b", "0"], ["--epochs", "-1"],
@@ -102,6 +135,11 @@ INVALID = [
     ["--sched", "not_a_schedule"], ["--mixup", "0.2", "-b", "3"], ["--amp", "--amp-dtype", "float16"],
     ["--model-ema-decay", "0.9", "--model-ema-half-life", "1ep"], ["--input-size", "3", "32"],
     ["--batch-size", "x"], ["--unknown-flag"],
+    # Non-finite and extreme values, paths that escape, malformed files.
+    ["--lr", "nan"], ["--weight-decay=inf"], ["--model-ema-half-life", "1e20it"],
+    ["--model-ema-half-life", "1e-300it"], ["--model-ema-half-life", "1e309it"],
+    ["--img-size", "100000"], ["--experiment", "../escape"], ["--cutmix-minmax", "0.9", "0.1"],
+    ["--initial-checkpoint", "MALFORMED"], ["--resume", "MALFORMED"],
 ]
 
 
@@ -113,14 +151,31 @@ def _combos(n, seed=1234):
             flags += extra
         expect_bad = i % 2 == 1
         if expect_bad:
-            flags += rng.choice(INVALID)
+            flags += INVALID[i // 2]  # each invalid class once, among random valid flags
         yield i, flags, expect_bad
 
 
-@pytest.mark.parametrize("i,flags,expect_bad", list(_combos(16)))
-def test_cli_fuzz_exit_codes_and_no_partial_files(data_root, tmp_path, capsys, i, flags, expect_bad):
+@pytest.fixture(scope="module")
+def fuzz_inputs(data_root, tmp_path_factory):
+    """The trees and files that the fuzz's placeholders stand for."""
+    import shutil
+    base = tmp_path_factory.mktemp("fuzz")
+    hidden = base / "hidden"
+    shutil.copytree(data_root, hidden)
+    (hidden / "train" / ".ipynb_checkpoints").mkdir()
+    (hidden / "train" / "class_0" / "._0000.png").write_bytes(b"\x00\x05\x16\x07")
+    malformed = base / "malformed.pth.tar"
+    torch.save({"epoch": "seven", "state_dict": "weights"}, malformed)
+    return {"HIDDEN": hidden, "MALFORMED": malformed}
+
+
+@pytest.mark.parametrize("i,flags,expect_bad", list(_combos(2 * len(INVALID))))
+def test_cli_fuzz_exit_codes_and_no_partial_files(data_root, fuzz_inputs, tmp_path, capsys, i,
+                                                  flags, expect_bad):
     out = tmp_path / "out"
-    rc = train_mod.main([str(data_root), *TINY, "--output", str(out), "--experiment", f"f{i}", *flags])
+    root = fuzz_inputs["HIDDEN"] if "HIDDEN" in flags else data_root
+    flags = [str(fuzz_inputs.get(f, f)) for f in flags if f != "HIDDEN"]
+    rc = train_mod.main([str(root), *TINY, "--output", str(out), "--experiment", f"f{i}", *flags])
     err = capsys.readouterr().err
     assert rc == (2 if expect_bad else 0), err
     if expect_bad:
@@ -178,3 +233,41 @@ def test_an_experiment_named_like_a_file_takes_the_next_name(data_root, tmp_path
     rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment", "e",
                          "--resume", str(tmp_path / "train" / "e")])
     assert rc == 2 and "Traceback" not in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- malformed files
+@pytest.fixture(scope="module")
+def a_checkpoint(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("malformed")
+    assert train_mod.main([str(data_root), *TINY, "--model-ema", "--model-ema-decay", "0.9",
+                           "--output", str(out), "--experiment", "m"]) == 0
+    return out / "train" / "m" / "last.pth.tar"
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda c: c.update(state_dict="weights"), ["'state_dict' must be a dict of tensors"]),
+    (lambda c: c.update(epoch="seven"), ["'epoch' must be a whole number", "'seven'"]),
+    (lambda c: c["ema"].update(keys=["state_dict_ema", "state_dict_ema_7"]),
+     ["'ema' must be a mapping of decays and keys that name entries of the file"]),
+    (lambda c: c.update(class_names="abc"), ["'class_names' must be a list of folder names"]),
+    (lambda c: c.update(data_config=[1, 2]), ["'data_config' must be a mapping"]),
+])
+def test_a_malformed_checkpoint_is_one_line_everywhere(data_root, a_checkpoint, tmp_path, capsys,
+                                                       change, words):
+    from ematrain import validate as validate_mod
+    ckpt = torch.load(a_checkpoint, weights_only=True)
+    change(ckpt)
+    bad = tmp_path / "bad.pth.tar"
+    torch.save(ckpt, bad)
+    capsys.readouterr()
+    for run in (lambda: validate_mod.main([str(data_root), "--checkpoint", str(bad),
+                                           "--use-ema", "-j", "0"]),
+                lambda: train_mod.main([str(data_root), *TINY, "--output", str(tmp_path / "o"),
+                                        "--resume", str(bad)])):
+        rc = run()
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err, err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1, err
+        (line,) = lines
+        assert f"cannot read {bad}" in line and all(w in line for w in words), line

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from .errors import RunFailure
+
 
 def _read_umask() -> int:
     mask = os.umask(0)
@@ -23,10 +25,21 @@ _UMASK = _read_umask()
 _IN_FLIGHT: set[str] = set()
 
 
+class WriteFailed(RunFailure):
+    """A file could not be written (a full disk, a lost mount); the previous version is whole."""
+
+
 def atomic_write(path: str | Path, write: Callable) -> None:
-    """Write `path` through a temporary file in its folder; `write` receives a binary file."""
+    """Write `path` through a temporary file in its folder; `write` receives a binary file.
+
+    Raises WriteFailed (one line) when the disk refuses; torch's zip writer reports a failing
+    write as a RuntimeError, so that counts as one too.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise WriteFailed(f"cannot write {path}: {exc.strerror or exc}") from None
     _IN_FLIGHT.add(tmp)
     try:
         # mkstemp creates 0600; give the file the permissions a plain open() would.
@@ -36,12 +49,22 @@ def atomic_write(path: str | Path, write: Callable) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        _unlink_quietly(tmp)
+        raise WriteFailed(f"cannot write {path}: {_reason(exc)}") from None
     except BaseException:
         _unlink_quietly(tmp)
         raise
     finally:
         _IN_FLIGHT.discard(tmp)
     fsync_dir(path.parent)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:160]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -216,7 +216,65 @@ def load_file(path: str | Path) -> dict:
                         f"({_short_reason(exc)})") from None
     if not isinstance(data, dict):
         raise UserError(f"cannot read {path}: expected a dict of weights, got {type(data).__name__}")
+    check_structure(data, path)
     return data
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ema_meta_fits(meta, ckpt) -> bool:
+    if not isinstance(meta, dict):
+        return False
+    decays, keys = meta.get("decays", []), meta.get("keys", [])
+    return (isinstance(decays, list) and all(isinstance(d, (int, float)) for d in decays)
+            and isinstance(keys, list) and all(isinstance(k, str) and k in ckpt for k in keys))
+
+
+# What each key a checkpoint may hold must be, checked on load so that a malformed file is one
+# line naming the key, wherever it is read.
+_SHAPES = {
+    "epoch": (lambda v, c: _whole(v), "a whole number"),
+    "state_dict": (lambda v, c: _is_state_dict(v), "a dict of tensors"),
+    "state_dict_ema": (lambda v, c: _is_state_dict(v), "a dict of tensors"),
+    "ema": (_ema_meta_fits, "a mapping of decays and keys that name entries of the file"),
+    "num_classes": (lambda v, c: _whole(v) and v > 0, "a positive whole number"),
+    "class_names": (lambda v, c: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                    "a list of folder names"),
+    "data_config": (lambda v, c: isinstance(v, dict), "a mapping"),
+    "optimizer": (lambda v, c: isinstance(v, dict), "a mapping"),
+    "scheduler": (lambda v, c: isinstance(v, dict), "a mapping"),
+    "counters": (lambda v, c: isinstance(v, dict), "a mapping"),
+    "keeper": (lambda v, c: isinstance(v, dict), "a mapping"),
+    "summary": (lambda v, c: isinstance(v, dict), "a mapping"),
+}
+
+
+def check_structure(ckpt: dict, path) -> None:
+    """Refuse a checkpoint whose known keys hold something else than they must."""
+    if _is_state_dict(ckpt):
+        return  # a plain state dict
+    for key, value in ckpt.items():
+        name = "state_dict_ema" if key.startswith("state_dict_ema_") else key
+        fits, what = _SHAPES.get(name, (None, None))
+        if fits is not None and not fits(value, ckpt):
+            shown = repr(value) if not isinstance(value, dict) else "a mapping that does not fit"
+            raise UserError(f"cannot read {path}: its '{key}' must be {what}, got {shown[:60]}")
+
+
+def peek(path: str | Path) -> dict | None:
+    """A checkpoint's `epoch` and `counters` without reading its tensors (memory-mapped), or
+    None when it cannot be read."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not the one wanted
+        return None
+    if not isinstance(data, dict):
+        return None
+    data = upgrade(data)
+    return {"epoch": data.get("epoch"), "counters": data.get("counters")}
 
 
 def _unsafe_globals(path: Path) -> list[str]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import checkpoint as ckpt_io
-from .atomic import atomic_copy
+from .atomic import WriteFailed, atomic_copy
 from .errors import RunFailure
+from .logs import log
 from .weightsets import WeightSet
 
 LAST = "last.pth.tar"
@@ -78,9 +79,8 @@ class CheckpointKeeper:
         path = self.path(name)
         try:
             ckpt_io.write_file(path, ckpt)
-        except OSError as exc:
-            raise RunFailure(f"cannot write {path}: {exc.strerror or exc}; the previous "
-                             f"checkpoint is intact") from None
+        except WriteFailed as exc:
+            raise RunFailure(f"{exc}; the previous checkpoint is intact") from None
         return path
 
     def save_epoch(self, epoch: int, ckpt: dict, improved: list[WeightSet]) -> list[str]:
@@ -92,10 +92,7 @@ class CheckpointKeeper:
         if any(e == epoch for _, e in self.history):
             copies.append(history_name(epoch))
         for name in copies:
-            try:
-                atomic_copy(last, self.path(name))
-            except OSError as exc:
-                raise RunFailure(f"cannot write {self.path(name)}: {exc.strerror or exc}") from None
+            atomic_copy(last, self.path(name))
         self._prune_history()
         # An epoch-end checkpoint supersedes any mid-epoch recovery file.
         self.path(RECOVERY).unlink(missing_ok=True)
@@ -110,3 +107,45 @@ class CheckpointKeeper:
         for path in self.run_dir.glob("checkpoint-*.pth.tar"):
             if path.name not in keep:
                 path.unlink(missing_ok=True)
+
+    def repair(self) -> list[str]:
+        """Make the files agree with the records; returns the names rewritten.
+
+        A kill after last.pth.tar was renamed into place but before its best and history
+        copies were made leaves those files at an older epoch (or missing), and the mid-epoch
+        recovery file in place: the records in last.pth.tar say what they should be, and last
+        itself is the missing epoch's checkpoint.
+        """
+        if not self.primary or not self.path(LAST).is_file():
+            return []
+        last = ckpt_io.peek(self.path(LAST))
+        if last is None or last["counters"] is None or last["counters"].get("epoch_step"):
+            return []  # no complete epoch-end checkpoint to copy from
+        wanted = {s.best_file: self.best[s.name]["epoch"] for s in self.sets
+                  if s.best_file and self.best.get(s.name, {}).get("epoch") is not None}
+        wanted.update({history_name(e): e for _, e in self.history})
+        fixed = []
+        for name, epoch in wanted.items():
+            current = ckpt_io.peek(self.path(name)) if self.path(name).is_file() else None
+            if current is not None and current["epoch"] == epoch:
+                continue
+            if epoch == last["epoch"]:
+                atomic_copy(self.path(LAST), self.path(name))
+                fixed.append(name)
+            else:
+                log.warning(f"warning: {self.path(name)} should hold epoch {epoch}, whose "
+                            f"checkpoint is gone; it is left as it is")
+        self._prune_history()
+        recovery = ckpt_io.peek(self.path(RECOVERY)) if self.path(RECOVERY).is_file() else None
+        if recovery is not None and _position(recovery) <= _position(last):
+            self.path(RECOVERY).unlink()
+            fixed.append(RECOVERY)
+        if fixed:
+            log.info(f"repaired after an interrupted save: {', '.join(fixed)}")
+        return fixed
+
+
+def _position(peeked: dict) -> tuple[int, int]:
+    counters = peeked.get("counters") or {}
+    return int(counters.get("epoch", 0)), int(counters.get("epoch_step", 0))
+

@@ -61,11 +61,15 @@ class Training:
             resume.restore(self.run, self.source)
         self.open_folder()
         try:
-            return self.epochs()
+            rc = self.epochs()
         except BaseException:
             if self.folder is not None:
                 self.folder.discard_if_unused()
             raise
+        else:
+            if rc and self.folder is not None:
+                self.folder.discard_if_unused()
+            return rc
         finally:
             if self.folder is not None:
                 self.folder.close()
@@ -100,6 +104,8 @@ class Training:
         path = str(self.folder.path) if self.folder is not None else None
         self.run_dir = Path(distributed.broadcast_object(path, run.dist))
         run.keeper.run_dir = self.run_dir
+        if self.source is not None:
+            run.keeper.repair()
         if self.primary:
             outputs.write_args(self.run_dir, run.record())
             if run.summary.rows:

@@ -77,10 +77,7 @@ def write_results(path: str, results: dict) -> None:
         writer.writeheader()
         writer.writerow(results)
         text = buf.getvalue()
-    try:
-        atomic_write_text(path, text)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror}") from None
+    atomic_write_text(path, text)
 
 
 def build_model(s: ValidateSettings, ckpt: dict, dataset, weights: ckpt_io.Weights, device):
