@@ -540,10 +540,10 @@ def test_float16_shadow_large_sums_are_not_called_nonfinite():
     ("3.bias", float("-inf")),
 ])
 @pytest.mark.parametrize("decays", [0.9, [0.9, 0.99]], ids=["one", "two"])
-def test_nonfinite_update_is_skipped(where, bad, decays):
+def test_nonfinite_update_is_skipped_with_the_precheck(where, bad, decays):
     model = big_net()
     gen = torch.Generator().manual_seed(13)
-    ema = ModelEma(model, decay=decays)
+    ema = ModelEma(model, decay=decays, skip_nonfinite=True)
     train_step(model, gen)
     ema.update(model)
     before = [clone_state(m.state_dict()) for m in ema.modules]
@@ -564,7 +564,7 @@ def test_nonfinite_update_is_skipped(where, bad, decays):
 
 def test_nonfinite_in_bfloat16_model_is_skipped():
     model = _constant_linear(torch.bfloat16, 1.0)
-    ema = ModelEma(model, decay=0.9)
+    ema = ModelEma(model, decay=0.9, skip_nonfinite=True)
     with torch.no_grad():
         model.bias[2] = float("nan")
     before = clone_state(ema.module.state_dict())
@@ -572,14 +572,16 @@ def test_nonfinite_in_bfloat16_model_is_skipped():
     assert_state_equal(ema.module.state_dict(), before)
 
 
-def test_nonfinite_not_skipped_when_disabled():
+def test_by_default_a_nonfinite_update_is_averaged_and_then_reported():
     model = bn_net()
-    ema = ModelEma(model, decay=0.9, skip_nonfinite=False)
+    ema = ModelEma(model, decay=[0.9, 0.99])
+    assert ema.skip_nonfinite is False and ema.nonfinite_shadows() == []
     with torch.no_grad():
         model[0].weight[0, 0, 0, 0] = float("nan")
     assert ema.update(model) is True
     assert ema.skipped_nonfinite == 0
     assert torch.isnan(ema.module[0].weight[0, 0, 0, 0])
+    assert ema.nonfinite_shadows() == [0, 1]
 
 
 # --------------------------------------------------------------------------------------- swap
@@ -623,7 +625,7 @@ def test_swapped_into_loads_shadow_and_restores_everything():
 def test_state_dict_round_trip():
     model = big_net()
     gen = torch.Generator().manual_seed(15)
-    kwargs = dict(decay=[0.6, 0.95], every=2, warmup=True, warmup_gamma=3.0)
+    kwargs = dict(decay=[0.6, 0.95], every=2, warmup=True, warmup_gamma=3.0, skip_nonfinite=True)
     ema = ModelEma(model, **kwargs)
     for _ in range(5):
         train_step(model, gen)

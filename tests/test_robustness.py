@@ -24,9 +24,11 @@ def data_root(small_data):
 
 
 def test_diverging_run_exits_1_and_keeps_last_good_checkpoint(data_root, tmp_path):
-    # lr 1e30 turns the weights into Inf after the first update of epoch 1.
+    # lr 1e30 turns the weights into Inf after the first update of epoch 1; the EMA averages
+    # them in (no precheck), and the run stops before the shadows are validated or saved.
     out = tmp_path / "out"
-    r = run_cli("train.py", data_root, *TINY, "--epochs", "1", "--output", out, "--experiment", "x")
+    r = run_cli("train.py", data_root, *TINY, "--epochs", "1", "--output", out, "--experiment", "x",
+                "--model-ema", "--model-ema-decay", "0.9")
     assert r.returncode == 0, r.stderr
     good = torch.load(out / "train/x/last.pth.tar", weights_only=True)
     r = run_cli("train.py", data_root, *TINY, "--epochs", "2", "--output", out, "--experiment", "x",
@@ -35,7 +37,8 @@ def test_diverging_run_exits_1_and_keeps_last_good_checkpoint(data_root, tmp_pat
     assert "non-finite loss at epoch 1, step" in r.stderr and "Traceback" not in r.stderr
     kept = torch.load(out / "train/x/last.pth.tar", weights_only=True)
     assert kept["epoch"] == 0
-    assert all(torch.equal(good["state_dict"][k], kept["state_dict"][k]) for k in good["state_dict"])
+    for key in ("state_dict", "state_dict_ema"):
+        assert all(torch.equal(good[key][k], kept[key][k]) for k in good[key])
 
 
 @pytest.mark.parametrize("failure", [

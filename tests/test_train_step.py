@@ -158,7 +158,8 @@ def _epoch(tr, loss_fn):
 
 
 def test_nonfinite_loss_stops_with_exact_step_and_untouched_ema(data_root, tmp_path):
-    tr = _run(data_root, tmp_path, "--model-ema", "--model-ema-decay", "0.9")
+    tr = _run(data_root, tmp_path, "--model-ema", "--model-ema-decay", "0.9",
+              "--model-ema-precheck")
     ema = tr.run.ema
     before = {k: v.clone() for k, v in ema.module.state_dict().items()}
     with pytest.raises(NonFiniteLoss) as info:
@@ -172,9 +173,27 @@ def test_nonfinite_loss_stops_with_exact_step_and_untouched_ema(data_root, tmp_p
     assert any(not torch.equal(before[k], v) for k, v in ema.module.state_dict().items())
 
 
+def test_without_the_precheck_a_nonfinite_run_stops_before_its_shadows_are_saved(data_root,
+                                                                                 tmp_path):
+    from ematrain import train
+    from ematrain.engine import NonFiniteShadows
+    tr = _run(data_root, tmp_path, "--model-ema", "--model-ema-decay", "0.9")
+    with pytest.raises(NonFiniteLoss) as info:
+        _epoch(tr, NanOnSteps({2}))
+    assert info.value.step == 2
+    assert tr.run.ema.nonfinite_shadows() == [0]  # averaged in, so it must never leave memory
+    with pytest.raises(NonFiniteShadows, match="EMA ema 0.9 holds NaN/Inf at epoch 0"):
+        train.Training.check_weights(_with_clean_loss_record(tr))
+
+
+def _with_clean_loss_record(tr):
+    tr.loop.tally.first_bad.fill_(-1)  # as if the loss had stayed finite: the shadows still tell
+    return tr
+
+
 def test_skip_nonfinite_skips_the_bad_step_only(data_root, tmp_path):
     tr = _run(data_root, tmp_path, "--model-ema", "--model-ema-decay", "0.9",
-              "--skip-nonfinite", "1")
+              "--skip-nonfinite", "1", "--model-ema-precheck")
     counters = _epoch(tr, NanOnSteps({1}))
     steps = tr.run.data.steps_per_epoch
     assert counters.skipped_nonfinite == 1

@@ -246,7 +246,7 @@ def build_ema(spec: EmaSpec, model: nn.Module, device: torch.device,
                             f"({eps:.2g}): the shadow will barely move")
     return ModelEma(model, decays, device=torch.device("cpu") if spec.force_cpu else device,
                     dtype=dtype, every=spec.every, warmup=spec.warmup,
-                    warmup_power=spec.warmup_power)
+                    warmup_power=spec.warmup_power, skip_nonfinite=spec.precheck)
 
 
 def wrap_model(model: nn.Module, dist: distributed.DistInfo, device: torch.device,

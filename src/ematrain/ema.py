@@ -24,13 +24,21 @@ Design notes (why it looks the way it does):
   model). The model is then first copied into staging buffers (pinned host memory for a CUDA
   model and a CPU shadow) with batched non-blocking copies, and the update runs where the
   shadow lives.
-* An update whose model weights hold NaN or Inf is skipped and counted, never blended in. The
-  whole model must be checked before any shadow is written, so the check is one extra read of
-  the model: one pass of 4 bytes per float32 weight on top of the update's 12 (read model, read
-  and write shadow). ``skip_nonfinite=False`` saves it.
+* The update never waits for the device: it makes no host synchronization on CUDA. A shadow in
+  host memory of a CUDA model (``device="cpu"``) is fed by a copy into pinned buffers on a side
+  stream, and averaged by a worker thread while the next steps run (`_HostAverager`); whatever
+  reads the shadows (`state_dict`, validation, `nonfinite_shadows`) waits for it first.
+* NaN and Inf: by default an update averages what it is given, and `nonfinite_shadows` checks the
+  shadows where they leave memory (a training loop calls it before it validates or saves them;
+  ematrain's stops the run there). ``skip_nonfinite=True`` checks the model before every update
+  instead and skips (and counts) an update whose weights hold NaN or Inf, so a shadow is never
+  touched by one. That check must finish before any shadow is written: one extra read of the
+  model, 4 bytes per float32 weight on top of the update's 12 (read model, read and write
+  shadow), and on CUDA one host synchronization per update.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import math
@@ -253,8 +261,10 @@ class _Plan:
         self.gather: list[torch.Tensor | None] | None = None
         self.gather_fix: list[tuple[int, torch.Tensor]] = []
         self.gather_buf: torch.Tensor | None = None
-        # Integer buffers gathered straight into the shadows' flat integer buffers.
+        # Integer buffers gathered straight into the shadows' flat integer buffers; staged (on
+        # the shadows' device) when the model is elsewhere.
         self.int_gather: list[torch.Tensor] | None = None
+        self.int_dst: list[torch.Tensor] = []
         # What the finiteness check reads, and the lerp operands.
         self.check: list[torch.Tensor] = []
         self.lerp_self: list[torch.Tensor] = []
@@ -304,6 +314,9 @@ class _Plan:
         self.copy_dst, self.copy_src = views, list(floats)
         cuda = [t.device for t in floats if t.device.type == "cuda"]
         self.sync = cuda[0] if cuda else None
+        if self.ints and self.int_gather is None and self.ints[0].device != shadows.device:
+            self.int_dst = [torch.empty(t.shape, dtype=t.dtype, device=shadows.device,
+                                        pin_memory=pin) for t in self.ints]
         self.check = [flat]
         return flat[:sum(floats[i].numel() for i in small)], [views[i] for i in others]
 
@@ -328,8 +341,8 @@ class _Plan:
         device or dtype) or the gathered small tensors."""
         if self.copy_dst is not None:
             torch._foreach_copy_(self.copy_dst, self.copy_src, non_blocking=True)
-            if self.sync is not None:
-                torch.cuda.current_stream(self.sync).synchronize()
+            if self.int_dst:
+                torch._foreach_copy_(self.int_dst, self.ints, non_blocking=True)
         elif self.gather is not None:
             parts = self.gather
             if self.gather_fix:  # small model tensors that are not contiguous (channels_last)
@@ -355,8 +368,9 @@ class _Plan:
             for flat in shadows.int_flats[1:]:
                 flat.copy_(shadows.int_flats[0])
         elif self.ints:
+            source = self.int_dst or self.ints
             for shadow_ints in shadows.ints:
-                torch._foreach_copy_(shadow_ints, self.ints, non_blocking=True)
+                torch._foreach_copy_(shadow_ints, source, non_blocking=True)
 
     def _interleave(self, ends: list[torch.Tensor], selfs: list[list[torch.Tensor]]) -> None:
         """The lerp lists; with several decays every model slice is followed by the same slice
@@ -381,6 +395,45 @@ class _Plan:
                     self.lerp_end.append(src)
 
 
+class _HostAverager:
+    """Averages a CUDA model into shadows in host memory without stalling the device.
+
+    The model is copied into pinned staging buffers on a side stream that first waits for the
+    training stream (so it reads the weights after the optimizer step); the training stream in
+    turn waits for the copy before it goes on (a device-side wait: the next optimizer step must
+    not change the weights while they are read). A worker thread waits for the copy, then
+    averages on the CPU while the next steps run. At most one average is in flight.
+    """
+
+    def __init__(self):
+        self._stream = None
+        self._worker = None
+        self._pending = None
+
+    def submit(self, plan: "_Plan", average, weights: list[float]) -> None:
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, "ematrain-ema")
+            self._stream = torch.cuda.Stream(plan.sync)
+        main = torch.cuda.current_stream(plan.sync)
+        self._stream.wait_stream(main)
+        with torch.cuda.stream(self._stream):
+            plan.read_model()
+            copied = torch.cuda.Event()
+            copied.record(self._stream)
+        main.wait_stream(self._stream)
+        self._pending = self._worker.submit(self._run, copied, average, plan, weights)
+
+    @staticmethod
+    def _run(copied, average, plan, weights) -> None:
+        copied.synchronize()
+        average(plan, weights)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+
 class ModelEma:
     """One or several exponential moving averages of a model's weights.
 
@@ -395,7 +448,9 @@ class ModelEma:
             in optimizer steps is unchanged while the cost drops ``every``-fold.
         warmup: use timm's warmup schedule (see `warmup_decay`) instead of the fixed decay.
         warmup_power, warmup_gamma: warmup shape.
-        skip_nonfinite: skip (and count) updates whose model weights hold NaN or Inf.
+        skip_nonfinite: check the model before every update and skip (and count) an update whose
+            weights hold NaN or Inf (see the module notes for its cost). Off by default: then
+            `nonfinite_shadows` tells whether a non-finite update reached the shadows.
 
     Attributes:
         modules: one eval-mode copy of the model per decay, holding the averaged weights.
@@ -419,7 +474,7 @@ class ModelEma:
         warmup: bool = False,
         warmup_power: float = 2 / 3,
         warmup_gamma: float = 1.0,
-        skip_nonfinite: bool = True,
+        skip_nonfinite: bool = False,
     ):
         if isinstance(decay, numbers.Real):
             decays = [float(decay)]
@@ -453,6 +508,7 @@ class ModelEma:
         self.device = torch.device(device)
 
         self.modules = [_shadow_copy(source, self.device, self.dtype) for _ in decays]
+        self._host = _HostAverager()
         self._adopt_shadows()
 
     # ----------------------------------------------------------------------------- set-up
@@ -484,22 +540,41 @@ class ModelEma:
         self.steps += 1
         if self.steps % self.every != 0:
             return False
+        self.wait()
         if self._shadows.moved():
             self._adopt_shadows()
         plan = self._shadows.plan_for(model)
+        # The decay of the step that completes this interval (warmup counts from step 0).
+        weights = [1.0 - d for d in self.current_decays(self.steps - self.every)]
+        if plan.sync is not None:  # a CUDA model, shadows in host memory: off the main thread
+            self._host.submit(plan, self._average, weights)
+            return True
         plan.read_model()
+        return self._average(plan, weights)
+
+    def _average(self, plan: "_Plan", weights: list[float]) -> bool:
         if self.skip_nonfinite and not _all_finite(plan.check):
             self.skipped_nonfinite += 1
             return False
-        # The decay of the step that completes this interval (warmup counts from step 0).
-        plan.average([1.0 - d for d in self.current_decays(self.steps - self.every)])
+        plan.average(weights)
         plan.copy_ints(self._shadows)
         self.num_updates += 1
         return True
 
+    def wait(self) -> None:
+        """Wait for an update still running in the background (shadows in host memory)."""
+        self._host.wait()
+
+    def nonfinite_shadows(self) -> list[int]:
+        """Indices of the shadows holding NaN or Inf (empty when all are finite); reads every
+        shadow once, with one host synchronization."""
+        self.wait()
+        return [i for i, floats in enumerate(self._shadows.floats) if not _all_finite(list(floats))]
+
     @torch.no_grad()
     def set(self, model: nn.Module) -> None:
         """Copy the model's weights into every shadow (the update count is kept)."""
+        self.wait()
         floats, ints = _float_and_int_tensors(unwrap_model(model))
         for shadow_floats, shadow_ints in zip(self._shadows.floats, self._shadows.ints):
             torch._foreach_copy_(shadow_floats, floats)
@@ -514,6 +589,7 @@ class ModelEma:
         See `WeightSwapper`: no second copy of the model is held on its device, and optimizer
         state is untouched.
         """
+        self.wait()
         swapper = WeightSwapper(model, [self.modules[index]])
         try:
             swapper.load(1)
@@ -524,10 +600,12 @@ class ModelEma:
     # ----------------------------------------------------------------------------- state
     def shadow_state_dict(self, index: int = 0) -> dict[str, torch.Tensor]:
         """Weights of shadow ``index`` under the model's own names (detached, on its device)."""
+        self.wait()
         return self.modules[index].state_dict()
 
     def state_dict(self) -> dict:
         """Everything needed to resume: decays, schedule settings, counters and all shadows."""
+        self.wait()
         return {
             "decays": list(self.decays),
             "every": self.every,
@@ -554,6 +632,7 @@ class ModelEma:
         if any(abs(a - b) > 1e-12 for a, b in zip(saved, self.decays)):
             raise ValueError(f"EMA state averages decays {', '.join(f'{d:g}' for d in saved)}, "
                              f"this EMA {', '.join(f'{d:g}' for d in self.decays)}")
+        self.wait()
         for module, shadow in zip(self.modules, state["shadows"]):
             module.load_state_dict(shadow)
         self.steps = int(state["steps"])

@@ -35,10 +35,26 @@ def show_bars() -> bool:
     return sys.stderr.isatty()
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFinite(RuntimeError):
+    """The run produced NaN/Inf and must stop; `hint` says what a user can do about it."""
+    hint = ""
+
+
+class NonFiniteLoss(NonFinite):
+    hint = "--skip-nonfinite N tolerates N bad steps"
+
     def __init__(self, epoch: int, step: int):
         super().__init__(f"non-finite loss at epoch {epoch}, step {step}")
         self.epoch, self.step = epoch, step
+
+
+class NonFiniteShadows(NonFinite):
+    hint = "--model-ema-precheck skips the updates of non-finite weights"
+
+    def __init__(self, epoch: int, names: list[str]):
+        super().__init__(f"EMA {', '.join(names)} holds NaN/Inf at epoch {epoch}: the model's "
+                         f"weights went non-finite")
+        self.epoch = epoch
 
 
 class SkippedStep(Exception):
@@ -348,6 +364,8 @@ class _EvalSets:
     swapped into the live model, and computes in its dtype."""
 
     def __init__(self, model: nn.Module, ema: ModelEma | None):
+        if ema is not None:
+            ema.wait()
         # DDP's forward would broadcast buffers (a collective) while ranks hold different numbers
         # of validation batches: evaluate the plain module under DDP.
         if isinstance(getattr(model, "_orig_mod", model), nn.parallel.DistributedDataParallel):

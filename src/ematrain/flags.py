@@ -291,6 +291,11 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                    help="timm's EMA warmup: the decay rises towards its target")
     g.add_argument("--model-ema-warmup-power", type=finite_float, default=2 / 3, action=EmaSetting,
                    help="EMA warmup power (default: 2/3)")
+    g.add_argument("--model-ema-precheck", action=EmaSwitch, default=False,
+                   help="check the weights for NaN/Inf before every EMA update and skip a bad one "
+                        "(exact, at one more read of the model per update and, on CUDA, a host "
+                        "sync); without it the shadows are checked before each validation and "
+                        "save, and a non-finite run stops")
     g.add_argument("--model-ema-dtype", default=None, action=EmaSetting,
                    choices=["float32", "float16", "bfloat16", "float64"],
                    help="EMA shadow dtype (default: float32 for 16-bit models, else the model's)")

@@ -364,6 +364,7 @@ class EmaSpec:
     warmup: bool
     warmup_power: float
     dtype: str | None
+    precheck: bool
     half_life_units: list = field(init=False, repr=False, compare=False)
 
     DEFAULT_DECAY = 0.9998
@@ -391,7 +392,8 @@ class EmaSpec:
         return from_args(cls, ns, enabled="model_ema", decays="model_ema_decay",
                          half_lives="model_ema_half_life", force_cpu="model_ema_force_cpu",
                          every="model_ema_every", warmup="model_ema_warmup",
-                         warmup_power="model_ema_warmup_power", dtype="model_ema_dtype")
+                         warmup_power="model_ema_warmup_power", dtype="model_ema_dtype",
+                         precheck="model_ema_precheck")
 
     def decays_per_step(self, images_per_step: int, steps_per_epoch: int) -> list[float]:
         """Per-optimizer-step decays. A half-life in images or epochs is converted with the real

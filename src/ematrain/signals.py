@@ -34,8 +34,8 @@ class StopRequest:
     Calling the instance tells whether a stop was requested; `exit_code` is 128 + the signal.
     """
 
-    def __init__(self, prog: str = "train.py"):
-        self.prog = prog
+    def __init__(self, prog: str = "train.py", quiet: bool = False):
+        self.prog, self.quiet = prog, quiet  # quiet: no message (torchrun ranks other than 0)
         self.signum: int | None = None
         self._saved: dict = {}
 
@@ -72,9 +72,10 @@ class StopRequest:
     def _received(self, signum: int) -> None:
         if self.signum is None:
             self.signum = signum
-            print(f"\n{signal.Signals(signum).name} received: finishing the current step and "
-                  f"saving a checkpoint (press Ctrl-C again to quit at once)",
-                  file=sys.stderr, flush=True)
+            if not self.quiet:
+                print(f"\n{signal.Signals(signum).name} received: finishing the current step "
+                      f"and saving a checkpoint (press Ctrl-C again to quit at once)",
+                      file=sys.stderr, flush=True)
         else:
             self.quit_now(signum)
 

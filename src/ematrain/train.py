@@ -17,7 +17,8 @@ from . import checkpoint as ckpt_io
 from . import distributed, outputs, resume
 from .build import Run, build_run, log_ema_horizons
 from .cli import run_main
-from .engine import Batches, EpochLoop, LoopConfig, NonFiniteLoss, Recipe, current_lr, validate
+from .engine import (Batches, EpochLoop, LoopConfig, NonFinite, NonFiniteShadows, Recipe,
+                     current_lr, validate)
 from .keeper import LAST
 from .logs import log
 from .resume import ResumeSource
@@ -76,7 +77,7 @@ class Training:
 
     def epochs(self) -> int:
         self.log_start()
-        with StopRequest(self.prog) as stop:
+        with StopRequest(self.prog, quiet=not self.primary) as stop:
             for epoch in range(self.run.counters.epoch, self.run.num_epochs):
                 rc = self.run_epoch(epoch, stop)
                 if rc is not None:
@@ -143,21 +144,31 @@ class Training:
             run.mixup_fn.mixup_enabled = False
         try:
             self.train(train_loader, stop)
+            if self.any_rank(stop()):  # a stop request never starts a validation pass
+                self.check_weights()
+                return self.stop_mid_epoch(epoch, stop)
+            self.check_weights()
+            self.finish_epoch(epoch, val_loader)
         except Interrupted:
             return self.stop_mid_epoch(epoch, stop)
-        except NonFiniteLoss as exc:
+        except NonFinite as exc:
             if self.primary:
                 last = self.run_dir / LAST
                 kept = (f"the last good checkpoint is {last}" if last.is_file()
                         else "no checkpoint was saved before it")
-                print(f"{self.prog}: error: {exc}; stopped: {kept} (--skip-nonfinite N "
-                      f"tolerates N bad steps)", file=sys.stderr)
+                print(f"{self.prog}: error: {exc}; stopped: {kept} ({exc.hint})", file=sys.stderr)
             return 1
-        if self.any_rank(stop()):  # a stop request never starts a validation pass
-            self.loop.check()
-            return self.stop_mid_epoch(epoch, stop)
-        self.finish_epoch(epoch, val_loader)
         return None
+
+    def check_weights(self) -> None:
+        """Before weights leave memory (validation, a save): no loss so far was NaN/Inf (one
+        read of a device flag), and no EMA shadow holds NaN/Inf (one read of the shadows)."""
+        self.loop.check()
+        ema = self.run.ema
+        bad = ema.nonfinite_shadows() if ema is not None else []
+        if self.any_rank(bool(bad)):
+            names = [s.name for s in self.run.weight_sets if s.shadow in bad] or ["shadows"]
+            raise NonFiniteShadows(self.run.counters.epoch, names)
 
     def stop_mid_epoch(self, epoch: int, stop) -> int:
         """Save where the epoch stands (a resumed run continues at the next step) and stop."""
@@ -180,7 +191,7 @@ class Training:
                 recover = interval and c.num_updates % interval == 0
                 halt = c.epoch_step % stop_every == 0 and self.any_rank(stop())
                 if recover or halt:
-                    self.loop.check()  # never save weights a bad step may already have spoiled
+                    self.check_weights()  # never save weights a bad step has already spoiled
                     if recover and self.primary:
                         run.keeper.save_mid_epoch(ckpt_io.save(run))
                     if halt:
@@ -235,6 +246,8 @@ class Training:
         run, s = self.run, self.run.settings
         if not run.dist.enabled:
             return
+        if run.ema is not None:
+            run.ema.wait()
         shadows = run.ema.modules if run.ema is not None else []
         if not s.dist.sync_bn:
             for module in [run.module] + shadows:
