@@ -51,6 +51,7 @@ benchmark print which commit its copy of train.py comes from.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -292,9 +293,8 @@ def timm_train_origin(path: Path, git_dir: Path | None) -> str:
         return text + "; pass --timm-git-dir GITDIR to name its commit"
     found = subprocess.run(["git", "--git-dir", str(git_dir), "log", "--format=%H %cs",
                             f"--find-object={blob}", "--", "train.py"],
-                           capture_output=True, text=True)
-    commits = found.stdout.split("\n")
-    commits = [c for c in commits if c]
+                           check=False, capture_output=True, text=True)
+    commits = [line for line in found.stdout.splitlines() if line]
     if found.returncode != 0 or not commits:
         return text + f"; not a version of train.py in {git_dir}"
     # Newest first: the oldest listed commit added this blob (a newer one may have replaced it).
@@ -329,27 +329,34 @@ def common_flags(args, classes: int, ema: bool) -> list[str]:
     return flags
 
 
+def ours_cmd(args, data: Path, flags: list[str], out: str) -> list[str]:
+    return [args.python, str(args.repo / "train.py"), str(data), *flags, "--output", out]
+
+
+def timm_cmd(args, data: Path, flags: list[str], out: str) -> list[str]:
+    where = ["--data-dir", str(data), "--dataset", "", "--train-split", "train",
+             "--val-split", "val"]
+    return [args.python, str(args.timm_train.resolve()), *where, *flags, "--output", out]
+
+
+def bare_cmd(args, data: Path, classes: int, ema: bool, out: str) -> list[str]:
+    flags = ["--epochs", str(args.epochs), "--num-classes", str(classes)]
+    if ema:
+        flags += ["--model-ema-decay", str(EMA_DECAY)]
+    return [args.python, str(Path(__file__).resolve()), "bare", str(data), *flags, "--output", out]
+
+
 def build_variants(args, data: Path, classes: int) -> dict:
     """variant name -> function(output folder) -> command line."""
-    py = args.python
     variants = {}
     for ema in (False, True):
         tail = "-ema" if ema else ""
         flags = common_flags(args, classes, ema)
-        variants["ours" + tail] = (lambda out, f=flags:
-                                   [py, str(args.repo / "train.py"), str(data), *f, "--output", out])
+        variants["ours" + tail] = functools.partial(ours_cmd, args, data, flags)
         if args.timm_train is not None and not args.skip_timm:
-            timm_data = ["--data-dir", str(data), "--dataset", "", "--train-split", "train",
-                         "--val-split", "val"]
-            variants["timm" + tail] = (lambda out, f=flags, d=timm_data:
-                                       [py, str(args.timm_train.resolve()), *d, *f, "--output", out])
+            variants["timm" + tail] = functools.partial(timm_cmd, args, data, flags)
         if not args.skip_bare:
-            bare = ["--epochs", str(args.epochs), "--num-classes", str(classes)]
-            if ema:
-                bare += ["--model-ema-decay", str(EMA_DECAY)]
-            variants["bare" + tail] = (lambda out, f=bare:
-                                       [py, str(Path(__file__).resolve()), "bare", str(data), *f,
-                                        "--output", out])
+            variants["bare" + tail] = functools.partial(bare_cmd, args, data, classes, ema)
     return variants
 
 
@@ -486,6 +493,9 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     report_times(results)
     report_targets(report_ratios(results), skipped_lines(args))
+    if hasattr(os, "getloadavg"):
+        print("\nload avg after the runs: {:.2f} {:.2f} {:.2f} (1, 5, 15 min; well above "
+              "--threads means other work competed with the runs)".format(*os.getloadavg()))
     return 0
 
 

@@ -57,22 +57,33 @@ class TrainData:
     pin_memory: bool
     drop_last: bool
     steps_per_epoch: int  # optimizer steps
+    _loaders: tuple | None = field(default=None, repr=False)
 
     @property
     def class_names(self) -> list[str]:
         return self.train_set.dataset.classes
 
     def loaders(self, epoch: int, start_batch: int, seed: int):
-        """This epoch's loaders; training starts at batch `start_batch` (resume)."""
+        """This epoch's loaders; training starts at batch `start_batch` (resume). They are made
+        once and keep their worker processes from epoch to epoch."""
         # The epoch's order and augmentation depend only on (seed, epoch): that makes resume exact.
         self.train_set.set_epoch(epoch)
         self.sampler.set_epoch(epoch, start=start_batch * self.batch_size)
-        train = data.make_loader(self.train_set, self.batch_size, self.workers,
-                                 seed=seed * 1000 + epoch, drop_last=self.drop_last,
-                                 pin_memory=self.pin_memory, sampler=self.sampler)
-        val = data.make_loader(self.val_set, self.val_batch_size, self.workers, seed=0,
-                               pin_memory=self.pin_memory, sampler=self.val_sampler)
-        return train, val
+        if self._loaders is None:
+            train = data.make_loader(self.train_set, self.batch_size, self.workers, seed=seed,
+                                     drop_last=self.drop_last, pin_memory=self.pin_memory,
+                                     sampler=data.EpochTagged(self.sampler), persistent=True)
+            val = data.make_loader(self.val_set, self.val_batch_size, self.workers, seed=0,
+                                   pin_memory=self.pin_memory, sampler=self.val_sampler,
+                                   persistent=True)
+            self._loaders = (train, val)
+        return self._loaders
+
+    def close(self) -> None:
+        """End the loaders' worker processes."""
+        for loader in self._loaders or ():
+            data.end_workers(loader)
+        self._loaders = None
 
 
 @dataclass

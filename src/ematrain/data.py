@@ -165,25 +165,39 @@ def eval_transform(data_config: dict):
 
 
 def make_loader(dataset, batch_size: int, workers: int, seed: int, drop_last: bool = False,
-                pin_memory: bool = False, sampler=None, shuffle: bool = False) -> DataLoader:
-    """A loader whose order and worker seeds come from `seed` alone (re-create it per epoch)."""
+                pin_memory: bool = False, sampler=None, shuffle: bool = False,
+                persistent: bool = False) -> DataLoader:
+    """A loader whose order comes from its sampler (or `seed`) alone. `persistent` keeps its
+    worker processes from one pass to the next (the samples are seeded by their own key, so it
+    does not matter which worker loads what)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, num_workers=workers, drop_last=drop_last,
                       pin_memory=pin_memory, worker_init_fn=_init_worker,
-                      generator=loader_generator(seed), persistent_workers=False)
+                      generator=loader_generator(seed), persistent_workers=persistent and workers > 0)
 
 
 @contextlib.contextmanager
 def batches(loader):
-    """Iterate `loader`, and end its worker processes when done, also on an error (a reference
-    to the iterator kept by the error's traceback would otherwise keep them running)."""
+    """Iterate `loader`; end its worker processes on an error (a reference to the iterator kept
+    by the error's traceback would keep them running), and after the pass unless they persist."""
     iterator = iter(loader)
     try:
         yield iterator
-    finally:
-        shutdown = getattr(iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+    except BaseException:
+        end_workers(loader, iterator)
+        raise
+    if not loader.persistent_workers:
+        end_workers(loader, iterator)
+
+
+def end_workers(loader, iterator=None) -> None:
+    """Shut the loader's worker processes down (if it has any running)."""
+    iterator = iterator if iterator is not None else getattr(loader, "_iterator", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    if getattr(loader, "_iterator", None) is iterator:
+        loader._iterator = None
 
 
 def _init_worker(worker_id: int) -> None:
@@ -210,11 +224,27 @@ class SeededSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, code: int):
-        # Codes beyond the dataset are repeats of `code % len` (--aug-repeats): the same image
-        # under its own augmentation.
-        seed_sample(self.seed, self.epoch, code)
+    def __getitem__(self, key):
+        # A key is a sample code, or (epoch, code) from `EpochTagged` (loader workers that
+        # persist across epochs keep the epoch they started with). Codes beyond the dataset are
+        # repeats of `code % len` (--aug-repeats): the same image under its own augmentation.
+        epoch, code = key if isinstance(key, tuple) else (self.epoch, key)
+        seed_sample(self.seed, epoch, code)
         return self.dataset[code % len(self.dataset)]
+
+
+class EpochTagged(torch.utils.data.Sampler):
+    """An `EpochSampler`'s codes, each with the epoch it belongs to: ``(epoch, code)``."""
+
+    def __init__(self, sampler: "EpochSampler"):
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, code) for code in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class EpochSampler(torch.utils.data.Sampler):

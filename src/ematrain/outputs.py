@@ -14,6 +14,7 @@ import yaml
 
 from .atomic import atomic_write, atomic_write_text, remove_stale_temporaries
 from .errors import UserError
+from .signals import close_in_loader_workers
 from .weightsets import WeightSet
 
 METRICS = ("loss", "top1", "top5")
@@ -78,12 +79,14 @@ class RunFolder:
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
+        close_in_loader_workers(handle.fileno())
         return handle
 
     def close(self) -> None:
         """Release the lock (the lock file goes too)."""
         if self._handle is not None:
             (self.path / LOCK).unlink(missing_ok=True)
+            close_in_loader_workers(self._handle.fileno(), keep=False)
             self._handle.close()
             self._handle = None
 

@@ -25,6 +25,15 @@ import threading
 from .atomic import remove_writes_in_flight
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# File descriptors a forked loader worker must not keep open (the run folder's lock: a worker
+# that outlives a killed main process would hold it).
+_WORKERS_CLOSE: set[int] = set()
+
+
+def close_in_loader_workers(fd: int | None, keep: bool = True) -> None:
+    """Have loader workers forked from now on close `fd` (or, `keep=False`, stop doing so)."""
+    if fd is not None:
+        (_WORKERS_CLOSE.add if keep else _WORKERS_CLOSE.discard)(fd)
 _STOP_WATCHING = 0  # the byte that ends the watcher (no signal has number 0)
 
 
@@ -105,6 +114,11 @@ def in_loader_worker() -> None:
         signal.signal(sig, signal.SIG_IGN)
     signal.set_wakeup_fd(-1)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    for fd in _WORKERS_CLOSE:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 @atexit.register

@@ -72,6 +72,7 @@ class Training:
                 self.folder.discard_if_unused()
             return rc
         finally:
+            self.run.data.close()
             if self.folder is not None:
                 self.folder.close()
 
