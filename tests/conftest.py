@@ -272,6 +272,7 @@ def run_epochs(tr, out, epochs: int = 1) -> list[dict]:
     start = tr.run.counters.epoch
     for epoch in range(start, start + epochs):
         assert tr.run_epoch(epoch, lambda: False) is None
+    tr.run.keeper.wait()  # the files are written in the background
     return tr.run.summary.rows
 
 

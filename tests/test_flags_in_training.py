@@ -882,17 +882,17 @@ def test_checkpoint_hist(data, tmp_path):
 def test_recovery_interval(data, tmp_path):
     tr = make_trainer(data, "--recovery-interval", "2", "--model-ema", "--model-ema-decay", "0.9")
     seen = []
-    real_save = tr.run.keeper.save_mid_epoch
+    real_write = tr.run.keeper._write
 
-    def save(ckpt, name="recovery.pth.tar"):
-        path = real_save(ckpt, name)
+    def write(name, ckpt):  # in the background writer, as each file is written
+        path = real_write(name, ckpt)
         if name == "recovery.pth.tar":
             on_disk = ckpt_io.load_file(path)
             seen.append((on_disk["counters"]["epoch_step"], on_disk["counters"]["num_updates"],
                          "state_dict_ema" in on_disk))
         return path
 
-    tr.run.keeper.save_mid_epoch = save
+    tr.run.keeper._write = write
     run_epochs(tr, tmp_path)
     assert seen == [(2, 2, True), (4, 4, True)]  # the last step is covered by last.pth.tar
     assert not (tmp_path / "recovery.pth.tar").exists()  # superseded at the epoch's end

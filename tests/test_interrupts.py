@@ -117,11 +117,12 @@ def test_a_kill_right_after_the_last_checkpoint_is_repaired_on_resume(small_data
     and history copies: the next run with the same command repairs the files, although no epoch
     is left to train."""
     hook = ("real = keeper.CheckpointKeeper.save_epoch\n"
-            "def save_epoch(self, epoch, ckpt, improved):\n"
+            "def save_epoch(self, epoch, ckpt, improved, then=None):\n"
             "    if epoch == 2:\n"
-            "        self._write(keeper.LAST, ckpt)\n"
+            "        self.wait()\n"
+            "        self._write(keeper.LAST, keeper.host_copy(ckpt))\n"
             "        os.kill(os.getpid(), signal.SIGKILL)\n"
-            "    return real(self, epoch, ckpt, improved)\n"
+            "    return real(self, epoch, ckpt, improved, then)\n"
             "keeper.CheckpointKeeper.save_epoch = save_epoch\n")
     killed = run_with_hook(hook, small_data, tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -143,7 +144,7 @@ def test_a_second_ctrl_c_during_a_checkpoint_write_exits_130_with_the_old_file(s
             "def slow_save(obj, f, *a, **k):\n"
             "    calls.append(1)\n"
             "    if isinstance(obj, dict) and obj.get('epoch') == 1:\n"
-            "        f.write(b'partial')\n"
+            "        open(f, 'wb').write(b'partial')\n"
             "        os.kill(os.getpid(), signal.SIGINT)\n"
             "        time.sleep(0.3)\n"
             "        os.kill(os.getpid(), signal.SIGINT)\n"

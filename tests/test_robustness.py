@@ -53,7 +53,7 @@ def test_full_disk_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch, c
     good = last.read_bytes()
 
     def no_space(obj, f, *a, **k):
-        f.write(b"partial")
+        open(f, "wb").write(b"partial")  # torch.save gets the temporary file's path
         raise failure
 
     monkeypatch.setattr(ckpt_io.torch, "save", no_space)
@@ -274,3 +274,29 @@ def test_a_malformed_checkpoint_is_one_line_everywhere(data_root, a_checkpoint, 
         assert len(lines) == 1, err
         (line,) = lines
         assert f"cannot read {bad}" in line and all(w in line for w in words), line
+
+
+# --------------------------------------------------------------------------- checkpoint files
+def test_best_and_history_files_are_links_of_their_epochs_checkpoint(data_root, tmp_path):
+    assert train_mod.main([str(data_root), *TINY, "--model-ema", "--model-ema-decay", "0.9",
+                           "--output", str(tmp_path), "--experiment", "l"]) == 0
+    run = tmp_path / "train" / "l"
+    last = os.stat(run / "last.pth.tar")
+    for name in ("model_best.pth.tar", "model_best_ema.pth.tar", "checkpoint-0.pth.tar"):
+        assert os.stat(run / name).st_ino == last.st_ino, name  # one physical file per epoch
+    assert last.st_nlink == 4
+
+
+def test_where_links_are_refused_the_files_are_copies(data_root, tmp_path, monkeypatch, capsys):
+    from ematrain import keeper
+
+    def no_links(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(keeper.os, "link", no_links)
+    assert train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment",
+                           "c"]) == 0
+    assert capsys.readouterr().err.count("refuses hard links") == 1
+    run = tmp_path / "train" / "c"
+    assert os.stat(run / "model_best.pth.tar").st_ino != os.stat(run / "last.pth.tar").st_ino
+    assert (run / "model_best.pth.tar").read_bytes() == (run / "last.pth.tar").read_bytes()

@@ -6,6 +6,7 @@ previous file whole.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -29,8 +30,19 @@ class WriteFailed(RunFailure):
     """A file could not be written (a full disk, a lost mount); the previous version is whole."""
 
 
-def atomic_write(path: str | Path, write: Callable) -> None:
-    """Write `path` through a temporary file in its folder; `write` receives a binary file.
+@contextlib.contextmanager
+def writing(tmp: str | Path):
+    """Mark `tmp` as a write in progress: quitting at once removes it."""
+    _IN_FLIGHT.add(str(tmp))
+    try:
+        yield
+    finally:
+        _IN_FLIGHT.discard(str(tmp))
+
+
+def atomic_write(path: str | Path, write: Callable, by_path: bool = False) -> None:
+    """Write `path` through a temporary file in its folder; `write` receives a binary file (or,
+    `by_path`, the temporary file's path: torch.save writes a path without Python in between).
 
     Raises WriteFailed (one line) when the disk refuses; torch's zip writer reports a failing
     write as a RuntimeError, so that counts as one too.
@@ -40,23 +52,28 @@ def atomic_write(path: str | Path, write: Callable) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise WriteFailed(f"cannot write {path}: {exc.strerror or exc}") from None
-    _IN_FLIGHT.add(tmp)
-    try:
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
-        _unlink_quietly(tmp)
-        raise WriteFailed(f"cannot write {path}: {_reason(exc)}") from None
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    finally:
-        _IN_FLIGHT.discard(tmp)
+    with writing(tmp):
+        try:
+            # mkstemp creates 0600; give the file the permissions a plain open() would.
+            os.fchmod(fd, 0o666 & ~_UMASK)
+            if by_path:
+                os.close(fd)
+                write(tmp)
+                fd = os.open(tmp, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            else:
+                with os.fdopen(fd, "wb") as f:
+                    write(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as exc:
+            _unlink_quietly(tmp)
+            raise WriteFailed(f"cannot write {path}: {_reason(exc)}") from None
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
     fsync_dir(path.parent)
 
 

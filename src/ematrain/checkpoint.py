@@ -108,7 +108,7 @@ def ema_entries(state: dict, scored: torch.dtype) -> dict:
 
 def write_file(path: str | Path, ckpt: dict) -> None:
     """Write a checkpoint atomically: a crash leaves the previous file whole."""
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp), by_path=True)
 
 
 # ----------------------------------------------------------------------------- restoring

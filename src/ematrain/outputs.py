@@ -145,12 +145,13 @@ class Summary:
         self.rows.append(row)
         return row
 
-    def write(self, run_dir: Path) -> None:
-        """Rewrite summary.csv whole: a resumed run never duplicates or loses a row."""
+    def write(self, run_dir: Path, rows: list[dict] | None = None) -> None:
+        """Rewrite summary.csv whole (with `rows`, a snapshot, or the rows now): a resumed run
+        never duplicates or loses a row."""
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
         writer.writeheader()
-        for row in self.rows:
+        for row in self.rows if rows is None else rows:
             writer.writerow({k: row.get(k, "") for k in self.columns})
         atomic_write_text(run_dir / "summary.csv", buf.getvalue())
 
@@ -169,27 +170,57 @@ def read_summary(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def plot_curves(run_dir: Path, rows: list[dict], sets: tuple[WeightSet, ...]) -> None:
-    """curves.png: top-1 and loss per epoch for the raw weights and every EMA."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+_STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ("-", "v"), ("--", "P")]
+
+
+def plot_curves(run_dir: Path, rows: list[dict], sets: tuple[WeightSet, ...], title: str = "",
+                chance: float | None = None) -> None:
+    """curves.png: validation top-1 and loss of the raw weights and every EMA, the training
+    loss and the learning rate, per epoch.
+
+    Matplotlib's object API (no pyplot), so it can run in the background writer's thread.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [int(r["epoch"]) for r in rows]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for s in sets:
-        ax_acc.plot(epochs, [float(r[f"{s.column_prefix}eval_top1"]) for r in rows], marker="o",
-                    label=s.label)
-        ax_loss.plot(epochs, [float(r[f"{s.column_prefix}eval_loss"]) for r in rows], marker="o",
-                     label=s.label)
+    fig = Figure(figsize=(14, 4.2))
+    FigureCanvasAgg(fig)
+    ax_acc, ax_loss, ax_lr = fig.subplots(1, 3)
+    for s, (line, marker) in zip(sets, _STYLES * len(sets)):
+        style = dict(linestyle=line, marker=marker, markersize=4, label=s.label)
+        ax_acc.plot(epochs, [float(r[f"{s.column_prefix}eval_top1"]) for r in rows], **style)
+        ax_loss.plot(epochs, [float(r[f"{s.column_prefix}eval_loss"]) for r in rows], **style)
+    ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], color="grey", linestyle=":",
+                 label="training loss")
+    ax_lr.plot(epochs, [float(r["lr"]) for r in rows], color="black", marker=".")
+    _top1_range(ax_acc, rows, sets, chance)
     ax_acc.set(title="validation top-1", xlabel="epoch", ylabel="top-1 (%)")
-    ax_loss.set(title="validation loss", xlabel="epoch", ylabel="loss")
-    for ax in (ax_acc, ax_loss):
+    ax_loss.set(title="loss", xlabel="epoch", ylabel="loss")
+    ax_lr.set(title="learning rate", xlabel="epoch", ylabel="lr")
+    for ax in (ax_acc, ax_loss, ax_lr):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_acc.legend()
+    ax_loss.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     atomic_write(run_dir / "curves.png", lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+
+
+def _top1_range(ax, rows: list[dict], sets, chance: float | None) -> None:
+    """At least 20 points of top-1 in view, and chance level when known, so that wiggles near
+    chance do not look dramatic."""
+    values = [float(r[f"{s.column_prefix}eval_top1"]) for r in rows for s in sets]
+    low, high = min(values + ([chance] if chance else [])), max(values)
+    if high - low < 20:
+        high = min(100.0, low + 20)
+        low = max(0.0, high - 20)
+    ax.set_ylim(max(0.0, low - 2), min(100.0, high + 2) + 0.5)
+    if chance:
+        ax.axhline(chance, color="grey", linewidth=0.8, linestyle=":", label="chance")
 
 
 # ----------------------------------------------------------------------------- console lines

@@ -17,8 +17,16 @@ from . import checkpoint as ckpt_io
 from . import distributed, outputs, resume
 from .build import Run, build_run, log_ema_horizons
 from .cli import run_main
-from .engine import (Batches, EpochLoop, LoopConfig, NonFinite, NonFiniteShadows, Recipe,
-                     current_lr, validate)
+from .engine import (
+    Batches,
+    EpochLoop,
+    LoopConfig,
+    NonFinite,
+    NonFiniteShadows,
+    Recipe,
+    current_lr,
+    validate,
+)
 from .keeper import LAST
 from .logs import log
 from .resume import ResumeSource
@@ -61,19 +69,20 @@ class Training:
         if self.source is not None:
             resume.restore(self.run, self.source)
         self.open_folder()
+        done = False
         try:
             rc = self.epochs()
-        except BaseException:
-            if self.folder is not None:
-                self.folder.discard_if_unused()
-            raise
-        else:
-            if rc and self.folder is not None:
-                self.folder.discard_if_unused()
+            self.run.keeper.wait()  # the last write; its failure is this run's
+            done = rc == 0
             return rc
         finally:
+            if not done:
+                with contextlib.suppress(Exception):  # an error already on its way wins
+                    self.run.keeper.wait()
             self.run.data.close()
             if self.folder is not None:
+                if not done:
+                    self.folder.discard_if_unused()
                 self.folder.close()
 
     def epochs(self) -> int:
@@ -84,6 +93,7 @@ class Training:
                 if rc is not None:
                     return rc
                 if stop():
+                    self.run.keeper.wait()
                     self.print_stop(f"stopped after epoch {epoch}")
                     return stop.exit_code
         for line in outputs.final_report(self.run.keeper.best, self.run.weight_sets,
@@ -153,6 +163,7 @@ class Training:
         except Interrupted:
             return self.stop_mid_epoch(epoch, stop)
         except NonFinite as exc:
+            run.keeper.wait()
             if self.primary:
                 last = self.run_dir / LAST
                 kept = (f"the last good checkpoint is {last}" if last.is_file()
@@ -176,6 +187,7 @@ class Training:
         run = self.run
         if self.primary:  # other ranks would build the whole checkpoint for nothing
             run.keeper.save_mid_epoch(ckpt_io.save(run), LAST)
+            run.keeper.wait()
         distributed.barrier(run.dist)
         self.print_stop(f"stopped at epoch {epoch}, step {run.counters.epoch_step}")
         return stop.exit_code
@@ -216,16 +228,20 @@ class Training:
         improved = run.keeper.record(epoch, results)
         run.counters.finish_epoch()
         if self.primary:
-            run.keeper.save_epoch(epoch, ckpt_io.save(run, metric=raw), improved)
-            self.write_summary()
+            rows = [dict(r) for r in run.summary.rows]
+            run.keeper.save_epoch(epoch, ckpt_io.save(run, metric=raw), improved,
+                                  then=lambda: self.write_summary(rows))
             skipped = run.ema.skipped_nonfinite if run.ema is not None else 0
             print(outputs.epoch_line(epoch, run.num_epochs, lr, train_loss, results,
                                      run.weight_sets, metric, skipped), flush=True)
         distributed.barrier(run.dist)
 
-    def write_summary(self) -> None:
-        self.run.summary.write(self.run_dir)
-        outputs.plot_curves(self.run_dir, self.run.summary.rows, self.run.weight_sets)
+    def write_summary(self, rows: list[dict] | None = None) -> None:
+        """summary.csv and curves.png (in the background writer after an epoch's checkpoint)."""
+        rows = self.run.summary.rows if rows is None else rows
+        self.run.summary.write(self.run_dir, rows)
+        outputs.plot_curves(self.run_dir, rows, self.run.weight_sets, title=self.run_dir.name,
+                            chance=100.0 / self.run.num_classes)
 
     def print_stop(self, what: str) -> None:
         if self.primary:
