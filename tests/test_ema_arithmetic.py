@@ -729,3 +729,34 @@ def test_model_in_new_storage_is_picked_up(decays):
     # 3. Brand-new Parameter objects (load_state_dict with assign=True).
     model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
     step_and_check()
+    # 4. One small and one large tensor alone given new storage.
+    model[3].bias.data = model[3].bias.data.clone()
+    model[0].weight.data = model[0].weight.data.clone()
+    step_and_check()
+    # 5. A submodule replaced by an equal one (its tensors are new objects).
+    replacement = nn.BatchNorm1d(600)
+    replacement.load_state_dict(model[1].state_dict())
+    model[1] = replacement
+    step_and_check()
+    # 6. Buffer objects replaced the way Module.to() does it, without a registration.
+    model[1]._buffers["running_mean"] = model[1].running_mean.clone()
+    model.to(torch.float64).to(torch.float32)
+    step_and_check()
+
+
+def test_the_update_plan_is_kept_while_no_tensor_object_changes():
+    """An update re-plans only when the model's tensors may have changed: setting a buffer
+    attribute to the object it holds (``self.n += 1``, as torch's AveragedModel does every
+    update, here on another module) does not count, a new object does."""
+    model = big_net()
+    ema = ModelEma(model, decay=0.9)
+    ema.update(model)
+    plan = ema._shadows._plan
+    other = nn.Module()
+    other.register_buffer("n", torch.zeros(()))
+    other.n += 1
+    ema.update(model)
+    assert ema._shadows._plan is plan
+    model[1].running_mean = model[1].running_mean.clone()
+    ema.update(model)
+    assert ema._shadows._plan is not plan

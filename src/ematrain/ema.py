@@ -5,10 +5,13 @@ updated together in one fused multi-tensor operation per call.
 
 Design notes (why it looks the way it does):
 
-* The tensor lists the update works on are built once and reused. Every update re-reads the
-  storage pointers of the model's tensors (a cheap walk over the module tree), so a model moved,
-  re-allocated or given new Parameter objects between steps is picked up again instead of
-  silently reading stale memory.
+* The tensor lists the update works on are built once and reused. Each update checks in O(1)
+  that they still are the model's: torch's global registration hooks count every parameter,
+  buffer or submodule registered (new Parameter objects loaded with ``assign=True``, a
+  submodule replaced), one buffer slot is watched (``Module.to()`` replaces buffer objects
+  without registering them), and the storage of the large tensors and the first one (a moved
+  or converted model). Small tensors are read from the live tensor objects, which follow a
+  ``.data`` change.
 * Floating-point parameters *and* floating-point buffers (BatchNorm running statistics) are
   averaged; integer buffers (``num_batches_tracked``) are copied.
 * The small floating-point tensors of each shadow (biases, norm weights, BatchNorm statistics:
@@ -135,30 +138,41 @@ def _float_and_int_tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[
     return floats, ints
 
 
-def _storage_key(module: nn.Module) -> list[int]:
-    """Storage pointers of every parameter and buffer slot of ``module``, in a fixed order.
+# Parameters, buffers and submodules registered anywhere in the process, counted by torch's global
+# registration hooks: an update tells in O(1) whether its plan may hold replaced tensor objects.
+_REGISTRATIONS = [0]
 
-    A plain walk over the module dicts: several times cheaper than ``parameters()`` and
-    ``buffers()``, so it can run on every update. Any change that matters (``.data`` reassigned,
-    the model moved or converted, new Parameter objects loaded with ``assign=True``, a submodule
-    replaced) gives new storage and so a new key. The update plan reads either the live tensor
-    objects, which follow a ``.data`` change, or views that keep their old storage alive, so a
-    pointer cannot come back at the same address while a view of the old storage is in use.
-    """
-    key = [id(module)]
-    stack = [module]
-    pop, push, add = stack.pop, stack.extend, key.extend
-    while stack:
-        mod = pop()
-        if mod is None:  # a submodule slot set to None
-            continue
-        if mod._parameters:
-            add([0 if t is None else t.data_ptr() for t in mod._parameters.values()])
-        if mod._buffers:
-            add([0 if t is None else t.data_ptr() for t in mod._buffers.values()])
-        if mod._modules:
-            push(mod._modules.values())
-    return key
+
+def _count_registration(module, name, value):
+    # Called before the slot is set. Setting a slot to the object it holds (``self.buf += 1``
+    # on a buffer attribute, as torch's AveragedModel does every update) changes nothing.
+    slots = (module._parameters, module._buffers, module._modules)
+    if not any(slot.get(name) is value for slot in slots):
+        _REGISTRATIONS[0] += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+nn.modules.module.register_module_buffer_registration_hook(_count_registration)
+nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+def _first_buffer_slot(module: nn.Module):
+    """(owner, name, tensor) of the first buffer: `Module.to()` replaces buffer objects without
+    a registration, all at once, so watching one tells."""
+    for mod in module.modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None:
+                return mod, name, buf
+    return None
+
+
+def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive views of `flat` shaped like the tensors of `like`."""
+    views, offset = [], 0
+    for t in like:
+        views.append(flat[offset:offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return views
 
 
 def _pack(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -221,7 +235,7 @@ class _Shadows:
             for ints in self.ints:
                 self.int_flats.append(_pack(ints, ints0[0].dtype, ints0[0].device))
         self._marks = self._storage_marks()
-        self._model_key, self._plan = None, None
+        self._plan = None
 
     def _storage_marks(self) -> list[tuple[int, ...]]:
         """Storage of each shadow's first and last float tensor: changes when it is moved."""
@@ -233,8 +247,7 @@ class _Shadows:
     def plan_for(self, model: nn.Module) -> "_Plan":
         """The update plan, rebuilt when the model's tensors moved or were replaced."""
         source = unwrap_model(model)
-        key = _storage_key(source)
-        if key != self._model_key:
+        if self._plan is None or not self._plan.valid_for(source):
             floats, ints = _float_and_int_tensors(source)
             if len(floats) != len(self.floats[0]) or len(ints) != len(self.ints[0]):
                 raise ValueError("model does not match the EMA's structure")
@@ -242,8 +255,7 @@ class _Shadows:
                 if m.shape != s.shape:
                     raise ValueError(f"model tensor of shape {tuple(m.shape)} does not match EMA "
                                      f"tensor of shape {tuple(s.shape)}")
-            self._plan = _Plan.build(floats, ints, self)
-            self._model_key = key
+            self._plan = _Plan.build(source, floats, ints, self)
         return self._plan
 
 
@@ -257,27 +269,44 @@ class _Plan:
         self.copy_dst: list[torch.Tensor] | None = None
         self.copy_src: list[torch.Tensor] | None = None
         self.sync: torch.device | None = None
-        # Gathering the model's small tensors into one flat buffer (same device and dtype).
-        self.gather: list[torch.Tensor | None] | None = None
-        self.gather_fix: list[tuple[int, torch.Tensor]] = []
-        self.gather_buf: torch.Tensor | None = None
-        # Integer buffers gathered straight into the shadows' flat integer buffers; staged (on
-        # the shadows' device) when the model is elsewhere.
+        # Gathering the model's small tensors into one flat buffer (same device and dtype): the
+        # live tensors are copied into views of it, so a `.data` change is followed.
+        self.gather_src: list[torch.Tensor] = []
+        self.gather_dst: list[torch.Tensor] = []
+        # Integer buffers copied straight into views of the shadows' flat integer buffer;
+        # staged (on the shadows' device) when the model is elsewhere.
         self.int_gather: list[torch.Tensor] | None = None
         self.int_dst: list[torch.Tensor] = []
+        # What `valid_for` compares.
+        self.source_id = 0
+        self.registrations = -1
+        self.watched: list[tuple[torch.Tensor, int]] = []
+        self.buffer_slot = None
         # What the finiteness check reads, and the lerp operands.
         self.check: list[torch.Tensor] = []
         self.lerp_self: list[torch.Tensor] = []
         self.lerp_end: list[torch.Tensor] = []
 
+    def valid_for(self, source: nn.Module) -> bool:
+        """Whether this plan still reads `source`'s tensors: no tensor object replaced (counted
+        registrations, the watched buffer slot) and no storage moved (the watched pointers)."""
+        if id(source) != self.source_id or _REGISTRATIONS[0] != self.registrations:
+            return False
+        if self.buffer_slot is not None:
+            owner, name, tensor = self.buffer_slot
+            if owner._buffers.get(name) is not tensor:
+                return False
+        return all(t.data_ptr() == ptr for t, ptr in self.watched)
+
     @classmethod
-    def build(cls, floats: list[torch.Tensor], ints: list[torch.Tensor],
+    def build(cls, source: nn.Module, floats: list[torch.Tensor], ints: list[torch.Tensor],
               shadows: _Shadows) -> "_Plan":
         plan = cls(floats, ints)
+        plan.source_id, plan.registrations = id(source), _REGISTRATIONS[0]
+        plan.buffer_slot = _first_buffer_slot(source)
         flats = shadows.int_flats
-        if flats and all(t.is_contiguous() and t.dtype == flats[0].dtype
-                         and t.device == flats[0].device for t in ints):
-            plan.int_gather = [t.view(-1) for t in ints]
+        if flats and all(t.dtype == flats[0].dtype and t.device == flats[0].device for t in ints):
+            plan.int_gather = _views(flats[0], ints)
         small = shadows.small
         small_set = set(small)
         others = [i for i in range(len(floats)) if i not in small_set]
@@ -287,6 +316,9 @@ class _Plan:
             small_src, other_src = plan._stage(small, others, shadows)
         else:
             small_src, other_src = plan._gather_small(small, others, shadows)
+        # Views of the large tensors (the several-decay slices) keep their old storage: watch
+        # where each lives, and the first tensor (a moved or converted model).
+        plan.watched = [(t, t.data_ptr()) for t in floats[:1] + [floats[i] for i in others]]
         ends = ([small_src] if small else []) + other_src
         selfs = [([shadows.small_flats[k]] if small else []) + [shadow[i] for i in others]
                  for k, shadow in enumerate(shadows.floats)]
@@ -327,11 +359,8 @@ class _Plan:
         if small:
             small_src = torch.empty(sum(floats[i].numel() for i in small), dtype=shadows.dtype,
                                     device=shadows.device)
-            self.gather_buf = small_src
-            self.gather = [floats[i].detach().view(-1) if floats[i].is_contiguous() else None
-                           for i in small]
-            self.gather_fix = [(j, floats[i]) for j, i in enumerate(small)
-                               if not floats[i].is_contiguous()]
+            self.gather_src = [floats[i] for i in small]
+            self.gather_dst = _views(small_src, self.gather_src)
         other_src = [floats[i] for i in others]
         self.check = ([small_src] if small else []) + other_src
         return small_src, other_src
@@ -343,13 +372,8 @@ class _Plan:
             torch._foreach_copy_(self.copy_dst, self.copy_src, non_blocking=True)
             if self.int_dst:
                 torch._foreach_copy_(self.int_dst, self.ints, non_blocking=True)
-        elif self.gather is not None:
-            parts = self.gather
-            if self.gather_fix:  # small model tensors that are not contiguous (channels_last)
-                parts = list(parts)
-                for j, tensor in self.gather_fix:
-                    parts[j] = tensor.reshape(-1)
-            torch.cat(parts, out=self.gather_buf)
+        elif self.gather_src:
+            torch._foreach_copy_(self.gather_dst, self.gather_src)
 
     def average(self, weights: list[float]) -> None:
         """``shadow += weight * (model - shadow)`` for every shadow, one fused call."""
@@ -364,7 +388,7 @@ class _Plan:
     def copy_ints(self, shadows: _Shadows) -> None:
         """Integer buffers (num_batches_tracked) are copied, not averaged."""
         if self.int_gather is not None:
-            torch.cat(self.int_gather, out=shadows.int_flats[0])
+            torch._foreach_copy_(self.int_gather, self.ints)
             for flat in shadows.int_flats[1:]:
                 flat.copy_(shadows.int_flats[0])
         elif self.ints:
