@@ -749,11 +749,11 @@ def test_the_update_plan_is_kept_while_no_tensor_object_changes():
     attribute to the object it holds (``self.n += 1``, as torch's AveragedModel does every
     update, here on another module) does not count, a new object does."""
     model = big_net()
+    other = nn.Module()
+    other.register_buffer("n", torch.zeros(()))
     ema = ModelEma(model, decay=0.9)
     ema.update(model)
     plan = ema._shadows._plan
-    other = nn.Module()
-    other.register_buffer("n", torch.zeros(()))
     other.n += 1
     ema.update(model)
     assert ema._shadows._plan is plan
