@@ -4,7 +4,7 @@ VPY := $(VENV)/bin/python
 VPIP := $(VENV)/bin/pip
 PIP_FLAGS := --disable-pip-version-check -q
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench bench-train gpu-check clean
 
 venv: $(VENV)/.deps-stamp
 
@@ -28,6 +28,14 @@ demo: venv
 
 bench: venv
 	$(VPY) benchmarks/bench_ema.py
+
+# Whole runs against timm's train.py (TIMM_TRAIN: its path; it is not in timm's pip package).
+bench-train: venv
+	$(VPY) benchmarks/bench_train.py $(if $(TIMM_TRAIN),--timm-train $(TIMM_TRAIN),--skip-timm)
+
+# On a machine with a CUDA GPU: CUDA tests, no-sync check, 224 px runs, CUDA EMA bench (~5 min).
+gpu-check: venv
+	$(VPY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf output data

@@ -115,6 +115,7 @@ def test_vit_recipe_builds_its_real_model(data):
     scales = sorted({g["lr_scale"] for g in run.optimizer.param_groups})
     assert scales == pytest.approx([0.65 ** (13 - i) for i in range(14)])  # embed, 12 blocks, head
     names = {type(t).__name__ for t in run.data.train_set.dataset.transform.transforms}
+    names.add(type(run.data.erase).__name__)  # random erasing runs on the normalized batch
     assert {"RandAugment", "RandomErasing"} <= names
     assert run.lr == pytest.approx(5e-4)
     assert run.num_epochs == 300

@@ -29,6 +29,9 @@ def val_loader(tmp_path_factory):
     return data.make_loader(dataset, batch_size=4, workers=0, shuffle=False, seed=0)
 
 
+NORMALIZE = data.Normalize((0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+
+
 def _trained_pair(decays, device=None):
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3)
@@ -46,8 +49,9 @@ def _trained_pair(decays, device=None):
 
 def test_one_pass_equals_separate_passes_exactly(val_loader):
     model, ema = _trained_pair([0.5, 0.9])
-    together = validate(model, val_loader, torch.device("cpu"), ema=ema)
-    alone = [validate(m, val_loader, torch.device("cpu"))[0] for m in [model] + ema.modules]
+    together = validate(model, val_loader, torch.device("cpu"), normalize=NORMALIZE, ema=ema)
+    alone = [validate(m, val_loader, torch.device("cpu"), normalize=NORMALIZE)[0]
+             for m in [model] + ema.modules]
     assert together == alone
     assert together[0] != together[1]  # the weight sets really differ
     assert together[0]["count"] == 21
@@ -55,11 +59,11 @@ def test_one_pass_equals_separate_passes_exactly(val_loader):
 
 def test_cpu_shadow_swap_gives_the_same_numbers_and_restores_raw(val_loader, monkeypatch):
     model, ema = _trained_pair([0.5, 0.9])
-    reference = validate(model, val_loader, torch.device("cpu"), ema=ema)
+    reference = validate(model, val_loader, torch.device("cpu"), normalize=NORMALIZE, ema=ema)
     raw = {k: v.clone() for k, v in model.state_dict().items()}
     # Force the swap path that --model-ema-force-cpu takes on a GPU machine.
     monkeypatch.setattr(ema, "device", torch.device("meta"))
-    swapped = validate(model, val_loader, torch.device("cpu"), ema=ema)
+    swapped = validate(model, val_loader, torch.device("cpu"), normalize=NORMALIZE, ema=ema)
     assert swapped == reference
     for name, value in model.state_dict().items():
         assert torch.equal(value, raw[name]), name

@@ -449,7 +449,9 @@ def test_bce_with_mixup_and_threshold(data):
 
 # ----------------------------------------------------------------------------- augmentation
 def _transforms(tr):
-    return list(tr.run.data.train_set.dataset.transform.transforms)
+    """The per-sample transform, and the batch-level random erasing after it."""
+    erase = [tr.run.data.erase] if tr.run.data.erase is not None else []
+    return list(tr.run.data.train_set.dataset.transform.transforms) + erase
 
 
 def _of(tr, name):
@@ -486,7 +488,13 @@ def test_random_erasing_reaches_the_samples(data):
                       "--ratio", "1", "1", "--hflip", "0", "--color-jitter", "0")
     plain = make_trainer(data, "--scale", "1", "1", "--ratio", "1", "1", "--hflip", "0",
                          "--color-jitter", "0")
-    erased, clean = tr.run.data.train_set[0][0], plain.run.data.train_set[0][0]
+    from ematrain.engine import Batches
+
+    def first_input(t):  # the first sample as the training step receives it
+        images = t.run.data.train_set[0][0][None]
+        return Batches(torch.device("cpu"), normalize=t.run.data.normalize,
+                       erase=t.run.data.erase)(images, torch.zeros(1, dtype=torch.long))[0][0]
+    erased, clean = first_input(tr), first_input(plain)
     zeros = (erased == 0).all(0)
     assert zeros.sum() >= 4 and not (clean == 0).all(0).any()
 

@@ -89,7 +89,8 @@ def test_opt_kwargs_reach_the_optimizer(data):
 
 
 def _train_ops(tr):
-    return list(tr.run.data.train_set.dataset.transform.transforms)
+    erase = [tr.run.data.erase] if tr.run.data.erase is not None else []
+    return list(tr.run.data.train_set.dataset.transform.transforms) + erase
 
 
 def test_train_interpolation_vflip_and_recount_reach_the_transform(data):

@@ -57,6 +57,8 @@ class TrainData:
     pin_memory: bool
     drop_last: bool
     steps_per_epoch: int  # optimizer steps
+    normalize: data.Normalize | None = None  # the loaders give uint8 images
+    erase: object | None = None              # random erasing of the normalized batch
     _loaders: tuple | None = field(default=None, repr=False)
 
     @property
@@ -289,6 +291,8 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     train.data_config = data.data_config_for(s.image.overrides(), model)
     train.train_set.dataset.transform = data.train_transform(train.data_config, s.aug)
     train.val_set.transform = data.eval_transform(train.data_config)
+    train.normalize = data.Normalize(train.data_config["mean"], train.data_config["std"], device)
+    train.erase = data.batch_eraser(s.aug, device)
     lr = s.lr(dist.world_size)
     optimizer = build_optimizer(s.optim, model, lr)
     scheduler, num_epochs = build_scheduler(s.schedule, optimizer, train.steps_per_epoch,

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -148,20 +149,51 @@ def data_config_for(overrides: dict, model) -> dict:
 
 
 def train_transform(data_config: dict, aug):
-    """timm's training transform for `data_config` with the augmentation of `aug` (AugSpec)."""
+    """timm's training transform for `data_config` with the augmentation of `aug` (AugSpec).
+
+    Like timm's loader with its prefetcher, the transform stops at uint8 tensors: loader
+    workers neither convert nor normalize, and pass a quarter of the bytes; `Normalize` does it
+    for the whole batch, and random erasing (`batch_eraser`) follows it there.
+    """
     config = dict(data_config, interpolation=aug.train_interpolation or data_config["interpolation"])
     try:
         return create_transform(
             **config, is_training=True, no_aug=aug.no_aug, scale=tuple(aug.scale),
             ratio=tuple(aug.ratio), hflip=aug.hflip, vflip=aug.vflip, color_jitter=aug.color_jitter,
-            auto_augment=aug.aa, re_prob=aug.reprob, re_mode=aug.remode, re_count=aug.recount)
+            auto_augment=aug.aa, use_prefetcher=True)
     except (AssertionError, KeyError, ValueError) as exc:
         raise UserError(f"cannot build the training augmentation (--aa {aug.aa}, --scale, "
                         f"--ratio, --color-jitter): {type(exc).__name__} {exc}".rstrip()) from None
 
 
+def batch_eraser(aug, device: torch.device) -> RandomErasing | None:
+    """timm's random erasing of a normalized batch (--reprob), each image on its own draw."""
+    if aug.no_aug or not aug.reprob:
+        return None
+    return RandomErasing(aug.reprob, mode=aug.remode, max_count=aug.recount, device=device)
+
+
 def eval_transform(data_config: dict):
-    return create_transform(**data_config, is_training=False)
+    """The evaluation transform, to uint8 tensors (see `train_transform` and `Normalize`)."""
+    return create_transform(**data_config, is_training=False, use_prefetcher=True)
+
+
+class Normalize:
+    """uint8 image batches to the model's normalized float32 input, on the batch's device.
+
+    ``(x - 255 * mean) / (255 * std)``: what a per-sample ToTensor and Normalize compute, as one
+    operation per batch in the main process (timm's prefetcher does the same).
+    """
+
+    def __init__(self, mean, std, device: torch.device):
+        shape = (1, -1, 1, 1)
+        self.scale = torch.tensor([255.0 * s for s in std], device=device).view(shape)
+        self.shift = torch.tensor([255.0 * m for m in mean], device=device).view(shape)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.is_floating_point():  # already normalized (a caller's own transform)
+            return images
+        return images.float().sub_(self.shift).div_(self.scale)
 
 
 def make_loader(dataset, batch_size: int, workers: int, seed: int, drop_last: bool = False,

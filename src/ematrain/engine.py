@@ -164,19 +164,28 @@ def train_step(model: nn.Module, optimizer, images: torch.Tensor, targets: torch
 # ----------------------------------------------------------------------------- the epoch loop
 @dataclass
 class Batches:
-    """What happens to a loader batch before the step: device, dtype, layout, mixing."""
+    """What happens to a loader batch before the step: device, normalization (the loader gives
+    uint8), random erasing, mixing, dtype, layout."""
     device: torch.device
-    dtype: torch.dtype | None = None  # --model-dtype; None keeps the loader's float32
+    dtype: torch.dtype | None = None  # --model-dtype; None keeps float32
     channels_last: bool = False
     mixup_fn: Callable | None = None
+    normalize: Callable | None = None
+    erase: Callable | None = None
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor):
-        images = images.to(self.device, dtype=self.dtype, non_blocking=True)
+        images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        if self.normalize is not None:
+            images = self.normalize(images)
+        if self.erase is not None:
+            images = self.erase(images)
         if self.mixup_fn is not None:
             images, targets = self.mixup_fn(images, targets)
+        if self.dtype is not None:
+            images = images.to(self.dtype)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return images, targets
 
 
@@ -331,13 +340,15 @@ def _float_buffers(model: nn.Module, clone: bool = False) -> list[torch.Tensor]:
 @torch.no_grad()
 def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | None = None,
              epoch: int | None = None, amp_dtype: torch.dtype | None = None,
-             channels_last: bool = False, reduce=lambda t: t, show: bool = True) -> list[dict]:
+             channels_last: bool = False, reduce=lambda t: t, show: bool = True,
+             normalize: Callable | None = None) -> list[dict]:
     """Evaluate the raw weights and every EMA shadow in one pass over `loader`.
 
     Each batch is decoded and augmented once and fed to every weight set, so K EMAs cost K extra
     forward passes, not K extra passes over the data. `reduce` sums the per-set totals across
-    ranks (each rank sees a disjoint share of the images). Returns one dict per weight set (raw
-    first, then the shadows in order) with 'loss', 'top1', 'top5' and 'count'.
+    ranks (each rank sees a disjoint share of the images). `normalize` turns the loader's uint8
+    batches into the model's input (`data.Normalize`). Returns one dict per weight set (raw first,
+    then the shadows in order) with 'loss', 'top1', 'top5' and 'count'.
     """
     sets = _EvalSets(model, ema)
     sums = torch.zeros(len(sets.nets), 4, dtype=torch.float64, device=device)
@@ -348,6 +359,8 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
             for images, targets in stream:
                 images = images.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
+                if normalize is not None:
+                    images = normalize(images)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 sets.score(images, targets, sums, amp_dtype)

@@ -48,7 +48,7 @@ class Training:
         recipe = Recipe(run.loss_fn, run.precision.autocast, run.scaler, s.optim.clip_grad,
                         s.optim.clip_mode)
         batches = Batches(run.device, run.precision.model_dtype, run.precision.channels_last,
-                          run.mixup_fn)
+                          run.mixup_fn, run.data.normalize, run.data.erase)
         config = LoopConfig(s.optim.grad_accum_steps, s.loop.log_interval, s.loop.skip_nonfinite,
                             s.loop.seed, run.dist.rank)
         self.loop = EpochLoop(run.model, run.optimizer, run.scheduler, run.ema, recipe, batches,
@@ -219,7 +219,7 @@ class Training:
                           amp_dtype=run.precision.autocast,
                           channels_last=run.precision.channels_last,
                           reduce=lambda t: distributed.all_reduce_sum(t, run.dist),
-                          show=self.primary)
+                          show=self.primary, normalize=run.data.normalize)
         results = {s.name: r for s, r in zip(run.weight_sets, scores)}
         raw = results[run.weight_sets[0].name][metric]
         if run.scheduler is not None:

@@ -127,8 +127,9 @@ def _evaluate(s: ValidateSettings, info, device) -> int:
                                 num_replicas=info.world_size, block=batch_size)
     loader = data.make_loader(dataset, batch_size, s.loader.workers, seed=0,
                               pin_memory=device.type == "cuda", sampler=sampler)
+    normalize = data.Normalize(data_config["mean"], data_config["std"], device)
     result = validate(model, loader, device, reduce=lambda t: distributed.all_reduce_sum(t, info),
-                      show=info.is_primary)[0]
+                      show=info.is_primary, normalize=normalize)[0]
     if not info.is_primary:
         return 0
     results = {"model": arch, "checkpoint": str(s.checkpoint), "weights": weights.name,
