@@ -6,7 +6,7 @@ from pathlib import Path
 # Run from a checkout without installing: put src/ on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from ematrain.train import main  # noqa: E402
+from ematrain.train import entry  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

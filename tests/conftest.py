@@ -243,7 +243,7 @@ def one_thread_no_plots(monkeypatch):
     slower), and no curves.png, which costs a matplotlib import per epoch where it is not under
     test. Use with ``pytestmark = pytest.mark.usefixtures("one_thread_no_plots")``."""
     from ematrain import outputs
-    monkeypatch.setattr(outputs, "plot_curves", lambda *a, **k: None)
+    monkeypatch.setattr(outputs.CurveRenderer, "submit", lambda *a, **k: None)
     with torch_threads(1):
         yield
 

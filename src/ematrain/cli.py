@@ -1,6 +1,8 @@
 """Entry-point plumbing: logging set up, and errors as one line on stderr with their exit code."""
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from typing import Callable
 
@@ -20,3 +22,20 @@ def run_main(prog: str, body: Callable[[list[str]], int], argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; files on disk are the last complete ones", file=sys.stderr)
         return 130
+
+
+def exit_process(rc: int) -> None:
+    """End a command-line process without the interpreter's teardown.
+
+    Everything a run leaves is written and closed by the time its main returns (checkpoints,
+    summary, pictures, loader workers, the process group); what is left is Python taking torch
+    apart, module by module, for about a second. Output is flushed first.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc if isinstance(rc, int) else 1)
+

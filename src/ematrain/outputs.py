@@ -5,8 +5,14 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
+import contextlib
+import dataclasses
+import json
 import os
+import selectors
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +24,7 @@ from .signals import close_in_loader_workers
 from .weightsets import WeightSet
 
 METRICS = ("loss", "top1", "top5")
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------- the run folder
@@ -168,6 +175,66 @@ def read_summary(run_dir: Path) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+class CurveRenderer:
+    """Renders curves.png in a process of its own at the lowest priority, so that training keeps
+    the CPU (a thread would share the interpreter lock, and hold it while descheduled).
+
+    `submit` names the run folder and returns at once; the renderer reads summary.csv and, when
+    several requests wait, draws only the newest. On a loaded machine the file catches up when the
+    CPU has time; `close` waits for the last picture. A failed render is a warning line, never
+    the run's end (the checkpoints and summary.csv hold the numbers).
+    """
+
+    def __init__(self):
+        self._process: subprocess.Popen | None = None  # started with the first picture
+
+    def submit(self, run_dir: Path, sets: tuple[WeightSet, ...], title: str = "",
+               chance: float | None = None) -> None:
+        if self._process is None:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(_PACKAGE_ROOT)!r}); "
+                                       f"from ematrain.outputs import render_forever; "
+                                       f"render_forever()"],
+                stdin=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(19))
+        job = {"run_dir": str(run_dir), "title": title, "chance": chance,
+               "sets": [dataclasses.asdict(s) for s in sets]}
+        try:
+            self._process.stdin.write(json.dumps(job) + "\n")
+            self._process.stdin.flush()
+        except OSError:
+            pass  # the renderer died; it said why
+
+    def close(self) -> None:
+        if self._process is not None:
+            with contextlib.suppress(OSError):
+                self._process.stdin.close()
+            self._process.wait()
+            self._process = None
+
+
+def render_forever() -> None:
+    """The renderer process: a job per line on stdin, the newest of those waiting drawn."""
+    selector = selectors.DefaultSelector()
+    selector.register(sys.stdin, selectors.EVENT_READ)
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            return
+        while selector.select(timeout=0):  # newer requests wait: they replace this one
+            newer = sys.stdin.readline()
+            if not newer:
+                break
+            line = newer
+        job = json.loads(line)
+        try:
+            sets = tuple(WeightSet(**s) for s in job["sets"])
+            run_dir = Path(job["run_dir"])
+            plot_curves(run_dir, read_summary(run_dir), sets, job["title"], job["chance"])
+        except Exception as exc:  # noqa: BLE001 - a picture must not end a run
+            print(f"warning: curves.png not written: {str(exc).splitlines()[0][:160]}",
+                  file=sys.stderr, flush=True)
 
 
 _STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ("-", "v"), ("--", "P")]

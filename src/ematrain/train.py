@@ -16,7 +16,7 @@ import torch
 from . import checkpoint as ckpt_io
 from . import distributed, outputs, resume
 from .build import Run, build_run, log_ema_horizons
-from .cli import run_main
+from .cli import exit_process, run_main
 from .engine import (
     Batches,
     EpochLoop,
@@ -56,6 +56,7 @@ class Training:
                               show=run.dist.is_primary, log=log.info)
         self.run_dir: Path | None = None
         self.folder: outputs.RunFolder | None = None
+        self.curves = outputs.CurveRenderer()
 
     @property
     def primary(self) -> bool:
@@ -80,6 +81,7 @@ class Training:
                 with contextlib.suppress(Exception):  # an error already on its way wins
                     self.run.keeper.wait()
             self.run.data.close()
+            self.curves.close()
             if self.folder is not None:
                 if not done:
                     self.folder.discard_if_unused()
@@ -237,11 +239,12 @@ class Training:
         distributed.barrier(run.dist)
 
     def write_summary(self, rows: list[dict] | None = None) -> None:
-        """summary.csv and curves.png (in the background writer after an epoch's checkpoint)."""
+        """summary.csv (in the background writer after an epoch's checkpoint), then curves.png
+        (in the low-priority renderer)."""
         rows = self.run.summary.rows if rows is None else rows
         self.run.summary.write(self.run_dir, rows)
-        outputs.plot_curves(self.run_dir, rows, self.run.weight_sets, title=self.run_dir.name,
-                            chance=100.0 / self.run.num_classes)
+        self.curves.submit(self.run_dir, self.run.weight_sets, title=self.run_dir.name,
+                           chance=100.0 / self.run.num_classes)
 
     def print_stop(self, what: str) -> None:
         if self.primary:
@@ -290,5 +293,10 @@ def main(argv=None) -> int:
     return run_main("train.py", _main, argv)
 
 
+def entry() -> None:
+    """The command (`python train.py`, `ematrain-train`): main, then a quick exit."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -12,7 +12,7 @@ import torch
 from . import checkpoint as ckpt_io
 from . import data, distributed
 from .atomic import atomic_write_text
-from .cli import run_main
+from .cli import exit_process, run_main
 from .engine import validate
 from .errors import UserError
 from .logs import log
@@ -148,5 +148,10 @@ def main(argv=None) -> int:
     return run_main("validate.py", _main, argv)
 
 
+def entry() -> None:
+    """The command (`python train.py`, `ematrain-train`): main, then a quick exit."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
