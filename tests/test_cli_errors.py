@@ -159,7 +159,7 @@ def test_unknown_model_suggests_close_names(cases):
 def test_validation_folder_accepted_for_val(cases):
     case = cases["validation_alias"]
     assert case.proc.returncode == 0, case.proc.stderr[-2000:]
-    run_dir = case.out / "train" / "validation_alias"
+    run_dir = case.out / "validation_alias"
     with open(run_dir / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["0"]
@@ -179,7 +179,7 @@ def test_corrupt_image_named(cases, name):
     assert errors[0].startswith("train.py: error: ")
     assert "class_1" in errors[0] and "0001.png" in errors[0]
     # Nothing half-done: the run folder that never got a checkpoint is gone again.
-    assert files_under(case.out) == ["train"], files_under(case.out)
+    assert files_under(case.out) == [], files_under(case.out)
 
 
 def test_yaml_scalar_for_list_flag(cases):
@@ -190,7 +190,7 @@ def test_yaml_scalar_for_list_flag(cases):
         assert "model_ema_decay" in proc.stderr
     else:
         assert proc.returncode == 0, proc.stderr[-2000:]
-        run_dir = cases["yaml_scalar_decay"].out / "train" / "yaml_scalar_decay"
+        run_dir = cases["yaml_scalar_decay"].out / "yaml_scalar_decay"
         with open(run_dir / "summary.csv", newline="") as f:
             assert "ema_eval_top1" in next(csv.reader(f))
 

@@ -41,7 +41,7 @@ def two_proc_run(data_root, tmp_path_factory):
 
 def test_two_process_training_writes_one_run(two_proc_run):
     out, r = two_proc_run
-    runs = list((out / "train").iterdir())
+    runs = list((out).iterdir())
     assert [p.name for p in runs] == ["ddp"]
     rows = list(csv.DictReader(open(runs[0] / "summary.csv")))
     assert [row["epoch"] for row in rows] == ["0"]
@@ -59,7 +59,7 @@ def test_two_process_training_writes_one_run(two_proc_run):
 
 def test_distributed_validation_equals_single_process(two_proc_run, data_root, tmp_path):
     out, _ = two_proc_run
-    ckpt = out / "train" / "ddp" / "last.pth.tar"
+    ckpt = out / "ddp" / "last.pth.tar"
     single = tmp_path / "single.json"
     # One process, with the same thread count as each rank: float32 kernels round differently
     # with another number of threads.
@@ -83,9 +83,9 @@ def test_two_process_run_resumes(two_proc_run, data_root):
                  "--experiment", "ddp", "--resume", "auto")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resumed from" in r.stderr and "at epoch 1" in r.stderr
-    rows = list(csv.DictReader(open(out / "train" / "ddp" / "summary.csv")))
+    rows = list(csv.DictReader(open(out / "ddp" / "summary.csv")))
     assert [row["epoch"] for row in rows] == ["0", "1"]
-    ckpt = torch.load(out / "train" / "ddp" / "last.pth.tar", weights_only=True)
+    ckpt = torch.load(out / "ddp" / "last.pth.tar", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["counters"]["world_size"] == 2
 
 
@@ -93,7 +93,7 @@ def test_a_single_process_run_continues_under_torchrun(data_root, tmp_path):
     first = torchrun(REPO_ROOT / "train.py", data_root, *TINY, "--epochs", "1", "--output",
                      tmp_path, "--experiment", "one", nproc=1)
     assert first.returncode == 0, first.stderr
-    last = tmp_path / "train" / "one" / "last.pth.tar"
+    last = tmp_path / "one" / "last.pth.tar"
     r = torchrun(REPO_ROOT / "train.py", "--resume", last, "--epochs", "2")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resume: processes 2 (the checkpoint's run had 1)" in r.stderr

@@ -122,9 +122,9 @@ def test_shadow_in_another_dtype_trains_and_validates(data_root, tmp_path, capsy
         rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment", "d",
                              "--model-ema-decay", "0.5", "--model-ema-dtype", dtype])
     assert rc == 0, capsys.readouterr().err
-    rows = list(csv.DictReader(open(tmp_path / "train/d/summary.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "d/summary.csv")))
     assert float(rows[0]["ema_eval_loss"]) > 0
-    ckpt = torch.load(tmp_path / "train/d/last.pth.tar", weights_only=True)
+    ckpt = torch.load(tmp_path / "d/last.pth.tar", weights_only=True)
     assert ckpt["state_dict_ema"]["fc.weight"].dtype == getattr(torch, dtype)
 
 

@@ -956,7 +956,7 @@ def test_cli_combined_flags(cli_runs):
     out, procs = cli_runs
     proc = procs["combined"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = out / "train" / "combined"
+    run = out / "combined"
     saved = yaml.safe_load((run / "args.yaml").read_text())
     assert saved["amp"] and saved["amp_dtype"] == "bfloat16" and saved["channels_last"]
     assert saved["grad_accum_steps"] == 2 and saved["mixup"] == 0.8
@@ -975,7 +975,7 @@ def test_cli_torchcompile_checkpoint_keys(cli_runs):
     out, procs = cli_runs
     proc = procs["compiled"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = ckpt_io.load_file(out / "train" / "compiled" / "last.pth.tar")
+    ckpt = ckpt_io.load_file(out / "compiled" / "last.pth.tar")
     for key in ("state_dict", "state_dict_ema"):
         assert ckpt[key] and not [k for k in ckpt[key] if k.startswith("_orig_mod.")]
     model = timm.create_model("test_resnet", num_classes=3)

@@ -37,7 +37,7 @@ class Run:
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-        self.run_dir = out / "train" / "x"
+        self.run_dir = out / "x"
 
     def _read(self):
         for line in self.proc.stdout:
@@ -126,7 +126,7 @@ def test_a_kill_right_after_the_last_checkpoint_is_repaired_on_resume(small_data
             "keeper.CheckpointKeeper.save_epoch = save_epoch\n")
     killed = run_with_hook(hook, small_data, tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    run_dir = tmp_path / "train" / "b"
+    run_dir = tmp_path / "b"
     assert (run_dir / "recovery.pth.tar").is_file()  # left over by the kill
     again = subprocess.run([sys.executable, REPO_ROOT / "train.py", small_data, *FAST,
                             "--output", tmp_path], capture_output=True, text=True, timeout=300,
@@ -156,6 +156,6 @@ def test_a_second_ctrl_c_during_a_checkpoint_write_exits_130_with_the_old_file(s
     assert r.returncode == 130, r.stderr[-2000:]
     assert time.time() - started < 25 and "Traceback" not in r.stderr
     assert "SIGINT again: quitting at once" in r.stderr
-    run_dir = tmp_path / "train" / "b"
+    run_dir = tmp_path / "b"
     assert torch.load(run_dir / "last.pth.tar", weights_only=True)["epoch"] == 0  # whole
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]

@@ -31,7 +31,7 @@ def reference(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
     r = run_cli("train.py", data_root, *COMMON, "-j", "0", "--output", out, "--experiment", "ref")
     assert r.returncode == 0, r.stderr
-    return out / "train" / "ref"
+    return out / "ref"
 
 
 def _popen(data_root, out, *extra):
@@ -65,7 +65,7 @@ def test_sigkill_then_resume_is_bit_identical(data_root, reference, tmp_path, wo
     if recovery:
         extra += ["--recovery-interval", recovery]
     proc = _popen(data_root, tmp_path, *extra)
-    run_dir = tmp_path / "train" / "run"
+    run_dir = tmp_path / "run"
     rng = random.Random(int(workers))
     deadline = time.time() + 300
     while not (run_dir / "last.pth.tar").exists():
@@ -94,7 +94,7 @@ def test_sigint_saves_mid_epoch_and_resume_is_bit_identical(data_root, reference
     text = "".join(output)
     assert proc.returncode == 130, text
     assert "--resume" in text and "last.pth.tar" in text
-    run_dir = tmp_path / "train" / "run"
+    run_dir = tmp_path / "run"
     ckpt = torch.load(run_dir / "last.pth.tar", weights_only=True)
     assert ckpt["counters"]["epoch"] == 1 and ckpt["counters"]["epoch_step"] >= 3
     rows = (run_dir / "summary.csv").read_text().splitlines()
@@ -107,7 +107,7 @@ def test_sigint_saves_mid_epoch_and_resume_is_bit_identical(data_root, reference
 
 def test_second_ctrl_c_quits_at_once_leaving_good_files(data_root, tmp_path):
     proc = _popen(data_root, tmp_path, "-j", "0", "--experiment", "run")
-    run_dir = tmp_path / "train" / "run"
+    run_dir = tmp_path / "run"
     for line in proc.stdout:
         if "train 1/2 [2/" in line:
             proc.send_signal(signal.SIGINT)
@@ -135,7 +135,7 @@ def test_a_kill_between_the_last_checkpoint_and_its_summary_line_loses_no_row(
     """The race the SIGKILL test can hit by chance, made certain: the finished run's last
     summary.csv line is missing, as if killed right after last.pth.tar was written."""
     import shutil
-    run_dir = tmp_path / "train" / "ref"
+    run_dir = tmp_path / "ref"
     shutil.copytree(reference, run_dir)
     summary = run_dir / "summary.csv"
     lines = summary.read_text().splitlines()

@@ -42,11 +42,11 @@ def ema_run(data, tmp_path_factory) -> Path:
         r = train_in_process(data, *TINY, "--model-ema", "--model-ema-decay", "0.9", "0.99",
                              "--output", out, "--experiment", "run")
     assert r.returncode == 0, r.stderr[-2000:]
-    return out / "train" / "run"
+    return out / "run"
 
 
 def copy_run(run: Path, tmp_path: Path) -> Path:
-    target = tmp_path / "train" / run.name
+    target = tmp_path / run.name
     shutil.copytree(run, target)
     return target
 
@@ -147,13 +147,13 @@ def test_the_printed_resume_command_alone_continues_the_run_exactly(data, tmp_pa
     elsewhere.mkdir()
     second = run_cli(command[1], *command[2:], cwd=elsewhere)
     assert second.returncode == 0, second.stderr[-2000:]
-    a = torch.load(tmp_path / "ref/train/r/last.pth.tar", weights_only=True)
-    b = torch.load(tmp_path / "out/train/r/last.pth.tar", weights_only=True)
+    a = torch.load(tmp_path / "ref/r/last.pth.tar", weights_only=True)
+    b = torch.load(tmp_path / "out/r/last.pth.tar", weights_only=True)
     for key in ("state_dict", "state_dict_ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
     assert a["counters"] == b["counters"] and a["ema"]["decays"] == b["ema"]["decays"]
-    assert (rows(tmp_path / "ref/train/r") == rows(tmp_path / "out/train/r"))
+    assert (rows(tmp_path / "ref/r") == rows(tmp_path / "out/r"))
 
 
 def test_a_stop_mid_epoch_prints_the_same_resume_command(ema_run, tmp_path, monkeypatch):
@@ -227,32 +227,32 @@ def test_the_readme_shows_the_policy_table():
 
 
 def test_resume_auto_before_any_checkpoint_keeps_the_folder(data, tmp_path, capsys):
-    run = tmp_path / "train" / "x"
+    run = tmp_path / "x"
     run.mkdir(parents=True)
     (run / "args.yaml").write_text("model: test_resnet\n")  # a run killed before epoch 0 ended
     rc = train.main([str(data), *TINY, "--output", str(tmp_path), "--experiment", "x",
                          "--resume", "auto"])
     assert rc == 0
     assert (run / "last.pth.tar").is_file()
-    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["x"]
+    assert sorted(p.name for p in (tmp_path).iterdir()) == ["x"]
 
 
 def test_resume_from_a_path_continues_in_that_runs_folder(data, tmp_path, capsys):
     assert train.main([str(data), *TINY, "--output", str(tmp_path),
                            "--experiment", "first"]) == 0
-    last = tmp_path / "train/first/last.pth.tar"
+    last = tmp_path / "first/last.pth.tar"
     assert train.main([str(data), *TINY, "--epochs", "2", "--resume", str(last)]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "train/first/summary.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "first/summary.csv")))
     assert [r["epoch"] for r in rows] == ["0", "1"]
-    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["first"]
+    assert sorted(p.name for p in (tmp_path).iterdir()) == ["first"]
 
 
 def test_no_resume_opt_resumes_at_the_schedules_lr(data, tmp_path, capsys):
     assert train.main([str(data), *TINY, "--epochs", "2", "--warmup-epochs", "1",
                            "--warmup-lr", "1e-4", "--sched", "step", "--decay-epochs", "10",
                            "--output", str(tmp_path), "--experiment", "w"]) == 0
-    ckpt = tmp_path / "train/w/checkpoint-0.pth.tar"
-    ckpt = ckpt if ckpt.exists() else tmp_path / "train/w/model_best.pth.tar"
+    ckpt = tmp_path / "w/checkpoint-0.pth.tar"
+    ckpt = ckpt if ckpt.exists() else tmp_path / "w/model_best.pth.tar"
     settings, source = resolve_train(["--resume", ckpt, "--no-resume-opt"])
     run = build_run(settings)
     resume_mod.restore(run, source)
@@ -278,7 +278,7 @@ def test_a_half_life_keeps_its_horizon_when_the_batch_size_changes(data, tmp_pat
     first = train_in_process(data, *TINY, "--model-ema-half-life", "1ep", "--output", tmp_path,
                              "--experiment", "h")
     assert first.returncode == 0, first.stderr[-2000:]
-    last = tmp_path / "train" / "h" / "last.pth.tar"
+    last = tmp_path / "h" / "last.pth.tar"
     r = train_in_process("--resume", last, "-b", "2", "--epochs", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "the same half-lives over other images per step" in r.stderr
@@ -313,7 +313,7 @@ def test_a_timm_checkpoint_resumes_with_fresh_parts_named(data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "holds no scheduler state; this run's starts fresh" in r.stderr
     assert "resumed from" in r.stderr and "at epoch 1" in r.stderr
-    (run_dir,) = (tmp_path / "out" / "train").iterdir()
+    (run_dir,) = (tmp_path / "out").iterdir()
     assert [r["epoch"] for r in rows(run_dir)] == ["1"]
 
 
@@ -325,7 +325,7 @@ def test_the_start_weights_are_not_loaded_again_on_resume(data, tmp_path):
                              "--experiment", "w")
     assert first.returncode == 0, first.stderr[-2000:]
     weights.unlink()  # moved away after the run started
-    r = train_in_process("--resume", tmp_path / "train/w/last.pth.tar", "--epochs", "2")
+    r = train_in_process("--resume", tmp_path / "w/last.pth.tar", "--epochs", "2")
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -334,7 +334,7 @@ def test_a_new_batch_size_at_an_epoch_boundary_gets_its_own_learning_rate(data, 
     no_lr = [a for a in TINY if a not in ("--lr", "0.05")]
     first = train_in_process(data, *no_lr, "--output", tmp_path, "--experiment", "b")
     assert first.returncode == 0, first.stderr[-2000:]
-    settings, source = resolve("--resume", tmp_path / "train/b/last.pth.tar", "-b", "8",
+    settings, source = resolve("--resume", tmp_path / "b/last.pth.tar", "-b", "8",
                                "--epochs", "2")
     built = build_run(settings, resuming=True)
     resume_mod.restore(built, source)

@@ -30,12 +30,12 @@ def test_diverging_run_exits_1_and_keeps_last_good_checkpoint(data_root, tmp_pat
     r = run_cli("train.py", data_root, *TINY, "--epochs", "1", "--output", out, "--experiment", "x",
                 "--model-ema", "--model-ema-decay", "0.9")
     assert r.returncode == 0, r.stderr
-    good = torch.load(out / "train/x/last.pth.tar", weights_only=True)
+    good = torch.load(out / "x/last.pth.tar", weights_only=True)
     r = run_cli("train.py", data_root, *TINY, "--epochs", "2", "--output", out, "--experiment", "x",
                 "--resume", "auto", "--lr", "1e30", "--no-resume-opt", "--log-interval", "1")
     assert r.returncode == 1
     assert "non-finite loss at epoch 1, step" in r.stderr and "Traceback" not in r.stderr
-    kept = torch.load(out / "train/x/last.pth.tar", weights_only=True)
+    kept = torch.load(out / "x/last.pth.tar", weights_only=True)
     assert kept["epoch"] == 0
     for key in ("state_dict", "state_dict_ema"):
         assert all(torch.equal(good[key][k], kept[key][k]) for k in good[key])
@@ -49,7 +49,7 @@ def test_diverging_run_exits_1_and_keeps_last_good_checkpoint(data_root, tmp_pat
 def test_full_disk_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch, capsys, failure):
     out = tmp_path / "out"
     assert train_mod.main([str(data_root), *TINY, "--output", str(out), "--experiment", "d"]) == 0
-    last = out / "train/d/last.pth.tar"
+    last = out / "d/last.pth.tar"
     good = last.read_bytes()
 
     def no_space(obj, f, *a, **k):
@@ -186,7 +186,7 @@ def test_cli_fuzz_exit_codes_and_no_partial_files(data_root, fuzz_inputs, tmp_pa
         assert len(lines) == 1 and lines[0].startswith("train.py: error: "), err
         assert not out.exists() or not any(out.rglob("*")), "a rejected run wrote files"
     else:
-        run_dir = out / "train" / f"f{i}"
+        run_dir = out / f"f{i}"
         assert (run_dir / "last.pth.tar").is_file() and (run_dir / "summary.csv").is_file()
         torch.load(run_dir / "last.pth.tar", weights_only=True)
     assert not list(tmp_path.rglob("*.tmp"))
@@ -195,7 +195,7 @@ def test_cli_fuzz_exit_codes_and_no_partial_files(data_root, fuzz_inputs, tmp_pa
 # --------------------------------------------------------------------------- the run folder
 def test_a_live_run_folder_is_refused_to_a_second_process(data_root, tmp_path, capsys):
     from ematrain import outputs
-    holder = outputs.RunFolder.open(tmp_path / "train" / "same", resuming=True)
+    holder = outputs.RunFolder.open(tmp_path / "same", resuming=True)
     try:
         rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment",
                              "same", "--resume", "auto"])
@@ -204,14 +204,14 @@ def test_a_live_run_folder_is_refused_to_a_second_process(data_root, tmp_path, c
         # A new run with the same name takes the next free folder instead.
         assert train_mod.main([str(data_root), *TINY, "--output", str(tmp_path),
                                "--experiment", "same"]) == 0
-        assert (tmp_path / "train" / "same-1" / "last.pth.tar").is_file()
+        assert (tmp_path / "same-1" / "last.pth.tar").is_file()
     finally:
         holder.close()
-    assert not (tmp_path / "train" / "same" / outputs.LOCK).exists()
+    assert not (tmp_path / "same" / outputs.LOCK).exists()
 
 
 def test_a_lock_left_by_a_killed_run_does_not_block(data_root, tmp_path):
-    run = tmp_path / "train" / "x"
+    run = tmp_path / "x"
     run.mkdir(parents=True)
     (run / ".ematrain.lock").write_text("12345\n")  # its process is gone: no flock is held
     assert train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment", "x",
@@ -228,13 +228,12 @@ def test_an_experiment_name_that_is_a_path_is_refused(data_root, tmp_path, capsy
 
 
 def test_an_experiment_named_like_a_file_takes_the_next_name(data_root, tmp_path, capsys):
-    (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "e").write_text("x")
+    (tmp_path / "e").write_text("x")
     assert train_mod.main([str(data_root), *TINY, "--output", str(tmp_path),
                            "--experiment", "e"]) == 0
-    assert (tmp_path / "train" / "e-1" / "last.pth.tar").is_file()
+    assert (tmp_path / "e-1" / "last.pth.tar").is_file()
     rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment", "e",
-                         "--resume", str(tmp_path / "train" / "e")])
+                         "--resume", str(tmp_path / "e")])
     assert rc == 2 and "Traceback" not in capsys.readouterr().err
 
 
@@ -244,7 +243,7 @@ def a_checkpoint(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("malformed")
     assert train_mod.main([str(data_root), *TINY, "--model-ema", "--model-ema-decay", "0.9",
                            "--output", str(out), "--experiment", "m"]) == 0
-    return out / "train" / "m" / "last.pth.tar"
+    return out / "m" / "last.pth.tar"
 
 
 @pytest.mark.parametrize("change,words", [
@@ -280,7 +279,7 @@ def test_a_malformed_checkpoint_is_one_line_everywhere(data_root, a_checkpoint, 
 def test_best_and_history_files_are_links_of_their_epochs_checkpoint(data_root, tmp_path):
     assert train_mod.main([str(data_root), *TINY, "--model-ema", "--model-ema-decay", "0.9",
                            "--output", str(tmp_path), "--experiment", "l"]) == 0
-    run = tmp_path / "train" / "l"
+    run = tmp_path / "l"
     last = os.stat(run / "last.pth.tar")
     for name in ("model_best.pth.tar", "model_best_ema.pth.tar", "checkpoint-0.pth.tar"):
         assert os.stat(run / name).st_ino == last.st_ino, name  # one physical file per epoch
@@ -297,6 +296,27 @@ def test_where_links_are_refused_the_files_are_copies(data_root, tmp_path, monke
     assert train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment",
                            "c"]) == 0
     assert capsys.readouterr().err.count("refuses hard links") == 1
-    run = tmp_path / "train" / "c"
+    run = tmp_path / "c"
     assert os.stat(run / "model_best.pth.tar").st_ino != os.stat(run / "last.pth.tar").st_ino
     assert (run / "model_best.pth.tar").read_bytes() == (run / "last.pth.tar").read_bytes()
+
+
+def test_runs_are_laid_out_as_timm_lays_them_out(data_root, tmp_path, monkeypatch):
+    assert train_mod.main([str(data_root), *TINY, "--output", str(tmp_path / "runs"),
+                           "--experiment", "e"]) == 0
+    assert (tmp_path / "runs" / "e" / "last.pth.tar").is_file()  # <--output>/<experiment>
+    monkeypatch.chdir(tmp_path)
+    assert train_mod.main([str(data_root), *TINY, "--experiment", "d"]) == 0
+    assert (tmp_path / "output" / "train" / "d" / "last.pth.tar").is_file()  # the default
+
+
+def test_resume_auto_finds_a_run_in_the_earlier_layout(data_root, tmp_path):
+    assert train_mod.main([str(data_root), *TINY, "--output", str(tmp_path / "x"),
+                           "--experiment", "old"]) == 0
+    old = tmp_path / "runs" / "train" / "old"  # <--output>/train/<experiment>, as it used to be
+    old.parent.mkdir(parents=True)
+    (tmp_path / "x" / "old").rename(old)
+    assert train_mod.main([str(data_root), *TINY, "--epochs", "2", "--output",
+                           str(tmp_path / "runs"), "--experiment", "old", "--resume", "auto"]) == 0
+    assert torch.load(old / "last.pth.tar", weights_only=True)["epoch"] == 1
+    assert not (tmp_path / "runs" / "old").exists()

@@ -77,7 +77,7 @@ class Runs:
         self.out, self.procs = out, procs
 
     def dir(self, name: str) -> Path:
-        return self.out / name / "train" / name
+        return self.out / name / name
 
     def proc(self, name: str):
         if name not in self.procs:

@@ -56,7 +56,7 @@ def env(tiny_data, tmp_path_factory) -> Setup:
     train = run_all({"train": ("train.py", [tiny_data, *TRAIN, "--output", base / "out",
                                             "--experiment", "run"])})["train"]
     assert train.returncode == 0, train.stderr[-3000:]
-    s.run_dir = base / "out" / "train" / "run"
+    s.run_dir = base / "out" / "run"
     s.ckpt = s.run_dir / "last.pth.tar"
     with open(s.run_dir / "summary.csv", newline="") as f:
         s.row = list(csv.DictReader(f))[-1]
@@ -261,7 +261,7 @@ def test_architecture_flags_are_rebuilt_for_validation(tiny_data, tmp_path):
     train = run_all({"train": ("train.py", [tiny_data, *TRAIN, "--gp", "catavgmax", "--bn-eps",
                                             "0.5", "--output", out, "--experiment", "arch"])})
     assert train["train"].returncode == 0, train["train"].stderr[-3000:]
-    run_dir = out / "train" / "arch"
+    run_dir = out / "arch"
     with open(run_dir / "summary.csv", newline="") as f:
         row = list(csv.DictReader(f))[-1]
     val = ["validate.py", [tiny_data, "-j", "0", "--checkpoint", run_dir / "last.pth.tar"]]
@@ -282,7 +282,7 @@ def test_bfloat16_model_keeps_float32_shadows_and_validates_alike(tiny_data, tmp
     train = run_all({"train": ("train.py", [tiny_data, *TRAIN, "--model-dtype", "bfloat16",
                                             "--output", out, "--experiment", "bf16"])})
     assert train["train"].returncode == 0, train["train"].stderr[-3000:]
-    run_dir = out / "train" / "bf16"
+    run_dir = out / "bf16"
     ckpt = torch.load(run_dir / "last.pth.tar", map_location="cpu", weights_only=True)
     floats = lambda sd: {v.dtype for v in sd.values() if v.is_floating_point()}  # noqa: E731
     assert floats(ckpt["state_dict"]) == {torch.bfloat16}
@@ -333,7 +333,7 @@ def test_ema_decay_can_be_given_as_printed(tiny_data, tmp_path, capsys):
         assert train_entry.main([str(tiny_data), *tiny, "--output", str(tmp_path),
                                  "--experiment", "h", "--model-ema-half-life", "3it", "1ep"]) == 0
     from ematrain import checkpoint as ckpt_io
-    ckpt = ckpt_io.load_file(tmp_path / "train/h/last.pth.tar")
+    ckpt = ckpt_io.load_file(tmp_path / "h/last.pth.tar")
     printed = float(f"{ckpt['ema']['decays'][1]:g}")
     assert printed != ckpt["ema"]["decays"][1]
     assert ckpt_io.ema_index_for_decay(ckpt, printed, "x") == 1

@@ -323,7 +323,8 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                    help="without --sync-bn: average ('reduce') or copy rank 0's ('broadcast') "
                         "BatchNorm statistics before each evaluation (default: reduce)")
     g.add_argument("--output", default="", metavar="DIR",
-                   help="output root (default: ./output); runs go to <output>/train/<experiment>")
+                   help="runs go to <output>/<experiment>, as timm lays them out (default: "
+                        "./output/train)")
     g.add_argument("--experiment", default="", help="run name (default: <date>-<model>)")
     g.add_argument("--eval-metric", default="top1", choices=["top1", "top5", "loss"],
                    help="metric that picks the best checkpoints (default: top1)")

@@ -108,10 +108,14 @@ def _has_entries(folder: Path) -> bool:
     return any(p.name != LOCK for p in folder.iterdir())
 
 
+DEFAULT_OUTPUT = Path("output") / "train"
+
+
 def run_folder_base(output: str, experiment: str, model: str) -> Path:
-    """`<output or ./output>/train/<experiment or date-model>`."""
+    """As timm lays it out: `<--output>/<experiment or date-model>`, by default under
+    ./output/train."""
     name = experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{model.replace('/', '_')}"
-    return Path(output or "output") / "train" / name
+    return (Path(output) if output else DEFAULT_OUTPUT) / name
 
 
 def check_writable(run_dir: Path) -> None:

@@ -106,12 +106,14 @@ def find_checkpoint(resume: str, output: str, experiment: str) -> Path | None:
         return Path(resume)
     if not experiment:
         raise UserError("--resume auto needs --experiment to find the run directory")
-    run_dir = Path(output or "output") / "train" / experiment
-    found = [p for p in (run_dir / "last.pth.tar", run_dir / "recovery.pth.tar") if p.is_file()]
-    if not found:
-        log.info(f"--resume auto: no checkpoint in {run_dir}, starting fresh")
-        return None
-    return max(found, key=lambda p: p.stat().st_mtime_ns)
+    run_dir = Path(output) / experiment if output else Path("output") / "train" / experiment
+    # Runs from before ematrain followed timm's layout lie in <--output>/train/<experiment>.
+    for folder in (run_dir, Path(output) / "train" / experiment) if output else (run_dir,):
+        found = [p for p in (folder / "last.pth.tar", folder / "recovery.pth.tar") if p.is_file()]
+        if found:
+            return max(found, key=lambda p: p.stat().st_mtime_ns)
+    log.info(f"--resume auto: no checkpoint in {run_dir}, starting fresh")
+    return None
 
 
 def open_source(path: Path) -> ResumeSource:

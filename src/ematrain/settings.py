@@ -439,7 +439,7 @@ class LoopSpec:
         name = self.experiment
         if name and (Path(name).name != name or name in (".", "..") or "\\" in name):
             raise UserError(f"--experiment {name!r} must be a folder name, not a path: runs go to "
-                            f"<--output>/train/<--experiment>")
+                            f"<--output>/<--experiment>")
 
 
 @dataclass(frozen=True)
