@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,18 +124,43 @@ def test_vit_recipe_builds_its_real_model(data):
 
 
 # ------------------------------------------------------------------ timm's args.yaml as a recipe
-TIMM_ARGS = Path(__file__).parent / "fixtures" / "timm_args.yaml"
+FIXTURES = Path(__file__).parent / "fixtures"
+# Generated from the argument parser of timm's train.py at its main branch (see the script).
+TIMM_ARGS = FIXTURES / "timm_args.yaml"
+TIMM_ARGS_OLDER = FIXTURES / "timm_args_older.yaml"
 
 
-def test_timm_args_yaml_is_a_recipe(tmp_path):
-    args = train_settings(["-c", TIMM_ARGS, str(tmp_path)]).args
+@pytest.mark.parametrize("fixture", [TIMM_ARGS, TIMM_ARGS_OLDER], ids=["timm-main", "timm-1.0"])
+def test_timm_args_yaml_is_a_recipe(tmp_path, fixture):
+    args = train_settings(["-c", fixture, str(tmp_path)]).args
     assert args.model == "resnet50" and args.batch_size == 128 and args.val_split == "validation"
     assert args.decay_milestones == [90, 180, 270] and args.data_dir == str(tmp_path)
     # model_ema: false in the recipe keeps the EMA off although model_ema_decay is recorded...
     assert args.model_ema is False
     # ...and an EMA flag on the command line still turns it on, at the recipe's decay.
-    on = train_settings(["-c", TIMM_ARGS, str(tmp_path), "--model-ema-warmup"]).args
+    on = train_settings(["-c", fixture, str(tmp_path), "--model-ema-warmup"]).args
     assert on.model_ema is True and on.model_ema_decay == [0.9998]
+
+
+def test_the_timm_fixture_is_what_timms_parser_writes(tmp_path):
+    """The generator runs a train.py's parser-building statements only, and dumps its defaults
+    as timm's _parse_args does; the fixture carries the variable-size keys of timm's main."""
+    fake = tmp_path / "train.py"
+    fake.write_text("import torch\nfrom timm import utils\n"
+                    "config_parser = parser = argparse.ArgumentParser(add_help=False)\n"
+                    "parser.add_argument('-c', '--config', default='')\n"
+                    "parser = argparse.ArgumentParser()\n"
+                    "group = parser.add_argument_group('x')\n"
+                    "group.add_argument('--val-interval', type=int, default=1)\n"
+                    "group.add_argument('--model-kwargs', nargs='*', default={}, "
+                    "action=utils.ParseKwargs)\n"
+                    "def main():\n    raise SystemExit('not run')\n")
+    out = subprocess.run([sys.executable, FIXTURES / "make_timm_args.py", fake, "abc"],
+                         capture_output=True, text=True, check=True).stdout
+    assert yaml.safe_load(out) == {"val_interval": 1, "model_kwargs": {}}
+    assert "abc" in out.splitlines()[0]
+    keys = yaml.safe_load(TIMM_ARGS.read_text())
+    assert {"val_interval", "train_img_sizes", "variable_batch_loss_scale"} <= set(keys)
 
 
 @pytest.mark.parametrize("line,shown", [("aug_splits: 3", "aug_splits=3"),

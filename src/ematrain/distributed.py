@@ -38,7 +38,8 @@ def resolve_device(name: str | None) -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device '{name}' (try cpu or cuda)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but CUDA is not available on this machine")
+        raise UserError(f"device '{name}' requested but CUDA is not available on this machine "
+                        "(--device cpu runs on the CPU)")
     return device
 
 

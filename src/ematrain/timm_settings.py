@@ -20,6 +20,12 @@ TIMM_SETTINGS_NOT_SUPPORTED = {
     "save_images": False, "log_wandb": False, "train_crop_mode": None, "bce_sum": False,
     "bce_pos_weight": None, "color_jitter_prob": None, "grayscale_prob": 0.0,
     "gaussian_blur_prob": 0.0, "naflex_loader": False, "kd_model_name": None,
+    # timm's variable-size training (NaFlex-era train.py): several image and batch sizes per run.
+    "train_img_sizes": None, "train_batch_sizes": None, "train_size_probs": None,
+    "train_size_schedule": "constant", "train_size_schedule_spread": 0.65,
+    "train_size_random_mix": 0.1, "variable_batch_loss_scale": "none",
+    "train_batches_per_epoch": None, "val_interval": 1,
+    "layer_decay_min_scale": 0, "layer_decay_no_opt_scale": None,
 }
 # Settings that only act when another one is on: whatever their value, they are idle while
 # their gate is off. Matched by prefix, so timm's variants of these families (NaFlex,
