@@ -66,7 +66,7 @@ def test_every_stateful_part_round_trips(data, tmp_path):
     tr = make_training(argv)
     run_epochs(tr, tmp_path)
     loader, _ = tr.run.data.loaders(1, 0, seed=5)
-    updates = tr.loop.run(loader, 2)
+    updates = tr.loop.run(loader)
     next(updates)
     next(updates)  # two optimizer updates into epoch 1
     tr.loop.check()

@@ -48,7 +48,7 @@ def test_two_process_training_writes_one_run(two_proc_run):
     for name in ("last.pth.tar", "model_best.pth.tar", "model_best_ema.pth.tar", "args.yaml"):
         assert (runs[0] / name).is_file()
     assert "2 processes (cpu, gloo)" in r.stderr
-    assert r.stdout.count("epoch 0/0") == 1  # only rank 0 prints the epoch line
+    assert r.stdout.count("epoch 0 (1/1)") == 1  # only rank 0 prints the epoch line
     checks = [l for l in r.stderr.splitlines() if l.startswith("EMA checksums (equal on all ranks)")]
     assert len(checks) == 1
     ckpt = torch.load(runs[0] / "last.pth.tar", weights_only=True)

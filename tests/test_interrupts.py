@@ -63,7 +63,7 @@ class Run:
 
 def test_a_second_ctrl_c_quits_within_a_second_inside_a_long_step(data, tmp_path):
     run = Run(data, tmp_path)
-    run.wait_for("epoch 0/3")  # last.pth.tar of epoch 0 exists; epoch 1's one step begins
+    run.wait_for("epoch 0 (1/4)")  # last.pth.tar of epoch 0 exists; epoch 1's one step begins
     time.sleep(0.5)
     run.press()
     time.sleep(0.3)
@@ -82,12 +82,12 @@ def test_a_second_ctrl_c_quits_within_a_second_inside_a_long_step(data, tmp_path
 
 def test_a_stop_during_the_last_step_saves_without_validating(data, tmp_path):
     run = Run(data, tmp_path)
-    run.wait_for("epoch 0/3")
+    run.wait_for("epoch 0 (1/4)")
     time.sleep(0.5)
     run.press(signal.SIGTERM)
     text = run.finish()
     assert run.proc.returncode == 143, text[-3000:]
-    assert "epoch 1/3" not in text  # epoch 1 was trained, not validated
+    assert "epoch 1 (2/4)" not in text  # epoch 1 was trained, not validated
     assert "stopped at epoch 1, step 1" in text and "Traceback" not in text
     ckpt = torch.load(run.run_dir / "last.pth.tar", weights_only=True)
     assert ckpt["counters"]["epoch"] == 1 and ckpt["counters"]["epoch_step"] == 1

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import random
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -392,3 +393,19 @@ def test_args_yaml_fed_back_as_config(runs):
     again = yaml.safe_load((run_dir / "args.yaml").read_text())
     changed = {k for k in original.keys() | again.keys() if original.get(k) != again.get(k)}
     assert changed == {"epochs", "experiment", "output"}
+
+
+def test_the_log_says_how_long_how_fast_and_what_remains(runs):
+    proc = runs.proc("two")
+    out = proc.stdout + proc.stderr
+    # Each log interval (here the epoch's last step): loss, LR, rate, data wait, remaining time.
+    assert re.search(r"^  train 0 \[(\d+)/\1\] loss \d+\.\d{4} lr \S+ \d+ img/s data \d+% eta \S+$",
+                     out, re.M), out
+    assert re.search(r"^epoch 0 \(1/2\) [\d.]+s, eta [\dms.]+ \| lr \S+ train_loss [\d.]+$", out,
+                     re.M), out
+    assert re.search(r"^epoch 1 \(2/2\) [\d.]+s \| lr ", out, re.M), out  # nothing remains
+    assert re.search(r"^  ema 0\.9 +top1 ", out, re.M) and "epoch 0/" not in out
+    assert re.search(r"^done in [\dms.]+: ", out, re.M)
+    assert ", 2 epochs" in out
+    one = runs.proc("onestep")
+    assert ", 1 epoch\n" in one.stdout + one.stderr

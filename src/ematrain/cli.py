@@ -10,6 +10,21 @@ from .errors import UserError, one_line
 from .logs import setup_logging
 
 
+def command_name(script: str) -> str:
+    """The command as the user typed it, for usage, errors and the resume hint: the console
+    script (`ematrain-train`), `python -m ematrain train`, or else `script` (`train.py`)."""
+    invoked = sys.argv[0] if sys.argv else ""
+    if " " in invoked:  # set so by `python -m ematrain`
+        return invoked
+    name = os.path.basename(invoked)
+    return name if name.startswith("ematrain-") else script
+
+
+def launcher(prog: str) -> str:
+    """What runs `prog` again: `python train.py`, or the command itself."""
+    return f"python {prog}" if prog.endswith(".py") else prog
+
+
 def run_main(prog: str, body: Callable[[list[str]], int], argv=None) -> int:
     """Run `body`; turn a UserError into one line on stderr and its exit code (2, or 1)."""
     setup_logging()

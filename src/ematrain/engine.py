@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
@@ -23,6 +22,7 @@ from timm.utils import dispatch_clip_grad
 from torch import nn
 from tqdm import tqdm
 
+from .clock import RunClock, StepTimer, duration
 from .data import batches
 from .ema import ModelEma, WeightSwapper
 from .errors import UserError
@@ -232,18 +232,19 @@ class EpochLoop:
         self.recipe, self.batches, self.counters, self.config = recipe, batches, counters, config
         self.any_rank, self.show, self.log = any_rank, show, log
         self.tally: _Tally | None = None
+        self.clock: RunClock | None = None  # the run's, for the remaining time in progress lines
         self._last_loss: torch.Tensor | None = None
         if config.skip_nonfinite:
             recipe.skip = lambda loss: any_rank(not bool(torch.isfinite(loss)))
 
-    def run(self, loader, epochs: int) -> Iterator[int]:
+    def run(self, loader) -> Iterator[int]:
         """Train from batch `counters.epoch_step` to the end of the epoch."""
         self.model.train()
         self.tally = _Tally(self.counters, self.batches.device)
-        progress = _Progress(self, self.counters.epoch_step + len(loader), epochs)
+        progress = _Progress(self, self.counters.epoch_step + len(loader))
         try:
             with batches(loader) as stream:
-                yield from self._batches(stream, progress)
+                yield from self._batches(progress.timer.waiting(stream), progress)
         finally:
             progress.close()
         self.tally.flush()
@@ -302,30 +303,39 @@ class EpochLoop:
 
 
 class _Progress:
-    """The bar on a terminal, a plain line every `log_interval` steps elsewhere."""
+    """The bar on a terminal, a plain line every `log_interval` steps elsewhere: loss, LR, the
+    training rate (start-up excluded), the share of time spent waiting for data, and the run's
+    remaining time when the loop has a `RunClock`."""
 
-    def __init__(self, loop: EpochLoop, batches: int, epochs: int):
-        self.loop, self.batches, self.epochs = loop, batches, epochs
+    def __init__(self, loop: EpochLoop, batches: int):
+        self.loop, self.batches = loop, batches
         c = loop.counters
         self.bar = tqdm(total=batches, initial=c.epoch_step, desc=f"train {c.epoch}", leave=False,
                         disable=not (loop.show and show_bars()), unit="step", dynamic_ncols=True)
-        self.start, self.images = time.perf_counter(), 0
+        self.timer = StepTimer()
 
     def update(self, batch: int, loss: torch.Tensor | None, images: int) -> None:
         self.bar.update(1)
-        self.images += images
+        self.timer.step_done(images)
         last = batch + 1 == self.batches
         if loss is None or not ((batch + 1) % self.loop.config.log_interval == 0 or last):
             return
         self.loop.check()
-        loss_now, lr = float(loss), current_lr(self.loop.optimizer)
-        rate = self.images / max(time.perf_counter() - self.start, 1e-9)
+        fields = {"loss": f"{float(loss):.4f}", "lr": f"{current_lr(self.loop.optimizer):.3g}"}
+        timed = self.timer.interval()
+        if timed is not None:
+            rate, wait = timed
+            fields.update({"img/s": f"{rate:.0f}", "data": f"{100 * wait:.0f}%"})
+            clock = self.loop.clock
+            left = None if clock is None else clock.remaining(
+                self.loop.counters.epoch, self.batches - batch - 1, self.timer.step_seconds)
+            if left is not None:
+                fields["eta"] = duration(left)
         if self.bar.disable and self.loop.show:
-            self.loop.log(f"  train {self.loop.counters.epoch}/{self.epochs} [{batch + 1}/"
-                          f"{self.batches}] loss {loss_now:.4f} lr {lr:.3g} {rate:.0f} img/s")
+            text = " ".join(f"{v} {k}" if k == "img/s" else f"{k} {v}" for k, v in fields.items())
+            self.loop.log(f"  train {self.loop.counters.epoch} [{batch + 1}/{self.batches}] {text}")
         else:
-            self.bar.set_postfix(loss=f"{loss_now:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
-        self.start, self.images = time.perf_counter(), 0
+            self.bar.set_postfix(fields)
 
     def close(self) -> None:
         self.bar.close()

@@ -9,6 +9,8 @@ import argparse
 import ast
 import math
 
+from . import __version__
+from .cli import command_name
 from .errors import UserError
 from .timm_settings import is_timm_flag
 
@@ -72,6 +74,19 @@ class _EndOfValues(argparse.Action):
 LIST_END = "--end-of-values"
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Every option that takes a value states its default: the help text's own wording where it
+    has one, else the value argparse holds ('none' for an unset one)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.nargs == 0 or "default" in text
+                or action.default is argparse.SUPPRESS):
+            return text
+        shown = "none" if action.default in (None, "", {}, []) else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
 class FlagParser(argparse.ArgumentParser):
     """argparse that raises UserError instead of printing usage and exiting.
 
@@ -82,8 +97,10 @@ class FlagParser(argparse.ArgumentParser):
     names_timm_flags = False
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpWithDefaults)
         super().__init__(*args, **kwargs)
         self.add_argument(LIST_END, action=_EndOfValues)
+        self.add_argument("--version", action="version", version=f"%(prog)s (ematrain) {__version__}")
 
     def error(self, message):
         if message.startswith("unrecognized arguments: ") and self.names_timm_flags:
@@ -97,8 +114,9 @@ class FlagParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The flags of train.py: timm's names, meanings and groups."""
+    prog = prog or command_name("train.py")
     p = FlagParser(prog=prog, description="Train a timm model on an ImageFolder data set, "
                 "with model-weight EMA validated every epoch.")
     p.names_timm_flags = True
@@ -119,19 +137,22 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     g.add_argument("--pretrained", action="store_true", default=False,
                    help="start from timm's pretrained weights (needs them cached locally)")
     g.add_argument("--initial-checkpoint", default="", metavar="PATH",
-                   help="start from these weights (ours, timm's, a state dict or .safetensors)")
+                   help="start from these weights (ours, timm's, a state dict or .safetensors; "
+                        "default: timm's initialisation)")
     g.add_argument("--resume", default="", metavar="PATH",
-                   help="resume a run from its checkpoint ('auto': the experiment's last.pth.tar)")
+                   help="resume a run from its checkpoint ('auto': the experiment's last.pth.tar; "
+                        "default: a new run)")
     g.add_argument("--no-resume-opt", action="store_true", default=False,
                    help="on resume, do not restore optimizer and scheduler state")
     g.add_argument("--pretrained-path", default=None, metavar="PATH",
-                   help="local weights file for --pretrained (timm's pretrained_cfg_overlay file=)")
+                   help="local weights file for --pretrained (timm's pretrained_cfg_overlay file=; "
+                        "default: timm's cache)")
     g.add_argument("--gp", default=None, metavar="POOL",
                    help="global pool type (fast, avg, max, avgmax, avgmaxc); default: the model's")
     g.add_argument("--head-init-scale", type=finite_float, default=None,
-                   help="multiply the classifier's initial weights and bias by this")
+                   help="multiply the classifier's initial weights and bias by this (default: 1)")
     g.add_argument("--head-init-bias", type=finite_float, default=None,
-                   help="set the classifier's initial bias to this value")
+                   help="set the classifier's initial bias to this value (default: the model's)")
     g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                    help="extra keyword arguments for timm.create_model, e.g. stem_type=deep")
     g.add_argument("--in-chans", type=int, default=None, metavar="N",
@@ -140,10 +161,10 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                    help="activation checkpointing: less memory, more compute")
     g.add_argument("--num-classes", type=int, default=None, metavar="N",
                    help="classifier outputs (default: the number of class folders)")
-    g.add_argument("--img-size", type=int, default=None, metavar="N", help="input image size")
+    g.add_argument("--img-size", type=int, default=None, metavar="N", help="input image size (default: the model's)")
     g.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N",
-                   help="input dimensions C H W (overrides --img-size)")
-    g.add_argument("--crop-pct", type=finite_float, default=None, help="evaluation center-crop fraction")
+                   help="input dimensions C H W (overrides --img-size; default: the model's)")
+    g.add_argument("--crop-pct", type=finite_float, default=None, help="evaluation center-crop fraction (default: the model's)")
     g.add_argument("--mean", type=finite_float, nargs="+", default=None, metavar="MEAN",
                    help="per-channel normalisation mean (default: the model's)")
     g.add_argument("--std", type=finite_float, nargs="+", default=None, metavar="STD",
@@ -171,9 +192,9 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     g.add_argument("--pin-mem", action="store_true", default=False,
                    help="accepted for timm compatibility (memory is pinned whenever on CUDA)")
     g.add_argument("--drop", type=finite_float, default=0.0, help="dropout rate (default: 0)")
-    g.add_argument("--drop-path", type=finite_float, default=None, help="drop-path rate")
+    g.add_argument("--drop-path", type=finite_float, default=None, help="drop-path rate (default: the model's, usually 0)")
     g.add_argument("--drop-block", type=finite_float, default=None,
-                   help="drop-block rate (models that support it, e.g. resnet)")
+                   help="drop-block rate (models that support it, e.g. resnet; default: 0)")
     g.add_argument("--bn-momentum", type=finite_float, default=None,
                    help="momentum of every BatchNorm layer (default: the model's own)")
     g.add_argument("--bn-eps", type=finite_float, default=None,
@@ -181,8 +202,8 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
 
     g = p.add_argument_group("Optimizer parameters")
     g.add_argument("--opt", default="sgd", help="timm optimizer name (default: sgd)")
-    g.add_argument("--opt-eps", type=finite_float, default=None, help="optimizer epsilon")
-    g.add_argument("--opt-betas", type=finite_float, nargs="+", default=None, help="optimizer betas")
+    g.add_argument("--opt-eps", type=finite_float, default=None, help="optimizer epsilon (default: the optimizer's)")
+    g.add_argument("--opt-betas", type=finite_float, nargs="+", default=None, help="optimizer betas (default: the optimizer's)")
     g.add_argument("--opt-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                    help="extra optimizer keyword arguments")
     g.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum (default: 0.9)")
@@ -190,7 +211,7 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=finite_float, default=None, metavar="NORM",
                    help="clip gradients at this value (default: off)")
     g.add_argument("--layer-decay", type=finite_float, default=None,
-                   help="layer-wise learning-rate decay (e.g. 0.65 for ViTs)")
+                   help="layer-wise learning-rate decay, e.g. 0.65 for ViTs (default: off)")
     g.add_argument("--clip-mode", default="norm", choices=["norm", "value", "agc"],
                    help="gradient clipping mode (default: norm)")
 
@@ -205,15 +226,16 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     g.add_argument("--lr-base-size", type=int, default=256,
                    help="batch size that --lr-base refers to (default: 256)")
     g.add_argument("--lr-base-scale", default="", choices=["", "linear", "sqrt"],
+                   metavar="{linear,sqrt}",
                    help="how --lr-base scales with the global batch (default: sqrt for "
                         "Ada*/LAMB optimizers, linear otherwise)")
     g.add_argument("--warmup-lr", type=finite_float, default=1e-5, help="warmup start LR (default: 1e-5)")
     g.add_argument("--min-lr", type=finite_float, default=0.0, help="LR floor of the schedule (default: 0)")
     g.add_argument("--epochs", type=int, default=300, help="epochs to train (default: 300)")
     g.add_argument("--warmup-epochs", type=int, default=5, help="LR warmup epochs (default: 5)")
-    g.add_argument("--cooldown-epochs", type=int, default=0, help="epochs at min LR after the schedule")
-    g.add_argument("--decay-epochs", type=finite_float, default=90, help="step schedules: epochs per decay")
-    g.add_argument("--decay-rate", type=finite_float, default=0.1, help="step schedules: LR decay factor")
+    g.add_argument("--cooldown-epochs", type=int, default=0, help="epochs at min LR after the schedule (default: 0)")
+    g.add_argument("--decay-epochs", type=finite_float, default=90, help="step schedules: epochs per decay (default: 90)")
+    g.add_argument("--decay-rate", type=finite_float, default=0.1, help="step schedules: LR decay factor (default: 0.1)")
     g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], metavar="EPOCH",
                    help="multistep schedule: epochs at which the LR decays (default: 90 180 270)")
     g.add_argument("--patience-epochs", type=int, default=10,
@@ -221,7 +243,7 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     g.add_argument("--warmup-prefix", action="store_true", default=False,
                    help="run the warmup before the schedule instead of inside it")
     g.add_argument("--lr-noise", type=finite_float, nargs="+", default=None, metavar="PCT",
-                   help="LR noise on/off epoch fractions (one or two values)")
+                   help="LR noise on/off epoch fractions, one or two values (default: off)")
     g.add_argument("--lr-noise-pct", type=finite_float, default=0.67, help="LR noise limit (default: 0.67)")
     g.add_argument("--lr-noise-std", type=finite_float, default=1.0, help="LR noise std (default: 1.0)")
     g.add_argument("--lr-cycle-mul", type=finite_float, default=1.0,
@@ -248,7 +270,7 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
                    help="repeated augmentation: an epoch of the usual length made of about 1/N "
                         "of the images, each N times under its own augmentation, the copies "
                         "spread over the ranks (0: off; works in a single process too)")
-    g.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5")
+    g.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5 (default: off)")
     g.add_argument("--reprob", type=finite_float, default=0.0, help="random erase probability (default: 0)")
     g.add_argument("--remode", default="pixel", choices=["pixel", "rand", "const"],
                    help="random erase mode (default: pixel)")
@@ -257,7 +279,7 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     g.add_argument("--mixup", type=finite_float, default=0.0, help="mixup alpha, on when > 0 (default: 0)")
     g.add_argument("--cutmix", type=finite_float, default=0.0, help="cutmix alpha, on when > 0 (default: 0)")
     g.add_argument("--cutmix-minmax", type=finite_float, nargs=2, default=None, metavar="PCT",
-                   help="cutmix min/max box ratio (overrides alpha)")
+                   help="cutmix min/max box ratio, overrides alpha (default: off)")
     g.add_argument("--mixup-prob", type=finite_float, default=1.0,
                    help="probability of mixup or cutmix per batch (default: 1)")
     g.add_argument("--mixup-switch-prob", type=finite_float, default=0.5,
@@ -269,7 +291,7 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     g.add_argument("--bce-loss", action="store_true", default=False,
                    help="binary cross-entropy loss instead of softmax cross-entropy")
     g.add_argument("--bce-target-thresh", type=finite_float, default=None,
-                   help="threshold that binarizes soft BCE targets")
+                   help="threshold that binarizes soft BCE targets (default: off)")
 
     g = p.add_argument_group("Model exponential moving average parameters")
     g.add_argument("--model-ema", action="store_true", default=False,
@@ -320,8 +342,10 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     g.add_argument("--sync-bn", action="store_true", default=False,
                    help="convert BatchNorm to SyncBatchNorm under torchrun")
     g.add_argument("--dist-bn", default="reduce", choices=["reduce", "broadcast", ""],
+                   metavar="{reduce,broadcast}",
                    help="without --sync-bn: average ('reduce') or copy rank 0's ('broadcast') "
-                        "BatchNorm statistics before each evaluation (default: reduce)")
+                        "BatchNorm statistics before each evaluation; '' leaves each rank's "
+                        "(default: reduce)")
     g.add_argument("--output", default="", metavar="DIR",
                    help="runs go to <output>/<experiment>, as timm lays them out (default: "
                         "./output/train)")
@@ -331,8 +355,9 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     return p
 
 
-def validate_parser(prog: str = "validate.py") -> argparse.ArgumentParser:
+def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The flags of validate.py."""
+    prog = prog or command_name("validate.py")
     p = FlagParser(prog=prog, description="Evaluate a checkpoint's raw or EMA weights. By "
                    "default the evaluation transform is the one training validated with, so the "
                    "numbers match the training log.")

@@ -27,3 +27,8 @@ def setup_logging() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+
+
+def plural(count: int | float, word: str) -> str:
+    """``1 epoch``, ``3 epochs``, ``0.5 epochs``."""
+    return f"{count:g} {word}" + ("" if count == 1 else "s")

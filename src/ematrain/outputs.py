@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from .atomic import atomic_write, atomic_write_text, remove_stale_temporaries
+from .clock import duration
 from .errors import UserError
 from .signals import close_in_loader_workers
 from .weightsets import WeightSet
@@ -297,18 +298,32 @@ def _top1_range(ax, rows: list[dict], sets, chance: float | None) -> None:
 # ----------------------------------------------------------------------------- console lines
 def epoch_line(epoch: int, num_epochs: int, lr: float, train_loss: float,
                results: dict[str, dict], sets: tuple[WeightSet, ...], metric: str,
-               skipped_ema_updates: int = 0) -> str:
-    """The one line each epoch prints: every weight set's numbers and which did best."""
-    parts = [f"epoch {epoch}/{num_epochs - 1} lr {lr:.3g} train_loss {train_loss:.4f}"]
-    for s in sets:
-        r = results[s.name]
-        parts.append(f"{s.name}: top1 {r['top1']:.2f} top5 {r['top5']:.2f} loss {r['loss']:.4f}")
+               skipped_ema_updates: int = 0,
+               timing: tuple[float, float | None] | None = None) -> str:
+    """What each epoch prints: its position, time and the run's remaining time (`timing`:
+    seconds taken, seconds left), then every weight set's numbers, the best of the epoch marked.
+    One line for the raw weights alone; with EMAs a header and one aligned row per set."""
+    head = f"epoch {epoch} ({epoch + 1}/{num_epochs})"
+    if timing is not None:
+        took, left = timing
+        head += f" {duration(took)}" + (f", eta {duration(left)}"
+                                        if left is not None and epoch + 1 < num_epochs else "")
+    head += f" | lr {lr:.3g} train_loss {train_loss:.4f}"
+    if skipped_ema_updates:
+        head += f" | EMA updates skipped (NaN/Inf weights): {skipped_ema_updates}"
     pick = min if metric == "loss" else max
     winner = pick(sets, key=lambda s: results[s.name][metric])
-    parts.append(f"best this epoch: {winner.name}")
-    if skipped_ema_updates:
-        parts.append(f"EMA updates skipped (NaN/Inf weights): {skipped_ema_updates}")
-    return " | ".join(parts)
+    width = max(len(s.name) for s in sets)
+
+    def scores(s: WeightSet) -> str:
+        r = results[s.name]
+        return f"top1 {r['top1']:6.2f}  top5 {r['top5']:6.2f}  loss {r['loss']:.4f}"
+
+    if len(sets) == 1:
+        return f"{head} | {sets[0].name}: {scores(sets[0])}"
+    rows = [f"  {s.name:<{width}}  {scores(s)}" + ("  <- best this epoch" if s is winner else "")
+            for s in sets]
+    return "\n".join([head] + rows)
 
 
 def final_report(best: dict[str, dict], sets: tuple[WeightSet, ...], metric: str) -> list[str]:

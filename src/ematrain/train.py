@@ -16,7 +16,8 @@ import torch
 from . import checkpoint as ckpt_io
 from . import distributed, outputs, resume
 from .build import Run, build_run, log_ema_horizons
-from .cli import exit_process, run_main
+from .clock import RunClock, duration
+from .cli import command_name, exit_process, launcher, run_main
 from .engine import (
     Batches,
     EpochLoop,
@@ -28,7 +29,7 @@ from .engine import (
     validate,
 )
 from .keeper import LAST
-from .logs import log
+from .logs import log, plural
 from .resume import ResumeSource
 from .seeding import seed_everything
 from .settings import resolve_train
@@ -42,8 +43,8 @@ class Interrupted(Exception):
 class Training:
     """The epoch loop of one run."""
 
-    def __init__(self, run: Run, source: ResumeSource | None = None, prog: str = "train.py"):
-        self.run, self.source, self.prog = run, source, prog
+    def __init__(self, run: Run, source: ResumeSource | None = None, prog: str | None = None):
+        self.run, self.source, self.prog = run, source, prog or command_name("train.py")
         s = run.settings
         recipe = Recipe(run.loss_fn, run.precision.autocast, run.scaler, s.optim.clip_grad,
                         s.optim.clip_mode)
@@ -57,6 +58,7 @@ class Training:
         self.run_dir: Path | None = None
         self.folder: outputs.RunFolder | None = None
         self.curves = outputs.CurveRenderer()
+        self.clock = self.loop.clock = RunClock(run.num_epochs, run.data.steps_per_epoch)
 
     @property
     def primary(self) -> bool:
@@ -101,7 +103,7 @@ class Training:
         for line in outputs.final_report(self.run.keeper.best, self.run.weight_sets,
                                          self.run.settings.loop.eval_metric):
             log.info(line)
-        log.info(f"done: {self.run_dir}")
+        log.info(f"done in {duration(self.clock.elapsed())}: {self.run_dir}")
         return 0
 
     def open_folder(self) -> None:
@@ -135,7 +137,7 @@ class Training:
         params = sum(p.numel() for p in run.module.parameters()) / 1e6
         log.info(f"training {s.model.model} ({params:.2f}M params) on {where}: "
                  f"{len(run.data.train_set)} train / {len(run.data.val_set)} val images, "
-                 f"{run.num_classes} classes, {run.num_epochs} epochs")
+                 f"{run.num_classes} classes, {plural(run.num_epochs, 'epoch')}")
         log.info(f"lr {run.lr:.4g} for a global batch of {run.images_per_step()}"
                  + ("" if s.optim.lr is not None else f" (--lr-base {s.optim.lr_base:g} per "
                                                       f"{s.optim.lr_base_size} images)"))
@@ -150,6 +152,7 @@ class Training:
         """Train and validate one epoch; returns an exit code when the run must end."""
         run, s = self.run, self.run.settings
         run.counters.epoch = epoch
+        self.clock.start_epoch()
         # Seeding per epoch from (seed, epoch) makes the epoch independent of what ran before.
         seed_everything(s.loop.seed + epoch)
         train_loader, val_loader = run.data.loaders(epoch, run.counters.epoch_step, s.loop.seed)
@@ -201,7 +204,7 @@ class Training:
         # Under DDP a stop request is agreed across ranks (a collective), so it is polled only
         # every log interval; a single process polls its flag after every update for free.
         stop_every = s.loop.log_interval if run.dist.enabled else 1
-        with contextlib.closing(self.loop.run(loader, run.num_epochs - 1)) as updates:
+        with contextlib.closing(self.loop.run(loader)) as updates:
             for _ in updates:
                 recover = interval and c.num_updates % interval == 0
                 halt = c.epoch_step % stop_every == 0 and self.any_rank(stop())
@@ -234,8 +237,10 @@ class Training:
             run.keeper.save_epoch(epoch, ckpt_io.save(run, metric=raw), improved,
                                   then=lambda: self.write_summary(rows))
             skipped = run.ema.skipped_nonfinite if run.ema is not None else 0
+            took = self.clock.end_epoch()
             print(outputs.epoch_line(epoch, run.num_epochs, lr, train_loss, results,
-                                     run.weight_sets, metric, skipped), flush=True)
+                                     run.weight_sets, metric, skipped,
+                                     timing=(took, self.clock.remaining(epoch))), flush=True)
         distributed.barrier(run.dist)
 
     def write_summary(self, rows: list[dict] | None = None) -> None:
@@ -255,7 +260,7 @@ class Training:
     def launcher(self) -> str:
         """How this run was started: `python train.py`, or torchrun with its process counts."""
         if not self.run.dist.enabled:
-            return f"python {self.prog}"
+            return launcher(self.prog)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.run.dist.world_size))
         nodes = self.run.dist.world_size // max(local, 1)
         return (f"torchrun {f'--nnodes {nodes} ' if nodes > 1 else ''}--nproc_per_node {local} "
@@ -290,7 +295,7 @@ def _main(argv: list[str]) -> int:
 
 
 def main(argv=None) -> int:
-    return run_main("train.py", _main, argv)
+    return run_main(command_name("train.py"), _main, argv)
 
 
 def entry() -> None:

@@ -12,7 +12,7 @@ import torch
 from . import checkpoint as ckpt_io
 from . import data, distributed
 from .atomic import atomic_write_text
-from .cli import exit_process, run_main
+from .cli import command_name, exit_process, run_main
 from .engine import validate
 from .errors import UserError
 from .logs import log
@@ -145,11 +145,11 @@ def _evaluate(s: ValidateSettings, info, device) -> int:
 
 
 def main(argv=None) -> int:
-    return run_main("validate.py", _main, argv)
+    return run_main(command_name("validate.py"), _main, argv)
 
 
 def entry() -> None:
-    """The command (`python train.py`, `ematrain-train`): main, then a quick exit."""
+    """The command (`python validate.py`, `ematrain-validate`): main, then a quick exit."""
     exit_process(main())
 
 

@@ -1,0 +1,27 @@
+"""`python -m ematrain train ...` and `python -m ematrain validate ...`."""
+import sys
+
+USAGE = "usage: python -m ematrain {train,validate} [ARGS ...]   (--version: the version)"
+
+
+def main() -> None:
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command in ("--version", "-V"):
+        from . import __version__
+        print(f"ematrain {__version__}")
+        return
+    if command not in ("train", "validate"):
+        print(f"{USAGE}\npython -m ematrain: error: expected train or validate, got "
+              f"{command or 'nothing'!r}", file=sys.stderr)
+        raise SystemExit(2)
+    # Usage lines, errors and the resume hint name the command as typed.
+    sys.argv = [f"python -m ematrain {command}"] + sys.argv[2:]
+    if command == "train":
+        from .train import entry
+    else:
+        from .validate import entry
+    entry()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""What a user reads while a run goes: durations, the remaining time, the training rate without
+start-up, the data-wait share, and epoch lines that stay readable with several EMAs."""
+from __future__ import annotations
+
+
+import pytest
+
+from ematrain.clock import RunClock, StepTimer, duration
+from ematrain.logs import plural
+from ematrain.outputs import epoch_line
+from ematrain.weightsets import RAW, WeightSet
+
+
+@pytest.mark.parametrize("seconds,text", [(0.04, "0.0s"), (7.34, "7.3s"), (42.4, "42s"),
+                                          (245, "4m05s"), (3600, "1h00m"), (7620, "2h07m"),
+                                          (273600, "3d04h")])
+def test_durations_read_in_two_units_at_most(seconds, text):
+    assert duration(seconds) == text
+
+
+def test_plurals():
+    assert [plural(n, "epoch") for n in (0, 1, 3, 0.5)] == [
+        "0 epochs", "1 epoch", "3 epochs", "0.5 epochs"]
+
+
+class FakeTime:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_the_step_rate_leaves_out_start_up_and_measures_data_wait():
+    now = FakeTime()
+    timer = StepTimer(now)
+    waits = iter([30.0, 1.0, 1.0, 1.0])  # the first batch: workers starting, 30 s
+
+    class Slow:
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            now.t += next(waits)  # time spent waiting for this batch
+            return "batch"
+
+    stream = timer.waiting(Slow())
+    for _ in range(4):
+        next(stream)
+        now.t += 3.0  # the step itself
+        timer.step_done(images=8)
+    rate, wait = timer.interval()
+    # Three counted steps of 4 s each (1 s of it waiting), 8 images each; the first step and its
+    # 30 s wait are start-up.
+    assert rate == pytest.approx(24 / 12) and wait == pytest.approx(3 / 12)
+    assert timer.step_seconds == pytest.approx(4.0)
+    assert timer.interval() is None  # nothing counted since
+
+
+def test_the_remaining_time_comes_from_whole_epochs_after_the_first():
+    now = FakeTime()
+    clock = RunClock(num_epochs=5, steps_per_epoch=10, now=now)
+    # Before any epoch ended: the step rate times the steps left.
+    assert clock.remaining(0, steps_left=4, step_seconds=0.5) == pytest.approx(2 + 4 * 5)
+    assert clock.remaining(0) is None
+    for took in (30.0, 8.0, 6.0):  # the first epoch carries the start-up
+        clock.start_epoch()
+        now.t += took
+        assert clock.end_epoch() == took
+    assert clock.per_epoch() == pytest.approx(7.0)
+    assert clock.remaining(2) == pytest.approx(2 * 7.0)
+    assert clock.remaining(3, steps_left=5, step_seconds=0.5) == pytest.approx(2.5 + 7.0)
+    assert clock.elapsed() == pytest.approx(44.0)
+
+
+def _sets(n_ema: int):
+    emas = tuple(WeightSet(f"ema {d}", f"EMA {d}", f"ema{d}_", None, i, d)
+                 for i, d in enumerate([0.99, 0.999, 0.9999][:n_ema]))
+    return (RAW,) + emas
+
+
+def _results(sets):
+    return {s.name: {"top1": 90.0 + i, "top5": 99.5, "loss": 0.3 - 0.01 * i, "count": 10}
+            for i, s in enumerate(sets)}
+
+
+def test_an_epoch_line_with_three_emas_stays_readable():
+    sets = _sets(3)
+    text = epoch_line(9, 300, 0.0123, 0.8765, _results(sets), sets, "top1", timing=(65.0, 17650.0))
+    lines = text.splitlines()
+    assert lines[0] == "epoch 9 (10/300) 1m05s, eta 4h54m | lr 0.0123 train_loss 0.8765"
+    assert [l.split()[:2] for l in lines[1:]] == [["raw", "top1"], ["ema", "0.99"],
+                                                  ["ema", "0.999"], ["ema", "0.9999"]]
+    assert lines[-1].endswith("<- best this epoch") and "best" not in "".join(lines[1:-1])
+    assert max(len(l) for l in lines) <= 100
+    # The scores are aligned in columns.
+    assert len({l.index("top1") for l in lines[1:]}) == 1
+
+
+def test_an_epoch_line_of_a_one_epoch_run_without_ema():
+    sets = _sets(0)
+    text = epoch_line(0, 1, 0.1, 2.0, _results(sets), sets, "top1", timing=(3.0, 0.0))
+    assert text == ("epoch 0 (1/1) 3.0s | lr 0.1 train_loss 2.0000 | raw: top1  90.00  "
+                    "top5  99.50  loss 0.3000")
+    assert "0/0" not in text and "eta" not in text  # nothing remains after the last epoch
