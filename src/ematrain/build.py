@@ -167,8 +167,16 @@ def build_data(spec: DataSpec, loader: LoaderSpec, num_classes: int | None, seed
     per_rank = len(sampler)
     drop_last = per_rank >= loader.batch_size
     batches = per_rank // loader.batch_size if drop_last else math.ceil(per_rank / loader.batch_size)
+    if not drop_last and dist.is_primary:
+        log.warning(f"warning: -b {loader.batch_size} is larger than the training set "
+                    f"({per_rank} images{' per process' if world > 1 else ''}): every epoch is "
+                    f"one step of {per_rank} images")
+    crowded = loader.too_many_workers(dist.local_processes)
+    if crowded and dist.is_primary:
+        log.warning(crowded)
     return TrainData(data.SeededSamples(train_set, seed), val_set, sampler, val_sampler, {},
-                     loader.batch_size, val_batch, loader.workers, pin_memory, drop_last,
+                     loader.batch_size, val_batch, loader.workers_per_process(dist.local_processes),
+                     pin_memory, drop_last,
                      math.ceil(batches / accum_steps))
 
 

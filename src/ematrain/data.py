@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,10 @@ from .signals import in_loader_worker
 # Keys of the data config that fix the evaluation transform; kept in checkpoints so that
 # validate.py rebuilds exactly the transform training validated with.
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+# Where -j exceeds the cores, train.py and validate.py say so once (LoaderSpec.too_many_workers);
+# torch would repeat it for every loader it starts, once inside the progress bar.
+warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
 
 
 def resolve_split_dir(root: str | Path, split: str) -> Path:

@@ -35,7 +35,7 @@ def _demo(argv) -> int:
     row = next(r for r in outputs.read_summary(run_dir) if int(r["epoch"]) == best)
     results_file = run_dir / "validate_ema.json"
     rc = validate_cli.main([str(data_root), "--checkpoint", str(run_dir / "model_best_ema.pth.tar"),
-                            "--use-ema", "-j", str(settings.loader.workers),
+                            "--use-ema", "-j", str(settings.loader.workers_per_process()),
                             "--results-file", str(results_file)])
     if rc != 0:
         return rc

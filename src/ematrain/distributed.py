@@ -28,6 +28,11 @@ class DistInfo:
     def is_primary(self) -> bool:
         return self.rank == 0
 
+    @property
+    def local_processes(self) -> int:
+        """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE)."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if self.enabled else 1
+
 
 def resolve_device(name: str | None) -> torch.device:
     """The requested device, or CUDA when available, else the CPU."""

@@ -332,8 +332,9 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="also save recovery.pth.tar every N optimizer steps (default: 0 = off)")
     g.add_argument("--checkpoint-hist", type=int, default=10, metavar="N",
                    help="best epoch checkpoints to keep (default: 10)")
-    g.add_argument("-j", "--workers", type=int, default=4, metavar="N",
-                   help="data loading worker processes (default: 4)")
+    g.add_argument("-j", "--workers", type=int, default=None, metavar="N",
+                   help="data loading worker processes per training process (default: 4, fewer "
+                        "where there are fewer cores)")
     g.add_argument("--device", default=None,
                    help="device for a single-process run (default: cuda when available, else "
                         "cpu); under torchrun each rank takes cuda:LOCAL_RANK or the cpu")
@@ -379,8 +380,9 @@ def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="split folder to evaluate (default: val)")
     p.add_argument("-b", "--batch-size", type=int, default=None, metavar="N",
                    help="batch size (default: training's validation batch size, else 256)")
-    p.add_argument("-j", "--workers", type=int, default=4, metavar="N",
-                   help="data loading worker processes (default: 4)")
+    p.add_argument("-j", "--workers", type=int, default=None, metavar="N",
+                   help="data loading worker processes per process (default: 4, fewer where "
+                        "there are fewer cores)")
     p.add_argument("--img-size", type=int, default=None, metavar="N",
                    help="input size (default: the one training used)")
     p.add_argument("--crop-pct", type=finite_float, default=None, help="center-crop fraction")

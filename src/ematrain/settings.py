@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from .config import Layer, parse_command
 from .ema import HalfLife, parse_half_life
 from .errors import UserError
+from .logs import plural
 from .flags import train_parser, validate_parser
 from .resume import ResumeSource, apply_to_settings, find_checkpoint, open_source
 
@@ -104,13 +106,37 @@ class ImageSpec:
 
 @dataclass(frozen=True)
 class LoaderSpec:
-    """Batch size and loader processes."""
+    """Batch size and loader processes (`workers` None: as many as `available_cores` allow)."""
     batch_size: int | None
-    workers: int
+    workers: int | None
 
     def __post_init__(self):
         _at_least(self, 1, "batch_size")
         _at_least(self, 0, "workers")
+
+    def workers_per_process(self, local_processes: int = 1) -> int:
+        """timm's 4 loader processes, fewer where the cores this process may use are fewer
+        (more workers than cores only add switching, and torch warns about it)."""
+        if self.workers is not None:
+            return self.workers
+        return max(1, min(4, available_cores() // max(1, local_processes)))
+
+    def too_many_workers(self, local_processes: int = 1) -> str | None:
+        """A warning when -j asks for more loader processes than there are cores."""
+        cores = available_cores()
+        total = self.workers_per_process(local_processes) * max(1, local_processes)
+        if total <= cores:
+            return None
+        return (f"warning: -j {self.workers} starts {total} loader processes on "
+                f"{plural(cores, 'core')}: they will compete with training (-j {max(1, cores // local_processes)} "
+                "or leave -j out to pick it from the cores)")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity, which containers and taskset set)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 # ----------------------------------------------------------------------------- train specs
@@ -307,6 +333,16 @@ class ScheduleSpec:
         _at_least(self, 0, "warmup_epochs", "cooldown_epochs")
         if self.lr_noise is not None and len(self.lr_noise) not in (1, 2):
             raise UserError("--lr-noise takes one or two values")
+
+    def warmup_warning(self, num_epochs: int) -> str | None:
+        """A warning when the LR warmup takes most of the run: the LR then reaches its peak
+        late or never (timm's default of 5 warmup epochs on a 5-epoch run)."""
+        if self.sched == "none" or 2 * self.warmup_epochs <= num_epochs:
+            return None
+        return (f"warning: --warmup-epochs {self.warmup_epochs} covers most of this "
+                f"{num_epochs}-epoch run: the LR reaches its peak only at epoch "
+                f"{self.warmup_epochs}{' (after the run)' if self.warmup_epochs >= num_epochs else ''}"
+                f"; try --warmup-epochs {num_epochs // 5}")
 
     @property
     def noise(self):

@@ -125,7 +125,11 @@ def _evaluate(s: ValidateSettings, info, device) -> int:
     # Under torchrun each rank takes a disjoint share; every image counts exactly once.
     sampler = data.EpochSampler(len(dataset), 0, shuffle=False, rank=info.rank,
                                 num_replicas=info.world_size, block=batch_size)
-    loader = data.make_loader(dataset, batch_size, s.loader.workers, seed=0,
+    workers = s.loader.workers_per_process(info.local_processes)
+    crowded = s.loader.too_many_workers(info.local_processes)
+    if crowded and info.is_primary:
+        log.warning(crowded)
+    loader = data.make_loader(dataset, batch_size, workers, seed=0,
                               pin_memory=device.type == "cuda", sampler=sampler)
     normalize = data.Normalize(data_config["mean"], data_config["std"], device)
     result = validate(model, loader, device, reduce=lambda t: distributed.all_reduce_sum(t, info),
