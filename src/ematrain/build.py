@@ -25,6 +25,7 @@ from .engine import Counters
 from .errors import UserError
 from .keeper import CheckpointKeeper
 from .logs import log
+from .start_weights import load_initial_checkpoint
 from .models import create_model, init_head, set_batchnorm, unwrap_model
 from .outputs import Summary
 from .seeding import seed_everything
@@ -191,10 +192,7 @@ def build_model(spec: ModelSpec, num_classes: int, device: torch.device,
     if spec.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if spec.initial_checkpoint and start_weights:
-        state = ckpt_io.load_file(spec.initial_checkpoint)
-        weights = ckpt_io.select_weights(state, spec.initial_checkpoint)
-        ckpt_io.load_weights_into(model, weights.state, spec.initial_checkpoint,
-                                  arch=state.get("arch"), model_name=spec.model)
+        log.info(load_initial_checkpoint(model, spec.initial_checkpoint, spec.model))
     init_head(model, spec.head_init_scale, spec.head_init_bias)
     if sync_bn:
         # timm's converter keeps the activation of its fused BatchNormAct2d layers.

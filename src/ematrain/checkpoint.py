@@ -364,10 +364,11 @@ def strip_prefixes(state: dict) -> dict:
 
 
 def load_weights_into(model, state: dict, path: str | Path, arch: str | None = None,
-                      model_name: str | None = None) -> None:
-    """Strict load with a one-line explanation when the weights do not fit the model."""
+                      model_name: str | None = None, allow_missing: list[str] = ()) -> None:
+    """Strict load (but for the keys in `allow_missing`, which keep the model's values) with a
+    one-line explanation when the weights do not fit the model."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and k not in allow_missing]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or mismatched:
@@ -383,7 +384,7 @@ def load_weights_into(model, state: dict, path: str | Path, arch: str | None = N
         if arch and model_name and arch != model_name:
             parts.insert(0, f"it holds a '{arch}', the model is '{model_name}'")
         raise UserError(f"checkpoint {path} does not fit the model: {'; '.join(parts)}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not allow_missing)
 
 
 def args_dict(ckpt: dict) -> dict:

@@ -8,7 +8,9 @@ import timm
 import torch
 from torch import nn
 
+from . import start_weights
 from .errors import UserError
+from .logs import log
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -35,13 +37,15 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
     """timm.create_model; `pretrained_path` points --pretrained at a local weights file."""
     check_model_name(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    source = None
     if pretrained_path:
         if not Path(pretrained_path).is_file():
             raise UserError(f"--pretrained-path file not found: {pretrained_path}")
         pretrained = True
-        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_path)}
+        kwargs["pretrained_cfg_overlay"], source = start_weights.pretrained_overlay(
+            name, pretrained_path)
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except TypeError as exc:
         raise UserError(f"cannot create model '{name}': {_describe(exc)}") from None
     except (RuntimeError, OSError, ValueError, AssertionError, KeyError) as exc:
@@ -49,6 +53,9 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
             raise UserError(f"cannot load pretrained weights for '{name}' (no network here; "
                             f"use --initial-checkpoint with a local file): {str(exc)[:120]}") from None
         raise UserError(f"cannot create model '{name}': {_describe(exc)}") from None
+    if source is not None:
+        log.info(start_weights.describe_pretrained(pretrained_path, source, model))
+    return model
 
 
 def architecture_kwargs(args: dict) -> dict:
