@@ -120,6 +120,14 @@ def env(tiny_data, tmp_path_factory) -> Setup:
         "plain": val("--checkpoint", s.plain, *bare, results="plain.json"),
         "plain_no_model": val("--checkpoint", s.plain),
         "safetensors": val("--checkpoint", s.safetensors, *bare, results="safetensors.json"),
+        # timm's validate.py flags: weights without a training checkpoint, AMP, result formats.
+        "pretrained_path": val("--pretrained-path", s.timm_style, "--model", "test_resnet",
+                               results="pretrained_path.json"),
+        "amp": val("--checkpoint", s.ckpt, "--amp", "--amp-dtype", "bfloat16",
+                   "--results-format", "json", results="amp.txt"),
+        "two_sources": val("--checkpoint", s.ckpt, "--pretrained-path", s.timm_style),
+        "no_source": val(),
+        "results_suffix": val("--checkpoint", s.ckpt, results="r.txt"),
         "results_missing_dir": ("validate.py", [tiny_data, "-j", "0", "--checkpoint", s.ckpt,
                                                 "--results-file", s.missing_dir / "r.json"]),
     }
@@ -128,11 +136,11 @@ def env(tiny_data, tmp_path_factory) -> Setup:
     return s
 
 
-def results(env, name: str) -> dict:
+def results(env, name: str, suffix: str = ".json") -> dict:
     proc = env.procs[name]
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    return json.loads((env.base / f"{name}.json").read_text())
+    return json.loads((env.base / f"{name}{suffix}").read_text())
 
 
 def assert_one_line_error(env, name: str, *words: str) -> str:
@@ -337,3 +345,25 @@ def test_ema_decay_can_be_given_as_printed(tiny_data, tmp_path, capsys):
     printed = float(f"{ckpt['ema']['decays'][1]:g}")
     assert printed != ckpt["ema"]["decays"][1]
     assert ckpt_io.ema_index_for_decay(ckpt, printed, "x") == 1
+
+
+# ----------------------------------------------------------------------------- timm's validate flags
+def test_pretrained_path_evaluates_a_weights_file_as_training_would_start_from_it(env):
+    """Without a training checkpoint: the file's EMA weights, as --pretrained-path takes them."""
+    res = results(env, "pretrained_path")
+    assert res["weights"] == "ema" and res["checkpoint"] == str(env.timm_style)
+    _same_numbers(res, results(env, "timm_ema"))
+
+
+def test_amp_and_results_format(env):
+    res = results(env, "amp", suffix=".txt")  # JSON by --results-format, whatever the suffix
+    assert res["weights"] == "raw" and res["count"] == env.num_val
+    # bfloat16 autocast: close to the float32 numbers, not identical to them.
+    assert abs(res["loss"] - float(env.row["eval_loss"])) < 0.05
+    assert res["loss"] != float(env.row["eval_loss"])
+
+
+def test_exactly_one_source_of_weights(env):
+    assert_one_line_error(env, "two_sources", "not --checkpoint and --pretrained-path")
+    assert_one_line_error(env, "no_source", "--checkpoint PATH", "--pretrained")
+    assert_one_line_error(env, "results_suffix", "--results-format")

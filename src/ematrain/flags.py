@@ -366,8 +366,14 @@ def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="data root holding the split folder")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="the data root as a flag, timm's spelling (same as DIR)")
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="our checkpoint, timm's, a plain state dict or a .safetensors file")
+    p.add_argument("--pretrained-path", default=None, metavar="FILE",
+                   help="instead of --checkpoint: a weights file read as train.py's "
+                        "--pretrained-path reads it (its EMA weights where it has them)")
+    p.add_argument("--pretrained", action="store_true", default=False,
+                   help="instead of --checkpoint: timm's released weights for --model (from "
+                        "timm's cache)")
     p.add_argument("--use-ema", action="store_true", default=False,
                    help="evaluate the (first) EMA weights")
     p.add_argument("--ema-decay", type=finite_float, default=None, metavar="D",
@@ -389,4 +395,15 @@ def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--results-file", default="", metavar="PATH",
                    help="also write the results to PATH (.json or .csv)")
+    p.add_argument("--results-format", default=None, choices=["csv", "json"],
+                   help="format of --results-file (default: from its suffix)")
+    p.add_argument("--amp", action="store_true", default=False,
+                   help="mixed precision autocast (bfloat16 works on the CPU; float16 needs CUDA)")
+    p.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
+                   help="autocast dtype (default: float16)")
+    p.add_argument("--model-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="evaluate with the weights in this dtype (default: the dtype training "
+                        "scored them in)")
+    p.add_argument("--channels-last", action="store_true", default=False,
+                   help="use channels-last memory layout")
     return p

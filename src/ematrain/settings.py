@@ -547,32 +547,60 @@ class ValidateSettings:
     args: argparse.Namespace
     data_dir: str | None
     split: str
-    checkpoint: str
+    checkpoint: str | None
+    pretrained: bool
+    pretrained_path: str | None
     model: str | None
     num_classes: int | None
     device: str | None
     results_file: str
+    results_format: str | None
     image: ImageSpec
     loader: LoaderSpec
     choice: WeightChoice
+    precision: PrecisionSpec
 
     def __post_init__(self):
         if not self.data_dir:
             raise UserError("no data root given: validate.py DIR --checkpoint PATH")
+        sources = [f for f, on in (("--checkpoint", self.checkpoint),
+                                   ("--pretrained-path", self.pretrained_path),
+                                   ("--pretrained", self.pretrained)) if on]
+        if len(sources) != 1:
+            raise UserError("give the weights to evaluate: --checkpoint PATH, or --model NAME "
+                            "with --pretrained-path FILE or --pretrained"
+                            + (f" (not {' and '.join(sources)})" if sources else ""))
+        if self.pretrained and not self.model:
+            raise UserError("--pretrained needs --model NAME")
+        if self.pretrained and self.choice.wants_ema:
+            raise UserError("--pretrained loads timm's released weights: they have no EMA to pick")
         _at_least(self, 1, "num_classes")
         if self.results_file:
             path = Path(self.results_file)
-            if path.suffix not in (".json", ".csv"):
-                raise UserError(f"--results-file must end in .json or .csv: {path}")
+            if self.results_format is None and path.suffix not in (".json", ".csv"):
+                raise UserError(f"--results-file must end in .json or .csv (or give "
+                                f"--results-format): {path}")
             if not path.parent.is_dir():
                 raise UserError(f"--results-file directory does not exist: {path.parent}")
 
+    @property
+    def source(self) -> str:
+        """The file the weights come from, or timm's name for its cache."""
+        return self.checkpoint or self.pretrained_path or f"timm's pretrained {self.model}"
+
+    @property
+    def results_kind(self) -> str:
+        """csv or json: --results-format, else the results file's suffix."""
+        return self.results_format or Path(self.results_file).suffix.lstrip(".")
+
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ValidateSettings":
+        parts = {"image": ImageSpec, "loader": LoaderSpec, "choice": WeightChoice,
+                 "precision": PrecisionSpec}
         own = {f.name: getattr(ns, f.name) for f in fields(cls)
-               if f.name not in ("args", "image", "loader", "choice")}
-        return cls(args=ns, image=from_args(ImageSpec, ns), loader=from_args(LoaderSpec, ns),
-                   choice=from_args(WeightChoice, ns), **own)
+               if f.name != "args" and f.name not in parts}
+        return cls(args=ns, **{name: from_args(spec, ns) for name, spec in parts.items()},
+                   **own)
 
 
 # ----------------------------------------------------------------------------- resolution

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
-from . import data, distributed
+from . import data, distributed, start_weights
 from .atomic import atomic_write_text
 from .cli import command_name, exit_process, run_main
 from .engine import validate
@@ -67,9 +67,10 @@ def resolve_data_config(image: ImageSpec, ckpt: dict, model) -> dict:
     return data.data_config_for(overrides, model)
 
 
-def write_results(path: str, results: dict) -> None:
+def write_results(path: str, results: dict, kind: str) -> None:
+    """`results` as one JSON object or a one-row CSV (`kind`), written atomically."""
     path = Path(path)
-    if path.suffix == ".json":
+    if kind == "json":
         text = json.dumps(results, indent=2) + "\n"
     else:
         buf = io.StringIO()
@@ -80,19 +81,39 @@ def write_results(path: str, results: dict) -> None:
     atomic_write_text(path, text)
 
 
-def build_model(s: ValidateSettings, ckpt: dict, dataset, weights: ckpt_io.Weights, device):
+def read_weights(s: ValidateSettings) -> tuple[dict, ckpt_io.Weights | None]:
+    """The file's contents and the weights to evaluate (none to read for timm's --pretrained)."""
+    if s.pretrained:
+        return {}, None
+    if s.pretrained_path and not s.choice.wants_ema:
+        return start_weights.read(s.pretrained_path, prefer_ema=True)
+    ckpt = ckpt_io.load_file(s.source)
+    c = s.choice
+    return ckpt, ckpt_io.select_weights(ckpt, s.source, use_ema=c.use_ema, ema_index=c.ema_index,
+                                        ema_decay=c.ema_decay)
+
+
+def build_model(s: ValidateSettings, ckpt: dict, dataset, weights: ckpt_io.Weights | None,
+                device):
     """The network training built (pooling, --model-kwargs and BatchNorm eps change what the
     weights compute, when evaluating the checkpoint's own architecture), holding `weights`."""
-    arch = resolve_arch(s.model, ckpt, s.checkpoint)
+    arch = resolve_arch(s.model, ckpt, s.source)
     recorded = ckpt_io.args_dict(ckpt)
     same_arch = arch == (ckpt.get("arch") or recorded.get("model"))
     model = create_model(arch, resolve_num_classes(s.num_classes, ckpt, dataset, s.split),
+                         pretrained=s.pretrained,
                          **(architecture_kwargs(recorded) if same_arch else {}))
     if same_arch:
         set_batchnorm(model, eps=recorded.get("bn_eps"))
-    ckpt_io.load_weights_into(model, weights.state, s.checkpoint, arch=ckpt.get("arch"),
-                              model_name=arch)
-    model.to(device, dtype=evaluation_dtype(weights.state, device, weights.eval_dtype))
+    dtype = s.precision.on(device).model_dtype
+    if weights is not None:
+        ckpt_io.load_weights_into(model, weights.state, s.source, arch=ckpt.get("arch"),
+                                  model_name=arch)
+        if s.precision.model_dtype is None:  # as training scored them
+            dtype = evaluation_dtype(weights.state, device, weights.eval_dtype)
+    model.to(device, dtype=dtype)
+    if s.precision.channels_last:
+        model.to(memory_format=torch.channels_last)
     return model, arch
 
 
@@ -108,15 +129,13 @@ def _main(argv: list[str]) -> int:
 def _evaluate(s: ValidateSettings, info, device) -> int:
     split_dir = data.resolve_split_dir(s.data_dir, s.split)
     dataset = data.load_image_folder(split_dir)
-    ckpt = ckpt_io.load_file(s.checkpoint)
+    ckpt, weights = read_weights(s)
     saved_classes = ckpt.get("class_names")
     if saved_classes and list(saved_classes) != dataset.classes:
         raise UserError(f"class folders of {split_dir} differ from the ones the checkpoint was "
                         f"trained on")
-    c = s.choice
-    weights = ckpt_io.select_weights(ckpt, s.checkpoint, use_ema=c.use_ema, ema_index=c.ema_index,
-                                     ema_decay=c.ema_decay)
     model, arch = build_model(s, ckpt, dataset, weights, device)
+    name = weights.name if weights is not None else "pretrained"
     data_config = resolve_data_config(s.image, ckpt, model)
     dataset.transform = data.eval_transform(data_config)
     recorded = ckpt_io.args_dict(ckpt)
@@ -132,18 +151,20 @@ def _evaluate(s: ValidateSettings, info, device) -> int:
     loader = data.make_loader(dataset, batch_size, workers, seed=0,
                               pin_memory=device.type == "cuda", sampler=sampler)
     normalize = data.Normalize(data_config["mean"], data_config["std"], device)
+    precision = s.precision.on(device)
     result = validate(model, loader, device, reduce=lambda t: distributed.all_reduce_sum(t, info),
-                      show=info.is_primary, normalize=normalize)[0]
+                      show=info.is_primary, normalize=normalize, amp_dtype=precision.autocast,
+                      channels_last=precision.channels_last)[0]
     if not info.is_primary:
         return 0
-    results = {"model": arch, "checkpoint": str(s.checkpoint), "weights": weights.name,
+    results = {"model": arch, "checkpoint": str(s.source), "weights": name,
                "top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
                "count": result["count"], "img_size": data_config["input_size"][-1],
                "crop_pct": data_config.get("crop_pct")}
-    print(f"{arch} ({weights.name}) on {split_dir}: top1 {result['top1']:.4f} top5 "
+    print(f"{arch} ({name}) on {split_dir}: top1 {result['top1']:.4f} top5 "
           f"{result['top5']:.4f} loss {result['loss']:.4f} images {result['count']}", flush=True)
     if s.results_file:
-        write_results(s.results_file, results)
+        write_results(s.results_file, results, s.results_kind)
         log.info(f"results written to {s.results_file}")
     return 0
 
