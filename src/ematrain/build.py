@@ -60,6 +60,7 @@ class TrainData:
     steps_per_epoch: int  # optimizer steps
     normalize: data.Normalize | None = None  # the loaders give uint8 images
     erase: object | None = None              # random erasing of the normalized batch
+    warnings: list = field(default_factory=list)  # said when training starts
     _loaders: tuple | None = field(default=None, repr=False)
 
     @property
@@ -168,17 +169,15 @@ def build_data(spec: DataSpec, loader: LoaderSpec, num_classes: int | None, seed
     per_rank = len(sampler)
     drop_last = per_rank >= loader.batch_size
     batches = per_rank // loader.batch_size if drop_last else math.ceil(per_rank / loader.batch_size)
-    if not drop_last and dist.is_primary:
-        log.warning(f"warning: -b {loader.batch_size} is larger than the training set "
-                    f"({per_rank} images{' per process' if world > 1 else ''}): every epoch is "
-                    f"one step of {per_rank} images")
-    crowded = loader.too_many_workers(dist.local_processes)
-    if crowded and dist.is_primary:
-        log.warning(crowded)
+    warnings = [loader.too_many_workers(dist.local_processes)]
+    if not drop_last:
+        warnings.append(f"warning: -b {loader.batch_size} is larger than the training set "
+                        f"({per_rank} images{' per process' if world > 1 else ''}): every epoch "
+                        f"is one step of {per_rank} images")
     return TrainData(data.SeededSamples(train_set, seed), val_set, sampler, val_sampler, {},
                      loader.batch_size, val_batch, loader.workers_per_process(dist.local_processes),
-                     pin_memory, drop_last,
-                     math.ceil(batches / accum_steps))
+                     pin_memory, drop_last, math.ceil(batches / accum_steps),
+                     warnings=[w for w in warnings if w])
 
 
 def build_model(spec: ModelSpec, num_classes: int, device: torch.device,

@@ -142,9 +142,9 @@ class Training:
                  + ("" if s.optim.lr is not None else f" (--lr-base {s.optim.lr_base:g} per "
                                                       f"{s.optim.lr_base_size} images)"))
         log.info(f"output: {self.run_dir}")
-        warmup = s.schedule.warmup_warning(run.num_epochs)
-        if warmup:
-            log.warning(warmup)
+        for warning in run.data.warnings + [s.schedule.warmup_warning(run.num_epochs)]:
+            if warning:
+                log.warning(warning)
         if run.ema is not None:
             steps = run.data.steps_per_epoch
             log_ema_horizons(run.decays, run.ema.every, steps, steps * run.num_epochs,
