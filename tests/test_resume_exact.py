@@ -88,7 +88,7 @@ def test_sigint_saves_mid_epoch_and_resume_is_bit_identical(data_root, reference
     output = []
     for line in proc.stdout:
         output.append(line)
-        if "train 1/2 [3/" in line:
+        if "train 1 [3/" in line:
             proc.send_signal(signal.SIGINT)
     proc.wait()
     text = "".join(output)
@@ -109,7 +109,7 @@ def test_second_ctrl_c_quits_at_once_leaving_good_files(data_root, tmp_path):
     proc = _popen(data_root, tmp_path, "-j", "0", "--experiment", "run")
     run_dir = tmp_path / "run"
     for line in proc.stdout:
-        if "train 1/2 [2/" in line:
+        if "train 1 [2/" in line:
             proc.send_signal(signal.SIGINT)
             proc.send_signal(signal.SIGINT)
             break
