@@ -20,7 +20,8 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from . import data, distributed
-from .ema import ModelEma, half_life_from_decay
+from .ema import ModelEma
+from .ema_schedules import make_schedule
 from .engine import Counters
 from .errors import UserError
 from .keeper import CheckpointKeeper
@@ -257,9 +258,10 @@ def build_ema(spec: EmaSpec, model: nn.Module, device: torch.device,
                 log.warning(f"warning: with --model-ema-dtype {spec.dtype} an update of "
                             f"(1 - {d:g}) = {1 - d:.2g} is below the dtype's precision "
                             f"({eps:.2g}): the shadow will barely move")
-    return ModelEma(model, decays, device=torch.device("cpu") if spec.force_cpu else device,
-                    dtype=dtype, every=spec.every, warmup=spec.warmup,
-                    warmup_power=spec.warmup_power, skip_nonfinite=spec.precheck)
+    schedule = make_schedule(spec.schedule, decays, warmup_power=spec.warmup_power)
+    return ModelEma(model, device=torch.device("cpu") if spec.force_cpu else device,
+                    dtype=dtype, every=spec.every, schedule=schedule,
+                    skip_nonfinite=spec.precheck)
 
 
 def wrap_model(model: nn.Module, dist: distributed.DistInfo, device: torch.device,
@@ -301,7 +303,8 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     decays = (s.ema.decays_per_step(s.global_batch(dist.world_size), train.steps_per_epoch)
               if s.ema.enabled else [])
     ema = build_ema(s.ema, model, device, decays)
-    sets = weight_sets(decays, ema_labels(s.ema, decays))
+    sets = weight_sets(decays, ema_labels(s.ema, decays),
+                       tag="sr" if s.ema.enabled and s.ema.schedule == "power" else "")
     return Run(settings=s, dist=dist, device=device, precision=precision, data=train,
                num_classes=num_classes, model=wrap_model(model, dist, device, s.model.torchcompile),
                optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,
@@ -313,21 +316,8 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
 
 def ema_labels(spec: EmaSpec, decays: list[float]) -> list[str]:
     """How plots name each EMA: as the user gave it (a half-life), or by its decay."""
+    if spec.schedule == "power":
+        return [f"EMA sigma_rel {d:.3g}" for d in decays]
     if spec.half_lives:
         return [f"EMA half-life {h}" for h in spec.half_lives]
     return [f"EMA {d:g}" for d in decays]
-
-
-def log_ema_horizons(decays: list[float], every: int, steps_per_epoch: int, total_steps: int,
-                     images_per_step: int) -> None:
-    for d in decays:
-        steps = half_life_from_decay(d)
-        log.info(f"EMA decay {d:.6g}: half-life {steps:.4g} optimizer steps = "
-                 f"{steps / steps_per_epoch:.3g} epochs = {steps * images_per_step:.4g} images"
-                 + (f" (updated every {every} steps with decay^{every})" if every > 1 else ""))
-        if steps > total_steps:
-            log.warning(f"warning: EMA {d:.6g} has a half-life ({steps:.4g} steps) longer than the "
-                        f"whole run ({total_steps} steps): it will still mostly hold the early weights")
-        elif steps < 0.1 * steps_per_epoch:
-            log.warning(f"warning: EMA {d:.6g} has a half-life ({steps:.4g} steps) under a tenth "
-                        f"of an epoch: it averages almost nothing")

@@ -41,6 +41,12 @@ RESUME_POLICY: tuple[Rule, ...] = (
     Rule("model_ema", REFUSE, "the checkpoint's EMA state would be dropped, or made up"),
     Rule("model_ema_decay", REFUSE, "each EMA shadow is the average at its own decay"),
     Rule("model_ema_half_life", REFUSE, "each EMA shadow is the average over its own horizon"),
+    Rule("model_ema_sigma_rel", REFUSE, "each power EMA shadow is the average of its own profile"),
+    Rule("model_ema_power_gamma", REFUSE, "each power EMA shadow is the average of its own "
+         "profile"),
+    Rule("model_ema_schedule", NEW, "the decays follow the new schedule from the resumed step "
+         "on (its decays depend on the step count only); to or from power is refused, as its "
+         "shadows are named by sigma_rel, not by a decay"),
     Rule("seed", KEEP, "data order, augmentation and dropout follow the seed: another one "
          "would make the rest no continuation of this run"),
     Rule("output", KEEP, "a resumed run continues in its own folder"),

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
-from . import distributed, outputs, resume
-from .build import Run, build_run, log_ema_horizons
+from . import distributed, ema_horizons, outputs, resume
+from .build import Run, build_run, ema_labels
 from .cli import exit_process, run_main
 from .engine import (
     Batches,
@@ -101,6 +101,8 @@ class Training:
         for line in outputs.final_report(self.run.keeper.best, self.run.weight_sets,
                                          self.run.settings.loop.eval_metric):
             log.info(line)
+        for line in self.ema_advice():
+            log.info(line)
         log.info(f"done: {self.run_dir}")
         return 0
 
@@ -141,9 +143,26 @@ class Training:
                                                       f"{s.optim.lr_base_size} images)"))
         log.info(f"output: {self.run_dir}")
         if run.ema is not None:
-            steps = run.data.steps_per_epoch
-            log_ema_horizons(run.decays, run.ema.every, steps, steps * run.num_epochs,
-                             run.images_per_step())
+            for warning, line in ema_horizons.startup_lines(run.ema, self.ema_labels(),
+                                                            self.run_length()):
+                (log.warning if warning else log.info)(line)
+
+    def run_length(self) -> ema_horizons.RunLength:
+        steps = self.run.data.steps_per_epoch
+        return ema_horizons.RunLength(steps, steps * self.run.num_epochs, self.run.images_per_step())
+
+    def ema_labels(self) -> list[str]:
+        return ema_labels(self.run.settings.ema, self.run.decays)
+
+    def ema_advice(self) -> list[str]:
+        """The final report's line for each EMA that ended worse than the raw weights."""
+        run, metric = self.run, self.run.settings.loop.eval_metric
+        if run.ema is None or not run.summary.rows:
+            return []
+        last = run.summary.rows[-1]
+        finals = [last[f"{s.column_prefix}eval_{metric}"] for s in run.weight_sets[1:]]
+        return ema_horizons.advice(run.ema, self.ema_labels(), self.run_length(),
+                                   last[f"eval_{metric}"], finals, metric)
 
     # ----------------------------------------------------------------------------- one epoch
     def run_epoch(self, epoch: int, stop) -> int | None:
