@@ -216,7 +216,7 @@ def test_power_state_does_not_load_into_decay_shadows():
 
 def test_old_warmup_flag_is_the_timm_schedule():
     ema = ModelEma(net(), decay=0.99, warmup=True, warmup_power=0.75)
-    assert isinstance(ema.schedule, TimmWarmup) and ema.warmup
+    assert isinstance(ema.schedule, TimmWarmup)
     assert ema.schedule.power == 0.75
     assert isinstance(ModelEma(net(), decay=0.99).schedule, Constant)
     assert isinstance(ModelEma(net(), decay=0.99, schedule="debias").schedule, Debias)

@@ -21,6 +21,7 @@ from torch import nn
 from . import checkpoint as ckpt_io
 from . import data, distributed
 from .ema import ModelEma
+from .ema_policies import ShadowPolicy
 from .ema_schedules import make_schedule
 from .engine import Counters
 from .errors import UserError
@@ -109,6 +110,7 @@ class Run:
     mixup_fn: Mixup | None
     weight_sets: tuple[WeightSet, ...]
     keeper: CheckpointKeeper
+    shadow_policy: ShadowPolicy = field(default_factory=ShadowPolicy)
     counters: Counters = field(default_factory=Counters)
     summary: Summary = None
 
@@ -303,12 +305,16 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     decays = (s.ema.decays_per_step(s.global_batch(dist.world_size), train.steps_per_epoch)
               if s.ema.enabled else [])
     ema = build_ema(s.ema, model, device, decays)
+    policy = ShadowPolicy.for_run(s.ema.bn, s.ema.bn_batches, s.ema.switch,
+                                  train.train_set.dataset, train.val_set.transform,
+                                  train.batch_size, train.workers, s.loop.seed)
     sets = weight_sets(decays, ema_labels(s.ema, decays),
                        tag="sr" if s.ema.enabled and s.ema.schedule == "power" else "")
     return Run(settings=s, dist=dist, device=device, precision=precision, data=train,
                num_classes=num_classes, model=wrap_model(model, dist, device, s.model.torchcompile),
                optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,
                scaler=torch.amp.GradScaler("cuda") if precision.grad_scaler else None, ema=ema,
+               shadow_policy=policy,
                loss_fn=build_train_loss(s.labels), mixup_fn=mixup, weight_sets=sets,
                keeper=CheckpointKeeper(sets, s.loop.eval_metric, s.loop.checkpoint_hist,
                                        primary=dist.is_primary))

@@ -45,7 +45,6 @@ import concurrent.futures
 import contextlib
 import copy
 import math
-import numbers
 import re
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -53,7 +52,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .ema_schedules import EmaSchedule, Power, make_schedule, warmup_decay
+from .ema_schedules import EmaSchedule, Power, schedule_for, warmup_decay
 from .models import unwrap_model
 
 __all__ = [
@@ -177,6 +176,18 @@ def _pack(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device)
         t.data = view.view(t.shape)
         offset += t.numel()
     return flat
+
+
+def _placement(source: nn.Module, device, dtype) -> tuple[torch.device, torch.dtype]:
+    """Where shadows of `source` live and in which dtype: with the model by default, and in
+    float32 for a 16-bit model (a ``(1 - decay)`` step rounds away in 16 bits)."""
+    floats, _ = _float_and_int_tensors(source)
+    model_dtype = floats[0].dtype if floats else torch.float32
+    if dtype is None:
+        dtype = torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype
+    if device is None:
+        device = floats[0].device if floats else torch.device("cpu")
+    return torch.device(device), dtype
 
 
 def _shadow_copy(source: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -462,11 +473,9 @@ class ModelEma:
             get a float32 shadow, because ``(1 - decay) * (model - ema)`` rounds away in 16 bits.
         every: average every ``every`` calls to `update` using ``decay ** every``, so the horizon
             in optimizer steps is unchanged while the cost drops ``every``-fold.
-        schedule: how each update's decay is chosen (see `ema_schedules`): a name
-            (``constant``, ``timm``, ``debias``; the targets are ``decay``) or an `EmaSchedule`,
-            which then names the shadows itself and ``decay`` is ignored (`ModelEma.power`).
-        warmup: alias of ``schedule="timm"`` (timm's ``1 - (1 + step / gamma) ** -power``).
-        warmup_power, warmup_gamma: the ``timm`` schedule's shape.
+        schedule: how each update's decay is chosen (`ema_schedules`): ``constant``, ``timm``,
+            ``debias`` for ``decay``, or an `EmaSchedule` naming its shadows (`ModelEma.power`).
+        warmup, warmup_power, warmup_gamma: ``schedule="timm"`` and its shape (the old spelling).
         skip_nonfinite: check the model before every update and skip (and count) an update whose
             weights hold NaN or Inf (see the module notes for its cost). Off by default: then
             `nonfinite_shadows` tells whether a non-finite update reached the shadows.
@@ -479,9 +488,7 @@ class ModelEma:
         num_updates: averaging operations applied.
         skipped_nonfinite: updates skipped because the model held NaN or Inf.
 
-    The shadows' small floating-point tensors are views into one flat buffer per shadow (see the
-    module notes). Moving or converting a shadow module (``ema.module.to(...)``) is noticed at the
-    next update, which then averages where the shadows now live.
+    Moving or converting a shadow module (``ema.module.to(...)``) is noticed at the next update.
     """
 
     def __init__(
@@ -497,31 +504,16 @@ class ModelEma:
         skip_nonfinite: bool = False,
         schedule: str | EmaSchedule = "constant",
     ):
-        if not isinstance(schedule, EmaSchedule):
-            if warmup and schedule not in ("constant", "timm"):
-                raise ValueError(f"warmup=True is the timm schedule, not {schedule!r}")
-            targets = [decay] if isinstance(decay, numbers.Real) else list(decay)
-            schedule = make_schedule("timm" if warmup else schedule, targets, warmup_power,
-                                     warmup_gamma)
         if every < 1:
             raise ValueError(f"EMA update interval must be >= 1, got {every}")
-        self.schedule = schedule
+        self.schedule = schedule_for(schedule, decay, warmup, warmup_power, warmup_gamma)
         self.every = int(every)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.steps = 0
         self.num_updates = 0
         self.skipped_nonfinite = 0
-
         source = unwrap_model(model)
-        src_floats, _ = _float_and_int_tensors(source)
-        model_dtype = src_floats[0].dtype if src_floats else torch.float32
-        if dtype is None:
-            dtype = torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype
-        self.dtype = dtype
-        if device is None:
-            device = src_floats[0].device if src_floats else torch.device("cpu")
-        self.device = torch.device(device)
-
+        self.device, self.dtype = _placement(source, device, dtype)
         self.modules = [_shadow_copy(source, self.device, self.dtype) for _ in self.decays]
         self._host = _HostAverager()
         self._adopt_shadows()
@@ -546,10 +538,6 @@ class ModelEma:
     def decays(self) -> list[float]:
         """What names each shadow: its decay, or its sigma_rel under the power schedule."""
         return self.schedule.targets
-
-    @property
-    def warmup(self) -> bool:
-        return self.schedule.name == "timm"
 
     # ----------------------------------------------------------------------------- decay
     def current_decays(self, step: int | None = None) -> list[float]:
@@ -647,15 +635,10 @@ class ModelEma:
         """Load the shadows and counters of `state`.
 
         The settings in `state` (``every``, the schedule) are not applied: they are this
-        instance's, chosen by whoever built it (a resumed run decides which settings hold). The
-        decays (sigma_rels) define what each shadow is, so they must match, and so must the kind
-        of target: ValueError otherwise.
+        instance's (a resumed run decides which settings hold). The decays (sigma_rels) define
+        what each shadow is, so they must match: ValueError otherwise.
         """
-        saved_schedule = state.get("schedule") or {"name": "timm" if state.get("warmup")
-                                                   else "constant"}
-        if not self.schedule.same_kind(saved_schedule):
-            raise ValueError(f"EMA state holds {saved_schedule['name']} shadows, this EMA "
-                             f"{self.schedule.name} ones")
+        self.schedule.check_continues(state)
         if len(state["shadows"]) != len(self.modules):
             raise ValueError(f"EMA state holds {len(state['shadows'])} shadows, "
                              f"this EMA has {len(self.modules)}")

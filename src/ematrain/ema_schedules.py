@@ -29,6 +29,7 @@ shadows with ``ModelEma.power(model, sigma_rels)`` or ``ModelEma(model, schedule
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import numpy as np
@@ -43,6 +44,7 @@ __all__ = [
     "effective_half_lives",
     "gamma_to_sigma_rel",
     "make_schedule",
+    "schedule_for",
     "sigma_rel_to_gamma",
     "warmup_decay",
 ]
@@ -131,11 +133,13 @@ class EmaSchedule:
     def state_dict(self) -> dict:
         return {"name": self.name, "targets": list(self.targets), **self.settings()}
 
-    def same_kind(self, state: dict) -> bool:
-        """Whether saved schedule `state` names its shadows as this one does (decays or
-        sigma_rels), so its shadows can continue under this schedule."""
-        saved = state.get("name", "constant")
-        return (saved == "power") == (self.name == "power")
+    def check_continues(self, ema_state: dict) -> None:
+        """ValueError unless the shadows of a saved EMA state (`ModelEma.state_dict`) are named
+        as this schedule names its own (decays, or sigma_rels), so they can continue under it."""
+        saved = (ema_state.get("schedule") or {}).get("name")
+        saved = saved or ("timm" if ema_state.get("warmup") else "constant")
+        if (saved == "power") != (self.name == "power"):
+            raise ValueError(f"EMA state holds {saved} shadows, this EMA {self.name} ones")
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.settings().items())
@@ -221,6 +225,19 @@ def make_schedule(name: str, targets: Sequence[float], warmup_power: float = 2 /
     if name == "power":
         return Power(sigma_rels=targets)
     return SCHEDULES[name](targets)
+
+
+def schedule_for(schedule: str | EmaSchedule, decay: float | Sequence[float] = 0.9998,
+                 warmup: bool = False, warmup_power: float = 2 / 3,
+                 warmup_gamma: float = 1.0) -> EmaSchedule:
+    """`ModelEma`'s schedule from its arguments: an `EmaSchedule` as given, or the one named
+    for ``decay`` (``warmup=True``: timm's, the old spelling)."""
+    if isinstance(schedule, EmaSchedule):
+        return schedule
+    if warmup and schedule not in ("constant", "timm"):
+        raise ValueError(f"warmup=True is the timm schedule, not {schedule!r}")
+    targets = [decay] if isinstance(decay, numbers.Real) else list(decay)
+    return make_schedule("timm" if warmup else schedule, targets, warmup_power, warmup_gamma)
 
 
 # ----------------------------------------------------------------------------- horizons

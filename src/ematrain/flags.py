@@ -303,6 +303,16 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     g.add_argument("--model-ema-power-gamma", type=finite_float, nargs="+", default=None,
                    metavar="G", action=EmaSetting,
                    help="power schedule: the exponent instead of --model-ema-sigma-rel")
+    g.add_argument("--model-ema-bn", default="average", action=EmaSetting,
+                   choices=["average", "copy", "recalibrate"],
+                   help="BatchNorm statistics of the shadows: averaged like the weights (default), "
+                        "copied from the live model, or recalibrated on --model-ema-bn-batches "
+                        "training batches before each validation")
+    g.add_argument("--model-ema-bn-batches", type=int, default=20, metavar="N", action=EmaSetting,
+                   help="training batches --model-ema-bn recalibrate uses (default: 20)")
+    g.add_argument("--model-ema-switch", action=EmaSwitch, default=False,
+                   help="switch-EMA: at the end of each epoch the live model takes the first EMA's "
+                        "weights (optimizer state kept)")
     g.add_argument("--model-ema-precheck", action=EmaSwitch, default=False,
                    help="check the weights for NaN/Inf before every EMA update and skip a bad one "
                         "(exact, at one more read of the model per update and, on CUDA, a host "

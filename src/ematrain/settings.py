@@ -369,11 +369,15 @@ class EmaSpec:
     schedule_flag: str | None = None
     sigma_rels: list | None = None
     power_gammas: list | None = None
+    bn: str = "average"
+    bn_batches: int = 20
+    switch: bool = False
     half_life_units: list = field(init=False, repr=False, compare=False)
 
     DEFAULT_DECAY = 0.9998
     DEFAULT_SIGMA_REL = 0.1
-    FLAGS = {"every": "--model-ema-every", "warmup_power": "--model-ema-warmup-power"}
+    FLAGS = {"every": "--model-ema-every", "warmup_power": "--model-ema-warmup-power",
+             "bn_batches": "--model-ema-bn-batches"}
 
     def __post_init__(self):
         if self.decays is not None and self.half_lives is not None:
@@ -388,7 +392,7 @@ class EmaSpec:
             except ValueError as exc:
                 raise UserError(f"--model-ema-half-life: {exc}") from None
         object.__setattr__(self, "half_life_units", parsed)
-        _at_least(self, 1, "every")
+        _at_least(self, 1, "every", "bn_batches")
         if not self.warmup_power > 0:
             raise UserError(f"--model-ema-warmup-power must be > 0, got {self.warmup_power}")
         self._check_schedule()
@@ -442,7 +446,9 @@ class EmaSpec:
                          every="model_ema_every", warmup="model_ema_warmup",
                          warmup_power="model_ema_warmup_power", dtype="model_ema_dtype",
                          precheck="model_ema_precheck", schedule_flag="model_ema_schedule",
-                         sigma_rels="model_ema_sigma_rel", power_gammas="model_ema_power_gamma")
+                         sigma_rels="model_ema_sigma_rel", power_gammas="model_ema_power_gamma",
+                         bn="model_ema_bn", bn_batches="model_ema_bn_batches",
+                         switch="model_ema_switch")
 
     def decays_per_step(self, images_per_step: int, steps_per_epoch: int) -> list[float]:
         """Per-optimizer-step decays (the power schedule's sigma_rels, which name its shadows).

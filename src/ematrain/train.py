@@ -236,6 +236,7 @@ class Training:
         run, metric = self.run, self.run.settings.loop.eval_metric
         lr, train_loss = current_lr(run.optimizer), run.counters.train_loss
         self.sync_replicas()
+        run.shadow_policy.apply(run.ema, run.model, epoch, self.calibration_input)
         scores = validate(run.model, val_loader, run.device, ema=run.ema, epoch=epoch,
                           amp_dtype=run.precision.autocast,
                           channels_last=run.precision.channels_last,
@@ -256,6 +257,14 @@ class Training:
             print(outputs.epoch_line(epoch, run.num_epochs, lr, train_loss, results,
                                      run.weight_sets, metric, skipped), flush=True)
         distributed.barrier(run.dist)
+
+    def calibration_input(self, images: torch.Tensor) -> torch.Tensor:
+        """A loader batch as the model's input (--model-ema-bn recalibrate): no mixing or
+        erasing, as at validation."""
+        run = self.run
+        prepare = Batches(run.device, run.precision.model_dtype, run.precision.channels_last,
+                          normalize=run.data.normalize)
+        return prepare(images, torch.zeros(images.size(0), dtype=torch.long))[0]
 
     def write_summary(self, rows: list[dict] | None = None) -> None:
         """summary.csv (in the background writer after an epoch's checkpoint), then curves.png
