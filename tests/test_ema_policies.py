@@ -142,6 +142,9 @@ def test_recalibration_leaves_the_raw_training_untouched(small_data, tmp_path):
             r = run_in_process(train.main, "train.py", small_data, *TINY, "--epochs", "2",
                                "--output", tmp_path / name, "--experiment", "x", *extra)
         assert r.returncode == 0, r.stderr[-2000:]
+        # 12 steps; decay 0.8 is a half-life of 3.1 steps once the start weights hold < half.
+        assert ("EMA 0.8 (constant schedule): effective half-life at 10% / 50% / 100% of the run "
+                "start / 3.11 / 3.11 steps") in r.stderr
         outs[name] = torch.load(tmp_path / name / "x" / "last.pth.tar", weights_only=True)
     assert_equal(outs["avg"]["state_dict"], outs["recal"]["state_dict"])
     avg, recal = outs["avg"]["state_dict_ema"], outs["recal"]["state_dict_ema"]

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import torch_threads
 from torch import nn
 
 from ematrain.ema import ModelEma
@@ -33,10 +34,8 @@ STEPS = 60
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def net(dtype=torch.float64) -> nn.Module:
