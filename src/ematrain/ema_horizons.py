@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from .ema import ModelEma, half_life_from_decay
-from .ema_schedules import TimmWarmup, effective_half_lives
+from .ema_schedules import TimmWarmup, effective_half_lives, start_shares
 
 FRACTIONS = (0.1, 0.5, 1.0)
 # A horizon at the end of the run longer than this share of it still averages early weights.
@@ -93,6 +93,11 @@ def _warnings(ema, i, label, horizons, nominal, length: RunLength) -> list[str]:
         return [f"warning: {label}'s decay has a half-life ({nominal:.4g} steps) longer than the "
                 f"whole run ({total} steps): under the {ema.schedule.name} schedule it is close "
                 f"to a plain average of the run so far (half-life {end:.4g} steps at the end)"]
+    if end > LONG_SHARE * total:
+        start = start_shares(ema.schedule, total, ema.every)[i]
+        return [f"warning: {label} has a half-life at the end of the run ({end:.4g} steps) of "
+                f"{100 * end / total:.0f}% of the run: it will still average early weights"
+                + (f", {100 * start:.0f}% of it the start weights" if start >= 0.01 else "")]
     if end < 0.1 * length.steps_per_epoch:
         return [f"warning: {label} has a half-life ({end:.4g} steps) under a tenth of an epoch "
                 f"at the end of the run: it averages almost nothing"]

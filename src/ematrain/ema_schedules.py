@@ -46,6 +46,7 @@ __all__ = [
     "make_schedule",
     "schedule_for",
     "sigma_rel_to_gamma",
+    "start_shares",
     "warmup_decay",
 ]
 
@@ -268,3 +269,10 @@ def effective_half_lives(schedule: EmaSchedule, steps: int, every: int = 1) -> l
         frac = (before - math.log(0.5)) / (before - tail[m]) if tail[m] != before else 1.0
         out.append((m + frac) * every)
     return out
+
+
+def start_shares(schedule: EmaSchedule, steps: int, every: int = 1) -> list[float]:
+    """Each shadow's weight on the start weights after ``steps`` optimizer steps: the product
+    of all its update decays (0 once a schedule's first update copied the model)."""
+    starts = np.arange(steps // every, dtype=np.int64) * every
+    return [float(np.prod(schedule._decay(i, starts, every))) for i in range(len(schedule.targets))]
