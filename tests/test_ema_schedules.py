@@ -27,6 +27,7 @@ from ematrain.ema_schedules import (
     gamma_to_sigma_rel,
     make_schedule,
     sigma_rel_to_gamma,
+    start_shares,
 )
 
 STEPS = 60
@@ -256,6 +257,9 @@ def test_effective_half_life_of_a_constant_decay_is_its_half_life():
     assert effective_half_lives(Constant([0.99]), 10_000)[0] == pytest.approx(
         math.log(0.5) / math.log(0.99), rel=1e-9)
     assert math.isinf(effective_half_lives(Constant([0.9999]), 1000)[0])  # start holds > half
+    assert start_shares(Constant([0.9, 0.99]), 30, every=3) == pytest.approx([0.9 ** 30,
+                                                                              0.99 ** 30])
+    assert start_shares(Debias([0.99]), 30) == [0.0]
 
 
 def test_timm_warmup_horizon_is_far_below_its_target():
