@@ -21,6 +21,7 @@ from torch import nn
 from . import checkpoint as ckpt_io
 from . import data, distributed
 from .ema import ModelEma
+from .ema_horizons import RunLength
 from .ema_policies import ShadowPolicy
 from .ema_schedules import make_schedule
 from .engine import Counters
@@ -146,6 +147,14 @@ class Run:
 
     def images_per_step(self) -> int:
         return self.settings.global_batch(self.dist.world_size)
+
+    def length(self) -> RunLength:
+        """The run's length, in the units EMA horizons are stated in."""
+        steps = self.data.steps_per_epoch
+        return RunLength(steps, steps * self.num_epochs, self.images_per_step())
+
+    def ema_labels(self) -> list[str]:
+        return ema_labels(self.settings.ema, self.decays)
 
 
 # ----------------------------------------------------------------------------- builders

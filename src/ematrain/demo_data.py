@@ -74,10 +74,9 @@ def write_digits_imagefolder(root: Path, seed: int = 0, label_noise: float = 0.0
         shuffle=True,
     )
 
-    filed = {int(i): int(labels[i]) for i in indices}
-    if label_noise:
-        noisy = flipped_labels(labels[train_idx], label_noise, seed + 1)
-        filed.update({int(i): int(c) for i, c in zip(train_idx, noisy)})
+    filed = {int(i): int(c) for i, c in enumerate(labels)}
+    filed.update(zip(map(int, train_idx),
+                     map(int, flipped_labels(labels[train_idx], label_noise, seed + 1))))
 
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))

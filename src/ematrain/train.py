@@ -15,7 +15,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import distributed, ema_horizons, outputs, resume
-from .build import Run, build_run, ema_labels
+from .build import Run, build_run
 from .cli import exit_process, run_main
 from .engine import (
     Batches,
@@ -101,7 +101,7 @@ class Training:
         for line in outputs.final_report(self.run.keeper.best, self.run.weight_sets,
                                          self.run.settings.loop.eval_metric):
             log.info(line)
-        for line in self.ema_advice():
+        for line in ema_advice(self.run):
             log.info(line)
         log.info(f"done: {self.run_dir}")
         return 0
@@ -143,26 +143,9 @@ class Training:
                                                       f"{s.optim.lr_base_size} images)"))
         log.info(f"output: {self.run_dir}")
         if run.ema is not None:
-            for warning, line in ema_horizons.startup_lines(run.ema, self.ema_labels(),
-                                                            self.run_length()):
+            for warning, line in ema_horizons.startup_lines(run.ema, run.ema_labels(),
+                                                            run.length()):
                 (log.warning if warning else log.info)(line)
-
-    def run_length(self) -> ema_horizons.RunLength:
-        steps = self.run.data.steps_per_epoch
-        return ema_horizons.RunLength(steps, steps * self.run.num_epochs, self.run.images_per_step())
-
-    def ema_labels(self) -> list[str]:
-        return ema_labels(self.run.settings.ema, self.run.decays)
-
-    def ema_advice(self) -> list[str]:
-        """The final report's line for each EMA that ended worse than the raw weights."""
-        run, metric = self.run, self.run.settings.loop.eval_metric
-        if run.ema is None or not run.summary.rows:
-            return []
-        last = run.summary.rows[-1]
-        finals = [last[f"{s.column_prefix}eval_{metric}"] for s in run.weight_sets[1:]]
-        return ema_horizons.advice(run.ema, self.ema_labels(), self.run_length(),
-                                   last[f"eval_{metric}"], finals, metric)
 
     # ----------------------------------------------------------------------------- one epoch
     def run_epoch(self, epoch: int, stop) -> int | None:
@@ -236,7 +219,8 @@ class Training:
         run, metric = self.run, self.run.settings.loop.eval_metric
         lr, train_loss = current_lr(run.optimizer), run.counters.train_loss
         self.sync_replicas()
-        run.shadow_policy.apply(run.ema, run.model, epoch, self.calibration_input)
+        run.shadow_policy.apply(run.ema, run.model, epoch, lambda images: calibration_input(
+            run, images))
         scores = validate(run.model, val_loader, run.device, ema=run.ema, epoch=epoch,
                           amp_dtype=run.precision.autocast,
                           channels_last=run.precision.channels_last,
@@ -257,14 +241,6 @@ class Training:
             print(outputs.epoch_line(epoch, run.num_epochs, lr, train_loss, results,
                                      run.weight_sets, metric, skipped), flush=True)
         distributed.barrier(run.dist)
-
-    def calibration_input(self, images: torch.Tensor) -> torch.Tensor:
-        """A loader batch as the model's input (--model-ema-bn recalibrate): no mixing or
-        erasing, as at validation."""
-        run = self.run
-        prepare = Batches(run.device, run.precision.model_dtype, run.precision.channels_last,
-                          normalize=run.data.normalize)
-        return prepare(images, torch.zeros(images.size(0), dtype=torch.long))[0]
 
     def write_summary(self, rows: list[dict] | None = None) -> None:
         """summary.csv (in the background writer after an epoch's checkpoint), then curves.png
@@ -307,6 +283,25 @@ class Training:
             sums = distributed.check_replicas_agree(shadows, run.dist, run.device,
                                                     include_buffers=buffers)
             log.info("EMA checksums (equal on all ranks): " + ", ".join(f"{x:.10g}" for x in sums))
+
+
+def ema_advice(run: Run) -> list[str]:
+    """The final report's line for each EMA that ended worse than the raw weights."""
+    metric = run.settings.loop.eval_metric
+    if run.ema is None or not run.summary.rows:
+        return []
+    last = run.summary.rows[-1]
+    finals = [last[f"{s.column_prefix}eval_{metric}"] for s in run.weight_sets[1:]]
+    return ema_horizons.advice(run.ema, run.ema_labels(), run.length(), last[f"eval_{metric}"],
+                               finals, metric)
+
+
+def calibration_input(run: Run, images: torch.Tensor) -> torch.Tensor:
+    """A loader batch as the model's input (--model-ema-bn recalibrate): no mixing or erasing,
+    as at validation."""
+    prepare = Batches(run.device, run.precision.model_dtype, run.precision.channels_last,
+                      normalize=run.data.normalize)
+    return prepare(images, torch.zeros(images.size(0), dtype=torch.long))[0]
 
 
 def _main(argv: list[str]) -> int:
