@@ -4,7 +4,7 @@ VPY := $(VENV)/bin/python
 VPIP := $(VENV)/bin/pip
 PIP_FLAGS := --disable-pip-version-check -q
 
-.PHONY: venv test demo bench bench-train gpu-check clean
+.PHONY: venv test demo bench bench-train bench-schedules gpu-check clean
 
 venv: $(VENV)/.deps-stamp
 
@@ -28,6 +28,10 @@ demo: venv
 
 bench: venv
 	$(VPY) benchmarks/bench_ema.py
+
+# EMA schedules, BatchNorm policies and switch-EMA on noisy-label digits (~4 min on 2 cores).
+bench-schedules: venv
+	$(VPY) benchmarks/bench_schedules.py
 
 # Whole runs against timm's train.py (TIMM_TRAIN: its path; it is not in timm's pip package).
 bench-train: venv

@@ -151,3 +151,19 @@ def test_make_imagefolder_classes_separable(tiny_data):
             total += 1
     assert total == 3 * 8
     assert correct == total
+
+
+def test_label_noise_moves_a_fixed_fraction_of_training_images_only(digits_root, tmp_path):
+    noisy = write_digits_imagefolder(tmp_path / "noisy", seed=0, label_noise=0.3)
+
+    def where(root, split):
+        return {p.name: cls for cls, paths in _pngs(root / split).items() for p in paths}
+
+    clean_train, noisy_train = where(digits_root, "train"), where(noisy, "train")
+    assert clean_train.keys() == noisy_train.keys()
+    moved = [name for name in clean_train if clean_train[name] != noisy_train[name]]
+    assert len(moved) == round(0.3 * len(clean_train))
+    assert where(digits_root, "val") == where(noisy, "val")
+    # The same images, only filed elsewhere; the choice is fixed.
+    again = write_digits_imagefolder(tmp_path / "again", seed=0, label_noise=0.3)
+    assert where(again, "train") == noisy_train

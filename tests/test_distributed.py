@@ -144,3 +144,14 @@ def test_no_bn_sync_compares_parameters_only(data_root, tmp_path):
                  "--output", tmp_path, "--experiment", "nobn")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "EMA checksums (equal on all ranks)" in r.stderr
+
+
+def test_recalibrated_switched_shadows_agree_across_ranks(data_root, tmp_path):
+    """--model-ema-bn recalibrate and --model-ema-switch under torchrun: each rank recalibrates
+    its shadow in its plain module (no DDP collective) on the same batches, switches, and the
+    run goes on; both epochs' checks, buffers included, find the shadows equal."""
+    r = torchrun(REPO_ROOT / "train.py", data_root, *TINY, "--epochs", "2",
+                 "--model-ema-bn", "recalibrate", "--model-ema-bn-batches", "2",
+                 "--model-ema-switch", "--output", tmp_path, "--experiment", "recal")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stderr.count("EMA checksums (equal on all ranks)") == 2

@@ -3,7 +3,6 @@ batch larger than the training set, more loader processes than cores (said once,
 for every loader)."""
 from __future__ import annotations
 
-import pytest
 
 from conftest import run_in_process
 from ematrain import settings as settings_mod

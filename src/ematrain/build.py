@@ -18,9 +18,11 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
-from . import checkpoint as ckpt_io
 from . import data, distributed
-from .ema import ModelEma, half_life_from_decay
+from .ema import ModelEma
+from .ema_horizons import RunLength
+from .ema_policies import ShadowPolicy
+from .ema_schedules import make_schedule
 from .engine import Counters
 from .errors import UserError
 from .keeper import CheckpointKeeper
@@ -110,6 +112,7 @@ class Run:
     mixup_fn: Mixup | None
     weight_sets: tuple[WeightSet, ...]
     keeper: CheckpointKeeper
+    shadow_policy: ShadowPolicy = field(default_factory=ShadowPolicy)
     counters: Counters = field(default_factory=Counters)
     summary: Summary = None
 
@@ -145,6 +148,14 @@ class Run:
 
     def images_per_step(self) -> int:
         return self.settings.global_batch(self.dist.world_size)
+
+    def length(self) -> RunLength:
+        """The run's length, in the units EMA horizons are stated in."""
+        steps = self.data.steps_per_epoch
+        return RunLength(steps, steps * self.num_epochs, self.images_per_step())
+
+    def ema_labels(self) -> list[str]:
+        return ema_labels(self.settings.ema, self.decays)
 
 
 # ----------------------------------------------------------------------------- builders
@@ -262,9 +273,10 @@ def build_ema(spec: EmaSpec, model: nn.Module, device: torch.device,
                 log.warning(f"warning: with --model-ema-dtype {spec.dtype} an update of "
                             f"(1 - {d:g}) = {1 - d:.2g} is below the dtype's precision "
                             f"({eps:.2g}): the shadow will barely move")
-    return ModelEma(model, decays, device=torch.device("cpu") if spec.force_cpu else device,
-                    dtype=dtype, every=spec.every, warmup=spec.warmup,
-                    warmup_power=spec.warmup_power, skip_nonfinite=spec.precheck)
+    schedule = make_schedule(spec.schedule, decays, warmup_power=spec.warmup_power)
+    return ModelEma(model, device=torch.device("cpu") if spec.force_cpu else device,
+                    dtype=dtype, every=spec.every, schedule=schedule,
+                    skip_nonfinite=spec.precheck)
 
 
 def wrap_model(model: nn.Module, dist: distributed.DistInfo, device: torch.device,
@@ -306,11 +318,16 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     decays = (s.ema.decays_per_step(s.global_batch(dist.world_size), train.steps_per_epoch)
               if s.ema.enabled else [])
     ema = build_ema(s.ema, model, device, decays)
-    sets = weight_sets(decays, ema_labels(s.ema, decays))
+    policy = ShadowPolicy.for_run(s.ema.bn, s.ema.bn_batches, s.ema.switch,
+                                  train.train_set.dataset, train.val_set.transform,
+                                  train.batch_size, train.workers, s.loop.seed)
+    sets = weight_sets(decays, ema_labels(s.ema, decays),
+                       tag="sr" if s.ema.enabled and s.ema.schedule == "power" else "")
     return Run(settings=s, dist=dist, device=device, precision=precision, data=train,
                num_classes=num_classes, model=wrap_model(model, dist, device, s.model.torchcompile),
                optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,
                scaler=torch.amp.GradScaler("cuda") if precision.grad_scaler else None, ema=ema,
+               shadow_policy=policy,
                loss_fn=build_train_loss(s.labels), mixup_fn=mixup, weight_sets=sets,
                keeper=CheckpointKeeper(sets, s.loop.eval_metric, s.loop.checkpoint_hist,
                                        primary=dist.is_primary))
@@ -318,21 +335,8 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
 
 def ema_labels(spec: EmaSpec, decays: list[float]) -> list[str]:
     """How plots name each EMA: as the user gave it (a half-life), or by its decay."""
+    if spec.schedule == "power":
+        return [f"EMA sigma_rel {d:.3g}" for d in decays]
     if spec.half_lives:
         return [f"EMA half-life {h}" for h in spec.half_lives]
     return [f"EMA {d:g}" for d in decays]
-
-
-def log_ema_horizons(decays: list[float], every: int, steps_per_epoch: int, total_steps: int,
-                     images_per_step: int) -> None:
-    for d in decays:
-        steps = half_life_from_decay(d)
-        log.info(f"EMA decay {d:.6g}: half-life {steps:.4g} optimizer steps = "
-                 f"{steps / steps_per_epoch:.3g} epochs = {steps * images_per_step:.4g} images"
-                 + (f" (updated every {every} steps with decay^{every})" if every > 1 else ""))
-        if steps > total_steps:
-            log.warning(f"warning: EMA {d:.6g} has a half-life ({steps:.4g} steps) longer than the "
-                        f"whole run ({total_steps} steps): it will still mostly hold the early weights")
-        elif steps < 0.1 * steps_per_epoch:
-            log.warning(f"warning: EMA {d:.6g} has a half-life ({steps:.4g} steps) under a tenth "
-                        f"of an epoch: it averages almost nothing")

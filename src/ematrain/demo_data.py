@@ -5,6 +5,11 @@ so the demo needs no network access.  Images are scaled from 0..16 to 0..255,
 upscaled to 32x32 with bicubic resampling and saved as RGB PNGs under
 ``root/train/<digit>/`` and ``root/val/<digit>/`` using a fixed stratified
 80/20 split.
+
+``label_noise=p`` writes the documented noisy variant: a fixed fraction ``p`` of the *training*
+images (chosen with ``numpy.random.default_rng(seed + 1)``) is filed under another class, drawn
+uniformly from the nine others; the validation images keep their true labels. Training on it
+makes the raw weights noisy, which is where an EMA helps (and where a too-long one fails).
 """
 
 from __future__ import annotations
@@ -32,7 +37,17 @@ def _to_rgb_image(pixels: np.ndarray) -> Image.Image:
     return grey.convert("RGB")
 
 
-def write_digits_imagefolder(root: Path, seed: int = 0) -> Path:
+def flipped_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """`labels` with round(fraction * len) of them moved to another class, uniformly drawn."""
+    rng = np.random.default_rng(seed)
+    out = labels.copy()
+    chosen = rng.choice(len(labels), size=round(fraction * len(labels)), replace=False)
+    for i in chosen:
+        out[i] = (labels[i] + rng.integers(1, 10)) % 10
+    return out
+
+
+def write_digits_imagefolder(root: Path, seed: int = 0, label_noise: float = 0.0) -> Path:
     """Write the digits set as ``root/{train,val}/<class>/*.png`` and return ``root``.
 
     Does nothing when ``root/.complete`` already exists.  The tree is built in a
@@ -59,6 +74,10 @@ def write_digits_imagefolder(root: Path, seed: int = 0) -> Path:
         shuffle=True,
     )
 
+    filed = {int(i): int(c) for i, c in enumerate(labels)}
+    filed.update(zip(map(int, train_idx),
+                     map(int, flipped_labels(labels[train_idx], label_noise, seed + 1))))
+
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
@@ -66,7 +85,7 @@ def write_digits_imagefolder(root: Path, seed: int = 0) -> Path:
             for cls in range(10):
                 (tmp / split / str(cls)).mkdir(parents=True, exist_ok=True)
             for i in sorted(int(j) for j in split_idx):
-                cls = int(labels[i])
+                cls = filed[i]
                 _to_rgb_image(images[i]).save(tmp / split / str(cls) / f"{i:04d}.png")
 
         if (root / MARKER).is_file():
@@ -86,7 +105,7 @@ def write_digits_imagefolder(root: Path, seed: int = 0) -> Path:
         raise
 
     # Marker last: only a fully renamed tree is ever marked complete.
-    (root / MARKER).write_text(f"seed={seed}\n")
+    (root / MARKER).write_text(f"seed={seed} label_noise={label_noise:g}\n")
     return root
 
 
@@ -112,9 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("root", nargs="?", default="data/digits", help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="train/val split seed")
+    parser.add_argument("--label-noise", type=float, default=0.0,
+                        help="fraction of training labels moved to another class (default: 0)")
     args = parser.parse_args(argv)
 
-    root = write_digits_imagefolder(Path(args.root), seed=args.seed)
+    root = write_digits_imagefolder(Path(args.root), seed=args.seed, label_noise=args.label_noise)
     counts = count_images(root)
     print(f"digits ImageFolder at {root}")
     for split, per_class in counts.items():

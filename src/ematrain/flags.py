@@ -309,10 +309,32 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="keep the EMA shadows in host memory (still validated every epoch)")
     g.add_argument("--model-ema-every", type=int, default=1, metavar="N", action=EmaSetting,
                    help="average every N optimizer steps with decay**N (default: 1)")
+    g.add_argument("--model-ema-schedule", default=None, metavar="NAME", action=EmaSetting,
+                   help="how each update's decay is chosen: constant (default), timm (timm's "
+                        "warmup), debias (bias-corrected, as Adam's), power (EDM2's power-function "
+                        "EMA: give --model-ema-sigma-rel)")
     g.add_argument("--model-ema-warmup", action=EmaSwitch, default=False,
-                   help="timm's EMA warmup: the decay rises towards its target")
+                   help="timm's EMA warmup: the decay rises towards its target (= "
+                        "--model-ema-schedule timm)")
     g.add_argument("--model-ema-warmup-power", type=finite_float, default=2 / 3, action=EmaSetting,
-                   help="EMA warmup power (default: 2/3)")
+                   help="EMA warmup power of the timm schedule (default: 2/3)")
+    g.add_argument("--model-ema-sigma-rel", type=finite_float, nargs="+", default=None,
+                   metavar="S", action=EmaSetting,
+                   help="power schedule: the profile's width relative to the training so far, "
+                        "one shadow each (e.g. 0.05 0.1; default 0.1)")
+    g.add_argument("--model-ema-power-gamma", type=finite_float, nargs="+", default=None,
+                   metavar="G", action=EmaSetting,
+                   help="power schedule: the exponent instead of --model-ema-sigma-rel")
+    g.add_argument("--model-ema-bn", default="average", action=EmaSetting,
+                   choices=["average", "copy", "recalibrate"],
+                   help="BatchNorm statistics of the shadows: averaged like the weights (default), "
+                        "copied from the live model, or recalibrated on --model-ema-bn-batches "
+                        "training batches before each validation")
+    g.add_argument("--model-ema-bn-batches", type=int, default=20, metavar="N", action=EmaSetting,
+                   help="training batches --model-ema-bn recalibrate uses (default: 20)")
+    g.add_argument("--model-ema-switch", action=EmaSwitch, default=False,
+                   help="switch-EMA: at the end of each epoch the live model takes the first EMA's "
+                        "weights (optimizer state kept)")
     g.add_argument("--model-ema-precheck", action=EmaSwitch, default=False,
                    help="check the weights for NaN/Inf before every EMA update and skip a bad one "
                         "(exact, at one more read of the model per update and, on CUDA, a host "

@@ -41,6 +41,18 @@ RESUME_POLICY: tuple[Rule, ...] = (
     Rule("model_ema", REFUSE, "the checkpoint's EMA state would be dropped, or made up"),
     Rule("model_ema_decay", REFUSE, "each EMA shadow is the average at its own decay"),
     Rule("model_ema_half_life", REFUSE, "each EMA shadow is the average over its own horizon"),
+    Rule("model_ema_sigma_rel", REFUSE, "each power EMA shadow is the average of its own profile"),
+    Rule("model_ema_power_gamma", REFUSE, "each power EMA shadow is the average of its own "
+         "profile"),
+    Rule("model_ema_schedule", NEW, "the decays follow the new schedule from the resumed step "
+         "on (its decays depend on the step count only); to or from power is refused, as its "
+         "shadows are named by sigma_rel, not by a decay"),
+    Rule("model_ema_bn", NEW, "the shadows' BatchNorm statistics are set before each "
+         "validation from here on"),
+    Rule("model_ema_bn_batches", NEW, "the shadows' BatchNorm statistics are set before each "
+         "validation from here on"),
+    Rule("model_ema_switch", NEW, "the live model takes the EMA's weights at each epoch's end "
+         "from here on"),
     Rule("seed", KEEP, "data order, augmentation and dropout follow the seed: another one "
          "would make the rest no continuation of this run"),
     Rule("output", KEEP, "a resumed run continues in its own folder"),

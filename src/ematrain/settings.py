@@ -17,6 +17,7 @@ import torch
 
 from .config import Layer, parse_command
 from .ema import HalfLife, parse_half_life
+from .ema_schedules import SCHEDULES, gamma_to_sigma_rel, sigma_rel_to_gamma
 from .errors import UserError
 from .logs import plural
 from .flags import train_parser, validate_parser
@@ -401,10 +402,18 @@ class EmaSpec:
     warmup_power: float
     dtype: str | None
     precheck: bool
+    schedule_flag: str | None = None
+    sigma_rels: list | None = None
+    power_gammas: list | None = None
+    bn: str = "average"
+    bn_batches: int = 20
+    switch: bool = False
     half_life_units: list = field(init=False, repr=False, compare=False)
 
     DEFAULT_DECAY = 0.9998
-    FLAGS = {"every": "--model-ema-every", "warmup_power": "--model-ema-warmup-power"}
+    DEFAULT_SIGMA_REL = 0.1
+    FLAGS = {"every": "--model-ema-every", "warmup_power": "--model-ema-warmup-power",
+             "bn_batches": "--model-ema-bn-batches"}
 
     def __post_init__(self):
         if self.decays is not None and self.half_lives is not None:
@@ -419,9 +428,52 @@ class EmaSpec:
             except ValueError as exc:
                 raise UserError(f"--model-ema-half-life: {exc}") from None
         object.__setattr__(self, "half_life_units", parsed)
-        _at_least(self, 1, "every")
+        _at_least(self, 1, "every", "bn_batches")
         if not self.warmup_power > 0:
             raise UserError(f"--model-ema-warmup-power must be > 0, got {self.warmup_power}")
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        name = self.schedule_flag
+        if name is not None and name not in SCHEDULES:
+            raise UserError(f"--model-ema-schedule must be one of {', '.join(SCHEDULES)}, "
+                            f"got {name!r}")
+        if self.warmup and name not in (None, "timm"):
+            raise UserError(f"--model-ema-warmup is --model-ema-schedule timm: it cannot go with "
+                            f"--model-ema-schedule {name}")
+        powered = self.sigma_rels is not None or self.power_gammas is not None
+        if powered and name not in (None, "power"):
+            raise UserError(f"--model-ema-sigma-rel and --model-ema-power-gamma belong to "
+                            f"--model-ema-schedule power, not {name}")
+        if self.schedule != "power":
+            return
+        if self.sigma_rels is not None and self.power_gammas is not None:
+            raise UserError("give --model-ema-sigma-rel or --model-ema-power-gamma, not both")
+        if self.decays is not None or self.half_lives is not None or self.warmup:
+            raise UserError("--model-ema-schedule power: its shadows are given by "
+                            "--model-ema-sigma-rel (or --model-ema-power-gamma), not by a decay, "
+                            "half-life or warmup")
+        try:
+            for s in self.sigma_rels or []:
+                sigma_rel_to_gamma(s)
+            for g in self.power_gammas or []:
+                if not g >= 0:
+                    raise ValueError(f"got {g}: it must be >= 0")
+        except ValueError as exc:
+            flag = "--model-ema-sigma-rel" if self.sigma_rels else "--model-ema-power-gamma"
+            raise UserError(f"{flag}: {exc}") from None
+
+    @property
+    def schedule(self) -> str:
+        """The schedule in force: --model-ema-schedule, or what --model-ema-warmup or a
+        sigma_rel (power) imply, else constant."""
+        if self.schedule_flag is not None:
+            return self.schedule_flag
+        if self.warmup:
+            return "timm"
+        if self.sigma_rels is not None or self.power_gammas is not None:
+            return "power"
+        return "constant"
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "EmaSpec":
@@ -429,12 +481,20 @@ class EmaSpec:
                          half_lives="model_ema_half_life", force_cpu="model_ema_force_cpu",
                          every="model_ema_every", warmup="model_ema_warmup",
                          warmup_power="model_ema_warmup_power", dtype="model_ema_dtype",
-                         precheck="model_ema_precheck")
+                         precheck="model_ema_precheck", schedule_flag="model_ema_schedule",
+                         sigma_rels="model_ema_sigma_rel", power_gammas="model_ema_power_gamma",
+                         bn="model_ema_bn", bn_batches="model_ema_bn_batches",
+                         switch="model_ema_switch")
 
     def decays_per_step(self, images_per_step: int, steps_per_epoch: int) -> list[float]:
-        """Per-optimizer-step decays. A half-life in images or epochs is converted with the real
-        images per optimizer step, so it survives a change of batch size or GPU count."""
-        if not self.half_life_units:
+        """Per-optimizer-step decays (the power schedule's sigma_rels, which name its shadows).
+        A half-life in images or epochs is converted with the real images per optimizer step,
+        so it survives a change of batch size or GPU count."""
+        if self.schedule == "power":
+            decays = (list(self.sigma_rels) if self.sigma_rels is not None else
+                      [gamma_to_sigma_rel(g) for g in self.power_gammas or []]
+                      or [self.DEFAULT_SIGMA_REL])
+        elif not self.half_life_units:
             decays = list(self.decays or [self.DEFAULT_DECAY])
         else:
             decays = [self._decay_of(text, half_life, images_per_step, steps_per_epoch)

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
-from . import distributed, outputs, resume
-from .build import Run, build_run, log_ema_horizons
-from .clock import RunClock, duration
+from . import distributed, ema_horizons, outputs, resume
+from .build import Run, build_run
 from .cli import command_name, exit_process, launcher, run_main
+from .clock import RunClock, duration
 from .engine import (
     Batches,
     EpochLoop,
@@ -103,6 +103,8 @@ class Training:
         for line in outputs.final_report(self.run.keeper.best, self.run.weight_sets,
                                          self.run.settings.loop.eval_metric):
             log.info(line)
+        for line in ema_advice(self.run):
+            log.info(line)
         log.info(f"done in {duration(self.clock.elapsed())}: {self.run_dir}")
         return 0
 
@@ -146,9 +148,9 @@ class Training:
             if warning:
                 log.warning(warning)
         if run.ema is not None:
-            steps = run.data.steps_per_epoch
-            log_ema_horizons(run.decays, run.ema.every, steps, steps * run.num_epochs,
-                             run.images_per_step())
+            for warning, line in ema_horizons.startup_lines(run.ema, run.ema_labels(),
+                                                            run.length()):
+                (log.warning if warning else log.info)(line)
 
     # ----------------------------------------------------------------------------- one epoch
     def run_epoch(self, epoch: int, stop) -> int | None:
@@ -223,6 +225,8 @@ class Training:
         run, metric = self.run, self.run.settings.loop.eval_metric
         lr, train_loss = current_lr(run.optimizer), run.counters.train_loss
         self.sync_replicas()
+        run.shadow_policy.apply(run.ema, run.model, epoch, lambda images: calibration_input(
+            run, images))
         scores = validate(run.model, val_loader, run.device, ema=run.ema, epoch=epoch,
                           amp_dtype=run.precision.autocast,
                           channels_last=run.precision.channels_last,
@@ -287,6 +291,25 @@ class Training:
             sums = distributed.check_replicas_agree(shadows, run.dist, run.device,
                                                     include_buffers=buffers)
             log.info("EMA checksums (equal on all ranks): " + ", ".join(f"{x:.10g}" for x in sums))
+
+
+def ema_advice(run: Run) -> list[str]:
+    """The final report's line for each EMA that ended worse than the raw weights."""
+    metric = run.settings.loop.eval_metric
+    if run.ema is None or not run.summary.rows:
+        return []
+    last = run.summary.rows[-1]
+    finals = [last[f"{s.column_prefix}eval_{metric}"] for s in run.weight_sets[1:]]
+    return ema_horizons.advice(run.ema, run.ema_labels(), run.length(), last[f"eval_{metric}"],
+                               finals, metric)
+
+
+def calibration_input(run: Run, images: torch.Tensor) -> torch.Tensor:
+    """A loader batch as the model's input (--model-ema-bn recalibrate): no mixing or erasing,
+    as at validation."""
+    prepare = Batches(run.device, run.precision.model_dtype, run.precision.channels_last,
+                      normalize=run.data.normalize)
+    return prepare(images, torch.zeros(images.size(0), dtype=torch.long))[0]
 
 
 def _main(argv: list[str]) -> int:

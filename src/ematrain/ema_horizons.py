@@ -1,0 +1,142 @@
+"""What each EMA's horizon really is under its schedule: the start-up log and the final advice.
+
+The horizon of a shadow is its *effective* half-life (`ema_schedules.effective_half_lives`): the
+age of the iterates that hold half of its weight, under the schedule in force. A decay alone
+says little: timm's warmup keeps 0.9998 far below its target for 354,000 updates, and a long
+constant EMA still holds its random start weights. The start-up log gives that horizon at 10%,
+50% and 100% of the run, and warns when it is not what the decay promises; the final report
+says, for each EMA that ended worse than the raw weights, why in one line and what to try.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .ema import ModelEma, half_life_from_decay
+from .ema_schedules import TimmWarmup, effective_half_lives, start_shares
+
+FRACTIONS = (0.1, 0.5, 1.0)
+# A horizon at the end of the run longer than this share of it still averages early weights.
+LONG_SHARE = 0.25
+# The half-life the advice aims at: this share of the run.
+ADVISED_SHARE = 0.05
+
+
+@dataclass(frozen=True)
+class RunLength:
+    """The run's length in the units horizons are stated in."""
+    steps_per_epoch: int
+    total_steps: int
+    images_per_step: int
+
+    def steps(self, fraction: float) -> int:
+        return max(1, round(fraction * self.total_steps))
+
+    def epochs(self, steps: float) -> float:
+        return steps / self.steps_per_epoch
+
+
+def nominal_half_life(ema: ModelEma, index: int) -> float | None:
+    """The half-life, in optimizer steps, the shadow's decay means by itself (None for the power
+    schedule, whose horizon is a share of the training so far)."""
+    if ema.schedule.name == "power":
+        return None
+    return half_life_from_decay(ema.decays[index])
+
+
+def _amounts(steps: list[float], length: RunLength) -> str:
+    def each(fmt):
+        return " / ".join("start" if math.isinf(s) else fmt(s) for s in steps)
+    text = (f"{each(lambda s: f'{s:.3g}')} steps = {each(lambda s: f'{length.epochs(s):.3g}')} "
+            f"epochs = {each(lambda s: f'{s * length.images_per_step:.3g}')} images")
+    if any(math.isinf(s) for s in steps):
+        text += " ('start': the start weights still hold over half of the shadow)"
+    return text
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:,.0f}x" if ratio >= 10 else f"{ratio:.2g}x"
+
+
+def startup_lines(ema: ModelEma, labels: list[str], length: RunLength) -> list[tuple[bool, str]]:
+    """(is_warning, text) lines: each EMA's effective half-life at 10/50/100% of the run, and
+    warnings where the schedule keeps it far from its target or it is longer than the run."""
+    at = {f: effective_half_lives(ema.schedule, length.steps(f), ema.every) for f in FRACTIONS}
+    lines = []
+    for i, label in enumerate(labels):
+        horizons = [at[f][i] for f in FRACTIONS]
+        nominal = nominal_half_life(ema, i)
+        line = (f"{label} ({ema.schedule.name} schedule): effective half-life at 10% / 50% / 100% "
+                f"of the run {_amounts(horizons, length)}")
+        if nominal is not None and ema.schedule.name != "constant":
+            line += f"; the decay {ema.decays[i]:.6g} alone means {nominal:.4g} steps"
+        if ema.every > 1:
+            line += f" (updated every {ema.every} steps)"
+        lines.append((False, line))
+        lines += [(True, w) for w in _warnings(ema, i, label, horizons, nominal, length)]
+    return lines
+
+
+def _warnings(ema, i, label, horizons, nominal, length: RunLength) -> list[str]:
+    end, middle, total = horizons[-1], horizons[1], length.total_steps
+    if math.isinf(end):
+        return [f"warning: {label} has a half-life longer than the whole run ({total} steps): it "
+                f"will still mostly hold the start weights"]
+    if isinstance(ema.schedule, TimmWarmup) and middle < 0.5 * nominal:
+        reach = ema.schedule.steps_to_target(i)
+        return [f"warning: timm's warmup keeps {label} far below its decay for most of the run: "
+                f"its half-life is {middle:.4g} steps at 50% and {end:.4g} at the end, not "
+                f"{nominal:.4g}; it reaches {ema.decays[i]:.6g} only after {reach:,.0f} steps "
+                f"({_times(reach / total)} the run). --model-ema-schedule debias reaches the decay "
+                f"as fast as the arithmetic allows"]
+    if nominal is not None and nominal > total:
+        return [f"warning: {label}'s decay has a half-life ({nominal:.4g} steps) longer than the "
+                f"whole run ({total} steps): under the {ema.schedule.name} schedule it is close "
+                f"to a plain average of the run so far (half-life {end:.4g} steps at the end)"]
+    if end > LONG_SHARE * total:
+        start = start_shares(ema.schedule, total, ema.every)[i]
+        return [f"warning: {label} has a half-life at the end of the run ({end:.4g} steps) of "
+                f"{100 * end / total:.0f}% of the run: it will still average early weights"
+                + (f", {100 * start:.0f}% of it the start weights" if start >= 0.01 else "")]
+    if end < 0.1 * length.steps_per_epoch:
+        return [f"warning: {label} has a half-life ({end:.4g} steps) under a tenth of an epoch "
+                f"at the end of the run: it averages almost nothing"]
+    return []
+
+
+def advice(ema: ModelEma, labels: list[str], length: RunLength, raw: float,
+           finals: list[float], metric: str) -> list[str]:
+    """For each EMA whose final `metric` is worse than the raw weights' `raw`: why, in one
+    line, and a setting to try. `finals` are the shadows' final values, in order."""
+    lower_better = metric == "loss"
+    worse = [i for i, v in enumerate(finals) if (v > raw if lower_better else v < raw)]
+    if not worse:
+        return []
+    ends = effective_half_lives(ema.schedule, length.total_steps, ema.every)
+    target = ADVISED_SHARE * length.total_steps
+    advised = (f"--model-ema-half-life {length.epochs(target):.2g}ep"
+               if target >= 0.1 * length.steps_per_epoch else f"--model-ema-half-life "
+               f"{max(1, round(target))}it")
+    lines = []
+    for i in worse:
+        end, gap = ends[i], f"{metric} {finals[i]:.2f} vs raw {raw:.2f}"
+        share = math.inf if math.isinf(end) else end / length.total_steps
+        if share > LONG_SHARE:
+            horizon = ("longer than the run" if math.isinf(end) else
+                       f"{length.epochs(end):.3g} epochs, {100 * share:.0f}% of the run")
+            fix = advised + (" (or --model-ema-schedule debias, which gives the start weights "
+                             "no share)" if ema.schedule.name == "constant" else "")
+            why = (f"its horizon at the end ({horizon}) still averages the early, worse weights")
+        elif end < 0.1 * length.steps_per_epoch:
+            why = (f"its horizon at the end ({end:.3g} steps) averages almost nothing, so it "
+                   f"is the raw weights plus noise")
+            fix = f"--model-ema-half-life {max(1.0, length.epochs(target)):.2g}ep"
+        else:
+            why = (f"its horizon at the end ({length.epochs(end):.3g} epochs) reaches back to "
+                   f"weights that were still clearly worse")
+            fix = f"--model-ema-half-life {length.epochs(end) / 4:.2g}ep"
+        if ema.schedule.name == "power":  # its horizon is set by sigma_rel, not a half-life
+            scale = 2.0 if end < 0.1 * length.steps_per_epoch else 0.5
+            fix = f"--model-ema-sigma-rel {ema.decays[i] * scale:.2g}"
+        lines.append(f"{labels[i]} ended worse than the raw weights ({gap}): {why}; try {fix}")
+    return lines
