@@ -118,15 +118,36 @@ def parse_half_life(text: str) -> HalfLife:
     return HalfLife(value, unit)
 
 
-def _float_and_int_tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Parameters and buffers in a stable order, each storage once (tied weights count once)."""
+def _float_and_int_tensors(module: nn.Module, average_buffers: bool = True
+                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Parameters and buffers in a stable order, each storage once (tied weights count once):
+    those averaged (floating point) and those copied (integer ones; every buffer when
+    `average_buffers` is False)."""
     floats, ints, seen = [], [], set()
-    for tensor in list(module.parameters()) + list(module.buffers()):
+    params = list(module.parameters())
+    for i, tensor in enumerate(params + list(module.buffers())):
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        (floats if tensor.is_floating_point() else ints).append(tensor)
+        averaged = tensor.is_floating_point() and (average_buffers or i < len(params))
+        (floats if averaged else ints).append(tensor)
     return floats, ints
+
+
+def _timm_v3_arguments(kwargs: dict) -> dict:
+    """What a timm ``ModelEmaV3`` user passes that means the same here: ``use_warmup`` (timm's
+    warmup schedule), ``foreach`` (updates here are always fused, so it is accepted and has no
+    effect); ``min_decay`` and ``update_after_step`` only at their no-op defaults."""
+    kwargs = dict(kwargs)
+    out = {"warmup": bool(kwargs.pop("use_warmup"))} if "use_warmup" in kwargs else {}
+    kwargs.pop("foreach", None)
+    for name, off in (("min_decay", 0.0), ("update_after_step", 0)):
+        if name in kwargs and kwargs.pop(name) != off:
+            raise ValueError(f"ModelEma has no {name}: its schedules ('timm', 'debias', "
+                             f"'power') shape the start of the average instead")
+    if kwargs:
+        raise TypeError(f"ModelEma got unexpected keyword argument(s): {', '.join(kwargs)}")
+    return out
 
 
 # Parameters, buffers and submodules registered anywhere in the process, counted by torch's global
@@ -212,13 +233,14 @@ class _Shadows:
     when a shadow module was moved or converted from outside (`moved`).
     """
 
-    def __init__(self, modules: list[nn.Module]):
-        self.modules = modules
+    def __init__(self, modules: list[nn.Module], average_buffers: bool = True):
+        self.modules, self.average_buffers = modules, average_buffers
         self.adopt()
 
     @torch.no_grad()
     def adopt(self) -> None:
-        self.floats, self.ints = zip(*(_float_and_int_tensors(m) for m in self.modules))
+        self.floats, self.ints = zip(*(_float_and_int_tensors(m, self.average_buffers)
+                                       for m in self.modules))
         first = self.floats[0]
         if first:
             self.device, self.dtype = first[0].device, first[0].dtype
@@ -251,7 +273,7 @@ class _Shadows:
         """The update plan, rebuilt when the model's tensors moved or were replaced."""
         source = unwrap_model(model)
         if self._plan is None or not self._plan.valid_for(source):
-            floats, ints = _float_and_int_tensors(source)
+            floats, ints = _float_and_int_tensors(source, self.average_buffers)
             if len(floats) != len(self.floats[0]) or len(ints) != len(self.ints[0]):
                 raise ValueError("model does not match the EMA's structure")
             for m, s in zip(floats, self.floats[0]):
@@ -479,6 +501,13 @@ class ModelEma:
         skip_nonfinite: check the model before every update and skip (and count) an update whose
             weights hold NaN or Inf (see the module notes for its cost). Off by default: then
             `nonfinite_shadows` tells whether a non-finite update reached the shadows.
+        exclude_buffers: copy the model's buffers (BatchNorm statistics) instead of averaging
+            them, as timm's ``ModelEmaV3(exclude_buffers=True)``.
+
+    From timm's ``ModelEmaV3``: ``decay``, ``device``, ``warmup_power``/``warmup_gamma``,
+    ``exclude_buffers``, ``use_warmup``, ``foreach`` and ``update(model, step)`` mean the same
+    (but V3 also copies the model at ``step=1`` without warmup). Unlike V3 one instance keeps
+    several shadows, 16-bit models get float32 shadows, and schedules replace ``min_decay``.
 
     Attributes:
         modules: one eval-mode copy of the model per decay, holding the averaged weights.
@@ -503,10 +532,14 @@ class ModelEma:
         warmup_gamma: float = 1.0,
         skip_nonfinite: bool = False,
         schedule: str | EmaSchedule = "constant",
+        exclude_buffers: bool = False,
+        **timm_v3,
     ):
         if every < 1:
             raise ValueError(f"EMA update interval must be >= 1, got {every}")
+        warmup = _timm_v3_arguments(timm_v3).get("warmup", warmup)
         self.schedule = schedule_for(schedule, decay, warmup, warmup_power, warmup_gamma)
+        self.average_buffers = not exclude_buffers
         self.every = int(every)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.steps = 0
@@ -521,7 +554,7 @@ class ModelEma:
     # ----------------------------------------------------------------------------- set-up
     def _adopt_shadows(self) -> None:
         """Take the shadows as they are now (again after they were moved from outside)."""
-        self._shadows = _Shadows(self.modules)
+        self._shadows = _Shadows(self.modules, self.average_buffers)
         self.device, self.dtype = self._shadows.device, self._shadows.dtype
 
     @classmethod
@@ -548,12 +581,10 @@ class ModelEma:
 
     # ----------------------------------------------------------------------------- update
     @torch.no_grad()
-    def update(self, model: nn.Module) -> bool:
-        """Count one optimizer step; average the model in every ``every`` steps.
-
-        Returns True when an average was applied.
-        """
-        self.steps += 1
+    def update(self, model: nn.Module, step: int | None = None) -> bool:
+        """Count one optimizer step (``step``: set the count, steps including this one, as timm
+        passes it); average the model every ``every`` steps. True when an average was applied."""
+        self.steps = self.steps + 1 if step is None else int(step)
         if self.steps % self.every != 0:
             return False
         self.wait()
@@ -590,7 +621,7 @@ class ModelEma:
     def set(self, model: nn.Module) -> None:
         """Copy the model's weights into every shadow (the update count is kept)."""
         self.wait()
-        floats, ints = _float_and_int_tensors(unwrap_model(model))
+        floats, ints = _float_and_int_tensors(unwrap_model(model), self.average_buffers)
         for shadow_floats, shadow_ints in zip(self._shadows.floats, self._shadows.ints):
             torch._foreach_copy_(shadow_floats, floats)
             if ints:
@@ -639,13 +670,7 @@ class ModelEma:
         what each shadow is, so they must match: ValueError otherwise.
         """
         self.schedule.check_continues(state)
-        if len(state["shadows"]) != len(self.modules):
-            raise ValueError(f"EMA state holds {len(state['shadows'])} shadows, "
-                             f"this EMA has {len(self.modules)}")
-        saved = [float(d) for d in state["decays"]]
-        if any(abs(a - b) > 1e-12 for a, b in zip(saved, self.decays)):
-            raise ValueError(f"EMA state averages decays {', '.join(f'{d:g}' for d in saved)}, "
-                             f"this EMA {', '.join(f'{d:g}' for d in self.decays)}")
+        _check_same_shadows(state, self.decays)
         self.wait()
         for module, shadow in zip(self.modules, state["shadows"]):
             module.load_state_dict(shadow)
@@ -658,6 +683,17 @@ class ModelEma:
         shadows live on another device and are swapped into it."""
         live = next(unwrap_model(model).parameters())
         return live.dtype if self.device != live.device else self.dtype
+
+
+def _check_same_shadows(state: dict, decays: list[float]) -> None:
+    """A saved EMA state must hold the shadows this EMA keeps: as many, of the same decays."""
+    if len(state["shadows"]) != len(decays):
+        raise ValueError(f"EMA state holds {len(state['shadows'])} shadows, "
+                         f"this EMA has {len(decays)}")
+    saved = [float(d) for d in state["decays"]]
+    if any(abs(a - b) > 1e-12 for a, b in zip(saved, decays)):
+        raise ValueError(f"EMA state averages decays {', '.join(f'{d:g}' for d in saved)}, "
+                         f"this EMA {', '.join(f'{d:g}' for d in decays)}")
 
 
 class WeightSwapper:
