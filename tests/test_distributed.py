@@ -155,3 +155,14 @@ def test_recalibrated_switched_shadows_agree_across_ranks(data_root, tmp_path):
                  "--model-ema-switch", "--output", tmp_path, "--experiment", "recal")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stderr.count("EMA checksums (equal on all ranks)") == 2
+
+
+def test_sync_bn_on_the_cpu_is_one_line_per_process(data_root, tmp_path):
+    r = torchrun(REPO_ROOT / "train.py", data_root, *TINY, "--epochs", "1", "--sync-bn",
+                 "--output", tmp_path, "--experiment", "s")
+    # torchrun reports a failed child with a traceback of its own; none comes from a child.
+    assert r.returncode != 0 and "ematrain" not in r.stderr.split("Traceback", 1)[-1]
+    errors = [l for l in r.stderr.splitlines()
+              if l.startswith("train.py: error: --sync-bn needs CUDA")]
+    assert len(errors) == 2, r.stderr  # one per process, nothing else from them
+    assert not (tmp_path / "s").exists()

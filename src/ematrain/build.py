@@ -300,6 +300,10 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
         log.setLevel(logging.WARNING)
     seed_everything(s.loop.seed)
     precision = s.precision.on(device)
+    if s.dist.sync_bn and dist.enabled and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); on the "
+                        "CPU leave it out: --dist-bn reduce averages the statistics before "
+                        "each evaluation")
     train = build_data(s.data, s.loader, s.model.num_classes, s.loop.seed, dist,
                        s.optim.grad_accum_steps, pin_memory=device.type == "cuda")
     num_classes = len(train.class_names)
