@@ -82,20 +82,20 @@ class StopRequest:
         if self.signum is None:
             self.signum = signum
             if not self.quiet:
-                print(f"\n{signal.Signals(signum).name} received: finishing the current step "
-                      f"and saving a checkpoint (press Ctrl-C again to quit at once)",
-                      file=sys.stderr, flush=True)
+                _say(f"\n{signal.Signals(signum).name} received: finishing the current step "
+                     f"and saving a checkpoint (press Ctrl-C again to quit at once)")
         else:
             self.quit_now(signum)
 
     def quit_now(self, signum: int) -> None:
-        remove_writes_in_flight()
-        for child in multiprocessing.active_children():  # loader workers would linger a while
-            child.kill()
-        sys.stdout.flush()
-        print(f"{self.prog}: {signal.Signals(signum).name} again: quitting at once; the files on "
-              f"disk are the last complete ones", file=sys.stderr, flush=True)
-        os._exit(128 + signum)
+        try:
+            remove_writes_in_flight()
+            for child in multiprocessing.active_children():  # loader workers would linger
+                child.kill()
+            _say(f"{self.prog}: {signal.Signals(signum).name} again: quitting at once; the files "
+                 f"on disk are the last complete ones")
+        finally:
+            os._exit(128 + signum)
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -103,6 +103,16 @@ class StopRequest:
     @property
     def exit_code(self) -> int:
         return 128 + (self.signum or signal.SIGINT)
+
+
+def _say(text: str) -> None:
+    """A message on stderr, if there still is one: with the terminal gone (its window closed,
+    an ssh session dropped) a write fails, and the signal must still be acted on."""
+    try:
+        sys.stdout.flush()
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def in_loader_worker() -> None:
