@@ -103,3 +103,23 @@ def test_an_epoch_line_of_a_one_epoch_run_without_ema():
     assert text == ("epoch 0 (1/1) 3.0s | lr 0.1 train_loss 2.0000 | raw: top1  90.00  "
                     "top5  99.50  loss 0.3000")
     assert "0/0" not in text and "eta" not in text  # nothing remains after the last epoch
+
+
+def test_the_bar_shows_the_rate_and_remaining_time_between_log_intervals(small_data, tmp_path,
+                                                                        monkeypatch, capsys):
+    """On a terminal the timing fields refresh on the clock, not only at --log-interval (timm's
+    default of 50 steps may be minutes on a CPU), without reading the device."""
+    from conftest import make_training, run_epochs
+    from ematrain import engine, outputs
+    monkeypatch.setattr(engine, "show_bars", lambda: True)
+    monkeypatch.setattr(engine._Progress, "REFRESH_S", 0.0)
+    monkeypatch.setattr(outputs.CurveRenderer, "submit", lambda *a, **k: None)
+    tr = make_training([small_data, "--model", "test_resnet", "--img-size", "16", "-b", "4",
+                        "-j", "0", "--epochs", "3", "--log-interval", "100"])
+    run_epochs(tr, tmp_path)
+    err = capsys.readouterr().err
+    states = [s for s in err.replace("\n", "\r").split("\r") if s.startswith("train 0:")]
+    early = [s for s in states if "eta=" in s and "loss=" not in s]
+    assert early and all("img/s=" in s and "data=" in s for s in early), states
+    # The loss (a read of the device) comes at the epoch's last step only.
+    assert any("loss=" in s for s in states)

@@ -57,6 +57,10 @@ class StepTimer:
         self.steps += 1
         self.images += images
 
+    def elapsed(self) -> float:
+        """Seconds since the current interval began (0 before the first step ended)."""
+        return 0.0 if self.mark is None else self.now() - self.mark
+
     def interval(self) -> tuple[float, float] | None:
         """(images per second, data-wait share) since the last call, or None before any
         counted step; starts the next interval."""

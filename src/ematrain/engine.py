@@ -305,7 +305,10 @@ class EpochLoop:
 class _Progress:
     """The bar on a terminal, a plain line every `log_interval` steps elsewhere: loss, LR, the
     training rate (start-up excluded), the share of time spent waiting for data, and the run's
-    remaining time when the loop has a `RunClock`."""
+    remaining time when the loop has a `RunClock`. On a terminal the timing fields also refresh
+    every few seconds between log intervals (host clocks only: no read of the device)."""
+
+    REFRESH_S = 2.0
 
     def __init__(self, loop: EpochLoop, batches: int):
         self.loop, self.batches = loop, batches
@@ -313,29 +316,39 @@ class _Progress:
         self.bar = tqdm(total=batches, initial=c.epoch_step, desc=f"train {c.epoch}", leave=False,
                         disable=not (loop.show and show_bars()), unit="step", dynamic_ncols=True)
         self.timer = StepTimer()
+        self.fields: dict[str, str] = {}
 
     def update(self, batch: int, loss: torch.Tensor | None, images: int) -> None:
         self.bar.update(1)
         self.timer.step_done(images)
         last = batch + 1 == self.batches
-        if loss is None or not ((batch + 1) % self.loop.config.log_interval == 0 or last):
+        if loss is not None and ((batch + 1) % self.loop.config.log_interval == 0 or last):
+            self.loop.check()
+            self.fields.update(loss=f"{float(loss):.4f}", lr=f"{current_lr(self.loop.optimizer):.3g}")
+            self._timing(batch)
+            if self.bar.disable and self.loop.show:
+                text = " ".join(f"{v} {k}" if k == "img/s" else f"{k} {v}"
+                                for k, v in self.fields.items())
+                self.loop.log(f"  train {self.loop.counters.epoch} [{batch + 1}/{self.batches}] "
+                              f"{text}")
+                return
+        elif self.bar.disable or self.timer.elapsed() < self.REFRESH_S:
             return
-        self.loop.check()
-        fields = {"loss": f"{float(loss):.4f}", "lr": f"{current_lr(self.loop.optimizer):.3g}"}
-        timed = self.timer.interval()
-        if timed is not None:
-            rate, wait = timed
-            fields.update({"img/s": f"{rate:.0f}", "data": f"{100 * wait:.0f}%"})
-            clock = self.loop.clock
-            left = None if clock is None else clock.remaining(
-                self.loop.counters.epoch, self.batches - batch - 1, self.timer.step_seconds)
-            if left is not None:
-                fields["eta"] = duration(left)
-        if self.bar.disable and self.loop.show:
-            text = " ".join(f"{v} {k}" if k == "img/s" else f"{k} {v}" for k, v in fields.items())
-            self.loop.log(f"  train {self.loop.counters.epoch} [{batch + 1}/{self.batches}] {text}")
         else:
-            self.bar.set_postfix(fields)
+            self._timing(batch)
+        self.bar.set_postfix(self.fields)
+
+    def _timing(self, batch: int) -> None:
+        timed = self.timer.interval()
+        if timed is None:
+            return
+        rate, wait = timed
+        self.fields.update({"img/s": f"{rate:.0f}", "data": f"{100 * wait:.0f}%"})
+        clock = self.loop.clock
+        left = None if clock is None else clock.remaining(
+            self.loop.counters.epoch, self.batches - batch - 1, self.timer.step_seconds)
+        if left is not None:
+            self.fields["eta"] = duration(left)
 
     def close(self) -> None:
         self.bar.close()
