@@ -340,8 +340,19 @@ def validate_parser(prog: str = "validate.py") -> argparse.ArgumentParser:
                    help="data root holding the split folder")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="the data root as a flag, timm's spelling (same as DIR)")
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="our checkpoint, timm's, a plain state dict or a .safetensors file")
+    p.add_argument("--posthoc", default=None, metavar="RUN_DIR",
+                   help="instead of --checkpoint: reconstruct EMAs of many lengths from the "
+                        "post-hoc snapshots of a run trained with --model-ema-posthoc, score them "
+                        "all in one pass, and write posthoc.csv, posthoc.png and "
+                        "model_posthoc_best.pth.tar into RUN_DIR")
+    p.add_argument("--sigma-rel", type=finite_float, nargs="+", default=None, metavar="S",
+                   help="--posthoc: power-function EMA lengths to reconstruct (default: ten "
+                        "from a quarter of the shortest tracked one to 2.5 times the longest)")
+    p.add_argument("--half-life", nargs="+", default=None, metavar="H",
+                   help="--posthoc: classic EMAs to reconstruct, by half-life at the end of "
+                        "training in the training flag's units (2ep, 500it, 300kimg)")
     p.add_argument("--use-ema", action="store_true", default=False,
                    help="evaluate the (first) EMA weights")
     p.add_argument("--ema-decay", type=finite_float, default=None, metavar="D",

@@ -18,6 +18,7 @@ from .config import Layer, parse_command
 from .ema import HalfLife, parse_half_life
 from .errors import UserError
 from .flags import train_parser, validate_parser
+from .posthoc import MAX_SIGMA_REL
 from .resume import ResumeSource, apply_to_settings, find_checkpoint, open_source
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -511,7 +512,10 @@ class ValidateSettings:
     args: argparse.Namespace
     data_dir: str | None
     split: str
-    checkpoint: str
+    checkpoint: str | None
+    posthoc: str | None
+    sigma_rel: list | None
+    half_life: list | None
     model: str | None
     num_classes: int | None
     device: str | None
@@ -523,6 +527,24 @@ class ValidateSettings:
     def __post_init__(self):
         if not self.data_dir:
             raise UserError("no data root given: validate.py DIR --checkpoint PATH")
+        if bool(self.checkpoint) == bool(self.posthoc):
+            raise UserError("give --checkpoint PATH or --posthoc RUN_DIR (one of them)")
+        if not self.posthoc and (self.sigma_rel is not None or self.half_life is not None):
+            raise UserError("--sigma-rel and --half-life choose what --posthoc reconstructs: "
+                            "give --posthoc RUN_DIR")
+        if self.posthoc and (self.choice.wants_ema or self.model or self.results_file):
+            raise UserError("--posthoc scores its own weight sets from the run's snapshots: "
+                            "--use-ema, --ema-decay, --ema-index, --model and --results-file "
+                            "do not apply")
+        for value in self.sigma_rel or []:
+            if not 0.0 < value <= MAX_SIGMA_REL:
+                raise UserError(f"--sigma-rel must be in (0, {MAX_SIGMA_REL:.4f}] (the uniform "
+                                f"average), got {value:g}")
+        for text in self.half_life or []:
+            try:
+                parse_half_life(str(text))
+            except ValueError as exc:
+                raise UserError(f"--half-life: {exc}") from None
         _at_least(self, 1, "num_classes")
         if self.results_file:
             path = Path(self.results_file)

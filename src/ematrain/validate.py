@@ -80,20 +80,50 @@ def write_results(path: str, results: dict) -> None:
     atomic_write_text(path, text)
 
 
-def build_model(s: ValidateSettings, ckpt: dict, dataset, weights: ckpt_io.Weights, device):
+def build_model(s: ValidateSettings, ckpt: dict, dataset, weights: ckpt_io.Weights, device,
+                path=None):
     """The network training built (pooling, --model-kwargs and BatchNorm eps change what the
-    weights compute, when evaluating the checkpoint's own architecture), holding `weights`."""
-    arch = resolve_arch(s.model, ckpt, s.checkpoint)
+    weights compute, when evaluating the checkpoint's own architecture), holding `weights`
+    (`path`: the file they come from, default --checkpoint)."""
+    path = path or s.checkpoint
+    arch = resolve_arch(s.model, ckpt, path)
     recorded = ckpt_io.args_dict(ckpt)
     same_arch = arch == (ckpt.get("arch") or recorded.get("model"))
     model = create_model(arch, resolve_num_classes(s.num_classes, ckpt, dataset, s.split),
                          **(architecture_kwargs(recorded) if same_arch else {}))
     if same_arch:
         set_batchnorm(model, eps=recorded.get("bn_eps"))
-    ckpt_io.load_weights_into(model, weights.state, s.checkpoint, arch=ckpt.get("arch"),
-                              model_name=arch)
+    ckpt_io.load_weights_into(model, weights.state, path, arch=ckpt.get("arch"), model_name=arch)
     model.to(device, dtype=evaluation_dtype(weights.state, device, weights.eval_dtype))
     return model, arch
+
+
+def open_split(s: ValidateSettings):
+    """The split's folder and ImageFolder."""
+    split_dir = data.resolve_split_dir(s.data_dir, s.split)
+    return split_dir, data.load_image_folder(split_dir)
+
+
+def check_classes(ckpt: dict, dataset, split_dir) -> None:
+    """The split's class folders are the ones `ckpt` was trained on."""
+    saved_classes = ckpt.get("class_names")
+    if saved_classes and list(saved_classes) != dataset.classes:
+        raise UserError(f"class folders of {split_dir} differ from the ones the checkpoint was "
+                        f"trained on")
+
+
+def split_loader(s: ValidateSettings, info, dataset, ckpt: dict, data_config: dict, device):
+    """The evaluation loader of this rank's share (each image counts exactly once under
+    torchrun) and the normalization of its uint8 batches."""
+    dataset.transform = data.eval_transform(data_config)
+    recorded = ckpt_io.args_dict(ckpt)
+    batch_size = (s.loader.batch_size or recorded.get("validation_batch_size")
+                  or recorded.get("batch_size") or 256)
+    sampler = data.EpochSampler(len(dataset), 0, shuffle=False, rank=info.rank,
+                                num_replicas=info.world_size, block=batch_size)
+    loader = data.make_loader(dataset, batch_size, s.loader.workers, seed=0,
+                              pin_memory=device.type == "cuda", sampler=sampler)
+    return loader, data.Normalize(data_config["mean"], data_config["std"], device)
 
 
 def _main(argv: list[str]) -> int:
@@ -106,28 +136,18 @@ def _main(argv: list[str]) -> int:
 
 
 def _evaluate(s: ValidateSettings, info, device) -> int:
-    split_dir = data.resolve_split_dir(s.data_dir, s.split)
-    dataset = data.load_image_folder(split_dir)
+    if s.posthoc:
+        from .posthoc_sweep import evaluate_posthoc
+        return evaluate_posthoc(s, info, device)
+    split_dir, dataset = open_split(s)
     ckpt = ckpt_io.load_file(s.checkpoint)
-    saved_classes = ckpt.get("class_names")
-    if saved_classes and list(saved_classes) != dataset.classes:
-        raise UserError(f"class folders of {split_dir} differ from the ones the checkpoint was "
-                        f"trained on")
+    check_classes(ckpt, dataset, split_dir)
     c = s.choice
     weights = ckpt_io.select_weights(ckpt, s.checkpoint, use_ema=c.use_ema, ema_index=c.ema_index,
                                      ema_decay=c.ema_decay)
     model, arch = build_model(s, ckpt, dataset, weights, device)
     data_config = resolve_data_config(s.image, ckpt, model)
-    dataset.transform = data.eval_transform(data_config)
-    recorded = ckpt_io.args_dict(ckpt)
-    batch_size = (s.loader.batch_size or recorded.get("validation_batch_size")
-                  or recorded.get("batch_size") or 256)
-    # Under torchrun each rank takes a disjoint share; every image counts exactly once.
-    sampler = data.EpochSampler(len(dataset), 0, shuffle=False, rank=info.rank,
-                                num_replicas=info.world_size, block=batch_size)
-    loader = data.make_loader(dataset, batch_size, s.loader.workers, seed=0,
-                              pin_memory=device.type == "cuda", sampler=sampler)
-    normalize = data.Normalize(data_config["mean"], data_config["std"], device)
+    loader, normalize = split_loader(s, info, dataset, ckpt, data_config, device)
     result = validate(model, loader, device, reduce=lambda t: distributed.all_reduce_sum(t, info),
                       show=info.is_primary, normalize=normalize)[0]
     if not info.is_primary:

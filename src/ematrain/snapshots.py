@@ -1,0 +1,224 @@
+"""The post-hoc snapshot series of a run: `<run>/posthoc/snapshot-<step>.pth.tar`.
+
+A snapshot holds the weights of every tracked power-function EMA at one optimizer step, in the
+snapshot dtype (integer buffers as they are), with what the reconstruction needs to know of them:
+the step and EMA update counts, each profile's sigma_rel and exponent, and what validate.py needs
+to rebuild the network (arch, args, classes, evaluation transform). Each file is written
+atomically and loads with ``torch.load(weights_only=True)``; the series is the folder's files in
+step order. `read_series` checks that the files form one series (one line, exit 2, otherwise),
+`synthesize` forms the linear combinations the least-squares solution asks for.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import checkpoint as ckpt_io
+from .errors import UserError
+from .posthoc import Profile, Solution
+
+FORMAT = "ematrain-posthoc-snapshot"
+VERSION = 1
+FOLDER = "posthoc"
+_NAME = re.compile(r"^snapshot-(\d+)\.pth\.tar$")
+# What a snapshot records besides its weights and counters: how to rebuild the network.
+META_KEYS = ("arch", "args", "num_classes", "class_names", "data_config", "eval_dtype",
+             "steps_per_epoch", "images_per_step", "every")
+
+
+def snapshot_name(step: int) -> str:
+    return f"snapshot-{step:010d}.pth.tar"
+
+
+def snapshot_entry(shadows: Sequence[dict], sigma_rels: Sequence[float], gammas: Sequence[float],
+                   step: int, updates: int, dtype: torch.dtype, meta: dict) -> dict:
+    """One snapshot as a file holds it: floating tensors of `shadows` in `dtype`, on the host."""
+    weights = [{k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
+                for k, v in shadow.items()} for shadow in shadows]
+    return {"format": FORMAT, "version": VERSION, "step": int(step), "updates": int(updates),
+            "sigma_rels": [float(s) for s in sigma_rels], "gammas": [float(g) for g in gammas],
+            "dtype": str(dtype).removeprefix("torch."), "shadows": weights,
+            **{k: meta[k] for k in META_KEYS}}
+
+
+def shadow_bytes(shadow: dict, dtype: torch.dtype) -> int:
+    """Bytes one shadow takes in a snapshot of `dtype`."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(v.numel() * (size if v.is_floating_point() else v.element_size())
+               for v in shadow.values())
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: Path
+    step: int
+    updates: int
+
+
+@dataclass(frozen=True)
+class Series:
+    """A run's snapshots in step order and what they share (`meta`: the last one's record)."""
+    folder: Path
+    snapshots: tuple[Snapshot, ...]
+    sigma_rels: tuple[float, ...]
+    gammas: tuple[float, ...]
+    dtype: str
+    meta: dict
+
+    def profiles(self) -> list[Profile]:
+        """The profile of every (snapshot, tracked EMA), snapshot-major: `synthesize`'s order."""
+        return [Profile("power", g, s.updates) for s in self.snapshots for g in self.gammas]
+
+    @property
+    def updates(self) -> int:
+        """EMA updates at the last snapshot: the end of the series."""
+        return self.snapshots[-1].updates
+
+    def updates_per_epoch(self) -> float:
+        return self.meta["steps_per_epoch"] / self.meta["every"]
+
+
+def snapshot_files(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the snapshot files in `folder`, in step order."""
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def _peek(path: Path) -> dict:
+    """A snapshot's record, its tensors memory-mapped (not read)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one line
+        raise UserError(f"cannot read {path}: not a snapshot ({type(exc).__name__})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise UserError(f"{path} is not an ematrain post-hoc snapshot")
+    if data.get("version") != VERSION:
+        raise UserError(f"{path} is a version {data.get('version')} snapshot; this ematrain "
+                        f"reads version {VERSION}")
+    shadows, sigmas = data.get("shadows"), data.get("sigma_rels")
+    if not (isinstance(shadows, list) and isinstance(sigmas, list) and len(shadows) == len(sigmas)
+            and all(ckpt_io._is_state_dict(s) for s in shadows) and shadows
+            and isinstance(data.get("updates"), int) and data["updates"] >= 1
+            and all(k in data for k in META_KEYS)):
+        raise UserError(f"{path}: a malformed snapshot (shadows, sigma_rels, updates or the "
+                        f"run's record missing or inconsistent)")
+    return data
+
+
+def read_series(run_dir: str | Path) -> Series:
+    """The snapshot series of a run folder (or of its posthoc/ folder), checked: at least two
+    snapshots, all of the same profiles, network and dtype, in increasing update counts."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"--posthoc {run_dir}: no such folder")
+    folder = run_dir / FOLDER if (run_dir / FOLDER).is_dir() else run_dir
+    files = snapshot_files(folder)
+    if not files:
+        raise UserError(f"{run_dir} holds no post-hoc snapshots ({FOLDER}/snapshot-*.pth.tar): "
+                        f"train with --model-ema-posthoc")
+    if len(files) < 2:
+        raise UserError(f"{folder} holds one snapshot only ({files[0][1].name}): post-hoc "
+                        f"synthesis needs at least two (a shorter --model-ema-snapshot-every)")
+    first, snapshots, last = None, [], None
+    for step, path in files:
+        data = _peek(path)
+        shared = (data["sigma_rels"], data["arch"], data["dtype"], data["every"],
+                  sorted(data["shadows"][0]))
+        if first is None:
+            first = (path, shared)
+        elif shared != first[1]:
+            raise UserError(f"{folder} mixes snapshots of different runs or settings: "
+                            f"{path.name} ({_describe(shared)}) and {first[0].name} "
+                            f"({_describe(first[1])})")
+        if snapshots and data["updates"] <= snapshots[-1].updates:
+            raise UserError(f"{folder}: {path.name} has {data['updates']} EMA updates, no more "
+                            f"than the snapshot before it: mixed runs")
+        snapshots.append(Snapshot(path, step, data["updates"]))
+        last = data
+    return Series(folder, tuple(snapshots), tuple(last["sigma_rels"]), tuple(last["gammas"]),
+                  last["dtype"], {k: last[k] for k in META_KEYS})
+
+
+def _describe(shared) -> str:
+    sigmas, arch, dtype, every, _ = shared
+    return (f"{arch}, sigma_rel {' '.join(f'{s:g}' for s in sigmas)}, {dtype}"
+            + (f", every {every}" if every != 1 else ""))
+
+
+def load_shadows(snapshot: Snapshot) -> list[dict]:
+    """The weights of every tracked EMA of one snapshot."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(snapshot.path, map_location="cpu", weights_only=True)["shadows"]
+
+
+@torch.no_grad()
+def synthesize(series: Series, solution: Solution) -> tuple[list[dict], int]:
+    """The reconstructed weights of every target: ``sum_i c_i snapshot_i`` in float64, read one
+    snapshot at a time, returned in float32; integer buffers from the last snapshot.
+
+    A variance buffer (BatchNorm's ``running_var``) is clamped at zero: negative coefficients
+    may take a combination of variances below it, where the layer would give NaN. Returns the
+    state dicts and how many elements were clamped.
+    """
+    coef = torch.from_numpy(solution.coefficients)  # targets x (snapshots * tracked)
+    sums: list[dict] | None = None
+    tracked = len(series.gammas)
+    for i, snapshot in enumerate(series.snapshots):
+        shadows = load_shadows(snapshot)
+        if sums is None:
+            sums = [{k: torch.zeros(v.shape, dtype=torch.float64) for k, v in shadows[0].items()
+                     if v.is_floating_point()} for _ in range(coef.shape[0])]
+        for j, shadow in enumerate(shadows):
+            column = coef[:, i * tracked + j].tolist()
+            for target, c in zip(sums, column):
+                if c != 0.0:
+                    for k, acc in target.items():
+                        acc.add_(shadow[k].double(), alpha=c)
+    ints = {k: v for k, v in shadows[0].items() if not v.is_floating_point()}
+    clamped, out = 0, []
+    for target in sums:
+        state = {}
+        for k, acc in target.items():
+            if k.endswith("running_var"):
+                clamped += int((acc < 0).sum())
+                acc.clamp_(min=0.0)
+            state[k] = acc.float()
+        state.update(ints)
+        out.append({k: state[k] for k in shadows[0]})
+    return out, clamped
+
+
+def remove_after(folder: Path, step: int) -> list[Path]:
+    """Remove the snapshots later than `step` (a resumed run writes them again); returns them."""
+    if not folder.is_dir():
+        return []
+    stale = [p for s, p in snapshot_files(folder) if s > step]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def snapshot_steps(every_steps: int, total_steps: int) -> list[int]:
+    """The optimizer steps a run snapshots at: every `every_steps`, and at its last step."""
+    steps = list(range(every_steps, total_steps + 1, every_steps))
+    if not steps or steps[-1] != total_steps:
+        steps.append(total_steps)
+    return steps
+
+
+def steps_between(text_value: float, unit: str, steps_per_epoch: int, images_per_step: int) -> int:
+    """--model-ema-snapshot-every in optimizer steps (at least one)."""
+    if unit == "it":
+        steps = text_value
+    elif unit == "ep":
+        steps = text_value * steps_per_epoch
+    else:
+        steps = text_value / images_per_step
+    return max(1, int(math.floor(steps + 0.5)))
