@@ -51,7 +51,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("version", "schema", "timm", "this format's version"),
     Key("ematrain_version", "schema", "ematrain", "the ematrain release that wrote it"),
     Key("scheduler", "scheduler", "ematrain", "the LR scheduler's state_dict() (when one runs)"),
-    Key("ema", "ema", "ematrain", "decays, `keys` (where each shadow is), update counters, "
+    Key("ema", "ema", "ematrain", "decays (sigma_rels under the power schedule), `schedule` (its "
+        "name and settings), `keys` (where each shadow is), update counters, "
         "settings, and `eval_dtype` (the dtype validation scored the shadows in)"),
     Key("counters", "counters", "ematrain", "epoch and step to resume at, optimizer updates, the "
         "epoch's running loss, skipped steps, world size"),

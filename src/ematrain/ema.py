@@ -53,6 +53,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from .ema_schedules import EmaSchedule, Power, make_schedule, warmup_decay
 from .models import unwrap_model
 
 __all__ = [
@@ -61,7 +62,7 @@ __all__ = [
     "decay_from_half_life",
     "half_life_from_decay",
     "parse_half_life",
-    "warmup_decay",
+    "warmup_decay",  # re-exported from ema_schedules, where it lives now
 ]
 
 # Slices of this many elements (1 MiB of float32) keep one model slice and its shadows in L2.
@@ -116,15 +117,6 @@ def parse_half_life(text: str) -> HalfLife:
     if not 0 < value < math.inf:
         raise ValueError(f"bad half-life {text!r}: must be a positive finite number")
     return HalfLife(value, unit)
-
-
-def warmup_decay(target: float, step: int, power: float = 2 / 3, gamma: float = 1.0) -> float:
-    """timm's EMA warmup: ``1 - (1 + step / gamma) ** -power``, capped at ``target``.
-
-    ``step`` counts optimizer steps already averaged in, so the first update (step 0) copies the
-    model and the decay then rises towards the target.
-    """
-    return min(target, 1.0 - (1.0 + step / gamma) ** -power)
 
 
 def _float_and_int_tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -470,8 +462,11 @@ class ModelEma:
             get a float32 shadow, because ``(1 - decay) * (model - ema)`` rounds away in 16 bits.
         every: average every ``every`` calls to `update` using ``decay ** every``, so the horizon
             in optimizer steps is unchanged while the cost drops ``every``-fold.
-        warmup: use timm's warmup schedule (see `warmup_decay`) instead of the fixed decay.
-        warmup_power, warmup_gamma: warmup shape.
+        schedule: how each update's decay is chosen (see `ema_schedules`): a name
+            (``constant``, ``timm``, ``debias``; the targets are ``decay``) or an `EmaSchedule`,
+            which then names the shadows itself and ``decay`` is ignored (`ModelEma.power`).
+        warmup: alias of ``schedule="timm"`` (timm's ``1 - (1 + step / gamma) ** -power``).
+        warmup_power, warmup_gamma: the ``timm`` schedule's shape.
         skip_nonfinite: check the model before every update and skip (and count) an update whose
             weights hold NaN or Inf (see the module notes for its cost). Off by default: then
             `nonfinite_shadows` tells whether a non-finite update reached the shadows.
@@ -479,6 +474,7 @@ class ModelEma:
     Attributes:
         modules: one eval-mode copy of the model per decay, holding the averaged weights.
         module: ``modules[0]``.
+        schedule: the `EmaSchedule`; ``decays`` are its targets (sigma_rels for ``power``).
         steps: `update` calls seen (optimizer steps), part of the state.
         num_updates: averaging operations applied.
         skipped_nonfinite: updates skipped because the model held NaN or Inf.
@@ -499,23 +495,18 @@ class ModelEma:
         warmup_power: float = 2 / 3,
         warmup_gamma: float = 1.0,
         skip_nonfinite: bool = False,
+        schedule: str | EmaSchedule = "constant",
     ):
-        if isinstance(decay, numbers.Real):
-            decays = [float(decay)]
-        else:
-            decays = [float(d) for d in decay]
-        if not decays:
-            raise ValueError("at least one EMA decay is required")
-        for d in decays:
-            if not 0.0 < d < 1.0:
-                raise ValueError(f"EMA decay must be in (0, 1), got {d}")
+        if not isinstance(schedule, EmaSchedule):
+            if warmup and schedule not in ("constant", "timm"):
+                raise ValueError(f"warmup=True is the timm schedule, not {schedule!r}")
+            targets = [decay] if isinstance(decay, numbers.Real) else list(decay)
+            schedule = make_schedule("timm" if warmup else schedule, targets, warmup_power,
+                                     warmup_gamma)
         if every < 1:
             raise ValueError(f"EMA update interval must be >= 1, got {every}")
-        self.decays = decays
+        self.schedule = schedule
         self.every = int(every)
-        self.warmup = bool(warmup)
-        self.warmup_power = float(warmup_power)
-        self.warmup_gamma = float(warmup_gamma)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.steps = 0
         self.num_updates = 0
@@ -531,7 +522,7 @@ class ModelEma:
             device = src_floats[0].device if src_floats else torch.device("cpu")
         self.device = torch.device(device)
 
-        self.modules = [_shadow_copy(source, self.device, self.dtype) for _ in decays]
+        self.modules = [_shadow_copy(source, self.device, self.dtype) for _ in self.decays]
         self._host = _HostAverager()
         self._adopt_shadows()
 
@@ -541,18 +532,31 @@ class ModelEma:
         self._shadows = _Shadows(self.modules)
         self.device, self.dtype = self._shadows.device, self._shadows.dtype
 
+    @classmethod
+    def power(cls, model: nn.Module, sigma_rels: Sequence[float], **kwargs) -> "ModelEma":
+        """Shadows that are EDM2 power-function EMAs of relative widths ``sigma_rels`` (one
+        shadow each; `ModelEma`'s other arguments as keywords, ``decay`` and warmup aside)."""
+        return cls(model, schedule=Power(sigma_rels=sigma_rels), **kwargs)
+
     @property
     def module(self) -> nn.Module:
         return self.modules[0]
 
+    @property
+    def decays(self) -> list[float]:
+        """What names each shadow: its decay, or its sigma_rel under the power schedule."""
+        return self.schedule.targets
+
+    @property
+    def warmup(self) -> bool:
+        return self.schedule.name == "timm"
+
     # ----------------------------------------------------------------------------- decay
     def current_decays(self, step: int | None = None) -> list[float]:
-        """Per-update decays used at optimizer step ``step`` (default: the next update)."""
-        step = self.steps if step is None else step
-        decays = self.decays
-        if self.warmup:
-            decays = [warmup_decay(d, step, self.warmup_power, self.warmup_gamma) for d in decays]
-        return [d ** self.every for d in decays]
+        """Per-update decays of the update whose interval starts at optimizer step ``step``
+        (default: the interval in progress)."""
+        step = self.steps - self.steps % self.every if step is None else step
+        return self.schedule.decays(step, self.every)
 
     # ----------------------------------------------------------------------------- update
     @torch.no_grad()
@@ -568,7 +572,6 @@ class ModelEma:
         if self._shadows.moved():
             self._adopt_shadows()
         plan = self._shadows.plan_for(model)
-        # The decay of the step that completes this interval (warmup counts from step 0).
         weights = [1.0 - d for d in self.current_decays(self.steps - self.every)]
         if plan.sync is not None:  # a CUDA model, shadows in host memory: off the main thread
             self._host.submit(plan, self._average, weights)
@@ -633,9 +636,7 @@ class ModelEma:
         return {
             "decays": list(self.decays),
             "every": self.every,
-            "warmup": self.warmup,
-            "warmup_power": self.warmup_power,
-            "warmup_gamma": self.warmup_gamma,
+            "schedule": self.schedule.state_dict(),
             "steps": self.steps,
             "num_updates": self.num_updates,
             "skipped_nonfinite": self.skipped_nonfinite,
@@ -645,10 +646,16 @@ class ModelEma:
     def load_state_dict(self, state: dict) -> None:
         """Load the shadows and counters of `state`.
 
-        The settings in `state` (``every``, warmup) are not applied: they are this instance's,
-        chosen by whoever built it (a resumed run decides which settings hold). The decays define
-        what each shadow is, so they must match: ValueError otherwise.
+        The settings in `state` (``every``, the schedule) are not applied: they are this
+        instance's, chosen by whoever built it (a resumed run decides which settings hold). The
+        decays (sigma_rels) define what each shadow is, so they must match, and so must the kind
+        of target: ValueError otherwise.
         """
+        saved_schedule = state.get("schedule") or {"name": "timm" if state.get("warmup")
+                                                   else "constant"}
+        if not self.schedule.same_kind(saved_schedule):
+            raise ValueError(f"EMA state holds {saved_schedule['name']} shadows, this EMA "
+                             f"{self.schedule.name} ones")
         if len(state["shadows"]) != len(self.modules):
             raise ValueError(f"EMA state holds {len(state['shadows'])} shadows, "
                              f"this EMA has {len(self.modules)}")
