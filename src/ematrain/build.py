@@ -28,6 +28,7 @@ from .logs import log
 from .models import create_model, init_head, set_batchnorm, unwrap_model
 from .outputs import Summary
 from .seeding import seed_everything
+from .snapshots import PosthocTracker
 from .settings import (
     DataSpec,
     EmaSpec,
@@ -35,6 +36,7 @@ from .settings import (
     LoaderSpec,
     ModelSpec,
     OptimSpec,
+    PosthocSpec,
     Precision,
     ScheduleSpec,
     TrainSettings,
@@ -104,6 +106,7 @@ class Run:
     lr: float
     scaler: torch.amp.GradScaler | None
     ema: ModelEma | None
+    posthoc: PosthocTracker | None
     loss_fn: nn.Module
     mixup_fn: Mixup | None
     weight_sets: tuple[WeightSet, ...]
@@ -128,7 +131,8 @@ class Run:
     def parts(self) -> dict:
         """The stateful parts, by the name the checkpoint schema files them under."""
         parts = {"model": self.module, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                 "amp_scaler": self.scaler, "ema": self.ema, "counters": self.counters,
+                 "amp_scaler": self.scaler, "ema": self.ema, "posthoc_ema": self.posthoc,
+                 "counters": self.counters,
                  "keeper": self.keeper, "summary": self.summary}
         return {name: part for name, part in parts.items() if part is not None}
 
@@ -262,6 +266,21 @@ def build_ema(spec: EmaSpec, model: nn.Module, device: torch.device,
                     warmup_power=spec.warmup_power, skip_nonfinite=spec.precheck)
 
 
+def build_posthoc(spec: PosthocSpec, ema: EmaSpec, model: nn.Module, device: torch.device,
+                  steps_per_epoch: int, images_per_step: int,
+                  total_steps: int) -> PosthocTracker | None:
+    """The power-function EMAs of --model-ema-posthoc and their snapshot plan. They live where
+    the regular shadows would (--model-ema-force-cpu, --model-ema-dtype) and average every
+    --model-ema-every steps."""
+    if not spec.enabled:
+        return None
+    power = ModelEma.power(model, spec.tracked, dtype=dtype_named(ema.dtype),
+                           device=torch.device("cpu") if ema.force_cpu else device,
+                           every=ema.every, skip_nonfinite=ema.precheck)
+    return PosthocTracker(power, spec.steps_between(steps_per_epoch, images_per_step, total_steps),
+                          total_steps, spec.dtype)
+
+
 def wrap_model(model: nn.Module, dist: distributed.DistInfo, device: torch.device,
                compile_backend: str | None) -> nn.Module:
     """DDP under torchrun, then torch.compile; the EMA and optimizer work on the plain module."""
@@ -301,11 +320,14 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     decays = (s.ema.decays_per_step(s.global_batch(dist.world_size), train.steps_per_epoch)
               if s.ema.enabled else [])
     ema = build_ema(s.ema, model, device, decays)
+    posthoc = build_posthoc(s.posthoc, s.ema, model, device, train.steps_per_epoch,
+                            s.global_batch(dist.world_size), train.steps_per_epoch * num_epochs)
     sets = weight_sets(decays, ema_labels(s.ema, decays))
     return Run(settings=s, dist=dist, device=device, precision=precision, data=train,
                num_classes=num_classes, model=wrap_model(model, dist, device, s.model.torchcompile),
                optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,
                scaler=torch.amp.GradScaler("cuda") if precision.grad_scaler else None, ema=ema,
+               posthoc=posthoc,
                loss_fn=build_train_loss(s.labels), mixup_fn=mixup, weight_sets=sets,
                keeper=CheckpointKeeper(sets, s.loop.eval_metric, s.loop.checkpoint_hist,
                                        primary=dist.is_primary))
@@ -331,3 +353,14 @@ def log_ema_horizons(decays: list[float], every: int, steps_per_epoch: int, tota
         elif steps < 0.1 * steps_per_epoch:
             log.warning(f"warning: EMA {d:.6g} has a half-life ({steps:.4g} steps) under a tenth "
                         f"of an epoch: it averages almost nothing")
+
+
+def posthoc_plan_line(tracker: PosthocTracker, steps_per_epoch: int, folder) -> str:
+    """The start-up line of post-hoc EMA: what is tracked, how many snapshots, their size."""
+    count, size = tracker.plan()
+    every = tracker.every_steps
+    return (f"post-hoc EMA: power EMAs sigma_rel {' '.join(f'{s:g}' for s in tracker.sigma_rels)}"
+            f", a snapshot every {every} optimizer steps ({every / steps_per_epoch:.3g} epochs) "
+            f"and at the end: {count} snapshots of {size / 1e6:.3g} MB "
+            f"({str(tracker.dtype).removeprefix('torch.')}) = {count * size / 1e6:.4g} MB in "
+            f"{folder}")

@@ -299,6 +299,19 @@ def train_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     g.add_argument("--model-ema-dtype", default=None, action=EmaSetting,
                    choices=["float32", "float16", "bfloat16", "float64"],
                    help="EMA shadow dtype (default: float32 for 16-bit models, else the model's)")
+    # Post-hoc EMA: power-function EMAs beside (not instead of) the --model-ema-decay shadows,
+    # so these do not switch the regular EMA on.
+    g.add_argument("--model-ema-posthoc", type=finite_float, nargs="*", default=None,
+                   metavar="SIGMA_REL",
+                   help="track power-function EMAs of these relative widths (default when given "
+                        "bare: 0.05 0.10) and snapshot them into <run>/posthoc/, so that "
+                        "validate.py --posthoc reconstructs EMAs of any length after training")
+    g.add_argument("--model-ema-snapshot-every", default=None, metavar="H",
+                   help="post-hoc snapshot interval: Nep, Nit or Nimg (k/M allowed), as "
+                        "--model-ema-half-life (default: 32 snapshots per run)")
+    g.add_argument("--model-ema-snapshot-dtype", default=None,
+                   choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the post-hoc snapshots' weights (default: float32)")
 
     g = p.add_argument_group("Miscellaneous parameters")
     g.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")

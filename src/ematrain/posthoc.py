@@ -6,7 +6,8 @@ A power-function EMA with exponent ``gamma`` averages, after ``t`` updates, the 
 ``theta_1 .. theta_t`` with weights ``w_k = (k^(g+1) - (k-1)^(g+1)) / t^(g+1)`` (g = gamma): that
 is what ``beta_t = (1 - 1/t)^(g+1)`` gives, exactly, since the betas' product from ``k+1`` to ``t``
 telescopes to ``(k/t)^(g+1)``. Its relative width ``sigma_rel`` (the standard deviation of the
-profile over ``t``) is ``sqrt(g+1) / ((g+2) sqrt(g+3))``. A classic EMA of constant decay ``d``
+profile over ``t``) is ``sqrt(g+1) / ((g+2) sqrt(g+3))`` (`ema_schedules.gamma_to_sigma_rel`;
+the tracking itself is `ema_schedules.Power`). A classic EMA of constant decay ``d``
 that starts as a copy of the initial weights ``theta_0`` weighs ``theta_0`` by ``d^t`` and
 ``theta_k`` by ``(1-d) d^(t-k)``.
 
@@ -30,48 +31,10 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = [
-    "MAX_SIGMA_REL",
-    "Profile",
-    "Solution",
-    "gamma_to_sigma_rel",
-    "sigma_rel_to_gamma",
-    "solve",
-]
+__all__ = ["Profile", "Solution", "solve"]
 
-# sigma_rel of the uniform average (gamma = 0), the widest profile a power EMA reaches with a
-# non-negative exponent.
-MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
 # Iterates per block when the Gram matrix is accumulated: 2^16 iterates x 100 profiles = 52 MB.
 _BLOCK = 1 << 16
-
-
-def gamma_to_sigma_rel(gamma: float) -> float:
-    """The relative standard deviation of a power-function EMA profile of exponent ``gamma``."""
-    if not gamma > -1.0:
-        raise ValueError(f"power EMA exponent must be > -1, got {gamma}")
-    return math.sqrt(gamma + 1.0) / ((gamma + 2.0) * math.sqrt(gamma + 3.0))
-
-
-def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    """The exponent ``gamma >= 0`` whose profile has relative width ``sigma_rel``.
-
-    ``sigma_rel^2 (g+2)^2 (g+3) = g+1`` is the cubic ``g^3 + 7g^2 + (16 - s)g + (12 - s) = 0``
-    with ``s = sigma_rel^-2``; its largest real root is the exponent (EDM2's
-    ``sigma_rel_to_gamma``), polished by Newton steps to float64 precision.
-    """
-    if not 0.0 < sigma_rel <= MAX_SIGMA_REL:
-        raise ValueError(f"sigma_rel must be in (0, {MAX_SIGMA_REL:.4f}] (the uniform average), "
-                         f"got {sigma_rel}")
-    s = sigma_rel ** -2
-    coeffs = [1.0, 7.0, 16.0 - s, 12.0 - s]
-    gamma = max(r.real for r in np.roots(coeffs) if abs(r.imag) < 1e-6 * max(1.0, abs(r)))
-    for _ in range(3):
-        value = np.polyval(coeffs, gamma)
-        slope = np.polyval(np.polyder(coeffs), gamma)
-        if slope != 0:
-            gamma -= value / slope
-    return max(0.0, float(gamma))
 
 
 @dataclass(frozen=True)

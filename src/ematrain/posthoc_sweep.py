@@ -26,9 +26,10 @@ from . import checkpoint as ckpt_io
 from . import snapshots as snaps
 from .atomic import atomic_write, atomic_write_text
 from .ema import parse_half_life
+from .ema_schedules import sigma_rel_to_gamma
 from .errors import UserError
 from .logs import log
-from .posthoc import Profile, sigma_rel_to_gamma, solve
+from .posthoc import Profile, solve
 
 CSV = "posthoc.csv"
 PNG = "posthoc.png"
@@ -152,16 +153,20 @@ def _num(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _cell(value) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
 def write_csv(path: Path, rows: list[Row]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["weights", "kind", "sigma_rel", "half_life_epochs", "top1", "top5", "loss",
                      "fit_error"])
     for r in rows:
-        writer.writerow([r.label, r.kind, _num(r.sigma_rel, ".6g").replace("-", ""),
-                         _num(r.half_life_ep, ".6g").replace("-", ""), f"{r.result['top1']:.4f}",
+        writer.writerow([r.label, r.kind, _cell(r.sigma_rel), _cell(r.half_life_ep),
+                         f"{r.result['top1']:.4f}",
                          f"{r.result['top5']:.4f}", f"{r.result['loss']:.6f}",
-                         "" if r.fit_error is None else f"{r.fit_error:.6g}"])
+                         _cell(r.fit_error)])
     atomic_write_text(path, buf.getvalue())
 
 

@@ -16,9 +16,9 @@ import torch
 
 from .config import Layer, parse_command
 from .ema import HalfLife, parse_half_life
+from .ema_schedules import SIGMA_REL_MAX
 from .errors import UserError
 from .flags import train_parser, validate_parser
-from .posthoc import MAX_SIGMA_REL
 from .resume import ResumeSource, apply_to_settings, find_checkpoint, open_source
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -421,6 +421,73 @@ class EmaSpec:
 
 
 @dataclass(frozen=True)
+class PosthocSpec:
+    """Post-hoc EMA: the power-function EMAs tracked for it and their snapshots."""
+    sigma_rels: list | None
+    snapshot_every: str | None
+    snapshot_dtype: str | None
+    interval: HalfLife | None = field(init=False, repr=False, compare=False)
+
+    DEFAULT_SIGMA_RELS = (0.05, 0.10)
+    # Snapshots per run when --model-ema-snapshot-every is not given (see the README's
+    # measurement: the default sweep's fit error against the snapshot count and dtype).
+    DEFAULT_SNAPSHOTS = 32
+    DEFAULT_DTYPE = "float32"
+    FLAGS = {"sigma_rels": "--model-ema-posthoc", "snapshot_every": "--model-ema-snapshot-every",
+             "snapshot_dtype": "--model-ema-snapshot-dtype"}
+
+    def __post_init__(self):
+        if self.sigma_rels is None:
+            if self.snapshot_every is not None or self.snapshot_dtype is not None:
+                raise UserError("--model-ema-snapshot-every and --model-ema-snapshot-dtype set "
+                                "the snapshots of --model-ema-posthoc: give it too")
+            object.__setattr__(self, "interval", None)
+            return
+        for value in self.sigma_rels:
+            if not 0.0 < value <= SIGMA_REL_MAX:
+                raise UserError(f"--model-ema-posthoc: sigma_rel must be in (0, "
+                                f"{SIGMA_REL_MAX:.4f}] (the uniform average), got {value:g}")
+        if len({f"{v:g}" for v in self.sigma_rels}) < len(self.sigma_rels):
+            raise UserError(f"--model-ema-posthoc: the sigma_rels must differ, got "
+                            f"{' '.join(f'{v:g}' for v in self.sigma_rels)}")
+        interval = None
+        if self.snapshot_every is not None:
+            try:
+                interval = parse_half_life(str(self.snapshot_every))
+            except ValueError as exc:
+                raise UserError(f"--model-ema-snapshot-every: "
+                                f"{str(exc).replace('half-life', 'interval')}") from None
+        object.__setattr__(self, "interval", interval)
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "PosthocSpec":
+        return from_args(cls, ns, sigma_rels="model_ema_posthoc",
+                         snapshot_every="model_ema_snapshot_every",
+                         snapshot_dtype="model_ema_snapshot_dtype")
+
+    @property
+    def enabled(self) -> bool:
+        return self.sigma_rels is not None
+
+    @property
+    def tracked(self) -> list[float]:
+        """The sigma_rels to track (the default pair for a bare --model-ema-posthoc)."""
+        return list(self.sigma_rels or self.DEFAULT_SIGMA_RELS)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.snapshot_dtype or self.DEFAULT_DTYPE]
+
+    def steps_between(self, steps_per_epoch: int, images_per_step: int, total_steps: int) -> int:
+        """Optimizer steps between snapshots (at least one)."""
+        if self.interval is None:
+            steps = total_steps / self.DEFAULT_SNAPSHOTS
+        else:
+            steps = self.interval.in_updates(images_per_step, steps_per_epoch)
+        return max(1, int(math.floor(steps + 0.5)))
+
+
+@dataclass(frozen=True)
 class LoopSpec:
     """The epoch loop: seeding, read-outs, non-finite steps, checkpoints and the run folder."""
     seed: int
@@ -466,6 +533,7 @@ class TrainSettings:
     schedule: ScheduleSpec
     precision: PrecisionSpec
     ema: EmaSpec
+    posthoc: PosthocSpec
     loop: LoopSpec
     dist: DistSpec
 
@@ -475,7 +543,8 @@ class TrainSettings:
                  "aug": AugSpec, "labels": LabelSpec, "optim": OptimSpec, "schedule": ScheduleSpec,
                  "precision": PrecisionSpec, "loop": LoopSpec, "dist": DistSpec}
         built = {name: from_args(spec, ns) for name, spec in specs.items()}
-        settings = cls(args=ns, ema=EmaSpec.from_args(ns), **built)
+        settings = cls(args=ns, ema=EmaSpec.from_args(ns), posthoc=PosthocSpec.from_args(ns),
+                       **built)
         if settings.labels.mixing and settings.loader.batch_size % 2:
             raise UserError(f"mixup/cutmix need an even --batch-size, got "
                             f"{settings.loader.batch_size}")
@@ -537,8 +606,8 @@ class ValidateSettings:
                             "--use-ema, --ema-decay, --ema-index, --model and --results-file "
                             "do not apply")
         for value in self.sigma_rel or []:
-            if not 0.0 < value <= MAX_SIGMA_REL:
-                raise UserError(f"--sigma-rel must be in (0, {MAX_SIGMA_REL:.4f}] (the uniform "
+            if not 0.0 < value <= SIGMA_REL_MAX:
+                raise UserError(f"--sigma-rel must be in (0, {SIGMA_REL_MAX:.4f}] (the uniform "
                                 f"average), got {value:g}")
         for text in self.half_life or []:
             try:

@@ -11,7 +11,6 @@ step order. `read_series` checks that the files form one series (one line, exit 
 from __future__ import annotations
 
 import argparse
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,9 @@ def snapshot_name(step: int) -> str:
 def snapshot_entry(shadows: Sequence[dict], sigma_rels: Sequence[float], gammas: Sequence[float],
                    step: int, updates: int, dtype: torch.dtype, meta: dict) -> dict:
     """One snapshot as a file holds it: floating tensors of `shadows` in `dtype`, on the host."""
-    weights = [{k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
+    # Copies (also where device and dtype already match): training goes on changing the shadows
+    # while the file is written.
+    weights = [{k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype, copy=True)
                 for k, v in shadow.items()} for shadow in shadows]
     return {"format": FORMAT, "version": VERSION, "step": int(step), "updates": int(updates),
             "sigma_rels": [float(s) for s in sigma_rels], "gammas": [float(g) for g in gammas],
@@ -104,7 +105,7 @@ def _peek(path: Path) -> dict:
                         f"reads version {VERSION}")
     shadows, sigmas = data.get("shadows"), data.get("sigma_rels")
     if not (isinstance(shadows, list) and isinstance(sigmas, list) and len(shadows) == len(sigmas)
-            and all(ckpt_io._is_state_dict(s) for s in shadows) and shadows
+            and all(ckpt_io.is_state_dict(s) for s in shadows) and shadows
             and isinstance(data.get("updates"), int) and data["updates"] >= 1
             and all(k in data for k in META_KEYS)):
         raise UserError(f"{path}: a malformed snapshot (shadows, sigma_rels, updates or the "
@@ -213,12 +214,47 @@ def snapshot_steps(every_steps: int, total_steps: int) -> list[int]:
     return steps
 
 
-def steps_between(text_value: float, unit: str, steps_per_epoch: int, images_per_step: int) -> int:
-    """--model-ema-snapshot-every in optimizer steps (at least one)."""
-    if unit == "it":
-        steps = text_value
-    elif unit == "ep":
-        steps = text_value * steps_per_epoch
-    else:
-        steps = text_value / images_per_step
-    return max(1, int(math.floor(steps + 0.5)))
+
+class PosthocTracker:
+    """The training side of post-hoc EMA: power-function EMAs (a `ModelEma` under the power
+    schedule, `ema_schedules.Power`) and the snapshots of them every `every_steps` optimizer
+    steps and at the run's last step.
+
+    A snapshot is copied to host memory in its dtype at its step (the only part on the training
+    path) and written by the run's checkpoint writer (`keeper.Writer`), in order with the
+    checkpoints: when a checkpoint is on disk, so is every snapshot of the steps before it. A
+    resumed run removes the snapshots later than its checkpoint and writes them again, so the
+    series is the one an uninterrupted run writes. Part of the checkpoint (`state_dict`).
+    """
+
+    def __init__(self, ema, every_steps: int, total_steps: int, dtype: torch.dtype):
+        self.ema, self.every_steps, self.total_steps, self.dtype = ema, every_steps, total_steps, dtype
+
+    @property
+    def sigma_rels(self) -> list[float]:
+        return list(self.ema.decays)
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step `step` (updates so far) is a snapshot step."""
+        return step > 0 and (step % self.every_steps == 0 or step == self.total_steps)
+
+    def entry(self, step: int, meta: dict) -> dict:
+        """The snapshot of now as its file will hold it (host memory)."""
+        shadows = [self.ema.shadow_state_dict(i) for i in range(len(self.ema.modules))]
+        # The schedule's update count (a skipped non-finite update still counts in it).
+        updates = self.ema.steps // self.ema.every
+        return snapshot_entry(shadows, self.ema.decays, self.ema.schedule.gammas, step, updates,
+                              self.dtype, meta)
+
+    def plan(self) -> tuple[int, int]:
+        """Snapshots the run writes and bytes per snapshot."""
+        per = sum(shadow_bytes(m.state_dict(), self.dtype) for m in self.ema.modules)
+        return len(snapshot_steps(self.every_steps, self.total_steps)), per
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema.state_dict(), "every_steps": self.every_steps,
+                "dtype": str(self.dtype).removeprefix("torch.")}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The power EMAs' state (the snapshot settings are this run's: see the resume policy)."""
+        self.ema.load_state_dict(state["ema"])

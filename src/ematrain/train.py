@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
-from . import distributed, outputs, resume
-from .build import Run, build_run, log_ema_horizons
+from . import distributed, outputs, resume, snapshots
+from .atomic import remove_stale_temporaries
+from .build import Run, build_run, log_ema_horizons, posthoc_plan_line
 from .cli import exit_process, run_main
 from .engine import (
     Batches,
@@ -53,7 +54,9 @@ class Training:
                             s.loop.seed, run.dist.rank)
         self.loop = EpochLoop(run.model, run.optimizer, run.scheduler, run.ema, recipe, batches,
                               run.counters, config, any_rank=self.any_rank,
-                              show=run.dist.is_primary, log=log.info)
+                              show=run.dist.is_primary, log=log.info,
+                              power_ema=run.posthoc.ema if run.posthoc is not None else None)
+        self._snapshot_step = -1  # the optimizer step of the last post-hoc snapshot taken
         self.run_dir: Path | None = None
         self.folder: outputs.RunFolder | None = None
         self.curves = outputs.CurveRenderer()
@@ -120,12 +123,43 @@ class Training:
         run.keeper.run_dir = self.run_dir
         if self.source is not None:
             run.keeper.repair()
+        if self.primary and run.posthoc is not None:
+            self.open_snapshot_folder()
         if self.primary:
             outputs.write_args(self.run_dir, run.record())
             if run.summary.rows:
                 # The checkpoint's rows are the record: a kill after the last epoch's checkpoint
                 # but before its summary.csv line has no later epoch to repair the file.
                 self.write_summary()
+
+    def open_snapshot_folder(self) -> None:
+        """<run>/posthoc/; on resume without the snapshots later than the checkpoint (and the
+        temporary file of a write a kill interrupted): the resumed run writes them again."""
+        folder = self.run_dir / snapshots.FOLDER
+        folder.mkdir(exist_ok=True)
+        remove_stale_temporaries(folder)
+        if self.source is not None:
+            stale = snapshots.remove_after(folder, self.run.counters.num_updates)
+            if stale:
+                log.info(f"resume: removed {len(stale)} post-hoc snapshot(s) later than the "
+                         f"checkpoint's step {self.run.counters.num_updates}; they are written again")
+
+    def take_snapshot(self) -> None:
+        """The post-hoc snapshot of this optimizer step, when it is one of the series'."""
+        tracker, step = self.run.posthoc, self.run.counters.num_updates
+        if tracker is None or not tracker.due(step) or step == self._snapshot_step:
+            return
+        self._snapshot_step = step
+        if self.primary:
+            run = self.run
+            meta = {"arch": run.settings.model.model, "args": run.record(),
+                    "num_classes": run.num_classes, "class_names": list(run.data.class_names),
+                    "data_config": dict(run.data.data_config),
+                    "eval_dtype": str(tracker.ema.scored_dtype(run.model)).removeprefix("torch."),
+                    "steps_per_epoch": run.data.steps_per_epoch,
+                    "images_per_step": run.images_per_step(), "every": tracker.ema.every}
+            run.keeper.save_file(f"{snapshots.FOLDER}/{snapshots.snapshot_name(step)}",
+                                 tracker.entry(step, meta))
 
     def log_start(self) -> None:
         run, s = self.run, self.run.settings
@@ -144,6 +178,9 @@ class Training:
             steps = run.data.steps_per_epoch
             log_ema_horizons(run.decays, run.ema.every, steps, steps * run.num_epochs,
                              run.images_per_step())
+        if run.posthoc is not None:
+            log.info(posthoc_plan_line(run.posthoc, run.data.steps_per_epoch,
+                                       self.run_dir / snapshots.FOLDER))
 
     # ----------------------------------------------------------------------------- one epoch
     def run_epoch(self, epoch: int, stop) -> int | None:
@@ -178,10 +215,14 @@ class Training:
         """Before weights leave memory (validation, a save): no loss so far was NaN/Inf (one
         read of a device flag), and no EMA shadow holds NaN/Inf (one read of the shadows)."""
         self.loop.check()
-        ema = self.run.ema
+        ema, tracker = self.run.ema, self.run.posthoc
         bad = ema.nonfinite_shadows() if ema is not None else []
+        names = [s.name for s in self.run.weight_sets if s.shadow in bad] or ["shadows"]
+        if tracker is not None:
+            bad_power = tracker.ema.nonfinite_shadows()
+            names += [f"power {tracker.sigma_rels[i]:g}" for i in bad_power]
+            bad = bad + bad_power
         if self.any_rank(bool(bad)):
-            names = [s.name for s in self.run.weight_sets if s.shadow in bad] or ["shadows"]
             raise NonFiniteShadows(self.run.counters.epoch, names)
 
     def stop_mid_epoch(self, epoch: int, stop) -> int:
@@ -203,6 +244,7 @@ class Training:
         stop_every = s.loop.log_interval if run.dist.enabled else 1
         with contextlib.closing(self.loop.run(loader, run.num_epochs - 1)) as updates:
             for _ in updates:
+                self.take_snapshot()  # before a checkpoint of this step, in the same writer
                 recover = interval and c.num_updates % interval == 0
                 halt = c.epoch_step % stop_every == 0 and self.any_rank(stop())
                 if recover or halt:
@@ -217,6 +259,7 @@ class Training:
         run, metric = self.run, self.run.settings.loop.eval_metric
         lr, train_loss = current_lr(run.optimizer), run.counters.train_loss
         self.sync_replicas()
+        self.take_snapshot()  # the epoch's last update (the loop yields only the others)
         scores = validate(run.model, val_loader, run.device, ema=run.ema, epoch=epoch,
                           amp_dtype=run.precision.autocast,
                           channels_last=run.precision.channels_last,
@@ -269,6 +312,9 @@ class Training:
         if run.ema is not None:
             run.ema.wait()
         shadows = run.ema.modules if run.ema is not None else []
+        if run.posthoc is not None:
+            run.posthoc.ema.wait()
+            shadows = shadows + run.posthoc.ema.modules
         if not s.dist.sync_bn:
             for module in [run.module] + shadows:
                 distributed.distribute_bn(module, run.dist, s.dist.dist_bn, run.device)
