@@ -362,10 +362,12 @@ def validate_parser(prog: str = "validate.py") -> argparse.ArgumentParser:
                         "model_posthoc_best.pth.tar into RUN_DIR")
     p.add_argument("--sigma-rel", type=finite_float, nargs="+", default=None, metavar="S",
                    help="--posthoc: power-function EMA lengths to reconstruct (default: ten "
-                        "from a quarter of the shortest tracked one to 2.5 times the longest)")
+                        "from a quarter of the shortest tracked one to 2.5 times the longest, "
+                        "at most 0.25)")
     p.add_argument("--half-life", nargs="+", default=None, metavar="H",
                    help="--posthoc: classic EMAs to reconstruct, by half-life at the end of "
-                        "training in the training flag's units (2ep, 500it, 300kimg)")
+                        "training in the training flag's units (2ep, 500it, 300kimg); scored "
+                        "beside the --sigma-rel ones")
     p.add_argument("--use-ema", action="store_true", default=False,
                    help="evaluate the (first) EMA weights")
     p.add_argument("--ema-decay", type=finite_float, default=None, metavar="D",

@@ -70,7 +70,7 @@ def targets_for(series: snaps.Series, sigma_rels: list[float] | None,
     """The requested targets (the default sweep when none is given), checked: one line each."""
     t, meta = series.updates, series.meta
     targets = []
-    if sigma_rels is None and half_lives is None:
+    if sigma_rels is None:  # the default sweep, also beside --half-life targets
         sigma_rels = default_sigma_rels(series.sigma_rels)
     for s in sigma_rels or []:  # each checked by ValidateSettings
         targets.append(Target(f"sigma_rel {s:g}", Profile("power", sigma_rel_to_gamma(s), t)))

@@ -162,7 +162,8 @@ def load_shadows(snapshot: Snapshot) -> list[dict]:
 @torch.no_grad()
 def synthesize(series: Series, solution: Solution) -> tuple[list[dict], int]:
     """The reconstructed weights of every target: ``sum_i c_i snapshot_i`` in float64, read one
-    snapshot at a time, returned in float32; integer buffers from the last snapshot.
+    snapshot at a time, returned in float32 (float64 for float64 snapshots); integer buffers
+    from the last snapshot.
 
     A variance buffer (BatchNorm's ``running_var``) is clamped at zero: negative coefficients
     may take a combination of variances below it, where the layer would give NaN. Returns the
@@ -183,6 +184,7 @@ def synthesize(series: Series, solution: Solution) -> tuple[list[dict], int]:
                     for k, acc in target.items():
                         acc.add_(shadow[k].double(), alpha=c)
     ints = {k: v for k, v in shadows[0].items() if not v.is_floating_point()}
+    dtype = torch.promote_types(getattr(torch, series.dtype), torch.float32)
     clamped, out = 0, []
     for target in sums:
         state = {}
@@ -190,7 +192,7 @@ def synthesize(series: Series, solution: Solution) -> tuple[list[dict], int]:
             if k.endswith("running_var"):
                 clamped += int((acc < 0).sum())
                 acc.clamp_(min=0.0)
-            state[k] = acc.float()
+            state[k] = acc.to(dtype)
         state.update(ints)
         out.append({k: state[k] for k in shadows[0]})
     return out, clamped
