@@ -11,9 +11,8 @@ import torch
 from conftest import make_imagefolder, make_training, run_in_process, torch_threads
 
 from ematrain import checkpoint as ckpt_io
-from ematrain import outputs, posthoc_sweep
+from ematrain import outputs, posthoc_sweep, train, validate
 from ematrain import snapshots as snaps
-from ematrain import train, validate
 from ematrain.ema_schedules import sigma_rel_to_gamma
 from ematrain.engine import validate as score
 from ematrain.posthoc import Profile, Solution, solve
@@ -173,7 +172,7 @@ def test_bad_series_are_one_line_each(data, tmp_path):
     (tmp_path / "other" / snaps.snapshot_name(30)).rename(
         tmp_path / "mixed" / "posthoc" / snaps.snapshot_name(30))
     cases["mixed"] = (tmp_path / "mixed", "mixes snapshots of different runs or settings")
-    for name, (folder, text) in cases.items():
+    for folder, text in cases.values():
         r = run_in_process(validate.main, "validate.py", data, "--posthoc", folder)
         one_line_error(r, text)
     for argv, text in [(["--posthoc", tmp_path, "--sigma-rel", "0.4"], "--sigma-rel must be in"),

@@ -28,7 +28,6 @@ from .logs import log
 from .models import create_model, init_head, set_batchnorm, unwrap_model
 from .outputs import Summary
 from .seeding import seed_everything
-from .snapshots import PosthocTracker
 from .settings import (
     DataSpec,
     EmaSpec,
@@ -42,6 +41,7 @@ from .settings import (
     TrainSettings,
     dtype_named,
 )
+from .snapshots import PosthocTracker
 from .weightsets import WeightSet, weight_sets
 
 
@@ -147,6 +147,16 @@ class Run:
 
     def images_per_step(self) -> int:
         return self.settings.global_batch(self.dist.world_size)
+
+    def posthoc_meta(self) -> dict:
+        """What a post-hoc snapshot records of the run (`snapshots.META_KEYS`)."""
+        scored = self.posthoc.ema.scored_dtype(self.model)
+        return {"arch": self.settings.model.model, "args": self.record(),
+                "num_classes": self.num_classes, "class_names": list(self.data.class_names),
+                "data_config": dict(self.data.data_config),
+                "eval_dtype": str(scored).removeprefix("torch."),
+                "steps_per_epoch": self.data.steps_per_epoch,
+                "images_per_step": self.images_per_step(), "every": self.posthoc.ema.every}
 
 
 # ----------------------------------------------------------------------------- builders

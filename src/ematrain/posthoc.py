@@ -26,8 +26,8 @@ Time is counted in EMA updates (``--model-ema-every N`` averages every N optimiz
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

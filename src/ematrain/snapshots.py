@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from . import checkpoint as ckpt_io
+from .atomic import remove_stale_temporaries
 from .errors import UserError
+from .logs import log
 from .posthoc import Profile, Solution
 
 FORMAT = "ematrain-posthoc-snapshot"
@@ -231,6 +233,29 @@ class PosthocTracker:
 
     def __init__(self, ema, every_steps: int, total_steps: int, dtype: torch.dtype):
         self.ema, self.every_steps, self.total_steps, self.dtype = ema, every_steps, total_steps, dtype
+        self._taken = -1  # the step of the last snapshot taken by this process
+
+    def open_folder(self, run_dir: Path, resumed: bool, step: int) -> None:
+        """<run>/posthoc/; on resume (at optimizer step `step`) without the snapshots later than
+        the checkpoint, nor the temporary file of a write a kill interrupted: the resumed run
+        writes them again."""
+        folder = run_dir / FOLDER
+        folder.mkdir(exist_ok=True)
+        remove_stale_temporaries(folder)
+        if resumed:
+            stale = remove_after(folder, step)
+            if stale:
+                log.info(f"resume: removed {len(stale)} post-hoc snapshot(s) later than the "
+                         f"checkpoint's step {step}; they are written again")
+
+    def take(self, step: int, meta, keeper) -> None:
+        """The snapshot of optimizer step `step` when it is one of the series' (once per step),
+        handed to `keeper`'s writer; `meta()` gives the run's record (`META_KEYS`)."""
+        if not self.due(step) or step == self._taken:
+            return
+        self._taken = step
+        if keeper.primary:
+            keeper.save_file(f"{FOLDER}/{snapshot_name(step)}", self.entry(step, meta()))
 
     @property
     def sigma_rels(self) -> list[float]:

@@ -15,7 +15,6 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import distributed, outputs, resume, snapshots
-from .atomic import remove_stale_temporaries
 from .build import Run, build_run, log_ema_horizons, posthoc_plan_line
 from .cli import exit_process, run_main
 from .engine import (
@@ -56,7 +55,6 @@ class Training:
                               run.counters, config, any_rank=self.any_rank,
                               show=run.dist.is_primary, log=log.info,
                               power_ema=run.posthoc.ema if run.posthoc is not None else None)
-        self._snapshot_step = -1  # the optimizer step of the last post-hoc snapshot taken
         self.run_dir: Path | None = None
         self.folder: outputs.RunFolder | None = None
         self.curves = outputs.CurveRenderer()
@@ -124,7 +122,8 @@ class Training:
         if self.source is not None:
             run.keeper.repair()
         if self.primary and run.posthoc is not None:
-            self.open_snapshot_folder()
+            run.posthoc.open_folder(self.run_dir, resumed=self.source is not None,
+                                    step=run.counters.num_updates)
         if self.primary:
             outputs.write_args(self.run_dir, run.record())
             if run.summary.rows:
@@ -132,34 +131,11 @@ class Training:
                 # but before its summary.csv line has no later epoch to repair the file.
                 self.write_summary()
 
-    def open_snapshot_folder(self) -> None:
-        """<run>/posthoc/; on resume without the snapshots later than the checkpoint (and the
-        temporary file of a write a kill interrupted): the resumed run writes them again."""
-        folder = self.run_dir / snapshots.FOLDER
-        folder.mkdir(exist_ok=True)
-        remove_stale_temporaries(folder)
-        if self.source is not None:
-            stale = snapshots.remove_after(folder, self.run.counters.num_updates)
-            if stale:
-                log.info(f"resume: removed {len(stale)} post-hoc snapshot(s) later than the "
-                         f"checkpoint's step {self.run.counters.num_updates}; they are written again")
-
     def take_snapshot(self) -> None:
         """The post-hoc snapshot of this optimizer step, when it is one of the series'."""
-        tracker, step = self.run.posthoc, self.run.counters.num_updates
-        if tracker is None or not tracker.due(step) or step == self._snapshot_step:
-            return
-        self._snapshot_step = step
-        if self.primary:
-            run = self.run
-            meta = {"arch": run.settings.model.model, "args": run.record(),
-                    "num_classes": run.num_classes, "class_names": list(run.data.class_names),
-                    "data_config": dict(run.data.data_config),
-                    "eval_dtype": str(tracker.ema.scored_dtype(run.model)).removeprefix("torch."),
-                    "steps_per_epoch": run.data.steps_per_epoch,
-                    "images_per_step": run.images_per_step(), "every": tracker.ema.every}
-            run.keeper.save_file(f"{snapshots.FOLDER}/{snapshots.snapshot_name(step)}",
-                                 tracker.entry(step, meta))
+        if self.run.posthoc is not None:
+            self.run.posthoc.take(self.run.counters.num_updates, self.run.posthoc_meta,
+                                  self.run.keeper)
 
     def log_start(self) -> None:
         run, s = self.run, self.run.settings
