@@ -300,7 +300,11 @@ class Training:
             buffers = bool(s.dist.sync_bn or s.dist.dist_bn)
             sums = distributed.check_replicas_agree(shadows, run.dist, run.device,
                                                     include_buffers=buffers)
-            log.info("EMA checksums (equal on all ranks): " + ", ".join(f"{x:.10g}" for x in sums))
+            regular = len(run.ema.modules) if run.ema is not None else 0
+            for what, part in (("EMA", sums[:regular]), ("post-hoc EMA", sums[regular:])):
+                if part:
+                    log.info(f"{what} checksums (equal on all ranks): "
+                             + ", ".join(f"{x:.10g}" for x in part))
 
 
 def _main(argv: list[str]) -> int:
