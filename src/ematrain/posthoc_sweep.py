@@ -192,6 +192,7 @@ def plot(path: Path, rows: list[Row], title: str) -> None:
     stars, the raw weights as a dashed line, poor fits hollow."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
 
     fig = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(fig)
@@ -216,6 +217,13 @@ def plot(path: Path, rows: list[Row], title: str) -> None:
             if r.kind == "raw":
                 ax.axhline(r.result[key], color="grey", linestyle="--", label="raw weights")
         ax.set_xscale("log")
+        # Plain numbers at a few round lengths: log-scale labels like 3x10^-2 crowd each other.
+        lengths = [r.sigma_rel for r in rows if r.sigma_rel is not None]
+        ticks = [t for t in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+                 if min(lengths) / 1.3 <= t <= max(lengths) * 1.3]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FixedFormatter([f"{t:g}" for t in ticks]))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(xlabel="EMA length (sigma_rel)", ylabel=name, title=name)
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)

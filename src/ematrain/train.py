@@ -193,13 +193,11 @@ class Training:
         self.loop.check()
         ema, tracker = self.run.ema, self.run.posthoc
         bad = ema.nonfinite_shadows() if ema is not None else []
-        names = [s.name for s in self.run.weight_sets if s.shadow in bad] or ["shadows"]
+        names = [s.name for s in self.run.weight_sets if s.shadow in bad]
         if tracker is not None:
-            bad_power = tracker.ema.nonfinite_shadows()
-            names += [f"power {tracker.sigma_rels[i]:g}" for i in bad_power]
-            bad = bad + bad_power
-        if self.any_rank(bool(bad)):
-            raise NonFiniteShadows(self.run.counters.epoch, names)
+            names += [f"power {tracker.sigma_rels[i]:g}" for i in tracker.ema.nonfinite_shadows()]
+        if self.any_rank(bool(names)):
+            raise NonFiniteShadows(self.run.counters.epoch, names or ["shadows"])
 
     def stop_mid_epoch(self, epoch: int, stop) -> int:
         """Save where the epoch stands (a resumed run continues at the next step) and stop."""
