@@ -85,8 +85,8 @@ def train_timed(args, data: Path, out: Path, seed: int, env: dict, posthoc: bool
         flags.append("--model-ema-posthoc")
     wall, text = run([__file__, "--train-child", *flags], env)
     holds = [float(line.split()[1]) for line in text.splitlines() if line.startswith("HOLD ")]
-    if posthoc:
-        (out / "holds.txt").write_text("\n".join(map(str, holds)))
+    if posthoc:  # beside the run folder, which is kept (copied) after a post-hoc run
+        (out / "run" / "holds.txt").write_text("\n".join(map(str, holds)))
     return wall
 
 
