@@ -34,7 +34,7 @@ def data_root(tmp_path_factory):
 def two_proc_run(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist_out")
     r = torchrun(REPO_ROOT / "train.py", data_root, *TINY, "--epochs", "1", "--output", out,
-                 "--experiment", "ddp")
+                 "--experiment", "ddp", "--model-ema-posthoc", "--model-ema-snapshot-every", "1it")
     assert r.returncode == 0, r.stdout + r.stderr
     return out, r
 
@@ -75,6 +75,25 @@ def test_distributed_validation_equals_single_process(two_proc_run, data_root, t
     assert a["count"] == b["count"] == 21
     assert a["top1"] == b["top1"] and a["top5"] == b["top5"]
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-12)
+
+
+def test_distributed_posthoc_sweep_equals_single_process(two_proc_run, data_root, tmp_path):
+    """The snapshots of a torchrun run (rank 0 writes them), swept by one process and by two:
+    the same table."""
+    out, _ = two_proc_run
+    run_dir = out / "ddp"
+    assert len(list((run_dir / "posthoc").iterdir())) == 2  # one per optimizer step
+    tables = []
+    for nproc in (1, 2):
+        r = torchrun(REPO_ROOT / "validate.py", data_root, "--posthoc", run_dir, "-b", "4",
+                     "-j", "0", "--sigma-rel", "0.08", "0.2", nproc=nproc)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count("<- best") == 1  # only rank 0 reports
+        tables.append(list(csv.DictReader(open(run_dir / "posthoc.csv"))))
+    assert len(tables[0]) == 1 + 2 + 2
+    for a, b in zip(*tables):
+        assert (a["weights"], a["top1"], a["top5"]) == (b["weights"], b["top1"], b["top5"])
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-9)
 
 
 def test_two_process_run_resumes(two_proc_run, data_root):

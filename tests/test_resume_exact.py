@@ -1,5 +1,6 @@
 """Exact resume: a real train.py killed (SIGKILL) or interrupted (SIGINT) and resumed ends with
-bit-identical weights, EMA shadows and summary rows as the same run uninterrupted."""
+bit-identical weights, EMA shadows, summary rows and post-hoc snapshots as the same run
+uninterrupted."""
 from __future__ import annotations
 
 import os
@@ -15,9 +16,12 @@ import torch
 from conftest import REPO_ROOT, assert_files_agree_with_records, make_imagefolder, run_cli
 
 EPOCHS = 3
-COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "--epochs", str(EPOCHS),
+_BASE = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "--epochs", str(EPOCHS),
           "--warmup-epochs", "0", "--lr", "0.05", "--drop", "0.2", "--model-ema",
           "--model-ema-decay", "0.9", "0.99", "--seed", "7", "--log-interval", "1"]
+# Post-hoc snapshots, at steps that recovery saves (--recovery-interval 3) share.
+_POSTHOC = ["--model-ema-posthoc", "--model-ema-snapshot-every", "3it"]
+COMMON = _BASE + _POSTHOC
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +61,20 @@ def _assert_same_run(run_dir: Path, ref_dir: Path) -> None:
     assert [r.split(",")[0] for r in rows[1:]] == [str(e) for e in range(EPOCHS)]
     assert not list(run_dir.glob(".*.tmp"))
     assert_files_agree_with_records(run_dir)
+    _assert_same_snapshots(run_dir, ref_dir)
+
+
+def _assert_same_snapshots(run_dir: Path, ref_dir: Path) -> None:
+    """The post-hoc series of the interrupted run is the uninterrupted one's, file for file."""
+    names = sorted(p.name for p in (ref_dir / "posthoc").iterdir())
+    assert names == sorted(p.name for p in (run_dir / "posthoc").iterdir())
+    assert len(names) == 6  # 18 steps, one snapshot every 3
+    for name in names:
+        a = torch.load(ref_dir / "posthoc" / name, weights_only=True)
+        b = torch.load(run_dir / "posthoc" / name, weights_only=True)
+        assert (a["step"], a["updates"]) == (b["step"], b["updates"])
+        for x, y in zip(a["shadows"], b["shadows"]):
+            assert all(torch.equal(x[k], y[k]) for k in x), name
 
 
 @pytest.mark.parametrize("workers,recovery", [("0", None), ("2", "3")])
@@ -122,7 +140,7 @@ def test_second_ctrl_c_quits_at_once_leaving_good_files(data_root, tmp_path):
 
 
 def test_resume_without_matching_ema_state_is_a_clear_error(data_root, reference, tmp_path):
-    r = run_cli("train.py", data_root, *COMMON[:-4], "--model-ema-decay", "0.9", "-j", "0",
+    r = run_cli("train.py", data_root, *_BASE[:-4], *_POSTHOC, "--model-ema-decay", "0.9", "-j", "0",
                 "--output", tmp_path, "--experiment", "x", "--resume", reference / "last.pth.tar")
     assert r.returncode == 2
     lines = [l for l in r.stderr.splitlines() if l.strip() and "error" in l]

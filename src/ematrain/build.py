@@ -38,11 +38,13 @@ from .settings import (
     LoaderSpec,
     ModelSpec,
     OptimSpec,
+    PosthocSpec,
     Precision,
     ScheduleSpec,
     TrainSettings,
     dtype_named,
 )
+from .snapshots import PosthocTracker
 from .weightsets import WeightSet, weight_sets
 
 
@@ -108,6 +110,7 @@ class Run:
     lr: float
     scaler: torch.amp.GradScaler | None
     ema: ModelEma | None
+    posthoc: PosthocTracker | None
     loss_fn: nn.Module
     mixup_fn: Mixup | None
     weight_sets: tuple[WeightSet, ...]
@@ -133,7 +136,8 @@ class Run:
     def parts(self) -> dict:
         """The stateful parts, by the name the checkpoint schema files them under."""
         parts = {"model": self.module, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                 "amp_scaler": self.scaler, "ema": self.ema, "counters": self.counters,
+                 "amp_scaler": self.scaler, "ema": self.ema, "posthoc_ema": self.posthoc,
+                 "counters": self.counters,
                  "keeper": self.keeper, "summary": self.summary}
         return {name: part for name, part in parts.items() if part is not None}
 
@@ -156,6 +160,16 @@ class Run:
 
     def ema_labels(self) -> list[str]:
         return ema_labels(self.settings.ema, self.decays)
+
+    def posthoc_meta(self) -> dict:
+        """What a post-hoc snapshot records of the run (`snapshots.META_KEYS`)."""
+        scored = self.posthoc.ema.scored_dtype(self.model)
+        return {"arch": self.settings.model.model, "args": self.record(),
+                "num_classes": self.num_classes, "class_names": list(self.data.class_names),
+                "data_config": dict(self.data.data_config),
+                "eval_dtype": str(scored).removeprefix("torch."),
+                "steps_per_epoch": self.data.steps_per_epoch,
+                "images_per_step": self.images_per_step(), "every": self.posthoc.ema.every}
 
 
 # ----------------------------------------------------------------------------- builders
@@ -279,6 +293,21 @@ def build_ema(spec: EmaSpec, model: nn.Module, device: torch.device,
                     skip_nonfinite=spec.precheck)
 
 
+def build_posthoc(spec: PosthocSpec, ema: EmaSpec, model: nn.Module, device: torch.device,
+                  steps_per_epoch: int, images_per_step: int,
+                  total_steps: int) -> PosthocTracker | None:
+    """The power-function EMAs of --model-ema-posthoc and their snapshot plan. They live where
+    the regular shadows would (--model-ema-force-cpu, --model-ema-dtype) and average every
+    --model-ema-every steps."""
+    if not spec.enabled:
+        return None
+    power = ModelEma.power(model, spec.tracked, dtype=dtype_named(ema.dtype),
+                           device=torch.device("cpu") if ema.force_cpu else device,
+                           every=ema.every, skip_nonfinite=ema.precheck)
+    return PosthocTracker(power, spec.steps_between(steps_per_epoch, images_per_step, total_steps),
+                          total_steps, spec.dtype)
+
+
 def wrap_model(model: nn.Module, dist: distributed.DistInfo, device: torch.device,
                compile_backend: str | None) -> nn.Module:
     """DDP under torchrun, then torch.compile; the EMA and optimizer work on the plain module."""
@@ -325,6 +354,8 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     policy = ShadowPolicy.for_run(s.ema.bn, s.ema.bn_batches, s.ema.switch,
                                   train.train_set.dataset, train.val_set.transform,
                                   train.batch_size, train.workers, s.loop.seed)
+    posthoc = build_posthoc(s.posthoc, s.ema, model, device, train.steps_per_epoch,
+                            s.global_batch(dist.world_size), train.steps_per_epoch * num_epochs)
     sets = weight_sets(decays, ema_labels(s.ema, decays),
                        tag="sr" if s.ema.enabled and s.ema.schedule == "power" else "")
     return Run(settings=s, dist=dist, device=device, precision=precision, data=train,
@@ -332,6 +363,7 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
                optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,
                scaler=torch.amp.GradScaler("cuda") if precision.grad_scaler else None, ema=ema,
                shadow_policy=policy,
+               posthoc=posthoc,
                loss_fn=build_train_loss(s.labels), mixup_fn=mixup, weight_sets=sets,
                keeper=CheckpointKeeper(sets, s.loop.eval_metric, s.loop.checkpoint_hist,
                                        primary=dist.is_primary))
@@ -344,3 +376,14 @@ def ema_labels(spec: EmaSpec, decays: list[float]) -> list[str]:
     if spec.half_lives:
         return [f"EMA half-life {h}" for h in spec.half_lives]
     return [f"EMA {d:g}" for d in decays]
+
+
+def posthoc_plan_line(tracker: PosthocTracker, steps_per_epoch: int, folder) -> str:
+    """The start-up line of post-hoc EMA: what is tracked, how many snapshots, their size."""
+    count, size = tracker.plan()
+    every = tracker.every_steps
+    return (f"post-hoc EMA: power EMAs sigma_rel {' '.join(f'{s:g}' for s in tracker.sigma_rels)}"
+            f", a snapshot every {every} optimizer steps ({every / steps_per_epoch:.3g} epochs) "
+            f"and at the end: {count} snapshots of {size / 1e6:.3g} MB "
+            f"({str(tracker.dtype).removeprefix('torch.')}) = {count * size / 1e6:.4g} MB in "
+            f"{folder}")

@@ -1,7 +1,8 @@
 """The checkpoint format: its keys, who owns each, and saving, restoring and loading checkpoints.
 
 A checkpoint has timm's keys, so timm's tools read it, plus ours. Each stateful part of a run
-(`Run.parts()`: model, optimizer, scheduler, amp_scaler, ema, counters, keeper, summary) gives its
+(`Run.parts()`: model, optimizer, scheduler, amp_scaler, ema, posthoc_ema, counters, keeper,
+summary) gives its
 ``state_dict()`` and takes it back with ``load_state_dict()``; the run's settings and data add
 what describes the run (owners `settings` and `data`), and the schema its version. This module
 alone knows under which keys they live. The key table `SCHEMA` is the reference: the README's
@@ -54,6 +55,11 @@ SCHEMA: tuple[Key, ...] = (
     Key("ema", "ema", "ematrain", "decays (sigma_rels under the power schedule), `schedule` (its "
         "name and settings), `keys` (where each shadow is), update counters, "
         "settings, and `eval_dtype` (the dtype validation scored the shadows in)"),
+    Key("posthoc_ema", "posthoc_ema", "ematrain", "with --model-ema-posthoc: the power-function "
+        "EMAs' state (`ema`: sigma_rels, schedule, counters, shadows) and the snapshot interval "
+        "and dtype"),
+    Key("posthoc", "posthoc", "ematrain", "in model_posthoc_best.pth.tar only (validate.py "
+        "--posthoc): the reconstructed EMA's length, fit error and the series it came from"),
     Key("counters", "counters", "ematrain", "epoch and step to resume at, optimizer updates, the "
         "epoch's running loss, skipped steps, world size"),
     Key("keeper", "keeper", "ematrain", "best epoch and metric of each weight set, and the "
@@ -247,6 +253,9 @@ _SHAPES = {
     "optimizer": (lambda v, c: isinstance(v, dict), "a mapping"),
     "scheduler": (lambda v, c: isinstance(v, dict), "a mapping"),
     "counters": (lambda v, c: isinstance(v, dict), "a mapping"),
+    "posthoc_ema": (lambda v, c: isinstance(v, dict) and isinstance(v.get("ema"), dict),
+                    "a mapping with the power EMAs' state under 'ema'"),
+    "posthoc": (lambda v, c: isinstance(v, dict), "a mapping"),
     "keeper": (lambda v, c: isinstance(v, dict), "a mapping"),
     "summary": (lambda v, c: isinstance(v, dict), "a mapping"),
 }
@@ -289,6 +298,11 @@ def _unsafe_globals(path: Path) -> list[str]:
 def _short_reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text.split(". ")[0][:120]
+
+
+def is_state_dict(data) -> bool:
+    """A non-empty dict of tensors."""
+    return _is_state_dict(data)
 
 
 def _is_state_dict(data) -> bool:

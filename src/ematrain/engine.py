@@ -227,8 +227,10 @@ class EpochLoop:
 
     def __init__(self, model, optimizer, scheduler, ema, recipe: Recipe, batches: Batches,
                  counters: Counters, config: LoopConfig, any_rank=lambda flag: flag,
-                 show: bool = True, log=print):
+                 show: bool = True, log=print, power_ema: ModelEma | None = None):
         self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
+        # The power-function EMAs of post-hoc EMA, updated after each optimizer step as `ema`.
+        self.power_ema = power_ema
         self.recipe, self.batches, self.counters, self.config = recipe, batches, counters, config
         self.any_rank, self.show, self.log = any_rank, show, log
         self.tally: _Tally | None = None
@@ -276,6 +278,8 @@ class EpochLoop:
         except SkippedStep:
             self._skip(batch, rollback)
             return False
+        if update and self.power_ema is not None:
+            self.power_ema.update(self.model)
         self.tally.add(loss, images.size(0), batch)
         self.counters.epoch_step = batch + 1
         self._last_loss = loss

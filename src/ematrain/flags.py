@@ -343,6 +343,19 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--model-ema-dtype", default=None, action=EmaSetting,
                    choices=["float32", "float16", "bfloat16", "float64"],
                    help="EMA shadow dtype (default: float32 for 16-bit models, else the model's)")
+    # Post-hoc EMA: power-function EMAs beside (not instead of) the --model-ema-decay shadows,
+    # so these do not switch the regular EMA on.
+    g.add_argument("--model-ema-posthoc", type=finite_float, nargs="*", default=None,
+                   metavar="SIGMA_REL",
+                   help="track power-function EMAs of these relative widths (default when given "
+                        "bare: 0.05 0.10) and snapshot them into <run>/posthoc/, so that "
+                        "validate.py --posthoc reconstructs EMAs of any length after training")
+    g.add_argument("--model-ema-snapshot-every", default=None, metavar="H",
+                   help="post-hoc snapshot interval: Nep, Nit or Nimg (k/M allowed), as "
+                        "--model-ema-half-life (default: 32 snapshots per run)")
+    g.add_argument("--model-ema-snapshot-dtype", default=None,
+                   choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the post-hoc snapshots' weights (default: float32)")
 
     g = p.add_argument_group("Miscellaneous parameters")
     g.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
@@ -396,6 +409,19 @@ def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", default=False,
                    help="instead of --checkpoint: timm's released weights for --model (from "
                         "timm's cache)")
+    p.add_argument("--posthoc", default=None, metavar="RUN_DIR",
+                   help="instead of --checkpoint: reconstruct EMAs of many lengths from the "
+                        "post-hoc snapshots of a run trained with --model-ema-posthoc, score them "
+                        "all in one pass, and write posthoc.csv, posthoc.png and "
+                        "model_posthoc_best.pth.tar into RUN_DIR")
+    p.add_argument("--sigma-rel", type=finite_float, nargs="+", default=None, metavar="S",
+                   help="--posthoc: power-function EMA lengths to reconstruct (default: ten "
+                        "from a quarter of the shortest tracked one to 2.5 times the longest, "
+                        "at most 0.25)")
+    p.add_argument("--half-life", nargs="+", default=None, metavar="H",
+                   help="--posthoc: classic EMAs to reconstruct, by half-life at the end of "
+                        "training in the training flag's units (2ep, 500it, 300kimg); scored "
+                        "beside the --sigma-rel ones")
     p.add_argument("--use-ema", action="store_true", default=False,
                    help="evaluate the (first) EMA weights")
     p.add_argument("--ema-decay", type=finite_float, default=None, metavar="D",

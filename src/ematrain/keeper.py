@@ -158,6 +158,12 @@ class CheckpointKeeper:
             snapshot = host_copy(ckpt)
             self.writer.submit(lambda: self._write(name, snapshot))
 
+    def save_file(self, name: str, obj: dict) -> None:
+        """Another file of the run (`name` relative to its folder, e.g. a post-hoc snapshot),
+        already in host memory: written by the same writer, in order with the checkpoints."""
+        if self.primary:
+            self.writer.submit(lambda: self._write(name, obj))
+
     def wait(self) -> None:
         """Finish the write in flight; a failed write is raised here."""
         self.writer.wait()

@@ -53,6 +53,11 @@ RESUME_POLICY: tuple[Rule, ...] = (
          "validation from here on"),
     Rule("model_ema_switch", NEW, "the live model takes the EMA's weights at each epoch's end "
          "from here on"),
+    Rule("model_ema_posthoc", REFUSE, "each power EMA and its snapshot series is its own "
+         "profile: another set would leave the series without its state, or mix profiles"),
+    Rule("model_ema_snapshot_dtype", REFUSE, "the snapshots of one series share one dtype"),
+    Rule("model_ema_snapshot_every", NEW, "the series stays one series at any spacing: later "
+         "snapshots follow the new interval"),
     Rule("seed", KEEP, "data order, augmentation and dropout follow the seed: another one "
          "would make the rest no continuation of this run"),
     Rule("output", KEEP, "a resumed run continues in its own folder"),
@@ -211,6 +216,11 @@ def check_run(run, source: ResumeSource) -> None:
                         f"{'on' if run.ema is not None else 'off'} ({_RULES['model_ema'].why})")
     if run.ema is not None:
         _check_decays(run, source)
+    if (run.posthoc is not None) != ("posthoc_ema" in ckpt):
+        state = "holds post-hoc EMA state" if "posthoc_ema" in ckpt else "holds none"
+        raise UserError(f"cannot resume from {source.path}: it {state} but --model-ema-posthoc "
+                        f"is {'on' if run.posthoc is not None else 'off'} "
+                        f"({_RULES['model_ema_posthoc'].why})")
     world = ckpt.get("counters", {}).get("world_size", run.dist.world_size)
     if world != run.dist.world_size:
         decide(_RULES["world_size"], source, world, run.dist.world_size, "processes", True)

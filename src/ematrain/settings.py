@@ -17,7 +17,7 @@ import torch
 
 from .config import Layer, parse_command
 from .ema import HalfLife, parse_half_life
-from .ema_schedules import SCHEDULES, gamma_to_sigma_rel, sigma_rel_to_gamma
+from .ema_schedules import SCHEDULES, SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma
 from .errors import UserError
 from .logs import plural
 from .flags import train_parser, validate_parser
@@ -516,6 +516,73 @@ class EmaSpec:
 
 
 @dataclass(frozen=True)
+class PosthocSpec:
+    """Post-hoc EMA: the power-function EMAs tracked for it and their snapshots."""
+    sigma_rels: list | None
+    snapshot_every: str | None
+    snapshot_dtype: str | None
+    interval: HalfLife | None = field(init=False, repr=False, compare=False)
+
+    DEFAULT_SIGMA_RELS = (0.05, 0.10)
+    # Snapshots per run when --model-ema-snapshot-every is not given (see the README's
+    # measurement: the default sweep's fit error against the snapshot count and dtype).
+    DEFAULT_SNAPSHOTS = 32
+    DEFAULT_DTYPE = "float32"
+    FLAGS = {"sigma_rels": "--model-ema-posthoc", "snapshot_every": "--model-ema-snapshot-every",
+             "snapshot_dtype": "--model-ema-snapshot-dtype"}
+
+    def __post_init__(self):
+        if self.sigma_rels is None:
+            if self.snapshot_every is not None or self.snapshot_dtype is not None:
+                raise UserError("--model-ema-snapshot-every and --model-ema-snapshot-dtype set "
+                                "the snapshots of --model-ema-posthoc: give it too")
+            object.__setattr__(self, "interval", None)
+            return
+        for value in self.sigma_rels:
+            if not 0.0 < value <= SIGMA_REL_MAX:
+                raise UserError(f"--model-ema-posthoc: sigma_rel must be in (0, "
+                                f"{SIGMA_REL_MAX:.4f}] (the uniform average), got {value:g}")
+        if len({f"{v:g}" for v in self.sigma_rels}) < len(self.sigma_rels):
+            raise UserError(f"--model-ema-posthoc: the sigma_rels must differ, got "
+                            f"{' '.join(f'{v:g}' for v in self.sigma_rels)}")
+        interval = None
+        if self.snapshot_every is not None:
+            try:
+                interval = parse_half_life(str(self.snapshot_every))
+            except ValueError as exc:
+                raise UserError(f"--model-ema-snapshot-every: "
+                                f"{str(exc).replace('half-life', 'interval')}") from None
+        object.__setattr__(self, "interval", interval)
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "PosthocSpec":
+        return from_args(cls, ns, sigma_rels="model_ema_posthoc",
+                         snapshot_every="model_ema_snapshot_every",
+                         snapshot_dtype="model_ema_snapshot_dtype")
+
+    @property
+    def enabled(self) -> bool:
+        return self.sigma_rels is not None
+
+    @property
+    def tracked(self) -> list[float]:
+        """The sigma_rels to track (the default pair for a bare --model-ema-posthoc)."""
+        return list(self.sigma_rels or self.DEFAULT_SIGMA_RELS)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.snapshot_dtype or self.DEFAULT_DTYPE]
+
+    def steps_between(self, steps_per_epoch: int, images_per_step: int, total_steps: int) -> int:
+        """Optimizer steps between snapshots (at least one)."""
+        if self.interval is None:
+            steps = total_steps / self.DEFAULT_SNAPSHOTS
+        else:
+            steps = self.interval.in_updates(images_per_step, steps_per_epoch)
+        return max(1, int(math.floor(steps + 0.5)))
+
+
+@dataclass(frozen=True)
 class LoopSpec:
     """The epoch loop: seeding, read-outs, non-finite steps, checkpoints and the run folder."""
     seed: int
@@ -561,6 +628,7 @@ class TrainSettings:
     schedule: ScheduleSpec
     precision: PrecisionSpec
     ema: EmaSpec
+    posthoc: PosthocSpec
     loop: LoopSpec
     dist: DistSpec
 
@@ -570,7 +638,8 @@ class TrainSettings:
                  "aug": AugSpec, "labels": LabelSpec, "optim": OptimSpec, "schedule": ScheduleSpec,
                  "precision": PrecisionSpec, "loop": LoopSpec, "dist": DistSpec}
         built = {name: from_args(spec, ns) for name, spec in specs.items()}
-        settings = cls(args=ns, ema=EmaSpec.from_args(ns), **built)
+        settings = cls(args=ns, ema=EmaSpec.from_args(ns), posthoc=PosthocSpec.from_args(ns),
+                       **built)
         if settings.labels.mixing and settings.loader.batch_size % 2:
             raise UserError(f"mixup/cutmix need an even --batch-size, got "
                             f"{settings.loader.batch_size}")
@@ -610,6 +679,9 @@ class ValidateSettings:
     checkpoint: str | None
     pretrained: bool
     pretrained_path: str | None
+    posthoc: str | None
+    sigma_rel: list | None
+    half_life: list | None
     model: str | None
     num_classes: int | None
     device: str | None
@@ -625,15 +697,32 @@ class ValidateSettings:
             raise UserError("no data root given: validate.py DIR --checkpoint PATH")
         sources = [f for f, on in (("--checkpoint", self.checkpoint),
                                    ("--pretrained-path", self.pretrained_path),
-                                   ("--pretrained", self.pretrained)) if on]
+                                   ("--pretrained", self.pretrained),
+                                   ("--posthoc", self.posthoc)) if on]
         if len(sources) != 1:
-            raise UserError("give the weights to evaluate: --checkpoint PATH, or --model NAME "
-                            "with --pretrained-path FILE or --pretrained"
+            raise UserError("give the weights to evaluate: --checkpoint PATH, --posthoc RUN_DIR, "
+                            "or --model NAME with --pretrained-path FILE or --pretrained"
                             + (f" (not {' and '.join(sources)})" if sources else ""))
         if self.pretrained and not self.model:
             raise UserError("--pretrained needs --model NAME")
         if self.pretrained and self.choice.wants_ema:
             raise UserError("--pretrained loads timm's released weights: they have no EMA to pick")
+        if not self.posthoc and (self.sigma_rel is not None or self.half_life is not None):
+            raise UserError("--sigma-rel and --half-life choose what --posthoc reconstructs: "
+                            "give --posthoc RUN_DIR")
+        if self.posthoc and (self.choice.wants_ema or self.model or self.results_file):
+            raise UserError("--posthoc scores its own weight sets from the run's snapshots: "
+                            "--use-ema, --ema-decay, --ema-index, --model and --results-file "
+                            "do not apply")
+        for value in self.sigma_rel or []:
+            if not 0.0 < value <= SIGMA_REL_MAX:
+                raise UserError(f"--sigma-rel must be in (0, {SIGMA_REL_MAX:.4f}] (the uniform "
+                                f"average), got {value:g}")
+        for text in self.half_life or []:
+            try:
+                parse_half_life(str(text))
+            except ValueError as exc:
+                raise UserError(f"--half-life: {exc}") from None
         _at_least(self, 1, "num_classes")
         if self.results_file:
             path = Path(self.results_file)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
-from . import distributed, ema_horizons, outputs, resume
-from .build import Run, build_run
+from . import distributed, ema_horizons, outputs, resume, snapshots
+from .build import Run, build_run, posthoc_plan_line
 from .cli import command_name, exit_process, launcher, run_main
 from .clock import RunClock, duration
 from .engine import (
@@ -54,7 +54,8 @@ class Training:
                             s.loop.seed, run.dist.rank)
         self.loop = EpochLoop(run.model, run.optimizer, run.scheduler, run.ema, recipe, batches,
                               run.counters, config, any_rank=self.any_rank,
-                              show=run.dist.is_primary, log=log.info)
+                              show=run.dist.is_primary, log=log.info,
+                              power_ema=run.posthoc.ema if run.posthoc is not None else None)
         self.run_dir: Path | None = None
         self.folder: outputs.RunFolder | None = None
         self.curves = outputs.CurveRenderer()
@@ -124,12 +125,21 @@ class Training:
         run.keeper.run_dir = self.run_dir
         if self.source is not None:
             run.keeper.repair()
+        if self.primary and run.posthoc is not None:
+            run.posthoc.open_folder(self.run_dir, resumed=self.source is not None,
+                                    step=run.counters.num_updates)
         if self.primary:
             outputs.write_args(self.run_dir, run.record())
             if run.summary.rows:
                 # The checkpoint's rows are the record: a kill after the last epoch's checkpoint
                 # but before its summary.csv line has no later epoch to repair the file.
                 self.write_summary()
+
+    def take_snapshot(self) -> None:
+        """The post-hoc snapshot of this optimizer step, when it is one of the series'."""
+        if self.run.posthoc is not None:
+            self.run.posthoc.take(self.run.counters.num_updates, self.run.posthoc_meta,
+                                  self.run.keeper)
 
     def log_start(self) -> None:
         run, s = self.run, self.run.settings
@@ -151,6 +161,9 @@ class Training:
             for warning, line in ema_horizons.startup_lines(run.ema, run.ema_labels(),
                                                             run.length()):
                 (log.warning if warning else log.info)(line)
+        if run.posthoc is not None:
+            log.info(posthoc_plan_line(run.posthoc, run.data.steps_per_epoch,
+                                       self.run_dir / snapshots.FOLDER))
 
     # ----------------------------------------------------------------------------- one epoch
     def run_epoch(self, epoch: int, stop) -> int | None:
@@ -186,11 +199,13 @@ class Training:
         """Before weights leave memory (validation, a save): no loss so far was NaN/Inf (one
         read of a device flag), and no EMA shadow holds NaN/Inf (one read of the shadows)."""
         self.loop.check()
-        ema = self.run.ema
+        ema, tracker = self.run.ema, self.run.posthoc
         bad = ema.nonfinite_shadows() if ema is not None else []
-        if self.any_rank(bool(bad)):
-            names = [s.name for s in self.run.weight_sets if s.shadow in bad] or ["shadows"]
-            raise NonFiniteShadows(self.run.counters.epoch, names)
+        names = [s.name for s in self.run.weight_sets if s.shadow in bad]
+        if tracker is not None:
+            names += [f"power {tracker.sigma_rels[i]:g}" for i in tracker.ema.nonfinite_shadows()]
+        if self.any_rank(bool(names)):
+            raise NonFiniteShadows(self.run.counters.epoch, names or ["shadows"])
 
     def stop_mid_epoch(self, epoch: int, stop) -> int:
         """Save where the epoch stands (a resumed run continues at the next step) and stop."""
@@ -211,6 +226,7 @@ class Training:
         stop_every = s.loop.log_interval if run.dist.enabled else 1
         with contextlib.closing(self.loop.run(loader)) as updates:
             for _ in updates:
+                self.take_snapshot()  # before a checkpoint of this step, in the same writer
                 recover = interval and c.num_updates % interval == 0
                 halt = c.epoch_step % stop_every == 0 and self.any_rank(stop())
                 if recover or halt:
@@ -225,6 +241,7 @@ class Training:
         run, metric = self.run, self.run.settings.loop.eval_metric
         lr, train_loss = current_lr(run.optimizer), run.counters.train_loss
         self.sync_replicas()
+        self.take_snapshot()  # the epoch's last update (the loop yields only the others)
         run.shadow_policy.apply(run.ema, run.model, epoch, lambda images: calibration_input(
             run, images))
         scores = validate(run.model, val_loader, run.device, ema=run.ema, epoch=epoch,
@@ -281,6 +298,9 @@ class Training:
         if run.ema is not None:
             run.ema.wait()
         shadows = run.ema.modules if run.ema is not None else []
+        if run.posthoc is not None:
+            run.posthoc.ema.wait()
+            shadows = shadows + run.posthoc.ema.modules
         if not s.dist.sync_bn:
             for module in [run.module] + shadows:
                 distributed.distribute_bn(module, run.dist, s.dist.dist_bn, run.device)
@@ -290,7 +310,11 @@ class Training:
             buffers = bool(s.dist.sync_bn or s.dist.dist_bn)
             sums = distributed.check_replicas_agree(shadows, run.dist, run.device,
                                                     include_buffers=buffers)
-            log.info("EMA checksums (equal on all ranks): " + ", ".join(f"{x:.10g}" for x in sums))
+            regular = len(run.ema.modules) if run.ema is not None else 0
+            for what, part in (("EMA", sums[:regular]), ("post-hoc EMA", sums[regular:])):
+                if part:
+                    log.info(f"{what} checksums (equal on all ranks): "
+                             + ", ".join(f"{x:.10g}" for x in part))
 
 
 def ema_advice(run: Run) -> list[str]:

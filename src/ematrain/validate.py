@@ -93,10 +93,12 @@ def read_weights(s: ValidateSettings) -> tuple[dict, ckpt_io.Weights | None]:
 
 
 def build_model(s: ValidateSettings, ckpt: dict, dataset, weights: ckpt_io.Weights | None,
-                device):
+                device, path=None):
     """The network training built (pooling, --model-kwargs and BatchNorm eps change what the
-    weights compute, when evaluating the checkpoint's own architecture), holding `weights`."""
-    arch = resolve_arch(s.model, ckpt, s.source)
+    weights compute, when evaluating the checkpoint's own architecture), holding `weights`
+    (`path`: the file they come from, default the settings' source of weights)."""
+    path = path or s.source
+    arch = resolve_arch(s.model, ckpt, path)
     recorded = ckpt_io.args_dict(ckpt)
     same_arch = arch == (ckpt.get("arch") or recorded.get("model"))
     model = create_model(arch, resolve_num_classes(s.num_classes, ckpt, dataset, s.split),
@@ -106,7 +108,7 @@ def build_model(s: ValidateSettings, ckpt: dict, dataset, weights: ckpt_io.Weigh
         set_batchnorm(model, eps=recorded.get("bn_eps"))
     dtype = s.precision.on(device).model_dtype
     if weights is not None:
-        ckpt_io.load_weights_into(model, weights.state, s.source, arch=ckpt.get("arch"),
+        ckpt_io.load_weights_into(model, weights.state, path, arch=ckpt.get("arch"),
                                   model_name=arch)
         if s.precision.model_dtype is None:  # as training scored them
             dtype = evaluation_dtype(weights.state, device, weights.eval_dtype)
@@ -114,6 +116,37 @@ def build_model(s: ValidateSettings, ckpt: dict, dataset, weights: ckpt_io.Weigh
     if s.precision.channels_last:
         model.to(memory_format=torch.channels_last)
     return model, arch
+
+
+def open_split(s: ValidateSettings):
+    """The split's folder and ImageFolder."""
+    split_dir = data.resolve_split_dir(s.data_dir, s.split)
+    return split_dir, data.load_image_folder(split_dir)
+
+
+def check_classes(ckpt: dict, dataset, split_dir) -> None:
+    """The split's class folders are the ones `ckpt` was trained on."""
+    saved_classes = ckpt.get("class_names")
+    if saved_classes and list(saved_classes) != dataset.classes:
+        raise UserError(f"class folders of {split_dir} differ from the ones the checkpoint was "
+                        f"trained on")
+
+
+def split_loader(s: ValidateSettings, info, dataset, ckpt: dict, data_config: dict, device):
+    """The evaluation loader of this rank's share (each image counts exactly once under
+    torchrun) and the normalization of its uint8 batches."""
+    dataset.transform = data.eval_transform(data_config)
+    recorded = ckpt_io.args_dict(ckpt)
+    batch_size = (s.loader.batch_size or recorded.get("validation_batch_size")
+                  or recorded.get("batch_size") or 256)
+    sampler = data.EpochSampler(len(dataset), 0, shuffle=False, rank=info.rank,
+                                num_replicas=info.world_size, block=batch_size)
+    crowded = s.loader.too_many_workers(info.local_processes)
+    if crowded and info.is_primary:
+        log.warning(crowded)
+    loader = data.make_loader(dataset, batch_size, s.loader.workers_per_process(info.local_processes),
+                              seed=0, pin_memory=device.type == "cuda", sampler=sampler)
+    return loader, data.Normalize(data_config["mean"], data_config["std"], device)
 
 
 def _main(argv: list[str]) -> int:
@@ -126,30 +159,16 @@ def _main(argv: list[str]) -> int:
 
 
 def _evaluate(s: ValidateSettings, info, device) -> int:
-    split_dir = data.resolve_split_dir(s.data_dir, s.split)
-    dataset = data.load_image_folder(split_dir)
+    if s.posthoc:
+        from .posthoc_sweep import evaluate_posthoc
+        return evaluate_posthoc(s, info, device)
+    split_dir, dataset = open_split(s)
     ckpt, weights = read_weights(s)
-    saved_classes = ckpt.get("class_names")
-    if saved_classes and list(saved_classes) != dataset.classes:
-        raise UserError(f"class folders of {split_dir} differ from the ones the checkpoint was "
-                        f"trained on")
+    check_classes(ckpt, dataset, split_dir)
     model, arch = build_model(s, ckpt, dataset, weights, device)
     name = weights.name if weights is not None else "pretrained"
     data_config = resolve_data_config(s.image, ckpt, model)
-    dataset.transform = data.eval_transform(data_config)
-    recorded = ckpt_io.args_dict(ckpt)
-    batch_size = (s.loader.batch_size or recorded.get("validation_batch_size")
-                  or recorded.get("batch_size") or 256)
-    # Under torchrun each rank takes a disjoint share; every image counts exactly once.
-    sampler = data.EpochSampler(len(dataset), 0, shuffle=False, rank=info.rank,
-                                num_replicas=info.world_size, block=batch_size)
-    workers = s.loader.workers_per_process(info.local_processes)
-    crowded = s.loader.too_many_workers(info.local_processes)
-    if crowded and info.is_primary:
-        log.warning(crowded)
-    loader = data.make_loader(dataset, batch_size, workers, seed=0,
-                              pin_memory=device.type == "cuda", sampler=sampler)
-    normalize = data.Normalize(data_config["mean"], data_config["std"], device)
+    loader, normalize = split_loader(s, info, dataset, ckpt, data_config, device)
     precision = s.precision.on(device)
     result = validate(model, loader, device, reduce=lambda t: distributed.all_reduce_sum(t, info),
                       show=info.is_primary, normalize=normalize, amp_dtype=precision.autocast,
