@@ -178,7 +178,7 @@ def test_bad_series_are_one_line_each(data, tmp_path):
     for argv, text in [(["--posthoc", tmp_path, "--sigma-rel", "0.4"], "--sigma-rel must be in"),
                        (["--posthoc", tmp_path, "--half-life", "2days"], "--half-life: bad"),
                        (["--posthoc", tmp_path, "--use-ema"], "do not apply"),
-                       (["--sigma-rel", "0.1"], "give --checkpoint PATH or --posthoc"),
+                       (["--sigma-rel", "0.1"], "give the weights to evaluate: --checkpoint PATH, --posthoc"),
                        (["--checkpoint", "x", "--sigma-rel", "0.1"], "give --posthoc RUN_DIR")]:
         one_line_error(run_in_process(validate.main, "validate.py", data, *argv), text)
 
