@@ -348,10 +348,10 @@ def test_a_new_batch_size_at_an_epoch_boundary_gets_its_own_learning_rate(data, 
 
 def test_a_stop_under_torchrun_names_torchrun(ema_run, monkeypatch):
     from ematrain.distributed import DistInfo
-    from ematrain.train import Training
+    from ematrain.train import Training, resume_launcher
     settings, source = resolve("--resume", ema_run / "last.pth.tar")
     tr = Training(build_run(settings, resuming=True), source)
-    assert tr.launcher() == "python train.py"
+    assert resume_launcher(tr.run, tr.prog) == "python train.py"
     tr.run.dist = DistInfo(rank=0, world_size=8, local_rank=0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert tr.launcher() == "torchrun --nnodes 2 --nproc_per_node 4 train.py"
+    assert resume_launcher(tr.run, tr.prog) == "torchrun --nnodes 2 --nproc_per_node 4 train.py"

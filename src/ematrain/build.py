@@ -161,6 +161,11 @@ class Run:
     def ema_labels(self) -> list[str]:
         return ema_labels(self.settings.ema, self.decays)
 
+    def take_snapshot(self) -> None:
+        """The post-hoc snapshot of this optimizer step, when it is one of the series'."""
+        if self.posthoc is not None:
+            self.posthoc.take(self.counters.num_updates, self.posthoc_meta, self.keeper)
+
     def posthoc_meta(self) -> dict:
         """What a post-hoc snapshot records of the run (`snapshots.META_KEYS`)."""
         scored = self.posthoc.ema.scored_dtype(self.model)

@@ -91,7 +91,7 @@ class Training:
                 self.folder.close()
 
     def epochs(self) -> int:
-        self.log_start()
+        log_start(self.run, self.run_dir)
         with StopRequest(self.prog, quiet=not self.primary) as stop:
             for epoch in range(self.run.counters.epoch, self.run.num_epochs):
                 rc = self.run_epoch(epoch, stop)
@@ -101,25 +101,13 @@ class Training:
                     self.run.keeper.wait()
                     self.print_stop(f"stopped after epoch {epoch}")
                     return stop.exit_code
-        for line in outputs.final_report(self.run.keeper.best, self.run.weight_sets,
-                                         self.run.settings.loop.eval_metric):
-            log.info(line)
-        for line in ema_advice(self.run):
-            log.info(line)
-        log.info(f"done in {duration(self.clock.elapsed())}: {self.run_dir}")
+        log_end(self.run, self.run_dir, self.clock.elapsed())
         return 0
 
     def open_folder(self) -> None:
-        """The run's folder: a resumed run of ours continues in its checkpoint's folder."""
-        run, loop = self.run, self.run.settings.loop
-        if self.primary:
-            if self.source is not None and ckpt_io.is_ours(self.source.ckpt):
-                self.folder = outputs.RunFolder.open(self.source.path.parent, resuming=True)
-            else:
-                base = outputs.run_folder_base(loop.output, loop.experiment, run.settings.model.model)
-                self.folder = outputs.RunFolder.open(
-                    base, resuming=self.source is not None or loop.resume == "auto")
-            outputs.check_writable(self.folder.path)
+        """The run's folder (its lock held), its args.yaml, and what a resume must repair."""
+        run = self.run
+        self.folder = open_run_folder(run, self.source) if self.primary else None
         path = str(self.folder.path) if self.folder is not None else None
         self.run_dir = Path(distributed.broadcast_object(path, run.dist))
         run.keeper.run_dir = self.run_dir
@@ -134,36 +122,6 @@ class Training:
                 # The checkpoint's rows are the record: a kill after the last epoch's checkpoint
                 # but before its summary.csv line has no later epoch to repair the file.
                 self.write_summary()
-
-    def take_snapshot(self) -> None:
-        """The post-hoc snapshot of this optimizer step, when it is one of the series'."""
-        if self.run.posthoc is not None:
-            self.run.posthoc.take(self.run.counters.num_updates, self.run.posthoc_meta,
-                                  self.run.keeper)
-
-    def log_start(self) -> None:
-        run, s = self.run, self.run.settings
-        dist = run.dist
-        where = (f"{dist.world_size} processes ({run.device.type}, "
-                 f"{torch.distributed.get_backend()})" if dist.enabled else str(run.device))
-        params = sum(p.numel() for p in run.module.parameters()) / 1e6
-        log.info(f"training {s.model.model} ({params:.2f}M params) on {where}: "
-                 f"{len(run.data.train_set)} train / {len(run.data.val_set)} val images, "
-                 f"{run.num_classes} classes, {plural(run.num_epochs, 'epoch')}")
-        log.info(f"lr {run.lr:.4g} for a global batch of {run.images_per_step()}"
-                 + ("" if s.optim.lr is not None else f" (--lr-base {s.optim.lr_base:g} per "
-                                                      f"{s.optim.lr_base_size} images)"))
-        log.info(f"output: {self.run_dir}")
-        for warning in run.data.warnings + [s.schedule.warmup_warning(run.num_epochs)]:
-            if warning:
-                log.warning(warning)
-        if run.ema is not None:
-            for warning, line in ema_horizons.startup_lines(run.ema, run.ema_labels(),
-                                                            run.length()):
-                (log.warning if warning else log.info)(line)
-        if run.posthoc is not None:
-            log.info(posthoc_plan_line(run.posthoc, run.data.steps_per_epoch,
-                                       self.run_dir / snapshots.FOLDER))
 
     # ----------------------------------------------------------------------------- one epoch
     def run_epoch(self, epoch: int, stop) -> int | None:
@@ -226,7 +184,7 @@ class Training:
         stop_every = s.loop.log_interval if run.dist.enabled else 1
         with contextlib.closing(self.loop.run(loader)) as updates:
             for _ in updates:
-                self.take_snapshot()  # before a checkpoint of this step, in the same writer
+                self.run.take_snapshot()  # before a checkpoint of this step, in the same writer
                 recover = interval and c.num_updates % interval == 0
                 halt = c.epoch_step % stop_every == 0 and self.any_rank(stop())
                 if recover or halt:
@@ -240,8 +198,8 @@ class Training:
         """Validate every weight set, record the epoch, save, report."""
         run, metric = self.run, self.run.settings.loop.eval_metric
         lr, train_loss = current_lr(run.optimizer), run.counters.train_loss
-        self.sync_replicas()
-        self.take_snapshot()  # the epoch's last update (the loop yields only the others)
+        sync_replicas(run)
+        self.run.take_snapshot()  # the epoch's last update (the loop yields only the others)
         run.shadow_policy.apply(run.ema, run.model, epoch, lambda images: calibration_input(
             run, images))
         scores = validate(run.model, val_loader, run.device, ema=run.ema, epoch=epoch,
@@ -278,43 +236,92 @@ class Training:
     def print_stop(self, what: str) -> None:
         if self.primary:
             last = self.run_dir / LAST
-            print(f"{self.prog}: {what}; saved {last}. Resume with: {self.launcher()} --resume "
-                  f"{last}", file=sys.stderr, flush=True)
+            print(f"{self.prog}: {what}; saved {last}. Resume with: "
+                  f"{resume_launcher(self.run, self.prog)} --resume {last}", file=sys.stderr,
+                  flush=True)
 
-    def launcher(self) -> str:
-        """How this run was started: `python train.py`, or torchrun with its process counts."""
-        if not self.run.dist.enabled:
-            return launcher(self.prog)
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.run.dist.world_size))
-        nodes = self.run.dist.world_size // max(local, 1)
-        return (f"torchrun {f'--nnodes {nodes} ' if nodes > 1 else ''}--nproc_per_node {local} "
-                f"{self.prog}")
 
-    def sync_replicas(self) -> None:
-        """Under torchrun: make BatchNorm statistics agree, then check the EMA shadows agree."""
-        run, s = self.run, self.run.settings
-        if not run.dist.enabled:
-            return
-        if run.ema is not None:
-            run.ema.wait()
-        shadows = run.ema.modules if run.ema is not None else []
-        if run.posthoc is not None:
-            run.posthoc.ema.wait()
-            shadows = shadows + run.posthoc.ema.modules
-        if not s.dist.sync_bn:
-            for module in [run.module] + shadows:
-                distributed.distribute_bn(module, run.dist, s.dist.dist_bn, run.device)
-        if shadows:
-            # Without any BatchNorm sync each rank's shadow keeps its own running statistics:
-            # only the parameters can be compared then.
-            buffers = bool(s.dist.sync_bn or s.dist.dist_bn)
-            sums = distributed.check_replicas_agree(shadows, run.dist, run.device,
-                                                    include_buffers=buffers)
-            regular = len(run.ema.modules) if run.ema is not None else 0
-            for what, part in (("EMA", sums[:regular]), ("post-hoc EMA", sums[regular:])):
-                if part:
-                    log.info(f"{what} checksums (equal on all ranks): "
-                             + ", ".join(f"{x:.10g}" for x in part))
+def open_run_folder(run: Run, source: ResumeSource | None) -> outputs.RunFolder:
+    """The run's folder: a resumed run of ours continues in its checkpoint's folder."""
+    loop = run.settings.loop
+    if source is not None and ckpt_io.is_ours(source.ckpt):
+        folder = outputs.RunFolder.open(source.path.parent, resuming=True)
+    else:
+        base = outputs.run_folder_base(loop.output, loop.experiment, run.settings.model.model)
+        folder = outputs.RunFolder.open(base, resuming=source is not None or loop.resume == "auto")
+    outputs.check_writable(folder.path)
+    return folder
+
+
+def log_start(run: Run, run_dir: Path) -> None:
+    """What the run will do, and the settings that would quietly waste it."""
+    s = run.settings
+    dist = run.dist
+    where = (f"{dist.world_size} processes ({run.device.type}, "
+             f"{torch.distributed.get_backend()})" if dist.enabled else str(run.device))
+    params = sum(p.numel() for p in run.module.parameters()) / 1e6
+    log.info(f"training {s.model.model} ({params:.2f}M params) on {where}: "
+             f"{len(run.data.train_set)} train / {len(run.data.val_set)} val images, "
+             f"{run.num_classes} classes, {plural(run.num_epochs, 'epoch')}")
+    log.info(f"lr {run.lr:.4g} for a global batch of {run.images_per_step()}"
+             + ("" if s.optim.lr is not None else f" (--lr-base {s.optim.lr_base:g} per "
+                                                  f"{s.optim.lr_base_size} images)"))
+    log.info(f"output: {run_dir}")
+    for warning in run.data.warnings + [s.schedule.warmup_warning(run.num_epochs)]:
+        if warning:
+            log.warning(warning)
+    if run.ema is not None:
+        for warning, line in ema_horizons.startup_lines(run.ema, run.ema_labels(),
+                                                        run.length()):
+            (log.warning if warning else log.info)(line)
+    if run.posthoc is not None:
+        log.info(posthoc_plan_line(run.posthoc, run.data.steps_per_epoch,
+                                   run_dir / snapshots.FOLDER))
+
+
+def sync_replicas(run: Run) -> None:
+    """Under torchrun: make BatchNorm statistics agree, then check the EMA shadows agree."""
+    s = run.settings
+    if not run.dist.enabled:
+        return
+    if run.ema is not None:
+        run.ema.wait()
+    shadows = run.ema.modules if run.ema is not None else []
+    if run.posthoc is not None:
+        run.posthoc.ema.wait()
+        shadows = shadows + run.posthoc.ema.modules
+    if not s.dist.sync_bn:
+        for module in [run.module] + shadows:
+            distributed.distribute_bn(module, run.dist, s.dist.dist_bn, run.device)
+    if shadows:
+        # Without any BatchNorm sync each rank's shadow keeps its own running statistics:
+        # only the parameters can be compared then.
+        buffers = bool(s.dist.sync_bn or s.dist.dist_bn)
+        sums = distributed.check_replicas_agree(shadows, run.dist, run.device,
+                                                include_buffers=buffers)
+        regular = len(run.ema.modules) if run.ema is not None else 0
+        for what, part in (("EMA", sums[:regular]), ("post-hoc EMA", sums[regular:])):
+            if part:
+                log.info(f"{what} checksums (equal on all ranks): "
+                         + ", ".join(f"{x:.10g}" for x in part))
+
+
+def resume_launcher(run: Run, prog: str) -> str:
+    """How this run was started: `python train.py`, or torchrun with its process counts."""
+    if not run.dist.enabled:
+        return launcher(prog)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", run.dist.world_size))
+    nodes = run.dist.world_size // max(local, 1)
+    return (f"torchrun {f'--nnodes {nodes} ' if nodes > 1 else ''}--nproc_per_node {local} "
+            f"{prog}")
+
+
+def log_end(run: Run, run_dir: Path, seconds: float) -> None:
+    """The final report: each weight set's best epoch, advice for EMAs that ended behind."""
+    for line in outputs.final_report(run.keeper.best, run.weight_sets,
+                                     run.settings.loop.eval_metric) + ema_advice(run):
+        log.info(line)
+    log.info(f"done in {duration(seconds)}: {run_dir}")
 
 
 def ema_advice(run: Run) -> list[str]:
