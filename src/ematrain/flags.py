@@ -176,17 +176,9 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="validation batch size (default: the training batch size)")
     g.add_argument("--grad-accum-steps", type=int, default=1, metavar="N",
                    help="batches per optimizer step (the EMA updates once per optimizer step)")
-    g.add_argument("--channels-last", action="store_true", default=False,
-                   help="use channels-last memory layout")
     g.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor",
                    help="torch.compile the model with this backend (default when given: inductor)")
-    g.add_argument("--amp", action="store_true", default=False,
-                   help="mixed precision autocast (bfloat16 works on the CPU; float16 needs CUDA)")
-    g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
-                   help="autocast dtype (default: float16; a grad scaler is used with float16)")
-    g.add_argument("--model-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="keep the model's weights and inputs in this dtype (low precision without "
-                        "AMP; the EMA shadows stay float32 unless --model-ema-dtype says otherwise)")
+    _precision_flags(g, training=True)
     g.add_argument("--no-prefetcher", action="store_true", default=False,
                    help="accepted for timm compatibility (ematrain has no separate prefetcher)")
     g.add_argument("--pin-mem", action="store_true", default=False,
@@ -445,13 +437,23 @@ def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="also write the results to PATH (.json or .csv)")
     p.add_argument("--results-format", default=None, choices=["csv", "json"],
                    help="format of --results-file (default: from its suffix)")
-    p.add_argument("--amp", action="store_true", default=False,
-                   help="mixed precision autocast (bfloat16 works on the CPU; float16 needs CUDA)")
-    p.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
-                   help="autocast dtype (default: float16)")
-    p.add_argument("--model-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="evaluate with the weights in this dtype (default: the dtype training "
-                        "scored them in)")
-    p.add_argument("--channels-last", action="store_true", default=False,
-                   help="use channels-last memory layout")
+    _precision_flags(p, training=False)
     return p
+
+
+def _precision_flags(group, training: bool) -> None:
+    """--amp, --amp-dtype, --model-dtype, --channels-last: timm's, in both commands."""
+    group.add_argument("--channels-last", action="store_true", default=False,
+                       help="use channels-last memory layout")
+    group.add_argument("--amp", action="store_true", default=False,
+                       help="mixed precision autocast (bfloat16 works on the CPU; float16 needs "
+                            "CUDA)")
+    group.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"],
+                       help="autocast dtype (default: float16"
+                            + ("; a grad scaler is used with float16)" if training else ")"))
+    group.add_argument("--model-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="keep the model's weights and inputs in this dtype (low precision "
+                            "without AMP; the EMA shadows stay float32 unless --model-ema-dtype "
+                            "says otherwise)" if training else
+                            "evaluate with the weights in this dtype (default: the dtype "
+                            "training scored them in)")
