@@ -122,7 +122,18 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.names_timm_flags = True
     p.add_argument("-c", "--config", default="", metavar="FILE",
                    help="YAML recipe: its keys become defaults, command-line flags win")
+    _dataset_flags(p)
+    _model_flags(p)
+    _optimizer_flags(p)
+    _schedule_flags(p)
+    _augmentation_flags(p)
+    _ema_flags(p)
+    _misc_flags(p)
+    return p
 
+
+def _dataset_flags(p) -> None:
+    """train.py's dataset parameters (timm's group)."""
     g = p.add_argument_group("Dataset parameters")
     g.add_argument("data", nargs="?", default=None, metavar="DIR",
                    help="data root holding <train-split>/ and <val-split>/ ImageFolder trees")
@@ -132,6 +143,9 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--val-split", default="val",
                    help="validation split folder (default: val; 'validation' if val is absent)")
 
+
+def _model_flags(p) -> None:
+    """train.py's model parameters (timm's group)."""
     g = p.add_argument_group("Model parameters")
     g.add_argument("--model", default="resnet50", help="timm model name (default: resnet50)")
     g.add_argument("--pretrained", action="store_true", default=False,
@@ -161,6 +175,11 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="activation checkpointing: less memory, more compute")
     g.add_argument("--num-classes", type=int, default=None, metavar="N",
                    help="classifier outputs (default: the number of class folders)")
+    _input_flags(g)
+
+
+def _input_flags(g) -> None:
+    """train.py's input, batch and precision flags (timm keeps them with the model's)."""
     g.add_argument("--img-size", type=int, default=None, metavar="N", help="input image size (default: the model's)")
     g.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N",
                    help="input dimensions C H W (overrides --img-size; default: the model's)")
@@ -192,6 +211,9 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--bn-eps", type=finite_float, default=None,
                    help="epsilon of every BatchNorm layer (default: the model's own)")
 
+
+def _optimizer_flags(p) -> None:
+    """train.py's optimizer parameters (timm's group)."""
     g = p.add_argument_group("Optimizer parameters")
     g.add_argument("--opt", default="sgd", help="timm optimizer name (default: sgd)")
     g.add_argument("--opt-eps", type=finite_float, default=None, help="optimizer epsilon (default: the optimizer's)")
@@ -207,6 +229,9 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--clip-mode", default="norm", choices=["norm", "value", "agc"],
                    help="gradient clipping mode (default: norm)")
 
+
+def _schedule_flags(p) -> None:
+    """train.py's learning rate schedule parameters (timm's group)."""
     g = p.add_argument_group("Learning rate schedule parameters")
     g.add_argument("--sched", default="cosine", help="timm LR scheduler (default: cosine)")
     g.add_argument("--sched-on-updates", action="store_true", default=False,
@@ -247,6 +272,9 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--lr-k-decay", type=finite_float, default=1.0,
                    help="cosine/poly: k-decay rate (default: 1.0)")
 
+
+def _augmentation_flags(p) -> None:
+    """train.py's augmentation and regularization parameters (timm's group)."""
     g = p.add_argument_group("Augmentation and regularization parameters")
     g.add_argument("--no-aug", action="store_true", default=False, help="disable training augmentation")
     g.add_argument("--scale", type=finite_float, nargs=2, default=[0.08, 1.0], metavar="PCT",
@@ -285,6 +313,9 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--bce-target-thresh", type=finite_float, default=None,
                    help="threshold that binarizes soft BCE targets (default: off)")
 
+
+def _ema_flags(p) -> None:
+    """train.py's model exponential moving average parameters (timm's group)."""
     g = p.add_argument_group("Model exponential moving average parameters")
     g.add_argument("--model-ema", action="store_true", default=False,
                    help="keep exponential moving averages of the weights, validated every epoch")
@@ -301,6 +332,32 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="keep the EMA shadows in host memory (still validated every epoch)")
     g.add_argument("--model-ema-every", type=int, default=1, metavar="N", action=EmaSetting,
                    help="average every N optimizer steps with decay**N (default: 1)")
+    _ema_schedule_flags(g)
+    g.add_argument("--model-ema-precheck", action=EmaSwitch, default=False,
+                   help="check the weights for NaN/Inf before every EMA update and skip a bad one "
+                        "(exact, at one more read of the model per update and, on CUDA, a host "
+                        "sync); without it the shadows are checked before each validation and "
+                        "save, and a non-finite run stops")
+    g.add_argument("--model-ema-dtype", default=None, action=EmaSetting,
+                   choices=["float32", "float16", "bfloat16", "float64"],
+                   help="EMA shadow dtype (default: float32 for 16-bit models, else the model's)")
+    # Post-hoc EMA: power-function EMAs beside (not instead of) the --model-ema-decay shadows,
+    # so these do not switch the regular EMA on.
+    g.add_argument("--model-ema-posthoc", type=finite_float, nargs="*", default=None,
+                   metavar="SIGMA_REL",
+                   help="track power-function EMAs of these relative widths (default when given "
+                        "bare: 0.05 0.10) and snapshot them into <run>/posthoc/, so that "
+                        "validate.py --posthoc reconstructs EMAs of any length after training")
+    g.add_argument("--model-ema-snapshot-every", default=None, metavar="H",
+                   help="post-hoc snapshot interval: Nep, Nit or Nimg (k/M allowed), as "
+                        "--model-ema-half-life (default: 32 snapshots per run)")
+    g.add_argument("--model-ema-snapshot-dtype", default=None,
+                   choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the post-hoc snapshots' weights (default: float32)")
+
+
+def _ema_schedule_flags(g) -> None:
+    """How each EMA update's decay is chosen, and the shadows at an epoch's end."""
     g.add_argument("--model-ema-schedule", default=None, metavar="NAME", action=EmaSetting,
                    help="how each update's decay is chosen: constant (default), timm (timm's "
                         "warmup), debias (bias-corrected, as Adam's), power (EDM2's power-function "
@@ -327,28 +384,10 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--model-ema-switch", action=EmaSwitch, default=False,
                    help="switch-EMA: at the end of each epoch the live model takes the first EMA's "
                         "weights (optimizer state kept)")
-    g.add_argument("--model-ema-precheck", action=EmaSwitch, default=False,
-                   help="check the weights for NaN/Inf before every EMA update and skip a bad one "
-                        "(exact, at one more read of the model per update and, on CUDA, a host "
-                        "sync); without it the shadows are checked before each validation and "
-                        "save, and a non-finite run stops")
-    g.add_argument("--model-ema-dtype", default=None, action=EmaSetting,
-                   choices=["float32", "float16", "bfloat16", "float64"],
-                   help="EMA shadow dtype (default: float32 for 16-bit models, else the model's)")
-    # Post-hoc EMA: power-function EMAs beside (not instead of) the --model-ema-decay shadows,
-    # so these do not switch the regular EMA on.
-    g.add_argument("--model-ema-posthoc", type=finite_float, nargs="*", default=None,
-                   metavar="SIGMA_REL",
-                   help="track power-function EMAs of these relative widths (default when given "
-                        "bare: 0.05 0.10) and snapshot them into <run>/posthoc/, so that "
-                        "validate.py --posthoc reconstructs EMAs of any length after training")
-    g.add_argument("--model-ema-snapshot-every", default=None, metavar="H",
-                   help="post-hoc snapshot interval: Nep, Nit or Nimg (k/M allowed), as "
-                        "--model-ema-half-life (default: 32 snapshots per run)")
-    g.add_argument("--model-ema-snapshot-dtype", default=None,
-                   choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the post-hoc snapshots' weights (default: float32)")
 
+
+def _misc_flags(p) -> None:
+    """train.py's miscellaneous parameters (timm's group)."""
     g = p.add_argument_group("Miscellaneous parameters")
     g.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     g.add_argument("--log-interval", type=int, default=50, metavar="N",
@@ -380,7 +419,6 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--experiment", default="", help="run name (default: <date>-<model>)")
     g.add_argument("--eval-metric", default="top1", choices=["top1", "top5", "loss"],
                    help="metric that picks the best checkpoints (default: top1)")
-    return p
 
 
 def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -401,19 +439,7 @@ def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", default=False,
                    help="instead of --checkpoint: timm's released weights for --model (from "
                         "timm's cache)")
-    p.add_argument("--posthoc", default=None, metavar="RUN_DIR",
-                   help="instead of --checkpoint: reconstruct EMAs of many lengths from the "
-                        "post-hoc snapshots of a run trained with --model-ema-posthoc, score them "
-                        "all in one pass, and write posthoc.csv, posthoc.png and "
-                        "model_posthoc_best.pth.tar into RUN_DIR")
-    p.add_argument("--sigma-rel", type=finite_float, nargs="+", default=None, metavar="S",
-                   help="--posthoc: power-function EMA lengths to reconstruct (default: ten "
-                        "from a quarter of the shortest tracked one to 2.5 times the longest, "
-                        "at most 0.25)")
-    p.add_argument("--half-life", nargs="+", default=None, metavar="H",
-                   help="--posthoc: classic EMAs to reconstruct, by half-life at the end of "
-                        "training in the training flag's units (2ep, 500it, 300kimg); scored "
-                        "beside the --sigma-rel ones")
+    _posthoc_flags(p)
     p.add_argument("--use-ema", action="store_true", default=False,
                    help="evaluate the (first) EMA weights")
     p.add_argument("--ema-decay", type=finite_float, default=None, metavar="D",
@@ -439,6 +465,23 @@ def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="format of --results-file (default: from its suffix)")
     _precision_flags(p, training=False)
     return p
+
+
+def _posthoc_flags(p) -> None:
+    """validate.py --posthoc and what it reconstructs."""
+    p.add_argument("--posthoc", default=None, metavar="RUN_DIR",
+                   help="instead of --checkpoint: reconstruct EMAs of many lengths from the "
+                        "post-hoc snapshots of a run trained with --model-ema-posthoc, score them "
+                        "all in one pass, and write posthoc.csv, posthoc.png and "
+                        "model_posthoc_best.pth.tar into RUN_DIR")
+    p.add_argument("--sigma-rel", type=finite_float, nargs="+", default=None, metavar="S",
+                   help="--posthoc: power-function EMA lengths to reconstruct (default: ten "
+                        "from a quarter of the shortest tracked one to 2.5 times the longest, "
+                        "at most 0.25)")
+    p.add_argument("--half-life", nargs="+", default=None, metavar="H",
+                   help="--posthoc: classic EMAs to reconstruct, by half-life at the end of "
+                        "training in the training flag's units (2ep, 500it, 300kimg); scored "
+                        "beside the --sigma-rel ones")
 
 
 def _precision_flags(group, training: bool) -> None:
