@@ -44,6 +44,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_name, load_line  # benchmarks/ is on the path of a script run from it
+
 import timm
 import torch
 from timm.utils import ModelEmaV2, ModelEmaV3
@@ -91,16 +93,10 @@ def machine_info(devices) -> str:
         f"cpu      : {platform.processor() or platform.machine()}, {os.cpu_count()} logical cpus, "
         f"torch threads {torch.get_num_threads()}",
     ]
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        if names:
-            lines[-1] += f", {names[0]}"
-    except OSError:
-        pass
-    if hasattr(os, "getloadavg"):
-        lines.append("load avg : {:.2f} {:.2f} {:.2f} (1, 5, 15 min; other work on the machine adds "
-                     "noise)".format(*os.getloadavg()))
+    if cpu_name():
+        lines[-1] += f", {cpu_name()}"
+    if load_line():
+        lines.append(load_line())
     if "cuda" in devices:
         lines.append(f"cuda     : {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
     return "\n".join(lines)

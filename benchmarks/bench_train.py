@@ -64,6 +64,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name, load_line  # benchmarks/ is on the path of a script run from it
+
 REPO = Path(__file__).resolve().parent.parent
 EMA_DECAY = 0.99
 TARGET_TIMM = 0.95   # ours <= 0.95 x timm's train.py
@@ -270,16 +272,10 @@ def machine_info(args) -> str:
     lines = [f"platform : {platform.platform()}",
              f"python   : {platform.python_version()} ({args.python})   {versions}",
              f"cpu      : {os.cpu_count()} logical cpus, OMP_NUM_THREADS={args.threads}"]
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        if names:
-            lines[-1] += f", {names[0]}"
-    except OSError:
-        pass
-    if hasattr(os, "getloadavg"):
-        lines.append("load avg : {:.2f} {:.2f} {:.2f} (1, 5, 15 min; other work on the machine adds "
-                     "noise)".format(*os.getloadavg()))
+    if cpu_name():
+        lines[-1] += f", {cpu_name()}"
+    if load_line():
+        lines.append(load_line())
     return "\n".join(lines)
 
 
@@ -493,9 +489,9 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     report_times(results)
     report_targets(report_ratios(results), skipped_lines(args))
-    if hasattr(os, "getloadavg"):
-        print("\nload avg after the runs: {:.2f} {:.2f} {:.2f} (1, 5, 15 min; well above "
-              "--threads means other work competed with the runs)".format(*os.getloadavg()))
+    after = load_line("well above --threads means other work competed with the runs")
+    if after:
+        print("\n" + after.replace("load avg :", "load avg after the runs:"))
     return 0
 
 
