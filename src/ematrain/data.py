@@ -25,9 +25,16 @@ from .signals import in_loader_worker
 # validate.py rebuilds exactly the transform training validated with.
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
-# Where -j exceeds the cores, train.py and validate.py say so once (LoaderSpec.too_many_workers);
-# torch would repeat it for every loader it starts, once inside the progress bar.
-warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+
+@contextlib.contextmanager
+def _worker_count_said():
+    """Where -j exceeds the cores, train.py and validate.py say so once
+    (`LoaderSpec.too_many_workers`): torch's own warning, which it repeats for every loader it
+    makes and starts (once inside the progress bar), is silenced around those calls only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create",
+                                category=UserWarning)
+        yield
 
 
 def resolve_split_dir(root: str | Path, split: str) -> Path:
@@ -207,17 +214,20 @@ def make_loader(dataset, batch_size: int, workers: int, seed: int, drop_last: bo
     """A loader whose order comes from its sampler (or `seed`) alone. `persistent` keeps its
     worker processes from one pass to the next (the samples are seeded by their own key, so it
     does not matter which worker loads what)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                      sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      pin_memory=pin_memory, worker_init_fn=_init_worker,
-                      generator=loader_generator(seed), persistent_workers=persistent and workers > 0)
+    with _worker_count_said():
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                          sampler=sampler, num_workers=workers, drop_last=drop_last,
+                          pin_memory=pin_memory, worker_init_fn=_init_worker,
+                          generator=loader_generator(seed),
+                          persistent_workers=persistent and workers > 0)
 
 
 @contextlib.contextmanager
 def batches(loader):
     """Iterate `loader`; end its worker processes on an error (a reference to the iterator kept
     by the error's traceback would keep them running), and after the pass unless they persist."""
-    iterator = iter(loader)
+    with _worker_count_said():
+        iterator = iter(loader)
     try:
         yield iterator
     except BaseException:

@@ -30,8 +30,9 @@ class DistInfo:
 
     @property
     def local_processes(self) -> int:
-        """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE)."""
-        return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if self.enabled else 1
+        """Processes of this run on this machine (torchrun's LOCAL_WORLD_SIZE; without it, all
+        of them)."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)) if self.enabled else 1
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -7,7 +7,6 @@ report. Stop requests and recovery saves are handled between optimizer updates.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -310,7 +309,7 @@ def resume_launcher(run: Run, prog: str) -> str:
     """How this run was started: `python train.py`, or torchrun with its process counts."""
     if not run.dist.enabled:
         return launcher(prog)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", run.dist.world_size))
+    local = run.dist.local_processes
     nodes = run.dist.world_size // max(local, 1)
     return (f"torchrun {f'--nnodes {nodes} ' if nodes > 1 else ''}--nproc_per_node {local} "
             f"{prog}")
