@@ -214,7 +214,8 @@ def test_a_half_life_on_the_command_line_replaces_the_recipe_decay(tmp_path):
                                         ("model_ema_decay: 0.99", [0.99]),
                                         ("model_ema_half_life: 2ep", ["2ep"]),
                                         ("torchcompile: true", "inductor"),
-                                        ("torchcompile: false", None)])
+                                        ("torchcompile: false", None),
+                                        ("opt_fused: false", False), ("opt_fused: true", True)])
 def test_recipe_values_are_converted_as_the_command_line_would(tmp_path, line, value):
     """Each value as the command line gives it, and the data root after it still read as one
     (a recipe's list or bare flag must not swallow it)."""
@@ -233,6 +234,7 @@ def test_recipe_values_are_converted_as_the_command_line_would(tmp_path, line, v
                           "'float32', 'bfloat16', 'float16')"),
     ("lr_base_scale: cube", "config file {}: lr_base_scale: invalid choice: 'cube'"),
     ("model_ema: 0", "config file {}: model_ema must be true or false, got 0"),
+    ("opt_fused: 1", "config file {}: opt_fused must be true or false, got 1"),
     ("epochs: 2.5", "config file {}: epochs: invalid int value: '2.5'"),
     ("lr: fast", "config file {}: lr: expected a number, got 'fast'"),
     ("lr: .nan", "config file {}: lr: expected a finite number, got 'nan'"),

@@ -94,9 +94,12 @@ def _value_tokens(action: argparse.Action, key: str, value, where: str) -> list[
     """The command-line words that say `key: value`; what YAML can say but a flag cannot is
     refused here, everything else is left to argparse."""
     opt = _option(action)
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                           argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise UserError(f"{where}: {key} must be true or false, got {value!r}")
+        if isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x
+            return [min(action.option_strings, key=len) if value else opt]
         return [opt] if value else []
     if value is None:
         if action.default is not None and action.nargs != "?":

@@ -228,6 +228,10 @@ def _optimizer_flags(p) -> None:
                    help="layer-wise learning-rate decay, e.g. 0.65 for ViTs (default: off)")
     g.add_argument("--clip-mode", default="norm", choices=["norm", "value", "agc"],
                    help="gradient clipping mode (default: norm)")
+    g.add_argument("--opt-fused", action=argparse.BooleanOptionalAction, default=True,
+                   help="on the CPU, run torch's SGD, Adam, AdamW and Adagrad as their fused "
+                        "kernel: the same update in one pass instead of one per tensor "
+                        "(--no-opt-fused: torch's default implementation; default: on)")
 
 
 def _schedule_flags(p) -> None:

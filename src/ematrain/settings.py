@@ -276,6 +276,7 @@ class OptimSpec:
     clip_grad: float | None
     clip_mode: str
     grad_accum_steps: int
+    opt_fused: bool
 
     def __post_init__(self):
         if self.lr is not None and self.lr <= 0:
