@@ -6,7 +6,7 @@ from pathlib import Path
 # Run from a checkout without installing: put src/ on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from ematrain.train import entry  # noqa: E402
+from ematrain.cli import train_command  # noqa: E402  (light: torch comes in with the command)
 
 if __name__ == "__main__":
-    entry()
+    train_command()

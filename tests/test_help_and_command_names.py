@@ -79,3 +79,47 @@ def test_python_dash_m_ematrain(tmp_path):
     r = run()
     assert r.returncode == 2 and "expected train or validate" in r.stderr
     assert run("--version").stdout.strip() == f"ematrain {__version__}"
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_start_up_imports_run_with_the_collector_paused_then_frozen(enabled):
+    """The commands import torch and timm with the garbage collector off, freeze what the
+    imports made, and leave the collector as they found it."""
+    import gc
+
+    from ematrain.cli import collector_paused
+
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    frozen = gc.get_freeze_count()
+    try:
+        with collector_paused():
+            during = gc.isenabled()
+            made = [[i] for i in range(1000)]
+        assert during is False
+        assert gc.isenabled() is enabled
+        assert gc.get_freeze_count() >= frozen + len(made)
+    finally:
+        gc.unfreeze()
+        (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.parametrize("name", ["train", "validate"])
+def test_commands_run_with_the_collector_on(monkeypatch, name):
+    """What a run allocates is collected as usual: the pause covers the imports only."""
+    import gc
+    import importlib
+
+    from ematrain import cli
+
+    module = importlib.import_module(f"ematrain.{name}")
+    seen = []
+    monkeypatch.setattr(module, "entry", lambda: seen.append(gc.isenabled()))
+    was = gc.isenabled()
+    gc.enable()
+    try:
+        getattr(cli, f"{name}_command")()
+    finally:
+        gc.unfreeze()
+        (gc.enable if was else gc.disable)()
+    assert seen == [True]

