@@ -260,8 +260,8 @@ def _fused_fits(opt: str, model: nn.Module, kwargs: dict) -> bool:
         return False
     try:
         cls = get_optimizer_class(opt, bind_defaults=False)
-    except Exception:  # an unknown name: create_optimizer_v2 says so in its own words
-        return False
+    except (AssertionError, ValueError, KeyError, ImportError):
+        return False  # an unknown or unavailable one: create_optimizer_v2 says so in its words
     return (isinstance(cls, type) and issubclass(cls, _FUSED_ON_CPU)
             and all(p.device.type == "cpu" and p.is_floating_point() for p in model.parameters()))
 
