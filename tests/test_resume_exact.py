@@ -77,27 +77,37 @@ def _assert_same_snapshots(run_dir: Path, ref_dir: Path) -> None:
             assert all(torch.equal(x[k], y[k]) for k in x), name
 
 
+STEPS = 6  # 3 classes x 16 training images / batch 8
+
+
 @pytest.mark.parametrize("workers,recovery", [("0", None), ("2", "3")])
 def test_sigkill_then_resume_is_bit_identical(data_root, reference, tmp_path, workers, recovery):
     extra = ["-j", workers, "--experiment", "run"]
     if recovery:
         extra += ["--recovery-interval", recovery]
+    # An arbitrary moment after the first checkpoint: just after some step of epoch 1 or 2
+    # (epoch 1's last is followed by its validation and save), short of the run's last step.
+    rng = random.Random()
+    epoch, step = rng.choice([(1, s) for s in range(1, STEPS + 1)]
+                             + [(2, s) for s in range(1, STEPS)])
+    delay = rng.uniform(0.0, 0.05)
+    where = f"killed after step {step} of epoch {epoch} + {delay * 1e3:.0f} ms"
     proc = _popen(data_root, tmp_path, *extra)
     run_dir = tmp_path / "run"
-    rng = random.Random(int(workers))
     deadline = time.time() + 300
+    for line in proc.stdout:  # --log-interval 1: a progress line per step
+        if f"train {epoch} [{step}/" in line:
+            break
     while not (run_dir / "last.pth.tar").exists():
-        assert proc.poll() is None, "run ended before its first checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 1.5))  # an arbitrary moment after the first checkpoint
+        assert proc.poll() is None and time.time() < deadline, f"no first checkpoint ({where})"
+        time.sleep(0.005)
+    time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the kill landed")
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was {where}"
     r = run_cli("train.py", data_root, *COMMON, "--output", tmp_path, "--resume", "auto", *extra)
-    assert r.returncode == 0, r.stderr
-    assert "resumed from" in r.stderr
+    assert r.returncode == 0, f"{where}: {r.stderr}"
+    assert "resumed from" in r.stderr, where
     _assert_same_run(run_dir, reference)
 
 
