@@ -14,9 +14,10 @@ it reaped, from ``os.wait4``). The variants:
                 crop for evaluation; to-tensor and normalise with the model's mean and std), a
                 DataLoader with the same workers, SGD with Nesterov momentum (torch's fused
                 kernel, as ours uses on the CPU), a cosine LR with warm-up set once per epoch,
-                one validation pass per epoch and ``torch.save`` of the weights once per epoch. Its EMA is ``torch._foreach_lerp_`` over parameters
-                and float buffers after each step (integer buffers copied), validated in the same
-                pass over the validation data as the raw weights and saved with them.
+                one validation pass per epoch and ``torch.save`` of the weights once per epoch.
+                Its EMA is ``torch._foreach_lerp_`` over parameters and float buffers after each
+                step (integer buffers copied), validated in the same pass over the validation
+                data as the raw weights and saved with them.
 
 each once without and once with an EMA (``--model-ema --model-ema-decay 0.99``). All get the same
 flags: ``--model resnet18 -b 32 -j 2 --epochs 3 --opt sgd --lr 0.05 --sched cosine

@@ -101,7 +101,7 @@ def test_bfloat16_weights_get_the_fused_kernel_and_a_close_update(data, model):
     torch.testing.assert_close(fused, default, rtol=2e-2, atol=2e-2)
 
 
-def test_a_loaded_state_keeps_this_processes_kernel(data, model):
+def test_a_loaded_state_keeps_the_running_process_kernel(data, model):
     _, fused = train(data, model, "sgd", steps=1)
     _, loop = train(data, model, "sgd", "--no-opt-fused", steps=1)
     timm_state, ours_state = loop.state_dict(), fused.state_dict()

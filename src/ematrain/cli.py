@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import logging
 import os
 import sys
@@ -32,18 +33,21 @@ def collector_paused():
             gc.enable()
 
 
+def _command(module: str) -> None:
+    """Import the command's module with the collector paused, then run its entry point."""
+    with collector_paused():
+        entry = importlib.import_module(f"{__package__}.{module}").entry
+    entry()
+
+
 def train_command() -> None:
     """`python train.py`, `ematrain-train`, `python -m ematrain train`."""
-    with collector_paused():
-        from .train import entry
-    entry()
+    _command("train")
 
 
 def validate_command() -> None:
     """`python validate.py`, `ematrain-validate`, `python -m ematrain validate`."""
-    with collector_paused():
-        from .validate import entry
-    entry()
+    _command("validate")
 
 
 def command_name(script: str) -> str:
