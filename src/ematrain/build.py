@@ -141,6 +141,16 @@ class Run:
                  "keeper": self.keeper, "summary": self.summary}
         return {name: part for name, part in parts.items() if part is not None}
 
+    def replica_modules(self) -> list[nn.Module]:
+        """The model and every shadow (EMA, then power EMA): what each torchrun process holds
+        its own copy of."""
+        modules = [self.module]
+        for ema in (self.ema, self.posthoc.ema if self.posthoc is not None else None):
+            if ema is not None:
+                ema.wait()
+                modules += ema.modules
+        return modules
+
     def record(self) -> dict:
         """The run's settings as a plain dict (args.yaml, a checkpoint's `args`)."""
         record = dict(vars(self.settings.args))

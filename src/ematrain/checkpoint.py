@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
-from . import __version__
+from . import __version__, distributed
 from .atomic import atomic_write
 from .errors import UserError
 
@@ -65,6 +65,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("keeper", "keeper", "ematrain", "best epoch and metric of each weight set, and the "
         "checkpoint-<epoch> history"),
     Key("summary", "summary", "ematrain", "the summary.csv rows so far"),
+    Key("rank_buffers", "distributed", "ematrain", "under torchrun only: every process's "
+        "BatchNorm statistics of the model and of each shadow, by rank (they differ between "
+        "reductions); a resumed process with the same process count takes its own back"),
     Key("data_config", "data", "ematrain", "the evaluation transform (validate.py rebuilds it)"),
     Key("num_classes", "data", "ematrain", "classifier outputs"),
     Key("class_names", "data", "ematrain", "class folder names, in label order"),
@@ -79,8 +82,9 @@ def schema_markdown() -> str:
 
 
 # ----------------------------------------------------------------------------- saving
-def save(run, metric: float | None = None) -> dict:
-    """The checkpoint of `run` now: every part's state under its schema key."""
+def save(run, metric: float | None = None, rank_buffers: list | None = None) -> dict:
+    """The checkpoint of `run` now: every part's state under its schema key (`rank_buffers`:
+    `distributed.local_buffers` of every rank, under torchrun)."""
     parts = run.parts()
     ckpt = {
         "epoch": run.counters.epoch - 1,
@@ -99,6 +103,8 @@ def save(run, metric: float | None = None) -> dict:
         ckpt.update(ema_entries(ema.state_dict(), ema.scored_dtype(run.model)))
     for name, part in parts.items():
         ckpt[name] = part.state_dict()
+    if rank_buffers is not None and run.dist.enabled:
+        ckpt["rank_buffers"] = rank_buffers
     return ckpt
 
 
@@ -152,7 +158,18 @@ def restore(run, ckpt: dict, path, skip: frozenset = frozenset()) -> list[str]:
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
             raise UserError(f"cannot resume from {path}: its '{key}' does not fit this run's "
                             f"{name} ({_short_reason(exc)})") from None
+    _restore_rank_buffers(run, ckpt.get("rank_buffers"), path)
     return fresh
+
+
+def _restore_rank_buffers(run, saved: list | None, path) -> None:
+    """This process's own BatchNorm statistics, when the checkpoint holds every rank's and the
+    process count is the same (otherwise every process starts from rank 0's, in the parts)."""
+    if saved is None or len(saved) != run.dist.world_size:
+        return
+    if not distributed.load_local_buffers(run.replica_modules(), saved[run.dist.rank]):
+        raise UserError(f"cannot resume from {path}: its 'rank_buffers' do not fit this run's "
+                        f"model and shadows")
 
 
 def ema_state(ckpt: dict) -> dict:
@@ -258,6 +275,8 @@ _SHAPES = {
     "posthoc": (lambda v, c: isinstance(v, dict), "a mapping"),
     "keeper": (lambda v, c: isinstance(v, dict), "a mapping"),
     "summary": (lambda v, c: isinstance(v, dict), "a mapping"),
+    "rank_buffers": (lambda v, c: isinstance(v, list) and all(isinstance(r, list) for r in v),
+                     "a list (by rank) of lists of buffers"),
 }
 
 

@@ -167,8 +167,9 @@ class Training:
     def stop_mid_epoch(self, epoch: int, stop) -> int:
         """Save where the epoch stands (a resumed run continues at the next step) and stop."""
         run = self.run
-        if self.primary:  # other ranks would build the whole checkpoint for nothing
-            run.keeper.save_mid_epoch(ckpt_io.save(run), LAST)
+        ckpt = self.checkpoint()
+        if self.primary:
+            run.keeper.save_mid_epoch(ckpt, LAST)
             run.keeper.wait()
         distributed.barrier(run.dist)
         self.print_stop(f"stopped at epoch {epoch}, step {run.counters.epoch_step}")
@@ -188,8 +189,10 @@ class Training:
                 halt = c.epoch_step % stop_every == 0 and self.any_rank(stop())
                 if recover or halt:
                     self.check_weights()  # never save weights a bad step has already spoiled
-                    if recover and self.primary:
-                        run.keeper.save_mid_epoch(ckpt_io.save(run))
+                    if recover:
+                        ckpt = self.checkpoint()
+                        if self.primary:
+                            run.keeper.save_mid_epoch(ckpt)
                     if halt:
                         raise Interrupted
 
@@ -213,9 +216,10 @@ class Training:
         run.summary.add(epoch, lr, train_loss, results)
         improved = run.keeper.record(epoch, results)
         run.counters.finish_epoch()
+        ckpt = self.checkpoint(metric=raw)
         if self.primary:
             rows = [dict(r) for r in run.summary.rows]
-            run.keeper.save_epoch(epoch, ckpt_io.save(run, metric=raw), improved,
+            run.keeper.save_epoch(epoch, ckpt, improved,
                                   then=lambda: self.write_summary(rows))
             skipped = run.ema.skipped_nonfinite if run.ema is not None else 0
             took = self.clock.end_epoch()
@@ -223,6 +227,16 @@ class Training:
                                      run.weight_sets, metric, skipped,
                                      timing=(took, self.clock.remaining(epoch))), flush=True)
         distributed.barrier(run.dist)
+
+    def checkpoint(self, metric: float | None = None) -> dict | None:
+        """The run's checkpoint now, on the primary process (None on the others, which would
+        build it for nothing). Under torchrun every process must call it: it gathers each
+        one's BatchNorm statistics, which only a reduction makes agree, so that a resumed
+        process continues from its own."""
+        run = self.run
+        ranks = (distributed.gather_to_primary(distributed.local_buffers(run.replica_modules()),
+                                               run.dist) if run.dist.enabled else None)
+        return ckpt_io.save(run, metric=metric, rank_buffers=ranks) if self.primary else None
 
     def write_summary(self, rows: list[dict] | None = None) -> None:
         """summary.csv (in the background writer after an epoch's checkpoint), then curves.png
