@@ -286,8 +286,12 @@ def assert_files_agree_with_records(run_dir: Path) -> None:
     if "ema" in last:
         files["model_best_ema.pth.tar"] = best[f"ema {last['ema']['decays'][0]:g}"]["epoch"]
     files.update({f"checkpoint-{e}.pth.tar": e for _, e in last["keeper"]["history"]})
+    rows = {r["epoch"]: r for r in last["summary"]["rows"]}
     for name, epoch in files.items():
-        assert torch.load(run_dir / name, weights_only=True, mmap=True)["epoch"] == epoch, name
+        held = torch.load(run_dir / name, weights_only=True, mmap=True)
+        assert held["epoch"] == epoch, name
+        # The same epoch of this run, not of another continuation: the same summary row.
+        assert [r for r in held["summary"]["rows"] if r["epoch"] == epoch] == [rows[epoch]], name
     on_disk = sorted(p.name for p in run_dir.glob("checkpoint-*.pth.tar"))
     assert on_disk == sorted(n for n in files if n.startswith("checkpoint-"))
     if not last["counters"]["epoch_step"]:

@@ -293,8 +293,8 @@ def check_structure(ckpt: dict, path) -> None:
 
 
 def peek(path: str | Path) -> dict | None:
-    """A checkpoint's `epoch` and `counters` without reading its tensors (memory-mapped), or
-    None when it cannot be read."""
+    """A checkpoint's `epoch`, `counters`, `keeper`, `summary` and run identity without reading
+    its tensors (memory-mapped), or None when it cannot be read."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -303,7 +303,7 @@ def peek(path: str | Path) -> dict | None:
     if not isinstance(data, dict):
         return None
     data = upgrade(data)
-    return {"epoch": data.get("epoch"), "counters": data.get("counters")}
+    return {k: data.get(k) for k in ("epoch", "counters", "keeper", "summary", "run_id")}
 
 
 def _unsafe_globals(path: Path) -> list[str]:
