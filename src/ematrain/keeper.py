@@ -177,8 +177,17 @@ class CheckpointKeeper:
         try:
             ckpt_io.write_file(path, ckpt)
         except WriteFailed as exc:
-            raise RunFailure(f"{exc}; the previous checkpoint is intact") from None
+            raise RunFailure(f"{exc}; {self._kept()}") from None
         return path
+
+    def _kept(self) -> str:
+        """What a failed write leaves on disk: every earlier file is whole (written atomically),
+        but there may be no checkpoint yet."""
+        found = [p for p in (self.path(LAST), self.path(RECOVERY)) if p.is_file()]
+        if not found:
+            return "no checkpoint of this run was saved before it"
+        newest = max(found, key=lambda p: p.stat().st_mtime_ns)
+        return f"the previous checkpoint is intact ({newest})"
 
     def _place(self, source: Path, name: str) -> None:
         """`name` as a hard link of `source`, renamed into place (a copy where links fail)."""
