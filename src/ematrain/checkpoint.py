@@ -56,8 +56,9 @@ SCHEMA: tuple[Key, ...] = (
         "name and settings), `keys` (where each shadow is), update counters, "
         "settings, and `eval_dtype` (the dtype validation scored the shadows in)"),
     Key("posthoc_ema", "posthoc_ema", "ematrain", "with --model-ema-posthoc: the power-function "
-        "EMAs' state (`ema`: sigma_rels, schedule, counters, shadows) and the snapshot interval "
-        "and dtype"),
+        "EMAs' state (`ema`: sigma_rels, schedule, counters, shadows), the snapshot interval "
+        "and dtype, the last snapshot taken (step, EMA updates) and the fork folder its series "
+        "goes on in, if any"),
     Key("posthoc", "posthoc", "ematrain", "in model_posthoc_best.pth.tar only (validate.py "
         "--posthoc): the reconstructed EMA's length, fit error and the series it came from"),
     Key("counters", "counters", "ematrain", "epoch and step to resume at, optimizer updates, the "
@@ -71,6 +72,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("data_config", "data", "ematrain", "the evaluation transform (validate.py rebuilds it)"),
     Key("num_classes", "data", "ematrain", "classifier outputs"),
     Key("class_names", "data", "ematrain", "class folder names, in label order"),
+    Key("run_id", "run", "ematrain", "the run's identity: drawn at a fresh start, kept by every "
+        "resume, carried by each post-hoc snapshot too (no series mixes two runs)"),
 )
 
 
@@ -97,6 +100,7 @@ def save(run, metric: float | None = None, rank_buffers: list | None = None) -> 
         "data_config": dict(run.data.data_config),
         "num_classes": run.num_classes,
         "class_names": list(run.data.class_names),
+        "run_id": run.run_id,
     }
     ema = parts.pop("ema", None)
     if ema is not None:
@@ -275,6 +279,7 @@ _SHAPES = {
     "posthoc": (lambda v, c: isinstance(v, dict), "a mapping"),
     "keeper": (lambda v, c: isinstance(v, dict), "a mapping"),
     "summary": (lambda v, c: isinstance(v, dict), "a mapping"),
+    "run_id": (lambda v, c: v is None or isinstance(v, str), "a string"),
     "rank_buffers": (lambda v, c: isinstance(v, list) and all(isinstance(r, list) for r in v),
                      "a list (by rank) of lists of buffers"),
 }
@@ -303,7 +308,11 @@ def peek(path: str | Path) -> dict | None:
     if not isinstance(data, dict):
         return None
     data = upgrade(data)
-    return {k: data.get(k) for k in ("epoch", "counters", "keeper", "summary", "run_id")}
+    peeked = {k: data.get(k) for k in ("epoch", "counters", "keeper", "summary", "run_id")}
+    tracker = data.get("posthoc_ema")
+    if isinstance(tracker, dict):  # where its post-hoc series lies, and how far it reaches
+        peeked["posthoc"] = {k: tracker.get(k) for k in ("fork", "last_snapshot")}
+    return peeked
 
 
 def _unsafe_globals(path: Path) -> list[str]:

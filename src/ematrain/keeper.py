@@ -156,11 +156,18 @@ class CheckpointKeeper:
                 then()
         self.writer.submit(job)
 
-    def save_mid_epoch(self, ckpt: dict, name: str = RECOVERY) -> None:
-        """A checkpoint to resume from in the middle of an epoch (recovery, or a stop)."""
+    def save_mid_epoch(self, ckpt: dict, name: str = RECOVERY,
+                       then: Callable[[], None] | None = None) -> None:
+        """A checkpoint to resume from in the middle of an epoch (recovery, or a stop), then
+        `then`, in the background."""
         if self.primary:
             snapshot = host_copy(ckpt)
-            self.writer.submit(lambda: self._write(name, snapshot))
+
+            def job():
+                self._write(name, snapshot)
+                if then is not None:
+                    then()
+            self.writer.submit(job)
 
     def save_file(self, name: str, obj: dict) -> None:
         """Another file of the run (`name` relative to its folder, e.g. a post-hoc snapshot),
@@ -283,6 +290,12 @@ class CheckpointKeeper:
             fixed.append(f"{name} (epoch {epoch}, from {source.name})")
         self._prune_history({n for n in wanted if n.startswith("checkpoint-")})
         return fixed
+
+    def on_disk(self) -> dict[str, dict]:
+        """The run's checkpoint files (last, recovery, history, best), peeked, by name."""
+        files = self._checkpoint_files() + [self.path(RECOVERY)]
+        peeked = {p.name: ckpt_io.peek(p) for p in files if p.is_file()}
+        return {name: p for name, p in peeked.items() if p is not None}
 
     def _checkpoint_files(self) -> list[Path]:
         """The run's epoch checkpoints: last, the history, the best files."""

@@ -33,8 +33,9 @@ _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 # ----------------------------------------------------------------------------- the run folder
 LOCK = ".ematrain.lock"
 # What a run writes before its first checkpoint: a folder holding only these is removed again
-# when the run fails (nothing of value is lost, no empty run is left to mislead).
-_BEFORE_FIRST_CHECKPOINT = {"args.yaml", "summary.csv", "curves.png", LOCK}
+# when the run fails (nothing of value is lost, no empty run is left to mislead; post-hoc
+# snapshots without a checkpoint cannot be continued).
+_BEFORE_FIRST_CHECKPOINT = {"args.yaml", "summary.csv", "curves.png", "posthoc", LOCK}
 
 
 class RunFolder:

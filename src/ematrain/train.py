@@ -108,13 +108,15 @@ class Training:
         run = self.run
         self.folder = open_run_folder(run, self.source) if self.primary else None
         path = str(self.folder.path) if self.folder is not None else None
-        self.run_dir = Path(distributed.broadcast_object(path, run.dist))
+        # Rank 0's run id (a fresh run's is drawn on every rank).
+        path, run.run_id = distributed.broadcast_object((path, run.run_id), run.dist)
+        self.run_dir = Path(path)
         run.keeper.run_dir = self.run_dir
         if self.source is not None:
             run.keeper.repair()
         if self.primary and run.posthoc is not None:
             run.posthoc.open_folder(self.run_dir, resumed=self.source is not None,
-                                    step=run.counters.num_updates)
+                                    step=run.counters.num_updates, on_disk=run.keeper.on_disk())
         if self.primary:
             outputs.write_args(self.run_dir, run.record())
             if run.summary.rows:
@@ -169,7 +171,7 @@ class Training:
         run = self.run
         ckpt = self.checkpoint()
         if self.primary:
-            run.keeper.save_mid_epoch(ckpt, LAST)
+            run.keeper.save_mid_epoch(ckpt, LAST, then=self.settle_series())
             run.keeper.wait()
         distributed.barrier(run.dist)
         self.print_stop(f"stopped at epoch {epoch}, step {run.counters.epoch_step}")
@@ -219,8 +221,9 @@ class Training:
         ckpt = self.checkpoint(metric=raw)
         if self.primary:
             rows = [dict(r) for r in run.summary.rows]
+            settle = self.settle_series()
             run.keeper.save_epoch(epoch, ckpt, improved,
-                                  then=lambda: self.write_summary(rows))
+                                  then=lambda: (settle and settle(), self.write_summary(rows)))
             skipped = run.ema.skipped_nonfinite if run.ema is not None else 0
             took = self.clock.end_epoch()
             print(outputs.epoch_line(epoch, run.num_epochs, lr, train_loss, results,
@@ -237,6 +240,11 @@ class Training:
         ranks = (distributed.gather_to_primary(distributed.local_buffers(run.replica_modules()),
                                                run.dist) if run.dist.enabled else None)
         return ckpt_io.save(run, metric=metric, rank_buffers=ranks) if self.primary else None
+
+    def settle_series(self):
+        """For a checkpoint about to become last.pth.tar: the job that makes the post-hoc
+        series its own once it is on disk (None when there is nothing to do)."""
+        return self.run.posthoc.settle() if self.run.posthoc is not None else None
 
     def write_summary(self, rows: list[dict] | None = None) -> None:
         """summary.csv (in the background writer after an epoch's checkpoint), then curves.png
