@@ -166,3 +166,17 @@ def test_snapshots_are_taken_only_at_new_ema_update_counts(small_data, tmp_path)
     sweep = run_in_process(validate.main, "validate.py", small_data, "--posthoc", run_dir, "-j",
                            "0", "--sigma-rel", "0.08")
     assert sweep.returncode == 0, sweep.stderr
+
+
+def test_a_rerun_of_the_sweep_removes_what_a_killed_sweep_left(finished, small_data, tmp_path):
+    run_dir = tmp_path / "a"
+    shutil.copytree(finished, run_dir)
+    # A sweep killed (SIGKILL) while writing its best file leaves the temporary file of that
+    # write, named as `atomic.atomic_write` names it, as big as the checkpoint.
+    left = run_dir / ".model_posthoc_best.pth.tar.k1x9q2z0.tmp"
+    shutil.copyfile(run_dir / LAST, left)
+    r = run_in_process(validate.main, "validate.py", small_data, "--posthoc", run_dir, "-j", "0",
+                       "--sigma-rel", "0.08")
+    assert r.returncode == 0, r.stderr
+    assert not list(run_dir.glob(".*.tmp"))
+    assert (run_dir / "model_posthoc_best.pth.tar").is_file()
