@@ -70,9 +70,17 @@ class Writer:
             self._pending = self._pool.submit(job)
 
     def wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        pending = self._pending
+        if pending is not None:
+            try:
+                pending.result()
+            finally:  # `busy` sees the job until it is over
+                self._pending = None
+
+    def busy(self) -> bool:
+        """A job is running or waiting (safe to ask from any thread)."""
+        pending = self._pending
+        return pending is not None and not pending.done()
 
 
 class CheckpointKeeper:
@@ -99,6 +107,7 @@ class CheckpointKeeper:
         self.writer = Writer(background)
         self._links = True
         self._check_next_save = False
+        self._newest: str | None = None  # the newest complete checkpoint, described
 
     # ----------------------------------------------------------------------------- records
     def _improves(self, name: str, value: float) -> bool:
@@ -185,7 +194,16 @@ class CheckpointKeeper:
             ckpt_io.write_file(path, ckpt)
         except WriteFailed as exc:
             raise RunFailure(f"{exc}; {self._kept()}") from None
+        if name in (LAST, RECOVERY):
+            self._newest = _describe(path, ckpt.get("counters"))
         return path
+
+    def on_disk_now(self) -> str:
+        """What quitting at once leaves, for the message of a second Ctrl-C (any thread)."""
+        newest = self._newest
+        text = (f"the newest complete checkpoint is {newest}" if newest
+                else "no checkpoint of this run is complete yet")
+        return text + ("; the write in progress is abandoned" if self.writer.busy() else "")
 
     def _kept(self) -> str:
         """What a failed write leaves on disk: every earlier file is whole (written atomically),
@@ -243,10 +261,13 @@ class CheckpointKeeper:
         if last is None or not isinstance(last.get("keeper"), dict):
             return []
         fixed = self._agree_with(last)
+        self._newest = _describe(self.path(LAST), last.get("counters"))
         recovery = ckpt_io.peek(self.path(RECOVERY)) if self.path(RECOVERY).is_file() else None
         if recovery is not None and _position(recovery) <= _position(last):
             self.path(RECOVERY).unlink()
             fixed.append(f"{RECOVERY} removed (older than {LAST})")
+        elif recovery is not None:
+            self._newest = _describe(self.path(RECOVERY), recovery.get("counters"))
         self._say_fixed(fixed)
         return fixed
 
@@ -302,6 +323,14 @@ class CheckpointKeeper:
         names = [LAST] + sorted(p.name for p in self.run_dir.glob("checkpoint-*.pth.tar"))
         names += [s.best_file for s in self.sets if s.best_file]
         return [self.path(n) for n in names if self.path(n).is_file()]
+
+
+def _describe(path: Path, counters: dict | None) -> str:
+    """A checkpoint as the quit message names it: where, and which position it holds."""
+    c = counters or {}
+    if c.get("epoch_step"):
+        return f"{path} (epoch {c.get('epoch')}, step {c['epoch_step']})"
+    return f"{path} (end of epoch {int(c.get('epoch', 0)) - 1})"
 
 
 def _rows(peeked: dict) -> dict[int, dict]:

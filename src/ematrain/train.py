@@ -91,7 +91,8 @@ class Training:
 
     def epochs(self) -> int:
         log_start(self.run, self.run_dir)
-        with StopRequest(self.prog, quiet=not self.primary) as stop:
+        with StopRequest(self.prog, quiet=not self.primary,
+                         files=self.run.keeper.on_disk_now) as stop:
             for epoch in range(self.run.counters.epoch, self.run.num_epochs):
                 rc = self.run_epoch(epoch, stop)
                 if rc is not None:
