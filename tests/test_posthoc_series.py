@@ -180,3 +180,13 @@ def test_a_rerun_of_the_sweep_removes_what_a_killed_sweep_left(finished, small_d
     assert r.returncode == 0, r.stderr
     assert not list(run_dir.glob(".*.tmp"))
     assert (run_dir / "model_posthoc_best.pth.tar").is_file()
+
+
+def test_a_run_whose_power_emas_never_update_says_so_and_writes_no_snapshot(small_data,
+                                                                           tmp_path):
+    r = train_run(small_data, *ARGS, "--epochs", "1", "--model-ema-every", "100",
+                  "--output", tmp_path, "--experiment", "n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "and at the end: 0 snapshots of" in r.stderr
+    assert "fewer than two snapshots at new EMA update counts (--model-ema-every 100)" in r.stderr
+    assert steps(tmp_path / "n") == []

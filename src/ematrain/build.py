@@ -45,7 +45,7 @@ from .settings import (
     TrainSettings,
     dtype_named,
 )
-from .snapshots import PosthocTracker
+from .posthoc_tracker import PosthocTracker
 from .weightsets import WeightSet, weight_sets
 
 

@@ -299,6 +299,10 @@ def log_start(run: Run, run_dir: Path) -> None:
     if run.posthoc is not None:
         log.info(posthoc_plan_line(run.posthoc, run.data.steps_per_epoch,
                                    run_dir / snapshots.FOLDER))
+        if run.posthoc.plan()[0] < 2:
+            log.warning(f"warning: post-hoc EMA: fewer than two snapshots at new EMA update "
+                        f"counts (--model-ema-every {run.posthoc.ema.every}); validate.py "
+                        f"--posthoc needs at least two")
 
 
 def sync_replicas(run: Run) -> None:
