@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint as ckpt_io
 from .atomic import remove_stale_temporaries
 from .logs import log
 from .snapshots import (
@@ -73,7 +74,8 @@ class PosthocTracker:
         later = [p for s, p in snapshot_files(self._series_folder()) if s > step]
         if not later:
             return
-        if self.fork is None and any(_main_series(c, folder) and c["counters"]["num_updates"] > step
+        if self.fork is None and any(_main_series(c, folder)
+                                     and c["counters"].get("num_updates", 0) > step
                                      for c in on_disk.values() if c.get("counters")):
             self.fork = {"step": int(step), "folder": f"{FORK_PREFIX}{step}-{uuid.uuid4().hex[:8]}"}
             (folder / self.fork["folder"]).mkdir()
@@ -104,13 +106,22 @@ class PosthocTracker:
 
     def settle(self):
         """The checkpoint being saved now goes to last.pth.tar: the job that, once it is on
-        disk, makes the fork's snapshots the series (None without a fork). Snapshots taken from
-        now on go to the main folder, and are written after it."""
+        disk, makes the fork's snapshots the series and removes the forks of abandoned
+        continuations (only a recovery file may still name one). Snapshots taken from now on go
+        to the main folder, and are written after it."""
         fork, self.fork = self.fork, None
-        if fork is None:
-            return None
         folder = self.folder
-        return lambda: merge_fork(folder, fork)
+
+        def job():
+            if fork is not None:
+                merge_fork(folder, fork)
+            recovery = folder.parent / "recovery.pth.tar"
+            named = ((ckpt_io.peek(recovery) or {}).get("posthoc") or {}).get("fork") \
+                if recovery.is_file() else None
+            for sub in folder.glob(FORK_PREFIX + "*"):
+                if sub.is_dir() and sub.name != (named or {}).get("folder"):
+                    shutil.rmtree(sub, ignore_errors=True)
+        return job
 
     def take(self, step: int, meta, keeper) -> None:
         """The snapshot of optimizer step `step` when it is one of the series' (once per step,
