@@ -44,7 +44,8 @@ class PosthocTracker:
 
     def __init__(self, ema, every_steps: int, total_steps: int, dtype: torch.dtype):
         self.ema, self.every_steps, self.total_steps, self.dtype = ema, every_steps, total_steps, dtype
-        self.last_snapshot: tuple[int, int] | None = None  # (step, EMA updates) of the last one
+        # The last snapshot: its step, and the step of the EMAs' last average before it.
+        self.last_snapshot: tuple[int, int] | None = None
         self.fork: dict | None = None  # {"step", "folder"} while the series goes on in a fork
         self.folder: Path | None = None
 
@@ -129,10 +130,10 @@ class PosthocTracker:
         run's record (`META_KEYS` and the run id)."""
         if not self.due(step) or (self.last_snapshot and step == self.last_snapshot[0]):
             return
-        updates = self.ema.steps // self.ema.every
-        if updates < 1 or (self.last_snapshot and updates <= self.last_snapshot[1]):
+        averaged = self.ema.steps - self.ema.steps % self.ema.every  # the last average's step
+        if averaged < 1 or (self.last_snapshot and averaged <= self.last_snapshot[1]):
             return  # no EMA update since the last snapshot (--model-ema-every)
-        self.last_snapshot = (step, updates)
+        self.last_snapshot = (step, averaged)
         if keeper.primary:
             where = f"{FOLDER}/{self.fork['folder']}" if self.fork is not None else FOLDER
             keeper.save_file(f"{where}/{snapshot_name(step)}", self.entry(step, meta()))
@@ -158,8 +159,9 @@ class PosthocTracker:
         """Snapshots the run writes (one per EMA update count reached at a snapshot step) and
         bytes per snapshot."""
         per = sum(shadow_bytes(m.state_dict(), self.dtype) for m in self.ema.modules)
-        counts = {s // self.ema.every for s in snapshot_steps(self.every_steps, self.total_steps)}
-        return len(counts - {0}), per
+        every = self.ema.every
+        averaged = {s - s % every for s in snapshot_steps(self.every_steps, self.total_steps)}
+        return len(averaged - {0}), per
 
     def state_dict(self) -> dict:
         return {"ema": self.ema.state_dict(), "every_steps": self.every_steps,
