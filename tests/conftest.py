@@ -286,10 +286,48 @@ def assert_files_agree_with_records(run_dir: Path) -> None:
     if "ema" in last:
         files["model_best_ema.pth.tar"] = best[f"ema {last['ema']['decays'][0]:g}"]["epoch"]
     files.update({f"checkpoint-{e}.pth.tar": e for _, e in last["keeper"]["history"]})
+    rows = {r["epoch"]: r for r in last["summary"]["rows"]}
     for name, epoch in files.items():
-        assert torch.load(run_dir / name, weights_only=True, mmap=True)["epoch"] == epoch, name
+        held = torch.load(run_dir / name, weights_only=True, mmap=True)
+        assert held["epoch"] == epoch, name
+        # The same epoch of this run, not of another continuation: the same summary row.
+        assert [r for r in held["summary"]["rows"] if r["epoch"] == epoch] == [rows[epoch]], name
     on_disk = sorted(p.name for p in run_dir.glob("checkpoint-*.pth.tar"))
     assert on_disk == sorted(n for n in files if n.startswith("checkpoint-"))
     if not last["counters"]["epoch_step"]:
         assert not (run_dir / "recovery.pth.tar").exists()
 
+
+
+def wait_for_checkpoint(path: Path, proc, timeout: float = 240) -> dict:
+    """Wait until `path` is a whole checkpoint on disk (written in the background after the
+    log line that announces its epoch), while `proc` lives; returns its counters."""
+    import time
+
+    import torch
+    deadline = time.time() + timeout
+    while True:
+        if path.is_file():  # renamed into place whole, or not at all
+            return torch.load(path, weights_only=True, mmap=True)["counters"]
+        assert proc.poll() is None, f"the run ended without {path}"
+        assert time.time() < deadline, f"no {path} in time"
+        time.sleep(0.02)
+
+
+def assert_quit_names_the_files(text: str) -> Path:
+    """The second Ctrl-C's message names the newest complete checkpoint and its position; that
+    file is on disk, whole, at that position. Returns its path."""
+    import re
+
+    import torch
+    found = re.search(r"again: quitting at once; the newest complete checkpoint is (.+?) "
+                      r"\((?:end of epoch (\d+)|epoch (\d+), step (\d+))\)", text)
+    assert found, text[-3000:]
+    path = Path(found.group(1))
+    counters = torch.load(path, weights_only=True)["counters"]
+    if found.group(2) is not None:
+        assert (counters["epoch"] - 1, counters["epoch_step"]) == (int(found.group(2)), 0)
+    else:
+        assert (counters["epoch"], counters["epoch_step"]) == (int(found.group(3)),
+                                                               int(found.group(4)))
+    return path

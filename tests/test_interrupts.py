@@ -12,7 +12,8 @@ import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_files_agree_with_records, make_imagefolder
+from conftest import (REPO_ROOT, assert_files_agree_with_records, assert_quit_names_the_files,
+                      make_imagefolder, wait_for_checkpoint)
 
 # One optimizer step per epoch that takes about two seconds on one CPU thread.
 SLOW = ["--model", "resnet18", "--img-size", "192", "-b", "24", "-j", "2", "--epochs", "4",
@@ -62,8 +63,13 @@ class Run:
 
 
 def test_a_second_ctrl_c_quits_within_a_second_inside_a_long_step(data, tmp_path):
+    """The second press abandons a write in progress and says which complete checkpoint the
+    disk holds: that file, at that position."""
     run = Run(data, tmp_path)
-    run.wait_for("epoch 0 (1/4)")  # last.pth.tar of epoch 0 exists; epoch 1's one step begins
+    run.wait_for("epoch 0 (1/4)")
+    # Epoch 0's checkpoint is written in the background after its line: wait for the file,
+    # then a moment for a step of a later epoch to be under way.
+    wait_for_checkpoint(run.run_dir / "last.pth.tar", run.proc)
     time.sleep(0.5)
     run.press()
     time.sleep(0.3)
@@ -75,8 +81,7 @@ def test_a_second_ctrl_c_quits_within_a_second_inside_a_long_step(data, tmp_path
     assert quit_after < 1.0, f"took {quit_after:.2f} s to quit"
     assert text.count("SIGINT received") == 1, text  # not once per loader worker
     assert "SIGINT again: quitting at once" in text and "Traceback" not in text
-    ckpt = torch.load(run.run_dir / "last.pth.tar", weights_only=True)  # whole, loadable
-    assert ckpt["epoch"] == 0
+    assert assert_quit_names_the_files(text) == run.run_dir / "last.pth.tar"
     assert not [p for p in run.run_dir.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -132,7 +137,7 @@ def test_a_kill_right_after_the_last_checkpoint_is_repaired_on_resume(small_data
                             "--output", tmp_path], capture_output=True, text=True, timeout=300,
                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "repaired after an interrupted save" in again.stderr
+    assert "repaired to agree with the records in" in again.stderr
     assert_files_agree_with_records(run_dir)
 
 
@@ -156,6 +161,10 @@ def test_a_second_ctrl_c_during_a_checkpoint_write_exits_130_with_the_old_file(s
     assert r.returncode == 130, r.stderr[-2000:]
     assert time.time() - started < 25 and "Traceback" not in r.stderr
     assert "SIGINT again: quitting at once" in r.stderr
+    assert "the write in progress is abandoned" in r.stderr
     run_dir = tmp_path / "b"
+    # The newest complete one: epoch 1's recovery file (--recovery-interval 2), not the last.pth.tar
+    # of epoch 1 being written.
+    assert assert_quit_names_the_files(r.stderr) == run_dir / "recovery.pth.tar"
     assert torch.load(run_dir / "last.pth.tar", weights_only=True)["epoch"] == 0  # whole
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]

@@ -69,6 +69,24 @@ def test_full_disk_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch, c
     assert not list(last.parent.glob(".*.tmp"))
 
 
+def test_a_full_disk_before_any_checkpoint_says_none_was_saved(data_root, tmp_path,
+                                                               monkeypatch, capsys):
+    def no_space(obj, f, *a, **k):
+        open(f, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_io.torch, "save", no_space)
+    capsys.readouterr()
+    rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path / "out"),
+                         "--experiment", "d"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "No space left on device" in errors[0], err
+    assert "no checkpoint of this run was saved before it" in errors[0]
+    assert "intact" not in errors[0]
+
+
 def test_a_really_full_disk_is_one_line_and_resume_too(data_root, tmp_path):
     """On a 3 MB tmpfs the first checkpoint does not fit: one line, exit 1; `--resume auto`
     afterwards is one line too. (Needs the right to mount; skipped without it.)"""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from .settings import (
     TrainSettings,
     dtype_named,
 )
-from .snapshots import PosthocTracker
+from .posthoc_tracker import PosthocTracker
 from .weightsets import WeightSet, weight_sets
 
 
@@ -118,6 +119,9 @@ class Run:
     shadow_policy: ShadowPolicy = field(default_factory=ShadowPolicy)
     counters: Counters = field(default_factory=Counters)
     summary: Summary = None
+    # Who the run is: drawn at a fresh start, kept by every resume, in every checkpoint and
+    # post-hoc snapshot (None: resumed from a checkpoint written before run ids).
+    run_id: str | None = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def __post_init__(self):
         if self.summary is None:
@@ -140,6 +144,16 @@ class Run:
                  "counters": self.counters,
                  "keeper": self.keeper, "summary": self.summary}
         return {name: part for name, part in parts.items() if part is not None}
+
+    def replica_modules(self) -> list[nn.Module]:
+        """The model and every shadow (EMA, then power EMA): what each torchrun process holds
+        its own copy of."""
+        modules = [self.module]
+        for ema in (self.ema, self.posthoc.ema if self.posthoc is not None else None):
+            if ema is not None:
+                ema.wait()
+                modules += ema.modules
+        return modules
 
     def record(self) -> dict:
         """The run's settings as a plain dict (args.yaml, a checkpoint's `args`)."""
@@ -174,7 +188,8 @@ class Run:
                 "data_config": dict(self.data.data_config),
                 "eval_dtype": str(scored).removeprefix("torch."),
                 "steps_per_epoch": self.data.steps_per_epoch,
-                "images_per_step": self.images_per_step(), "every": self.posthoc.ema.every}
+                "images_per_step": self.images_per_step(), "every": self.posthoc.ema.every,
+                "run_id": self.run_id}
 
 
 # ----------------------------------------------------------------------------- builders

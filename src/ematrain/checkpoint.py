@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
-from . import __version__
+from . import __version__, distributed
 from .atomic import atomic_write
 from .errors import UserError
 
@@ -56,8 +56,9 @@ SCHEMA: tuple[Key, ...] = (
         "name and settings), `keys` (where each shadow is), update counters, "
         "settings, and `eval_dtype` (the dtype validation scored the shadows in)"),
     Key("posthoc_ema", "posthoc_ema", "ematrain", "with --model-ema-posthoc: the power-function "
-        "EMAs' state (`ema`: sigma_rels, schedule, counters, shadows) and the snapshot interval "
-        "and dtype"),
+        "EMAs' state (`ema`: sigma_rels, schedule, counters, shadows), the snapshot interval "
+        "and dtype, the last snapshot taken (its step and that of the EMAs' last average) and the "
+        "fork folder its series goes on in, if any"),
     Key("posthoc", "posthoc", "ematrain", "in model_posthoc_best.pth.tar only (validate.py "
         "--posthoc): the reconstructed EMA's length, fit error and the series it came from"),
     Key("counters", "counters", "ematrain", "epoch and step to resume at, optimizer updates, the "
@@ -65,9 +66,14 @@ SCHEMA: tuple[Key, ...] = (
     Key("keeper", "keeper", "ematrain", "best epoch and metric of each weight set, and the "
         "checkpoint-<epoch> history"),
     Key("summary", "summary", "ematrain", "the summary.csv rows so far"),
+    Key("rank_buffers", "distributed", "ematrain", "under torchrun only: every process's "
+        "BatchNorm statistics of the model and of each shadow, by rank (they differ between "
+        "reductions); a resumed process with the same process count takes its own back"),
     Key("data_config", "data", "ematrain", "the evaluation transform (validate.py rebuilds it)"),
     Key("num_classes", "data", "ematrain", "classifier outputs"),
     Key("class_names", "data", "ematrain", "class folder names, in label order"),
+    Key("run_id", "run", "ematrain", "the run's identity: drawn at a fresh start, kept by every "
+        "resume, carried by each post-hoc snapshot too (no series mixes two runs)"),
 )
 
 
@@ -79,8 +85,9 @@ def schema_markdown() -> str:
 
 
 # ----------------------------------------------------------------------------- saving
-def save(run, metric: float | None = None) -> dict:
-    """The checkpoint of `run` now: every part's state under its schema key."""
+def save(run, metric: float | None = None, rank_buffers: list | None = None) -> dict:
+    """The checkpoint of `run` now: every part's state under its schema key (`rank_buffers`:
+    `distributed.local_buffers` of every rank, under torchrun)."""
     parts = run.parts()
     ckpt = {
         "epoch": run.counters.epoch - 1,
@@ -93,12 +100,15 @@ def save(run, metric: float | None = None) -> dict:
         "data_config": dict(run.data.data_config),
         "num_classes": run.num_classes,
         "class_names": list(run.data.class_names),
+        "run_id": run.run_id,
     }
     ema = parts.pop("ema", None)
     if ema is not None:
         ckpt.update(ema_entries(ema.state_dict(), ema.scored_dtype(run.model)))
     for name, part in parts.items():
         ckpt[name] = part.state_dict()
+    if rank_buffers is not None and run.dist.enabled:
+        ckpt["rank_buffers"] = rank_buffers
     return ckpt
 
 
@@ -152,7 +162,18 @@ def restore(run, ckpt: dict, path, skip: frozenset = frozenset()) -> list[str]:
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
             raise UserError(f"cannot resume from {path}: its '{key}' does not fit this run's "
                             f"{name} ({_short_reason(exc)})") from None
+    _restore_rank_buffers(run, ckpt.get("rank_buffers"), path)
     return fresh
+
+
+def _restore_rank_buffers(run, saved: list | None, path) -> None:
+    """This process's own BatchNorm statistics, when the checkpoint holds every rank's and the
+    process count is the same (otherwise every process starts from rank 0's, in the parts)."""
+    if saved is None or len(saved) != run.dist.world_size:
+        return
+    if not distributed.load_local_buffers(run.replica_modules(), saved[run.dist.rank]):
+        raise UserError(f"cannot resume from {path}: its 'rank_buffers' do not fit this run's "
+                        f"model and shadows")
 
 
 def ema_state(ckpt: dict) -> dict:
@@ -258,6 +279,9 @@ _SHAPES = {
     "posthoc": (lambda v, c: isinstance(v, dict), "a mapping"),
     "keeper": (lambda v, c: isinstance(v, dict), "a mapping"),
     "summary": (lambda v, c: isinstance(v, dict), "a mapping"),
+    "run_id": (lambda v, c: v is None or isinstance(v, str), "a string"),
+    "rank_buffers": (lambda v, c: isinstance(v, list) and all(isinstance(r, list) for r in v),
+                     "a list (by rank) of lists of buffers"),
 }
 
 
@@ -274,8 +298,8 @@ def check_structure(ckpt: dict, path) -> None:
 
 
 def peek(path: str | Path) -> dict | None:
-    """A checkpoint's `epoch` and `counters` without reading its tensors (memory-mapped), or
-    None when it cannot be read."""
+    """A checkpoint's `epoch`, `counters`, `keeper`, `summary` and run identity without reading
+    its tensors (memory-mapped), or None when it cannot be read."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -284,7 +308,11 @@ def peek(path: str | Path) -> dict | None:
     if not isinstance(data, dict):
         return None
     data = upgrade(data)
-    return {"epoch": data.get("epoch"), "counters": data.get("counters")}
+    peeked = {k: data.get(k) for k in ("epoch", "counters", "keeper", "summary", "run_id")}
+    tracker = data.get("posthoc_ema")
+    if isinstance(tracker, dict):  # where its post-hoc series lies, and how far it reaches
+        peeked["posthoc"] = {k: tracker.get(k) for k in ("fork", "last_snapshot")}
+    return peeked
 
 
 def _unsafe_globals(path: Path) -> list[str]:

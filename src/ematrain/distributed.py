@@ -105,6 +105,39 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def gather_to_primary(obj, info: DistInfo) -> list | None:
+    """`obj` of every rank in rank order, on rank 0 (None on the others); every rank calls it."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size if info.is_primary else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def local_buffers(modules: list[torch.nn.Module]) -> list[dict]:
+    """The floating buffers (BatchNorm statistics) of each module, copied to the host. Under DDP
+    each process keeps its own between two reductions: its model's are updated by its share of
+    every batch, and its shadows average them."""
+    return [{name: buf.detach().to("cpu", copy=True) for name, buf in module.named_buffers()
+             if buf.is_floating_point()} for module in modules]
+
+
+@torch.no_grad()
+def load_local_buffers(modules: list[torch.nn.Module], saved: list) -> bool:
+    """Put `local_buffers` back (in place); False, changing nothing, when they do not fit."""
+    if len(saved) != len(modules):
+        return False
+    owned = [dict(module.named_buffers()) for module in modules]
+    for own, buffers in zip(owned, saved):
+        if not isinstance(buffers, dict) or any(
+                name not in own or own[name].shape != value.shape for name, value in buffers.items()):
+            return False
+    for own, buffers in zip(owned, saved):
+        for name, value in buffers.items():
+            own[name].copy_(value)
+    return True
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

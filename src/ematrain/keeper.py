@@ -70,9 +70,17 @@ class Writer:
             self._pending = self._pool.submit(job)
 
     def wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        pending = self._pending
+        if pending is not None:
+            try:
+                pending.result()
+            finally:  # `busy` sees the job until it is over
+                self._pending = None
+
+    def busy(self) -> bool:
+        """A job is running or waiting (safe to ask from any thread)."""
+        pending = self._pending
+        return pending is not None and not pending.done()
 
 
 class CheckpointKeeper:
@@ -98,6 +106,8 @@ class CheckpointKeeper:
         self.history: list[list] = []  # [metric, epoch] pairs, best first
         self.writer = Writer(background)
         self._links = True
+        self._check_next_save = False
+        self._newest: str | None = None  # the newest complete checkpoint, described
 
     # ----------------------------------------------------------------------------- records
     def _improves(self, name: str, value: float) -> bool:
@@ -146,17 +156,27 @@ class CheckpointKeeper:
             for name in names:
                 self._place(last, name)
             self._prune_history()
+            if self._check_next_save:
+                self._check_next_save = False
+                self._say_fixed(self._agree_with(snapshot))
             # An epoch-end checkpoint supersedes any mid-epoch recovery file.
             self.path(RECOVERY).unlink(missing_ok=True)
             if then is not None:
                 then()
         self.writer.submit(job)
 
-    def save_mid_epoch(self, ckpt: dict, name: str = RECOVERY) -> None:
-        """A checkpoint to resume from in the middle of an epoch (recovery, or a stop)."""
+    def save_mid_epoch(self, ckpt: dict, name: str = RECOVERY,
+                       then: Callable[[], None] | None = None) -> None:
+        """A checkpoint to resume from in the middle of an epoch (recovery, or a stop), then
+        `then`, in the background."""
         if self.primary:
             snapshot = host_copy(ckpt)
-            self.writer.submit(lambda: self._write(name, snapshot))
+
+            def job():
+                self._write(name, snapshot)
+                if then is not None:
+                    then()
+            self.writer.submit(job)
 
     def save_file(self, name: str, obj: dict) -> None:
         """Another file of the run (`name` relative to its folder, e.g. a post-hoc snapshot),
@@ -173,8 +193,26 @@ class CheckpointKeeper:
         try:
             ckpt_io.write_file(path, ckpt)
         except WriteFailed as exc:
-            raise RunFailure(f"{exc}; the previous checkpoint is intact") from None
+            raise RunFailure(f"{exc}; {self._kept()}") from None
+        if name in (LAST, RECOVERY):
+            self._newest = _describe(path, ckpt.get("counters"))
         return path
+
+    def on_disk_now(self) -> str:
+        """What quitting at once leaves, for the message of a second Ctrl-C (any thread)."""
+        newest = self._newest
+        text = (f"the newest complete checkpoint is {newest}" if newest
+                else "no checkpoint of this run is complete yet")
+        return text + ("; the write in progress is abandoned" if self.writer.busy() else "")
+
+    def _kept(self) -> str:
+        """What a failed write leaves on disk: every earlier file is whole (written atomically),
+        but there may be no checkpoint yet."""
+        found = [p for p in (self.path(LAST), self.path(RECOVERY)) if p.is_file()]
+        if not found:
+            return "no checkpoint of this run was saved before it"
+        newest = max(found, key=lambda p: p.stat().st_mtime_ns)
+        return f"the previous checkpoint is intact ({newest})"
 
     def _place(self, source: Path, name: str) -> None:
         """`name` as a hard link of `source`, renamed into place (a copy where links fail)."""
@@ -196,52 +234,110 @@ class CheckpointKeeper:
                      f"files are copies")
         atomic_copy(source, target)
 
-    def _prune_history(self) -> None:
-        keep = {history_name(e) for _, e in self.history}
+    def _prune_history(self, keep: set[str] | None = None) -> None:
+        """Remove the history files that the records (by default this keeper's) do not name."""
+        keep = {history_name(e) for _, e in self.history} if keep is None else keep
         for path in self.run_dir.glob("checkpoint-*.pth.tar"):
             if path.name not in keep:
                 path.unlink(missing_ok=True)
 
     # ----------------------------------------------------------------------------- repair
     def repair(self) -> list[str]:
-        """Make the files agree with the records; returns the names rewritten.
+        """On resume: make the best and history files agree with the records in last.pth.tar,
+        in one line; returns what was put right.
 
         A kill after last.pth.tar was renamed into place but before its best and history files
         were made leaves those at an older epoch (or missing), and the mid-epoch recovery file
-        in place: the records in last.pth.tar say what they should be, and last itself is the
-        missing epoch's checkpoint.
+        in place; a file may also have been replaced or removed by hand. Whether the run is
+        finished or not, last.pth.tar's records name the epoch each file must hold, and the
+        checkpoint of that epoch is taken from whichever file of the folder holds it.
         """
+        # A resume from an older checkpoint goes on differently from the run that wrote the
+        # files: its first epoch's save checks them against its own records.
+        self._check_next_save = True
         if not self.primary or not self.path(LAST).is_file():
             return []
         last = ckpt_io.peek(self.path(LAST))
-        if last is None or last["counters"] is None or last["counters"].get("epoch_step"):
-            return []  # no complete epoch-end checkpoint to copy from
-        fixed = [name for name, epoch in self._wanted().items() if self._repaired(name, epoch, last)]
-        self._prune_history()
+        if last is None or not isinstance(last.get("keeper"), dict):
+            return []
+        fixed = self._agree_with(last)
+        self._newest = _describe(self.path(LAST), last.get("counters"))
         recovery = ckpt_io.peek(self.path(RECOVERY)) if self.path(RECOVERY).is_file() else None
         if recovery is not None and _position(recovery) <= _position(last):
             self.path(RECOVERY).unlink()
-            fixed.append(RECOVERY)
-        if fixed:
-            log.info(f"repaired after an interrupted save: {', '.join(fixed)}")
+            fixed.append(f"{RECOVERY} removed (older than {LAST})")
+        elif recovery is not None:
+            self._newest = _describe(self.path(RECOVERY), recovery.get("counters"))
+        self._say_fixed(fixed)
         return fixed
 
-    def _wanted(self) -> dict[str, int]:
-        wanted = {s.best_file: self.best[s.name]["epoch"] for s in self.sets
-                  if s.best_file and self.best.get(s.name, {}).get("epoch") is not None}
-        wanted.update({history_name(e): e for _, e in self.history})
-        return wanted
+    def _say_fixed(self, fixed: list[str]) -> None:
+        if fixed:
+            log.info(f"repaired to agree with the records in {self.path(LAST)}: "
+                     f"{', '.join(fixed)}")
 
-    def _repaired(self, name: str, epoch: int, last: dict) -> bool:
-        current = ckpt_io.peek(self.path(name)) if self.path(name).is_file() else None
-        if current is not None and current["epoch"] == epoch:
-            return False
-        if epoch != last["epoch"]:
-            log.warning(f"warning: {self.path(name)} should hold epoch {epoch}, whose checkpoint "
-                        f"is gone; it is left as it is")
-            return False
-        self._place(self.path(LAST), name)
-        return True
+    def _agree_with(self, last: dict) -> list[str]:
+        """Put every best and history file that `last`'s records name at its epoch; returns
+        what was put right. An epoch's checkpoint is told from the same epoch of another run
+        (a resume from an older checkpoint) by its summary row."""
+        records = last["keeper"]
+        rows = _rows(last)
+        wanted = {s.best_file: records["best"][s.name]["epoch"] for s in self.sets
+                  if s.best_file and (records.get("best") or {}).get(s.name, {}).get("epoch")
+                  is not None}
+        wanted.update({history_name(int(e)): int(e) for _, e in records.get("history", [])})
+        seen: dict[Path, dict | None] = {}
+
+        def holds(path: Path, epoch: int) -> bool:
+            if path not in seen:
+                seen[path] = ckpt_io.peek(path) if path.is_file() else None
+            found = seen[path]
+            if found is None or found["epoch"] != epoch or _position(found)[1]:
+                return False
+            mine, theirs = _rows(found).get(epoch), rows.get(epoch)
+            return mine is None or theirs is None or mine == theirs
+
+        fixed = []
+        for name, epoch in wanted.items():
+            if holds(self.path(name), epoch):
+                continue
+            source = next((p for p in self._checkpoint_files() if holds(p, epoch)), None)
+            if source is None:
+                log.warning(f"warning: {self.path(name)} should hold epoch {epoch}, and no file "
+                            f"of the run holds that epoch's checkpoint; it is left as it is")
+                continue
+            self._place(source, name)
+            seen.pop(self.path(name), None)
+            fixed.append(f"{name} (epoch {epoch}, from {source.name})")
+        self._prune_history({n for n in wanted if n.startswith("checkpoint-")})
+        return fixed
+
+    def on_disk(self) -> dict[str, dict]:
+        """The run's checkpoint files (last, recovery, history, best), peeked, by name."""
+        files = self._checkpoint_files() + [self.path(RECOVERY)]
+        peeked = {p.name: ckpt_io.peek(p) for p in files if p.is_file()}
+        return {name: p for name, p in peeked.items() if p is not None}
+
+    def _checkpoint_files(self) -> list[Path]:
+        """The run's epoch checkpoints: last, the history, the best files."""
+        names = [LAST] + sorted(p.name for p in self.run_dir.glob("checkpoint-*.pth.tar"))
+        names += [s.best_file for s in self.sets if s.best_file]
+        return [self.path(n) for n in names if self.path(n).is_file()]
+
+
+def _describe(path: Path, counters: dict | None) -> str:
+    """A checkpoint as the quit message names it: where, and which position it holds."""
+    c = counters or {}
+    if c.get("epoch_step"):
+        return f"{path} (epoch {c.get('epoch')}, step {c['epoch_step']})"
+    return f"{path} (end of epoch {int(c.get('epoch', 0)) - 1})"
+
+
+def _rows(peeked: dict) -> dict[int, dict]:
+    """A checkpoint's summary rows by epoch."""
+    summary = peeked.get("summary") or {}
+    rows = summary.get("rows", []) if isinstance(summary, dict) else []
+    return {int(r["epoch"]): r for r in rows if isinstance(r, dict) and "epoch" in r}
 
 
 def _position(peeked: dict) -> tuple[int, int]:

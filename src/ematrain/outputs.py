@@ -11,6 +11,7 @@ import json
 import os
 import selectors
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import yaml
 from .atomic import atomic_write, atomic_write_text, remove_stale_temporaries
 from .clock import duration
 from .errors import UserError
+from .logs import log
 from .signals import close_in_loader_workers
 from .weightsets import WeightSet
 
@@ -31,8 +33,9 @@ _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 # ----------------------------------------------------------------------------- the run folder
 LOCK = ".ematrain.lock"
 # What a run writes before its first checkpoint: a folder holding only these is removed again
-# when the run fails (nothing of value is lost, no empty run is left to mislead).
-_BEFORE_FIRST_CHECKPOINT = {"args.yaml", "summary.csv", "curves.png", LOCK}
+# when the run fails (nothing of value is lost, no empty run is left to mislead; post-hoc
+# snapshots without a checkpoint cannot be continued).
+_BEFORE_FIRST_CHECKPOINT = {"args.yaml", "summary.csv", "curves.png", "posthoc", LOCK}
 
 
 class RunFolder:
@@ -189,33 +192,69 @@ class CurveRenderer:
     `submit` names the run folder and returns at once; the renderer reads summary.csv and, when
     several requests wait, draws only the newest. On a loaded machine the file catches up when the
     CPU has time; `close` waits for the last picture. A failed render is a warning line, never
-    the run's end (the checkpoints and summary.csv hold the numbers).
+    the run's end (the checkpoints and summary.csv hold the numbers). A renderer that dies (killed,
+    out of memory) is a warning line too, and is started again once for the next picture.
     """
+
+    RESTARTS = 1
 
     def __init__(self):
         self._process: subprocess.Popen | None = None  # started with the first picture
+        self._deaths = 0
 
     def submit(self, run_dir: Path, sets: tuple[WeightSet, ...], title: str = "",
                chance: float | None = None) -> None:
-        if self._process is None:
-            self._process = subprocess.Popen(
-                [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(_PACKAGE_ROOT)!r}); "
-                                       f"from ematrain.outputs import render_forever; "
-                                       f"render_forever()"],
-                stdin=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(19))
         job = {"run_dir": str(run_dir), "title": title, "chance": chance,
                "sets": [dataclasses.asdict(s) for s in sets]}
-        try:
-            self._process.stdin.write(json.dumps(job) + "\n")
-            self._process.stdin.flush()
-        except OSError:
-            pass  # the renderer died; it said why
+        for _ in range(2):  # a renderer that died meanwhile is noticed and replaced once
+            process = self._running()
+            if process is None:
+                return
+            try:
+                process.stdin.write(json.dumps(job) + "\n")
+                process.stdin.flush()
+                return
+            except OSError:
+                process.wait()
+
+    def _running(self) -> subprocess.Popen | None:
+        """The renderer, started when needed (again after it died, `RESTARTS` times, each time
+        with a warning); None once given up."""
+        if self._process is not None and self._process.poll() is None:
+            return self._process
+        if self._process is not None:
+            self._deaths += 1
+            given_up = self._deaths > self.RESTARTS
+            self._warn_ended("curves.png is no longer drawn; summary.csv has every epoch"
+                             if given_up else "starting it again")
+            self._process = None
+            if given_up:
+                return None
+        elif self._deaths > self.RESTARTS:
+            return None
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(_PACKAGE_ROOT)!r}); "
+                                   f"from ematrain.outputs import render_forever; "
+                                   f"render_forever()"],
+            stdin=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(19))
+        return self._process
+
+    def _warn_ended(self, then: str) -> None:
+        code = self._process.returncode
+        how = f"exit code {code}"
+        if code is not None and code < 0:
+            with contextlib.suppress(ValueError):
+                how = f"killed by {signal.Signals(-code).name}"
+        log.warning(f"warning: the curves.png renderer ended ({how}); {then}")
 
     def close(self) -> None:
+        """Wait for the last picture (a renderer that died meanwhile is a warning line)."""
         if self._process is not None:
             with contextlib.suppress(OSError):
                 self._process.stdin.close()
             self._process.wait()
+            if self._process.returncode != 0:
+                self._warn_ended("curves.png may lack the last epochs; summary.csv has them")
             self._process = None
 
 

@@ -240,6 +240,15 @@ def sweep_plan(run_dir: str, sigma_rels, half_lives):
     return series, targets, solution
 
 
+def remove_stale_outputs(run_dir: Path) -> None:
+    """A sweep killed while writing its outputs leaves the temporary file of that write (for
+    the best file, as big as the model); the outputs themselves are whole. Only the sweep's own
+    names: a training run may be writing its files into the same folder."""
+    for name in (CSV, PNG, BEST):
+        for stale in run_dir.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
 def finite_or_fail(states: list[dict], labels: list[str]) -> None:
     for state, label in zip(states, labels):
         if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
@@ -265,6 +274,8 @@ def evaluate_posthoc(s, info, device) -> int:
     split_dir, dataset = v.open_split(s)
     v.check_classes(meta, dataset, split_dir)
     run_dir = series.folder.parent if series.folder.name == snaps.FOLDER else series.folder
+    if info.is_primary:
+        remove_stale_outputs(run_dir)
     raw, _ = raw_weights(run_dir)
     states, clamped = snaps.synthesize(series, solution)
     finite_or_fail(states, [t.label for t in targets])

@@ -258,6 +258,8 @@ def restore(run, source: ResumeSource) -> None:
     for name in ckpt_io.restore(run, source.ckpt, source.path, skip=frozenset(skip)):
         log.info(f"resume: {source.path} holds no {name} state; this run's starts fresh")
     run.counters.world_size = run.dist.world_size
+    if ckpt_io.is_ours(source.ckpt):  # the same run, going on (a timm checkpoint starts one)
+        run.run_id = source.ckpt.get("run_id")
     if rebuilt and "optimizer" not in skip:
         for group, (lr, initial) in zip(run.optimizer.param_groups, fresh):
             group["lr"] = lr

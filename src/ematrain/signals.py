@@ -16,11 +16,13 @@ terminal's Ctrl-C, and the stop message is printed once, not once per worker.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing
 import os
 import signal
 import sys
 import threading
+from typing import Callable
 
 from .atomic import remove_writes_in_flight
 
@@ -43,8 +45,11 @@ class StopRequest:
     Calling the instance tells whether a stop was requested; `exit_code` is 128 + the signal.
     """
 
-    def __init__(self, prog: str = "train.py", quiet: bool = False):
+    def __init__(self, prog: str = "train.py", quiet: bool = False,
+                 files: Callable[[], str] | None = None):
         self.prog, self.quiet = prog, quiet  # quiet: no message (torchrun ranks other than 0)
+        # What quitting at once leaves on disk, for its message (called from the watcher).
+        self.files = files
         self.signum: int | None = None
         self._saved: dict = {}
 
@@ -92,8 +97,11 @@ class StopRequest:
             remove_writes_in_flight()
             for child in multiprocessing.active_children():  # loader workers would linger
                 child.kill()
-            _say(f"{self.prog}: {signal.Signals(signum).name} again: quitting at once; the files "
-                 f"on disk are the last complete ones")
+            left = "the files on disk are the last complete ones"
+            if self.files is not None:
+                with contextlib.suppress(Exception):  # the message must not stop the quit
+                    left = self.files()
+            _say(f"{self.prog}: {signal.Signals(signum).name} again: quitting at once; {left}")
         finally:
             os._exit(128 + signum)
 

@@ -7,11 +7,22 @@ to rebuild the network (arch, args, classes, evaluation transform). Each file is
 atomically and loads with ``torch.load(weights_only=True)``; the series is the folder's files in
 step order. `read_series` checks that the files form one series (one line, exit 2, otherwise),
 `synthesize` forms the linear combinations the least-squares solution asks for.
+
+Every snapshot carries its run's id (drawn at the run's start, kept by every resume, recorded in
+every checkpoint), so snapshots of two runs are never taken for one series. A resume from an
+older checkpoint than the newest one on disk (`--resume RUN/checkpoint-0.pth.tar`) goes on
+differently from the snapshots after it, which that newer checkpoint still needs: it writes its
+own into a fork folder, `posthoc/fork-<step>-<id>/` (its checkpoints name the fork and its step),
+until the first last.pth.tar it saves supersedes them; then the fork's snapshots replace the
+later ones (`merge_fork`, safe to interrupt and repeat). A checkpoint's series is the main
+folder's snapshots up to its fork's step and the fork's (`series_files`).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +30,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
-from .atomic import remove_stale_temporaries
+from .atomic import fsync_dir
 from .errors import UserError
 from .logs import log
 from .posthoc import Profile, Solution
@@ -27,6 +38,7 @@ from .posthoc import Profile, Solution
 FORMAT = "ematrain-posthoc-snapshot"
 VERSION = 1
 FOLDER = "posthoc"
+FORK_PREFIX = "fork-"
 _NAME = re.compile(r"^snapshot-(\d+)\.pth\.tar$")
 # What a snapshot records besides its weights and counters: how to rebuild the network.
 META_KEYS = ("arch", "args", "num_classes", "class_names", "data_config", "eval_dtype",
@@ -38,8 +50,10 @@ def snapshot_name(step: int) -> str:
 
 
 def snapshot_entry(shadows: Sequence[dict], sigma_rels: Sequence[float], gammas: Sequence[float],
-                   step: int, updates: int, dtype: torch.dtype, meta: dict) -> dict:
-    """One snapshot as a file holds it: floating tensors of `shadows` in `dtype`, on the host."""
+                   step: int, updates: int, dtype: torch.dtype, meta: dict,
+                   fork: str | None = None) -> dict:
+    """One snapshot as a file holds it: floating tensors of `shadows` in `dtype`, on the host;
+    `meta` may name the run (`run_id`), and `fork` the fork folder it is written into."""
     # Copies (also where device and dtype already match): training goes on changing the shadows
     # while the file is written.
     weights = [{k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype, copy=True)
@@ -47,7 +61,7 @@ def snapshot_entry(shadows: Sequence[dict], sigma_rels: Sequence[float], gammas:
     return {"format": FORMAT, "version": VERSION, "step": int(step), "updates": int(updates),
             "sigma_rels": [float(s) for s in sigma_rels], "gammas": [float(g) for g in gammas],
             "dtype": str(dtype).removeprefix("torch."), "shadows": weights,
-            **{k: meta[k] for k in META_KEYS}}
+            **{k: meta[k] for k in META_KEYS}, "run_id": meta.get("run_id"), "fork": fork}
 
 
 def shadow_bytes(shadow: dict, dtype: torch.dtype) -> int:
@@ -117,19 +131,22 @@ def _peek(path: Path) -> dict:
 
 def read_series(run_dir: str | Path) -> Series:
     """The snapshot series of a run folder (or of its posthoc/ folder), checked: at least two
-    snapshots, all of the same profiles, network and dtype, in increasing update counts."""
+    snapshots of one run, all of the same profiles, network and dtype, in increasing update
+    counts; with the run's last.pth.tar, the series of that checkpoint (its fork's, none after
+    its step), which must reach the last snapshot it took."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"--posthoc {run_dir}: no such folder")
     folder = run_dir / FOLDER if (run_dir / FOLDER).is_dir() else run_dir
-    files = snapshot_files(folder)
+    last = _last_checkpoint(folder)
+    files = series_files(folder, last)
     if not files:
         raise UserError(f"{run_dir} holds no post-hoc snapshots ({FOLDER}/snapshot-*.pth.tar): "
                         f"train with --model-ema-posthoc")
     if len(files) < 2:
         raise UserError(f"{folder} holds one snapshot only ({files[0][1].name}): post-hoc "
                         f"synthesis needs at least two (a shorter --model-ema-snapshot-every)")
-    first, snapshots, last = None, [], None
+    first, snapshots, last_data, runs = None, [], None, {}
     for step, path in files:
         data = _peek(path)
         shared = (data["sigma_rels"], data["arch"], data["dtype"], data["every"],
@@ -140,13 +157,92 @@ def read_series(run_dir: str | Path) -> Series:
             raise UserError(f"{folder} mixes snapshots of different runs or settings: "
                             f"{path.name} ({_describe(shared)}) and {first[0].name} "
                             f"({_describe(first[1])})")
+        runs.setdefault(data.get("run_id"), path)
         if snapshots and data["updates"] <= snapshots[-1].updates:
             raise UserError(f"{folder}: {path.name} has {data['updates']} EMA updates, no more "
                             f"than the snapshot before it: mixed runs")
         snapshots.append(Snapshot(path, step, data["updates"]))
-        last = data
-    return Series(folder, tuple(snapshots), tuple(last["sigma_rels"]), tuple(last["gammas"]),
-                  last["dtype"], {k: last[k] for k in META_KEYS})
+        last_data = data
+    _check_one_run(folder, runs, last)
+    _check_reaches(folder, snapshots[-1], last)
+    return Series(folder, tuple(snapshots), tuple(last_data["sigma_rels"]),
+                  tuple(last_data["gammas"]), last_data["dtype"],
+                  {k: last_data[k] for k in META_KEYS})
+
+
+def _last_checkpoint(folder: Path) -> dict | None:
+    """The run's last.pth.tar, peeked, when the series lies in its run folder."""
+    path = folder.parent / "last.pth.tar"
+    peeked = ckpt_io.peek(path) if folder.name == FOLDER and path.is_file() else None
+    if peeked is not None:
+        peeked["path"] = path
+    return peeked
+
+
+def _check_one_run(folder: Path, runs: dict, last: dict | None) -> None:
+    """Every snapshot of one run, and the run of last.pth.tar."""
+    if len(runs) > 1:
+        (a, pa), (b, pb) = list(runs.items())[:2]
+        raise UserError(f"{folder} mixes snapshots of {len(runs)} runs: {pa.name} (run {a}) and "
+                        f"{pb.name} (run {b}); keep one run's series in a folder")
+    run_id = next(iter(runs))
+    if last is not None and run_id and last.get("run_id") and last["run_id"] != run_id:
+        raise UserError(f"{folder} holds the snapshots of run {run_id}, but {last['path']} is "
+                        f"run {last['run_id']}'s: the raw weights would not be the series' run")
+
+
+def _check_reaches(folder: Path, end: Snapshot, last: dict | None) -> None:
+    """The series ends at the last snapshot that last.pth.tar's run took."""
+    taken = ((last or {}).get("posthoc") or {}).get("last_snapshot")
+    if taken is not None and end.step != int(taken[0]):
+        raise UserError(f"{folder}: the series ends at step {end.step}, but {last['path']} "
+                        f"(step {last['counters']['num_updates']}) took its last snapshot at "
+                        f"step {int(taken[0])}: snapshots are missing, the raw weights would not "
+                        f"be the series' end")
+
+
+def series_files(folder: Path, last: dict | None = None) -> list[tuple[int, Path]]:
+    """(step, path) of one checkpoint's series (`last`, peeked; None: every snapshot of
+    `folder`): with a fork, the main folder's up to the fork's step and the fork's own, wherever
+    a merge left them; none after the checkpoint's step (a killed run's, written after it)."""
+    files = snapshot_files(folder)
+    fork = ((last or {}).get("posthoc") or {}).get("fork")
+    if fork is not None:
+        name, sub = fork["folder"], folder / fork["folder"]
+        files = sorted([(s, p) for s, p in files if s <= fork["step"] or fork_of(p) == name]
+                       + (snapshot_files(sub) if sub.is_dir() else []))
+    upto = ((last or {}).get("counters") or {}).get("num_updates")
+    later = [p for s, p in files if upto is not None and s > upto]
+    if later:
+        log.info(f"post-hoc: {len(later)} snapshot(s) after step {upto} of {last['path']} are "
+                 f"left out (a run stopped or killed after that checkpoint wrote them; "
+                 f"--resume continues it)")
+    return [(s, p) for s, p in files if upto is None or s <= upto]
+
+
+def fork_of(path: Path) -> str | None:
+    """The fork folder a snapshot was written into (None: the main folder)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by `_peek`
+        return None
+    return data.get("fork") if isinstance(data, dict) else None
+
+
+def merge_fork(folder: Path, fork: dict) -> None:
+    """The fork's checkpoint is last.pth.tar now: its snapshots replace the main folder's after
+    its step. Each step of the merge may be interrupted and done again."""
+    name, sub = fork["folder"], folder / fork["folder"]
+    if not sub.is_dir():
+        return
+    for step, path in snapshot_files(folder):
+        if step > fork["step"] and fork_of(path) != name:
+            path.unlink(missing_ok=True)
+    for _, path in snapshot_files(sub):
+        os.replace(path, folder / path.name)
+    fsync_dir(folder)
+    shutil.rmtree(sub, ignore_errors=True)
 
 
 def _describe(shared) -> str:
@@ -200,88 +296,9 @@ def synthesize(series: Series, solution: Solution) -> tuple[list[dict], int]:
     return out, clamped
 
 
-def remove_after(folder: Path, step: int) -> list[Path]:
-    """Remove the snapshots later than `step` (a resumed run writes them again); returns them."""
-    if not folder.is_dir():
-        return []
-    stale = [p for s, p in snapshot_files(folder) if s > step]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
 def snapshot_steps(every_steps: int, total_steps: int) -> list[int]:
     """The optimizer steps a run snapshots at: every `every_steps`, and at its last step."""
     steps = list(range(every_steps, total_steps + 1, every_steps))
     if not steps or steps[-1] != total_steps:
         steps.append(total_steps)
     return steps
-
-
-
-class PosthocTracker:
-    """The training side of post-hoc EMA: power-function EMAs (a `ModelEma` under the power
-    schedule, `ema_schedules.Power`) and the snapshots of them every `every_steps` optimizer
-    steps and at the run's last step.
-
-    A snapshot is copied to host memory in its dtype at its step (the only part on the training
-    path) and written by the run's checkpoint writer (`keeper.Writer`), in order with the
-    checkpoints: when a checkpoint is on disk, so is every snapshot of the steps before it. A
-    resumed run removes the snapshots later than its checkpoint and writes them again, so the
-    series is the one an uninterrupted run writes. Part of the checkpoint (`state_dict`).
-    """
-
-    def __init__(self, ema, every_steps: int, total_steps: int, dtype: torch.dtype):
-        self.ema, self.every_steps, self.total_steps, self.dtype = ema, every_steps, total_steps, dtype
-        self._taken = -1  # the step of the last snapshot taken by this process
-
-    def open_folder(self, run_dir: Path, resumed: bool, step: int) -> None:
-        """<run>/posthoc/; on resume (at optimizer step `step`) without the snapshots later than
-        the checkpoint, nor the temporary file of a write a kill interrupted: the resumed run
-        writes them again."""
-        folder = run_dir / FOLDER
-        folder.mkdir(exist_ok=True)
-        remove_stale_temporaries(folder)
-        if resumed:
-            stale = remove_after(folder, step)
-            if stale:
-                log.info(f"resume: removed {len(stale)} post-hoc snapshot(s) later than the "
-                         f"checkpoint's step {step}; they are written again")
-
-    def take(self, step: int, meta, keeper) -> None:
-        """The snapshot of optimizer step `step` when it is one of the series' (once per step),
-        handed to `keeper`'s writer; `meta()` gives the run's record (`META_KEYS`)."""
-        if not self.due(step) or step == self._taken:
-            return
-        self._taken = step
-        if keeper.primary:
-            keeper.save_file(f"{FOLDER}/{snapshot_name(step)}", self.entry(step, meta()))
-
-    @property
-    def sigma_rels(self) -> list[float]:
-        return list(self.ema.decays)
-
-    def due(self, step: int) -> bool:
-        """Whether optimizer step `step` (updates so far) is a snapshot step."""
-        return step > 0 and (step % self.every_steps == 0 or step == self.total_steps)
-
-    def entry(self, step: int, meta: dict) -> dict:
-        """The snapshot of now as its file will hold it (host memory)."""
-        shadows = [self.ema.shadow_state_dict(i) for i in range(len(self.ema.modules))]
-        # The schedule's update count (a skipped non-finite update still counts in it).
-        updates = self.ema.steps // self.ema.every
-        return snapshot_entry(shadows, self.ema.decays, self.ema.schedule.gammas, step, updates,
-                              self.dtype, meta)
-
-    def plan(self) -> tuple[int, int]:
-        """Snapshots the run writes and bytes per snapshot."""
-        per = sum(shadow_bytes(m.state_dict(), self.dtype) for m in self.ema.modules)
-        return len(snapshot_steps(self.every_steps, self.total_steps)), per
-
-    def state_dict(self) -> dict:
-        return {"ema": self.ema.state_dict(), "every_steps": self.every_steps,
-                "dtype": str(self.dtype).removeprefix("torch.")}
-
-    def load_state_dict(self, state: dict) -> None:
-        """The power EMAs' state (the snapshot settings are this run's: see the resume policy)."""
-        self.ema.load_state_dict(state["ema"])

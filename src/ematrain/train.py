@@ -91,7 +91,8 @@ class Training:
 
     def epochs(self) -> int:
         log_start(self.run, self.run_dir)
-        with StopRequest(self.prog, quiet=not self.primary) as stop:
+        with StopRequest(self.prog, quiet=not self.primary,
+                         files=self.run.keeper.on_disk_now) as stop:
             for epoch in range(self.run.counters.epoch, self.run.num_epochs):
                 rc = self.run_epoch(epoch, stop)
                 if rc is not None:
@@ -108,13 +109,15 @@ class Training:
         run = self.run
         self.folder = open_run_folder(run, self.source) if self.primary else None
         path = str(self.folder.path) if self.folder is not None else None
-        self.run_dir = Path(distributed.broadcast_object(path, run.dist))
+        # Rank 0's run id (a fresh run's is drawn on every rank).
+        path, run.run_id = distributed.broadcast_object((path, run.run_id), run.dist)
+        self.run_dir = Path(path)
         run.keeper.run_dir = self.run_dir
         if self.source is not None:
             run.keeper.repair()
         if self.primary and run.posthoc is not None:
             run.posthoc.open_folder(self.run_dir, resumed=self.source is not None,
-                                    step=run.counters.num_updates)
+                                    step=run.counters.num_updates, on_disk=run.keeper.on_disk())
         if self.primary:
             outputs.write_args(self.run_dir, run.record())
             if run.summary.rows:
@@ -167,8 +170,9 @@ class Training:
     def stop_mid_epoch(self, epoch: int, stop) -> int:
         """Save where the epoch stands (a resumed run continues at the next step) and stop."""
         run = self.run
-        if self.primary:  # other ranks would build the whole checkpoint for nothing
-            run.keeper.save_mid_epoch(ckpt_io.save(run), LAST)
+        ckpt = self.checkpoint()
+        if self.primary:
+            run.keeper.save_mid_epoch(ckpt, LAST, then=self.settle_series())
             run.keeper.wait()
         distributed.barrier(run.dist)
         self.print_stop(f"stopped at epoch {epoch}, step {run.counters.epoch_step}")
@@ -188,8 +192,10 @@ class Training:
                 halt = c.epoch_step % stop_every == 0 and self.any_rank(stop())
                 if recover or halt:
                     self.check_weights()  # never save weights a bad step has already spoiled
-                    if recover and self.primary:
-                        run.keeper.save_mid_epoch(ckpt_io.save(run))
+                    if recover:
+                        ckpt = self.checkpoint()
+                        if self.primary:
+                            run.keeper.save_mid_epoch(ckpt)
                     if halt:
                         raise Interrupted
 
@@ -213,16 +219,33 @@ class Training:
         run.summary.add(epoch, lr, train_loss, results)
         improved = run.keeper.record(epoch, results)
         run.counters.finish_epoch()
+        ckpt = self.checkpoint(metric=raw)
         if self.primary:
             rows = [dict(r) for r in run.summary.rows]
-            run.keeper.save_epoch(epoch, ckpt_io.save(run, metric=raw), improved,
-                                  then=lambda: self.write_summary(rows))
+            settle = self.settle_series()
+            run.keeper.save_epoch(epoch, ckpt, improved,
+                                  then=lambda: (settle and settle(), self.write_summary(rows)))
             skipped = run.ema.skipped_nonfinite if run.ema is not None else 0
             took = self.clock.end_epoch()
             print(outputs.epoch_line(epoch, run.num_epochs, lr, train_loss, results,
                                      run.weight_sets, metric, skipped,
                                      timing=(took, self.clock.remaining(epoch))), flush=True)
         distributed.barrier(run.dist)
+
+    def checkpoint(self, metric: float | None = None) -> dict | None:
+        """The run's checkpoint now, on the primary process (None on the others, which would
+        build it for nothing). Under torchrun every process must call it: it gathers each
+        one's BatchNorm statistics, which only a reduction makes agree, so that a resumed
+        process continues from its own."""
+        run = self.run
+        ranks = (distributed.gather_to_primary(distributed.local_buffers(run.replica_modules()),
+                                               run.dist) if run.dist.enabled else None)
+        return ckpt_io.save(run, metric=metric, rank_buffers=ranks) if self.primary else None
+
+    def settle_series(self):
+        """For a checkpoint about to become last.pth.tar: the job that makes the post-hoc
+        series its own once it is on disk (None when there is nothing to do)."""
+        return self.run.posthoc.settle() if self.run.posthoc is not None else None
 
     def write_summary(self, rows: list[dict] | None = None) -> None:
         """summary.csv (in the background writer after an epoch's checkpoint), then curves.png
@@ -276,6 +299,10 @@ def log_start(run: Run, run_dir: Path) -> None:
     if run.posthoc is not None:
         log.info(posthoc_plan_line(run.posthoc, run.data.steps_per_epoch,
                                    run_dir / snapshots.FOLDER))
+        if run.posthoc.plan()[0] < 2:
+            log.warning(f"warning: post-hoc EMA: fewer than two snapshots at new EMA update "
+                        f"counts (--model-ema-every {run.posthoc.ema.every}); validate.py "
+                        f"--posthoc needs at least two")
 
 
 def sync_replicas(run: Run) -> None:
