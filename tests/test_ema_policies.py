@@ -62,7 +62,7 @@ def test_recalibrate_matches_hand_computed_statistics_and_keeps_the_raw_weights(
     batches = [torch.randn(8, 4, generator=gen, dtype=torch.float64) * 2 for _ in range(3)]
     recalibrate(ema, model, lambda: iter(batches))
     assert_equal(state(model), raw)  # bit for bit
-    for shadow in ema.modules:
+    for shadow in ema.shadows:
         w, b = shadow[0].weight, shadow[0].bias
         outs = [x @ w.T + b for x in batches]
         mean = torch.stack([o.mean(0) for o in outs]).mean(0)
@@ -104,7 +104,7 @@ def test_switch_loads_the_first_shadow_and_keeps_the_optimizer_state():
     params = list(model.parameters())
     momenta = [opt.state[p]["momentum_buffer"].clone() for p in params]
     switch_to_shadow(ema, model)
-    assert_equal(state(model), state(ema.modules[0]))
+    assert_equal(state(model), state(ema.shadows[0]))
     assert list(model.parameters()) == params  # the same Parameter objects
     for p, m in zip(params, momenta):
         assert torch.equal(opt.state[p]["momentum_buffer"], m)

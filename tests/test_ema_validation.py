@@ -51,7 +51,7 @@ def test_one_pass_equals_separate_passes_exactly(val_loader):
     model, ema = _trained_pair([0.5, 0.9])
     together = validate(model, val_loader, torch.device("cpu"), normalize=NORMALIZE, ema=ema)
     alone = [validate(m, val_loader, torch.device("cpu"), normalize=NORMALIZE)[0]
-             for m in [model] + ema.modules]
+             for m in [model] + ema.shadows]
     assert together == alone
     assert together[0] != together[1]  # the weight sets really differ
     assert together[0]["count"] == 21
@@ -72,8 +72,8 @@ def test_cpu_shadow_swap_gives_the_same_numbers_and_restores_raw(val_loader, mon
 def test_swapper_loads_each_set_and_restores_bit_for_bit():
     model, ema = _trained_pair([0.5, 0.9])
     raw = {k: v.clone() for k, v in model.state_dict().items()}
-    swapper = WeightSwapper(model, ema.modules)
-    for index, shadow in ((2, ema.modules[1]), (1, ema.modules[0])):
+    swapper = WeightSwapper(model, ema.shadows)
+    for index, shadow in ((2, ema.shadows[1]), (1, ema.shadows[0])):
         swapper.load(index)
         for name, value in model.state_dict().items():
             assert torch.equal(value, shadow.state_dict()[name]), name

@@ -322,7 +322,7 @@ def test_a_swapped_shadow_is_scored_in_the_model_dtype_and_validate_py_follows()
     ema = ModelEma(model, 0.9)
 
     def saved():
-        return ckpt_io.ema_entries(ema.state_dict(), ema.scored_dtype(model))
+        return ckpt_io.ema_entries(ema.full_state_dict(), ema.scored_dtype(model))
     assert saved()["ema"]["eval_dtype"] == "float32"
     ema.device = torch.device("meta")  # the shadow lives elsewhere than the model: swapped
     ckpt = saved()

@@ -96,7 +96,7 @@ def save(run, metric: float | None = None) -> dict:
     }
     ema = parts.pop("ema", None)
     if ema is not None:
-        ckpt.update(ema_entries(ema.state_dict(), ema.scored_dtype(run.model)))
+        ckpt.update(ema_entries(ema.full_state_dict(), ema.scored_dtype(run.model)))
     for name, part in parts.items():
         ckpt[name] = part.state_dict()
     return ckpt
@@ -148,7 +148,10 @@ def restore(run, ckpt: dict, path, skip: frozenset = frozenset()) -> list[str]:
                               arch=ckpt.get("arch"), model_name=run.settings.model.model)
             continue
         try:
-            part.load_state_dict(ema_state(ckpt) if name == "ema" else ckpt[key])
+            if name == "ema":
+                part.load_full_state_dict(ema_state(ckpt))
+            else:
+                part.load_state_dict(ckpt[key])
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
             raise UserError(f"cannot resume from {path}: its '{key}' does not fit this run's "
                             f"{name} ({_short_reason(exc)})") from None
@@ -156,7 +159,7 @@ def restore(run, ckpt: dict, path, skip: frozenset = frozenset()) -> list[str]:
 
 
 def ema_state(ckpt: dict) -> dict:
-    """The EMA's state_dict() put back together from the schema's keys."""
+    """The EMA's full_state_dict() put back together from the schema's keys."""
     meta = dict(ckpt["ema"])
     meta["shadows"] = [ckpt[key] for key in meta.pop("keys")]
     meta.pop("eval_dtype", None)

@@ -9,76 +9,31 @@ device and thread) lives in `ema_tensors`, whose notes say why it looks the way 
 from __future__ import annotations
 
 import contextlib
-import math
-import re
-from dataclasses import dataclass
+import numbers
+import operator
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .ema_schedules import EmaSchedule, Power, schedule_for, warmup_decay
-from .ema_tensors import (HostAverager, Plan, Shadows, all_finite, float_and_int_tensors,
+from .ema_devices import HostAverager, WeightSwapper
+from .ema_schedules import (EmaSchedule, HalfLife, Power, decay_from_half_life,
+                            half_life_from_decay, parse_half_life, schedule_for, warmup_decay)
+from .ema_tensors import (Plan, Shadows, all_finite, float_and_int_tensors,
                           placement, shadow_copy)
 from .models import unwrap_model
 
 __all__ = [
+    "HalfLife",
     "ModelEma",
     "WeightSwapper",
     "decay_from_half_life",
     "half_life_from_decay",
     "parse_half_life",
-    "warmup_decay",  # re-exported from ema_schedules, where it lives now
+    "warmup_decay",
 ]
-
-
-def half_life_from_decay(decay: float) -> float:
-    """Updates after which an old weight's share has halved: ln 0.5 / ln decay."""
-    if not 0.0 < decay < 1.0:
-        raise ValueError(f"decay must be in (0, 1), got {decay}")
-    return math.log(0.5) / math.log(decay)
-
-
-def decay_from_half_life(half_life_updates: float) -> float:
-    """Per-update decay whose half-life is ``half_life_updates`` updates."""
-    if half_life_updates <= 0:
-        raise ValueError(f"half-life must be positive, got {half_life_updates}")
-    return 0.5 ** (1.0 / half_life_updates)
-
-
-_HALF_LIFE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kKmM]?)\s*(ep|it|img)\s*$")
-
-
-@dataclass(frozen=True)
-class HalfLife:
-    value: float
-    unit: str  # 'ep', 'it' or 'img'
-
-    def in_updates(self, images_per_update: float, updates_per_epoch: float) -> float:
-        """Convert to EMA updates given the real images per update and updates per epoch."""
-        if self.unit == "it":
-            # 'it' counts optimizer steps; images_per_update already includes the update interval.
-            return self.value
-        if self.unit == "ep":
-            return self.value * updates_per_epoch
-        return self.value / images_per_update
-
-
-def parse_half_life(text: str) -> HalfLife:
-    """Parse ``'2ep'``, ``'500it'``, ``'1.2Mimg'`` or ``'300kimg'``."""
-    match = _HALF_LIFE_RE.match(text)
-    if not match:
-        raise ValueError(
-            f"bad half-life {text!r}: expected a number and a unit, e.g. 2ep, 500it, 300kimg")
-    number, suffix, unit = match.groups()
-    value = float(number)
-    if suffix and unit != "img":
-        raise ValueError(f"bad half-life {text!r}: k/M suffixes apply to img only")
-    value *= {"": 1, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6}[suffix]
-    if not 0 < value < math.inf:
-        raise ValueError(f"bad half-life {text!r}: must be a positive finite number")
-    return HalfLife(value, unit)
-
+# The half-life helpers live in ema_schedules and WeightSwapper in ema_devices: re-exported here,
+# where the library's users import them from.
 
 
 def _timm_v3_arguments(kwargs: dict) -> dict:
@@ -97,11 +52,98 @@ def _timm_v3_arguments(kwargs: dict) -> dict:
     return out
 
 
-class ModelEma:
-    """One or several exponential moving averages of a model's weights.
+class _ModuleApi(nn.Module):
+    """The `nn.Module` side of `ModelEma`, as timm's ``ModelEmaV3`` has it: calling it runs the
+    first shadow, ``to()`` and the like move every shadow, and ``state_dict()`` holds the
+    shadows' weights (``module.<name>`` for the first, as V3's, ``module_<i>.<name>`` for the
+    others); ``decay`` and ``get_decay`` as V3's. And the full state an exact resume needs."""
+
+    def forward(self, *args, **kwargs):
+        """The first shadow's forward (``ema(images)``, as timm's ``ModelEmaV3``)."""
+        self.wait()
+        return self.module(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        # `to()`, `cuda()`, `half()`, ... go through here: the shadows are re-packed where they
+        # now live, so `device` and `dtype` tell the truth at once.
+        self.wait()
+        super()._apply(fn, recurse)
+        self._adopt_shadows()
+        return self
+
+    @property
+    def decay(self) -> float:
+        """The first shadow's decay (timm's ``ModelEmaV3.decay``)."""
+        return self.decays[0]
+
+    def extra_repr(self) -> str:
+        return f"{self.schedule!r}, every={self.every}"
+
+    def get_decay(self, step: int | None = None) -> float:
+        """As timm's ``ModelEmaV3.get_decay``: the target decay, or the per-update decay that
+        ``update(model, step=step)`` averages the first shadow with (``current_decays`` gives
+        every shadow's)."""
+        if step is None:
+            return self.decay
+        step = _step_argument(step) - 1
+        return self.current_decays(step - step % self.every)[0]
+
+    def state_dict(self, *args, **kwargs):
+        """The shadows' weights as a module's (``module.<name>``, ``module_<i>.<name>``)."""
+        self.wait()
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """The shadows' weights as a module's; a `full_state_dict` is loaded whole."""
+        if _is_full_state(state_dict):
+            return self.load_full_state_dict(state_dict)
+        self.wait()
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:  # new tensor objects: pack them again
+            self._adopt_shadows()
+        return result
+
+    def shadow_state_dict(self, index: int = 0) -> dict[str, torch.Tensor]:
+        """Weights of shadow ``index`` under the model's own names (detached, on its device)."""
+        self.wait()
+        return self.shadows[index].state_dict()
+
+    def full_state_dict(self) -> dict:
+        """Everything needed to resume: decays, schedule settings, counters and all shadows."""
+        self.wait()
+        return {
+            "decays": list(self.decays),
+            "every": self.every,
+            "schedule": self.schedule.state_dict(),
+            "steps": self.steps,
+            "num_updates": self.num_updates,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "shadows": [m.state_dict() for m in self.shadows],
+        }
+
+    def load_full_state_dict(self, state: dict) -> None:
+        """Load the shadows and counters of a `full_state_dict`, all or nothing.
+
+        The settings in `state` (``every``, the schedule) are not applied: they are this
+        instance's (a resumed run decides which settings hold). The decays (sigma_rels) define
+        what each shadow is, so they must match, and every shadow must fit this model:
+        ValueError otherwise, naming what differs.
+        """
+        _check_full_state(state, self)
+        self.wait()
+        for module, shadow in zip(self.shadows, state["shadows"]):
+            module.load_state_dict(shadow)
+        self.steps = int(state["steps"])
+        self.num_updates = int(state["num_updates"])
+        self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
+
+
+class ModelEma(_ModuleApi):
+    """One or several exponential moving averages of a model's weights, as an `nn.Module`.
 
     Args:
-        model: the model to average (DDP and ``torch.compile`` wrappers are unwrapped).
+        model: the model to average (DDP and ``torch.compile`` wrappers are unwrapped); it
+            needs floating-point parameters or buffers.
         decay: one decay or a sequence of decays in (0, 1); one shadow is kept per decay.
         device: where the shadows live (default: with the model). A CPU shadow of a CUDA model
             is updated from pinned staging buffers.
@@ -113,25 +155,29 @@ class ModelEma:
             ``debias`` for ``decay``, or an `EmaSchedule` naming its shadows (`ModelEma.power`).
         warmup, warmup_power, warmup_gamma: ``schedule="timm"`` and its shape (the old spelling).
         skip_nonfinite: check the model before every update and skip (and count) an update whose
-            weights hold NaN or Inf (see the module notes for its cost). Off by default: then
+            weights hold NaN or Inf (see `ema_tensors` for its cost). Off by default: then
             `nonfinite_shadows` tells whether a non-finite update reached the shadows.
         exclude_buffers: copy the model's buffers (BatchNorm statistics) instead of averaging
             them, as timm's ``ModelEmaV3(exclude_buffers=True)``.
 
-    From timm's ``ModelEmaV3``: ``decay``, ``device``, ``warmup_power``/``warmup_gamma``,
-    ``exclude_buffers``, ``use_warmup``, ``foreach`` and ``update(model, step)`` mean the same
-    (but V3 also copies the model at ``step=1`` without warmup). Unlike V3 one instance keeps
-    several shadows, 16-bit models get float32 shadows, and schedules replace ``min_decay``.
+    As timm's ``ModelEmaV3`` (`_ModuleApi`): the arguments ``decay``, ``device``, ``dtype``,
+    ``use_warmup``, ``warmup_power``, ``warmup_gamma``, ``exclude_buffers``, ``foreach``;
+    ``update(model, step)``, ``set``, ``get_decay``, ``decay``, ``module``, and the module API.
+    Unlike V3 one instance keeps several shadows, 16-bit models get float32 shadows, schedules
+    replace ``min_decay``, and without warmup ``update(model, step=1)`` averages with ``decay``
+    where V3 copies the model.
 
     Attributes:
-        modules: one eval-mode copy of the model per decay, holding the averaged weights.
-        module: ``modules[0]``.
+        module: the first shadow (an eval-mode copy of the model holding the averaged weights);
+            ``module_1``, ... the others; ``shadows`` all of them, in order.
         schedule: the `EmaSchedule`; ``decays`` are its targets (sigma_rels for ``power``).
         steps: `update` calls seen (optimizer steps), part of the state.
         num_updates: averaging operations applied.
         skipped_nonfinite: updates skipped because the model held NaN or Inf.
 
-    Moving or converting a shadow module (``ema.module.to(...)``) is noticed at the next update.
+    `full_state_dict` / `load_full_state_dict` hold everything an exact resume needs: counters,
+    schedule and every shadow. Moving or converting the EMA (``ema.to(...)``) or one shadow
+    (``ema.module.to(...)``) is taken into account (the latter at the next update).
     """
 
     def __init__(
@@ -149,10 +195,12 @@ class ModelEma:
         exclude_buffers: bool = False,
         **timm_v3,
     ):
+        super().__init__()
         if every < 1:
             raise ValueError(f"EMA update interval must be >= 1, got {every}")
         warmup = _timm_v3_arguments(timm_v3).get("warmup", warmup)
-        self.schedule = schedule_for(schedule, decay, warmup, warmup_power, warmup_gamma)
+        self.schedule = schedule_for(schedule, _decay_argument(decay), warmup, warmup_power,
+                                     warmup_gamma)
         self.average_buffers = not exclude_buffers
         self.every = int(every)
         self.skip_nonfinite = bool(skip_nonfinite)
@@ -160,15 +208,19 @@ class ModelEma:
         self.num_updates = 0
         self.skipped_nonfinite = 0
         source = unwrap_model(model)
+        if not float_and_int_tensors(source)[0]:
+            raise ValueError(f"ModelEma averages floating-point weights, and the "
+                             f"{type(source).__name__} given has none")
         self.device, self.dtype = placement(source, device, dtype)
-        self.modules = [shadow_copy(source, self.device, self.dtype) for _ in self.decays]
+        for i in range(len(self.decays)):
+            self.add_module(_shadow_name(i), shadow_copy(source, self.device, self.dtype))
         self._host = HostAverager()
         self._adopt_shadows()
 
     # ----------------------------------------------------------------------------- set-up
     def _adopt_shadows(self) -> None:
         """Take the shadows as they are now (again after they were moved from outside)."""
-        self._shadows = Shadows(self.modules, self.average_buffers)
+        self._shadows = Shadows(self.shadows, self.average_buffers)
         self.device, self.dtype = self._shadows.device, self._shadows.dtype
 
     @classmethod
@@ -178,8 +230,9 @@ class ModelEma:
         return cls(model, schedule=Power(sigma_rels=sigma_rels), **kwargs)
 
     @property
-    def module(self) -> nn.Module:
-        return self.modules[0]
+    def shadows(self) -> list[nn.Module]:
+        """The shadow modules, one per decay, in order (``module`` first)."""
+        return [self._modules[_shadow_name(i)] for i in range(len(self.decays))]
 
     @property
     def decays(self) -> list[float]:
@@ -197,8 +250,9 @@ class ModelEma:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> bool:
         """Count one optimizer step (``step``: set the count, steps including this one, as timm
-        passes it); average the model every ``every`` steps. True when an average was applied."""
-        self.steps = self.steps + 1 if step is None else int(step)
+        passes it, so 1 at the first); average the model every ``every`` steps. True when an
+        average was applied."""
+        self.steps = self.steps + 1 if step is None else _step_argument(step)
         if self.steps % self.every != 0:
             return False
         self.wait()
@@ -212,7 +266,7 @@ class ModelEma:
         plan.read_model()
         return self._average(plan, weights)
 
-    def _average(self, plan: "Plan", weights: list[float]) -> bool:
+    def _average(self, plan: Plan, weights: list[float]) -> bool:
         if self.skip_nonfinite and not all_finite(plan.check):
             self.skipped_nonfinite += 1
             return False
@@ -250,47 +304,12 @@ class ModelEma:
         state is untouched.
         """
         self.wait()
-        swapper = WeightSwapper(model, [self.modules[index]])
+        swapper = WeightSwapper(model, [self.shadows[index]])
         try:
             swapper.load(1)
             yield model
         finally:
             swapper.restore()
-
-    # ----------------------------------------------------------------------------- state
-    def shadow_state_dict(self, index: int = 0) -> dict[str, torch.Tensor]:
-        """Weights of shadow ``index`` under the model's own names (detached, on its device)."""
-        self.wait()
-        return self.modules[index].state_dict()
-
-    def state_dict(self) -> dict:
-        """Everything needed to resume: decays, schedule settings, counters and all shadows."""
-        self.wait()
-        return {
-            "decays": list(self.decays),
-            "every": self.every,
-            "schedule": self.schedule.state_dict(),
-            "steps": self.steps,
-            "num_updates": self.num_updates,
-            "skipped_nonfinite": self.skipped_nonfinite,
-            "shadows": [m.state_dict() for m in self.modules],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Load the shadows and counters of `state`.
-
-        The settings in `state` (``every``, the schedule) are not applied: they are this
-        instance's (a resumed run decides which settings hold). The decays (sigma_rels) define
-        what each shadow is, so they must match: ValueError otherwise.
-        """
-        self.schedule.check_continues(state)
-        _check_same_shadows(state, self.decays)
-        self.wait()
-        for module, shadow in zip(self.modules, state["shadows"]):
-            module.load_state_dict(shadow)
-        self.steps = int(state["steps"])
-        self.num_updates = int(state["num_updates"])
-        self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
 
     def scored_dtype(self, model: nn.Module) -> torch.dtype:
         """The dtype validation scores the shadows in: their own, or the live model's when the
@@ -299,8 +318,49 @@ class ModelEma:
         return live.dtype if self.device != live.device else self.dtype
 
 
-def _check_same_shadows(state: dict, decays: list[float]) -> None:
-    """A saved EMA state must hold the shadows this EMA keeps: as many, of the same decays."""
+def _shadow_name(index: int) -> str:
+    return "module" if index == 0 else f"module_{index}"
+
+
+def _decay_argument(decay) -> float | list[float]:
+    """``decay`` as a number or a list of numbers (a string such as "0.9" is refused)."""
+    if isinstance(decay, numbers.Real) and not isinstance(decay, bool):
+        return float(decay)
+    if isinstance(decay, Sequence) and not isinstance(decay, (str, bytes)) and all(
+            isinstance(d, numbers.Real) and not isinstance(d, bool) for d in decay):
+        return [float(d) for d in decay]
+    raise TypeError(f"ModelEma decay must be a number or a sequence of numbers, got {decay!r}")
+
+
+def _step_argument(step) -> int:
+    """``update(model, step)``'s step: the optimizer steps so far, this one included."""
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise TypeError(f"EMA step must be a whole number, got {step!r}") from None
+    if step < 1:
+        raise ValueError(f"EMA step counts the optimizer steps so far, this one included (timm's "
+                         f"num_updates), so the first update is step=1; got {step} (from a "
+                         f"0-based loop counter, pass i + 1)")
+    return step
+
+
+_FULL_STATE_KEYS = ("decays", "steps", "num_updates", "shadows")
+
+
+def _is_full_state(state) -> bool:
+    return isinstance(state, dict) and "shadows" in state and "decays" in state
+
+
+def _check_full_state(state, ema: ModelEma) -> None:
+    """A saved full state must hold the shadows this EMA keeps: as many, of the same decays,
+    each fitting the model; ValueError naming the first difference otherwise."""
+    missing = [k for k in _FULL_STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"not a ModelEma full_state_dict(): it lacks "
+                         f"{', '.join(repr(k) for k in missing)}")
+    ema.schedule.check_continues(state)
+    decays = ema.decays
     if len(state["shadows"]) != len(decays):
         raise ValueError(f"EMA state holds {len(state['shadows'])} shadows, "
                          f"this EMA has {len(decays)}")
@@ -308,41 +368,13 @@ def _check_same_shadows(state: dict, decays: list[float]) -> None:
     if any(abs(a - b) > 1e-12 for a, b in zip(saved, decays)):
         raise ValueError(f"EMA state averages decays {', '.join(f'{d:g}' for d in saved)}, "
                          f"this EMA {', '.join(f'{d:g}' for d in decays)}")
-
-
-class WeightSwapper:
-    """Loads the raw weights or one of several shadows into the live model, one copy per change.
-
-    This is how a shadow that lives elsewhere (``--model-ema-force-cpu``) is evaluated on the
-    training device without a second copy of the model there. The raw weights are stashed in
-    host memory (pinned for a CUDA model) and `restore` puts them back bit for bit. Only tensor
-    values are copied, so the Parameter objects, and the optimizer state keyed on them, stay.
-
-    Sets are numbered 0 (the raw weights) and 1.. (``shadows`` in order).
-    """
-
-    def __init__(self, model: nn.Module, shadows: Sequence[nn.Module]):
-        source = unwrap_model(model)
-        self.live = list(source.parameters()) + list(source.buffers())
-        on_cuda = any(t.device.type == "cuda" for t in self.live)
-        stash = [t.detach().to("cpu", copy=True) for t in self.live]
-        if on_cuda and torch.cuda.is_available():
-            stash = [t.pin_memory() for t in stash]
-        self.sets = [stash] + [list(m.parameters()) + list(m.buffers()) for m in shadows]
-        for tensors in self.sets[1:]:
-            if len(tensors) != len(self.live):
-                raise ValueError("shadow does not match the model's structure")
-        self.current = 0
-
-    @torch.no_grad()
-    def load(self, index: int) -> None:
-        """Make set ``index`` the live weights (a no-op when it already is)."""
-        if index != self.current:
-            torch._foreach_copy_(self.live, self.sets[index], non_blocking=True)
-            self.current = index
-
-    def restore(self) -> None:
-        """Put the raw weights back, and wait for the copy so the stash can be dropped."""
-        self.load(0)
-        if any(t.device.type == "cuda" for t in self.live):
-            torch.cuda.synchronize()
+    for i, (module, shadow) in enumerate(zip(ema.shadows, state["shadows"])):
+        own = module.state_dict()
+        missing = [k for k in own if k not in shadow]
+        unexpected = [k for k in shadow if k not in own]
+        wrong = [k for k in own if k in shadow and getattr(shadow[k], "shape", None) != own[k].shape]
+        for what, keys in (("lacks", missing), ("has unexpected", unexpected),
+                           ("has another shape for", wrong)):
+            if keys:
+                raise ValueError(f"EMA state's shadow {i} {what} {len(keys)} key(s) of the "
+                                 f"model, e.g. {keys[0]!r}")

@@ -39,7 +39,6 @@ Design notes (why it looks the way it does):
 """
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 
 import torch
@@ -361,45 +360,6 @@ class Plan:
                 for t in targets:
                     self.lerp_self.append(t)
                     self.lerp_end.append(src)
-
-
-class HostAverager:
-    """Averages a CUDA model into shadows in host memory without stalling the device.
-
-    The model is copied into pinned staging buffers on a side stream that first waits for the
-    training stream (so it reads the weights after the optimizer step); the training stream in
-    turn waits for the copy before it goes on (a device-side wait: the next optimizer step must
-    not change the weights while they are read). A worker thread waits for the copy, then
-    averages on the CPU while the next steps run. At most one average is in flight.
-    """
-
-    def __init__(self):
-        self._stream = None
-        self._worker = None
-        self._pending = None
-
-    def submit(self, plan: "Plan", average, weights: list[float]) -> None:
-        if self._worker is None:
-            self._worker = concurrent.futures.ThreadPoolExecutor(1, "ematrain-ema")
-            self._stream = torch.cuda.Stream(plan.sync)
-        main = torch.cuda.current_stream(plan.sync)
-        self._stream.wait_stream(main)
-        with torch.cuda.stream(self._stream):
-            plan.read_model()
-            copied = torch.cuda.Event()
-            copied.record(self._stream)
-        main.wait_stream(self._stream)
-        self._pending = self._worker.submit(self._run, copied, average, plan, weights)
-
-    @staticmethod
-    def _run(copied, average, plan, weights) -> None:
-        copied.synchronize()
-        average(plan, weights)
-
-    def wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:

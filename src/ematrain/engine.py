@@ -411,7 +411,7 @@ class _EvalSets:
         if isinstance(getattr(model, "_orig_mod", model), nn.parallel.DistributedDataParallel):
             model = unwrap_model(model)
         model.eval()
-        shadows = ema.modules if ema is not None else []
+        shadows = ema.shadows if ema is not None else []
         first = next(unwrap_model(model).parameters())
         self.swapper = (WeightSwapper(model, shadows)
                         if shadows and ema.device != first.device else None)

@@ -267,7 +267,7 @@ class PosthocTracker:
 
     def entry(self, step: int, meta: dict) -> dict:
         """The snapshot of now as its file will hold it (host memory)."""
-        shadows = [self.ema.shadow_state_dict(i) for i in range(len(self.ema.modules))]
+        shadows = [self.ema.shadow_state_dict(i) for i in range(len(self.ema.shadows))]
         # The schedule's update count (a skipped non-finite update still counts in it).
         updates = self.ema.steps // self.ema.every
         return snapshot_entry(shadows, self.ema.decays, self.ema.schedule.gammas, step, updates,
@@ -275,13 +275,13 @@ class PosthocTracker:
 
     def plan(self) -> tuple[int, int]:
         """Snapshots the run writes and bytes per snapshot."""
-        per = sum(shadow_bytes(m.state_dict(), self.dtype) for m in self.ema.modules)
+        per = sum(shadow_bytes(m.state_dict(), self.dtype) for m in self.ema.shadows)
         return len(snapshot_steps(self.every_steps, self.total_steps)), per
 
     def state_dict(self) -> dict:
-        return {"ema": self.ema.state_dict(), "every_steps": self.every_steps,
+        return {"ema": self.ema.full_state_dict(), "every_steps": self.every_steps,
                 "dtype": str(self.dtype).removeprefix("torch.")}
 
     def load_state_dict(self, state: dict) -> None:
         """The power EMAs' state (the snapshot settings are this run's: see the resume policy)."""
-        self.ema.load_state_dict(state["ema"])
+        self.ema.load_full_state_dict(state["ema"])

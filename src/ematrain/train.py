@@ -285,10 +285,10 @@ def sync_replicas(run: Run) -> None:
         return
     if run.ema is not None:
         run.ema.wait()
-    shadows = run.ema.modules if run.ema is not None else []
+    shadows = run.ema.shadows if run.ema is not None else []
     if run.posthoc is not None:
         run.posthoc.ema.wait()
-        shadows = shadows + run.posthoc.ema.modules
+        shadows = shadows + run.posthoc.ema.shadows
     if not s.dist.sync_bn:
         for module in [run.module] + shadows:
             distributed.distribute_bn(module, run.dist, s.dist.dist_bn, run.device)
@@ -298,7 +298,7 @@ def sync_replicas(run: Run) -> None:
         buffers = bool(s.dist.sync_bn or s.dist.dist_bn)
         sums = distributed.check_replicas_agree(shadows, run.dist, run.device,
                                                 include_buffers=buffers)
-        regular = len(run.ema.modules) if run.ema is not None else 0
+        regular = len(run.ema.shadows) if run.ema is not None else 0
         for what, part in (("EMA", sums[:regular]), ("post-hoc EMA", sums[regular:])):
             if part:
                 log.info(f"{what} checksums (equal on all ranks): "
