@@ -280,11 +280,14 @@ def assert_files_agree_with_records(run_dir: Path) -> None:
     """The best and history files hold the epochs that last.pth.tar's records name, no other
     history file is left, and no mid-epoch recovery file outlives the epoch's end."""
     import torch
+    from ematrain.weightsets import weight_sets
     last = torch.load(run_dir / "last.pth.tar", weights_only=True)
     best = last["keeper"]["best"]
-    files = {"model_best.pth.tar": best["raw"]["epoch"]}
-    if "ema" in last:
-        files["model_best_ema.pth.tar"] = best[f"ema {last['ema']['decays'][0]:g}"]["epoch"]
+    meta = last.get("ema") or {}
+    sets = weight_sets(meta.get("decays", []), names=meta.get("names"),
+                       primary=last["args"].get("primary_weights", "raw"))
+    files = {s.best_file: best[s.name]["epoch"] for s in sets if s.best_file and s.name in best}
+    assert "model_best.pth.tar" in files
     files.update({f"checkpoint-{e}.pth.tar": e for _, e in last["keeper"]["history"]})
     for name, epoch in files.items():
         assert torch.load(run_dir / name, weights_only=True, mmap=True)["epoch"] == epoch, name

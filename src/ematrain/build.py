@@ -161,6 +161,10 @@ class Run:
     def ema_labels(self) -> list[str]:
         return ema_labels(self.settings.ema, self.decays)
 
+    def ema_names(self) -> list[str]:
+        """Each EMA's name as logs and summary.csv give it (``0.99``, ``hl2ep``, ``sr0.1``)."""
+        return [s.name.removeprefix("ema ") for s in self.weight_sets if s.shadow is not None]
+
     def take_snapshot(self) -> None:
         """The post-hoc snapshot of this optimizer step, when it is one of the series'."""
         if self.posthoc is not None:
@@ -399,7 +403,8 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     posthoc = build_posthoc(s.posthoc, s.ema, model, device, train.steps_per_epoch,
                             s.global_batch(dist.world_size), train.steps_per_epoch * num_epochs)
     sets = weight_sets(decays, ema_labels(s.ema, decays),
-                       tag="sr" if s.ema.enabled and s.ema.schedule == "power" else "")
+                       tag="sr" if s.ema.enabled and s.ema.schedule == "power" else "",
+                       names=ema_names(s.ema, decays), primary=s.loop.primary_weights)
     return Run(settings=s, dist=dist, device=device, precision=precision, data=train,
                num_classes=num_classes, model=wrap_model(model, dist, device, s.model.torchcompile),
                optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,
@@ -418,6 +423,16 @@ def ema_labels(spec: EmaSpec, decays: list[float]) -> list[str]:
     if spec.half_lives:
         return [f"EMA half-life {h}" for h in spec.half_lives]
     return [f"EMA {d:g}" for d in decays]
+
+
+def ema_names(spec: EmaSpec, decays: list[float]) -> list[str]:
+    """How logs, summary.csv and validate.py name each EMA: as the user asked for it (a
+    half-life ``hl2ep``, a sigma_rel ``sr0.1``), or by its decay (``0.99``)."""
+    if spec.schedule == "power":
+        return [f"sr{d:g}" for d in decays]
+    if spec.half_lives:
+        return [f"hl{''.join(str(h).split())}" for h in spec.half_lives]
+    return [f"{d:g}" for d in decays]
 
 
 def posthoc_plan_line(tracker: PosthocTracker, steps_per_epoch: int, folder) -> str:

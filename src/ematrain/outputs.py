@@ -8,6 +8,7 @@ import io
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import selectors
 import shutil
@@ -138,7 +139,9 @@ def write_args(run_dir: Path, record: dict) -> None:
 
 # ----------------------------------------------------------------------------- summary.csv
 class Summary:
-    """summary.csv: one row per epoch, `epoch, lr, train_loss` and each weight set's metrics.
+    """summary.csv: one row per epoch in timm's columns, ``epoch, train_loss, eval_loss,
+    eval_top1, eval_top5, lr`` (``eval_*``: the primary weight set, see `weightsets`), then each
+    other weight set's ``<prefix>eval_*``.
 
     The rows also travel in every checkpoint (`state_dict`), so a kill between writing a
     checkpoint and writing summary.csv loses no row: a resumed run rewrites the file from them.
@@ -146,12 +149,13 @@ class Summary:
 
     def __init__(self, sets: tuple[WeightSet, ...]):
         self.sets = sets
-        self.columns = ["epoch", "lr", "train_loss"] + [
-            f"{s.column_prefix}eval_{m}" for s in sets for m in METRICS]
+        others = [s for s in sets if not s.primary]
+        self.columns = (["epoch", "train_loss"] + [f"eval_{m}" for m in METRICS] + ["lr"]
+                        + [f"{s.column_prefix}eval_{m}" for s in others for m in METRICS])
         self.rows: list[dict] = []
 
     def add(self, epoch: int, lr: float, train_loss: float, results: dict[str, dict]) -> dict:
-        row = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
         for s in self.sets:
             row.update({f"{s.column_prefix}eval_{m}": results[s.name][m] for m in METRICS})
         self.rows.append(row)
@@ -171,7 +175,17 @@ class Summary:
         return {"rows": [dict(r) for r in self.rows]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rows = [dict(r) for r in state["rows"]]
+        self.rows = [self._current_names(dict(r)) for r in state["rows"]]
+
+    def _current_names(self, row: dict) -> dict:
+        """A row of a run saved before its shadows were named as asked, in today's columns."""
+        for s in self.sets:
+            old, new = s.legacy_prefix, s.column_prefix
+            if old and old != new and f"{new}eval_top1" not in row:
+                for m in METRICS:
+                    if f"{old}eval_{m}" in row:
+                        row[f"{new}eval_{m}"] = row.pop(f"{old}eval_{m}")
+        return row
 
 
 def read_summary(run_dir: Path) -> list[dict]:
@@ -242,6 +256,13 @@ def render_forever() -> None:
                   file=sys.stderr, flush=True)
 
 
+def _number(row: dict, column: str) -> float:
+    """A summary value; NaN (not drawn) where a row has none, e.g. the rows of a timm run this
+    one continues, which lack the columns timm does not write."""
+    value = row.get(column)
+    return float(value) if value not in (None, "") else math.nan
+
+
 _STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ("-", "v"), ("--", "P")]
 
 
@@ -262,8 +283,8 @@ def plot_curves(run_dir: Path, rows: list[dict], sets: tuple[WeightSet, ...], ti
     ax_acc, ax_loss, ax_lr = fig.subplots(1, 3)
     for s, (line, marker) in zip(sets, _STYLES * len(sets)):
         style = dict(linestyle=line, marker=marker, markersize=4, label=s.label)
-        ax_acc.plot(epochs, [float(r[f"{s.column_prefix}eval_top1"]) for r in rows], **style)
-        ax_loss.plot(epochs, [float(r[f"{s.column_prefix}eval_loss"]) for r in rows], **style)
+        ax_acc.plot(epochs, [_number(r, f"{s.column_prefix}eval_top1") for r in rows], **style)
+        ax_loss.plot(epochs, [_number(r, f"{s.column_prefix}eval_loss") for r in rows], **style)
     ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], color="grey", linestyle=":",
                  label="training loss")
     ax_lr.plot(epochs, [float(r["lr"]) for r in rows], color="black", marker=".")
@@ -285,7 +306,8 @@ def plot_curves(run_dir: Path, rows: list[dict], sets: tuple[WeightSet, ...], ti
 def _top1_range(ax, rows: list[dict], sets, chance: float | None) -> None:
     """At least 20 points of top-1 in view, and chance level when known, so that wiggles near
     chance do not look dramatic."""
-    values = [float(r[f"{s.column_prefix}eval_top1"]) for r in rows for s in sets]
+    values = [v for v in (_number(r, f"{s.column_prefix}eval_top1") for r in rows for s in sets)
+              if not math.isnan(v)] or [0.0]
     low, high = min(values + ([chance] if chance else [])), max(values)
     if high - low < 20:
         high = min(100.0, low + 20)

@@ -60,6 +60,9 @@ RESUME_POLICY: tuple[Rule, ...] = (
          "snapshots follow the new interval"),
     Rule("seed", KEEP, "data order, augmentation and dropout follow the seed: another one "
          "would make the rest no continuation of this run"),
+    Rule("primary_weights", KEEP, "summary.csv's eval_* columns, model_best.pth.tar and the "
+         "history keep one meaning for the whole run (runs saved before the setting existed "
+         "keep the raw weights there)"),
     Rule("output", KEEP, "a resumed run continues in its own folder"),
     Rule("experiment", KEEP, "a resumed run continues in its own folder"),
     Rule("batch_size", MID_EPOCH, "the position within the epoch is counted in batches; a "
@@ -108,7 +111,11 @@ class ResumeSource:
     @property
     def recorded(self) -> dict | None:
         """Every setting of the run, for checkpoints of ours; None for timm's and others'."""
-        return dict(self.ckpt["args"]) if ckpt_io.is_ours(self.ckpt) else None
+        if not ckpt_io.is_ours(self.ckpt):
+            return None
+        # Before --primary-weights, summary.csv's eval_* and model_best.pth.tar were the raw
+        # weights': a run saved then goes on as it began.
+        return {"primary_weights": "raw", **self.ckpt["args"]}
 
     @property
     def mid_epoch(self) -> bool:

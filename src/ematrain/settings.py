@@ -592,6 +592,7 @@ class LoopSpec:
     recovery_interval: int
     checkpoint_hist: int
     eval_metric: str
+    primary_weights: str
     output: str
     experiment: str
     resume: str
@@ -660,7 +661,7 @@ class TrainSettings:
 class WeightChoice:
     """Which weights of a checkpoint validate.py evaluates."""
     use_ema: bool
-    ema_decay: float | None
+    ema_decay: str | None  # a decay or a shadow's name (`checkpoint.ema_index_for_decay`)
     ema_index: int | None
 
     def __post_init__(self):

@@ -33,6 +33,7 @@ from .resume import ResumeSource
 from .seeding import seed_everything
 from .settings import resolve_train
 from .signals import StopRequest
+from .weightsets import primary_set
 
 
 class Interrupted(Exception):
@@ -207,15 +208,17 @@ class Training:
                           reduce=lambda t: distributed.all_reduce_sum(t, run.dist),
                           show=self.primary, normalize=run.data.normalize)
         results = {s.name: r for s, r in zip(run.weight_sets, scores)}
-        raw = results[run.weight_sets[0].name][metric]
+        # As timm's train.py: the primary set's metric (the EMA's, with one on) is the one the
+        # plateau scheduler and the checkpoint's `metric` see.
+        value = results[primary_set(run.weight_sets).name][metric]
         if run.scheduler is not None:
-            run.scheduler.step(epoch + 1, raw)
+            run.scheduler.step(epoch + 1, value)
         run.summary.add(epoch, lr, train_loss, results)
         improved = run.keeper.record(epoch, results)
         run.counters.finish_epoch()
         if self.primary:
             rows = [dict(r) for r in run.summary.rows]
-            run.keeper.save_epoch(epoch, ckpt_io.save(run, metric=raw), improved,
+            run.keeper.save_epoch(epoch, ckpt_io.save(run, metric=value), improved,
                                   then=lambda: self.write_summary(rows))
             skipped = run.ema.skipped_nonfinite if run.ema is not None else 0
             took = self.clock.end_epoch()
@@ -329,9 +332,8 @@ def ema_advice(run: Run) -> list[str]:
     if run.ema is None or not run.summary.rows:
         return []
     last = run.summary.rows[-1]
-    finals = [last[f"{s.column_prefix}eval_{metric}"] for s in run.weight_sets[1:]]
-    return ema_horizons.advice(run.ema, run.ema_labels(), run.length(), last[f"eval_{metric}"],
-                               finals, metric)
+    raw, *emas = (last[f"{s.column_prefix}eval_{metric}"] for s in run.weight_sets)
+    return ema_horizons.advice(run.ema, run.ema_labels(), run.length(), raw, emas, metric)
 
 
 def calibration_input(run: Run, images: torch.Tensor) -> torch.Tensor:
