@@ -82,7 +82,7 @@ def test_an_ema_run_resumed_without_ema_flags_keeps_its_ema(ema_run, data, tmp_p
     assert ckpt["ema"]["decays"] == [0.9, 0.99] and ckpt["ema"]["steps"] == 2 * STEPS
     summary = rows(run)
     assert [r["epoch"] for r in summary] == ["0", "1"]
-    assert all(r["ema_eval_top1"] and r["ema0.99_eval_top1"] for r in summary)
+    assert all(r["eval_top1"] and r["raw_eval_top1"] and r["ema0.99_eval_top1"] for r in summary)
 
 
 def test_an_ema_run_resumed_with_the_ema_switched_off_is_refused(ema_run, tmp_path):
@@ -355,3 +355,55 @@ def test_a_stop_under_torchrun_names_torchrun(ema_run, monkeypatch):
     tr.run.dist = DistInfo(rank=0, world_size=8, local_rank=0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert resume_launcher(tr.run, tr.prog) == "torchrun --nnodes 2 --nproc_per_node 4 train.py"
+
+
+# ----------------------------------------------------------------------------- names and --resume auto
+def test_the_default_run_name_is_timms_date_model_imgsize(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with torch_threads(1):
+        r = train_in_process(data, *TINY, "--model", "test_vit", "--img-size", "16")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run,) = (tmp_path / "output" / "train").iterdir()
+    date, clock, model, size = run.name.split("-")
+    assert (len(date), len(clock), model, size) == (8, 6, "test_vit", "16")
+
+
+def _run_named(data, out, name, *extra):
+    with torch_threads(1):
+        r = train_in_process(data, *TINY, "--output", out, "--experiment", name, *extra)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_resume_auto_without_a_name_continues_the_newest_unfinished_run_of_the_model(
+        data, tmp_path):
+    out = tmp_path / "runs"
+    _run_named(data, out, "old", "--epochs", "2")   # finished
+    _run_named(data, out, "short", "--epochs", "1")  # finished
+    _run_named(data, out, "vit", "--model", "test_vit")  # another model
+    for name in ("short", "old"):  # unfinished, "old" newest: their --epochs raised in the record
+        ckpt = torch.load(out / name / "last.pth.tar", weights_only=True)
+        ckpt["args"]["epochs"] = 3
+        torch.save(ckpt, out / name / "last.pth.tar")
+    with torch_threads(1):
+        r = train_in_process(data, *TINY, "--epochs", "3", "--output", out, "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = [l for l in r.stderr.splitlines() if l.startswith("--resume auto:")]
+    assert len(said) == 1 and f"continuing {out / 'old'}" in said[0], r.stderr
+    assert "at epoch 2 of 3" in said[0] and "also unfinished: short" in said[0]
+    assert [int(row["epoch"]) for row in rows(out / "old")] == [0, 1, 2]
+    assert sorted(p.name for p in out.iterdir()) == ["old", "short", "vit"]  # no new folder
+
+
+def test_resume_auto_without_a_name_refuses_when_every_run_has_finished(data, tmp_path):
+    out = tmp_path / "runs"
+    _run_named(data, out, "a")
+    _run_named(data, out, "b")
+    with torch_threads(1):
+        r = train_in_process(data, *TINY, "--output", out, "--resume", "auto")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "every test_resnet run under" in line and "(a, b)" in line and "--experiment" in line
+    with torch_threads(1):  # nothing of that model there: a fresh run, said in one line
+        r = train_in_process(data, *TINY, "--model", "test_vit", "--output", out, "--resume",
+                             "auto")
+    assert r.returncode == 0 and "--resume auto: no test_vit run under" in r.stderr

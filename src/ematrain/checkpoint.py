@@ -286,8 +286,8 @@ def check_structure(ckpt: dict, path) -> None:
 
 
 def peek(path: str | Path) -> dict | None:
-    """A checkpoint's `epoch` and `counters` without reading its tensors (memory-mapped), or
-    None when it cannot be read."""
+    """A checkpoint's `epoch`, `counters`, `arch` and `args` (a plain dict) without reading its
+    tensors (memory-mapped), or None when it cannot be read."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -296,7 +296,8 @@ def peek(path: str | Path) -> dict | None:
     if not isinstance(data, dict):
         return None
     data = upgrade(data)
-    return {"epoch": data.get("epoch"), "counters": data.get("counters")}
+    return {"epoch": data.get("epoch"), "counters": data.get("counters"),
+            "arch": data.get("arch"), "args": args_dict(data)}
 
 
 def _unsafe_globals(path: Path) -> list[str]:

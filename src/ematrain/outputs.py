@@ -113,10 +113,13 @@ def _has_entries(folder: Path) -> bool:
 DEFAULT_OUTPUT = Path("output") / "train"
 
 
-def run_folder_base(output: str, experiment: str, model: str) -> Path:
-    """As timm lays it out: `<--output>/<experiment or date-model>`, by default under
-    ./output/train."""
-    name = experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{model.replace('/', '_')}"
+def run_folder_base(output: str, experiment: str, model: str, img_size: int) -> Path:
+    """As timm lays it out: `<--output>/<experiment or date-model-imgsize>`, by default under
+    ./output/train (`img_size`: the input size the run trains at)."""
+    from timm.models import safe_model_name  # here: the curve renderer imports this module
+
+    name = experiment or "-".join([time.strftime("%Y%m%d-%H%M%S"), safe_model_name(model),
+                                   str(img_size)])
     return (Path(output) if output else DEFAULT_OUTPUT) / name
 
 

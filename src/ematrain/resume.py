@@ -9,12 +9,14 @@ Nothing is replaced or dropped without a line saying so.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import checkpoint as ckpt_io
 from .errors import UserError
 from .logs import log
+from .outputs import DEFAULT_OUTPUT
 
 KEEP = "checkpoint wins"              # the recorded value is kept; a notice names the ignored one
 NEW = "command line wins"             # the new value applies from here on, with a notice
@@ -122,21 +124,75 @@ class ResumeSource:
         return bool(self.ckpt.get("counters", {}).get("epoch_step"))
 
 
-def find_checkpoint(resume: str, output: str, experiment: str) -> Path | None:
-    """--resume PATH, or with 'auto' the newer of the run's last and recovery checkpoints."""
+def find_checkpoint(resume: str, output: str, experiment: str, model: str = "") -> Path | None:
+    """--resume PATH, or with 'auto' the newer of the run's last and recovery checkpoints: the
+    run `experiment` names, or without one the newest unfinished run of `model` under
+    `output` (`newest_unfinished_run`)."""
     if not resume:
         return None
     if resume != "auto":
         return Path(resume)
     if not experiment:
-        raise UserError("--resume auto needs --experiment to find the run directory")
-    run_dir = Path(output) / experiment if output else Path("output") / "train" / experiment
+        return newest_unfinished_run(Path(output) if output else DEFAULT_OUTPUT, model)
+    run_dir = Path(output) / experiment if output else DEFAULT_OUTPUT / experiment
     # Runs from before ematrain followed timm's layout lie in <--output>/train/<experiment>.
     for folder in (run_dir, Path(output) / "train" / experiment) if output else (run_dir,):
-        found = [p for p in (folder / "last.pth.tar", folder / "recovery.pth.tar") if p.is_file()]
+        found = _latest_checkpoint(folder)
         if found:
-            return max(found, key=lambda p: p.stat().st_mtime_ns)
+            return found
     log.info(f"--resume auto: no checkpoint in {run_dir}, starting fresh")
+    return None
+
+
+_CHECKPOINTS = ("last.pth.tar", "recovery.pth.tar")
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    found = [folder / name for name in _CHECKPOINTS if (folder / name).is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def planned_epochs(args: dict) -> int:
+    """The epochs a run's recorded settings train, as timm's create_scheduler_v2 counts them:
+    --epochs, for the cycle schedules (cosine, tanh, poly) times the cycles with the warmup
+    prefix, plus --cooldown-epochs."""
+    epochs = int(args.get("epochs") or 0)
+    if args.get("sched", "cosine") not in ("cosine", "tanh", "poly"):
+        return epochs
+    cycles, mul = int(args.get("lr_cycle_limit") or 1), float(args.get("lr_cycle_mul") or 1.0)
+    total = epochs * cycles if mul == 1.0 else math.floor(epochs * (mul ** cycles - 1) / (mul - 1))
+    if args.get("warmup_prefix"):
+        total += int(args.get("warmup_epochs") or 0)
+    return total + int(args.get("cooldown_epochs") or 0)
+
+
+def newest_unfinished_run(output: Path, model: str) -> Path | None:
+    """--resume auto without --experiment: the newest checkpoint of a `model` run under
+    `output` that stopped before its last epoch, said in one line. None (a fresh start) when
+    no run of `model` is there; one line naming them when every one has finished."""
+    unfinished, finished = [], []
+    for folder in sorted(p for p in output.iterdir() if p.is_dir()) if output.is_dir() else []:
+        path = _latest_checkpoint(folder)
+        seen = ckpt_io.peek(path) if path is not None else None
+        if seen is None or (seen["arch"] or seen["args"].get("model")) != model:
+            continue
+        done = int((seen["counters"] or {}).get("epoch", 0)) >= planned_epochs(seen["args"])
+        mid = bool((seen["counters"] or {}).get("epoch_step"))
+        (finished if done and not mid else unfinished).append((path, seen))
+    if unfinished:
+        path, seen = max(unfinished, key=lambda c: c[0].stat().st_mtime_ns)
+        others = [p.parent.name for p, _ in unfinished if p != path]
+        log.info(f"--resume auto: continuing {path.parent} (the newest unfinished {model} run "
+                 f"under {output}, at epoch {seen['counters']['epoch']} of "
+                 f"{planned_epochs(seen['args'])})"
+                 + (f"; also unfinished: {', '.join(others)}" if others else ""))
+        return path
+    if finished:
+        names = ", ".join(p.parent.name for p, _ in finished)
+        raise UserError(f"--resume auto: every {model} run under {output} has finished ({names}); "
+                        f"give --experiment NAME to continue one with more --epochs, or leave "
+                        f"--resume out to start a new run")
+    log.info(f"--resume auto: no {model} run under {output}, starting fresh")
     return None
 
 

@@ -765,7 +765,7 @@ def resolve_train(argv: list[str]) -> tuple[TrainSettings, ResumeSource | None]:
     under the recipe and the command line, through the resume policy."""
     argv = [str(a) for a in argv]
     ns = parse_command(train_parser, argv)
-    path = find_checkpoint(ns.resume, ns.output, ns.experiment)
+    path = find_checkpoint(ns.resume, ns.output, ns.experiment, ns.model)
     if path is None:
         return TrainSettings.from_args(ns), None
     source = open_source(path)

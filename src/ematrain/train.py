@@ -249,7 +249,8 @@ def open_run_folder(run: Run, source: ResumeSource | None) -> outputs.RunFolder:
     if source is not None and ckpt_io.is_ours(source.ckpt):
         folder = outputs.RunFolder.open(source.path.parent, resuming=True)
     else:
-        base = outputs.run_folder_base(loop.output, loop.experiment, run.settings.model.model)
+        base = outputs.run_folder_base(loop.output, loop.experiment, run.settings.model.model,
+                                       run.data.data_config["input_size"][-1])
         folder = outputs.RunFolder.open(base, resuming=source is not None or loop.resume == "auto")
     outputs.check_writable(folder.path)
     return folder
