@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 import io
 import logging
@@ -289,8 +291,10 @@ def assert_files_agree_with_records(run_dir: Path) -> None:
     files = {s.best_file: best[s.name]["epoch"] for s in sets if s.best_file and s.name in best}
     assert "model_best.pth.tar" in files
     files.update({f"checkpoint-{e}.pth.tar": e for _, e in last["keeper"]["history"]})
-    for name, epoch in files.items():
-        assert torch.load(run_dir / name, weights_only=True, mmap=True)["epoch"] == epoch, name
+    for name, epoch in files.items():  # (timm's files, continued by a run, hold a Namespace)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            held = torch.load(run_dir / name, weights_only=True, mmap=True)["epoch"]
+        assert held == epoch, name
     on_disk = sorted(p.name for p in run_dir.glob("checkpoint-*.pth.tar"))
     assert on_disk == sorted(n for n in files if n.startswith("checkpoint-"))
     if not last["counters"]["epoch_step"]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, run_cli, run_in_process, torch_threads
 
+from ematrain import checkpoint as ckpt_io
 from ematrain import resume as resume_mod
 from ematrain import train
 from ematrain.build import build_run
@@ -311,7 +312,7 @@ def test_a_timm_checkpoint_resumes_with_fresh_parts_named(data, tmp_path):
     r = train_in_process(data, *TINY, "--epochs", "2", "--output", tmp_path / "out",
                          "--resume", path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "holds no scheduler state; this run's starts fresh" in r.stderr
+    assert "is timm's: it holds no LR scheduler state (the schedule is rebuilt" in r.stderr
     assert "resumed from" in r.stderr and "at epoch 1" in r.stderr
     (run_dir,) = (tmp_path / "out").iterdir()
     assert [r["epoch"] for r in rows(run_dir)] == ["1"]
@@ -407,3 +408,84 @@ def test_resume_auto_without_a_name_refuses_when_every_run_has_finished(data, tm
         r = train_in_process(data, *TINY, "--model", "test_vit", "--output", out, "--resume",
                              "auto")
     assert r.returncode == 0 and "--resume auto: no test_vit run under" in r.stderr
+
+
+# ----------------------------------------------------------------------------- a timm run, continued
+def _timm_run(folder: Path, decay: float = 0.9) -> None:
+    """Two epochs as timm's train.py leaves them, from timm's own code path: a ModelEmaV3
+    updated with timm's step count, timm's CheckpointSaver (state_dict_ema, args as a
+    Namespace, checkpoint-<epoch> history, model_best.pth.tar) and its update_summary."""
+    import argparse
+
+    import timm
+    from timm.utils import CheckpointSaver, ModelEmaV3, update_summary
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    ema = ModelEmaV3(model, decay=decay)
+    optimizer = timm.optim.create_optimizer_v2(model, "sgd", lr=0.05, weight_decay=2e-5,
+                                               momentum=0.9)  # as timm's train.py makes it
+    args = argparse.Namespace(model="test_resnet", model_ema=True, model_ema_decay=decay,
+                              model_ema_warmup=False, model_ema_force_cpu=False, epochs=3)
+    saver = CheckpointSaver(model, optimizer, args=args, model_ema=ema, checkpoint_dir=str(folder),
+                            recovery_dir=str(folder), decreasing=False, max_history=2)
+    num_updates = 0
+    for epoch, top1 in enumerate([60.0, 50.0]):
+        for _ in range(STEPS):
+            loss = model(torch.randn(4, 3, 32, 32)).logsumexp(1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            num_updates += 1
+            ema.update(model, step=num_updates)
+        update_summary(epoch, {"loss": 1.0 - epoch / 10}, {"loss": 0.9, "top1": top1, "top5": 100.0},
+                       str(folder / "summary.csv"), lr=0.05, write_header=epoch == 0)
+        saver.save_checkpoint(epoch, metric=top1)
+
+
+def test_a_timm_run_with_an_ema_resumes_with_its_ema(data, tmp_path):
+    timm_dir = tmp_path / "timm" / "t"
+    _timm_run(timm_dir)
+    theirs = ckpt_io.load_file(timm_dir / "last.pth.tar")
+    argv = [data, *TINY, "--epochs", "3", "--model-ema", "--model-ema-decay", "0.9",
+            "--resume", timm_dir / "last.pth.tar"]
+    settings, source = resolve_train([str(a) for a in argv])
+    run = build_run(settings, resuming=True)
+    resume_mod.restore(run, source)
+    assert run.counters.epoch == 2
+    assert run.ema.steps == run.counters.num_updates == 2 * STEPS  # timm's epoch x updates
+    for key, value in theirs["state_dict_ema"].items():
+        assert torch.equal(run.ema.shadow_state_dict(0)[key], value), key
+    # A changed decay is refused as for our runs; leaving the EMA out names the flags to add.
+    for extra, words in ((["--model-ema", "--model-ema-decay", "0.99"], "averages decays 0.9"),
+                         ([], "add --model-ema --model-ema-decay 0.9 to continue timm's EMA")):
+        r = train_in_process(data, *TINY, "--epochs", "3", *extra, "--resume",
+                             timm_dir / "last.pth.tar")
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_timm_run_continued_in_its_folder_keeps_its_rows_best_and_history(data, tmp_path):
+    from conftest import assert_files_agree_with_records
+    timm_dir = tmp_path / "timm" / "t"
+    _timm_run(timm_dir)
+    with torch_threads(1):
+        r = train_in_process(data, *TINY, "--epochs", "3", "--model-ema", "--model-ema-decay",
+                             "0.9", "--resume", timm_dir / "last.pth.tar",
+                             "--output", timm_dir.parent, "--experiment", "t")
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = [l for l in r.stderr.splitlines() if l.startswith("resume:")]
+    assert any("continues from timm's state_dict_ema" in l and f"2 epochs x {STEPS} steps" in l
+               for l in said), said
+    assert any("holds no LR scheduler state" in l for l in said), said
+    assert any(f"continuing in timm's folder {timm_dir}: 2 summary rows, best epoch 0" in l
+               for l in said), said
+    table = rows(timm_dir)
+    assert [row["epoch"] for row in table] == ["0", "1", "2"]
+    assert [float(row["eval_top1"]) for row in table[:2]] == [60.0, 50.0]  # timm's, kept
+    assert table[2]["raw_eval_top1"] and not table[0]["raw_eval_top1"]
+    ours = torch.load(timm_dir / "last.pth.tar", weights_only=True)
+    assert ours["ema"]["steps"] == 3 * STEPS and ours["keeper"]["best"]["ema 0.9"]["epoch"] in (0, 2)
+    assert_files_agree_with_records(timm_dir)
+    for epoch in (0, 1):  # timm's history files are kept, untouched
+        kept = ckpt_io.load_file(timm_dir / f"checkpoint-{epoch}.pth.tar")
+        assert "ematrain_version" not in kept and kept["epoch"] == epoch

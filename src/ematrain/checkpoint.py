@@ -286,8 +286,8 @@ def check_structure(ckpt: dict, path) -> None:
 
 
 def peek(path: str | Path) -> dict | None:
-    """A checkpoint's `epoch`, `counters`, `arch` and `args` (a plain dict) without reading its
-    tensors (memory-mapped), or None when it cannot be read."""
+    """A checkpoint's `epoch`, `counters`, `arch`, `args` (a plain dict) and `metric` without
+    reading its tensors (memory-mapped), or None when it cannot be read."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -297,7 +297,7 @@ def peek(path: str | Path) -> dict | None:
         return None
     data = upgrade(data)
     return {"epoch": data.get("epoch"), "counters": data.get("counters"),
-            "arch": data.get("arch"), "args": args_dict(data)}
+            "arch": data.get("arch"), "args": args_dict(data), "metric": data.get("metric")}
 
 
 def _unsafe_globals(path: Path) -> list[str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import checkpoint as ckpt_io
+from . import timm_resume
 from .errors import UserError
 from .logs import log
 from .outputs import DEFAULT_OUTPUT
@@ -203,7 +204,7 @@ def open_source(path: Path) -> ResumeSource:
     if not isinstance(ckpt["epoch"], int) or isinstance(ckpt["epoch"], bool):
         raise UserError(f"cannot resume from {path}: its 'epoch' is {ckpt['epoch']!r}, "
                         f"not a whole number")
-    return ResumeSource(path, ckpt_io.upgrade(ckpt))
+    return ResumeSource(path, timm_resume.upgrade(ckpt_io.upgrade(ckpt)))
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -275,8 +276,15 @@ def check_run(run, source: ResumeSource) -> None:
                         f"({_RULES['class_names'].why})")
     if (run.ema is not None) != ("ema" in ckpt):
         state = "holds EMA state" if "ema" in ckpt else "holds no EMA state"
+        hint = ""
+        if timm_resume.is_timm_ema(ckpt):
+            decays = ckpt["ema"]["decays"]
+            hint = (f"; add --model-ema --model-ema-decay {decays[0]:g} to continue timm's EMA"
+                    if decays else "; add --model-ema and its --model-ema-decay to continue "
+                    "timm's EMA")
         raise UserError(f"cannot resume from {source.path}: it {state} but the EMA is "
-                        f"{'on' if run.ema is not None else 'off'} ({_RULES['model_ema'].why})")
+                        f"{'on' if run.ema is not None else 'off'} ({_RULES['model_ema'].why})"
+                        + hint)
     if run.ema is not None:
         _check_decays(run, source)
     if (run.posthoc is not None) != ("posthoc_ema" in ckpt):
@@ -295,6 +303,10 @@ def _check_decays(run, source: ResumeSource) -> None:
     per-step decays follow the new images per step."""
     ckpt = source.ckpt
     saved = [float(d) for d in ckpt["ema"].get("decays", [])]
+    if not saved and timm_resume.is_timm_ema(ckpt) and len(run.decays) == 1:
+        log.info(f"resume: {source.path} does not record its EMA's decay; it continues at "
+                 f"{run.decays[0]:g}")
+        return
     if len(saved) == len(run.decays) and all(abs(a - b) <= 1e-12
                                              for a, b in zip(saved, run.decays)):
         return
@@ -315,11 +327,14 @@ def restore(run, source: ResumeSource) -> None:
     rebuilt = bool(source.changed & SCHEDULE_SETTINGS)
     if rebuilt:
         skip.add("scheduler")  # its saved state would bring the old settings back
-    if not ckpt_io.is_ours(source.ckpt):
+    ours = ckpt_io.is_ours(source.ckpt)
+    if not ours:
         skip |= {"keeper", "summary"}
+        timm_resume.take_over_counters(run, source.ckpt, source.path)
     fresh = [(g["lr"], g.get("initial_lr")) for g in run.optimizer.param_groups]
     for name in ckpt_io.restore(run, source.ckpt, source.path, skip=frozenset(skip)):
-        log.info(f"resume: {source.path} holds no {name} state; this run's starts fresh")
+        if ours or name not in ("scheduler", "keeper", "summary"):  # timm's: said above
+            log.info(f"resume: {source.path} holds no {name} state; this run's starts fresh")
     run.counters.world_size = run.dist.world_size
     if rebuilt and "optimizer" not in skip:
         for group, (lr, initial) in zip(run.optimizer.param_groups, fresh):

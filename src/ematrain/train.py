@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
-from . import distributed, ema_horizons, outputs, resume, snapshots
+from . import distributed, ema_horizons, outputs, resume, snapshots, timm_resume
 from .build import Run, build_run, posthoc_plan_line
 from .cli import command_name, exit_process, launcher, run_main
 from .clock import RunClock, duration
@@ -111,6 +111,8 @@ class Training:
         path = str(self.folder.path) if self.folder is not None else None
         self.run_dir = Path(distributed.broadcast_object(path, run.dist))
         run.keeper.run_dir = self.run_dir
+        if self.source is not None and not ckpt_io.is_ours(self.source.ckpt):
+            timm_resume.adopt_folder(run, self.source, self.run_dir)
         if self.source is not None:
             run.keeper.repair()
         if self.primary and run.posthoc is not None:
