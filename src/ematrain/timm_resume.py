@@ -58,8 +58,8 @@ def take_over_counters(run, ckpt: dict, path) -> None:
     epoch = int(ckpt["counters"]["epoch"])
     steps = epoch * run.data.steps_per_epoch
     ckpt["counters"]["num_updates"] = steps
-    meta = ckpt["ema"]
     if run.ema is not None and is_timm_ema(ckpt):
+        meta = ckpt["ema"]
         meta.update(decays=list(run.decays), steps=steps, num_updates=steps // run.ema.every,
                     skipped_nonfinite=0)
         shown = ", ".join(f"{d:g}" for d in run.decays)
