@@ -489,3 +489,53 @@ def test_a_timm_run_continued_in_its_folder_keeps_its_rows_best_and_history(data
     for epoch in (0, 1):  # timm's history files are kept, untouched
         kept = ckpt_io.load_file(timm_dir / f"checkpoint-{epoch}.pth.tar")
         assert "ematrain_version" not in kept and kept["epoch"] == epoch
+
+
+def test_a_run_saved_before_primary_weights_goes_on_with_the_raw_weights_in_timms_names(
+        data, tmp_path):
+    """A version-3 checkpoint of before --primary-weights (its keeper and summary.csv kept the
+    raw weights in eval_* and model_best.pth.tar) resumes in its own layout, even when asked
+    for another (said in one line)."""
+    from conftest import assert_files_agree_with_records
+    _run_named(data, tmp_path, "old", "--model-ema", "--model-ema-decay", "0.9", "0.99",
+               "--primary-weights", "raw")
+    last = tmp_path / "old" / "last.pth.tar"
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["args"]["primary_weights"], ckpt["ema"]["names"]  # as that version wrote them
+    torch.save(ckpt, last)
+    with torch_threads(1):
+        r = train_in_process("--resume", last, "--epochs", "2", "--primary-weights", "ema")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "keeping --primary-weights raw from the checkpoint, not ema" in r.stderr
+    table = rows(tmp_path / "old")
+    assert list(table[0])[:6] == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
+    assert {"ema_eval_top1", "ema0.99_eval_top1"} <= set(table[0]) and "raw_eval_top1" not in table[0]
+    assert sorted(p.name for p in (tmp_path / "old").glob("model_best*")) == [
+        "model_best.pth.tar", "model_best_ema.pth.tar"]
+    again = torch.load(last, weights_only=True)
+    assert again["args"]["primary_weights"] == "raw"
+    assert again["metric"] == float(table[1]["eval_top1"])  # the raw weights', as before
+    assert_files_agree_with_records(tmp_path / "old")
+
+
+@pytest.mark.parametrize("metric", ["top1", "loss"])
+def test_the_best_file_and_history_follow_the_first_ema_by_the_eval_metric(metric):
+    """With an EMA on, model_best.pth.tar and the checkpoint history are the first EMA's
+    (timm's meaning), by --eval-metric, loss the lower the better; every other set keeps its
+    own best file."""
+    from ematrain.keeper import CheckpointKeeper
+    from ematrain.weightsets import weight_sets
+    sets = weight_sets([0.9, 0.99])
+    keeper = CheckpointKeeper(sets, metric, history_size=2, primary=False)
+    # per epoch: (raw, ema 0.9, ema 0.99) scores, as top-1 (higher is better) or loss
+    scores = [(90, 50, 40), (80, 70, 45), (85, 60, 60)]
+    sign = -1 if metric == "loss" else 1
+    improved = []
+    for epoch, values in enumerate(scores):
+        results = {s.name: {metric: sign * v} for s, v in zip(sets, values)}
+        improved.append([s.best_file for s in keeper.record(epoch, results)])
+    assert improved == [["model_best_raw.pth.tar", "model_best.pth.tar", "model_best_ema0.99.pth.tar"],
+                        ["model_best.pth.tar", "model_best_ema0.99.pth.tar"],
+                        ["model_best_ema0.99.pth.tar"]]
+    assert keeper.best["ema 0.9"] == {"metric": sign * 70, "epoch": 1}
+    assert [e for _, e in keeper.history] == [1, 2]  # the EMA's two best epochs, best first
