@@ -45,7 +45,7 @@ from .settings import (
     dtype_named,
 )
 from .snapshots import PosthocTracker
-from .weightsets import WeightSet, weight_sets
+from .weightsets import WeightSet, regular_emas, tracked_sets, weight_sets
 
 
 @dataclass
@@ -133,6 +133,12 @@ class Run:
     def decays(self) -> list[float]:
         return self.ema.decays if self.ema is not None else []
 
+    def validated_emas(self) -> list[ModelEma]:
+        """The EMAs validation scores after the raw weights, in `weight_sets` order: the regular
+        shadows, then the power EMAs tracked for post-hoc EMA."""
+        emas = [self.ema, self.posthoc.ema if self.posthoc is not None else None]
+        return [e for e in emas if e is not None]
+
     def parts(self) -> dict:
         """The stateful parts, by the name the checkpoint schema files them under."""
         parts = {"model": self.module, "optimizer": self.optimizer, "scheduler": self.scheduler,
@@ -163,7 +169,7 @@ class Run:
 
     def ema_names(self) -> list[str]:
         """Each EMA's name as logs and summary.csv give it (``0.99``, ``hl2ep``, ``sr0.1``)."""
-        return [s.name.removeprefix("ema ") for s in self.weight_sets if s.shadow is not None]
+        return [s.name.removeprefix("ema ") for s in regular_emas(self.weight_sets)]
 
     def take_snapshot(self) -> None:
         """The post-hoc snapshot of this optimizer step, when it is one of the series'."""
@@ -405,6 +411,8 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     sets = weight_sets(decays, ema_labels(s.ema, decays),
                        tag="sr" if s.ema.enabled and s.ema.schedule == "power" else "",
                        names=ema_names(s.ema, decays), primary=s.loop.primary_weights)
+    if posthoc is not None:
+        sets += tracked_sets(posthoc.sigma_rels)
     return Run(settings=s, dist=dist, device=device, precision=precision, data=train,
                num_classes=num_classes, model=wrap_model(model, dist, device, s.model.torchcompile),
                optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,

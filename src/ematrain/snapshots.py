@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,10 @@ def snapshot_steps(every_steps: int, total_steps: int) -> list[int]:
 
 
 
+# A series that takes more than this share of the free space where it goes is warned about.
+DISK_SHARE = 0.25
+
+
 class PosthocTracker:
     """The training side of post-hoc EMA: power-function EMAs (a `ModelEma` under the power
     schedule, `ema_schedules.Power`) and the snapshots of them every `every_steps` optimizer
@@ -277,6 +282,25 @@ class PosthocTracker:
         """Snapshots the run writes and bytes per snapshot."""
         per = sum(shadow_bytes(m.state_dict(), self.dtype) for m in self.ema.shadows)
         return len(snapshot_steps(self.every_steps, self.total_steps)), per
+
+    def check_disk(self, folder: Path, step: int) -> str | None:
+        """The snapshots still to write (after optimizer step `step`) against the free space
+        where they go: a UserError when they cannot fit, a warning line when they take more
+        than `DISK_SHARE` of it, else None."""
+        count = len([s for s in snapshot_steps(self.every_steps, self.total_steps) if s > step])
+        need = count * self.plan()[1]
+        free = shutil.disk_usage(folder).free
+        what = (f"post-hoc EMA: {count} snapshots of {self.plan()[1] / 1e6:.3g} MB = "
+                f"{need / 1e9:.3g} GB to write in {folder / FOLDER}")
+        fewer = ("a longer --model-ema-snapshot-every, --model-ema-snapshot-dtype float16 "
+                 "(half the size) or fewer --model-ema-posthoc profiles")
+        if need > free:
+            raise UserError(f"{what}, but only {free / 1e9:.3g} GB are free there: free space, "
+                            f"or give {fewer}")
+        if need > DISK_SHARE * free:
+            return (f"warning: {what}: {need / free:.0%} of the {free / 1e9:.3g} GB free there "
+                    f"(the checkpoints need room too); {fewer} would take less")
+        return None
 
     def state_dict(self) -> dict:
         return {"ema": self.ema.full_state_dict(), "every_steps": self.every_steps,

@@ -33,7 +33,7 @@ from .resume import ResumeSource
 from .seeding import seed_everything
 from .settings import resolve_train
 from .signals import StopRequest
-from .weightsets import primary_set
+from .weightsets import primary_set, regular_emas
 
 
 class Interrupted(Exception):
@@ -72,9 +72,9 @@ class Training:
     def fit(self) -> int:
         if self.source is not None:
             resume.restore(self.run, self.source)
-        self.open_folder()
         done = False
         try:
+            self.open_folder()  # a refusal here (no room for the post-hoc series) leaves no folder
             rc = self.epochs()
             self.run.keeper.wait()  # the last write; its failure is this run's
             done = rc == 0
@@ -116,6 +116,9 @@ class Training:
         if self.source is not None:
             run.keeper.repair()
         if self.primary and run.posthoc is not None:
+            warning = run.posthoc.check_disk(self.run_dir, run.counters.num_updates)
+            if warning:
+                log.warning(warning)
             run.posthoc.open_folder(self.run_dir, resumed=self.source is not None,
                                     step=run.counters.num_updates)
         if self.primary:
@@ -161,9 +164,9 @@ class Training:
         self.loop.check()
         ema, tracker = self.run.ema, self.run.posthoc
         bad = ema.nonfinite_shadows() if ema is not None else []
-        names = [s.name for s in self.run.weight_sets if s.shadow in bad]
+        names = [s.name for s in regular_emas(self.run.weight_sets) if s.shadow in bad]
         if tracker is not None:
-            names += [f"power {tracker.sigma_rels[i]:g}" for i in tracker.ema.nonfinite_shadows()]
+            names += [f"power sr{tracker.sigma_rels[i]:g}" for i in tracker.ema.nonfinite_shadows()]
         if self.any_rank(bool(names)):
             raise NonFiniteShadows(self.run.counters.epoch, names or ["shadows"])
 
@@ -204,7 +207,7 @@ class Training:
         self.run.take_snapshot()  # the epoch's last update (the loop yields only the others)
         run.shadow_policy.apply(run.ema, run.model, epoch, lambda images: calibration_input(
             run, images))
-        scores = validate(run.model, val_loader, run.device, ema=run.ema, epoch=epoch,
+        scores = validate(run.model, val_loader, run.device, emas=run.validated_emas(), epoch=epoch,
                           amp_dtype=run.precision.autocast,
                           channels_last=run.precision.channels_last,
                           reduce=lambda t: distributed.all_reduce_sum(t, run.dist),
@@ -335,7 +338,8 @@ def ema_advice(run: Run) -> list[str]:
     if run.ema is None or not run.summary.rows:
         return []
     last = run.summary.rows[-1]
-    raw, *emas = (last[f"{s.column_prefix}eval_{metric}"] for s in run.weight_sets)
+    raw, *emas = (last[f"{s.column_prefix}eval_{metric}"]
+                  for s in run.weight_sets if s.shadow is None or not s.posthoc)
     return ema_horizons.advice(run.ema, run.ema_labels(), run.length(), raw, emas, metric)
 
 

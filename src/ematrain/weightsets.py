@@ -31,6 +31,8 @@ class WeightSet:
         decay: the shadow's decay (sigma_rel under the power schedule).
         legacy_name, legacy_prefix: its name and column prefix in runs saved before the shadows
             were named as asked (by their per-step decay; the raw weights never changed).
+        posthoc: a power EMA tracked for post-hoc EMA (``shadow`` indexes those, not the
+            regular shadows); validated and drawn, kept in the checkpoint's `posthoc_ema`.
     """
     name: str
     label: str
@@ -40,6 +42,7 @@ class WeightSet:
     decay: float | None = None
     legacy_name: str | None = None
     legacy_prefix: str | None = None
+    posthoc: bool = False
 
     @property
     def primary(self) -> bool:
@@ -75,6 +78,20 @@ def weight_sets(decays: list[float], labels: list[str] | None = None, tag: str =
         sets.append(WeightSet(f"ema {name}", label, prefix, best, i, decay,
                               f"ema {tag}{decay:g}", legacy))
     return tuple(sets)
+
+
+def tracked_sets(sigma_rels: list[float]) -> tuple[WeightSet, ...]:
+    """The power EMAs --model-ema-posthoc tracks, as weight sets: validated and drawn like any
+    EMA (``power sr0.05``, columns ``powersr0.05_eval_*``). They have no best file: their
+    weights are the snapshots' and ``posthoc_ema``'s, and validate.py --posthoc scores them."""
+    return tuple(WeightSet(f"power sr{s:g}", f"power EMA sigma_rel {s:g} (post-hoc, tracked)",
+                           f"powersr{s:g}_", None, i, s, posthoc=True)
+                 for i, s in enumerate(sigma_rels))
+
+
+def regular_emas(sets: tuple[WeightSet, ...]) -> list[WeightSet]:
+    """The sets of the regular EMA's shadows (`ModelEma`), in its order."""
+    return [s for s in sets if s.shadow is not None and not s.posthoc]
 
 
 def primary_set(sets: tuple[WeightSet, ...]) -> WeightSet:
