@@ -57,7 +57,7 @@ def test_two_process_training_writes_one_run(two_proc_run):
     assert [p.name for p in runs] == ["ddp"]
     rows = list(csv.DictReader(open(runs[0] / "summary.csv")))
     assert [row["epoch"] for row in rows] == ["0"]
-    for name in ("last.pth.tar", "model_best.pth.tar", "model_best_ema.pth.tar", "args.yaml"):
+    for name in ("last.pth.tar", "model_best.pth.tar", "model_best_raw.pth.tar", "args.yaml"):
         assert (runs[0] / name).is_file()
     assert "2 processes (cpu, gloo)" in r.stderr
     assert r.stdout.count("epoch 0 (1/1)") == 1  # only rank 0 prints the epoch line
@@ -186,6 +186,19 @@ def test_recalibrated_switched_shadows_agree_across_ranks(data_root, tmp_path):
                  "--model-ema-switch", "--output", tmp_path, "--experiment", "recal")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stderr.count("EMA checksums (equal on all ranks)") == 2
+
+
+def test_start_up_warnings_print_once_under_torchrun(data_root, tmp_path):
+    """Rank 0 alone says what the run will do: each start-up warning (loader processes, LR
+    warmup, EMA horizon) and notice once, not once per process."""
+    r = torchrun(REPO_ROOT / "train.py", data_root, *TINY, "--epochs", "1", "-j", "4",
+                 "--warmup-epochs", "5", "--output", tmp_path, "--experiment", "w")
+    assert r.returncode == 0, r.stderr
+    warnings = [l for l in r.stderr.splitlines() if l.startswith("warning:")]
+    assert len(warnings) >= 3 and len(set(warnings)) == len(warnings), warnings
+    for words in ("loader processes", "--warmup-epochs 5", "EMA 0.9"):
+        assert sum(words in w for w in warnings) == 1, (words, warnings)
+    assert r.stderr.count("for a global batch of") == 1 and r.stderr.count("output: ") == 1
 
 
 def test_sync_bn_on_the_cpu_is_one_line_per_process(data_root, tmp_path):

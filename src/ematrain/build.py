@@ -5,7 +5,6 @@ holds them and names the stateful ones (`parts`), which the checkpoint schema sa
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from .ema_schedules import make_schedule
 from .engine import Counters
 from .errors import UserError
 from .keeper import CheckpointKeeper
-from .logs import log
+from .logs import log, quiet
 from .start_weights import load_initial_checkpoint
 from .models import create_model, init_head, set_batchnorm, unwrap_model
 from .outputs import Summary
@@ -378,7 +377,7 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     s = settings
     dist, device = distributed.init_distributed(s.dist.device, s.dist.dist_backend)
     if not dist.is_primary:
-        log.setLevel(logging.WARNING)
+        quiet()  # only rank 0 says what the run does
     seed_everything(s.loop.seed)
     precision = s.precision.on(device)
     if s.dist.sync_bn and dist.enabled and device.type != "cuda":

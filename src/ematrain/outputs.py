@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -322,12 +323,13 @@ def _top1_range(ax, rows: list[dict], sets, chance: float | None) -> None:
 
 # ----------------------------------------------------------------------------- console lines
 def epoch_line(epoch: int, num_epochs: int, lr: float, train_loss: float,
-               results: dict[str, dict], sets: tuple[WeightSet, ...], metric: str,
-               skipped_ema_updates: int = 0,
+               results: dict[str, dict], sets: tuple[WeightSet, ...],
+               improved: Sequence[str] = (), skipped_ema_updates: int = 0,
                timing: tuple[float, float | None] | None = None) -> str:
     """What each epoch prints: its position, time and the run's remaining time (`timing`:
-    seconds taken, seconds left), then every weight set's numbers, the best of the epoch marked.
-    One line for the raw weights alone; with EMAs a header and one aligned row per set."""
+    seconds taken, seconds left), then every weight set's numbers, ``<- new best`` on each set
+    whose best epoch this is (`improved`: their names; its best file, if it has one, is this
+    epoch's). One line for the raw weights alone; with EMAs a header and one aligned row per set."""
     head = f"epoch {epoch} ({epoch + 1}/{num_epochs})"
     if timing is not None:
         took, left = timing
@@ -336,19 +338,16 @@ def epoch_line(epoch: int, num_epochs: int, lr: float, train_loss: float,
     head += f" | lr {lr:.3g} train_loss {train_loss:.4f}"
     if skipped_ema_updates:
         head += f" | EMA updates skipped (NaN/Inf weights): {skipped_ema_updates}"
-    pick = min if metric == "loss" else max
-    winner = pick(sets, key=lambda s: results[s.name][metric])
     width = max(len(s.name) for s in sets)
 
     def scores(s: WeightSet) -> str:
         r = results[s.name]
-        return f"top1 {r['top1']:6.2f}  top5 {r['top5']:6.2f}  loss {r['loss']:.4f}"
+        mark = "  <- new best" if s.name in improved else ""
+        return f"top1 {r['top1']:6.2f}  top5 {r['top5']:6.2f}  loss {r['loss']:.4f}{mark}"
 
     if len(sets) == 1:
         return f"{head} | {sets[0].name}: {scores(sets[0])}"
-    rows = [f"  {s.name:<{width}}  {scores(s)}" + ("  <- best this epoch" if s is winner else "")
-            for s in sets]
-    return "\n".join([head] + rows)
+    return "\n".join([head] + [f"  {s.name:<{width}}  {scores(s)}" for s in sets])
 
 
 def final_report(best: dict[str, dict], sets: tuple[WeightSet, ...], metric: str) -> list[str]:

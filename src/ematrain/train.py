@@ -228,7 +228,7 @@ class Training:
             skipped = run.ema.skipped_nonfinite if run.ema is not None else 0
             took = self.clock.end_epoch()
             print(outputs.epoch_line(epoch, run.num_epochs, lr, train_loss, results,
-                                     run.weight_sets, metric, skipped,
+                                     run.weight_sets, [s.name for s in improved], skipped,
                                      timing=(took, self.clock.remaining(epoch))), flush=True)
         distributed.barrier(run.dist)
 
