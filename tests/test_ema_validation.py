@@ -156,13 +156,13 @@ def test_half_life_shadows_are_named_as_asked_everywhere(data_root, tmp_path, ca
     ckpt = torch.load(tmp_path / "h/last.pth.tar", weights_only=True)
     steps = 6  # 24 training images, batch 4
     assert ckpt["ema"]["names"] == ["hl0.5ep", "hl2ep"]
-    assert ckpt["ema"]["decays"] == pytest.approx([0.5 ** (1 / (steps / 2)), 0.5 ** (1 / (2 * steps))])
+    assert ckpt["ema"]["decays"] == pytest.approx([0.5 ** (2 / steps), 0.5 ** (1 / (2 * steps))])
     typed = f"{ckpt['ema']['decays'][1]:.3f}"  # what a user copies from a rounded print
     for pick in (["--ema-decay", "hl2ep"], ["--ema-decay", "2ep"], ["--ema-decay", typed],
                  ["--ema-index", "1"]):
         with torch_threads(1):
-            rc = validate_mod.main([str(data_root), "--checkpoint", str(tmp_path / "h/last.pth.tar"),
-                                    "-j", "0", *pick])
+            rc = validate_mod.main([str(data_root), "--checkpoint",
+                                    str(tmp_path / "h/last.pth.tar"), "-j", "0", *pick])
         printed = capsys.readouterr()
         assert rc == 0, printed.err
         assert f"(ema hl2ep) on " in printed.out, pick

@@ -92,7 +92,7 @@ def test_the_readmes_training_loop_runs(tmp_path, monkeypatch):
     assert torch.equal(model.fc.weight, saved["state_dict_ema"]["fc.weight"])
 
 
-# ------------------------------------------------------------------ timm's ModelEmaV3 loop, unchanged
+# -------------------------------------------------------------- timm's ModelEmaV3 loop, unchanged
 def _timm_v3_loop(make_ema, checkpoint):
     """timm's documented ModelEmaV3 use (train.py's): build it beside the model, update it with
     the optimizer step count after every step, validate it as a model (``eval()``, called on
@@ -177,7 +177,7 @@ def test_moving_the_ema_moves_every_shadow_and_it_keeps_averaging():
     assert full["steps"] == 1 and len(full["shadows"]) == 2
 
 
-# ------------------------------------------------------------------ what the library refuses, in words
+# ------------------------------------------------------------ what the library refuses, in words
 @pytest.mark.parametrize("schedule", ["constant", "timm", "debias", "power"])
 @pytest.mark.parametrize("step", [0, -3])
 def test_an_update_at_step_zero_or_below_is_refused_and_leaves_the_shadows(schedule, step):

@@ -337,7 +337,8 @@ def test_the_sweep_writes_its_table_files_and_a_best_file_timm_reads(run_dir, da
     trained = list(csv.DictReader(open(run_dir / "summary.csv")))[-1]
     swept = {row["weights"]: row for row in csv.DictReader(open(run_dir / "posthoc.csv"))}
     for sigma in ("0.05", "0.07", "0.1"):
-        assert f"{float(trained[f'powersr{sigma}_eval_top1']):.4f}" == swept[f"tracked {sigma}"]["top1"]
+        trained_top1 = float(trained[f"powersr{sigma}_eval_top1"])
+        assert f"{trained_top1:.4f}" == swept[f"tracked {sigma}"]["top1"]
     import timm
     from timm.models import load_checkpoint
     model = timm.create_model("test_resnet", num_classes=3)

@@ -358,7 +358,7 @@ def test_a_stop_under_torchrun_names_torchrun(ema_run, monkeypatch):
     assert resume_launcher(tr.run, tr.prog) == "torchrun --nnodes 2 --nproc_per_node 4 train.py"
 
 
-# ----------------------------------------------------------------------------- names and --resume auto
+# ------------------------------------------------------------------------- names and --resume auto
 def test_the_default_run_name_is_timms_date_model_imgsize(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with torch_threads(1):
@@ -410,7 +410,7 @@ def test_resume_auto_without_a_name_refuses_when_every_run_has_finished(data, tm
     assert r.returncode == 0 and "--resume auto: no test_vit run under" in r.stderr
 
 
-# ----------------------------------------------------------------------------- a timm run, continued
+# --------------------------------------------------------------------------- a timm run, continued
 def _timm_run(folder: Path, decay: float = 0.9) -> None:
     """Two epochs as timm's train.py leaves them, from timm's own code path: a ModelEmaV3
     updated with timm's step count, timm's CheckpointSaver (state_dict_ema, args as a
@@ -438,8 +438,9 @@ def _timm_run(folder: Path, decay: float = 0.9) -> None:
             optimizer.step()
             num_updates += 1
             ema.update(model, step=num_updates)
-        update_summary(epoch, {"loss": 1.0 - epoch / 10}, {"loss": 0.9, "top1": top1, "top5": 100.0},
-                       str(folder / "summary.csv"), lr=0.05, write_header=epoch == 0)
+        update_summary(epoch, {"loss": 1.0 - epoch / 10},
+                       {"loss": 0.9, "top1": top1, "top5": 100.0}, str(folder / "summary.csv"),
+                       lr=0.05, write_header=epoch == 0)
         saver.save_checkpoint(epoch, metric=top1)
 
 
@@ -484,7 +485,8 @@ def test_a_timm_run_continued_in_its_folder_keeps_its_rows_best_and_history(data
     assert [float(row["eval_top1"]) for row in table[:2]] == [60.0, 50.0]  # timm's, kept
     assert table[2]["raw_eval_top1"] and not table[0]["raw_eval_top1"]
     ours = torch.load(timm_dir / "last.pth.tar", weights_only=True)
-    assert ours["ema"]["steps"] == 3 * STEPS and ours["keeper"]["best"]["ema 0.9"]["epoch"] in (0, 2)
+    assert ours["ema"]["steps"] == 3 * STEPS
+    assert ours["keeper"]["best"]["ema 0.9"]["epoch"] in (0, 2)
     assert_files_agree_with_records(timm_dir)
     for epoch in (0, 1):  # timm's history files are kept, untouched
         kept = ckpt_io.load_file(timm_dir / f"checkpoint-{epoch}.pth.tar")
@@ -508,8 +510,10 @@ def test_a_run_saved_before_primary_weights_goes_on_with_the_raw_weights_in_timm
     assert r.returncode == 0, r.stderr[-2000:]
     assert "keeping --primary-weights raw from the checkpoint, not ema" in r.stderr
     table = rows(tmp_path / "old")
-    assert list(table[0])[:6] == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
-    assert {"ema_eval_top1", "ema0.99_eval_top1"} <= set(table[0]) and "raw_eval_top1" not in table[0]
+    assert list(table[0])[:6] == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5",
+                                  "lr"]
+    assert {"ema_eval_top1", "ema0.99_eval_top1"} <= set(table[0])
+    assert "raw_eval_top1" not in table[0]
     assert sorted(p.name for p in (tmp_path / "old").glob("model_best*")) == [
         "model_best.pth.tar", "model_best_ema.pth.tar"]
     again = torch.load(last, weights_only=True)
@@ -534,8 +538,9 @@ def test_the_best_file_and_history_follow_the_first_ema_by_the_eval_metric(metri
     for epoch, values in enumerate(scores):
         results = {s.name: {metric: sign * v} for s, v in zip(sets, values)}
         improved.append([s.best_file for s in keeper.record(epoch, results)])
-    assert improved == [["model_best_raw.pth.tar", "model_best.pth.tar", "model_best_ema0.99.pth.tar"],
-                        ["model_best.pth.tar", "model_best_ema0.99.pth.tar"],
-                        ["model_best_ema0.99.pth.tar"]]
+    assert improved == [
+        ["model_best_raw.pth.tar", "model_best.pth.tar", "model_best_ema0.99.pth.tar"],
+        ["model_best.pth.tar", "model_best_ema0.99.pth.tar"],
+        ["model_best_ema0.99.pth.tar"]]
     assert keeper.best["ema 0.9"] == {"metric": sign * 70, "epoch": 1}
     assert [e for _, e in keeper.history] == [1, 2]  # the EMA's two best epochs, best first

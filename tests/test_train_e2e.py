@@ -248,7 +248,8 @@ def test_training_unchanged_by_ema(runs):
         assert [[r[c] for c in plain + RAW_COLUMNS] for r in rows] == [
             [r[c] for c in plain + BASE_COLUMNS[2:5]] for r in raw]
     # The first shadow of the two-decay run is the same 0.9 EMA as the single-decay run.
-    assert [[r[c] for c in BASE_COLUMNS] for r in two] == [[r[c] for c in BASE_COLUMNS] for r in ema]
+    first = [[r[c] for c in BASE_COLUMNS] for r in two]
+    assert first == [[r[c] for c in BASE_COLUMNS] for r in ema]
 
 
 def test_the_summary_is_timms_with_the_ema_in_its_eval_columns(runs, tmp_path):

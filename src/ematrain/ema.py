@@ -372,7 +372,8 @@ def _check_full_state(state, ema: ModelEma) -> None:
         own = module.state_dict()
         missing = [k for k in own if k not in shadow]
         unexpected = [k for k in shadow if k not in own]
-        wrong = [k for k in own if k in shadow and getattr(shadow[k], "shape", None) != own[k].shape]
+        wrong = [k for k in own
+                 if k in shadow and getattr(shadow[k], "shape", None) != own[k].shape]
         for what, keys in (("lacks", missing), ("has unexpected", unexpected),
                            ("has another shape for", wrong)):
             if keys:

@@ -420,7 +420,8 @@ def _misc_flags(p) -> None:
     g.add_argument("--output", default="", metavar="DIR",
                    help="runs go to <output>/<experiment>, as timm lays them out (default: "
                         "./output/train)")
-    g.add_argument("--experiment", default="", help="run name (default: <date>-<model>-<img size>, as timm)")
+    g.add_argument("--experiment", default="",
+                   help="run name (default: <date>-<model>-<img size>, as timm's)")
     g.add_argument("--eval-metric", default="top1", choices=["top1", "top5", "loss"],
                    help="metric that picks the best checkpoints (default: top1)")
     g.add_argument("--primary-weights", default="ema", choices=["ema", "raw"],
