@@ -269,6 +269,13 @@ def test_the_summary_is_timms_with_the_ema_in_its_eval_columns(runs, tmp_path):
     assert read_header(runs.dir("ema"))[:6] == theirs[0] == BASE_COLUMNS
     assert [[float(v) for v in r] for r in theirs[1:]] == [
         [float(r[c]) for c in BASE_COLUMNS] for r in ours]
+    # timm's trim_summary (a resume of timm's train.py into this folder) reads our file as its own.
+    from timm.utils.summary import trim_summary
+    copy = tmp_path / "summary.csv"
+    copy.write_text((runs.dir("ema") / "summary.csv").read_text())
+    trim_summary(str(copy), 1)
+    with open(copy, newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["0"]
     swapped = read_rows(runs.dir("rawfirst"))
     assert [[r[c] for c in RAW_COLUMNS + BASE_COLUMNS[2:5]] for r in ours] == [
         [r[c] for c in BASE_COLUMNS[2:5] + EMA_COLUMNS] for r in swapped]
