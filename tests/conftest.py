@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 import io
 import logging
@@ -280,18 +282,24 @@ def assert_files_agree_with_records(run_dir: Path) -> None:
     """The best and history files hold the epochs that last.pth.tar's records name, no other
     history file is left, and no mid-epoch recovery file outlives the epoch's end."""
     import torch
+    from ematrain.weightsets import weight_sets
     last = torch.load(run_dir / "last.pth.tar", weights_only=True)
     best = last["keeper"]["best"]
-    files = {"model_best.pth.tar": best["raw"]["epoch"]}
-    if "ema" in last:
-        files["model_best_ema.pth.tar"] = best[f"ema {last['ema']['decays'][0]:g}"]["epoch"]
+    meta = last.get("ema") or {}
+    sets = weight_sets(meta.get("decays", []), names=meta.get("names"),
+                       primary=last["args"].get("primary_weights", "raw"))
+    files = {s.best_file: best[s.name]["epoch"] for s in sets if s.best_file and s.name in best}
+    assert "model_best.pth.tar" in files
     files.update({f"checkpoint-{e}.pth.tar": e for _, e in last["keeper"]["history"]})
     rows = {r["epoch"]: r for r in last["summary"]["rows"]}
-    for name, epoch in files.items():
-        held = torch.load(run_dir / name, weights_only=True, mmap=True)
+    for name, epoch in files.items():  # (timm's files, continued by a run, hold a Namespace)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            held = torch.load(run_dir / name, weights_only=True, mmap=True)
         assert held["epoch"] == epoch, name
-        # The same epoch of this run, not of another continuation: the same summary row.
-        assert [r for r in held["summary"]["rows"] if r["epoch"] == epoch] == [rows[epoch]], name
+        # The same epoch of this run, not of another continuation: the same summary row
+        # (timm's own files, kept by a run that continued timm's, have no summary).
+        if "summary" in held:
+            assert [r for r in held["summary"]["rows"] if r["epoch"] == epoch] == [rows[epoch]], name
     on_disk = sorted(p.name for p in run_dir.glob("checkpoint-*.pth.tar"))
     assert on_disk == sorted(n for n in files if n.startswith("checkpoint-"))
     if not last["counters"]["epoch_step"]:

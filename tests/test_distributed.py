@@ -7,10 +7,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO_ROOT, make_imagefolder
+
+import ematrain
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "--warmup-epochs", "0",
         "--lr", "0.05", "-j", "0", "--model-ema", "--model-ema-decay", "0.9"]
@@ -21,6 +24,15 @@ def torchrun(*args, nproc=2, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", *(str(a) for a in args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def frames_of_ours(text: str) -> list[str]:
+    """Traceback frames in this project's code (the package or the top-level scripts), by their
+    full path: the words of the path (a checkout named `ematrain`, a venv inside it) say nothing."""
+    ours = (str(Path(ematrain.__file__).resolve().parent), str(REPO_ROOT.resolve() / "train.py"),
+            str(REPO_ROOT.resolve() / "validate.py"))
+    return [line for line in text.splitlines()
+            if line.strip().startswith('File "') and any(p in line for p in ours)]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +57,7 @@ def test_two_process_training_writes_one_run(two_proc_run):
     assert [p.name for p in runs] == ["ddp"]
     rows = list(csv.DictReader(open(runs[0] / "summary.csv")))
     assert [row["epoch"] for row in rows] == ["0"]
-    for name in ("last.pth.tar", "model_best.pth.tar", "model_best_ema.pth.tar", "args.yaml"):
+    for name in ("last.pth.tar", "model_best.pth.tar", "model_best_raw.pth.tar", "args.yaml"):
         assert (runs[0] / name).is_file()
     assert "2 processes (cpu, gloo)" in r.stderr
     assert r.stdout.count("epoch 0 (1/1)") == 1  # only rank 0 prints the epoch line
@@ -176,11 +188,25 @@ def test_recalibrated_switched_shadows_agree_across_ranks(data_root, tmp_path):
     assert r.stderr.count("EMA checksums (equal on all ranks)") == 2
 
 
+def test_start_up_warnings_print_once_under_torchrun(data_root, tmp_path):
+    """Rank 0 alone says what the run will do: each start-up warning (loader processes, LR
+    warmup, EMA horizon) and notice once, not once per process."""
+    r = torchrun(REPO_ROOT / "train.py", data_root, *TINY, "--epochs", "1", "-j", "4",
+                 "--warmup-epochs", "5", "--output", tmp_path, "--experiment", "w")
+    assert r.returncode == 0, r.stderr
+    warnings = [l for l in r.stderr.splitlines() if l.startswith("warning:")]
+    assert len(warnings) >= 3 and len(set(warnings)) == len(warnings), warnings
+    for words in ("loader processes", "--warmup-epochs 5", "EMA 0.9"):
+        assert sum(words in w for w in warnings) == 1, (words, warnings)
+    assert r.stderr.count("for a global batch of") == 1 and r.stderr.count("output: ") == 1
+
+
 def test_sync_bn_on_the_cpu_is_one_line_per_process(data_root, tmp_path):
     r = torchrun(REPO_ROOT / "train.py", data_root, *TINY, "--epochs", "1", "--sync-bn",
                  "--output", tmp_path, "--experiment", "s")
     # torchrun reports a failed child with a traceback of its own; none comes from a child.
-    assert r.returncode != 0 and "ematrain" not in r.stderr.split("Traceback", 1)[-1]
+    assert r.returncode != 0 and r.stderr.count("Traceback (most recent call last)") == 1
+    assert not frames_of_ours(r.stderr), r.stderr
     # One per process; the two processes' lines may interleave on the shared stderr.
     assert r.stderr.count("train.py: error: --sync-bn needs CUDA") == 2, r.stderr
     assert not (tmp_path / "s").exists()

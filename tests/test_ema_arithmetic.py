@@ -139,7 +139,7 @@ def test_shadow_is_eval_frozen_independent_and_runs():
     model = bn_net()
     gen = torch.Generator().manual_seed(2)
     ema = ModelEma(model, decay=0.9)
-    assert ema.module is ema.modules[0]
+    assert ema.module is ema.shadows[0]
     assert not ema.module.training
     assert all(not p.requires_grad for p in ema.module.parameters())
     model_ptrs = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
@@ -176,7 +176,7 @@ def test_shadow_state_dict_names_and_index():
     for i, d in enumerate([0.5, 0.9]):
         sd = ema.shadow_state_dict(i)
         assert list(sd) == list(model.state_dict())
-        assert_state_equal(sd, ema.modules[i].state_dict())
+        assert_state_equal(sd, ema.shadows[i].state_dict())
     assert not torch.equal(ema.shadow_state_dict(0)["0.weight"], ema.shadow_state_dict(1)["0.weight"])
 
 
@@ -201,14 +201,14 @@ def test_cuda_model_cpu_shadow(decays):
     gen = torch.Generator().manual_seed(5)
     ema = ModelEma(model, decay=decays, device="cpu")
     decays = decays if isinstance(decays, list) else [decays]
-    assert all(t.device.type == "cpu" for m in ema.modules for t in m.state_dict().values())
+    assert all(t.device.type == "cpu" for m in ema.shadows for t in m.state_dict().values())
     refs = [float_snapshot(model) for _ in decays]
     for _ in range(3):
         train_step(model, gen)
         assert ema.update(model)
         refs = [ema_reference(r, model, d) for r, d in zip(refs, decays)]
     for i, r in enumerate(refs):
-        assert_shadow_close(ema.modules[i].state_dict(), r)
+        assert_shadow_close(ema.shadows[i].state_dict(), r)
     # A non-finite CUDA model is detected through the staging copy as well.
     with torch.no_grad():
         next(model.parameters()).view(-1)[0] = float("nan")
@@ -229,7 +229,7 @@ def test_cuda_shadow_on_cuda():
         ema.update(model)
         refs = [ema_reference(r, model, d) for r, d in zip(refs, [0.6, 0.9])]
     for i, r in enumerate(refs):
-        assert_shadow_close(ema.modules[i].state_dict(), r)
+        assert_shadow_close(ema.shadows[i].state_dict(), r)
 
 
 # --------------------------------------------------------------------------------------- decays
@@ -249,13 +249,13 @@ def test_several_decays_equal_separate_runs():
         refs = [ema_reference(r, model, d) for r, d in zip(refs, decays)]
     assert joint.current_decays() == decays
     for i, single in enumerate(singles):
-        joint_sd, single_sd = joint.modules[i].state_dict(), single.module.state_dict()
+        joint_sd, single_sd = joint.shadows[i].state_dict(), single.module.state_dict()
         for k in single_sd:
             torch.testing.assert_close(joint_sd[k], single_sd[k], atol=1e-7, rtol=0,
                                        msg=lambda m: f"decay {decays[i]} {k}: {m}")
         assert_shadow_close(joint_sd, refs[i])
     # The three shadows really differ from each other.
-    w = [m[0][0].weight for m in joint.modules]
+    w = [m[0][0].weight for m in joint.shadows]
     assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
 
 
@@ -276,7 +276,7 @@ def test_several_decays_with_layout_change_after_creation():
         assert ema.update(model)
         refs = [ema_reference(r, model, d) for r, d in zip(refs, decays)]
     for i, r in enumerate(refs):
-        assert_shadow_close(ema.modules[i].state_dict(), r)
+        assert_shadow_close(ema.shadows[i].state_dict(), r)
 
 
 @pytest.mark.parametrize("decays", [0.6, [0.6, 0.9]], ids=["one", "two"])
@@ -298,7 +298,7 @@ def test_channels_last_model_small_and_large_tensors(decays):
         assert ema.update(model)
         refs = [ema_reference(r, model, d) for r, d in zip(refs, decays)]
         for i, r in enumerate(refs):
-            assert_shadow_close(ema.modules[i].state_dict(), r)
+            assert_shadow_close(ema.shadows[i].state_dict(), r)
 
 
 def test_shadow_moved_from_outside_keeps_averaging():
@@ -310,13 +310,13 @@ def test_shadow_moved_from_outside_keeps_averaging():
     train_step(model, gen)
     ema.update(model)
     ref = [ema_reference(r, model, d) for r, d in zip(ref, [0.5, 0.8])]
-    for m in ema.modules:
+    for m in ema.shadows:
         m.double()
     for _ in range(2):
         train_step(model, gen)
         assert ema.update(model)
         ref = [ema_reference(r, model, d) for r, d in zip(ref, [0.5, 0.8])]
-    for m, r in zip(ema.modules, ref):
+    for m, r in zip(ema.shadows, ref):
         assert m[0].weight.dtype == torch.float64
         assert_shadow_close(m.state_dict(), r)
 
@@ -392,7 +392,7 @@ def test_warmup_schedule_and_first_update_copies():
     gen = torch.Generator().manual_seed(11)
     train_step(model, gen)
     assert ema.update(model)
-    for m in ema.modules:  # decay 0: the first update is a copy
+    for m in ema.shadows:  # decay 0: the first update is a copy
         assert_state_equal(m.state_dict(), model.state_dict())
     ref = float_snapshot(model)
     for step in range(1, 5):
@@ -546,14 +546,14 @@ def test_nonfinite_update_is_skipped_with_the_precheck(where, bad, decays):
     ema = ModelEma(model, decay=decays, skip_nonfinite=True)
     train_step(model, gen)
     ema.update(model)
-    before = [clone_state(m.state_dict()) for m in ema.modules]
+    before = [clone_state(m.state_dict()) for m in ema.shadows]
     train_step(model, gen)
     with torch.no_grad():
         model.state_dict()[where].view(-1)[-1] = bad
     assert ema.update(model) is False
     assert ema.skipped_nonfinite == 1
     assert (ema.steps, ema.num_updates) == (2, 1)
-    for m, b in zip(ema.modules, before):
+    for m, b in zip(ema.shadows, before):
         assert_state_equal(m.state_dict(), b)
     # Once the model is finite again, averaging resumes.
     with torch.no_grad():
@@ -609,7 +609,7 @@ def test_swapped_into_loads_shadow_and_restores_everything():
             model.eval()
             with torch.no_grad():
                 x = torch.randn(2, 3, 8, 8, generator=gen)
-                torch.testing.assert_close(model(x), ema.modules[index](x), atol=0, rtol=0)
+                torch.testing.assert_close(model(x), ema.shadows[index](x), atol=0, rtol=0)
         assert_state_equal(model.state_dict(), raw)
     assert list(model.parameters()) == params  # same objects the optimizer holds
     for p in params:
@@ -638,25 +638,25 @@ def test_state_dict_round_trip():
     assert (ema.steps, ema.num_updates, ema.skipped_nonfinite) == (6, 2, 1)
 
     buf = io.BytesIO()
-    torch.save(ema.state_dict(), buf)
+    torch.save(ema.full_state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
 
     fresh = ModelEma(big_net(seed=99), **kwargs)
-    fresh.load_state_dict(state)
+    fresh.load_full_state_dict(state)
     assert (fresh.steps, fresh.num_updates, fresh.skipped_nonfinite) == (6, 2, 1)
     assert fresh.decays == [0.6, 0.95] and fresh.every == 2 and fresh.schedule.name == "timm"
-    for a, b in zip(fresh.modules, ema.modules):
+    for a, b in zip(fresh.shadows, ema.shadows):
         assert_state_equal(a.state_dict(), b.state_dict())
     # Both continue identically.
     for _ in range(2):
         train_step(model, gen)
         assert ema.update(model) == fresh.update(model)
-    for a, b in zip(fresh.modules, ema.modules):
+    for a, b in zip(fresh.shadows, ema.shadows):
         assert_state_equal(a.state_dict(), b.state_dict())
 
     with pytest.raises(ValueError):
-        ModelEma(big_net(), decay=0.9).load_state_dict(state)
+        ModelEma(big_net(), decay=0.9).load_full_state_dict(state)
 
 
 # --------------------------------------------------------------------------------------- wrappers
@@ -714,7 +714,7 @@ def test_model_in_new_storage_is_picked_up(decays):
         assert ema.update(model)
         refs[:] = [ema_reference(r, model, d) for r, d in zip(refs, decays)]
         for i, r in enumerate(refs):
-            assert_shadow_close(ema.modules[i].state_dict(), r)
+            assert_shadow_close(ema.shadows[i].state_dict(), r)
 
     step_and_check()  # builds the cached tensor lists
     # 1. Round trip through float64: every tensor gets new memory; update while in float64 too.

@@ -62,7 +62,7 @@ def test_recalibrate_matches_hand_computed_statistics_and_keeps_the_raw_weights(
     batches = [torch.randn(8, 4, generator=gen, dtype=torch.float64) * 2 for _ in range(3)]
     recalibrate(ema, model, lambda: iter(batches))
     assert_equal(state(model), raw)  # bit for bit
-    for shadow in ema.modules:
+    for shadow in ema.shadows:
         w, b = shadow[0].weight, shadow[0].bias
         outs = [x @ w.T + b for x in batches]
         mean = torch.stack([o.mean(0) for o in outs]).mean(0)
@@ -104,7 +104,7 @@ def test_switch_loads_the_first_shadow_and_keeps_the_optimizer_state():
     params = list(model.parameters())
     momenta = [opt.state[p]["momentum_buffer"].clone() for p in params]
     switch_to_shadow(ema, model)
-    assert_equal(state(model), state(ema.modules[0]))
+    assert_equal(state(model), state(ema.shadows[0]))
     assert list(model.parameters()) == params  # the same Parameter objects
     for p, m in zip(params, momenta):
         assert torch.equal(opt.state[p]["momentum_buffer"], m)
@@ -182,3 +182,29 @@ def test_advice_names_the_long_ema_and_a_setting():
                                "97.50): its horizon at the end (longer than the run)")
     assert "try --model-ema-half-life 0.75ep" in lines[0]
     assert advice(ema, ["a", "b"], length, raw=0.5, finals=[0.4, 0.45], metric="loss") == []
+
+
+@pytest.mark.parametrize("per_epoch,epochs,decay,every", [
+    (2, 10, 0.995, 1),   # the case: 5% of a 20-step run is 0.1 epoch, 1 step
+    (2, 2, 0.7, 1),      # a 4-step run: no shorter horizon of a few updates exists
+    (100, 10, 0.5, 1),   # a horizon of 1 step: too short
+    (22, 10, 0.995, 4),  # updates every 4 steps: a few updates are 16 steps
+    (3, 10, 0.9, 1),     # 0.9 (6.6 steps) on 30 steps: long, and 5% of the run is 1.5 steps
+])
+def test_advice_never_proposes_a_horizon_under_a_few_updates_or_the_one_it_had(
+        per_epoch, epochs, decay, every):
+    from ematrain.ema_horizons import MIN_ADVISED_UPDATES
+    from ematrain.ema_schedules import effective_half_lives
+    ema = ModelEma(bn_net(), decay=decay, every=every)
+    length = RunLength(steps_per_epoch=per_epoch, total_steps=per_epoch * epochs,
+                       images_per_step=32)
+    (line,) = advice(ema, ["EMA"], length, raw=90.0, finals=[20.0], metric="top1")
+    (had,) = effective_half_lives(ema.schedule, length.total_steps, every)
+    if "--model-ema-half-life" not in line:
+        assert ("train longer" in line or "schedule debias" in line), line
+        assert had < 1.5 * MIN_ADVISED_UPDATES * every, (line, had)
+        return
+    text = line.split("--model-ema-half-life ")[1].split()[0]
+    steps = float(text[:-2]) * per_epoch if text.endswith("ep") else float(text[:-2])
+    assert steps >= MIN_ADVISED_UPDATES * every, line
+    assert not 0.75 * had < steps < 1.5 * had, (line, had)

@@ -110,7 +110,7 @@ def test_each_schedule_matches_its_float64_reference(kind, every):
         if applied:
             states.append(snapshot(model))
     assert ema.num_updates == STEPS // every
-    for shadow, target in zip(ema.modules, targets):
+    for shadow, target in zip(ema.shadows, targets):
         want = weighted(states, ref_weights(kind, target, STEPS, every))
         got = shadow.state_dict()
         for k, v in want.items():
@@ -126,7 +126,7 @@ def test_warm_schedules_give_the_start_weights_no_share(kind):
     step(model, torch.Generator().manual_seed(2))
     ema.update(model)
     ema.update(model)
-    for shadow in ema.modules:
+    for shadow in ema.shadows:
         for k, v in model.state_dict().items():
             assert torch.equal(shadow.state_dict()[k], v), k
 
@@ -141,7 +141,7 @@ def test_float32_cpu_shadow_follows_the_same_arithmetic():
         step(model, gen)
         if ema.update(model):
             states.append(snapshot(model))
-    for shadow, sr in zip(ema.modules, [0.08, 0.15]):
+    for shadow, sr in zip(ema.shadows, [0.08, 0.15]):
         want = weighted(states, ref_weights("power", sr, 40, 2))
         for k, v in want.items():
             torch.testing.assert_close(shadow.state_dict()[k].double(), v, atol=2e-6, rtol=2e-6)
@@ -194,24 +194,24 @@ def test_resume_mid_interval_continues_exactly(kind):
         step(model, gen)
         ema.update(model)
     buf = io.BytesIO()
-    torch.save(ema.state_dict(), buf)
+    torch.save(ema.full_state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
     assert state["schedule"]["name"] == kind
     fresh = ModelEma(net(), schedule=make_schedule(kind, SCHEDULE_TARGETS[kind]), **kwargs)
-    fresh.load_state_dict(state)
+    fresh.load_full_state_dict(state)
     for _ in range(11):
         step(model, gen)
         assert ema.update(model) == fresh.update(model)
-    for a, b in zip(ema.modules, fresh.modules):
+    for a, b in zip(ema.shadows, fresh.shadows):
         for k, v in a.state_dict().items():
             assert torch.equal(v, b.state_dict()[k]), k
 
 
 def test_power_state_does_not_load_into_decay_shadows():
-    state = ModelEma.power(net(), [0.1]).state_dict()
+    state = ModelEma.power(net(), [0.1]).full_state_dict()
     with pytest.raises(ValueError, match="power"):
-        ModelEma(net(), decay=0.1).load_state_dict(state)
+        ModelEma(net(), decay=0.1).load_full_state_dict(state)
 
 
 def test_old_warmup_flag_is_the_timm_schedule():

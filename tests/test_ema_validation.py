@@ -51,7 +51,7 @@ def test_one_pass_equals_separate_passes_exactly(val_loader):
     model, ema = _trained_pair([0.5, 0.9])
     together = validate(model, val_loader, torch.device("cpu"), normalize=NORMALIZE, ema=ema)
     alone = [validate(m, val_loader, torch.device("cpu"), normalize=NORMALIZE)[0]
-             for m in [model] + ema.modules]
+             for m in [model] + ema.shadows]
     assert together == alone
     assert together[0] != together[1]  # the weight sets really differ
     assert together[0]["count"] == 21
@@ -72,8 +72,8 @@ def test_cpu_shadow_swap_gives_the_same_numbers_and_restores_raw(val_loader, mon
 def test_swapper_loads_each_set_and_restores_bit_for_bit():
     model, ema = _trained_pair([0.5, 0.9])
     raw = {k: v.clone() for k, v in model.state_dict().items()}
-    swapper = WeightSwapper(model, ema.modules)
-    for index, shadow in ((2, ema.modules[1]), (1, ema.modules[0])):
+    swapper = WeightSwapper(model, ema.shadows)
+    for index, shadow in ((2, ema.shadows[1]), (1, ema.shadows[0])):
         swapper.load(index)
         for name, value in model.state_dict().items():
             assert torch.equal(value, shadow.state_dict()[name]), name
@@ -123,7 +123,7 @@ def test_shadow_in_another_dtype_trains_and_validates(data_root, tmp_path, capsy
                              "--model-ema-decay", "0.5", "--model-ema-dtype", dtype])
     assert rc == 0, capsys.readouterr().err
     rows = list(csv.DictReader(open(tmp_path / "d/summary.csv")))
-    assert float(rows[0]["ema_eval_loss"]) > 0
+    assert float(rows[0]["eval_loss"]) > 0
     ckpt = torch.load(tmp_path / "d/last.pth.tar", weights_only=True)
     assert ckpt["state_dict_ema"]["fc.weight"].dtype == getattr(torch, dtype)
 
@@ -134,3 +134,41 @@ def test_low_precision_shadow_that_cannot_move_is_warned(data_root, tmp_path, ca
         assert train_mod.main([str(data_root), *TINY, "--model-ema-dtype", "bfloat16",
                                "--output", str(tmp_path)]) == 0
     assert "below the dtype's precision" in capsys.readouterr().err
+
+
+def test_half_life_shadows_are_named_as_asked_everywhere(data_root, tmp_path, capsys):
+    """--model-ema-half-life 0.5ep 2ep: `ema hl0.5ep` and `ema hl2ep` in the epoch line,
+    summary.csv, curves and the final report; validate.py finds them by that name, by the
+    half-life alone or by the decay to the digits typed, and says the name; the decays stay in
+    the checkpoint."""
+    from ematrain import validate as validate_mod
+    logging.getLogger("ematrain").handlers.clear()
+    with torch_threads(1):
+        rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment", "h",
+                             "--model-ema-half-life", "0.5ep", "2ep"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    rows = list(csv.DictReader(open(tmp_path / "h/summary.csv")))
+    assert {"eval_top1", "raw_eval_top1", "emahl2ep_eval_top1"} <= set(rows[0])
+    assert [l.split()[:2] for l in out.out.splitlines() if l.startswith("  ")][-3:] == [
+        ["raw", "top1"], ["ema", "hl0.5ep"], ["ema", "hl2ep"]]
+    assert "best ema hl2ep:" in out.err and "0.98" not in out.out
+    ckpt = torch.load(tmp_path / "h/last.pth.tar", weights_only=True)
+    steps = 6  # 24 training images, batch 4
+    assert ckpt["ema"]["names"] == ["hl0.5ep", "hl2ep"]
+    assert ckpt["ema"]["decays"] == pytest.approx([0.5 ** (2 / steps), 0.5 ** (1 / (2 * steps))])
+    typed = f"{ckpt['ema']['decays'][1]:.3f}"  # what a user copies from a rounded print
+    for pick in (["--ema-decay", "hl2ep"], ["--ema-decay", "2ep"], ["--ema-decay", typed],
+                 ["--ema-index", "1"]):
+        with torch_threads(1):
+            rc = validate_mod.main([str(data_root), "--checkpoint",
+                                    str(tmp_path / "h/last.pth.tar"), "-j", "0", *pick])
+        printed = capsys.readouterr()
+        assert rc == 0, printed.err
+        assert f"(ema hl2ep) on " in printed.out, pick
+        assert f"top1 {float(rows[-1]['emahl2ep_eval_top1']):.4f}" in printed.out, pick
+    with torch_threads(1):
+        rc = validate_mod.main([str(data_root), "--checkpoint", str(tmp_path / "h/last.pth.tar"),
+                                "-j", "0", "--ema-decay", "hl9ep"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no EMA hl9ep (it has: hl0.5ep (decay 0.793701), hl2ep (decay" in err

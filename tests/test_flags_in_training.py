@@ -828,7 +828,7 @@ def test_initial_checkpoint(data, tmp_path, source_model, kind):
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     tr = make_trainer(data, "--initial-checkpoint", path, "--model-ema", "--model-ema-decay", "0.9")
     _assert_weights(tr.run.model, state)
-    _assert_weights(tr.run.ema.modules[0], state)  # the EMA starts from the loaded weights too
+    _assert_weights(tr.run.ema.shadows[0], state)  # the EMA starts from the loaded weights too
 
 
 def test_initial_checkpoint_wrong_model_refused(data, tmp_path):

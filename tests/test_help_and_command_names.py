@@ -123,3 +123,11 @@ def test_commands_run_with_the_collector_on(monkeypatch, name):
         gc.unfreeze()
         (gc.enable if was else gc.disable)()
     assert seen == [True]
+
+
+def test_a_script_whose_path_holds_a_space_names_itself_by_its_file_name(tmp_path, monkeypatch):
+    from ematrain.cli import command_name
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "my checkout" / "train.py"), "--help"])
+    assert command_name("train.py") == "train.py"
+    monkeypatch.setattr(sys, "argv", ["python -m ematrain validate"])
+    assert command_name("validate.py") == "python -m ematrain validate"

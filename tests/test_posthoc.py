@@ -3,6 +3,8 @@ against EMAs tracked directly (weights and top-1), the snapshot series of a real
 file read by validate.py and timm, and every bad input as one line."""
 from __future__ import annotations
 
+import csv
+
 import math
 
 import numpy as np
@@ -233,6 +235,38 @@ def test_a_run_writes_its_series_and_resumes_it(run_dir, data):
     one_line_error(r, "model-ema-posthoc")
 
 
+def test_the_tracked_power_emas_are_validated_every_epoch_like_any_ema(run_dir):
+    rows = list(csv.DictReader(open(run_dir / "summary.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
+    for sigma in ("0.05", "0.07", "0.1"):
+        values = [float(r[f"powersr{sigma}_eval_top1"]) for r in rows]
+        assert all(0.0 <= v <= 100.0 for v in values), values
+    assert rows[-1]["powersr0.05_eval_loss"] != rows[-1]["powersr0.1_eval_loss"]
+    best = torch.load(run_dir / "last.pth.tar", weights_only=True)["keeper"]["best"]
+    assert {"power sr0.05", "power sr0.07", "power sr0.1"} <= set(best)
+    assert not list(run_dir.glob("model_best_power*"))  # their weights are the snapshots'
+
+
+def test_a_series_that_would_fill_the_disk_is_refused_and_a_large_one_warned(data, tmp_path,
+                                                                            monkeypatch):
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    argv = [data, *TINY, "--epochs", "1", "--model-ema-posthoc", "--output", tmp_path]
+    monkeypatch.setattr(outputs.CurveRenderer, "submit", lambda *a, **k: None)
+    monkeypatch.setattr(snaps.shutil, "disk_usage", lambda p: usage(10**9, 0, 10**5))
+    r = run_in_process(train.main, "train.py", *argv, "--experiment", "full")
+    one_line_error(r, "post-hoc EMA: 6 snapshots of")
+    assert "GB are free there" in r.stderr and "--model-ema-snapshot-dtype float16" in r.stderr
+    assert not (tmp_path / "full").exists()  # nothing left behind
+    need = 6 * 4 * sum(p.numel() for p in __import__("timm").create_model(
+        "test_resnet", num_classes=3).state_dict().values()) * 2  # two float32 power EMAs
+    monkeypatch.setattr(snaps.shutil, "disk_usage", lambda p: usage(10**12, 0, 2 * need))
+    with torch_threads(1):
+        r = run_in_process(train.main, "train.py", *argv, "--experiment", "warned")
+    assert r.returncode == 0, r.stderr
+    assert "warning: post-hoc EMA: 6 snapshots" in r.stderr and "% of the" in r.stderr
+
+
 def _sub_solution(series, targets, keep: list[int]) -> Solution:
     """Solve with the tracked EMAs `keep` only: zero coefficients for the others."""
     tracked = len(series.gammas)
@@ -296,6 +330,15 @@ def test_the_sweep_writes_its_table_files_and_a_best_file_timm_reads(run_dir, da
                         run_dir / "model_posthoc_best.pth.tar", "--use-ema", "-j", "0")
     assert r2.returncode == 0, r2.stderr
     assert f"top1 {info['top1']:.4f}" in r2.stdout
+    # The reconstruction is named by its length and fit wherever it is validated.
+    named = f"(ema posthoc sr{info['sigma_rel']:.3g} (fit error {info['fit_error']:.2%})) on "
+    assert named in r2.stdout if info["kind"] == "power" else "(ema posthoc hl" in r2.stdout
+    # A tracked EMA's row is its last snapshot: the run validated the same weights at its end.
+    trained = list(csv.DictReader(open(run_dir / "summary.csv")))[-1]
+    swept = {row["weights"]: row for row in csv.DictReader(open(run_dir / "posthoc.csv"))}
+    for sigma in ("0.05", "0.07", "0.1"):
+        trained_top1 = float(trained[f"powersr{sigma}_eval_top1"])
+        assert f"{trained_top1:.4f}" == swept[f"tracked {sigma}"]["top1"]
     import timm
     from timm.models import load_checkpoint
     model = timm.create_model("test_resnet", num_classes=3)

@@ -86,12 +86,13 @@ def _results(sets):
 
 def test_an_epoch_line_with_three_emas_stays_readable():
     sets = _sets(3)
-    text = epoch_line(9, 300, 0.0123, 0.8765, _results(sets), sets, "top1", timing=(65.0, 17650.0))
+    text = epoch_line(9, 300, 0.0123, 0.8765, _results(sets), sets, ["ema 0.999"],
+                      timing=(65.0, 17650.0))
     lines = text.splitlines()
     assert lines[0] == "epoch 9 (10/300) 1m05s, eta 4h54m | lr 0.0123 train_loss 0.8765"
     assert [l.split()[:2] for l in lines[1:]] == [["raw", "top1"], ["ema", "0.99"],
                                                   ["ema", "0.999"], ["ema", "0.9999"]]
-    assert lines[-1].endswith("<- best this epoch") and "best" not in "".join(lines[1:-1])
+    assert lines[3].endswith("<- new best") and "best" not in "".join(lines[1:3] + lines[4:])
     assert max(len(l) for l in lines) <= 100
     # The scores are aligned in columns.
     assert len({l.index("top1") for l in lines[1:]}) == 1
@@ -99,7 +100,7 @@ def test_an_epoch_line_with_three_emas_stays_readable():
 
 def test_an_epoch_line_of_a_one_epoch_run_without_ema():
     sets = _sets(0)
-    text = epoch_line(0, 1, 0.1, 2.0, _results(sets), sets, "top1", timing=(3.0, 0.0))
+    text = epoch_line(0, 1, 0.1, 2.0, _results(sets), sets, timing=(3.0, 0.0))
     assert text == ("epoch 0 (1/1) 3.0s | lr 0.1 train_loss 2.0000 | raw: top1  90.00  "
                     "top5  99.50  loss 0.3000")
     assert "0/0" not in text and "eta" not in text  # nothing remains after the last epoch
@@ -123,3 +124,35 @@ def test_the_bar_shows_the_rate_and_remaining_time_between_log_intervals(small_d
     assert early and all("img/s=" in s and "data=" in s for s in early), states
     # The loss (a read of the device) comes at the epoch's last step only.
     assert any("loss=" in s for s in states)
+
+
+def test_each_weight_set_is_marked_at_its_new_bests_only(small_data, tmp_path, capsys):
+    """`<- new best` marks every set whose best epoch (by --eval-metric) this is, as its best
+    file and the keeper have it; not the set that is best among the others this epoch."""
+    import csv
+
+    from conftest import torch_threads
+    from ematrain import train
+    with torch_threads(1):
+        rc = train.main([str(small_data), "--model", "test_resnet", "--img-size", "16", "-b", "4",
+                         "-j", "0", "--epochs", "4", "--warmup-epochs", "0", "--lr", "0.2",
+                         "--model-ema-decay", "0.5", "0.9", "--output", str(tmp_path),
+                         "--experiment", "m"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    epoch, marked = None, set()
+    for line in out.splitlines():
+        if line.startswith("epoch "):
+            epoch = int(line.split()[1])
+        elif line.startswith("  ") and line.endswith("<- new best"):
+            marked.add((epoch, " ".join(line.split()[:2]) if line.split()[0] == "ema"
+                        else line.split()[0]))
+    rows = list(csv.DictReader(open(tmp_path / "m/summary.csv")))
+    expected = set()
+    for prefix, name in (("raw_", "raw"), ("", "ema 0.5"), ("ema0.9_", "ema 0.9")):
+        best = -1.0
+        for row in rows:
+            if float(row[f"{prefix}eval_top1"]) > best:
+                best = float(row[f"{prefix}eval_top1"])
+                expected.add((int(row["epoch"]), name))
+    assert marked == expected and "best this epoch" not in out

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, run_cli, run_in_process, torch_threads
 
+from ematrain import checkpoint as ckpt_io
 from ematrain import resume as resume_mod
 from ematrain import train
 from ematrain.build import build_run
@@ -82,7 +83,7 @@ def test_an_ema_run_resumed_without_ema_flags_keeps_its_ema(ema_run, data, tmp_p
     assert ckpt["ema"]["decays"] == [0.9, 0.99] and ckpt["ema"]["steps"] == 2 * STEPS
     summary = rows(run)
     assert [r["epoch"] for r in summary] == ["0", "1"]
-    assert all(r["ema_eval_top1"] and r["ema0.99_eval_top1"] for r in summary)
+    assert all(r["eval_top1"] and r["raw_eval_top1"] and r["ema0.99_eval_top1"] for r in summary)
 
 
 def test_an_ema_run_resumed_with_the_ema_switched_off_is_refused(ema_run, tmp_path):
@@ -311,7 +312,7 @@ def test_a_timm_checkpoint_resumes_with_fresh_parts_named(data, tmp_path):
     r = train_in_process(data, *TINY, "--epochs", "2", "--output", tmp_path / "out",
                          "--resume", path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "holds no scheduler state; this run's starts fresh" in r.stderr
+    assert "is timm's: it holds no LR scheduler state (the schedule is rebuilt" in r.stderr
     assert "resumed from" in r.stderr and "at epoch 1" in r.stderr
     (run_dir,) = (tmp_path / "out").iterdir()
     assert [r["epoch"] for r in rows(run_dir)] == ["1"]
@@ -355,3 +356,191 @@ def test_a_stop_under_torchrun_names_torchrun(ema_run, monkeypatch):
     tr.run.dist = DistInfo(rank=0, world_size=8, local_rank=0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert resume_launcher(tr.run, tr.prog) == "torchrun --nnodes 2 --nproc_per_node 4 train.py"
+
+
+# ------------------------------------------------------------------------- names and --resume auto
+def test_the_default_run_name_is_timms_date_model_imgsize(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with torch_threads(1):
+        r = train_in_process(data, *TINY, "--model", "test_vit", "--img-size", "16")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run,) = (tmp_path / "output" / "train").iterdir()
+    date, clock, model, size = run.name.split("-")
+    assert (len(date), len(clock), model, size) == (8, 6, "test_vit", "16")
+
+
+def _run_named(data, out, name, *extra):
+    with torch_threads(1):
+        r = train_in_process(data, *TINY, "--output", out, "--experiment", name, *extra)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_resume_auto_without_a_name_continues_the_newest_unfinished_run_of_the_model(
+        data, tmp_path):
+    out = tmp_path / "runs"
+    _run_named(data, out, "old", "--epochs", "2")   # finished
+    _run_named(data, out, "short", "--epochs", "1")  # finished
+    _run_named(data, out, "vit", "--model", "test_vit")  # another model
+    for name in ("short", "old"):  # unfinished, "old" newest: their --epochs raised in the record
+        ckpt = torch.load(out / name / "last.pth.tar", weights_only=True)
+        ckpt["args"]["epochs"] = 3
+        torch.save(ckpt, out / name / "last.pth.tar")
+    with torch_threads(1):
+        r = train_in_process(data, *TINY, "--epochs", "3", "--output", out, "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = [l for l in r.stderr.splitlines() if l.startswith("--resume auto:")]
+    assert len(said) == 1 and f"continuing {out / 'old'}" in said[0], r.stderr
+    assert "at epoch 2 of 3" in said[0] and "also unfinished: short" in said[0]
+    assert [int(row["epoch"]) for row in rows(out / "old")] == [0, 1, 2]
+    assert sorted(p.name for p in out.iterdir()) == ["old", "short", "vit"]  # no new folder
+
+
+def test_resume_auto_without_a_name_refuses_when_every_run_has_finished(data, tmp_path):
+    out = tmp_path / "runs"
+    _run_named(data, out, "a")
+    _run_named(data, out, "b")
+    with torch_threads(1):
+        r = train_in_process(data, *TINY, "--output", out, "--resume", "auto")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "every test_resnet run under" in line and "(a, b)" in line and "--experiment" in line
+    with torch_threads(1):  # nothing of that model there: a fresh run, said in one line
+        r = train_in_process(data, *TINY, "--model", "test_vit", "--output", out, "--resume",
+                             "auto")
+    assert r.returncode == 0 and "--resume auto: no test_vit run under" in r.stderr
+
+
+# --------------------------------------------------------------------------- a timm run, continued
+def _timm_run(folder: Path, decay: float = 0.9) -> None:
+    """Two epochs as timm's train.py leaves them, from timm's own code path: a ModelEmaV3
+    updated with timm's step count, timm's CheckpointSaver (state_dict_ema, args as a
+    Namespace, checkpoint-<epoch> history, model_best.pth.tar) and its update_summary."""
+    import argparse
+
+    import timm
+    from timm.utils import CheckpointSaver, ModelEmaV3, update_summary
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    ema = ModelEmaV3(model, decay=decay)
+    optimizer = timm.optim.create_optimizer_v2(model, "sgd", lr=0.05, weight_decay=2e-5,
+                                               momentum=0.9)  # as timm's train.py makes it
+    args = argparse.Namespace(model="test_resnet", model_ema=True, model_ema_decay=decay,
+                              model_ema_warmup=False, model_ema_force_cpu=False, epochs=3)
+    saver = CheckpointSaver(model, optimizer, args=args, model_ema=ema, checkpoint_dir=str(folder),
+                            recovery_dir=str(folder), decreasing=False, max_history=2)
+    num_updates = 0
+    for epoch, top1 in enumerate([60.0, 50.0]):
+        for _ in range(STEPS):
+            loss = model(torch.randn(4, 3, 32, 32)).logsumexp(1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            num_updates += 1
+            ema.update(model, step=num_updates)
+        update_summary(epoch, {"loss": 1.0 - epoch / 10},
+                       {"loss": 0.9, "top1": top1, "top5": 100.0}, str(folder / "summary.csv"),
+                       lr=0.05, write_header=epoch == 0)
+        saver.save_checkpoint(epoch, metric=top1)
+
+
+def test_a_timm_run_with_an_ema_resumes_with_its_ema(data, tmp_path):
+    timm_dir = tmp_path / "timm" / "t"
+    _timm_run(timm_dir)
+    theirs = ckpt_io.load_file(timm_dir / "last.pth.tar")
+    argv = [data, *TINY, "--epochs", "3", "--model-ema", "--model-ema-decay", "0.9",
+            "--resume", timm_dir / "last.pth.tar"]
+    settings, source = resolve_train([str(a) for a in argv])
+    run = build_run(settings, resuming=True)
+    resume_mod.restore(run, source)
+    assert run.counters.epoch == 2
+    assert run.ema.steps == run.counters.num_updates == 2 * STEPS  # timm's epoch x updates
+    for key, value in theirs["state_dict_ema"].items():
+        assert torch.equal(run.ema.shadow_state_dict(0)[key], value), key
+    # A changed decay is refused as for our runs; leaving the EMA out names the flags to add.
+    for extra, words in ((["--model-ema", "--model-ema-decay", "0.99"], "averages decays 0.9"),
+                         ([], "add --model-ema --model-ema-decay 0.9 to continue timm's EMA")):
+        r = train_in_process(data, *TINY, "--epochs", "3", *extra, "--resume",
+                             timm_dir / "last.pth.tar")
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_timm_run_continued_in_its_folder_keeps_its_rows_best_and_history(data, tmp_path):
+    from conftest import assert_files_agree_with_records
+    timm_dir = tmp_path / "timm" / "t"
+    _timm_run(timm_dir)
+    with torch_threads(1):
+        r = train_in_process(data, *TINY, "--epochs", "3", "--model-ema", "--model-ema-decay",
+                             "0.9", "--resume", timm_dir / "last.pth.tar",
+                             "--output", timm_dir.parent, "--experiment", "t")
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = [l for l in r.stderr.splitlines() if l.startswith("resume:")]
+    assert any("continues from timm's state_dict_ema" in l and f"2 epochs x {STEPS} steps" in l
+               for l in said), said
+    assert any("holds no LR scheduler state" in l for l in said), said
+    assert any(f"continuing in timm's folder {timm_dir}: 2 summary rows, best epoch 0" in l
+               for l in said), said
+    table = rows(timm_dir)
+    assert [row["epoch"] for row in table] == ["0", "1", "2"]
+    assert [float(row["eval_top1"]) for row in table[:2]] == [60.0, 50.0]  # timm's, kept
+    assert table[2]["raw_eval_top1"] and not table[0]["raw_eval_top1"]
+    ours = torch.load(timm_dir / "last.pth.tar", weights_only=True)
+    assert ours["ema"]["steps"] == 3 * STEPS
+    assert ours["keeper"]["best"]["ema 0.9"]["epoch"] in (0, 2)
+    assert_files_agree_with_records(timm_dir)
+    for epoch in (0, 1):  # timm's history files are kept, untouched
+        kept = ckpt_io.load_file(timm_dir / f"checkpoint-{epoch}.pth.tar")
+        assert "ematrain_version" not in kept and kept["epoch"] == epoch
+
+
+def test_a_run_saved_before_primary_weights_goes_on_with_the_raw_weights_in_timms_names(
+        data, tmp_path):
+    """A version-3 checkpoint of before --primary-weights (its keeper and summary.csv kept the
+    raw weights in eval_* and model_best.pth.tar) resumes in its own layout, even when asked
+    for another (said in one line)."""
+    from conftest import assert_files_agree_with_records
+    _run_named(data, tmp_path, "old", "--model-ema", "--model-ema-decay", "0.9", "0.99",
+               "--primary-weights", "raw")
+    last = tmp_path / "old" / "last.pth.tar"
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["args"]["primary_weights"], ckpt["ema"]["names"]  # as that version wrote them
+    torch.save(ckpt, last)
+    with torch_threads(1):
+        r = train_in_process("--resume", last, "--epochs", "2", "--primary-weights", "ema")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "keeping --primary-weights raw from the checkpoint, not ema" in r.stderr
+    table = rows(tmp_path / "old")
+    assert list(table[0])[:6] == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5",
+                                  "lr"]
+    assert {"ema_eval_top1", "ema0.99_eval_top1"} <= set(table[0])
+    assert "raw_eval_top1" not in table[0]
+    assert sorted(p.name for p in (tmp_path / "old").glob("model_best*")) == [
+        "model_best.pth.tar", "model_best_ema.pth.tar"]
+    again = torch.load(last, weights_only=True)
+    assert again["args"]["primary_weights"] == "raw"
+    assert again["metric"] == float(table[1]["eval_top1"])  # the raw weights', as before
+    assert_files_agree_with_records(tmp_path / "old")
+
+
+@pytest.mark.parametrize("metric", ["top1", "loss"])
+def test_the_best_file_and_history_follow_the_first_ema_by_the_eval_metric(metric):
+    """With an EMA on, model_best.pth.tar and the checkpoint history are the first EMA's
+    (timm's meaning), by --eval-metric, loss the lower the better; every other set keeps its
+    own best file."""
+    from ematrain.keeper import CheckpointKeeper
+    from ematrain.weightsets import weight_sets
+    sets = weight_sets([0.9, 0.99])
+    keeper = CheckpointKeeper(sets, metric, history_size=2, primary=False)
+    # per epoch: (raw, ema 0.9, ema 0.99) scores, as top-1 (higher is better) or loss
+    scores = [(90, 50, 40), (80, 70, 45), (85, 60, 60)]
+    sign = -1 if metric == "loss" else 1
+    improved = []
+    for epoch, values in enumerate(scores):
+        results = {s.name: {metric: sign * v} for s, v in zip(sets, values)}
+        improved.append([s.best_file for s in keeper.record(epoch, results)])
+    assert improved == [
+        ["model_best_raw.pth.tar", "model_best.pth.tar", "model_best_ema0.99.pth.tar"],
+        ["model_best.pth.tar", "model_best_ema0.99.pth.tar"],
+        ["model_best_ema0.99.pth.tar"]]
+    assert keeper.best["ema 0.9"] == {"metric": sign * 70, "epoch": 1}
+    assert [e for _, e in keeper.history] == [1, 2]  # the EMA's two best epochs, best first

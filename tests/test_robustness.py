@@ -299,7 +299,7 @@ def test_best_and_history_files_are_links_of_their_epochs_checkpoint(data_root, 
                            "--output", str(tmp_path), "--experiment", "l"]) == 0
     run = tmp_path / "l"
     last = os.stat(run / "last.pth.tar")
-    for name in ("model_best.pth.tar", "model_best_ema.pth.tar", "checkpoint-0.pth.tar"):
+    for name in ("model_best.pth.tar", "model_best_raw.pth.tar", "checkpoint-0.pth.tar"):
         assert os.stat(run / name).st_ino == last.st_ino, name  # one physical file per epoch
     assert last.st_nlink == 4
 

@@ -24,8 +24,10 @@ from conftest import run_cli
 
 COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--warmup-epochs", "0",
           "--lr", "0.05", "-j", "0"]
-BASE_COLUMNS = ["epoch", "lr", "train_loss", "eval_loss", "eval_top1", "eval_top5"]
-EMA_COLUMNS = ["ema_eval_loss", "ema_eval_top1", "ema_eval_top5"]
+# timm's columns, in timm's order (its update_summary); with an EMA on, eval_* are the first EMA's.
+BASE_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
+RAW_COLUMNS = ["raw_eval_loss", "raw_eval_top1", "raw_eval_top5"]
+EMA_COLUMNS = ["ema_eval_loss", "ema_eval_top1", "ema_eval_top5"]  # --primary-weights raw
 EMA99_COLUMNS = ["ema0.99_eval_loss", "ema0.99_eval_top1", "ema0.99_eval_top5"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEED = 42  # train.py's default --seed
@@ -105,6 +107,9 @@ def runs(tiny_data, tmp_path_factory) -> Runs:
         "ema": train("ema", "--epochs", "2", "--model-ema", "--model-ema-decay", "0.9"),
         "cpu": train("cpu", "--epochs", "2", "--model-ema-force-cpu", "--model-ema-decay", "0.9"),
         "two": train("two", "--epochs", "2", "--model-ema", "--model-ema-decay", "0.9", "0.99"),
+        # The 'ema' run with the raw weights in timm's names, as runs had them before.
+        "rawfirst": train("rawfirst", "--epochs", "2", "--model-ema", "--model-ema-decay", "0.9",
+                          "--primary-weights", "raw"),
         # One optimizer step in all (the whole train split in one batch): the shadow must be
         # exactly 0.9 * init + 0.1 * trained.
         "onestep": train("onestep", "--epochs", "1", "-b", "512", "--model-ema",
@@ -143,8 +148,13 @@ def validations(runs, tiny_data) -> dict:
     return out
 
 
-ALL_RUNS = ["raw", "ema", "cpu", "two", "onestep", "config"]
-EMA_RUNS = ["ema", "cpu", "two", "onestep", "config"]
+ALL_RUNS = ["raw", "ema", "cpu", "two", "rawfirst", "onestep", "config"]
+EMA_RUNS = ["ema", "cpu", "two", "rawfirst", "onestep", "config"]
+# The best files besides model_best.pth.tar: the raw weights' with the EMA in timm's names.
+BEST_FILES = {"raw": set(), "ema": {"model_best_raw.pth.tar"}, "cpu": {"model_best_raw.pth.tar"},
+              "two": {"model_best_raw.pth.tar", "model_best_ema0.99.pth.tar"},
+              "rawfirst": {"model_best_ema.pth.tar"}, "onestep": {"model_best_raw.pth.tar"},
+              "config": {"model_best_raw.pth.tar"}}
 
 
 @pytest.mark.parametrize("name", ALL_RUNS + ["refed"])
@@ -161,7 +171,8 @@ def test_run_files(runs, name):
     for fname in ("args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar", "curves.png"):
         assert (run_dir / fname).is_file(), f"{fname} missing in {sorted(p.name for p in run_dir.iterdir())}"
         assert (run_dir / fname).stat().st_size > 0, fname
-    assert (run_dir / "model_best_ema.pth.tar").is_file() == (name in EMA_RUNS)
+    best = {p.name for p in run_dir.glob("model_best_*.pth.tar")}
+    assert best == BEST_FILES[name]
     png = (run_dir / "curves.png").read_bytes()
     assert png[:8] == PNG_MAGIC
     assert png[12:16] == b"IHDR" and png[-8:-4] == b"IEND"
@@ -183,10 +194,11 @@ def test_args_yaml_records_the_run(runs, name):
 # ----------------------------------------------------------------------------- summary.csv
 SUMMARY_COLUMNS = [
     ("raw", BASE_COLUMNS),
-    ("ema", BASE_COLUMNS + EMA_COLUMNS),
-    ("cpu", BASE_COLUMNS + EMA_COLUMNS),
-    ("two", BASE_COLUMNS + EMA_COLUMNS + EMA99_COLUMNS),
-    ("config", BASE_COLUMNS + EMA_COLUMNS),
+    ("ema", BASE_COLUMNS + RAW_COLUMNS),
+    ("cpu", BASE_COLUMNS + RAW_COLUMNS),
+    ("two", BASE_COLUMNS + RAW_COLUMNS + EMA99_COLUMNS),
+    ("rawfirst", BASE_COLUMNS + EMA_COLUMNS),
+    ("config", BASE_COLUMNS + RAW_COLUMNS),
 ]
 
 
@@ -223,20 +235,50 @@ def test_ema_is_validated_separately(runs):
     """The EMA columns are the shadow's own numbers, not a copy of the raw ones."""
     for name in ("ema", "two"):
         for row in read_rows(runs.dir(name)):
-            assert float(row["ema_eval_loss"]) != float(row["eval_loss"])
+            assert float(row["raw_eval_loss"]) != float(row["eval_loss"])
     for row in read_rows(runs.dir("two")):
-        assert float(row["ema0.99_eval_loss"]) != float(row["ema_eval_loss"])
+        assert float(row["ema0.99_eval_loss"]) != float(row["eval_loss"])
 
 
 def test_training_unchanged_by_ema(runs):
     """Keeping (and validating) EMA shadows must not perturb the raw training at all."""
     raw, ema, two = (read_rows(runs.dir(n)) for n in ("raw", "ema", "two"))
-    for cols in (BASE_COLUMNS,):
-        assert [[r[c] for c in cols] for r in ema] == [[r[c] for c in cols] for r in raw]
-        assert [[r[c] for c in cols] for r in two] == [[r[c] for c in cols] for r in raw]
+    plain = ["epoch", "train_loss", "lr"]
+    for rows in (ema, two):
+        assert [[r[c] for c in plain + RAW_COLUMNS] for r in rows] == [
+            [r[c] for c in plain + BASE_COLUMNS[2:5]] for r in raw]
     # The first shadow of the two-decay run is the same 0.9 EMA as the single-decay run.
-    assert ([[r[c] for c in EMA_COLUMNS] for r in two]
-            == [[r[c] for c in EMA_COLUMNS] for r in ema])
+    first = [[r[c] for c in BASE_COLUMNS] for r in two]
+    assert first == [[r[c] for c in BASE_COLUMNS] for r in ema]
+
+
+def test_the_summary_is_timms_with_the_ema_in_its_eval_columns(runs, tmp_path):
+    """timm's update_summary, given timm's metrics of the same epochs (the EMA's as eval
+    metrics, as its train.py passes them with an EMA on), writes our first six columns; with
+    --primary-weights raw the same numbers sit in the other columns."""
+    from collections import OrderedDict
+
+    from timm.utils import update_summary
+    ours = read_rows(runs.dir("ema"))
+    for row in ours:
+        update_summary(int(row["epoch"]), OrderedDict(loss=float(row["train_loss"])),
+                       OrderedDict((m, float(row[f"eval_{m}"])) for m in ("loss", "top1", "top5")),
+                       tmp_path / "timm.csv", lr=float(row["lr"]))
+    with open(tmp_path / "timm.csv", newline="") as f:
+        theirs = list(csv.reader(f))
+    assert read_header(runs.dir("ema"))[:6] == theirs[0] == BASE_COLUMNS
+    assert [[float(v) for v in r] for r in theirs[1:]] == [
+        [float(r[c]) for c in BASE_COLUMNS] for r in ours]
+    # timm's trim_summary (a resume of timm's train.py into this folder) reads our file as its own.
+    from timm.utils.summary import trim_summary
+    copy = tmp_path / "summary.csv"
+    copy.write_text((runs.dir("ema") / "summary.csv").read_text())
+    trim_summary(str(copy), 1)
+    with open(copy, newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["0"]
+    swapped = read_rows(runs.dir("rawfirst"))
+    assert [[r[c] for c in RAW_COLUMNS + BASE_COLUMNS[2:5]] for r in ours] == [
+        [r[c] for c in BASE_COLUMNS[2:5] + EMA_COLUMNS] for r in swapped]
 
 
 def test_force_cpu_run_matches_plain_ema_run(runs):
@@ -260,11 +302,15 @@ def _plain(value) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-@pytest.mark.parametrize("name", ["raw", "ema", "two"])
-@pytest.mark.parametrize("fname", ["last.pth.tar", "model_best.pth.tar", "model_best_ema.pth.tar"])
+BEST_OF = {"model_best.pth.tar": "", "model_best_raw.pth.tar": "raw_",
+           "model_best_ema.pth.tar": "ema_", "model_best_ema0.99.pth.tar": "ema0.99_"}
+
+
+@pytest.mark.parametrize("name", ["raw", "ema", "two", "rawfirst"])
+@pytest.mark.parametrize("fname", ["last.pth.tar", *BEST_OF])
 def test_checkpoint_contents(runs, name, fname):
     path = runs.dir(name) / fname
-    if name == "raw" and fname == "model_best_ema.pth.tar":
+    if fname.startswith("model_best_") and fname not in BEST_FILES[name]:
         assert not path.exists()
         return
     ckpt = load(path)
@@ -279,12 +325,14 @@ def test_checkpoint_contents(runs, name, fname):
     assert epoch in (0, 1)
     if fname == "last.pth.tar":
         assert epoch == 1
-    # The stored metric is the raw top-1 of the checkpoint's epoch.
+    # The stored metric is timm's: the eval_top1 of the checkpoint's epoch (the first EMA's
+    # with an EMA on, unless --primary-weights raw), and each best file holds its set's best.
     assert ckpt["metric"] == float(rows[epoch]["eval_top1"])
-    if fname == "model_best.pth.tar":
-        assert ckpt["metric"] == max(float(r["eval_top1"]) for r in rows)
-    if fname == "model_best_ema.pth.tar":
-        assert float(rows[epoch]["ema_eval_top1"]) == max(float(r["ema_eval_top1"]) for r in rows)
+    if fname in BEST_OF:
+        column = f"{BEST_OF[fname]}eval_top1"
+        best = max(float(r[column]) for r in rows)
+        assert float(rows[epoch][column]) == best
+        assert epoch == min(int(r["epoch"]) for r in rows if float(r[column]) == best)
     has_ema = name != "raw"
     assert ("state_dict_ema" in ckpt) == has_ema
     if has_ema:
@@ -354,8 +402,8 @@ def _check_validation(validations, name, row, prefix):
 
 def test_validate_reproduces_training_log(runs, validations):
     last = read_rows(runs.dir("ema"))[-1]
-    raw = _check_validation(validations, "ema_raw", last, "")
-    ema = _check_validation(validations, "ema_ema", last, "ema_")
+    raw = _check_validation(validations, "ema_raw", last, "raw_")
+    ema = _check_validation(validations, "ema_ema", last, "")
     assert raw["weights"] == "raw" and ema["weights"].startswith("ema")
     assert raw["loss"] != ema["loss"]
 
@@ -366,7 +414,7 @@ def test_validate_picks_second_ema(runs, validations):
     by_index = _check_validation(validations, "two_index", last, "ema0.99_")
     assert by_decay == by_index
     assert "0.99" in by_decay["weights"]
-    assert by_decay["loss"] != float(last["ema_eval_loss"])  # not the first (0.9) shadow
+    assert by_decay["loss"] != float(last["eval_loss"])  # not the first (0.9) shadow
 
 
 # ----------------------------------------------------------------------------- YAML recipes

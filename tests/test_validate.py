@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from conftest import run_in_process, run_jobs, torch_threads
 
@@ -163,11 +164,23 @@ def test_results_json(env):
     assert res["checkpoint"] == str(env.ckpt)
     assert res["weights"].startswith("ema")
     assert res["count"] == env.num_val
-    assert res["top1"] == float(env.row["ema_eval_top1"])
-    assert res["top5"] == float(env.row["ema_eval_top5"])
-    assert res["loss"] == float(env.row["ema_eval_loss"])
+    assert res["top1"] == float(env.row["eval_top1"])
+    assert res["top5"] == float(env.row["eval_top5"])
+    assert res["loss"] == float(env.row["eval_loss"])
     assert res["img_size"] == 32
     assert f"top1 {res['top1']:.4f}" in env.procs["ema_json"].stdout
+
+
+def test_the_results_file_carries_timms_fields_in_timms_order(env):
+    res = results(env, "ema_json")
+    timm_fields = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size",
+                   "crop_pct", "interpolation"]
+    assert list(res)[:len(timm_fields)] == timm_fields
+    assert res["top1_err"] == 100.0 - res["top1"] and res["top5_err"] == 100.0 - res["top5"]
+    model = timm.create_model("test_resnet", num_classes=3)
+    assert res["param_count"] == round(sum(p.numel() for p in model.parameters()) / 1e6, 2) > 0
+    saved = torch.load(env.ckpt, weights_only=True)["data_config"]
+    assert (res["crop_pct"], res["interpolation"]) == (saved["crop_pct"], saved["interpolation"])
 
 
 def test_results_csv(env):
@@ -179,9 +192,9 @@ def test_results_csv(env):
     res = rows[0]
     assert res["model"] == "test_resnet" and res["weights"] == "raw"
     assert int(res["count"]) == env.num_val
-    assert float(res["top1"]) == float(env.row["eval_top1"])
-    assert float(res["top5"]) == float(env.row["eval_top5"])
-    assert float(res["loss"]) == float(env.row["eval_loss"])
+    assert float(res["top1"]) == float(env.row["raw_eval_top1"])
+    assert float(res["top5"]) == float(env.row["raw_eval_top5"])
+    assert float(res["loss"]) == float(env.row["raw_eval_loss"])
     # Same fields as the JSON form.
     assert list(res) == list(results(env, "ema_json"))
     assert float(res["loss"]) != results(env, "ema_json")["loss"]
@@ -239,8 +252,8 @@ def _same_numbers(a: dict, b: dict) -> None:
 def test_timm_checkpoint_with_namespace_args(env):
     raw = results(env, "timm_raw")
     assert raw["model"] == "test_resnet" and raw["weights"] == "raw"
-    assert raw["loss"] == float(env.row["eval_loss"])
-    assert raw["top1"] == float(env.row["eval_top1"])
+    assert raw["loss"] == float(env.row["raw_eval_loss"])
+    assert raw["top1"] == float(env.row["raw_eval_top1"])
     assert raw["img_size"] == 32  # taken from the Namespace args
 
 
@@ -255,9 +268,9 @@ def test_bare_weights_file(env, name):
     res = results(env, name)
     assert res["model"] == "test_resnet"
     assert res["weights"] == "raw"
-    assert res["loss"] == float(env.row["eval_loss"])
-    assert res["top1"] == float(env.row["eval_top1"])
-    assert res["top5"] == float(env.row["eval_top5"])
+    assert res["loss"] == float(env.row["raw_eval_loss"])
+    assert res["top1"] == float(env.row["raw_eval_top1"])
+    assert res["top5"] == float(env.row["raw_eval_top5"])
     assert res["count"] == env.num_val
 
 
@@ -275,7 +288,7 @@ def test_architecture_flags_are_rebuilt_for_validation(tiny_data, tmp_path):
     val = ["validate.py", [tiny_data, "-j", "0", "--checkpoint", run_dir / "last.pth.tar"]]
     procs = run_all({"raw": (val[0], val[1] + ["--results-file", tmp_path / "raw.json"]),
                      "ema": (val[0], val[1] + ["--use-ema", "--results-file", tmp_path / "ema.json"])})
-    for name, prefix in (("raw", "eval_"), ("ema", "ema_eval_")):
+    for name, prefix in (("raw", "raw_eval_"), ("ema", "eval_")):
         assert procs[name].returncode == 0, procs[name].stderr[-2000:]
         res = json.loads((tmp_path / f"{name}.json").read_text())
         assert res["loss"] == float(row[prefix + "loss"])
@@ -300,7 +313,7 @@ def test_bfloat16_model_keeps_float32_shadows_and_validates_alike(tiny_data, tmp
     val = [tiny_data, "-j", "0", "--checkpoint", run_dir / "last.pth.tar"]
     procs = run_all({"raw": ("validate.py", val + ["--results-file", tmp_path / "raw.json"]),
                      "ema": ("validate.py", val + ["--use-ema", "--results-file", tmp_path / "ema.json"])})
-    for name, prefix in (("raw", "eval_"), ("ema", "ema_eval_")):
+    for name, prefix in (("raw", "raw_eval_"), ("ema", "eval_")):
         assert procs[name].returncode == 0, procs[name].stderr[-2000:]
         res = json.loads((tmp_path / f"{name}.json").read_text())
         assert res["loss"] == float(row[prefix + "loss"])
@@ -322,7 +335,7 @@ def test_a_swapped_shadow_is_scored_in_the_model_dtype_and_validate_py_follows()
     ema = ModelEma(model, 0.9)
 
     def saved():
-        return ckpt_io.ema_entries(ema.state_dict(), ema.scored_dtype(model))
+        return ckpt_io.ema_entries(ema.full_state_dict(), ema.scored_dtype(model))
     assert saved()["ema"]["eval_dtype"] == "float32"
     ema.device = torch.device("meta")  # the shadow lives elsewhere than the model: swapped
     ckpt = saved()
@@ -359,8 +372,8 @@ def test_amp_and_results_format(env):
     res = results(env, "amp", suffix=".txt")  # JSON by --results-format, whatever the suffix
     assert res["weights"] == "raw" and res["count"] == env.num_val
     # bfloat16 autocast: close to the float32 numbers, not identical to them.
-    assert abs(res["loss"] - float(env.row["eval_loss"])) < 0.05
-    assert res["loss"] != float(env.row["eval_loss"])
+    assert abs(res["loss"] - float(env.row["raw_eval_loss"])) < 0.05
+    assert res["loss"] != float(env.row["raw_eval_loss"])
 
 
 def test_exactly_one_source_of_weights(env):

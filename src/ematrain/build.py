@@ -5,7 +5,6 @@ holds them and names the stateful ones (`parts`), which the checkpoint schema sa
 """
 from __future__ import annotations
 
-import logging
 import math
 import uuid
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from .ema_schedules import make_schedule
 from .engine import Counters
 from .errors import UserError
 from .keeper import CheckpointKeeper
-from .logs import log
+from .logs import log, quiet
 from .start_weights import load_initial_checkpoint
 from .models import create_model, init_head, set_batchnorm, unwrap_model
 from .outputs import Summary
@@ -46,7 +45,7 @@ from .settings import (
     dtype_named,
 )
 from .posthoc_tracker import PosthocTracker
-from .weightsets import WeightSet, weight_sets
+from .weightsets import WeightSet, regular_emas, tracked_sets, weight_sets
 
 
 @dataclass
@@ -137,6 +136,12 @@ class Run:
     def decays(self) -> list[float]:
         return self.ema.decays if self.ema is not None else []
 
+    def validated_emas(self) -> list[ModelEma]:
+        """The EMAs validation scores after the raw weights, in `weight_sets` order: the regular
+        shadows, then the power EMAs tracked for post-hoc EMA."""
+        emas = [self.ema, self.posthoc.ema if self.posthoc is not None else None]
+        return [e for e in emas if e is not None]
+
     def parts(self) -> dict:
         """The stateful parts, by the name the checkpoint schema files them under."""
         parts = {"model": self.module, "optimizer": self.optimizer, "scheduler": self.scheduler,
@@ -174,6 +179,10 @@ class Run:
 
     def ema_labels(self) -> list[str]:
         return ema_labels(self.settings.ema, self.decays)
+
+    def ema_names(self) -> list[str]:
+        """Each EMA's name as logs and summary.csv give it (``0.99``, ``hl2ep``, ``sr0.1``)."""
+        return [s.name.removeprefix("ema ") for s in regular_emas(self.weight_sets)]
 
     def take_snapshot(self) -> None:
         """The post-hoc snapshot of this optimizer step, when it is one of the series'."""
@@ -383,7 +392,7 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     s = settings
     dist, device = distributed.init_distributed(s.dist.device, s.dist.dist_backend)
     if not dist.is_primary:
-        log.setLevel(logging.WARNING)
+        quiet()  # only rank 0 says what the run does
     seed_everything(s.loop.seed)
     precision = s.precision.on(device)
     if s.dist.sync_bn and dist.enabled and device.type != "cuda":
@@ -414,7 +423,10 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     posthoc = build_posthoc(s.posthoc, s.ema, model, device, train.steps_per_epoch,
                             s.global_batch(dist.world_size), train.steps_per_epoch * num_epochs)
     sets = weight_sets(decays, ema_labels(s.ema, decays),
-                       tag="sr" if s.ema.enabled and s.ema.schedule == "power" else "")
+                       tag="sr" if s.ema.enabled and s.ema.schedule == "power" else "",
+                       names=ema_names(s.ema, decays), primary=s.loop.primary_weights)
+    if posthoc is not None:
+        sets += tracked_sets(posthoc.sigma_rels)
     return Run(settings=s, dist=dist, device=device, precision=precision, data=train,
                num_classes=num_classes, model=wrap_model(model, dist, device, s.model.torchcompile),
                optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,
@@ -433,6 +445,16 @@ def ema_labels(spec: EmaSpec, decays: list[float]) -> list[str]:
     if spec.half_lives:
         return [f"EMA half-life {h}" for h in spec.half_lives]
     return [f"EMA {d:g}" for d in decays]
+
+
+def ema_names(spec: EmaSpec, decays: list[float]) -> list[str]:
+    """How logs, summary.csv and validate.py name each EMA: as the user asked for it (a
+    half-life ``hl2ep``, a sigma_rel ``sr0.1``), or by its decay (``0.99``)."""
+    if spec.schedule == "power":
+        return [f"sr{d:g}" for d in decays]
+    if spec.half_lives:
+        return [f"hl{''.join(str(h).split())}" for h in spec.half_lives]
+    return [f"{d:g}" for d in decays]
 
 
 def posthoc_plan_line(tracker: PosthocTracker, steps_per_epoch: int, folder) -> str:

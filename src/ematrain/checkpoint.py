@@ -48,13 +48,16 @@ SCHEMA: tuple[Key, ...] = (
     Key("amp_scaler", "amp_scaler", "timm", "the float16 AMP grad scaler's state (only with one)"),
     Key("args", "settings", "timm", "every setting of the run as a plain dict: what "
         "`--resume PATH` continues with"),
-    Key("metric", "keeper", "timm", "the raw weights' --eval-metric this epoch (None mid-epoch)"),
+    Key("metric", "keeper", "timm", "the primary weight set's --eval-metric this epoch, as timm's: "
+        "the first EMA's with an EMA on (the raw weights' with --primary-weights raw; None "
+        "mid-epoch)"),
     Key("version", "schema", "timm", "this format's version"),
     Key("ematrain_version", "schema", "ematrain", "the ematrain release that wrote it"),
     Key("scheduler", "scheduler", "ematrain", "the LR scheduler's state_dict() (when one runs)"),
-    Key("ema", "ema", "ematrain", "decays (sigma_rels under the power schedule), `schedule` (its "
-        "name and settings), `keys` (where each shadow is), update counters, "
-        "settings, and `eval_dtype` (the dtype validation scored the shadows in)"),
+    Key("ema", "ema", "ematrain", "decays (sigma_rels under the power schedule), `names` (how "
+        "the run names each shadow: `0.99`, `hl2ep`, `sr0.1`), `schedule` (its name and "
+        "settings), `keys` (where each shadow is), update counters, settings, and `eval_dtype` "
+        "(the dtype validation scored the shadows in)"),
     Key("posthoc_ema", "posthoc_ema", "ematrain", "with --model-ema-posthoc: the power-function "
         "EMAs' state (`ema`: sigma_rels, schedule, counters, shadows), the snapshot interval "
         "and dtype, the last snapshot taken (its step and that of the EMAs' last average) and the "
@@ -104,7 +107,8 @@ def save(run, metric: float | None = None, rank_buffers: list | None = None) -> 
     }
     ema = parts.pop("ema", None)
     if ema is not None:
-        ckpt.update(ema_entries(ema.state_dict(), ema.scored_dtype(run.model)))
+        ckpt.update(ema_entries(ema.full_state_dict(), ema.scored_dtype(run.model),
+                                run.ema_names()))
     for name, part in parts.items():
         ckpt[name] = part.state_dict()
     if rank_buffers is not None and run.dist.enabled:
@@ -112,13 +116,15 @@ def save(run, metric: float | None = None, rank_buffers: list | None = None) -> 
     return ckpt
 
 
-def ema_entries(state: dict, scored: torch.dtype) -> dict:
+def ema_entries(state: dict, scored: torch.dtype, names: list[str] | None = None) -> dict:
     """The EMA's state in timm's layout: the first shadow where timm puts it, the others beside
-    it, and everything else under `ema`."""
+    it, and everything else under `ema` (with `names`: how the run names each shadow)."""
     meta = dict(state)
     shadows = meta.pop("shadows")
     keys = ["state_dict_ema"] + [f"state_dict_ema_{i}" for i in range(1, len(shadows))]
     meta["keys"] = keys
+    if names:
+        meta["names"] = list(names)
     meta["eval_dtype"] = str(scored).removeprefix("torch.")
     return {"ema": meta, **dict(zip(keys, shadows))}
 
@@ -158,7 +164,10 @@ def restore(run, ckpt: dict, path, skip: frozenset = frozenset()) -> list[str]:
                               arch=ckpt.get("arch"), model_name=run.settings.model.model)
             continue
         try:
-            part.load_state_dict(ema_state(ckpt) if name == "ema" else ckpt[key])
+            if name == "ema":
+                part.load_full_state_dict(ema_state(ckpt))
+            else:
+                part.load_state_dict(ckpt[key])
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
             raise UserError(f"cannot resume from {path}: its '{key}' does not fit this run's "
                             f"{name} ({_short_reason(exc)})") from None
@@ -177,10 +186,11 @@ def _restore_rank_buffers(run, saved: list | None, path) -> None:
 
 
 def ema_state(ckpt: dict) -> dict:
-    """The EMA's state_dict() put back together from the schema's keys."""
+    """The EMA's full_state_dict() put back together from the schema's keys."""
     meta = dict(ckpt["ema"])
     meta["shadows"] = [ckpt[key] for key in meta.pop("keys")]
     meta.pop("eval_dtype", None)
+    meta.pop("names", None)
     return meta
 
 
@@ -256,8 +266,10 @@ def _ema_meta_fits(meta, ckpt) -> bool:
     if not isinstance(meta, dict):
         return False
     decays, keys = meta.get("decays", []), meta.get("keys", [])
+    names = meta.get("names", [])
     return (isinstance(decays, list) and all(isinstance(d, (int, float)) for d in decays)
-            and isinstance(keys, list) and all(isinstance(k, str) and k in ckpt for k in keys))
+            and isinstance(keys, list) and all(isinstance(k, str) and k in ckpt for k in keys)
+            and isinstance(names, list) and all(isinstance(n, str) for n in names))
 
 
 # What each key a checkpoint may hold must be, checked on load so that a malformed file is one
@@ -298,8 +310,9 @@ def check_structure(ckpt: dict, path) -> None:
 
 
 def peek(path: str | Path) -> dict | None:
-    """A checkpoint's `epoch`, `counters`, `keeper`, `summary` and run identity without reading
-    its tensors (memory-mapped), or None when it cannot be read."""
+    """A checkpoint's `epoch`, `counters`, `keeper`, `summary`, run identity, `arch`, `args` (a
+    plain dict) and `metric` without reading its tensors (memory-mapped), or None when it cannot
+    be read."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -308,7 +321,9 @@ def peek(path: str | Path) -> dict | None:
     if not isinstance(data, dict):
         return None
     data = upgrade(data)
-    peeked = {k: data.get(k) for k in ("epoch", "counters", "keeper", "summary", "run_id")}
+    peeked = {k: data.get(k) for k in ("epoch", "counters", "keeper", "summary", "run_id",
+                                       "arch", "metric")}
+    peeked["args"] = args_dict(data)
     tracker = data.get("posthoc_ema")
     if isinstance(tracker, dict):  # where its post-hoc series lies, and how far it reaches
         peeked["posthoc"] = {k: tracker.get(k) for k in ("fork", "last_snapshot")}
@@ -354,14 +369,50 @@ def ema_decays(ckpt: dict) -> list[float | None]:
     return [None] * len(ema_keys(ckpt))
 
 
-def ema_index_for_decay(ckpt: dict, decay: float, path) -> int:
-    """The shadow whose decay is `decay`, as given exactly or as printed (6 significant digits)."""
-    decays = ema_decays(ckpt)
-    for i, d in enumerate(decays):
-        if d is not None and (abs(d - decay) <= 1e-12 * max(1.0, d) or f"{d:g}" == f"{decay:g}"):
-            return i
-    known = ", ".join(f"{d:g}" for d in decays if d is not None) or "unknown"
-    raise UserError(f"{path} has no EMA with decay {decay:g} (it has: {known})")
+def ema_names(ckpt: dict) -> list[str | None]:
+    """How the run named each shadow (``0.99``, ``hl2ep``, ``sr0.1``); older checkpoints by
+    their decay, timm's not at all (None)."""
+    meta = ckpt.get("ema")
+    names = meta.get("names") if isinstance(meta, dict) else None
+    if names:
+        return [str(n) for n in names]
+    return [None if d is None else f"{d:g}" for d in ema_decays(ckpt)]
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0.0 < value < 1.0 else None
+
+
+def _decay_matches(decay: float, value: float, text: str) -> bool:
+    """`decay` as given: exactly, as printed (6 significant digits), or to the digits typed
+    (``0.984`` is the half-life shadow of decay 0.98437)."""
+    if abs(decay - value) <= 1e-12 * max(1.0, decay) or f"{decay:g}" == f"{value:g}":
+        return True
+    digits = text.split(".", 1)[1] if "." in text and "e" not in text.lower() else ""
+    return bool(digits) and round(decay, len(digits)) == value
+
+
+def ema_index_for_decay(ckpt: dict, decay: float | str, path) -> int:
+    """The shadow `decay` names: by the name the run gave it (``hl2ep`` or ``2ep``, ``sr0.1``,
+    ``0.99``, with or without ``ema``), else by its decay (see `_decay_matches`)."""
+    text = str(decay).strip().removeprefix("ema").strip()
+    names, decays = ema_names(ckpt), ema_decays(ckpt)
+    hits = [i for i, n in enumerate(names) if n is not None and text in (n, n.removeprefix("hl"))]
+    value = _as_number(text)
+    if not hits and value is not None:
+        hits = [i for i, d in enumerate(decays) if d is not None and _decay_matches(d, value, text)]
+    shown = [f"{n} (decay {d:.6g})" if n is not None and n != f"{d:g}" else f"{d:g}"
+             for n, d in zip(names, decays) if d is not None]
+    if len(hits) > 1:
+        raise UserError(f"{path}: --ema-decay {text} matches {len(hits)} EMAs ("
+                        f"{', '.join(shown[i] for i in hits)}); give more digits or --ema-index")
+    if not hits:
+        raise UserError(f"{path} has no EMA {text} (it has: {', '.join(shown) or 'unknown'})")
+    return hits[0]
 
 
 @dataclass(frozen=True)
@@ -373,7 +424,7 @@ class Weights:
 
 
 def select_weights(ckpt: dict, path, use_ema: bool = False, ema_index: int | None = None,
-                   ema_decay: float | None = None) -> Weights:
+                   ema_decay: float | str | None = None) -> Weights:
     """The raw weights, the first EMA, or the EMA picked by index or decay."""
     if not use_ema and ema_index is None and ema_decay is None:
         for state in (ckpt.get("state_dict"), ckpt.get("model"), ckpt):
@@ -389,9 +440,9 @@ def select_weights(ckpt: dict, path, use_ema: bool = False, ema_index: int | Non
     state = ckpt[keys[index]]
     if not _is_state_dict(state):
         raise UserError(f"{path}: '{keys[index]}' is not a state dict of tensors")
-    decay = ema_decays(ckpt)[index]
+    name = ema_names(ckpt)[index]
     meta = ckpt.get("ema") if isinstance(ckpt.get("ema"), dict) else {}
-    return Weights(strip_prefixes(state), "ema" if decay is None else f"ema {decay:g}",
+    return Weights(strip_prefixes(state), "ema" if name is None else f"ema {name}",
                    meta.get("eval_dtype"))
 
 

@@ -54,7 +54,8 @@ def command_name(script: str) -> str:
     """The command as the user typed it, for usage, errors and the resume hint: the console
     script (`ematrain-train`), `python -m ematrain train`, or else `script` (`train.py`)."""
     invoked = sys.argv[0] if sys.argv else ""
-    if " " in invoked:  # set so by `python -m ematrain`
+    # `python -m ematrain` sets argv[0] so (a script's path may hold spaces too).
+    if invoked.startswith("python -m ematrain "):
         return invoked
     name = os.path.basename(invoked)
     return name if name.startswith("ematrain-") else script

@@ -39,7 +39,8 @@ def _demo(argv) -> int:
     best = run.keeper.best[first_ema.name]["epoch"]
     row = next(r for r in outputs.read_summary(run_dir) if int(r["epoch"]) == best)
     results_file = run_dir / "validate_ema.json"
-    rc = validate_cli.main([str(data_root), "--checkpoint", str(run_dir / "model_best_ema.pth.tar"),
+    best_file = run_dir / first_ema.best_file  # model_best.pth.tar: the first EMA's, as timm's
+    rc = validate_cli.main([str(data_root), "--checkpoint", str(best_file),
                             "--use-ema", "-j", str(settings.loader.workers_per_process()),
                             "--results-file", str(results_file)])
     if rc != 0:
@@ -53,10 +54,11 @@ def _demo(argv) -> int:
               f"{max(float(r[column]) for r in rows):6.2f} at its best epoch")
     print(f"run directory:     {run_dir}")
     print(f"  curves:          {run_dir / 'curves.png'}")
-    print(f"  best EMA ckpt:   {run_dir / 'model_best_ema.pth.tar'} (epoch {best})")
-    print(f"EMA {first_ema.decay:g} top-1 from training (epoch {best}): {float(row['ema_eval_top1']):.4f}")
+    print(f"  best EMA ckpt:   {best_file} (epoch {best})")
+    trained = float(row[f"{first_ema.column_prefix}eval_top1"])
+    print(f"EMA {first_ema.decay:g} top-1 from training (epoch {best}): {trained:.4f}")
     print(f"EMA {first_ema.decay:g} top-1 from validate.py:            {checked['top1']:.4f}")
-    same = float(row["ema_eval_top1"]) == checked["top1"]
+    same = trained == checked["top1"]
     print("match: yes" if same else "match: NO")
     return 0 if same else 1
 

@@ -3,135 +3,37 @@
 `ModelEma` keeps one or several shadows of a model, ``ema = decay * ema + (1 - decay) * model``,
 updated together in one fused multi-tensor operation per call.
 
-Design notes (why it looks the way it does):
-
-* The tensor lists the update works on are built once and reused. Each update checks in O(1)
-  that they still are the model's: torch's global registration hooks count every parameter,
-  buffer or submodule registered (new Parameter objects loaded with ``assign=True``, a
-  submodule replaced), one buffer slot is watched (``Module.to()`` replaces buffer objects
-  without registering them), and the storage of the large tensors and the first one (a moved
-  or converted model). Small tensors are read from the live tensor objects, which follow a
-  ``.data`` change.
-* Floating-point parameters *and* floating-point buffers (BatchNorm running statistics) are
-  averaged; integer buffers (``num_batches_tracked``) are copied.
-* The small floating-point tensors of each shadow (biases, norm weights, BatchNorm statistics:
-  most of a CNN's tensors but little of its memory) are views into one flat buffer, and so are
-  its integer buffers. An update gathers the model's small tensors with one ``torch.cat`` and
-  checks and averages them with one op each, instead of paying a few hundred per-tensor op costs
-  (which add up on a CPU).
-* Several decays are updated by one ``torch._foreach_lerp_`` call over a list in which every
-  slice of the model is followed by the matching slices of each shadow. Slices are small enough
-  to stay in cache, so the model is read from memory about once rather than once per decay.
-  Slicing happens only where the model and the shadows lay out their elements alike.
-* The shadow may live on another device or in another dtype (a float32 shadow of a bfloat16
-  model). The model is then first copied into staging buffers (pinned host memory for a CUDA
-  model and a CPU shadow) with batched non-blocking copies, and the update runs where the
-  shadow lives.
-* The update never waits for the device: it makes no host synchronization on CUDA. A shadow in
-  host memory of a CUDA model (``device="cpu"``) is fed by a copy into pinned buffers on a side
-  stream, and averaged by a worker thread while the next steps run (`_HostAverager`); whatever
-  reads the shadows (`state_dict`, validation, `nonfinite_shadows`) waits for it first.
-* NaN and Inf: by default an update averages what it is given, and `nonfinite_shadows` checks the
-  shadows where they leave memory (a training loop calls it before it validates or saves them;
-  ematrain's stops the run there). ``skip_nonfinite=True`` checks the model before every update
-  instead and skips (and counts) an update whose weights hold NaN or Inf, so a shadow is never
-  touched by one. That check must finish before any shadow is written: one extra read of the
-  model, 4 bytes per float32 weight on top of the update's 12 (read model, read and write
-  shadow), and on CUDA one host synchronization per update.
+The tensor plumbing (what is averaged, packed how, updated in which fused calls, on which
+device and thread) lives in `ema_tensors`, whose notes say why it looks the way it does.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import copy
-import math
-import re
-from dataclasses import dataclass
+import numbers
+import operator
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .ema_schedules import EmaSchedule, Power, schedule_for, warmup_decay
+from .ema_devices import HostAverager, WeightSwapper
+from .ema_schedules import (EmaSchedule, HalfLife, Power, decay_from_half_life,
+                            half_life_from_decay, parse_half_life, schedule_for, warmup_decay)
+from .ema_tensors import (Plan, Shadows, all_finite, float_and_int_tensors,
+                          placement, shadow_copy)
 from .models import unwrap_model
 
 __all__ = [
+    "HalfLife",
     "ModelEma",
     "WeightSwapper",
     "decay_from_half_life",
     "half_life_from_decay",
     "parse_half_life",
-    "warmup_decay",  # re-exported from ema_schedules, where it lives now
+    "warmup_decay",
 ]
-
-# Slices of this many elements (1 MiB of float32) keep one model slice and its shadows in L2.
-_CHUNK_ELEMS = 1 << 18
-# Shadow tensors of at most this many elements are packed into one flat buffer per shadow.
-_SMALL_ELEMS = 1 << 16
-
-
-def half_life_from_decay(decay: float) -> float:
-    """Updates after which an old weight's share has halved: ln 0.5 / ln decay."""
-    if not 0.0 < decay < 1.0:
-        raise ValueError(f"decay must be in (0, 1), got {decay}")
-    return math.log(0.5) / math.log(decay)
-
-
-def decay_from_half_life(half_life_updates: float) -> float:
-    """Per-update decay whose half-life is ``half_life_updates`` updates."""
-    if half_life_updates <= 0:
-        raise ValueError(f"half-life must be positive, got {half_life_updates}")
-    return 0.5 ** (1.0 / half_life_updates)
-
-
-_HALF_LIFE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kKmM]?)\s*(ep|it|img)\s*$")
-
-
-@dataclass(frozen=True)
-class HalfLife:
-    value: float
-    unit: str  # 'ep', 'it' or 'img'
-
-    def in_updates(self, images_per_update: float, updates_per_epoch: float) -> float:
-        """Convert to EMA updates given the real images per update and updates per epoch."""
-        if self.unit == "it":
-            # 'it' counts optimizer steps; images_per_update already includes the update interval.
-            return self.value
-        if self.unit == "ep":
-            return self.value * updates_per_epoch
-        return self.value / images_per_update
-
-
-def parse_half_life(text: str) -> HalfLife:
-    """Parse ``'2ep'``, ``'500it'``, ``'1.2Mimg'`` or ``'300kimg'``."""
-    match = _HALF_LIFE_RE.match(text)
-    if not match:
-        raise ValueError(
-            f"bad half-life {text!r}: expected a number and a unit, e.g. 2ep, 500it, 300kimg")
-    number, suffix, unit = match.groups()
-    value = float(number)
-    if suffix and unit != "img":
-        raise ValueError(f"bad half-life {text!r}: k/M suffixes apply to img only")
-    value *= {"": 1, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6}[suffix]
-    if not 0 < value < math.inf:
-        raise ValueError(f"bad half-life {text!r}: must be a positive finite number")
-    return HalfLife(value, unit)
-
-
-def _float_and_int_tensors(module: nn.Module, average_buffers: bool = True
-                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Parameters and buffers in a stable order, each storage once (tied weights count once):
-    those averaged (floating point) and those copied (integer ones; every buffer when
-    `average_buffers` is False)."""
-    floats, ints, seen = [], [], set()
-    params = list(module.parameters())
-    for i, tensor in enumerate(params + list(module.buffers())):
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        averaged = tensor.is_floating_point() and (average_buffers or i < len(params))
-        (floats if averaged else ints).append(tensor)
-    return floats, ints
+# The half-life helpers live in ema_schedules and WeightSwapper in ema_devices: re-exported here,
+# where the library's users import them from.
 
 
 def _timm_v3_arguments(kwargs: dict) -> dict:
@@ -150,344 +52,98 @@ def _timm_v3_arguments(kwargs: dict) -> dict:
     return out
 
 
-# Parameters, buffers and submodules registered anywhere in the process, counted by torch's global
-# registration hooks: an update tells in O(1) whether its plan may hold replaced tensor objects.
-_REGISTRATIONS = [0]
+class _ModuleApi(nn.Module):
+    """The `nn.Module` side of `ModelEma`, as timm's ``ModelEmaV3`` has it: calling it runs the
+    first shadow, ``to()`` and the like move every shadow, and ``state_dict()`` holds the
+    shadows' weights (``module.<name>`` for the first, as V3's, ``module_<i>.<name>`` for the
+    others); ``decay`` and ``get_decay`` as V3's. And the full state an exact resume needs."""
+
+    def forward(self, *args, **kwargs):
+        """The first shadow's forward (``ema(images)``, as timm's ``ModelEmaV3``)."""
+        self.wait()
+        return self.module(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        # `to()`, `cuda()`, `half()`, ... go through here: the shadows are re-packed where they
+        # now live, so `device` and `dtype` tell the truth at once.
+        self.wait()
+        super()._apply(fn, recurse)
+        self._adopt_shadows()
+        return self
+
+    @property
+    def decay(self) -> float:
+        """The first shadow's decay (timm's ``ModelEmaV3.decay``)."""
+        return self.decays[0]
+
+    def extra_repr(self) -> str:
+        return f"{self.schedule!r}, every={self.every}"
+
+    def get_decay(self, step: int | None = None) -> float:
+        """As timm's ``ModelEmaV3.get_decay``: the target decay, or the per-update decay that
+        ``update(model, step=step)`` averages the first shadow with (``current_decays`` gives
+        every shadow's)."""
+        if step is None:
+            return self.decay
+        step = _step_argument(step) - 1
+        return self.current_decays(step - step % self.every)[0]
+
+    def state_dict(self, *args, **kwargs):
+        """The shadows' weights as a module's (``module.<name>``, ``module_<i>.<name>``)."""
+        self.wait()
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """The shadows' weights as a module's; a `full_state_dict` is loaded whole."""
+        if _is_full_state(state_dict):
+            return self.load_full_state_dict(state_dict)
+        self.wait()
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:  # new tensor objects: pack them again
+            self._adopt_shadows()
+        return result
+
+    def shadow_state_dict(self, index: int = 0) -> dict[str, torch.Tensor]:
+        """Weights of shadow ``index`` under the model's own names (detached, on its device)."""
+        self.wait()
+        return self.shadows[index].state_dict()
+
+    def full_state_dict(self) -> dict:
+        """Everything needed to resume: decays, schedule settings, counters and all shadows."""
+        self.wait()
+        return {
+            "decays": list(self.decays),
+            "every": self.every,
+            "schedule": self.schedule.state_dict(),
+            "steps": self.steps,
+            "num_updates": self.num_updates,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "shadows": [m.state_dict() for m in self.shadows],
+        }
+
+    def load_full_state_dict(self, state: dict) -> None:
+        """Load the shadows and counters of a `full_state_dict`, all or nothing.
+
+        The settings in `state` (``every``, the schedule) are not applied: they are this
+        instance's (a resumed run decides which settings hold). The decays (sigma_rels) define
+        what each shadow is, so they must match, and every shadow must fit this model:
+        ValueError otherwise, naming what differs.
+        """
+        _check_full_state(state, self)
+        self.wait()
+        for module, shadow in zip(self.shadows, state["shadows"]):
+            module.load_state_dict(shadow)
+        self.steps = int(state["steps"])
+        self.num_updates = int(state["num_updates"])
+        self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
 
 
-def _count_registration(module, name, value):
-    # Called before the slot is set. Setting a slot to the object it holds (``self.buf += 1``
-    # on a buffer attribute, as torch's AveragedModel does every update) changes nothing.
-    slots = (module._parameters, module._buffers, module._modules)
-    if not any(slot.get(name) is value for slot in slots):
-        _REGISTRATIONS[0] += 1
-
-
-nn.modules.module.register_module_parameter_registration_hook(_count_registration)
-nn.modules.module.register_module_buffer_registration_hook(_count_registration)
-nn.modules.module.register_module_module_registration_hook(_count_registration)
-
-
-def _first_buffer_slot(module: nn.Module):
-    """(owner, name, tensor) of the first buffer: `Module.to()` replaces buffer objects without
-    a registration, all at once, so watching one tells."""
-    for mod in module.modules():
-        for name, buf in mod._buffers.items():
-            if buf is not None:
-                return mod, name, buf
-    return None
-
-
-def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Consecutive views of `flat` shaped like the tensors of `like`."""
-    views, offset = [], 0
-    for t in like:
-        views.append(flat[offset:offset + t.numel()].view(t.shape))
-        offset += t.numel()
-    return views
-
-
-def _pack(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Move ``tensors`` (in place, keeping their values) into views of one new flat buffer."""
-    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=device)
-    offset = 0
-    for t in tensors:
-        view = flat[offset:offset + t.numel()]
-        view.copy_(t.reshape(-1))
-        t.data = view.view(t.shape)
-        offset += t.numel()
-    return flat
-
-
-def _placement(source: nn.Module, device, dtype) -> tuple[torch.device, torch.dtype]:
-    """Where shadows of `source` live and in which dtype: with the model by default, and in
-    float32 for a 16-bit model (a ``(1 - decay)`` step rounds away in 16 bits)."""
-    floats, _ = _float_and_int_tensors(source)
-    model_dtype = floats[0].dtype if floats else torch.float32
-    if dtype is None:
-        dtype = torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype
-    if device is None:
-        device = floats[0].device if floats else torch.device("cpu")
-    return torch.device(device), dtype
-
-
-def _shadow_copy(source: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """An eval-mode, gradient-free copy of `source` on `device`, floats in `dtype`."""
-    module = copy.deepcopy(source)
-    module.to(device=device)
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.is_floating_point():
-            tensor.data = tensor.data.to(dtype)
-        if isinstance(tensor, nn.Parameter):
-            tensor.grad = None  # deepcopy copies .grad; a shadow never needs one
-    module.eval()
-    module.requires_grad_(False)
-    return module
-
-
-class _Shadows:
-    """The shadow modules' tensors, each shadow's small ones packed into one flat buffer.
-
-    Small contiguous float tensors of a shadow become views into one flat buffer, so that they
-    are averaged by one op (see the module notes); so do its integer buffers. `adopt` runs again
-    when a shadow module was moved or converted from outside (`moved`).
-    """
-
-    def __init__(self, modules: list[nn.Module], average_buffers: bool = True):
-        self.modules, self.average_buffers = modules, average_buffers
-        self.adopt()
-
-    @torch.no_grad()
-    def adopt(self) -> None:
-        self.floats, self.ints = zip(*(_float_and_int_tensors(m, self.average_buffers)
-                                       for m in self.modules))
-        first = self.floats[0]
-        if first:
-            self.device, self.dtype = first[0].device, first[0].dtype
-        self.small = [i for i, t in enumerate(first)
-                      if t.numel() <= _SMALL_ELEMS and t.is_contiguous()
-                      and t.dtype == self.dtype and t.device == self.device]
-        self.small_flats = []
-        if self.small:
-            for floats in self.floats:
-                self.small_flats.append(_pack([floats[i] for i in self.small], self.dtype,
-                                              self.device))
-        # Integer buffers (num_batches_tracked) likewise, when they share one dtype.
-        ints0 = self.ints[0]
-        self.int_flats = []
-        if ints0 and all(t.is_contiguous() and t.dtype == ints0[0].dtype
-                         and t.device == ints0[0].device for t in ints0):
-            for ints in self.ints:
-                self.int_flats.append(_pack(ints, ints0[0].dtype, ints0[0].device))
-        self._marks = self._storage_marks()
-        self._plan = None
-
-    def _storage_marks(self) -> list[tuple[int, ...]]:
-        """Storage of each shadow's first and last float tensor: changes when it is moved."""
-        return [tuple(t.data_ptr() for t in floats[:1] + floats[-1:]) for floats in self.floats]
-
-    def moved(self) -> bool:
-        return self._storage_marks() != self._marks
-
-    def plan_for(self, model: nn.Module) -> "_Plan":
-        """The update plan, rebuilt when the model's tensors moved or were replaced."""
-        source = unwrap_model(model)
-        if self._plan is None or not self._plan.valid_for(source):
-            floats, ints = _float_and_int_tensors(source, self.average_buffers)
-            if len(floats) != len(self.floats[0]) or len(ints) != len(self.ints[0]):
-                raise ValueError("model does not match the EMA's structure")
-            for m, s in zip(floats, self.floats[0]):
-                if m.shape != s.shape:
-                    raise ValueError(f"model tensor of shape {tuple(m.shape)} does not match EMA "
-                                     f"tensor of shape {tuple(s.shape)}")
-            self._plan = _Plan.build(source, floats, ints, self)
-        return self._plan
-
-
-class _Plan:
-    """Tensor lists of one update, valid while the model's storage does not change."""
-
-    def __init__(self, floats: list[torch.Tensor], ints: list[torch.Tensor]):
-        self.floats = floats
-        self.ints = ints
-        # Staging (model on another device or in another dtype than the shadows).
-        self.copy_dst: list[torch.Tensor] | None = None
-        self.copy_src: list[torch.Tensor] | None = None
-        self.sync: torch.device | None = None
-        # Gathering the model's small tensors into one flat buffer (same device and dtype): the
-        # live tensors are copied into views of it, so a `.data` change is followed.
-        self.gather_src: list[torch.Tensor] = []
-        self.gather_dst: list[torch.Tensor] = []
-        # Integer buffers copied straight into views of the shadows' flat integer buffer;
-        # staged (on the shadows' device) when the model is elsewhere.
-        self.int_gather: list[torch.Tensor] | None = None
-        self.int_dst: list[torch.Tensor] = []
-        # What `valid_for` compares.
-        self.source_id = 0
-        self.registrations = -1
-        self.watched: list[tuple[torch.Tensor, int]] = []
-        self.buffer_slot = None
-        # What the finiteness check reads, and the lerp operands.
-        self.check: list[torch.Tensor] = []
-        self.lerp_self: list[torch.Tensor] = []
-        self.lerp_end: list[torch.Tensor] = []
-
-    def valid_for(self, source: nn.Module) -> bool:
-        """Whether this plan still reads `source`'s tensors: no tensor object replaced (counted
-        registrations, the watched buffer slot) and no storage moved (the watched pointers)."""
-        if id(source) != self.source_id or _REGISTRATIONS[0] != self.registrations:
-            return False
-        if self.buffer_slot is not None:
-            owner, name, tensor = self.buffer_slot
-            if owner._buffers.get(name) is not tensor:
-                return False
-        return all(t.data_ptr() == ptr for t, ptr in self.watched)
-
-    @classmethod
-    def build(cls, source: nn.Module, floats: list[torch.Tensor], ints: list[torch.Tensor],
-              shadows: _Shadows) -> "_Plan":
-        plan = cls(floats, ints)
-        plan.source_id, plan.registrations = id(source), _REGISTRATIONS[0]
-        plan.buffer_slot = _first_buffer_slot(source)
-        flats = shadows.int_flats
-        if flats and all(t.dtype == flats[0].dtype and t.device == flats[0].device for t in ints):
-            plan.int_gather = _views(flats[0], ints)
-        small = shadows.small
-        small_set = set(small)
-        others = [i for i in range(len(floats)) if i not in small_set]
-        staged = any(m.device != s.device or m.dtype != s.dtype
-                     for m, s in zip(floats, shadows.floats[0]))
-        if staged:
-            small_src, other_src = plan._stage(small, others, shadows)
-        else:
-            small_src, other_src = plan._gather_small(small, others, shadows)
-        # Views of the large tensors (the several-decay slices) keep their old storage: watch
-        # where each lives, and the first tensor (a moved or converted model).
-        plan.watched = [(t, t.data_ptr()) for t in floats[:1] + [floats[i] for i in others]]
-        ends = ([small_src] if small else []) + other_src
-        selfs = [([shadows.small_flats[k]] if small else []) + [shadow[i] for i in others]
-                 for k, shadow in enumerate(shadows.floats)]
-        # The average runs over the tensors in the reverse order of the finiteness check, so
-        # that it starts with the model tensors the check read last, still in the CPU's cache.
-        ends.reverse()
-        for s in selfs:
-            s.reverse()
-        plan._interleave(ends, selfs)
-        return plan
-
-    def _stage(self, small: list[int], others: list[int], shadows: _Shadows):
-        """One flat staging buffer where the shadows live: small tensors first, in the order
-        of the shadows' flat buffers, then the rest."""
-        floats = self.floats
-        pin = (shadows.device.type == "cpu" and torch.cuda.is_available()
-               and any(t.device.type == "cuda" for t in floats))
-        flat = torch.empty(sum(t.numel() for t in floats), dtype=shadows.dtype,
-                           device=shadows.device, pin_memory=pin)
-        views: list[torch.Tensor] = [flat] * len(floats)
-        offset = 0
-        for i in small + others:
-            views[i] = flat[offset:offset + floats[i].numel()].view(floats[i].shape)
-            offset += floats[i].numel()
-        self.copy_dst, self.copy_src = views, list(floats)
-        cuda = [t.device for t in floats if t.device.type == "cuda"]
-        self.sync = cuda[0] if cuda else None
-        if self.ints and self.int_gather is None and self.ints[0].device != shadows.device:
-            self.int_dst = [torch.empty(t.shape, dtype=t.dtype, device=shadows.device,
-                                        pin_memory=pin) for t in self.ints]
-        self.check = [flat]
-        return flat[:sum(floats[i].numel() for i in small)], [views[i] for i in others]
-
-    def _gather_small(self, small: list[int], others: list[int], shadows: _Shadows):
-        """The model's small tensors gathered into one buffer (one op to check and average)."""
-        floats = self.floats
-        small_src = None
-        if small:
-            small_src = torch.empty(sum(floats[i].numel() for i in small), dtype=shadows.dtype,
-                                    device=shadows.device)
-            self.gather_src = [floats[i] for i in small]
-            self.gather_dst = _views(small_src, self.gather_src)
-        other_src = [floats[i] for i in others]
-        self.check = ([small_src] if small else []) + other_src
-        return small_src, other_src
-
-    def read_model(self) -> None:
-        """Bring the model's values where the update reads them: the staging buffer (another
-        device or dtype) or the gathered small tensors."""
-        if self.copy_dst is not None:
-            torch._foreach_copy_(self.copy_dst, self.copy_src, non_blocking=True)
-            if self.int_dst:
-                torch._foreach_copy_(self.int_dst, self.ints, non_blocking=True)
-        elif self.gather_src:
-            torch._foreach_copy_(self.gather_dst, self.gather_src)
-
-    def average(self, weights: list[float]) -> None:
-        """``shadow += weight * (model - shadow)`` for every shadow, one fused call."""
-        if not self.lerp_self:
-            return
-        if len(weights) == 1:
-            torch._foreach_lerp_(self.lerp_self, self.lerp_end, weights[0])
-        else:
-            torch._foreach_lerp_(self.lerp_self, self.lerp_end,
-                                 weights * (len(self.lerp_self) // len(weights)))
-
-    def copy_ints(self, shadows: _Shadows) -> None:
-        """Integer buffers (num_batches_tracked) are copied, not averaged."""
-        if self.int_gather is not None:
-            torch._foreach_copy_(self.int_gather, self.ints)
-            for flat in shadows.int_flats[1:]:
-                flat.copy_(shadows.int_flats[0])
-        elif self.ints:
-            source = self.int_dst or self.ints
-            for shadow_ints in shadows.ints:
-                torch._foreach_copy_(shadow_ints, source, non_blocking=True)
-
-    def _interleave(self, ends: list[torch.Tensor], selfs: list[list[torch.Tensor]]) -> None:
-        """The lerp lists; with several decays every model slice is followed by the same slice
-        of each shadow, so the model is read about once."""
-        if len(selfs) == 1:
-            self.lerp_self, self.lerp_end = selfs[0], ends
-            return
-        for p, src in enumerate(ends):
-            targets = [s[p] for s in selfs]
-            if (src.numel() > _CHUNK_ELEMS and src.is_contiguous()
-                    and all(t.is_contiguous() for t in targets)):
-                # Slice only where model and shadows lay their elements out alike.
-                src_parts = src.detach().view(-1).split(_CHUNK_ELEMS)
-                target_parts = [t.view(-1).split(_CHUNK_ELEMS) for t in targets]
-                for j, part in enumerate(src_parts):
-                    for parts in target_parts:
-                        self.lerp_self.append(parts[j])
-                        self.lerp_end.append(part)
-            else:
-                for t in targets:
-                    self.lerp_self.append(t)
-                    self.lerp_end.append(src)
-
-
-class _HostAverager:
-    """Averages a CUDA model into shadows in host memory without stalling the device.
-
-    The model is copied into pinned staging buffers on a side stream that first waits for the
-    training stream (so it reads the weights after the optimizer step); the training stream in
-    turn waits for the copy before it goes on (a device-side wait: the next optimizer step must
-    not change the weights while they are read). A worker thread waits for the copy, then
-    averages on the CPU while the next steps run. At most one average is in flight.
-    """
-
-    def __init__(self):
-        self._stream = None
-        self._worker = None
-        self._pending = None
-
-    def submit(self, plan: "_Plan", average, weights: list[float]) -> None:
-        if self._worker is None:
-            self._worker = concurrent.futures.ThreadPoolExecutor(1, "ematrain-ema")
-            self._stream = torch.cuda.Stream(plan.sync)
-        main = torch.cuda.current_stream(plan.sync)
-        self._stream.wait_stream(main)
-        with torch.cuda.stream(self._stream):
-            plan.read_model()
-            copied = torch.cuda.Event()
-            copied.record(self._stream)
-        main.wait_stream(self._stream)
-        self._pending = self._worker.submit(self._run, copied, average, plan, weights)
-
-    @staticmethod
-    def _run(copied, average, plan, weights) -> None:
-        copied.synchronize()
-        average(plan, weights)
-
-    def wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
-
-class ModelEma:
-    """One or several exponential moving averages of a model's weights.
+class ModelEma(_ModuleApi):
+    """One or several exponential moving averages of a model's weights, as an `nn.Module`.
 
     Args:
-        model: the model to average (DDP and ``torch.compile`` wrappers are unwrapped).
+        model: the model to average (DDP and ``torch.compile`` wrappers are unwrapped); it
+            needs floating-point parameters or buffers.
         decay: one decay or a sequence of decays in (0, 1); one shadow is kept per decay.
         device: where the shadows live (default: with the model). A CPU shadow of a CUDA model
             is updated from pinned staging buffers.
@@ -499,25 +155,29 @@ class ModelEma:
             ``debias`` for ``decay``, or an `EmaSchedule` naming its shadows (`ModelEma.power`).
         warmup, warmup_power, warmup_gamma: ``schedule="timm"`` and its shape (the old spelling).
         skip_nonfinite: check the model before every update and skip (and count) an update whose
-            weights hold NaN or Inf (see the module notes for its cost). Off by default: then
+            weights hold NaN or Inf (see `ema_tensors` for its cost). Off by default: then
             `nonfinite_shadows` tells whether a non-finite update reached the shadows.
         exclude_buffers: copy the model's buffers (BatchNorm statistics) instead of averaging
             them, as timm's ``ModelEmaV3(exclude_buffers=True)``.
 
-    From timm's ``ModelEmaV3``: ``decay``, ``device``, ``warmup_power``/``warmup_gamma``,
-    ``exclude_buffers``, ``use_warmup``, ``foreach`` and ``update(model, step)`` mean the same
-    (but V3 also copies the model at ``step=1`` without warmup). Unlike V3 one instance keeps
-    several shadows, 16-bit models get float32 shadows, and schedules replace ``min_decay``.
+    As timm's ``ModelEmaV3`` (`_ModuleApi`): the arguments ``decay``, ``device``, ``dtype``,
+    ``use_warmup``, ``warmup_power``, ``warmup_gamma``, ``exclude_buffers``, ``foreach``;
+    ``update(model, step)``, ``set``, ``get_decay``, ``decay``, ``module``, and the module API.
+    Unlike V3 one instance keeps several shadows, 16-bit models get float32 shadows, schedules
+    replace ``min_decay``, and without warmup ``update(model, step=1)`` averages with ``decay``
+    where V3 copies the model.
 
     Attributes:
-        modules: one eval-mode copy of the model per decay, holding the averaged weights.
-        module: ``modules[0]``.
+        module: the first shadow (an eval-mode copy of the model holding the averaged weights);
+            ``module_1``, ... the others; ``shadows`` all of them, in order.
         schedule: the `EmaSchedule`; ``decays`` are its targets (sigma_rels for ``power``).
         steps: `update` calls seen (optimizer steps), part of the state.
         num_updates: averaging operations applied.
         skipped_nonfinite: updates skipped because the model held NaN or Inf.
 
-    Moving or converting a shadow module (``ema.module.to(...)``) is noticed at the next update.
+    `full_state_dict` / `load_full_state_dict` hold everything an exact resume needs: counters,
+    schedule and every shadow. Moving or converting the EMA (``ema.to(...)``) or one shadow
+    (``ema.module.to(...)``) is taken into account (the latter at the next update).
     """
 
     def __init__(
@@ -535,10 +195,12 @@ class ModelEma:
         exclude_buffers: bool = False,
         **timm_v3,
     ):
+        super().__init__()
         if every < 1:
             raise ValueError(f"EMA update interval must be >= 1, got {every}")
         warmup = _timm_v3_arguments(timm_v3).get("warmup", warmup)
-        self.schedule = schedule_for(schedule, decay, warmup, warmup_power, warmup_gamma)
+        self.schedule = schedule_for(schedule, _decay_argument(decay), warmup, warmup_power,
+                                     warmup_gamma)
         self.average_buffers = not exclude_buffers
         self.every = int(every)
         self.skip_nonfinite = bool(skip_nonfinite)
@@ -546,15 +208,19 @@ class ModelEma:
         self.num_updates = 0
         self.skipped_nonfinite = 0
         source = unwrap_model(model)
-        self.device, self.dtype = _placement(source, device, dtype)
-        self.modules = [_shadow_copy(source, self.device, self.dtype) for _ in self.decays]
-        self._host = _HostAverager()
+        if not float_and_int_tensors(source)[0]:
+            raise ValueError(f"ModelEma averages floating-point weights, and the "
+                             f"{type(source).__name__} given has none")
+        self.device, self.dtype = placement(source, device, dtype)
+        for i in range(len(self.decays)):
+            self.add_module(_shadow_name(i), shadow_copy(source, self.device, self.dtype))
+        self._host = HostAverager()
         self._adopt_shadows()
 
     # ----------------------------------------------------------------------------- set-up
     def _adopt_shadows(self) -> None:
         """Take the shadows as they are now (again after they were moved from outside)."""
-        self._shadows = _Shadows(self.modules, self.average_buffers)
+        self._shadows = Shadows(self.shadows, self.average_buffers)
         self.device, self.dtype = self._shadows.device, self._shadows.dtype
 
     @classmethod
@@ -564,8 +230,9 @@ class ModelEma:
         return cls(model, schedule=Power(sigma_rels=sigma_rels), **kwargs)
 
     @property
-    def module(self) -> nn.Module:
-        return self.modules[0]
+    def shadows(self) -> list[nn.Module]:
+        """The shadow modules, one per decay, in order (``module`` first)."""
+        return [self._modules[_shadow_name(i)] for i in range(len(self.decays))]
 
     @property
     def decays(self) -> list[float]:
@@ -583,8 +250,9 @@ class ModelEma:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> bool:
         """Count one optimizer step (``step``: set the count, steps including this one, as timm
-        passes it); average the model every ``every`` steps. True when an average was applied."""
-        self.steps = self.steps + 1 if step is None else int(step)
+        passes it, so 1 at the first); average the model every ``every`` steps. True when an
+        average was applied."""
+        self.steps = self.steps + 1 if step is None else _step_argument(step)
         if self.steps % self.every != 0:
             return False
         self.wait()
@@ -598,8 +266,8 @@ class ModelEma:
         plan.read_model()
         return self._average(plan, weights)
 
-    def _average(self, plan: "_Plan", weights: list[float]) -> bool:
-        if self.skip_nonfinite and not _all_finite(plan.check):
+    def _average(self, plan: Plan, weights: list[float]) -> bool:
+        if self.skip_nonfinite and not all_finite(plan.check):
             self.skipped_nonfinite += 1
             return False
         plan.average(weights)
@@ -615,13 +283,13 @@ class ModelEma:
         """Indices of the shadows holding NaN or Inf (empty when all are finite); reads every
         shadow once, with one host synchronization."""
         self.wait()
-        return [i for i, floats in enumerate(self._shadows.floats) if not _all_finite(list(floats))]
+        return [i for i, floats in enumerate(self._shadows.floats) if not all_finite(list(floats))]
 
     @torch.no_grad()
     def set(self, model: nn.Module) -> None:
         """Copy the model's weights into every shadow (the update count is kept)."""
         self.wait()
-        floats, ints = _float_and_int_tensors(unwrap_model(model), self.average_buffers)
+        floats, ints = float_and_int_tensors(unwrap_model(model), self.average_buffers)
         for shadow_floats, shadow_ints in zip(self._shadows.floats, self._shadows.ints):
             torch._foreach_copy_(shadow_floats, floats)
             if ints:
@@ -636,47 +304,12 @@ class ModelEma:
         state is untouched.
         """
         self.wait()
-        swapper = WeightSwapper(model, [self.modules[index]])
+        swapper = WeightSwapper(model, [self.shadows[index]])
         try:
             swapper.load(1)
             yield model
         finally:
             swapper.restore()
-
-    # ----------------------------------------------------------------------------- state
-    def shadow_state_dict(self, index: int = 0) -> dict[str, torch.Tensor]:
-        """Weights of shadow ``index`` under the model's own names (detached, on its device)."""
-        self.wait()
-        return self.modules[index].state_dict()
-
-    def state_dict(self) -> dict:
-        """Everything needed to resume: decays, schedule settings, counters and all shadows."""
-        self.wait()
-        return {
-            "decays": list(self.decays),
-            "every": self.every,
-            "schedule": self.schedule.state_dict(),
-            "steps": self.steps,
-            "num_updates": self.num_updates,
-            "skipped_nonfinite": self.skipped_nonfinite,
-            "shadows": [m.state_dict() for m in self.modules],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Load the shadows and counters of `state`.
-
-        The settings in `state` (``every``, the schedule) are not applied: they are this
-        instance's (a resumed run decides which settings hold). The decays (sigma_rels) define
-        what each shadow is, so they must match: ValueError otherwise.
-        """
-        self.schedule.check_continues(state)
-        _check_same_shadows(state, self.decays)
-        self.wait()
-        for module, shadow in zip(self.modules, state["shadows"]):
-            module.load_state_dict(shadow)
-        self.steps = int(state["steps"])
-        self.num_updates = int(state["num_updates"])
-        self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
 
     def scored_dtype(self, model: nn.Module) -> torch.dtype:
         """The dtype validation scores the shadows in: their own, or the live model's when the
@@ -685,8 +318,49 @@ class ModelEma:
         return live.dtype if self.device != live.device else self.dtype
 
 
-def _check_same_shadows(state: dict, decays: list[float]) -> None:
-    """A saved EMA state must hold the shadows this EMA keeps: as many, of the same decays."""
+def _shadow_name(index: int) -> str:
+    return "module" if index == 0 else f"module_{index}"
+
+
+def _decay_argument(decay) -> float | list[float]:
+    """``decay`` as a number or a list of numbers (a string such as "0.9" is refused)."""
+    if isinstance(decay, numbers.Real) and not isinstance(decay, bool):
+        return float(decay)
+    if isinstance(decay, Sequence) and not isinstance(decay, (str, bytes)) and all(
+            isinstance(d, numbers.Real) and not isinstance(d, bool) for d in decay):
+        return [float(d) for d in decay]
+    raise TypeError(f"ModelEma decay must be a number or a sequence of numbers, got {decay!r}")
+
+
+def _step_argument(step) -> int:
+    """``update(model, step)``'s step: the optimizer steps so far, this one included."""
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise TypeError(f"EMA step must be a whole number, got {step!r}") from None
+    if step < 1:
+        raise ValueError(f"EMA step counts the optimizer steps so far, this one included (timm's "
+                         f"num_updates), so the first update is step=1; got {step} (from a "
+                         f"0-based loop counter, pass i + 1)")
+    return step
+
+
+_FULL_STATE_KEYS = ("decays", "steps", "num_updates", "shadows")
+
+
+def _is_full_state(state) -> bool:
+    return isinstance(state, dict) and "shadows" in state and "decays" in state
+
+
+def _check_full_state(state, ema: ModelEma) -> None:
+    """A saved full state must hold the shadows this EMA keeps: as many, of the same decays,
+    each fitting the model; ValueError naming the first difference otherwise."""
+    missing = [k for k in _FULL_STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"not a ModelEma full_state_dict(): it lacks "
+                         f"{', '.join(repr(k) for k in missing)}")
+    ema.schedule.check_continues(state)
+    decays = ema.decays
     if len(state["shadows"]) != len(decays):
         raise ValueError(f"EMA state holds {len(state['shadows'])} shadows, "
                          f"this EMA has {len(decays)}")
@@ -694,60 +368,14 @@ def _check_same_shadows(state: dict, decays: list[float]) -> None:
     if any(abs(a - b) > 1e-12 for a, b in zip(saved, decays)):
         raise ValueError(f"EMA state averages decays {', '.join(f'{d:g}' for d in saved)}, "
                          f"this EMA {', '.join(f'{d:g}' for d in decays)}")
-
-
-class WeightSwapper:
-    """Loads the raw weights or one of several shadows into the live model, one copy per change.
-
-    This is how a shadow that lives elsewhere (``--model-ema-force-cpu``) is evaluated on the
-    training device without a second copy of the model there. The raw weights are stashed in
-    host memory (pinned for a CUDA model) and `restore` puts them back bit for bit. Only tensor
-    values are copied, so the Parameter objects, and the optimizer state keyed on them, stay.
-
-    Sets are numbered 0 (the raw weights) and 1.. (``shadows`` in order).
-    """
-
-    def __init__(self, model: nn.Module, shadows: Sequence[nn.Module]):
-        source = unwrap_model(model)
-        self.live = list(source.parameters()) + list(source.buffers())
-        on_cuda = any(t.device.type == "cuda" for t in self.live)
-        stash = [t.detach().to("cpu", copy=True) for t in self.live]
-        if on_cuda and torch.cuda.is_available():
-            stash = [t.pin_memory() for t in stash]
-        self.sets = [stash] + [list(m.parameters()) + list(m.buffers()) for m in shadows]
-        for tensors in self.sets[1:]:
-            if len(tensors) != len(self.live):
-                raise ValueError("shadow does not match the model's structure")
-        self.current = 0
-
-    @torch.no_grad()
-    def load(self, index: int) -> None:
-        """Make set ``index`` the live weights (a no-op when it already is)."""
-        if index != self.current:
-            torch._foreach_copy_(self.live, self.sets[index], non_blocking=True)
-            self.current = index
-
-    def restore(self) -> None:
-        """Put the raw weights back, and wait for the copy so the stash can be dropped."""
-        self.load(0)
-        if any(t.device.type == "cuda" for t in self.live):
-            torch.cuda.synchronize()
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """True when no tensor holds NaN or Inf: one reduction per tensor, one host sync in all.
-
-    A sum (a 2-norm on CUDA, where a fused multi-tensor kernel exists) is the cheapest full read
-    that propagates NaN and Inf. 16-bit tensors are reduced in float32 so that a large but finite
-    sum does not overflow; a float32 overflow to Inf counts as bad, which is the safe side.
-    """
-    if not tensors:
-        return True
-    half = tensors[0].dtype in (torch.float16, torch.bfloat16)
-    if tensors[0].device.type == "cuda":
-        partial = torch._foreach_norm(tensors, 2, dtype=torch.float32 if half else None)
-    elif half:
-        partial = [t.sum(dtype=torch.float32) for t in tensors]
-    else:
-        partial = [t.sum() for t in tensors]
-    return bool(torch.isfinite(torch.stack(partial)).all())
+    for i, (module, shadow) in enumerate(zip(ema.shadows, state["shadows"])):
+        own = module.state_dict()
+        missing = [k for k in own if k not in shadow]
+        unexpected = [k for k in shadow if k not in own]
+        wrong = [k for k in own
+                 if k in shadow and getattr(shadow[k], "shape", None) != own[k].shape]
+        for what, keys in (("lacks", missing), ("has unexpected", unexpected),
+                           ("has another shape for", wrong)):
+            if keys:
+                raise ValueError(f"EMA state's shadow {i} {what} {len(keys)} key(s) of the "
+                                 f"model, e.g. {keys[0]!r}")

@@ -20,6 +20,9 @@ FRACTIONS = (0.1, 0.5, 1.0)
 LONG_SHARE = 0.25
 # The half-life the advice aims at: this share of the run.
 ADVISED_SHARE = 0.05
+# The advice never proposes a half-life of fewer averaging updates than this: a shorter one is
+# the raw weights with a little smoothing, whatever the run.
+MIN_ADVISED_UPDATES = 4
 
 
 @dataclass(frozen=True)
@@ -107,16 +110,13 @@ def _warnings(ema, i, label, horizons, nominal, length: RunLength) -> list[str]:
 def advice(ema: ModelEma, labels: list[str], length: RunLength, raw: float,
            finals: list[float], metric: str) -> list[str]:
     """For each EMA whose final `metric` is worse than the raw weights' `raw`: why, in one
-    line, and a setting to try. `finals` are the shadows' final values, in order."""
+    line, and a setting to try (never a horizon under `MIN_ADVISED_UPDATES` averaging updates,
+    nor one about the length the EMA had). `finals` are the shadows' final values, in order."""
     lower_better = metric == "loss"
     worse = [i for i, v in enumerate(finals) if (v > raw if lower_better else v < raw)]
     if not worse:
         return []
     ends = effective_half_lives(ema.schedule, length.total_steps, ema.every)
-    target = ADVISED_SHARE * length.total_steps
-    advised = (f"--model-ema-half-life {length.epochs(target):.2g}ep"
-               if target >= 0.1 * length.steps_per_epoch else f"--model-ema-half-life "
-               f"{max(1, round(target))}it")
     lines = []
     for i in worse:
         end, gap = ends[i], f"{metric} {finals[i]:.2f} vs raw {raw:.2f}"
@@ -124,19 +124,45 @@ def advice(ema: ModelEma, labels: list[str], length: RunLength, raw: float,
         if share > LONG_SHARE:
             horizon = ("longer than the run" if math.isinf(end) else
                        f"{length.epochs(end):.3g} epochs, {100 * share:.0f}% of the run")
-            fix = advised + (" (or --model-ema-schedule debias, which gives the start weights "
-                             "no share)" if ema.schedule.name == "constant" else "")
-            why = (f"its horizon at the end ({horizon}) still averages the early, worse weights")
+            why = f"its horizon at the end ({horizon}) still averages the early, worse weights"
+            fix = _half_life(ADVISED_SHARE * length.total_steps, end, shorter=True, ema=ema,
+                             length=length)
+            if ema.schedule.name == "constant":
+                debias = "--model-ema-schedule debias, which gives the start weights no share"
+                fix = f"{fix} (or {debias})" if fix else debias
         elif end < 0.1 * length.steps_per_epoch:
             why = (f"its horizon at the end ({end:.3g} steps) averages almost nothing, so it "
                    f"is the raw weights plus noise")
-            fix = f"--model-ema-half-life {max(1.0, length.epochs(target)):.2g}ep"
+            fix = _half_life(max(length.steps_per_epoch, ADVISED_SHARE * length.total_steps),
+                             end, shorter=False, ema=ema, length=length)
         else:
             why = (f"its horizon at the end ({length.epochs(end):.3g} epochs) reaches back to "
                    f"weights that were still clearly worse")
-            fix = f"--model-ema-half-life {length.epochs(end) / 4:.2g}ep"
+            fix = _half_life(end / 4, end, shorter=True, ema=ema, length=length)
         if ema.schedule.name == "power":  # its horizon is set by sigma_rel, not a half-life
             scale = 2.0 if end < 0.1 * length.steps_per_epoch else 0.5
             fix = f"--model-ema-sigma-rel {ema.decays[i] * scale:.2g}"
-        lines.append(f"{labels[i]} ended worse than the raw weights ({gap}): {why}; try {fix}")
+        fix = (f"try {fix}" if fix else f"at {length.total_steps} steps the run is too short for "
+               f"a shorter horizon of at least {MIN_ADVISED_UPDATES} updates: train longer")
+        lines.append(f"{labels[i]} ended worse than the raw weights ({gap}): {why}; {fix}")
     return lines
+
+
+def _half_life(steps: float, current: float, shorter: bool, ema: ModelEma,
+               length: RunLength) -> str | None:
+    """``--model-ema-half-life`` of about `steps` optimizer steps, at least a few updates, in
+    epochs (or steps under a tenth of an epoch); None when that is not `shorter` (or longer)
+    than the EMA's `current` horizon by a clear margin: it had that horizon already."""
+    steps = max(steps, MIN_ADVISED_UPDATES * ema.every)
+    in_epochs = steps >= 0.1 * length.steps_per_epoch
+    # Two significant digits, rounded up so the floor holds as printed.
+    value = _round_up(length.epochs(steps) if in_epochs else steps, 2)
+    steps = value * length.steps_per_epoch if in_epochs else value
+    if not math.isinf(current) and (steps > 0.75 * current if shorter else steps < 1.5 * current):
+        return None
+    return f"--model-ema-half-life {value:g}{'ep' if in_epochs else 'it'}"
+
+
+def _round_up(x: float, digits: int) -> float:
+    unit = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return float(f"{math.ceil(x / unit - 1e-9) * unit:.{digits}g}")

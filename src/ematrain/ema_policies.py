@@ -60,7 +60,7 @@ def switch_to_shadow(ema: ModelEma, model: nn.Module, index: int = 0) -> None:
     objects, and the optimizer state keyed on them, stay."""
     ema.wait()
     source = unwrap_model(model)
-    shadow = ema.modules[index]
+    shadow = ema.shadows[index]
     live = list(source.parameters()) + list(source.buffers())
     torch._foreach_copy_(live, list(shadow.parameters()) + list(shadow.buffers()))
 
@@ -70,7 +70,7 @@ def recalibrate(ema: ModelEma, model: nn.Module, batches: Callable[[], Iterator]
     """Recompute every shadow's BatchNorm statistics on the inputs `batches()` yields (called
     once per shadow), in the live model, which gets its raw weights back after each."""
     plain = unwrap_model(model)  # DDP's forward would broadcast the raw buffers
-    for index, shadow in enumerate(ema.modules):
+    for index, shadow in enumerate(ema.shadows):
         with ema.swapped_into(plain, index):
             update_bn(batches(), plain)
             copy_statistics(plain, shadow)
@@ -112,7 +112,7 @@ class ShadowPolicy:
             return
         ema.wait()
         if self.bn == "copy":
-            for shadow in ema.modules:
+            for shadow in ema.shadows:
                 copy_statistics(model, shadow)
         elif self.bn == "recalibrate" and batchnorms(ema.module):
             recalibrate(ema, model, lambda: self._inputs(epoch, prepare))

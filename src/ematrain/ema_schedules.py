@@ -30,20 +30,26 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 __all__ = [
     "SCHEDULES",
+    "HalfLife",
     "Constant",
     "Debias",
     "EmaSchedule",
     "Power",
     "TimmWarmup",
+    "decay_from_half_life",
     "effective_half_lives",
     "gamma_to_sigma_rel",
+    "half_life_from_decay",
     "make_schedule",
+    "parse_half_life",
     "schedule_for",
     "sigma_rel_to_gamma",
     "start_shares",
@@ -91,6 +97,54 @@ def warmup_decay(target: float, step: int, power: float = 2 / 3, gamma: float = 
     model and the decay then rises towards the target.
     """
     return min(target, 1.0 - (1.0 + step / gamma) ** -power)
+
+
+def half_life_from_decay(decay: float) -> float:
+    """Updates after which an old weight's share has halved: ln 0.5 / ln decay."""
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"decay must be in (0, 1), got {decay}")
+    return math.log(0.5) / math.log(decay)
+
+
+def decay_from_half_life(half_life_updates: float) -> float:
+    """Per-update decay whose half-life is ``half_life_updates`` updates."""
+    if half_life_updates <= 0:
+        raise ValueError(f"half-life must be positive, got {half_life_updates}")
+    return 0.5 ** (1.0 / half_life_updates)
+
+
+_HALF_LIFE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kKmM]?)\s*(ep|it|img)\s*$")
+
+
+@dataclass(frozen=True)
+class HalfLife:
+    value: float
+    unit: str  # 'ep', 'it' or 'img'
+
+    def in_updates(self, images_per_update: float, updates_per_epoch: float) -> float:
+        """Convert to EMA updates given the real images per update and updates per epoch."""
+        if self.unit == "it":
+            # 'it' counts optimizer steps; images_per_update already includes the update interval.
+            return self.value
+        if self.unit == "ep":
+            return self.value * updates_per_epoch
+        return self.value / images_per_update
+
+
+def parse_half_life(text: str) -> HalfLife:
+    """Parse ``'2ep'``, ``'500it'``, ``'1.2Mimg'`` or ``'300kimg'``."""
+    match = _HALF_LIFE_RE.match(text)
+    if not match:
+        raise ValueError(
+            f"bad half-life {text!r}: expected a number and a unit, e.g. 2ep, 500it, 300kimg")
+    number, suffix, unit = match.groups()
+    value = float(number)
+    if suffix and unit != "img":
+        raise ValueError(f"bad half-life {text!r}: k/M suffixes apply to img only")
+    value *= {"": 1, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6}[suffix]
+    if not 0 < value < math.inf:
+        raise ValueError(f"bad half-life {text!r}: must be a positive finite number")
+    return HalfLife(value, unit)
 
 
 def _check_decays(decays: Sequence[float]) -> list[float]:

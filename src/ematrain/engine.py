@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from timm.models import model_parameters
@@ -368,8 +368,9 @@ def _float_buffers(model: nn.Module, clone: bool = False) -> list[torch.Tensor]:
 def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | None = None,
              epoch: int | None = None, amp_dtype: torch.dtype | None = None,
              channels_last: bool = False, reduce=lambda t: t, show: bool = True,
-             normalize: Callable | None = None) -> list[dict]:
-    """Evaluate the raw weights and every EMA shadow in one pass over `loader`.
+             normalize: Callable | None = None, emas: Sequence[ModelEma] = ()) -> list[dict]:
+    """Evaluate the raw weights and every EMA shadow (of `ema`, or of each of `emas`, which
+    live in one place) in one pass over `loader`.
 
     Each batch is decoded and augmented once and fed to every weight set, so K EMAs cost K extra
     forward passes, not K extra passes over the data. `reduce` sums the per-set totals across
@@ -377,7 +378,7 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
     batches into the model's input (`data.Normalize`). Returns one dict per weight set (raw first,
     then the shadows in order) with 'loss', 'top1', 'top5' and 'count'.
     """
-    sets = _EvalSets(model, ema)
+    sets = _EvalSets(model, [ema] if ema is not None else list(emas))
     sums = torch.zeros(len(sets.nets), 4, dtype=torch.float64, device=device)
     bar = tqdm(total=len(loader), desc="validate" if epoch is None else f"val {epoch}",
                leave=False, disable=not (show and show_bars()), unit="batch", dynamic_ncols=True)
@@ -403,18 +404,18 @@ class _EvalSets:
     --model-ema-dtype). A shadow on another device than the model (--model-ema-force-cpu) is
     swapped into the live model, and computes in its dtype."""
 
-    def __init__(self, model: nn.Module, ema: ModelEma | None):
-        if ema is not None:
+    def __init__(self, model: nn.Module, emas: list[ModelEma]):
+        for ema in emas:
             ema.wait()
         # DDP's forward would broadcast buffers (a collective) while ranks hold different numbers
         # of validation batches: evaluate the plain module under DDP.
         if isinstance(getattr(model, "_orig_mod", model), nn.parallel.DistributedDataParallel):
             model = unwrap_model(model)
         model.eval()
-        shadows = ema.modules if ema is not None else []
+        shadows = [shadow for ema in emas for shadow in ema.shadows]
         first = next(unwrap_model(model).parameters())
         self.swapper = (WeightSwapper(model, shadows)
-                        if shadows and ema.device != first.device else None)
+                        if shadows and emas[0].device != first.device else None)
         self.nets = [model] + ([model] * len(shadows) if self.swapper else list(shadows))
         self.dtypes = [first.dtype] + [first.dtype if self.swapper else next(s.parameters()).dtype
                                        for s in shadows]

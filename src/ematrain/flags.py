@@ -420,9 +420,16 @@ def _misc_flags(p) -> None:
     g.add_argument("--output", default="", metavar="DIR",
                    help="runs go to <output>/<experiment>, as timm lays them out (default: "
                         "./output/train)")
-    g.add_argument("--experiment", default="", help="run name (default: <date>-<model>)")
+    g.add_argument("--experiment", default="",
+                   help="run name (default: <date>-<model>-<img size>, as timm's)")
     g.add_argument("--eval-metric", default="top1", choices=["top1", "top5", "loss"],
                    help="metric that picks the best checkpoints (default: top1)")
+    g.add_argument("--primary-weights", default="ema", choices=["ema", "raw"],
+                   help="the weights timm's names describe: summary.csv's eval_* columns, the "
+                        "checkpoints' metric, model_best.pth.tar and the checkpoint history; "
+                        "'ema' (timm's meaning) is the first EMA when one is on, 'raw' keeps the "
+                        "raw weights there and the EMA in ema_eval_* and model_best_ema.pth.tar "
+                        "(default: ema)")
 
 
 def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -446,8 +453,10 @@ def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
     _posthoc_flags(p)
     p.add_argument("--use-ema", action="store_true", default=False,
                    help="evaluate the (first) EMA weights")
-    p.add_argument("--ema-decay", type=finite_float, default=None, metavar="D",
-                   help="evaluate the EMA shadow with this decay")
+    p.add_argument("--ema-decay", default=None, metavar="D",
+                   help="evaluate the EMA shadow of this decay (to the digits given: 0.984 is "
+                        "0.98437) or of this name in the training log (hl2ep or 2ep for "
+                        "--model-ema-half-life 2ep, sr0.1 for a power EMA)")
     p.add_argument("--ema-index", type=int, default=None, metavar="I",
                    help="evaluate the I-th EMA shadow (0 = the first)")
     p.add_argument("--model", default=None, help="timm model name (default: from the checkpoint)")

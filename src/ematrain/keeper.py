@@ -1,7 +1,8 @@
 """The run folder's checkpoint files, in the spirit of timm's CheckpointSaver.
 
 `last.pth.tar` every epoch; for each weight set with a best file, that file at its best epoch;
-`checkpoint-<epoch>.pth.tar` for the `history` best epochs of the raw weights; `recovery.pth.tar`
+`checkpoint-<epoch>.pth.tar` for the `history` best epochs of the primary weight set (timm's
+`model_best.pth.tar` set: the first EMA with an EMA on, see `weightsets`); `recovery.pth.tar`
 in the middle of an epoch. The best and history files are hard links of the `last.pth.tar` they
 were (one physical file per epoch, as timm does), made under a temporary name and renamed into
 place. The records of which epoch was best are the keeper's state and travel in every
@@ -25,7 +26,7 @@ from . import checkpoint as ckpt_io
 from .atomic import WriteFailed, atomic_copy, fsync_dir, writing
 from .errors import RunFailure
 from .logs import log
-from .weightsets import WeightSet
+from .weightsets import WeightSet, primary_set
 
 LAST = "last.pth.tar"
 RECOVERY = "recovery.pth.tar"
@@ -87,9 +88,9 @@ class CheckpointKeeper:
     """Best epochs per weight set, the history, and the files that keep them.
 
     Args:
-        sets: the run's weight sets (the raw weights first).
+        sets: the run's weight sets (the raw weights first, one of them the primary set).
         metric: the --eval-metric key of a validation result; `lower_is_better` for loss.
-        history_size: how many best raw epochs keep a checkpoint-<epoch> file.
+        history_size: how many best epochs of the primary set keep a checkpoint-<epoch> file.
         primary: only the primary process writes files; the others keep the records only.
         background: write in a thread of its own (see `Writer`).
     """
@@ -121,7 +122,7 @@ class CheckpointKeeper:
         improved = [s for s in self.sets if self._improves(s.name, results[s.name][self.metric])]
         for s in improved:
             self.best[s.name] = {"metric": results[s.name][self.metric], "epoch": epoch}
-        value = results[self.sets[0].name][self.metric]
+        value = results[primary_set(self.sets).name][self.metric]
         entries = [e for e in self.history if e[1] != epoch] + [[value, epoch]]
         entries.sort(key=lambda e: e[0], reverse=not self.lower_is_better)
         self.history = entries[: self.history_size]
@@ -132,7 +133,12 @@ class CheckpointKeeper:
                 "history": [list(e) for e in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.best = {str(k): {"metric": v.get("metric"), "epoch": v.get("epoch")}
+        # Runs saved before the shadows were named as asked named them by their decay.
+        names = {s.name for s in self.sets}
+        renamed = {s.legacy_name: s.name for s in self.sets
+                   if s.legacy_name and s.legacy_name not in names}
+        self.best = {renamed.get(str(k), str(k)): {"metric": v.get("metric"),
+                                                   "epoch": v.get("epoch")}
                      for k, v in state["best"].items()}
         self.history = [[float(m), int(e)] for m, e in state["history"]]
 

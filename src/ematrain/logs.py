@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
 
 log = logging.getLogger("ematrain")
 
@@ -27,6 +29,24 @@ def setup_logging() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+    if not is_rank_zero():
+        quiet()
+
+
+def is_rank_zero() -> bool:
+    """This process is torchrun's rank 0, or no torchrun worker at all (as torchrun tells its
+    workers from their start, before the process group exists)."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
+def quiet() -> None:
+    """Another rank than 0: its notices and warnings (ours, and Python warnings such as
+    timm's) would repeat rank 0's, so only errors are printed."""
+    log.setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
 
 
 def plural(count: int | float, word: str) -> str:

@@ -8,6 +8,7 @@ import io
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import selectors
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -115,10 +117,13 @@ def _has_entries(folder: Path) -> bool:
 DEFAULT_OUTPUT = Path("output") / "train"
 
 
-def run_folder_base(output: str, experiment: str, model: str) -> Path:
-    """As timm lays it out: `<--output>/<experiment or date-model>`, by default under
-    ./output/train."""
-    name = experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{model.replace('/', '_')}"
+def run_folder_base(output: str, experiment: str, model: str, img_size: int) -> Path:
+    """As timm lays it out: `<--output>/<experiment or date-model-imgsize>`, by default under
+    ./output/train (`img_size`: the input size the run trains at)."""
+    from timm.models import safe_model_name  # here: the curve renderer imports this module
+
+    name = experiment or "-".join([time.strftime("%Y%m%d-%H%M%S"), safe_model_name(model),
+                                   str(img_size)])
     return (Path(output) if output else DEFAULT_OUTPUT) / name
 
 
@@ -141,7 +146,9 @@ def write_args(run_dir: Path, record: dict) -> None:
 
 # ----------------------------------------------------------------------------- summary.csv
 class Summary:
-    """summary.csv: one row per epoch, `epoch, lr, train_loss` and each weight set's metrics.
+    """summary.csv: one row per epoch in timm's columns, ``epoch, train_loss, eval_loss,
+    eval_top1, eval_top5, lr`` (``eval_*``: the primary weight set, see `weightsets`), then each
+    other weight set's ``<prefix>eval_*``.
 
     The rows also travel in every checkpoint (`state_dict`), so a kill between writing a
     checkpoint and writing summary.csv loses no row: a resumed run rewrites the file from them.
@@ -149,12 +156,13 @@ class Summary:
 
     def __init__(self, sets: tuple[WeightSet, ...]):
         self.sets = sets
-        self.columns = ["epoch", "lr", "train_loss"] + [
-            f"{s.column_prefix}eval_{m}" for s in sets for m in METRICS]
+        others = [s for s in sets if not s.primary]
+        self.columns = (["epoch", "train_loss"] + [f"eval_{m}" for m in METRICS] + ["lr"]
+                        + [f"{s.column_prefix}eval_{m}" for s in others for m in METRICS])
         self.rows: list[dict] = []
 
     def add(self, epoch: int, lr: float, train_loss: float, results: dict[str, dict]) -> dict:
-        row = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
         for s in self.sets:
             row.update({f"{s.column_prefix}eval_{m}": results[s.name][m] for m in METRICS})
         self.rows.append(row)
@@ -174,7 +182,17 @@ class Summary:
         return {"rows": [dict(r) for r in self.rows]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rows = [dict(r) for r in state["rows"]]
+        self.rows = [self._current_names(dict(r)) for r in state["rows"]]
+
+    def _current_names(self, row: dict) -> dict:
+        """A row of a run saved before its shadows were named as asked, in today's columns."""
+        for s in self.sets:
+            old, new = s.legacy_prefix, s.column_prefix
+            if old and old != new and f"{new}eval_top1" not in row:
+                for m in METRICS:
+                    if f"{old}eval_{m}" in row:
+                        row[f"{new}eval_{m}"] = row.pop(f"{old}eval_{m}")
+        return row
 
 
 def read_summary(run_dir: Path) -> list[dict]:
@@ -281,6 +299,13 @@ def render_forever() -> None:
                   file=sys.stderr, flush=True)
 
 
+def _number(row: dict, column: str) -> float:
+    """A summary value; NaN (not drawn) where a row has none, e.g. the rows of a timm run this
+    one continues, which lack the columns timm does not write."""
+    value = row.get(column)
+    return float(value) if value not in (None, "") else math.nan
+
+
 _STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ("-", "v"), ("--", "P")]
 
 
@@ -301,8 +326,8 @@ def plot_curves(run_dir: Path, rows: list[dict], sets: tuple[WeightSet, ...], ti
     ax_acc, ax_loss, ax_lr = fig.subplots(1, 3)
     for s, (line, marker) in zip(sets, _STYLES * len(sets)):
         style = dict(linestyle=line, marker=marker, markersize=4, label=s.label)
-        ax_acc.plot(epochs, [float(r[f"{s.column_prefix}eval_top1"]) for r in rows], **style)
-        ax_loss.plot(epochs, [float(r[f"{s.column_prefix}eval_loss"]) for r in rows], **style)
+        ax_acc.plot(epochs, [_number(r, f"{s.column_prefix}eval_top1") for r in rows], **style)
+        ax_loss.plot(epochs, [_number(r, f"{s.column_prefix}eval_loss") for r in rows], **style)
     ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], color="grey", linestyle=":",
                  label="training loss")
     ax_lr.plot(epochs, [float(r["lr"]) for r in rows], color="black", marker=".")
@@ -324,7 +349,8 @@ def plot_curves(run_dir: Path, rows: list[dict], sets: tuple[WeightSet, ...], ti
 def _top1_range(ax, rows: list[dict], sets, chance: float | None) -> None:
     """At least 20 points of top-1 in view, and chance level when known, so that wiggles near
     chance do not look dramatic."""
-    values = [float(r[f"{s.column_prefix}eval_top1"]) for r in rows for s in sets]
+    values = [v for v in (_number(r, f"{s.column_prefix}eval_top1") for r in rows for s in sets)
+              if not math.isnan(v)] or [0.0]
     low, high = min(values + ([chance] if chance else [])), max(values)
     if high - low < 20:
         high = min(100.0, low + 20)
@@ -336,12 +362,13 @@ def _top1_range(ax, rows: list[dict], sets, chance: float | None) -> None:
 
 # ----------------------------------------------------------------------------- console lines
 def epoch_line(epoch: int, num_epochs: int, lr: float, train_loss: float,
-               results: dict[str, dict], sets: tuple[WeightSet, ...], metric: str,
-               skipped_ema_updates: int = 0,
+               results: dict[str, dict], sets: tuple[WeightSet, ...],
+               improved: Sequence[str] = (), skipped_ema_updates: int = 0,
                timing: tuple[float, float | None] | None = None) -> str:
     """What each epoch prints: its position, time and the run's remaining time (`timing`:
-    seconds taken, seconds left), then every weight set's numbers, the best of the epoch marked.
-    One line for the raw weights alone; with EMAs a header and one aligned row per set."""
+    seconds taken, seconds left), then every weight set's numbers, ``<- new best`` on each set
+    whose best epoch this is (`improved`: their names; its best file, if it has one, is this
+    epoch's). One line for the raw weights alone; with EMAs a header and one aligned row per set."""
     head = f"epoch {epoch} ({epoch + 1}/{num_epochs})"
     if timing is not None:
         took, left = timing
@@ -350,19 +377,16 @@ def epoch_line(epoch: int, num_epochs: int, lr: float, train_loss: float,
     head += f" | lr {lr:.3g} train_loss {train_loss:.4f}"
     if skipped_ema_updates:
         head += f" | EMA updates skipped (NaN/Inf weights): {skipped_ema_updates}"
-    pick = min if metric == "loss" else max
-    winner = pick(sets, key=lambda s: results[s.name][metric])
     width = max(len(s.name) for s in sets)
 
     def scores(s: WeightSet) -> str:
         r = results[s.name]
-        return f"top1 {r['top1']:6.2f}  top5 {r['top5']:6.2f}  loss {r['loss']:.4f}"
+        mark = "  <- new best" if s.name in improved else ""
+        return f"top1 {r['top1']:6.2f}  top5 {r['top5']:6.2f}  loss {r['loss']:.4f}{mark}"
 
     if len(sets) == 1:
         return f"{head} | {sets[0].name}: {scores(sets[0])}"
-    rows = [f"  {s.name:<{width}}  {scores(s)}" + ("  <- best this epoch" if s is winner else "")
-            for s in sets]
-    return "\n".join([head] + rows)
+    return "\n".join([head] + [f"  {s.name:<{width}}  {scores(s)}" for s in sets])
 
 
 def final_report(best: dict[str, dict], sets: tuple[WeightSet, ...], metric: str) -> list[str]:

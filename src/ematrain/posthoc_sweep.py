@@ -86,16 +86,16 @@ def targets_for(series: snaps.Series, sigma_rels: list[float] | None,
 
 class WeightBank:
     """Modules holding weight sets to score beside the live model, as `engine.validate` takes
-    a `ModelEma` (its `modules`, `device` and `wait`)."""
+    a `ModelEma` (its `shadows`, `device` and `wait`)."""
 
     def __init__(self, model: nn.Module, states: list[dict], dtype: torch.dtype | None):
         first = next(model.parameters())
         self.device = first.device
-        self.modules = []
+        self.shadows = []
         for state in states:
             module = copy.deepcopy(model)
             module.load_state_dict(state)
-            self.modules.append(module.to(self.device, dtype=dtype or torch.float32).eval())
+            self.shadows.append(module.to(self.device, dtype=dtype or torch.float32).eval())
 
     def wait(self) -> None:
         """Nothing runs in the background here."""
@@ -169,6 +169,14 @@ def write_csv(path: Path, rows: list[Row]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def posthoc_name(row: Row) -> str:
+    """How validate.py names the reconstruction of model_posthoc_best.pth.tar: by its length
+    (``posthoc sr0.0921``, ``posthoc hl2ep``) and fit error."""
+    length = (f"sr{row.sigma_rel:.3g}" if row.kind == "power"
+              else "hl" + row.label.removeprefix("half-life ").replace(" ", ""))
+    return f"posthoc {length} (fit error {row.fit_error:.2%})"
+
+
 def best_checkpoint(meta: dict, state: dict, raw: dict | None, row: Row, target: Target,
                     series: snaps.Series, eval_dtype: str) -> dict:
     """model_posthoc_best.pth.tar: the reconstruction as timm's `state_dict_ema` (also our
@@ -176,7 +184,8 @@ def best_checkpoint(meta: dict, state: dict, raw: dict | None, row: Row, target:
     ckpt = {"arch": meta["arch"], "args": dict(meta["args"]), "num_classes": meta["num_classes"],
             "class_names": list(meta["class_names"]), "data_config": dict(meta["data_config"]),
             "state_dict": raw if raw is not None else state, "state_dict_ema": state,
-            "ema": {"decays": [], "keys": ["state_dict_ema"], "eval_dtype": eval_dtype},
+            "ema": {"decays": [], "keys": ["state_dict_ema"], "eval_dtype": eval_dtype,
+                    "names": [posthoc_name(row)]},
             "version": ckpt_io.CHECKPOINT_VERSION, "ematrain_version": __version__,
             "posthoc": {"target": row.label, "kind": target.profile.kind,
                         "sigma_rel": row.sigma_rel, "half_life_epochs": row.half_life_ep,

@@ -14,6 +14,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .atomic import remove_stale_temporaries
+from .errors import UserError
 from .logs import log
 from .snapshots import (
     FOLDER,
@@ -25,6 +26,9 @@ from .snapshots import (
     snapshot_name,
     snapshot_steps,
 )
+
+# A series that takes more than this share of the free space where it goes is warned about.
+DISK_SHARE = 0.25
 
 
 class PosthocTracker:
@@ -148,7 +152,7 @@ class PosthocTracker:
 
     def entry(self, step: int, meta: dict) -> dict:
         """The snapshot of now as its file will hold it (host memory)."""
-        shadows = [self.ema.shadow_state_dict(i) for i in range(len(self.ema.modules))]
+        shadows = [self.ema.shadow_state_dict(i) for i in range(len(self.ema.shadows))]
         # The schedule's update count (a skipped non-finite update still counts in it).
         updates = self.ema.steps // self.ema.every
         return snapshot_entry(shadows, self.ema.decays, self.ema.schedule.gammas, step, updates,
@@ -158,13 +162,34 @@ class PosthocTracker:
     def plan(self) -> tuple[int, int]:
         """Snapshots the run writes (one per EMA update count reached at a snapshot step) and
         bytes per snapshot."""
-        per = sum(shadow_bytes(m.state_dict(), self.dtype) for m in self.ema.modules)
+        per = sum(shadow_bytes(m.state_dict(), self.dtype) for m in self.ema.shadows)
         every = self.ema.every
         averaged = {s - s % every for s in snapshot_steps(self.every_steps, self.total_steps)}
         return len(averaged - {0}), per
 
+    def check_disk(self, folder: Path, step: int) -> str | None:
+        """The snapshots still to write (after optimizer step `step`) against the free space
+        where they go: a UserError when they cannot fit, a warning line when they take more
+        than `DISK_SHARE` of it, else None."""
+        every, per = self.ema.every, self.plan()[1]
+        steps = {s - s % every for s in snapshot_steps(self.every_steps, self.total_steps)}
+        count = len([s for s in steps if s > step])
+        need = count * per
+        free = shutil.disk_usage(folder).free
+        what = (f"post-hoc EMA: {count} snapshots of {per / 1e6:.3g} MB = "
+                f"{need / 1e9:.3g} GB to write in {folder / FOLDER}")
+        fewer = ("a longer --model-ema-snapshot-every, --model-ema-snapshot-dtype float16 "
+                 "(half the size) or fewer --model-ema-posthoc profiles")
+        if need > free:
+            raise UserError(f"{what}, but only {free / 1e9:.3g} GB are free there: free space, "
+                            f"or give {fewer}")
+        if need > DISK_SHARE * free:
+            return (f"warning: {what}: {need / free:.0%} of the {free / 1e9:.3g} GB free there "
+                    f"(the checkpoints need room too); {fewer} would take less")
+        return None
+
     def state_dict(self) -> dict:
-        return {"ema": self.ema.state_dict(), "every_steps": self.every_steps,
+        return {"ema": self.ema.full_state_dict(), "every_steps": self.every_steps,
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "last_snapshot": list(self.last_snapshot) if self.last_snapshot else None,
                 "fork": dict(self.fork) if self.fork is not None else None}
@@ -172,7 +197,7 @@ class PosthocTracker:
     def load_state_dict(self, state: dict) -> None:
         """The power EMAs' state and where the series stands (the snapshot settings are this
         run's: see the resume policy)."""
-        self.ema.load_state_dict(state["ema"])
+        self.ema.load_full_state_dict(state["ema"])
         taken = state.get("last_snapshot")
         self.last_snapshot = (int(taken[0]), int(taken[1])) if taken else None
         fork = state.get("fork")

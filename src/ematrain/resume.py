@@ -9,12 +9,15 @@ Nothing is replaced or dropped without a line saying so.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import checkpoint as ckpt_io
+from . import timm_resume
 from .errors import UserError
 from .logs import log
+from .outputs import DEFAULT_OUTPUT
 
 KEEP = "checkpoint wins"              # the recorded value is kept; a notice names the ignored one
 NEW = "command line wins"             # the new value applies from here on, with a notice
@@ -60,6 +63,9 @@ RESUME_POLICY: tuple[Rule, ...] = (
          "snapshots follow the new interval"),
     Rule("seed", KEEP, "data order, augmentation and dropout follow the seed: another one "
          "would make the rest no continuation of this run"),
+    Rule("primary_weights", KEEP, "summary.csv's eval_* columns, model_best.pth.tar and the "
+         "history keep one meaning for the whole run (runs saved before the setting existed "
+         "keep the raw weights there)"),
     Rule("output", KEEP, "a resumed run continues in its own folder"),
     Rule("experiment", KEEP, "a resumed run continues in its own folder"),
     Rule("batch_size", MID_EPOCH, "the position within the epoch is counted in batches; a "
@@ -108,28 +114,86 @@ class ResumeSource:
     @property
     def recorded(self) -> dict | None:
         """Every setting of the run, for checkpoints of ours; None for timm's and others'."""
-        return dict(self.ckpt["args"]) if ckpt_io.is_ours(self.ckpt) else None
+        if not ckpt_io.is_ours(self.ckpt):
+            return None
+        # Before --primary-weights, summary.csv's eval_* and model_best.pth.tar were the raw
+        # weights': a run saved then goes on as it began.
+        return {"primary_weights": "raw", **self.ckpt["args"]}
 
     @property
     def mid_epoch(self) -> bool:
         return bool(self.ckpt.get("counters", {}).get("epoch_step"))
 
 
-def find_checkpoint(resume: str, output: str, experiment: str) -> Path | None:
-    """--resume PATH, or with 'auto' the newer of the run's last and recovery checkpoints."""
+def find_checkpoint(resume: str, output: str, experiment: str, model: str = "") -> Path | None:
+    """--resume PATH, or with 'auto' the newer of the run's last and recovery checkpoints: the
+    run `experiment` names, or without one the newest unfinished run of `model` under
+    `output` (`newest_unfinished_run`)."""
     if not resume:
         return None
     if resume != "auto":
         return Path(resume)
     if not experiment:
-        raise UserError("--resume auto needs --experiment to find the run directory")
-    run_dir = Path(output) / experiment if output else Path("output") / "train" / experiment
+        return newest_unfinished_run(Path(output) if output else DEFAULT_OUTPUT, model)
+    run_dir = Path(output) / experiment if output else DEFAULT_OUTPUT / experiment
     # Runs from before ematrain followed timm's layout lie in <--output>/train/<experiment>.
     for folder in (run_dir, Path(output) / "train" / experiment) if output else (run_dir,):
-        found = [p for p in (folder / "last.pth.tar", folder / "recovery.pth.tar") if p.is_file()]
+        found = _latest_checkpoint(folder)
         if found:
-            return max(found, key=lambda p: p.stat().st_mtime_ns)
+            return found
     log.info(f"--resume auto: no checkpoint in {run_dir}, starting fresh")
+    return None
+
+
+_CHECKPOINTS = ("last.pth.tar", "recovery.pth.tar")
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    found = [folder / name for name in _CHECKPOINTS if (folder / name).is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def planned_epochs(args: dict) -> int:
+    """The epochs a run's recorded settings train, as timm's create_scheduler_v2 counts them:
+    --epochs, for the cycle schedules (cosine, tanh, poly) times the cycles with the warmup
+    prefix, plus --cooldown-epochs."""
+    epochs = int(args.get("epochs") or 0)
+    if args.get("sched", "cosine") not in ("cosine", "tanh", "poly"):
+        return epochs
+    cycles, mul = int(args.get("lr_cycle_limit") or 1), float(args.get("lr_cycle_mul") or 1.0)
+    total = epochs * cycles if mul == 1.0 else math.floor(epochs * (mul ** cycles - 1) / (mul - 1))
+    if args.get("warmup_prefix"):
+        total += int(args.get("warmup_epochs") or 0)
+    return total + int(args.get("cooldown_epochs") or 0)
+
+
+def newest_unfinished_run(output: Path, model: str) -> Path | None:
+    """--resume auto without --experiment: the newest checkpoint of a `model` run under
+    `output` that stopped before its last epoch, said in one line. None (a fresh start) when
+    no run of `model` is there; one line naming them when every one has finished."""
+    unfinished, finished = [], []
+    for folder in sorted(p for p in output.iterdir() if p.is_dir()) if output.is_dir() else []:
+        path = _latest_checkpoint(folder)
+        seen = ckpt_io.peek(path) if path is not None else None
+        if seen is None or (seen["arch"] or seen["args"].get("model")) != model:
+            continue
+        done = int((seen["counters"] or {}).get("epoch", 0)) >= planned_epochs(seen["args"])
+        mid = bool((seen["counters"] or {}).get("epoch_step"))
+        (finished if done and not mid else unfinished).append((path, seen))
+    if unfinished:
+        path, seen = max(unfinished, key=lambda c: c[0].stat().st_mtime_ns)
+        others = [p.parent.name for p, _ in unfinished if p != path]
+        log.info(f"--resume auto: continuing {path.parent} (the newest unfinished {model} run "
+                 f"under {output}, at epoch {seen['counters']['epoch']} of "
+                 f"{planned_epochs(seen['args'])})"
+                 + (f"; also unfinished: {', '.join(others)}" if others else ""))
+        return path
+    if finished:
+        names = ", ".join(p.parent.name for p, _ in finished)
+        raise UserError(f"--resume auto: every {model} run under {output} has finished ({names}); "
+                        f"give --experiment NAME to continue one with more --epochs, or leave "
+                        f"--resume out to start a new run")
+    log.info(f"--resume auto: no {model} run under {output}, starting fresh")
     return None
 
 
@@ -140,7 +204,7 @@ def open_source(path: Path) -> ResumeSource:
     if not isinstance(ckpt["epoch"], int) or isinstance(ckpt["epoch"], bool):
         raise UserError(f"cannot resume from {path}: its 'epoch' is {ckpt['epoch']!r}, "
                         f"not a whole number")
-    return ResumeSource(path, ckpt_io.upgrade(ckpt))
+    return ResumeSource(path, timm_resume.upgrade(ckpt_io.upgrade(ckpt)))
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -212,8 +276,15 @@ def check_run(run, source: ResumeSource) -> None:
                         f"({_RULES['class_names'].why})")
     if (run.ema is not None) != ("ema" in ckpt):
         state = "holds EMA state" if "ema" in ckpt else "holds no EMA state"
+        hint = ""
+        if timm_resume.is_timm_ema(ckpt):
+            decays = ckpt["ema"]["decays"]
+            hint = (f"; add --model-ema --model-ema-decay {decays[0]:g} to continue timm's EMA"
+                    if decays else "; add --model-ema and its --model-ema-decay to continue "
+                    "timm's EMA")
         raise UserError(f"cannot resume from {source.path}: it {state} but the EMA is "
-                        f"{'on' if run.ema is not None else 'off'} ({_RULES['model_ema'].why})")
+                        f"{'on' if run.ema is not None else 'off'} ({_RULES['model_ema'].why})"
+                        + hint)
     if run.ema is not None:
         _check_decays(run, source)
     if (run.posthoc is not None) != ("posthoc_ema" in ckpt):
@@ -232,6 +303,10 @@ def _check_decays(run, source: ResumeSource) -> None:
     per-step decays follow the new images per step."""
     ckpt = source.ckpt
     saved = [float(d) for d in ckpt["ema"].get("decays", [])]
+    if not saved and timm_resume.is_timm_ema(ckpt) and len(run.decays) == 1:
+        log.info(f"resume: {source.path} does not record its EMA's decay; it continues at "
+                 f"{run.decays[0]:g}")
+        return
     if len(saved) == len(run.decays) and all(abs(a - b) <= 1e-12
                                              for a, b in zip(saved, run.decays)):
         return
@@ -252,11 +327,14 @@ def restore(run, source: ResumeSource) -> None:
     rebuilt = bool(source.changed & SCHEDULE_SETTINGS)
     if rebuilt:
         skip.add("scheduler")  # its saved state would bring the old settings back
-    if not ckpt_io.is_ours(source.ckpt):
+    ours = ckpt_io.is_ours(source.ckpt)
+    if not ours:
         skip |= {"keeper", "summary"}
+        timm_resume.take_over_counters(run, source.ckpt, source.path)
     fresh = [(g["lr"], g.get("initial_lr")) for g in run.optimizer.param_groups]
     for name in ckpt_io.restore(run, source.ckpt, source.path, skip=frozenset(skip)):
-        log.info(f"resume: {source.path} holds no {name} state; this run's starts fresh")
+        if ours or name not in ("scheduler", "keeper", "summary"):  # timm's: said above
+            log.info(f"resume: {source.path} holds no {name} state; this run's starts fresh")
     run.counters.world_size = run.dist.world_size
     if ckpt_io.is_ours(source.ckpt):  # the same run, going on (a timm checkpoint starts one)
         run.run_id = source.ckpt.get("run_id")

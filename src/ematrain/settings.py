@@ -592,6 +592,7 @@ class LoopSpec:
     recovery_interval: int
     checkpoint_hist: int
     eval_metric: str
+    primary_weights: str
     output: str
     experiment: str
     resume: str
@@ -660,7 +661,7 @@ class TrainSettings:
 class WeightChoice:
     """Which weights of a checkpoint validate.py evaluates."""
     use_ema: bool
-    ema_decay: float | None
+    ema_decay: str | None  # a decay or a shadow's name (`checkpoint.ema_index_for_decay`)
     ema_index: int | None
 
     def __post_init__(self):
@@ -764,7 +765,7 @@ def resolve_train(argv: list[str]) -> tuple[TrainSettings, ResumeSource | None]:
     under the recipe and the command line, through the resume policy."""
     argv = [str(a) for a in argv]
     ns = parse_command(train_parser, argv)
-    path = find_checkpoint(ns.resume, ns.output, ns.experiment)
+    path = find_checkpoint(ns.resume, ns.output, ns.experiment, ns.model)
     if path is None:
         return TrainSettings.from_args(ns), None
     source = open_source(path)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_io
-from . import distributed, ema_horizons, outputs, resume, snapshots
+from . import distributed, ema_horizons, outputs, resume, snapshots, timm_resume
 from .build import Run, build_run, posthoc_plan_line
 from .cli import command_name, exit_process, launcher, run_main
 from .clock import RunClock, duration
@@ -33,6 +33,7 @@ from .resume import ResumeSource
 from .seeding import seed_everything
 from .settings import resolve_train
 from .signals import StopRequest
+from .weightsets import primary_set, regular_emas
 
 
 class Interrupted(Exception):
@@ -71,9 +72,9 @@ class Training:
     def fit(self) -> int:
         if self.source is not None:
             resume.restore(self.run, self.source)
-        self.open_folder()
         done = False
         try:
+            self.open_folder()  # a refusal here (no room for the post-hoc series) leaves no folder
             rc = self.epochs()
             self.run.keeper.wait()  # the last write; its failure is this run's
             done = rc == 0
@@ -113,9 +114,14 @@ class Training:
         path, run.run_id = distributed.broadcast_object((path, run.run_id), run.dist)
         self.run_dir = Path(path)
         run.keeper.run_dir = self.run_dir
+        if self.source is not None and not ckpt_io.is_ours(self.source.ckpt):
+            timm_resume.adopt_folder(run, self.source, self.run_dir)
         if self.source is not None:
             run.keeper.repair()
         if self.primary and run.posthoc is not None:
+            warning = run.posthoc.check_disk(self.run_dir, run.counters.num_updates)
+            if warning:
+                log.warning(warning)
             run.posthoc.open_folder(self.run_dir, resumed=self.source is not None,
                                     step=run.counters.num_updates, on_disk=run.keeper.on_disk())
         if self.primary:
@@ -161,9 +167,9 @@ class Training:
         self.loop.check()
         ema, tracker = self.run.ema, self.run.posthoc
         bad = ema.nonfinite_shadows() if ema is not None else []
-        names = [s.name for s in self.run.weight_sets if s.shadow in bad]
+        names = [s.name for s in regular_emas(self.run.weight_sets) if s.shadow in bad]
         if tracker is not None:
-            names += [f"power {tracker.sigma_rels[i]:g}" for i in tracker.ema.nonfinite_shadows()]
+            names += [f"power sr{tracker.sigma_rels[i]:g}" for i in tracker.ema.nonfinite_shadows()]
         if self.any_rank(bool(names)):
             raise NonFiniteShadows(self.run.counters.epoch, names or ["shadows"])
 
@@ -207,19 +213,21 @@ class Training:
         self.run.take_snapshot()  # the epoch's last update (the loop yields only the others)
         run.shadow_policy.apply(run.ema, run.model, epoch, lambda images: calibration_input(
             run, images))
-        scores = validate(run.model, val_loader, run.device, ema=run.ema, epoch=epoch,
+        scores = validate(run.model, val_loader, run.device, emas=run.validated_emas(), epoch=epoch,
                           amp_dtype=run.precision.autocast,
                           channels_last=run.precision.channels_last,
                           reduce=lambda t: distributed.all_reduce_sum(t, run.dist),
                           show=self.primary, normalize=run.data.normalize)
         results = {s.name: r for s, r in zip(run.weight_sets, scores)}
-        raw = results[run.weight_sets[0].name][metric]
+        # As timm's train.py: the primary set's metric (the EMA's, with one on) is the one the
+        # plateau scheduler and the checkpoint's `metric` see.
+        value = results[primary_set(run.weight_sets).name][metric]
         if run.scheduler is not None:
-            run.scheduler.step(epoch + 1, raw)
+            run.scheduler.step(epoch + 1, value)
         run.summary.add(epoch, lr, train_loss, results)
         improved = run.keeper.record(epoch, results)
         run.counters.finish_epoch()
-        ckpt = self.checkpoint(metric=raw)
+        ckpt = self.checkpoint(metric=value)
         if self.primary:
             rows = [dict(r) for r in run.summary.rows]
             settle = self.settle_series()
@@ -228,7 +236,7 @@ class Training:
             skipped = run.ema.skipped_nonfinite if run.ema is not None else 0
             took = self.clock.end_epoch()
             print(outputs.epoch_line(epoch, run.num_epochs, lr, train_loss, results,
-                                     run.weight_sets, metric, skipped,
+                                     run.weight_sets, [s.name for s in improved], skipped,
                                      timing=(took, self.clock.remaining(epoch))), flush=True)
         distributed.barrier(run.dist)
 
@@ -269,7 +277,8 @@ def open_run_folder(run: Run, source: ResumeSource | None) -> outputs.RunFolder:
     if source is not None and ckpt_io.is_ours(source.ckpt):
         folder = outputs.RunFolder.open(source.path.parent, resuming=True)
     else:
-        base = outputs.run_folder_base(loop.output, loop.experiment, run.settings.model.model)
+        base = outputs.run_folder_base(loop.output, loop.experiment, run.settings.model.model,
+                                       run.data.data_config["input_size"][-1])
         folder = outputs.RunFolder.open(base, resuming=source is not None or loop.resume == "auto")
     outputs.check_writable(folder.path)
     return folder
@@ -312,10 +321,10 @@ def sync_replicas(run: Run) -> None:
         return
     if run.ema is not None:
         run.ema.wait()
-    shadows = run.ema.modules if run.ema is not None else []
+    shadows = run.ema.shadows if run.ema is not None else []
     if run.posthoc is not None:
         run.posthoc.ema.wait()
-        shadows = shadows + run.posthoc.ema.modules
+        shadows = shadows + run.posthoc.ema.shadows
     if not s.dist.sync_bn:
         for module in [run.module] + shadows:
             distributed.distribute_bn(module, run.dist, s.dist.dist_bn, run.device)
@@ -325,7 +334,7 @@ def sync_replicas(run: Run) -> None:
         buffers = bool(s.dist.sync_bn or s.dist.dist_bn)
         sums = distributed.check_replicas_agree(shadows, run.dist, run.device,
                                                 include_buffers=buffers)
-        regular = len(run.ema.modules) if run.ema is not None else 0
+        regular = len(run.ema.shadows) if run.ema is not None else 0
         for what, part in (("EMA", sums[:regular]), ("post-hoc EMA", sums[regular:])):
             if part:
                 log.info(f"{what} checksums (equal on all ranks): "
@@ -356,9 +365,9 @@ def ema_advice(run: Run) -> list[str]:
     if run.ema is None or not run.summary.rows:
         return []
     last = run.summary.rows[-1]
-    finals = [last[f"{s.column_prefix}eval_{metric}"] for s in run.weight_sets[1:]]
-    return ema_horizons.advice(run.ema, run.ema_labels(), run.length(), last[f"eval_{metric}"],
-                               finals, metric)
+    raw, *emas = (last[f"{s.column_prefix}eval_{metric}"]
+                  for s in run.weight_sets if s.shadow is None or not s.posthoc)
+    return ema_horizons.advice(run.ema, run.ema_labels(), run.length(), raw, emas, metric)
 
 
 def calibration_input(run: Run, images: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,17 @@ def resolve_data_config(image: ImageSpec, ckpt: dict, model) -> dict:
     return data.data_config_for(overrides, model)
 
 
+def results_record(arch: str, result: dict, model, data_config: dict) -> dict:
+    """timm's validate.py results, its fields in its order (ours follow): top-1 and top-5 as
+    measured (not rounded: they equal the training log's), their errors, parameters in
+    millions and the evaluation transform."""
+    return {"model": arch, "top1": result["top1"], "top1_err": 100.0 - result["top1"],
+            "top5": result["top5"], "top5_err": 100.0 - result["top5"],
+            "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "img_size": data_config["input_size"][-1], "crop_pct": data_config.get("crop_pct"),
+            "interpolation": data_config.get("interpolation")}
+
+
 def write_results(path: str, results: dict, kind: str) -> None:
     """`results` as one JSON object or a one-row CSV (`kind`), written atomically."""
     path = Path(path)
@@ -175,10 +186,9 @@ def _evaluate(s: ValidateSettings, info, device) -> int:
                       channels_last=precision.channels_last)[0]
     if not info.is_primary:
         return 0
-    results = {"model": arch, "checkpoint": str(s.source), "weights": name,
-               "top1": result["top1"], "top5": result["top5"], "loss": result["loss"],
-               "count": result["count"], "img_size": data_config["input_size"][-1],
-               "crop_pct": data_config.get("crop_pct")}
+    results = results_record(arch, result, model, data_config)
+    results.update(checkpoint=str(s.source), weights=name, loss=result["loss"],
+                   count=result["count"])
     print(f"{arch} ({name}) on {split_dir}: top1 {result['top1']:.4f} top5 "
           f"{result['top5']:.4f} loss {result['loss']:.4f} images {result['count']}", flush=True)
     if s.results_file:
