@@ -13,12 +13,22 @@ that starts as a copy of the initial weights ``theta_0`` weighs ``theta_0`` by `
 
 Every snapshot is a known linear combination of the iterates, so a target EMA is approximated by
 the combination of snapshots whose profile is closest to the target's in the least-squares
-sense. Unlike EDM2, which uses the continuous profiles, the profiles here are the discrete ones
-the training loop really applied (they differ for short runs, and the exponential target's
-weight on ``theta_0`` has no continuous power counterpart); the Gram matrix is accumulated in
-float64 over blocks of iterates, so memory does not grow with the run's length. The fit error
-is the relative L2 distance between the reconstructed and the target profile, computed from the
-residual itself (not from the normal equations, which cancel).
+sense, among the combinations whose coefficients sum to one. Every profile sums to one, so such
+a combination rebuilds a constant weight (a LayerNorm gain, a BatchNorm variance that no longer
+moves) as itself, and the mass a target puts where no snapshot reaches (its first iterates, the
+initial weights of an exponential EMA) goes to the snapshots nearest it instead of being dropped:
+an unconstrained fit shrinks every weight towards zero by ``1 - sum(c)``. EDM2 solves without the
+constraint and divides by the sum afterwards; the constrained solution is the least-squares
+optimum among exactly those combinations. Unlike EDM2, which uses the continuous profiles, the
+profiles here are the discrete ones the training loop really applied (they differ for short
+runs, and the exponential target's weight on ``theta_0`` has no continuous power counterpart).
+
+The problem is solved from a triangular factor R of the iterates x profiles matrix (QR, updated
+block by block in float64, so memory does not grow with the run's length), not from its Gram
+matrix, whose condition number is the square of it: where the snapshots can represent a target
+exactly the fit error comes out near 1e-15 rather than 1e-10. The fit error is the relative L2
+distance between the reconstructed and the target profile, computed from the residual itself in
+a second pass over the iterates.
 
 Time is counted in EMA updates (``--model-ema-every N`` averages every N optimizer steps:
 ``(1 - N/s)^(g+1)`` at step ``s`` is ``(1 - 1/u)^(g+1)`` at update ``u = s/N``).
@@ -111,7 +121,8 @@ class Solution:
     """Least-squares coefficients of the snapshots for each target.
 
     Attributes:
-        coefficients: float64 array (targets x snapshots): target j ~ sum_i c[j, i] snapshot_i.
+        coefficients: float64 array (targets x snapshots): target j ~ sum_i c[j, i] snapshot_i;
+            each row sums to one (to rounding).
         fit_errors: relative L2 error of each reconstructed profile against its target.
     """
     coefficients: np.ndarray
@@ -124,34 +135,61 @@ class Solution:
 
 
 def _blocks(profiles: Sequence[Profile]):
-    """(start, stop, weights matrix profiles x block) over all the iterates any profile uses."""
+    """The weights matrix (profiles x block) of every block of the iterates any profile uses."""
     end = max(p.t for p in profiles) + 1
     for start in range(0, end, _BLOCK):
         stop = min(end, start + _BLOCK)
         yield np.stack([p.weights(start, stop) for p in profiles])
 
 
-def solve(snapshots: Sequence[Profile], targets: Sequence[Profile]) -> Solution:
-    """The least-squares combination of `snapshots` closest to each of `targets`, in float64.
+def _triangular_factor(profiles: Sequence[Profile]) -> np.ndarray:
+    """R (profiles x profiles, upper triangular) with ``R^T R = W^T W``, W the iterates x profiles
+    matrix: each block's rows are stacked under the R so far and factored again."""
+    size = len(profiles)
+    r = np.zeros((0, size))
+    for block in _blocks(profiles):
+        r = np.linalg.qr(np.vstack([r, block.T]), mode="r")
+    full = np.zeros((size, size))  # fewer iterates than profiles: R has fewer rows
+    full[: r.shape[0]] = r
+    return full
 
-    The normal equations ``A c = b`` (A: the snapshots' Gram matrix, b: their inner products with
-    the target) are solved by ``numpy.linalg.lstsq``, which takes the smallest-norm solution
-    among nearly equivalent ones (close snapshots make A nearly singular): small coefficients
-    keep the snapshots' rounding error small in the reconstruction.
+
+def _lstsq_sum_one(a: np.ndarray, b: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """argmin ||a x - b|| subject to ``d . x = 1``, for each column of b, by the null-space method:
+    ``x = d / |d|^2 + N z`` with N an orthonormal basis of the vectors orthogonal to d, so that
+    the constraint holds for every z and ``|x|^2 = |x0|^2 + |z|^2``: the smallest-norm z among
+    nearly equivalent ones (close snapshots make ``a N`` nearly singular) is the smallest x."""
+    x0 = d / (d @ d)
+    q, _ = np.linalg.qr(d[:, None], mode="complete")
+    basis = q[:, 1:]
+    # Singular values of the profiles themselves (not of their Gram matrix): 1e-6 of the largest
+    # is the cutoff the Gram matrix's 1e-12 was; the default series' fits do not reach it.
+    z, *_ = np.linalg.lstsq(a @ basis, b - (a @ x0)[:, None], rcond=1e-6)
+    x = x0[:, None] + basis @ z
+    # The basis's rounding, grown by large coefficients, leaves d . x off by up to ~1e-13;
+    # dividing by it leaves only the rounding of the sum itself.
+    return x / (d @ x)
+
+
+def solve(snapshots: Sequence[Profile], targets: Sequence[Profile]) -> Solution:
+    """The combination of `snapshots` closest to each of `targets` in least squares, with
+    coefficients that sum to one, in float64.
+
+    The snapshots' columns are scaled to unit norm (better conditioned; the constraint becomes
+    ``sum(c_i / s_i) = 1`` on the scaled coefficients), and among nearly equivalent solutions the
+    one with the smallest scaled coefficients is taken: small coefficients keep the snapshots'
+    rounding error small in the reconstruction.
     """
     n = len(snapshots)
     if n == 0 or not targets:
         raise ValueError("need at least one snapshot and one target")
     everything = list(snapshots) + list(targets)
-    gram = np.zeros((len(everything), len(everything)))
-    for block in _blocks(everything):
-        gram += block @ block.T
-    a, b = gram[:n, :n], gram[:n, n:]
-    scale = np.sqrt(np.diag(a))  # columns of unit norm: better conditioned
-    coef, *_ = np.linalg.lstsq(a / np.outer(scale, scale), b / scale[:, None], rcond=1e-12)
-    coef = coef / scale[:, None]
+    r = _triangular_factor(everything)
+    scale = np.linalg.norm(r[:, :n], axis=0)
+    coef = _lstsq_sum_one(r[:, :n] / scale, r[:, n:], 1.0 / scale) / scale[:, None]
     residual = np.zeros(len(targets))
+    norms = np.zeros(len(targets))
     for block in _blocks(everything):
         residual += ((coef.T @ block[:n]) - block[n:]) ** 2 @ np.ones(block.shape[1])
-    norms = np.sqrt(np.diag(gram)[n:])
-    return Solution(coef.T.copy(), np.sqrt(residual) / norms)
+        norms += block[n:] ** 2 @ np.ones(block.shape[1])
+    return Solution(coef.T.copy(), np.sqrt(residual / norms))
