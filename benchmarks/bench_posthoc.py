@@ -190,7 +190,7 @@ def bench(args) -> None:
 
 # The series --fit measures: the default tracked profiles, snapshots evenly spaced.
 FIT_TRACKED = (0.05, 0.10)
-FIT_UPDATES = 10_000
+FIT_UPDATES = 3200
 FIT_COUNTS = (8, 16, 32, 64, 128)
 DTYPE_UPDATES, DTYPE_SIZE, DTYPE_COUNTS = 3200, 4000, (32, 64)
 DTYPE_TARGETS = (0.0125, 0.0243, 0.05, 0.0921, 0.179)
@@ -221,9 +221,9 @@ def fit_rows(updates: int = FIT_UPDATES, counts=FIT_COUNTS):
 def fit_table() -> list[str]:
     """The fit error of the default sweep against the snapshot count (pure arithmetic)."""
     sweep, rows = fit_rows()
-    lines = [f"Fit error (%, relative L2 of the profile) of the default sweep (sigma_rel), tracked "
-             f"{' '.join(f'{s:.2f}' for s in FIT_TRACKED)}, {FIT_UPDATES} updates; gain = the "
-             f"largest sum of |c| (by how much snapshot rounding can grow):", "",
+    lines = [(f"Fit error (%, relative L2 of the profile) of the default sweep (sigma_rel), "
+              f"tracked {' '.join(f'{s:.2f}' for s in FIT_TRACKED)}, {FIT_UPDATES} updates; gain "
+              f"= the largest sum of |c| (by how much snapshot rounding can grow):"), "",
              "| snapshots | " + " | ".join(f"{s:g}" for s in sweep) + " | gain |",
              "|---|" + "---|" * (len(sweep) + 1)]
     for count, errors, gain in rows:
@@ -245,7 +245,13 @@ def power_emas(thetas: np.ndarray, sigma_rels, at) -> dict[int, np.ndarray]:
     return out
 
 
-def dtype_errors(count: int, dtypes) -> dict:
+def drifting_walk(updates: int = DTYPE_UPDATES, size: int = DTYPE_SIZE) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return np.cumsum(rng.normal(scale=0.3, size=(updates + 1, size))
+                     + 0.05 * rng.normal(size=size), axis=0)
+
+
+def dtype_errors(walk: np.ndarray, count: int, dtypes) -> dict:
     """{dtype: relative weight error at each DTYPE_TARGETS}: power EMAs of a drifting random walk,
     snapshotted in each dtype, reconstructed in float64 as `snapshots.synthesize` does (in
     float32 for all but float64 snapshots), against the reconstruction from float64 snapshots
@@ -254,10 +260,8 @@ def dtype_errors(count: int, dtypes) -> dict:
 
     from ematrain.ema_schedules import sigma_rel_to_gamma as gamma
     from ematrain.posthoc import Profile, solve
-    rng = np.random.default_rng(1)
-    walk = np.cumsum(rng.normal(scale=0.3, size=(DTYPE_UPDATES + 1, DTYPE_SIZE))
-                     + 0.05 * rng.normal(size=DTYPE_SIZE), axis=0)
-    times = list(range(DTYPE_UPDATES // count, DTYPE_UPDATES + 1, DTYPE_UPDATES // count))
+    updates = len(walk) - 1
+    times = list(range(updates // count, updates + 1, updates // count))
     emas = power_emas(walk, FIT_TRACKED, set(times))
     stack = torch.from_numpy(np.concatenate([emas[t] for t in times]))  # snapshot-major
     profiles = [Profile("power", gamma(s), t) for t in times for s in FIT_TRACKED]
@@ -273,13 +277,14 @@ def dtype_errors(count: int, dtypes) -> dict:
 
 def dtype_table() -> list[str]:
     import torch
-    lines = [f"Relative weight error the snapshot dtype adds (against float64 snapshots) at sigma_rel "
-             f"{' '.join(map(str, DTYPE_TARGETS))}:", "",
+    lines = [(f"Relative weight error the snapshot dtype adds (against float64 snapshots) at "
+              f"sigma_rel {' '.join(map(str, DTYPE_TARGETS))}:"), "",
              "| snapshots | dtype | " + " | ".join(map(str, DTYPE_TARGETS)) + " |",
              "|---|---|" + "---|" * len(DTYPE_TARGETS)]
+    walk = drifting_walk()
     for count in DTYPE_COUNTS:
-        for dt, errors in dtype_errors(count, (torch.float32, torch.float16,
-                                               torch.bfloat16)).items():
+        for dt, errors in dtype_errors(walk, count, (torch.float32, torch.float16,
+                                                     torch.bfloat16)).items():
             lines.append(f"| {count} | {str(dt).removeprefix('torch.')} | "
                          + " | ".join(f"{e:.1e}" for e in errors) + " |")
     return lines
