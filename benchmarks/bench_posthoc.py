@@ -17,9 +17,10 @@ over the seeds, on the validation split at the end of training:
   the writer, measured in-process around ``Training.take_snapshot``), disk per run, and the wall
   time of ``validate.py --posthoc`` (reconstruction and one scoring pass for all weight sets).
 
-``--fit`` instead prints the arithmetic behind the defaults: the fit error of the default sweep
-for 8 to 128 snapshots per run and, for a real series, the weight error of reconstructing the
-tracked profiles and a sweep target from float32, bfloat16 and float16 snapshots.
+``--fit`` instead prints the arithmetic behind the defaults (no training, a few seconds), as
+README.md quotes it between its marker lines: the fit error of the default sweep for 8 to 128
+snapshots per run and the weight error that float32, float16 and bfloat16 snapshots add to
+reconstructions of a drifting random walk's power EMAs.
 
     python benchmarks/bench_posthoc.py [--seeds 0 1 2] [--epochs 12] [--noise 0.3] [--fit]
 """
@@ -187,78 +188,111 @@ def bench(args) -> None:
         print(f"kept {work}")
 
 
-def fit_table() -> None:
-    """The fit error of the default sweep against the snapshot count (pure arithmetic)."""
+# The series --fit measures: the default tracked profiles, snapshots evenly spaced.
+FIT_TRACKED = (0.05, 0.10)
+FIT_UPDATES = 3200
+FIT_COUNTS = (8, 16, 32, 64, 128)
+DTYPE_UPDATES, DTYPE_SIZE, DTYPE_COUNTS = 3200, 4000, (32, 64)
+DTYPE_TARGETS = (0.0125, 0.0243, 0.05, 0.0921, 0.179)
+# README.md holds the --fit output between these lines (tests/test_readme_figures.py checks it).
+BLOCK_BEGIN = "<!-- bench_posthoc --fit: begin -->"
+BLOCK_END = "<!-- bench_posthoc --fit: end -->"
+
+
+def even_times(updates: int, count: int) -> list[int]:
+    return [round(updates * (i + 1) / count) for i in range(count)]
+
+
+def fit_rows(updates: int = FIT_UPDATES, counts=FIT_COUNTS):
+    """(sweep, [(count, fit errors, max sum |c|)]): the default sweep's fit per snapshot count."""
     from ematrain.ema_schedules import sigma_rel_to_gamma as gamma
     from ematrain.posthoc import Profile, solve
     from ematrain.posthoc_sweep import default_sigma_rels
-    total = 10_000
-    sweep = default_sigma_rels((0.05, 0.10))
-    print(f"fit error (relative L2 of the profile) of the default sweep, tracked 0.05 0.10, "
-          f"{total} updates; gain = sum |c| (how much snapshot rounding can grow)\n")
-    print("| snapshots | " + " | ".join(f"{s:g}" for s in sweep) + " | max gain |")
-    print("|---|" + "---|" * (len(sweep) + 1))
-    for count in (8, 16, 32, 64, 128):
-        times = [round(total * (i + 1) / count) for i in range(count)]
-        profiles = [Profile("power", gamma(s), t) for t in times for s in (0.05, 0.10)]
-        sol = solve(profiles, [Profile("power", gamma(s), total) for s in sweep])
-        print(f"| {count} | " + " | ".join(f"{e:.3f}" for e in sol.fit_errors)
-              + f" | {max(sol.gain(i) for i in range(len(sweep))):.0f} |")
+    sweep = default_sigma_rels(FIT_TRACKED)
+    rows = []
+    for count in counts:
+        profiles = [Profile("power", gamma(s), t) for t in even_times(updates, count)
+                    for s in FIT_TRACKED]
+        sol = solve(profiles, [Profile("power", gamma(s), updates) for s in sweep])
+        rows.append((count, sol.fit_errors, max(sol.gain(i) for i in range(len(sweep)))))
+    return sweep, rows
 
 
-def dtype_table(updates: int = 3200, size: int = 4000) -> None:
-    """The weight error the snapshot dtype adds: power EMAs (ModelEma.power, float64) of a
-    drifting random walk, snapshotted in each dtype, reconstructed, against the float64
-    reconstruction from the same series (so the fit error itself cancels out)."""
+def fit_table() -> list[str]:
+    """The fit error of the default sweep against the snapshot count (pure arithmetic)."""
+    sweep, rows = fit_rows()
+    lines = [(f"Fit error (%, relative L2 of the profile) of the default sweep (sigma_rel), "
+              f"tracked {' '.join(f'{s:.2f}' for s in FIT_TRACKED)}, {FIT_UPDATES} updates; gain "
+              f"= the largest sum of |c| (by how much snapshot rounding can grow):"), "",
+             "| snapshots | " + " | ".join(f"{s:g}" for s in sweep) + " | gain |",
+             "|---|" + "---|" * (len(sweep) + 1)]
+    for count, errors, gain in rows:
+        lines.append(f"| {count} | " + " | ".join(f"{100 * e:.2g}" for e in errors)
+                     + f" | {gain:.0f} |")
+    return lines
+
+
+def power_emas(thetas: np.ndarray, sigma_rels, at) -> dict[int, np.ndarray]:
+    """float64 power EMAs of `thetas`, step by step: {t: array (profiles x size)} at steps `at`."""
+    from ematrain.ema_schedules import sigma_rel_to_gamma as gamma
+    gammas = np.array([gamma(s) for s in sigma_rels])[:, None]
+    ema, out = np.repeat(thetas[:1], len(gammas), axis=0), {}
+    for t in range(1, len(thetas)):
+        beta = (1.0 - 1.0 / t) ** (gammas + 1.0)
+        ema = beta * ema + (1.0 - beta) * thetas[t]
+        if t in at:
+            out[t] = ema.copy()
+    return out
+
+
+def drifting_walk(updates: int = DTYPE_UPDATES, size: int = DTYPE_SIZE) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return np.cumsum(rng.normal(scale=0.3, size=(updates + 1, size))
+                     + 0.05 * rng.normal(size=size), axis=0)
+
+
+def dtype_errors(walk: np.ndarray, count: int, dtypes) -> dict:
+    """{dtype: relative weight error at each DTYPE_TARGETS}: power EMAs of a drifting random walk,
+    snapshotted in each dtype, reconstructed in float64 as `snapshots.synthesize` does (in
+    float32 for all but float64 snapshots), against the reconstruction from float64 snapshots
+    (so the fit error itself cancels out)."""
     import torch
 
-    from ematrain import checkpoint as ckpt_io
-    from ematrain import snapshots as snaps
-    from ematrain.ema import ModelEma
     from ematrain.ema_schedules import sigma_rel_to_gamma as gamma
     from ematrain.posthoc import Profile, solve
+    updates = len(walk) - 1
+    times = list(range(updates // count, updates + 1, updates // count))
+    emas = power_emas(walk, FIT_TRACKED, set(times))
+    stack = torch.from_numpy(np.concatenate([emas[t] for t in times]))  # snapshot-major
+    profiles = [Profile("power", gamma(s), t) for t in times for s in FIT_TRACKED]
+    coef = torch.from_numpy(solve(profiles, [Profile("power", gamma(s), times[-1])
+                                             for s in DTYPE_TARGETS]).coefficients)
+    want = coef @ stack
+    out = {}
+    for dt in dtypes:
+        got = (coef @ stack.to(dt).double()).to(torch.promote_types(dt, torch.float32)).double()
+        out[dt] = ((got - want).norm(dim=1) / want.norm(dim=1)).tolist()
+    return out
 
-    rng = np.random.default_rng(1)
-    walk = np.cumsum(rng.normal(scale=0.3, size=(updates + 1, size)) + 0.05 * rng.normal(
-        size=size), axis=0)
-    model = torch.nn.Linear(size, 1, bias=False).double()
-    targets = (0.0125, 0.0243, 0.05, 0.0921, 0.179)
-    meta = {k: None for k in snaps.META_KEYS}
-    meta.update(every=1, steps_per_epoch=1, images_per_step=1)
-    dtypes = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-    print(f"\nrelative weight error the snapshot dtype adds (vs float64 snapshots), targets "
-          f"sigma_rel {' '.join(map(str, targets))}\n")
-    print("| snapshots | dtype | " + " | ".join(map(str, targets)) + " |")
-    print("|---|---|" + "---|" * len(targets))
-    for count in (32, 64):
-        with tempfile.TemporaryDirectory() as tmp:
-            folders = {dt: Path(tmp) / str(dt) for dt in dtypes}
-            for folder in folders.values():
-                folder.mkdir()
-            with torch.no_grad():
-                model.weight.copy_(torch.from_numpy(walk[0])[None])
-            ema = ModelEma.power(model, [0.05, 0.10], dtype=torch.float64)
-            for t in range(1, updates + 1):
-                with torch.no_grad():
-                    model.weight.copy_(torch.from_numpy(walk[t])[None])
-                ema.update(model)
-                if t % (updates // count) == 0:
-                    shadows = [ema.shadow_state_dict(i) for i in range(2)]
-                    for dt, folder in folders.items():
-                        entry = snaps.snapshot_entry(shadows, [0.05, 0.1], ema.schedule.gammas,
-                                                     t, t, dt, meta)
-                        ckpt_io.write_file(folder / snaps.snapshot_name(t), entry)
-            rebuilt = {}
-            for dt, folder in folders.items():
-                series = snaps.read_series(folder)
-                sol = solve(series.profiles(),
-                            [Profile("power", gamma(s), series.updates) for s in targets])
-                rebuilt[dt] = [s["weight"].double() for s in snaps.synthesize(series, sol)[0]]
-            for dt in dtypes[1:]:
-                errors = [float((a - b).norm() / b.norm())
-                          for a, b in zip(rebuilt[dt], rebuilt[torch.float64])]
-                print(f"| {count} | {str(dt).removeprefix('torch.')} | "
-                      + " | ".join(f"{e:.1e}" for e in errors) + " |")
+
+def dtype_table() -> list[str]:
+    import torch
+    lines = [(f"Relative weight error the snapshot dtype adds (against float64 snapshots) at "
+              f"sigma_rel {' '.join(map(str, DTYPE_TARGETS))}:"), "",
+             "| snapshots | dtype | " + " | ".join(map(str, DTYPE_TARGETS)) + " |",
+             "|---|---|" + "---|" * len(DTYPE_TARGETS)]
+    walk = drifting_walk()
+    for count in DTYPE_COUNTS:
+        for dt, errors in dtype_errors(walk, count, (torch.float32, torch.float16,
+                                                     torch.bfloat16)).items():
+            lines.append(f"| {count} | {str(dt).removeprefix('torch.')} | "
+                         + " | ".join(f"{e:.1e}" for e in errors) + " |")
+    return lines
+
+
+def fit_block() -> str:
+    """What --fit prints, as README.md quotes it."""
+    return "\n".join([BLOCK_BEGIN, *fit_table(), "", *dtype_table(), BLOCK_END])
 
 
 def main() -> int:
@@ -277,8 +311,7 @@ def main() -> int:
     p.add_argument("--keep", action="store_true")
     args = p.parse_args()
     if args.fit:
-        fit_table()
-        dtype_table()
+        print(fit_block())
         return 0
     bench(args)
     return 0
