@@ -51,11 +51,11 @@ def test_a_stale_best_file_of_a_finished_run_is_repaired_by_its_resume(finished,
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
     records = torch.load(run_dir / LAST, weights_only=True)["keeper"]
-    best = records["best"]["raw"]["epoch"]
+    best = records["best"]["ema 0.9"]["epoch"]  # model_best.pth.tar is the EMA's, as timm's
     other = next(e for e in range(3) if e != best)
-    ema_best = records["best"]["ema 0.9"]["epoch"]
+    raw_best = records["best"]["raw"]["epoch"]
     replace_by_copy(run_dir, "model_best.pth.tar", other)
-    (run_dir / "model_best_ema.pth.tar").unlink()  # a missing one too
+    (run_dir / "model_best_raw.pth.tar").unlink()  # a missing one too
     assert epoch_of(run_dir / "model_best.pth.tar") == other
     with torch_threads(1):
         r = run_in_process(train.main, "train.py", "--resume", "auto", *ARGS, "--output",
@@ -64,7 +64,7 @@ def test_a_stale_best_file_of_a_finished_run_is_repaired_by_its_resume(finished,
     lines = repaired_lines(r.stderr)
     assert len(lines) == 1, r.stderr
     assert f"model_best.pth.tar (epoch {best}, from " in lines[0], lines
-    assert f"model_best_ema.pth.tar (epoch {ema_best}, from " in lines[0], lines
+    assert f"model_best_raw.pth.tar (epoch {raw_best}, from " in lines[0], lines
     assert epoch_of(run_dir / "model_best.pth.tar") == best
     assert_files_agree_with_records(run_dir)
 
@@ -79,7 +79,7 @@ def test_a_stale_best_file_is_repaired_by_a_resume_in_the_middle_of_an_epoch(
         mid = run_in_process(train.main, "train.py", "--resume", run_dir / LAST, "--epochs", "4")
     assert mid.returncode == 130, mid.stderr[-2000:]
     assert torch.load(run_dir / LAST, weights_only=True)["counters"]["epoch_step"] == 1
-    best = torch.load(run_dir / LAST, weights_only=True)["keeper"]["best"]["raw"]["epoch"]
+    best = torch.load(run_dir / LAST, weights_only=True)["keeper"]["best"]["ema 0.9"]["epoch"]
     other = next(e for e in range(3) if e != best)
     replace_by_copy(run_dir, "model_best.pth.tar", other)
     with torch_threads(1):
@@ -92,7 +92,8 @@ def test_a_stale_best_file_is_repaired_by_a_resume_in_the_middle_of_an_epoch(
 
 
 # ----------------------------------------------------------------------------- the keeper alone
-SETS = weight_sets([0.9])
+# The layout of --primary-weights raw: model_best.pth.tar and the history follow the raw weights.
+SETS = weight_sets([0.9], primary="raw")
 
 
 def _checkpoint(keeper: CheckpointKeeper, epoch: int, rows: list[dict]) -> dict:

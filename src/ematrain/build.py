@@ -157,7 +157,7 @@ class Run:
         for ema in (self.ema, self.posthoc.ema if self.posthoc is not None else None):
             if ema is not None:
                 ema.wait()
-                modules += ema.modules
+                modules += ema.shadows
         return modules
 
     def record(self) -> dict:
