@@ -43,9 +43,18 @@ def resolve_device(name: str | None) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device '{name}' (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but CUDA is not available on this machine "
-                        "(--device cpu runs on the CPU)")
+    # torch names more device types than it can train on here ('meta' holds no data at all).
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if device.type not in available:
+        raise UserError(f"--device {name}: ematrain runs on cpu, cuda or mps, not "
+                        f"'{device.type}'")
+    if not available[device.type]:
+        raise UserError(f"device '{name}' requested but {device.type.upper()} is not available "
+                        "on this machine (--device cpu runs on the CPU)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device '{name}' requested but this machine has "
+                        f"{torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -72,6 +81,10 @@ def init_distributed(device_arg: str | None, backend: str | None) -> tuple[DistI
     backend = backend or ("nccl" if use_cuda else "gloo")
     if backend not in ("nccl", "gloo", "mpi", "ucc"):
         raise UserError(f"unknown --dist-backend '{backend}' (nccl, gloo)")
+    if backend == "nccl" and not use_cuda:
+        # Else each rank fails inside init_process_group with a traceback of its own.
+        raise UserError("--dist-backend nccl needs CUDA devices; these processes run on the "
+                        "CPU: leave --dist-backend out (gloo) or give --dist-backend gloo")
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank), device

@@ -17,7 +17,14 @@ import torch
 
 from .config import Layer, parse_command
 from .ema import HalfLife, parse_half_life
-from .ema_schedules import SCHEDULES, SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma
+from .distributed import resolve_device
+from .ema_schedules import (
+    SCHEDULES,
+    SIGMA_REL_MAX,
+    SIGMA_REL_MIN,
+    gamma_to_sigma_rel,
+    sigma_rel_to_gamma,
+)
 from .errors import UserError
 from .logs import plural
 from .flags import train_parser, validate_parser
@@ -28,6 +35,13 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 # No timm model takes inputs larger than this; a bigger size only exhausts memory.
 MAX_IMAGE_SIZE = 4096
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+# Each EMA shadow is a full copy of the weights, validated every epoch, and each post-hoc target
+# one more in float64 while the sweep forms it: longer lists are a slip (a shell glob), not a plan.
+MAX_SHADOWS = 16
+MAX_TARGETS = 32
+# The random-resized crop's aspect ratios (width / height) a flag may ask for.
+MAX_RATIO = 100.0
+_DIST_BACKENDS = ("nccl", "gloo", "mpi", "ucc")
 
 
 def from_args(cls, ns: argparse.Namespace, **renamed: str):
@@ -63,6 +77,30 @@ def _within(spec, low: float, high: float, *dests: str, closed: bool = True) -> 
                             f"{']' if closed else ')'}, got {value}")
 
 
+def _positive(spec, *dests: str) -> None:
+    for dest in dests:
+        value = getattr(spec, dest)
+        if value is not None and not value > 0:
+            raise UserError(f"{_flag(spec, dest)} must be > 0, got {value:g}")
+
+
+def _at_most(flag: str, values, most: int, what: str) -> None:
+    if values is not None and len(values) > most:
+        raise UserError(f"{flag} takes at most {most} values ({what}), got {len(values)}")
+
+
+def _sigma_rels(flag: str, values, most: int, named: bool = False) -> None:
+    """Each sigma_rel one the power profile can have (`sigma_rel_to_gamma`); at most `most`."""
+    _at_most(flag, values, most, "each is one more EMA of the weights")
+    for value in values or []:
+        try:
+            sigma_rel_to_gamma(value)
+        except ValueError:
+            raise UserError(f"{flag}{': sigma_rel' if named else ''} must be in "
+                            f"[{SIGMA_REL_MIN:g}, {SIGMA_REL_MAX:.4f}] (the uniform average), "
+                            f"got {value:g}") from None
+
+
 def dtype_named(name: str | None) -> torch.dtype | None:
     return _DTYPES[name] if name else None
 
@@ -95,6 +133,9 @@ class ImageSpec:
             value = getattr(self, dest)
             if value is not None and len(value) not in (1, 3):
                 raise UserError(f"--{dest} takes 1 or 3 values (RGB), got {len(value)}")
+        if self.std is not None and not all(s > 0 for s in self.std):
+            # Each channel is divided by its std: 0 makes every input (and the loss) non-finite.
+            raise UserError(f"--std values must be > 0, got {' '.join(f'{s:g}' for s in self.std)}")
         if self.interpolation not in ("",) + _INTERPOLATIONS:
             raise UserError(f"--interpolation must be one of {', '.join(_INTERPOLATIONS)}, "
                             f"got {self.interpolation!r}")
@@ -229,6 +270,18 @@ class AugSpec:
             raise UserError(f"--train-interpolation must be random or one of "
                             f"{', '.join(_INTERPOLATIONS)}, got {self.train_interpolation!r}")
         _within(self, 0.0, 1.0, "hflip", "vflip", "reprob")
+        _at_least(self, 1, "recount")
+        if not self.color_jitter >= 0:
+            raise UserError(f"--color-jitter must be >= 0, got {self.color_jitter:g}")
+        low, high = self.scale
+        if not 0.0 < low <= high <= 1.0:
+            raise UserError(f"--scale takes MIN MAX with 0 < MIN <= MAX <= 1 (fractions of the "
+                            f"image area), got {low:g} {high:g}")
+        low, high = self.ratio
+        if not 1.0 / MAX_RATIO <= low <= high <= MAX_RATIO:
+            raise UserError(f"--ratio takes MIN MAX with {1 / MAX_RATIO:g} <= MIN <= MAX <= "
+                            f"{MAX_RATIO:g} (crop aspect ratios, width / height), got {low:g} "
+                            f"{high:g}")
 
 
 @dataclass(frozen=True)
@@ -250,6 +303,8 @@ class LabelSpec:
         _within(self, 0.0, 1.0, "mixup_prob", "mixup_switch_prob")
         if self.mixup < 0 or self.cutmix < 0:
             raise UserError("--mixup and --cutmix must be >= 0")
+        _at_least(self, 0, "mixup_off_epoch")
+        _within(self, 0.0, 1.0, "bce_target_thresh")
         if self.cutmix_minmax is not None and not 0 < self.cutmix_minmax[0] < self.cutmix_minmax[1] <= 1:
             raise UserError(f"--cutmix-minmax takes MIN MAX with 0 < MIN < MAX <= 1, got "
                             f"{' '.join(f'{v:g}' for v in self.cutmix_minmax)}")
@@ -282,6 +337,8 @@ class OptimSpec:
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
         _at_least(self, 1, "grad_accum_steps", "lr_base_size")
+        # A negative clip or layer decay flips the sign of updates; 0 freezes the layers.
+        _positive(self, "lr_base", "clip_grad", "layer_decay")
         if self.opt_betas is not None and (len(self.opt_betas) not in (2, 3)
                                            or not all(0.0 <= b < 1.0 for b in self.opt_betas)):
             raise UserError(f"--opt-betas takes 2 (or 3, e.g. for adan) values in [0, 1), "
@@ -333,6 +390,9 @@ class ScheduleSpec:
     def __post_init__(self):
         _at_least(self, 1, "epochs")
         _at_least(self, 0, "warmup_epochs", "cooldown_epochs")
+        if self.warmup_lr < 0 or self.min_lr < 0:
+            raise UserError(f"--warmup-lr and --min-lr must be >= 0, got {self.warmup_lr:g} and "
+                            f"{self.min_lr:g}")
         if self.lr_noise is not None and len(self.lr_noise) not in (1, 2):
             raise UserError("--lr-noise takes one or two values")
 
@@ -419,6 +479,10 @@ class EmaSpec:
     def __post_init__(self):
         if self.decays is not None and self.half_lives is not None:
             raise UserError("give --model-ema-decay or --model-ema-half-life, not both")
+        for flag, values in (("--model-ema-decay", self.decays),
+                             ("--model-ema-half-life", self.half_lives),
+                             ("--model-ema-power-gamma", self.power_gammas)):
+            _at_most(flag, values, MAX_SHADOWS, "each is one more EMA of the weights")
         for d in self.decays or []:
             if not 0.0 < d < 1.0:
                 raise UserError(f"--model-ema-decay must be in (0, 1), got {d}")
@@ -454,15 +518,10 @@ class EmaSpec:
             raise UserError("--model-ema-schedule power: its shadows are given by "
                             "--model-ema-sigma-rel (or --model-ema-power-gamma), not by a decay, "
                             "half-life or warmup")
-        try:
-            for s in self.sigma_rels or []:
-                sigma_rel_to_gamma(s)
-            for g in self.power_gammas or []:
-                if not g >= 0:
-                    raise ValueError(f"got {g}: it must be >= 0")
-        except ValueError as exc:
-            flag = "--model-ema-sigma-rel" if self.sigma_rels else "--model-ema-power-gamma"
-            raise UserError(f"{flag}: {exc}") from None
+        _sigma_rels("--model-ema-sigma-rel", self.sigma_rels, MAX_SHADOWS)
+        for g in self.power_gammas or []:
+            if not g >= 0:
+                raise UserError(f"--model-ema-power-gamma must be >= 0, got {g:g}")
 
     @property
     def schedule(self) -> str:
@@ -539,10 +598,7 @@ class PosthocSpec:
                                 "the snapshots of --model-ema-posthoc: give it too")
             object.__setattr__(self, "interval", None)
             return
-        for value in self.sigma_rels:
-            if not 0.0 < value <= SIGMA_REL_MAX:
-                raise UserError(f"--model-ema-posthoc: sigma_rel must be in (0, "
-                                f"{SIGMA_REL_MAX:.4f}] (the uniform average), got {value:g}")
+        _sigma_rels("--model-ema-posthoc", self.sigma_rels, MAX_SHADOWS, named=True)
         if len({f"{v:g}" for v in self.sigma_rels}) < len(self.sigma_rels):
             raise UserError(f"--model-ema-posthoc: the sigma_rels must differ, got "
                             f"{' '.join(f'{v:g}' for v in self.sigma_rels)}")
@@ -575,12 +631,13 @@ class PosthocSpec:
         return _DTYPES[self.snapshot_dtype or self.DEFAULT_DTYPE]
 
     def steps_between(self, steps_per_epoch: int, images_per_step: int, total_steps: int) -> int:
-        """Optimizer steps between snapshots (at least one)."""
+        """Optimizer steps between snapshots (at least one; an interval longer than the run,
+        1e308ep included, is the run: its end is snapshotted in any case)."""
         if self.interval is None:
             steps = total_steps / self.DEFAULT_SNAPSHOTS
         else:
             steps = self.interval.in_updates(images_per_step, steps_per_epoch)
-        return max(1, int(math.floor(steps + 0.5)))
+        return max(1, int(math.floor(min(steps, max(total_steps, 1)) + 0.5)))
 
 
 @dataclass(frozen=True)
@@ -614,6 +671,13 @@ class DistSpec:
     dist_bn: str
     sync_bn: bool
 
+    def __post_init__(self):
+        if self.device:
+            resolve_device(self.device)  # a device torch cannot train on is refused here
+        if self.dist_backend and self.dist_backend not in _DIST_BACKENDS:
+            raise UserError(f"--dist-backend must be one of {', '.join(_DIST_BACKENDS)}, got "
+                            f"{self.dist_backend!r}")
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -644,6 +708,7 @@ class TrainSettings:
         if settings.labels.mixing and settings.loader.batch_size % 2:
             raise UserError(f"mixup/cutmix need an even --batch-size, got "
                             f"{settings.loader.batch_size}")
+        _output_outside_splits(settings.loop.output, settings.data)
         return settings
 
     def global_batch(self, world_size: int = 1) -> int:
@@ -653,6 +718,18 @@ class TrainSettings:
     def lr(self, world_size: int = 1) -> float:
         """The global learning rate (--lr, or --lr-base scaled by the global batch)."""
         return self.optim.lr_for(self.global_batch(world_size))
+
+
+def _output_outside_splits(output: str, spec: DataSpec) -> None:
+    """Runs written inside a split would be read as one more class folder of it."""
+    runs = Path(output or Path("output") / "train").resolve()
+    aliases = {"val": "validation", "validation": "val"}
+    for flag, split in (("--train-split", spec.train_split), ("--val-split", spec.val_split)):
+        for name in {split, aliases.get(split, split)}:
+            folder = (Path(spec.data_dir) / name).resolve()
+            if runs == folder or folder in runs.parents:
+                raise UserError(f"--output {runs} is inside the data's {name} split ({folder}): "
+                                f"its runs would be read as a class folder; write them elsewhere")
 
 
 # ----------------------------------------------------------------------------- validate.py
@@ -715,10 +792,10 @@ class ValidateSettings:
             raise UserError("--posthoc scores its own weight sets from the run's snapshots: "
                             "--use-ema, --ema-decay, --ema-index, --model and --results-file "
                             "do not apply")
-        for value in self.sigma_rel or []:
-            if not 0.0 < value <= SIGMA_REL_MAX:
-                raise UserError(f"--sigma-rel must be in (0, {SIGMA_REL_MAX:.4f}] (the uniform "
-                                f"average), got {value:g}")
+        _sigma_rels("--sigma-rel", self.sigma_rel, MAX_TARGETS)
+        _at_most("--half-life", self.half_life, MAX_TARGETS, "each is one more EMA to form")
+        if self.device:
+            resolve_device(self.device)
         for text in self.half_life or []:
             try:
                 parse_half_life(str(text))
