@@ -327,7 +327,8 @@ def build_scheduler(spec: ScheduleSpec, optimizer, updates_per_epoch: int, seed:
             k_decay=spec.lr_k_decay, step_on_epochs=not spec.sched_on_updates,
             updates_per_epoch=updates_per_epoch,
             plateau_mode="min" if eval_metric == "loss" else "max")
-    except (AssertionError, ValueError, KeyError) as exc:
+    except (AssertionError, ValueError, KeyError, ArithmeticError) as exc:
+        # ArithmeticError: the cycle length of a large --lr-cycle-limit overflows.
         raise UserError(f"cannot create scheduler '{spec.sched}': {str(exc)[:160]}") from None
 
 

@@ -35,20 +35,26 @@ class DistInfo:
         return int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)) if self.enabled else 1
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """The requested device, or CUDA when available, else the CPU."""
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def device_named(name: str) -> torch.device:
+    """--device as torch reads it, of a type ematrain runs on (whether this machine has it is
+    `resolve_device`'s to say): 'meta' holds no data, other types are not supported."""
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device '{name}' (try cpu or cuda)") from None
-    # torch names more device types than it can train on here ('meta' holds no data at all).
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}
-    if device.type not in available:
+    if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {name}: ematrain runs on cpu, cuda or mps, not "
                         f"'{device.type}'")
+    return device
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The requested device, or CUDA when available, else the CPU."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_named(name)
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
     if not available[device.type]:
         raise UserError(f"device '{name}' requested but {device.type.upper()} is not available "
                         "on this machine (--device cpu runs on the CPU)")

@@ -17,7 +17,7 @@ import torch
 
 from .config import Layer, parse_command
 from .ema import HalfLife, parse_half_life
-from .distributed import resolve_device
+from .distributed import device_named
 from .ema_schedules import (
     SCHEDULES,
     SIGMA_REL_MAX,
@@ -41,7 +41,12 @@ MAX_SHADOWS = 16
 MAX_TARGETS = 32
 # The random-resized crop's aspect ratios (width / height) a flag may ask for.
 MAX_RATIO = 100.0
+# Color jitter factors up to 1 + this: far beyond, every image is black or white (and torch
+# cannot draw a factor past float32's range).
+MAX_JITTER = 100.0
 _DIST_BACKENDS = ("nccl", "gloo", "mpi", "ucc")
+# Values that go into float32 weights must fit them.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def from_args(cls, ns: argparse.Namespace, **renamed: str):
@@ -229,6 +234,7 @@ class ModelSpec:
         _at_least(self, 1, "num_classes")
         _within(self, 0.0, 1.0, "drop", "drop_path", "drop_block", closed=False)
         _within(self, 0.0, 1.0, "bn_momentum")
+        _within(self, -FLOAT32_MAX, FLOAT32_MAX, "head_init_scale", "head_init_bias")
         if self.bn_eps is not None and not self.bn_eps > 0.0:
             raise UserError(f"--bn-eps must be a positive number, got {self.bn_eps}")
         for key in self.model_kwargs:
@@ -271,8 +277,10 @@ class AugSpec:
                             f"{', '.join(_INTERPOLATIONS)}, got {self.train_interpolation!r}")
         _within(self, 0.0, 1.0, "hflip", "vflip", "reprob")
         _at_least(self, 1, "recount")
-        if not self.color_jitter >= 0:
-            raise UserError(f"--color-jitter must be >= 0, got {self.color_jitter:g}")
+        if not 0 <= self.color_jitter <= MAX_JITTER:
+            raise UserError(f"--color-jitter must be in [0, {MAX_JITTER:g}] (brightness, contrast "
+                            f"and saturation factors from max(0, 1 - x) to 1 + x), got "
+                            f"{self.color_jitter:g}")
         low, high = self.scale
         if not 0.0 < low <= high <= 1.0:
             raise UserError(f"--scale takes MIN MAX with 0 < MIN <= MAX <= 1 (fractions of the "
@@ -337,8 +345,11 @@ class OptimSpec:
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
         _at_least(self, 1, "grad_accum_steps", "lr_base_size")
-        # A negative clip or layer decay flips the sign of updates; 0 freezes the layers.
-        _positive(self, "lr_base", "clip_grad", "layer_decay")
+        # A negative clip or layer decay flips the sign of updates; 0 freezes the layers, and
+        # above 1 the LR of the first of 100 layers would overflow.
+        _positive(self, "lr_base", "clip_grad")
+        _within(self, 0.0, 1.0, "layer_decay")
+        _positive(self, "layer_decay")
         if self.opt_betas is not None and (len(self.opt_betas) not in (2, 3)
                                            or not all(0.0 <= b < 1.0 for b in self.opt_betas)):
             raise UserError(f"--opt-betas takes 2 (or 3, e.g. for adan) values in [0, 1), "
@@ -395,6 +406,30 @@ class ScheduleSpec:
                             f"{self.min_lr:g}")
         if self.lr_noise is not None and len(self.lr_noise) not in (1, 2):
             raise UserError("--lr-noise takes one or two values")
+        self._check_shape()
+
+    def _check_shape(self) -> None:
+        """The values timm's schedulers compute with: each would otherwise fail (or spin) inside
+        them, at the first epoch's end or later."""
+        _positive(self, "decay_epochs", "decay_rate", "lr_cycle_mul")  # divisor, base, log base
+        _within(self, 0.0, 1.0, "lr_cycle_decay")  # the peak's factor per cycle
+        _within(self, 0.0, 1.0, "lr_noise_pct", closed=False)  # beyond 1 the LR may turn negative
+        if self.sched in ("step", "multistep", "plateau") and self.decay_rate > 1:
+            raise UserError(f"--decay-rate {self.decay_rate:g}: the {self.sched} schedule "
+                            f"multiplies the LR by it at each decay; it must be in (0, 1]")
+        _at_least(self, 1, "lr_cycle_limit")
+        if not 0 < self.lr_k_decay <= 10:  # t ** k: 0 ** -k divides by zero, large k overflows
+            raise UserError(f"--lr-k-decay must be in (0, 10], got {self.lr_k_decay:g}")
+        if not 0 <= self.lr_noise_std <= 100 * self.lr_noise_pct:
+            # timm redraws the noise until it is below the limit: a std far above it never is.
+            raise UserError(f"--lr-noise-std must be in [0, 100 x --lr-noise-pct] = "
+                            f"[0, {100 * self.lr_noise_pct:g}], got {self.lr_noise_std:g}")
+        if self.sched in ("cosine", "tanh") and self.lr_cycle_mul < 1 and (
+                (self.epochs + self.cooldown_epochs) * (1 - self.lr_cycle_mul) >= self.epochs):
+            # Cycles of shrinking length add up to epochs / (1 - mul): timm's schedule ends there.
+            raise UserError(f"--lr-cycle-mul {self.lr_cycle_mul:g}: shrinking cycles add up to "
+                            f"{self.epochs / (1 - self.lr_cycle_mul):.4g} epochs, fewer than the "
+                            f"run's {self.epochs + self.cooldown_epochs}; give 1 or more")
 
     def warmup_warning(self, num_epochs: int) -> str | None:
         """A warning when the LR warmup takes most of the run: the LR then reaches its peak
@@ -520,8 +555,14 @@ class EmaSpec:
                             "half-life or warmup")
         _sigma_rels("--model-ema-sigma-rel", self.sigma_rels, MAX_SHADOWS)
         for g in self.power_gammas or []:
-            if not g >= 0:
-                raise UserError(f"--model-ema-power-gamma must be >= 0, got {g:g}")
+            try:  # the exponent of a sigma_rel the profile can have (`_sigma_rels`)
+                fits = g >= 0 and gamma_to_sigma_rel(g) >= SIGMA_REL_MIN
+            except OverflowError:
+                fits = False
+            if not fits:
+                raise UserError(f"--model-ema-power-gamma must be in [0, "
+                                f"{sigma_rel_to_gamma(SIGMA_REL_MIN):.4g}] (sigma_rel "
+                                f"{SIGMA_REL_MAX:.4f} to {SIGMA_REL_MIN:g}), got {g:g}")
 
     @property
     def schedule(self) -> str:
@@ -656,6 +697,8 @@ class LoopSpec:
 
     def __post_init__(self):
         _at_least(self, 1, "log_interval", "checkpoint_hist")
+        if not 0 <= self.seed < 2**32:  # numpy's generators take no other seed
+            raise UserError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
         _at_least(self, 0, "skip_nonfinite", "recovery_interval")
         name = self.experiment
         if name and (Path(name).name != name or name in (".", "..") or "\\" in name):
@@ -673,7 +716,7 @@ class DistSpec:
 
     def __post_init__(self):
         if self.device:
-            resolve_device(self.device)  # a device torch cannot train on is refused here
+            device_named(self.device)  # whether this machine has it: when the run starts
         if self.dist_backend and self.dist_backend not in _DIST_BACKENDS:
             raise UserError(f"--dist-backend must be one of {', '.join(_DIST_BACKENDS)}, got "
                             f"{self.dist_backend!r}")
@@ -795,7 +838,7 @@ class ValidateSettings:
         _sigma_rels("--sigma-rel", self.sigma_rel, MAX_TARGETS)
         _at_most("--half-life", self.half_life, MAX_TARGETS, "each is one more EMA to form")
         if self.device:
-            resolve_device(self.device)
+            device_named(self.device)
         for text in self.half_life or []:
             try:
                 parse_half_life(str(text))
