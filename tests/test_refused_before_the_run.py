@@ -76,11 +76,14 @@ def refused(tmp_path, data, *flags) -> str:
     (["--model", "test_vit", "--model-kwargs", "img_size={32}"],
      ["cannot create model 'test_vit': tuple index out of range"]),
     (["--model", "test_vit", "--model-kwargs", "dynamic_img_size=False"],
-     ["model 'test_vit' cannot take 3x32x32 inputs: Input height (32) doesn't match model (160)",
+     ["model 'test_vit' fails on a 3x32x32 input: Input height (32) doesn't match model (160)",
       "dynamic_img_size=True"]),
     # item 23: a fixed-size ViT at another --img-size
     (["--model", "vit_tiny_patch16_224"],
-     ["model 'vit_tiny_patch16_224' cannot take 3x32x32 inputs", "img_size=N"]),
+     ["model 'vit_tiny_patch16_224' fails on a 3x32x32 input", "img_size=N"]),
+    # found by the flag-value table: no pooling before a classifier that needs it
+    (["--gp", ""], ["model 'test_resnet' fails on a 3x32x32 input: mat1 and mat2 shapes",
+                    "--gp"]),
     # item 13: a zero std makes every input non-finite
     (["--std", "0", "0", "0"], ["--std values must be > 0, got 0 0 0"]),
     # item 23: a crop fraction that resizes to thousands of pixels

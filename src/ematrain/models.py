@@ -155,9 +155,9 @@ def probe_input(model: nn.Module, name: str, input_size, channels_last: bool = F
     except (RuntimeError, AssertionError, ValueError, LookupError, TypeError,
             ArithmeticError) as exc:
         size = "x".join(str(v) for v in input_size)
-        raise UserError(f"model '{name}' cannot take {size} inputs: {_describe(exc)} (its input "
-                        f"size: --img-size; for a ViT, --model-kwargs img_size=N or "
-                        f"dynamic_img_size=True)") from None
+        raise UserError(f"model '{name}' fails on a {size} input: {_describe(exc)} (check "
+                        f"--img-size, --gp and --model-kwargs; a ViT of one size takes "
+                        f"--model-kwargs img_size=N or dynamic_img_size=True)") from None
     finally:
         for hook in hooks:
             hook.remove()
