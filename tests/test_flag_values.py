@@ -66,8 +66,7 @@ def values_of(action: argparse.Action) -> dict[str, list[str]]:
         return {"bare": [opt], "given a value": [f"{opt}=word"]}
     count = action.nargs if isinstance(action.nargs, int) else 1
     tried = {repr(v): ([opt] if opt else []) + [v] * count for v in MISTYPED}
-    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
-        tried.update({label: [opt, *words] for label, words in HUGE_LISTS.items()})
+    tried.update({label: ([opt] if opt else []) + words for label, words in HUGE_LISTS.items()})
     return tried
 
 
@@ -96,6 +95,8 @@ def outcome_problem(r, prog: str, run_failure_allowed: bool = False) -> str | No
     errors = [line for line in lines if line.startswith(f"{prog}: error: ")]
     if len(errors) != 1 or lines[-1] != errors[0]:
         return f"{len(errors)} error lines (exit {r.returncode})"
+    if len(errors[0]) > 1000:  # one line, and one a terminal shows
+        return f"an error line of {len(errors[0])} characters"
     if r.returncode == 2 or (run_failure_allowed and r.returncode == 1
                              and "non-finite" in errors[0]):
         return None

@@ -95,7 +95,9 @@ def refused(tmp_path, data, *flags) -> str:
     (["--sched", "step", "--decay-epochs", "0"], ["--decay-epochs must be > 0, got 0"]),
     (["--lr-cycle-mul", "1e-200"], ["--lr-cycle-mul 1e-200: shrinking cycles add up to"]),
     (["--head-init-bias", "1e308"], ["--head-init-bias must be in"]),
-    (["--layer-decay", "1e308"], ["--layer-decay must be in [0, 1]"]),
+    (["--layer-decay", "1e308"], ["--layer-decay must be in (0, 1], got 1e+308"]),
+    (["--lr-noise", "0.5", "--lr-noise-pct", "0", "--lr-noise-std", "0"],
+     ["--lr-noise-pct must be in (0, 1], got 0"]),
     (["--color-jitter", "1e308"], ["--color-jitter must be in [0, 100]"]),
     (["--seed", "99999999999"], ["--seed must be in [0, 2**32 - 1]"]),
     (["-b", "99999999999999999999"], ["argument -b/--batch-size: expected a whole number of at "

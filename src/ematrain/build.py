@@ -340,7 +340,7 @@ def check_first_batch(s: TrainSettings, model: nn.Module, train: TrainData,
     per_image = probe_input(model, s.model.model, train.data_config["input_size"],
                             s.precision.channels_last)
     smallest = min(train.batch_size, len(train.sampler))
-    short = (f"" if smallest == train.batch_size else
+    short = ("" if smallest == train.batch_size else
              f" (the training split gives {smallest} image(s){' per process' if dist.enabled else ''}"
              f", fewer than -b {train.batch_size})")
     if per_image is not None and smallest * per_image < 2:

@@ -202,14 +202,14 @@ def data_config_for(overrides: dict, model) -> dict:
 def check_data_config(config: dict) -> None:
     """The evaluation resize (timm's: the crop size over --crop-pct) and the normalization of
     a data config stay within what an image can mean."""
-    size, crop = max(config["input_size"][-2:]), config.get("crop_pct") or 1.0
+    size, crop = max((config.get("input_size") or (0,))[-2:]), config.get("crop_pct") or 1.0
     resize = math.floor(size / crop)
     if resize > MAX_RESIZE:
         raise UserError(f"--crop-pct {crop:g} would resize every image to {resize} px before "
                         f"the {size} px center crop (at most {MAX_RESIZE}): give a --crop-pct of "
                         f"at least {size / MAX_RESIZE:.3g}, e.g. 0.875 or 1")
-    for m, s in zip(config["mean"], config["std"]):
-        reach = max(abs(m), abs(1.0 - m)) / s
+    for m, s in zip(config.get("mean") or (), config.get("std") or ()):
+        reach = max(abs(m), abs(1.0 - m)) / s if s > 0 else math.inf
         if not reach <= MAX_NORMALIZED:
             raise UserError(f"--mean {m:g} with --std {s:g} takes pixels in [0, 1] to "
                             f"{reach:.3g} (at most {MAX_NORMALIZED:g}): mean and std are in "

@@ -122,7 +122,16 @@ class FlagParser(argparse.ArgumentParser):
                 message = f"{', '.join(timm_only)}: timm setting(s) ematrain does not support"
                 if rest:
                     message += f"; unrecognized arguments: {' '.join(rest)}"
-        raise UserError(message)
+        raise UserError(_shortened(message))
+
+
+def _shortened(message: str, most: int = 8) -> str:
+    """A list of unrecognized words cut to its first `most` (a shell glob can add thousands)."""
+    head, sep, words = message.rpartition("unrecognized arguments: ")
+    words = words.split(" ")
+    if not sep or len(words) <= most:
+        return message
+    return f"{head}{sep}{' '.join(words[:most])} ... ({len(words) - most} more)"
 
 
 def train_parser(prog: str | None = None) -> argparse.ArgumentParser:

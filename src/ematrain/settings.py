@@ -345,11 +345,11 @@ class OptimSpec:
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
         _at_least(self, 1, "grad_accum_steps", "lr_base_size")
-        # A negative clip or layer decay flips the sign of updates; 0 freezes the layers, and
-        # above 1 the LR of the first of 100 layers would overflow.
+        # A negative clip or layer decay flips the sign of updates and 0 freezes the layers;
+        # above 1 each lower layer's LR grows by the factor (1e308: an overflow).
         _positive(self, "lr_base", "clip_grad")
-        _within(self, 0.0, 1.0, "layer_decay")
-        _positive(self, "layer_decay")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise UserError(f"--layer-decay must be in (0, 1], got {self.layer_decay:g}")
         if self.opt_betas is not None and (len(self.opt_betas) not in (2, 3)
                                            or not all(0.0 <= b < 1.0 for b in self.opt_betas)):
             raise UserError(f"--opt-betas takes 2 (or 3, e.g. for adan) values in [0, 1), "
@@ -413,7 +413,9 @@ class ScheduleSpec:
         them, at the first epoch's end or later."""
         _positive(self, "decay_epochs", "decay_rate", "lr_cycle_mul")  # divisor, base, log base
         _within(self, 0.0, 1.0, "lr_cycle_decay")  # the peak's factor per cycle
-        _within(self, 0.0, 1.0, "lr_noise_pct", closed=False)  # beyond 1 the LR may turn negative
+        # The noise is redrawn until it is below the pct (0: never); beyond 1 the LR turns < 0.
+        if not 0 < self.lr_noise_pct <= 1:
+            raise UserError(f"--lr-noise-pct must be in (0, 1], got {self.lr_noise_pct:g}")
         if self.sched in ("step", "multistep", "plateau") and self.decay_rate > 1:
             raise UserError(f"--decay-rate {self.decay_rate:g}: the {self.sched} schedule "
                             f"multiplies the LR by it at each decay; it must be in (0, 1]")
@@ -767,7 +769,7 @@ def _output_outside_splits(output: str, spec: DataSpec) -> None:
     """Runs written inside a split would be read as one more class folder of it."""
     runs = Path(output or Path("output") / "train").resolve()
     aliases = {"val": "validation", "validation": "val"}
-    for flag, split in (("--train-split", spec.train_split), ("--val-split", spec.val_split)):
+    for split in (spec.train_split, spec.val_split):
         for name in {split, aliases.get(split, split)}:
             folder = (Path(spec.data_dir) / name).resolve()
             if runs == folder or folder in runs.parents:
