@@ -106,7 +106,8 @@ def outcome_problem(r, prog: str, run_failure_allowed: bool = False) -> str | No
 def report(failures: list) -> str:
     return f"{len(failures)} case(s):\n" + "\n".join(
         f"  {dest} {label}: {problem}\n    {' '.join(argv)[:200]}\n    "
-        + "\n    ".join(r.stderr.strip().splitlines()[-3:]) for dest, label, argv, problem, r
+        + "\n    ".join(line[:300] for line in r.stderr.strip().splitlines()[-3:])
+        for dest, label, argv, problem, r
         in failures)
 
 

@@ -350,8 +350,10 @@ class OptimSpec:
         _positive(self, "lr_base", "clip_grad")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise UserError(f"--layer-decay must be in (0, 1], got {self.layer_decay:g}")
-        if self.opt_betas is not None and (len(self.opt_betas) not in (2, 3)
-                                           or not all(0.0 <= b < 1.0 for b in self.opt_betas)):
+        if self.opt_betas is not None and len(self.opt_betas) not in (2, 3):
+            raise UserError(f"--opt-betas takes 2 (or 3, e.g. for adan) values, got "
+                            f"{len(self.opt_betas)}")
+        if self.opt_betas is not None and not all(0.0 <= b < 1.0 for b in self.opt_betas):
             raise UserError(f"--opt-betas takes 2 (or 3, e.g. for adan) values in [0, 1), "
                             f"got {' '.join(f'{b:g}' for b in self.opt_betas)}")
 
