@@ -327,12 +327,12 @@ def test_an_unreadable_folder_is_named_with_its_reason(tmp_path, monkeypatch):
     locked.chmod(0)
     try:
         if os.access(locked, os.R_OK):  # root reads anyway: let the folder refuse as it would
-            walk = os.walk
-            def refusing_walk(top, **kw):
-                if Path(top) == locked:
-                    kw["onerror"](PermissionError(13, "Permission denied", str(locked)))
-                yield from walk(top, **kw)
-            monkeypatch.setattr(data_mod.os, "walk", refusing_walk)
+            scandir = os.scandir
+            def refusing_scandir(path="."):
+                if Path(path) == locked:
+                    raise PermissionError(13, "Permission denied", str(locked))
+                return scandir(path)
+            monkeypatch.setattr(data_mod.os, "scandir", refusing_scandir)
         with pytest.raises(UserError, match=f"cannot read folder {locked}: permission denied"):
             data_mod.load_image_folder(data / "train")
     finally:

@@ -165,7 +165,7 @@ def test_half_life_shadows_are_named_as_asked_everywhere(data_root, tmp_path, ca
                                     str(tmp_path / "h/last.pth.tar"), "-j", "0", *pick])
         printed = capsys.readouterr()
         assert rc == 0, printed.err
-        assert f"(ema hl2ep) on " in printed.out, pick
+        assert "(ema hl2ep) on " in printed.out, pick
         assert f"top1 {float(rows[-1]['emahl2ep_eval_top1']):.4f}" in printed.out, pick
     with torch_threads(1):
         rc = validate_mod.main([str(data_root), "--checkpoint", str(tmp_path / "h/last.pth.tar"),

@@ -5,6 +5,7 @@ holds them and names the stateful ones (`parts`), which the checkpoint schema sa
 """
 from __future__ import annotations
 
+import inspect
 import math
 import uuid
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from .errors import UserError
 from .keeper import CheckpointKeeper
 from .logs import log, quiet
 from .start_weights import load_initial_checkpoint
-from .models import create_model, init_head, set_batchnorm, unwrap_model
+from .models import create_model, init_head, probe_input, set_batchnorm, unwrap_model
 from .outputs import Summary
 from .seeding import seed_everything
 from .settings import (
@@ -271,10 +272,43 @@ def build_optimizer(spec: OptimSpec, model: nn.Module, lr: float):
         optimizer = create_optimizer_v2(model, opt=spec.opt, lr=lr, weight_decay=spec.weight_decay,
                                         momentum=spec.momentum, layer_decay=spec.layer_decay,
                                         **kwargs)
-    except (AssertionError, ValueError, KeyError, TypeError) as exc:
+    except (AssertionError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        # RuntimeError: torch's own refusals (fused=True foreach=True).
         raise UserError(f"cannot create optimizer '{spec.opt}': {str(exc)[:160]}") from None
+    _check_kwarg_types(spec.opt, type(optimizer), spec.opt_kwargs)
     _keep_implementation(optimizer)
     return optimizer
+
+
+def _check_kwarg_types(opt: str, cls: type, given: dict) -> None:
+    """--opt-kwargs values of the type of the optimizer class's own default: torch stores what
+    it is given and fails only inside the first step (maximize=b'x': its kernel's signature
+    dump)."""
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return
+    for key, value in given.items():
+        default = params[key].default if key in params else inspect.Parameter.empty
+        if default is inspect.Parameter.empty:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(default, bool):
+            fits, kind = isinstance(value, bool), "True or False"
+        elif isinstance(default, (int, float)):
+            fits, kind = number and math.isfinite(value), "a finite number"
+        elif isinstance(default, (tuple, list)):
+            fits = isinstance(value, (tuple, list)) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in value)
+            kind = "a tuple of numbers"
+        elif default is None:
+            fits = value is None or isinstance(value, bool) or (number and math.isfinite(value))
+            kind = "None, True, False or a number"
+        else:
+            fits, kind = isinstance(value, type(default)), type(default).__name__
+        if not fits:
+            raise UserError(f"--opt-kwargs {key}={value!r}: {opt}'s {key} takes {kind}")
 
 
 def _fused_fits(opt: str, model: nn.Module, kwargs: dict) -> bool:
@@ -317,8 +351,28 @@ def build_scheduler(spec: ScheduleSpec, optimizer, updates_per_epoch: int, seed:
             k_decay=spec.lr_k_decay, step_on_epochs=not spec.sched_on_updates,
             updates_per_epoch=updates_per_epoch,
             plateau_mode="min" if eval_metric == "loss" else "max")
-    except (AssertionError, ValueError, KeyError) as exc:
+    except (AssertionError, ValueError, KeyError, ArithmeticError) as exc:
+        # ArithmeticError: the cycle length of a large --lr-cycle-limit overflows.
         raise UserError(f"cannot create scheduler '{spec.sched}': {str(exc)[:160]}") from None
+
+
+def check_first_batch(s: TrainSettings, model: nn.Module, train: TrainData,
+                      dist: distributed.DistInfo) -> None:
+    """What the first training step would fail on, said before the run starts: an input the
+    model cannot take (`probe_input`), a BatchNorm layer left one value per channel by the
+    smallest batch, an odd batch under mixup/cutmix."""
+    per_image = probe_input(model, s.model.model, train.data_config["input_size"],
+                            s.precision.channels_last)
+    smallest = min(train.batch_size, len(train.sampler))
+    short = ("" if smallest == train.batch_size else
+             f" (the training split gives {smallest} image(s){' per process' if dist.enabled else ''}"
+             f", fewer than -b {train.batch_size})")
+    if per_image is not None and smallest * per_image < 2:
+        raise UserError(f"a training batch of {smallest}{short}: {s.model.model}'s BatchNorm "
+                        f"layers would see one value per channel (their last inputs are 1x1 "
+                        f"per image at this size); give -b 2 or more")
+    if s.labels.mixing and smallest % 2:
+        raise UserError(f"mixup/cutmix need an even training batch, got {smallest}{short}")
 
 
 def build_mixup(spec: LabelSpec, num_classes: int) -> Mixup | None:
@@ -361,17 +415,22 @@ def build_ema(spec: EmaSpec, model: nn.Module, device: torch.device,
 
 def build_posthoc(spec: PosthocSpec, ema: EmaSpec, model: nn.Module, device: torch.device,
                   steps_per_epoch: int, images_per_step: int,
-                  total_steps: int) -> PosthocTracker | None:
+                  total_steps: int, fresh: bool = True) -> PosthocTracker | None:
     """The power-function EMAs of --model-ema-posthoc and their snapshot plan. They live where
     the regular shadows would (--model-ema-force-cpu, --model-ema-dtype) and average every
-    --model-ema-every steps."""
+    --model-ema-every steps. A `fresh` run whose --model-ema-snapshot-every leaves one snapshot
+    only is refused (the sweep needs two); a resumed one already has its series."""
     if not spec.enabled:
         return None
+    every = spec.steps_between(steps_per_epoch, images_per_step, total_steps)
+    if fresh and spec.interval is not None and 1 < total_steps <= every:
+        raise UserError(f"--model-ema-snapshot-every {spec.snapshot_every} is no shorter than "
+                        f"the run ({total_steps} optimizer steps): its series would hold one "
+                        f"snapshot, and validate.py --posthoc needs two")
     power = ModelEma.power(model, spec.tracked, dtype=dtype_named(ema.dtype),
                            device=torch.device("cpu") if ema.force_cpu else device,
                            every=ema.every, skip_nonfinite=ema.precheck)
-    return PosthocTracker(power, spec.steps_between(steps_per_epoch, images_per_step, total_steps),
-                          total_steps, spec.dtype)
+    return PosthocTracker(power, every, total_steps, spec.dtype)
 
 
 def wrap_model(model: nn.Module, dist: distributed.DistInfo, device: torch.device,
@@ -405,6 +464,7 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     model = build_model(s.model, num_classes, device, precision, s.dist.sync_bn and dist.enabled,
                         start_weights=not resuming)
     train.data_config = data.data_config_for(s.image.overrides(), model)
+    check_first_batch(s, model, train, dist)
     train.train_set.dataset.transform = data.train_transform(train.data_config, s.aug)
     train.val_set.transform = data.eval_transform(train.data_config)
     train.normalize = data.Normalize(train.data_config["mean"], train.data_config["std"], device)
@@ -421,7 +481,8 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
                                   train.train_set.dataset, train.val_set.transform,
                                   train.batch_size, train.workers, s.loop.seed)
     posthoc = build_posthoc(s.posthoc, s.ema, model, device, train.steps_per_epoch,
-                            s.global_batch(dist.world_size), train.steps_per_epoch * num_epochs)
+                            s.global_batch(dist.world_size), train.steps_per_epoch * num_epochs,
+                            fresh=not resuming)
     sets = weight_sets(decays, ema_labels(s.ema, decays),
                        tag="sr" if s.ema.enabled and s.ema.schedule == "power" else "",
                        names=ema_names(s.ema, decays), primary=s.loop.primary_weights)

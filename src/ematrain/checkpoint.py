@@ -242,12 +242,15 @@ def load_file(path: str | Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # Pickled code is a GLOBAL the allow-list lacks; anything else the unpickler refuses
+        # (an opcode of random bytes, a truncated stream) is a file that is no checkpoint.
         unsafe = _unsafe_globals(path)
-        if unsafe or "weights_only" in str(exc).lower() or "global" in str(exc).lower():
+        if unsafe or "unsupported global" in str(exc).lower():
             what = f" ({', '.join(unsafe[:3])})" if unsafe else ""
             raise UserError(f"refusing {path}: loading it would run pickled code{what}; only "
                             f"plain weights are accepted") from None
-        raise UserError(f"cannot read {path}: not a PyTorch checkpoint") from None
+        raise UserError(f"cannot read {path}: truncated, corrupt or not a PyTorch checkpoint "
+                        f"({_unpickler_reason(exc)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError,
             AttributeError, IndexError, KeyError) as exc:
         raise UserError(f"cannot read {path}: truncated, corrupt or not a checkpoint "
@@ -336,6 +339,16 @@ def _unsafe_globals(path: Path) -> list[str]:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     except Exception:  # noqa: BLE001 - only a hint for the message
         return []
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The unpickler's own words in torch's long weights_only message ("Unsupported operand
+    199"), else its first sentence."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for before, line in zip(lines, lines[1:]):
+        if before.endswith("WeightsUnpickler error:"):
+            return line[:120]
+    return _short_reason(exc)
 
 
 def _short_reason(exc: BaseException) -> str:

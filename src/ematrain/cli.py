@@ -34,10 +34,19 @@ def collector_paused():
 
 
 def _command(module: str) -> None:
-    """Import the command's module with the collector paused, then run its entry point."""
-    with collector_paused():
-        entry = importlib.import_module(f"{__package__}.{module}").entry
-    entry()
+    """Import the command's module with the collector paused, then run its entry point.
+
+    Ctrl-C during the imports (seconds of torch and timm) is one line and exit code 130, as at
+    any later moment, not importlib's traceback: nothing has been written yet.
+    """
+    try:
+        with collector_paused():
+            entry = importlib.import_module(f"{__package__}.{module}").entry
+        entry()
+    except KeyboardInterrupt:
+        print(f"{command_name(module + '.py')}: interrupted while starting; nothing was written",
+              file=sys.stderr)
+        exit_process(130)
 
 
 def train_command() -> None:

@@ -66,7 +66,13 @@ def read_recipe(path: str) -> Layer:
         raise UserError(f"cannot read {source}: {exc.strerror}") from None
     if not isinstance(data, dict):
         raise UserError(f"{source} must be a mapping of flag names to values")
-    return Layer(source, {str(k).replace("-", "_"): v for k, v in data.items()})
+    values, spelled = {}, {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in values:  # batch_size and batch-size: one setting, the later would win
+            raise UserError(f"{source}: '{spelled[name]}' and '{key}' both set {name}")
+        values[name], spelled[name] = value, key
+    return Layer(source, values)
 
 
 # ----------------------------------------------------------------------------- layers as tokens

@@ -24,6 +24,14 @@ from .signals import in_loader_worker
 # Keys of the data config that fix the evaluation transform; kept in checkpoints so that
 # validate.py rebuilds exactly the transform training validated with.
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+# The largest side the evaluation resize may give (its crop is --img-size): as MAX_IMAGE_SIZE
+# for the input itself, anything bigger only exhausts memory.
+MAX_RESIZE = 4096
+# How far normalization may take a pixel in [0, 1]: the ImageNet statistics give about 2.6; far
+# beyond, the first layers overflow in 16-bit precision and training is not what was meant.
+MAX_NORMALIZED = 1e4
+# 16-bit grayscale modes: PIL's convert("RGB") clips them at 255 (a white image).
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 @contextlib.contextmanager
@@ -55,6 +63,15 @@ def _load_rgb(path: str) -> Image.Image:
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
+            if img.mode in _SIXTEEN_BIT or (img.mode == "I" and img.format == "PNG"):
+                # Its high byte, as PIL itself reads 16-bit RGB files: 65535 is 255. (A PNG has
+                # at most 16 bits; some PIL versions open its grayscale ones as mode I.)
+                pixels = np.asarray(img).astype(np.int64).clip(0, 65535)
+                img = Image.fromarray((pixels >> 8).astype(np.uint8))
+            elif img.mode in ("I", "F"):
+                raise UserError(f"cannot read image {path}: its pixels are 32-bit "
+                                f"{'integers' if img.mode == 'I' else 'floats'} with no fixed "
+                                f"range; save it with 8 or 16 bits per channel") from None
             return img.convert("RGB")
     except Image.DecompressionBombError:
         raise UserError(f"cannot read image {path}: its header claims more pixels than any "
@@ -72,38 +89,54 @@ def _hidden(name: str) -> bool:
 class _Scan:
     """Walks a split's class folders: hidden entries skipped (and counted), links to folders
     followed, but a link back to a folder already walked (a loop, or a second path to the same
-    images) refused rather than counted twice."""
+    images) refused rather than counted twice. An image name that is not a regular file (a
+    named pipe would block its reader forever; a socket, a device, a broken link) is skipped
+    and counted."""
 
     def __init__(self, split_dir: Path):
         self.split_dir = split_dir
         self.hidden = 0
+        self.not_files = 0
         self.seen: dict[str, str] = {}
 
     def _refuse(self, error: OSError) -> None:
         raise UserError(f"cannot read folder {error.filename}: "
                         f"{(error.strerror or str(error)).lower()}")
 
-    def classes(self) -> list[str]:
+    def _entries(self, folder) -> list[os.DirEntry]:
         try:
-            entries = sorted(os.scandir(self.split_dir), key=lambda e: e.name)
+            with os.scandir(folder) as it:
+                return sorted(it, key=lambda e: e.name)
         except OSError as exc:
             self._refuse(exc)
+
+    def classes(self) -> list[str]:
+        entries = self._entries(self.split_dir)
         self.hidden += sum(_hidden(e.name) for e in entries)
         return [e.name for e in entries if not _hidden(e.name) and e.is_dir()]
 
     def images(self, class_dir: str) -> list[str]:
-        found = []
-        for folder, dirs, files in os.walk(class_dir, followlinks=True, onerror=self._refuse):
+        found, pending = [], [class_dir]
+        while pending:  # depth first, in name order
+            folder = pending.pop()
             real = os.path.realpath(folder)
             if real in self.seen:
                 raise UserError(f"split {self.split_dir}: {folder} leads back to "
                                 f"{self.seen[real]} (a folder link loop, or two paths to the same "
                                 f"images); remove the link")
             self.seen[real] = folder
-            self.hidden += sum(map(_hidden, dirs)) + sum(map(_hidden, files))
-            dirs[:] = sorted(d for d in dirs if not _hidden(d))
-            found += [os.path.join(folder, f) for f in sorted(files)
-                      if not _hidden(f) and f.lower().endswith(IMG_EXTENSIONS)]
+            folders = []
+            for entry in self._entries(folder):
+                if _hidden(entry.name):
+                    self.hidden += 1
+                elif entry.is_dir():  # links followed (is_dir and is_file follow them)
+                    folders.append(entry.path)
+                elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                    if entry.is_file():
+                        found.append(entry.path)
+                    else:
+                        self.not_files += 1
+            pending += reversed(folders)
         return found
 
 
@@ -139,6 +172,9 @@ def load_image_folder(split_dir: Path, transform=None) -> ImageFolder:
     if dataset.scan.hidden:
         log.info(f"{split_dir}: skipped {dataset.scan.hidden} hidden file(s) and folder(s) "
                  f"(names starting with '.')")
+    if dataset.scan.not_files:
+        log.warning(f"warning: {split_dir}: skipped {dataset.scan.not_files} image name(s) that "
+                    f"are not regular files (named pipes, sockets, devices or broken links)")
     return dataset
 
 
@@ -155,9 +191,29 @@ def check_same_classes(train: ImageFolder, val: ImageFolder, val_dir: Path) -> N
 
 
 def data_config_for(overrides: dict, model) -> dict:
-    """timm's data config for the model, with the user's overrides (`ImageSpec.overrides()`)."""
+    """timm's data config for the model, with the user's overrides (`ImageSpec.overrides()`),
+    checked now that the model's defaults fill what the user left out."""
     config = resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
-    return {k: config[k] for k in DATA_CONFIG_KEYS if k in config}
+    config = {k: config[k] for k in DATA_CONFIG_KEYS if k in config}
+    check_data_config(config)
+    return config
+
+
+def check_data_config(config: dict) -> None:
+    """The evaluation resize (timm's: the crop size over --crop-pct) and the normalization of
+    a data config stay within what an image can mean."""
+    size, crop = max((config.get("input_size") or (0,))[-2:]), config.get("crop_pct") or 1.0
+    resize = math.floor(size / crop)
+    if resize > MAX_RESIZE:
+        raise UserError(f"--crop-pct {crop:g} would resize every image to {resize} px before "
+                        f"the {size} px center crop (at most {MAX_RESIZE}): give a --crop-pct of "
+                        f"at least {size / MAX_RESIZE:.3g}, e.g. 0.875 or 1")
+    for m, s in zip(config.get("mean") or (), config.get("std") or ()):
+        reach = max(abs(m), abs(1.0 - m)) / s if s > 0 else math.inf
+        if not reach <= MAX_NORMALIZED:
+            raise UserError(f"--mean {m:g} with --std {s:g} takes pixels in [0, 1] to "
+                            f"{reach:.3g} (at most {MAX_NORMALIZED:g}): mean and std are in "
+                            f"units of the full pixel range, e.g. 0.485 and 0.229")
 
 
 def train_transform(data_config: dict, aug):

@@ -35,17 +35,32 @@ class DistInfo:
         return int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)) if self.enabled else 1
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """The requested device, or CUDA when available, else the CPU."""
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def device_named(name: str) -> torch.device:
+    """--device as torch reads it, of a type ematrain runs on (whether this machine has it is
+    `resolve_device`'s to say): 'meta' holds no data, other types are not supported."""
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device '{name}' (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but CUDA is not available on this machine "
-                        "(--device cpu runs on the CPU)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: ematrain runs on cpu, cuda or mps, not "
+                        f"'{device.type}'")
+    return device
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The requested device, or CUDA when available, else the CPU."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_named(name)
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available[device.type]:
+        raise UserError(f"device '{name}' requested but {device.type.upper()} is not available "
+                        "on this machine (--device cpu runs on the CPU)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device '{name}' requested but this machine has "
+                        f"{torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -72,6 +87,10 @@ def init_distributed(device_arg: str | None, backend: str | None) -> tuple[DistI
     backend = backend or ("nccl" if use_cuda else "gloo")
     if backend not in ("nccl", "gloo", "mpi", "ucc"):
         raise UserError(f"unknown --dist-backend '{backend}' (nccl, gloo)")
+    if backend == "nccl" and not use_cuda:
+        # Else each rank fails inside init_process_group with a traceback of its own.
+        raise UserError("--dist-backend nccl needs CUDA devices; these processes run on the "
+                        "CPU: leave --dist-backend out (gloo) or give --dist-backend gloo")
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank), device

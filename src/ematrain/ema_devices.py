@@ -26,7 +26,7 @@ class HostAverager:
         self._worker = None
         self._pending = None
 
-    def submit(self, plan: "Plan", average, weights: list[float]) -> None:
+    def submit(self, plan, average, weights: list[float]) -> None:
         if self._worker is None:
             self._worker = concurrent.futures.ThreadPoolExecutor(1, "ematrain-ema")
             self._stream = torch.cuda.Stream(plan.sync)

@@ -58,6 +58,10 @@ __all__ = [
 
 # The largest sigma_rel a power profile with gamma >= 0 has (gamma = 0: a uniform average).
 SIGMA_REL_MAX = math.sqrt(1.0 / 12.0)
+# The smallest one the conversion takes: its exponent (about 1 / sigma_rel) and sigma_rel ** -2
+# stay far from float64's range (1e-200 would overflow), and a narrower profile is the last
+# iterate alone for any run shorter than a trillion updates.
+SIGMA_REL_MIN = 1e-12
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -73,11 +77,12 @@ def gamma_to_sigma_rel(gamma: float) -> float:
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The exponent whose power profile has relative width ``sigma_rel`` (EDM2's ``std_to_exp``):
     the largest real root of ``gamma**3 + 7 gamma**2 + (16 - s) gamma + (12 - s)``, ``s =
-    sigma_rel ** -2``. Defined for ``0 < sigma_rel <= sqrt(1/12)`` (then ``gamma >= 0``)."""
+    sigma_rel ** -2``. Defined for ``SIGMA_REL_MIN <= sigma_rel <= sqrt(1/12)`` (then
+    ``gamma >= 0``)."""
     sigma_rel = float(sigma_rel)
-    if not 0.0 < sigma_rel <= SIGMA_REL_MAX * (1 + 1e-12):
-        raise ValueError(f"power EMA sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}], "
-                         f"got {sigma_rel}")
+    if not SIGMA_REL_MIN <= sigma_rel <= SIGMA_REL_MAX * (1 + 1e-12):
+        raise ValueError(f"power EMA sigma_rel must be in [{SIGMA_REL_MIN:g}, "
+                         f"{SIGMA_REL_MAX:.4f}], got {sigma_rel:g}")
     s = sigma_rel ** -2
     roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
     real = roots[np.abs(roots.imag) <= 1e-9 * max(1.0, s)].real

@@ -26,6 +26,16 @@ def finite_float(text: str) -> float:
     return value
 
 
+def whole_number(text: str) -> int:
+    """An int flag's value (argparse's type=int resolves to this in a FlagParser): within
+    int64, where torch, numpy and the slicing of samplers all take it."""
+    value = int(text)  # argparse words its ValueError: "invalid int value: 'x'"
+    if not -2**63 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at most 19 digits, got "
+                                         f"{text!r}")
+    return value
+
+
 class ParseKwargs(argparse.Action):
     """KEY=VALUE pairs; values are Python literals when they parse as one, else strings."""
 
@@ -99,6 +109,7 @@ class FlagParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpWithDefaults)
         super().__init__(*args, **kwargs)
+        self.register("type", int, whole_number)
         self.add_argument(LIST_END, action=_EndOfValues)
         self.add_argument("--version", action="version", version=f"%(prog)s (ematrain) {__version__}")
 
@@ -111,7 +122,16 @@ class FlagParser(argparse.ArgumentParser):
                 message = f"{', '.join(timm_only)}: timm setting(s) ematrain does not support"
                 if rest:
                     message += f"; unrecognized arguments: {' '.join(rest)}"
-        raise UserError(message)
+        raise UserError(_shortened(message))
+
+
+def _shortened(message: str, most: int = 8) -> str:
+    """A list of unrecognized words cut to its first `most` (a shell glob can add thousands)."""
+    head, sep, words = message.rpartition("unrecognized arguments: ")
+    words = words.split(" ")
+    if not sep or len(words) <= most:
+        return message
+    return f"{head}{sep}{' '.join(words[:most])} ... ({len(words) - most} more)"
 
 
 def train_parser(prog: str | None = None) -> argparse.ArgumentParser:

@@ -48,7 +48,10 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except TypeError as exc:
         raise UserError(f"cannot create model '{name}': {_describe(exc)}") from None
-    except (RuntimeError, OSError, ValueError, AssertionError, KeyError) as exc:
+    except (RuntimeError, OSError, ValueError, AssertionError, LookupError, ArithmeticError,
+            AttributeError) as exc:
+        # --model-kwargs reach timm's builders as given: a value of the wrong shape fails
+        # anywhere inside them (img_size={32}: an IndexError).
         if pretrained:
             raise UserError(f"cannot load pretrained weights for '{name}' (no network here; "
                             f"use --initial-checkpoint with a local file): {str(exc)[:120]}") from None
@@ -121,3 +124,42 @@ def init_head(model: nn.Module, scale: float | None = None, bias: float | None =
         if head.bias is None:
             raise UserError("--head-init-bias: the model's classifier has no bias")
         head.bias.fill_(bias)
+
+
+_BATCHNORM = nn.modules.batchnorm._BatchNorm
+
+
+@torch.no_grad()
+def probe_input(model: nn.Module, name: str, input_size, channels_last: bool = False) -> int | None:
+    """One blank image through `model` in eval mode, before any work: a model that cannot take
+    this input size (a fixed-size ViT at another --img-size, --model-kwargs that break it) is
+    one line now, not a traceback at the first step. Returns the fewest values per channel a
+    BatchNorm layer sees per image (None: no BatchNorm), which training multiplies by the batch.
+
+    Eval mode changes no statistics, and the random state is left as it was.
+    """
+    first = next(model.parameters(), None)
+    device, dtype = (first.device, first.dtype) if first is not None else ("cpu", torch.float32)
+    per_image = []
+    layers = [m for m in model.modules() if isinstance(m, _BATCHNORM)]
+    hooks = [m.register_forward_pre_hook(
+        lambda _, args: per_image.append(args[0].numel() // max(1, args[0].shape[1])))
+        for m in layers]
+    was_training = model.training
+    image = torch.zeros((1, *input_size), device=device, dtype=dtype)
+    if channels_last and image.dim() == 4:
+        image = image.contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model.eval()(image)
+    except (RuntimeError, AssertionError, ValueError, LookupError, TypeError,
+            ArithmeticError) as exc:
+        size = "x".join(str(v) for v in input_size)
+        raise UserError(f"model '{name}' fails on a {size} input: {_describe(exc)} (check "
+                        f"--img-size, --gp and --model-kwargs; a ViT of one size takes "
+                        f"--model-kwargs img_size=N or dynamic_img_size=True)") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return min(per_image) if per_image else None

@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,6 +275,21 @@ def describe(series: snaps.Series, targets: list[Target], clamped: int) -> str:
     return text
 
 
+def check_outputs_writable(run_dir: Path) -> None:
+    """The sweep's three files can be written into `run_dir`: checked before the sweep, which
+    takes minutes, so that a read-only folder is not found out only at its end."""
+    for name in (CSV, PNG, BEST):
+        if (run_dir / name).is_dir():
+            raise UserError(f"cannot write {run_dir / name}: a folder of that name is in the way")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".posthoc-write-test.", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write {CSV}, {PNG} and {BEST} into {run_dir}: "
+                        f"{(exc.strerror or str(exc)).lower()}") from None
+
+
 def evaluate_posthoc(s, info, device) -> int:
     """validate.py --posthoc: the sweep, scored in one pass, reported and saved (rank 0)."""
     from . import validate as v  # validate.py dispatches here: import on use
@@ -280,9 +297,10 @@ def evaluate_posthoc(s, info, device) -> int:
 
     series, targets, solution = sweep_plan(s.posthoc, s.sigma_rel, s.half_life)
     meta = series.meta
+    run_dir = series.folder.parent if series.folder.name == snaps.FOLDER else series.folder
+    check_outputs_writable(run_dir)  # every rank: each stops at once, none waits for another
     split_dir, dataset = v.open_split(s)
     v.check_classes(meta, dataset, split_dir)
-    run_dir = series.folder.parent if series.folder.name == snaps.FOLDER else series.folder
     if info.is_primary:
         remove_stale_outputs(run_dir)
     raw, _ = raw_weights(run_dir)

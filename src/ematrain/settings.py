@@ -17,7 +17,14 @@ import torch
 
 from .config import Layer, parse_command
 from .ema import HalfLife, parse_half_life
-from .ema_schedules import SCHEDULES, SIGMA_REL_MAX, gamma_to_sigma_rel, sigma_rel_to_gamma
+from .distributed import device_named
+from .ema_schedules import (
+    SCHEDULES,
+    SIGMA_REL_MAX,
+    SIGMA_REL_MIN,
+    gamma_to_sigma_rel,
+    sigma_rel_to_gamma,
+)
 from .errors import UserError
 from .logs import plural
 from .flags import train_parser, validate_parser
@@ -28,6 +35,18 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 # No timm model takes inputs larger than this; a bigger size only exhausts memory.
 MAX_IMAGE_SIZE = 4096
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+# Each EMA shadow is a full copy of the weights, validated every epoch, and each post-hoc target
+# one more in float64 while the sweep forms it: longer lists are a slip (a shell glob), not a plan.
+MAX_SHADOWS = 16
+MAX_TARGETS = 32
+# The random-resized crop's aspect ratios (width / height) a flag may ask for.
+MAX_RATIO = 100.0
+# Color jitter factors up to 1 + this: far beyond, every image is black or white (and torch
+# cannot draw a factor past float32's range).
+MAX_JITTER = 100.0
+_DIST_BACKENDS = ("nccl", "gloo", "mpi", "ucc")
+# Values that go into float32 weights must fit them.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def from_args(cls, ns: argparse.Namespace, **renamed: str):
@@ -63,6 +82,30 @@ def _within(spec, low: float, high: float, *dests: str, closed: bool = True) -> 
                             f"{']' if closed else ')'}, got {value}")
 
 
+def _positive(spec, *dests: str) -> None:
+    for dest in dests:
+        value = getattr(spec, dest)
+        if value is not None and not value > 0:
+            raise UserError(f"{_flag(spec, dest)} must be > 0, got {value:g}")
+
+
+def _at_most(flag: str, values, most: int, what: str) -> None:
+    if values is not None and len(values) > most:
+        raise UserError(f"{flag} takes at most {most} values ({what}), got {len(values)}")
+
+
+def _sigma_rels(flag: str, values, most: int, named: bool = False) -> None:
+    """Each sigma_rel one the power profile can have (`sigma_rel_to_gamma`); at most `most`."""
+    _at_most(flag, values, most, "each is one more EMA of the weights")
+    for value in values or []:
+        try:
+            sigma_rel_to_gamma(value)
+        except ValueError:
+            raise UserError(f"{flag}{': sigma_rel' if named else ''} must be in "
+                            f"[{SIGMA_REL_MIN:g}, {SIGMA_REL_MAX:.4f}] (the uniform average), "
+                            f"got {value:g}") from None
+
+
 def dtype_named(name: str | None) -> torch.dtype | None:
     return _DTYPES[name] if name else None
 
@@ -95,6 +138,9 @@ class ImageSpec:
             value = getattr(self, dest)
             if value is not None and len(value) not in (1, 3):
                 raise UserError(f"--{dest} takes 1 or 3 values (RGB), got {len(value)}")
+        if self.std is not None and not all(s > 0 for s in self.std):
+            # Each channel is divided by its std: 0 makes every input (and the loss) non-finite.
+            raise UserError(f"--std values must be > 0, got {' '.join(f'{s:g}' for s in self.std)}")
         if self.interpolation not in ("",) + _INTERPOLATIONS:
             raise UserError(f"--interpolation must be one of {', '.join(_INTERPOLATIONS)}, "
                             f"got {self.interpolation!r}")
@@ -188,6 +234,7 @@ class ModelSpec:
         _at_least(self, 1, "num_classes")
         _within(self, 0.0, 1.0, "drop", "drop_path", "drop_block", closed=False)
         _within(self, 0.0, 1.0, "bn_momentum")
+        _within(self, -FLOAT32_MAX, FLOAT32_MAX, "head_init_scale", "head_init_bias")
         if self.bn_eps is not None and not self.bn_eps > 0.0:
             raise UserError(f"--bn-eps must be a positive number, got {self.bn_eps}")
         for key in self.model_kwargs:
@@ -229,6 +276,20 @@ class AugSpec:
             raise UserError(f"--train-interpolation must be random or one of "
                             f"{', '.join(_INTERPOLATIONS)}, got {self.train_interpolation!r}")
         _within(self, 0.0, 1.0, "hflip", "vflip", "reprob")
+        _at_least(self, 1, "recount")
+        if not 0 <= self.color_jitter <= MAX_JITTER:
+            raise UserError(f"--color-jitter must be in [0, {MAX_JITTER:g}] (brightness, contrast "
+                            f"and saturation factors from max(0, 1 - x) to 1 + x), got "
+                            f"{self.color_jitter:g}")
+        low, high = self.scale
+        if not 0.0 < low <= high <= 1.0:
+            raise UserError(f"--scale takes MIN MAX with 0 < MIN <= MAX <= 1 (fractions of the "
+                            f"image area), got {low:g} {high:g}")
+        low, high = self.ratio
+        if not 1.0 / MAX_RATIO <= low <= high <= MAX_RATIO:
+            raise UserError(f"--ratio takes MIN MAX with {1 / MAX_RATIO:g} <= MIN <= MAX <= "
+                            f"{MAX_RATIO:g} (crop aspect ratios, width / height), got {low:g} "
+                            f"{high:g}")
 
 
 @dataclass(frozen=True)
@@ -250,6 +311,8 @@ class LabelSpec:
         _within(self, 0.0, 1.0, "mixup_prob", "mixup_switch_prob")
         if self.mixup < 0 or self.cutmix < 0:
             raise UserError("--mixup and --cutmix must be >= 0")
+        _at_least(self, 0, "mixup_off_epoch")
+        _within(self, 0.0, 1.0, "bce_target_thresh")
         if self.cutmix_minmax is not None and not 0 < self.cutmix_minmax[0] < self.cutmix_minmax[1] <= 1:
             raise UserError(f"--cutmix-minmax takes MIN MAX with 0 < MIN < MAX <= 1, got "
                             f"{' '.join(f'{v:g}' for v in self.cutmix_minmax)}")
@@ -282,8 +345,15 @@ class OptimSpec:
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
         _at_least(self, 1, "grad_accum_steps", "lr_base_size")
-        if self.opt_betas is not None and (len(self.opt_betas) not in (2, 3)
-                                           or not all(0.0 <= b < 1.0 for b in self.opt_betas)):
+        # A negative clip or layer decay flips the sign of updates and 0 freezes the layers;
+        # above 1 each lower layer's LR grows by the factor (1e308: an overflow).
+        _positive(self, "lr_base", "clip_grad")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise UserError(f"--layer-decay must be in (0, 1], got {self.layer_decay:g}")
+        if self.opt_betas is not None and len(self.opt_betas) not in (2, 3):
+            raise UserError(f"--opt-betas takes 2 (or 3, e.g. for adan) values, got "
+                            f"{len(self.opt_betas)}")
+        if self.opt_betas is not None and not all(0.0 <= b < 1.0 for b in self.opt_betas):
             raise UserError(f"--opt-betas takes 2 (or 3, e.g. for adan) values in [0, 1), "
                             f"got {' '.join(f'{b:g}' for b in self.opt_betas)}")
 
@@ -333,8 +403,37 @@ class ScheduleSpec:
     def __post_init__(self):
         _at_least(self, 1, "epochs")
         _at_least(self, 0, "warmup_epochs", "cooldown_epochs")
+        if self.warmup_lr < 0 or self.min_lr < 0:
+            raise UserError(f"--warmup-lr and --min-lr must be >= 0, got {self.warmup_lr:g} and "
+                            f"{self.min_lr:g}")
         if self.lr_noise is not None and len(self.lr_noise) not in (1, 2):
             raise UserError("--lr-noise takes one or two values")
+        self._check_shape()
+
+    def _check_shape(self) -> None:
+        """The values timm's schedulers compute with: each would otherwise fail (or spin) inside
+        them, at the first epoch's end or later."""
+        _positive(self, "decay_epochs", "decay_rate", "lr_cycle_mul")  # divisor, base, log base
+        _within(self, 0.0, 1.0, "lr_cycle_decay")  # the peak's factor per cycle
+        # The noise is redrawn until it is below the pct (0: never); beyond 1 the LR turns < 0.
+        if not 0 < self.lr_noise_pct <= 1:
+            raise UserError(f"--lr-noise-pct must be in (0, 1], got {self.lr_noise_pct:g}")
+        if self.sched in ("step", "multistep", "plateau") and self.decay_rate > 1:
+            raise UserError(f"--decay-rate {self.decay_rate:g}: the {self.sched} schedule "
+                            f"multiplies the LR by it at each decay; it must be in (0, 1]")
+        _at_least(self, 1, "lr_cycle_limit")
+        if not 0 < self.lr_k_decay <= 10:  # t ** k: 0 ** -k divides by zero, large k overflows
+            raise UserError(f"--lr-k-decay must be in (0, 10], got {self.lr_k_decay:g}")
+        if not 0 <= self.lr_noise_std <= 100 * self.lr_noise_pct:
+            # timm redraws the noise until it is below the limit: a std far above it never is.
+            raise UserError(f"--lr-noise-std must be in [0, 100 x --lr-noise-pct] = "
+                            f"[0, {100 * self.lr_noise_pct:g}], got {self.lr_noise_std:g}")
+        if self.sched in ("cosine", "tanh") and self.lr_cycle_mul < 1 and (
+                (self.epochs + self.cooldown_epochs) * (1 - self.lr_cycle_mul) >= self.epochs):
+            # Cycles of shrinking length add up to epochs / (1 - mul): timm's schedule ends there.
+            raise UserError(f"--lr-cycle-mul {self.lr_cycle_mul:g}: shrinking cycles add up to "
+                            f"{self.epochs / (1 - self.lr_cycle_mul):.4g} epochs, fewer than the "
+                            f"run's {self.epochs + self.cooldown_epochs}; give 1 or more")
 
     def warmup_warning(self, num_epochs: int) -> str | None:
         """A warning when the LR warmup takes most of the run: the LR then reaches its peak
@@ -419,6 +518,10 @@ class EmaSpec:
     def __post_init__(self):
         if self.decays is not None and self.half_lives is not None:
             raise UserError("give --model-ema-decay or --model-ema-half-life, not both")
+        for flag, values in (("--model-ema-decay", self.decays),
+                             ("--model-ema-half-life", self.half_lives),
+                             ("--model-ema-power-gamma", self.power_gammas)):
+            _at_most(flag, values, MAX_SHADOWS, "each is one more EMA of the weights")
         for d in self.decays or []:
             if not 0.0 < d < 1.0:
                 raise UserError(f"--model-ema-decay must be in (0, 1), got {d}")
@@ -454,15 +557,16 @@ class EmaSpec:
             raise UserError("--model-ema-schedule power: its shadows are given by "
                             "--model-ema-sigma-rel (or --model-ema-power-gamma), not by a decay, "
                             "half-life or warmup")
-        try:
-            for s in self.sigma_rels or []:
-                sigma_rel_to_gamma(s)
-            for g in self.power_gammas or []:
-                if not g >= 0:
-                    raise ValueError(f"got {g}: it must be >= 0")
-        except ValueError as exc:
-            flag = "--model-ema-sigma-rel" if self.sigma_rels else "--model-ema-power-gamma"
-            raise UserError(f"{flag}: {exc}") from None
+        _sigma_rels("--model-ema-sigma-rel", self.sigma_rels, MAX_SHADOWS)
+        for g in self.power_gammas or []:
+            try:  # the exponent of a sigma_rel the profile can have (`_sigma_rels`)
+                fits = g >= 0 and gamma_to_sigma_rel(g) >= SIGMA_REL_MIN
+            except OverflowError:
+                fits = False
+            if not fits:
+                raise UserError(f"--model-ema-power-gamma must be in [0, "
+                                f"{sigma_rel_to_gamma(SIGMA_REL_MIN):.4g}] (sigma_rel "
+                                f"{SIGMA_REL_MAX:.4f} to {SIGMA_REL_MIN:g}), got {g:g}")
 
     @property
     def schedule(self) -> str:
@@ -539,10 +643,7 @@ class PosthocSpec:
                                 "the snapshots of --model-ema-posthoc: give it too")
             object.__setattr__(self, "interval", None)
             return
-        for value in self.sigma_rels:
-            if not 0.0 < value <= SIGMA_REL_MAX:
-                raise UserError(f"--model-ema-posthoc: sigma_rel must be in (0, "
-                                f"{SIGMA_REL_MAX:.4f}] (the uniform average), got {value:g}")
+        _sigma_rels("--model-ema-posthoc", self.sigma_rels, MAX_SHADOWS, named=True)
         if len({f"{v:g}" for v in self.sigma_rels}) < len(self.sigma_rels):
             raise UserError(f"--model-ema-posthoc: the sigma_rels must differ, got "
                             f"{' '.join(f'{v:g}' for v in self.sigma_rels)}")
@@ -575,12 +676,13 @@ class PosthocSpec:
         return _DTYPES[self.snapshot_dtype or self.DEFAULT_DTYPE]
 
     def steps_between(self, steps_per_epoch: int, images_per_step: int, total_steps: int) -> int:
-        """Optimizer steps between snapshots (at least one)."""
+        """Optimizer steps between snapshots (at least one; an interval longer than the run,
+        1e308ep included, is the run: its end is snapshotted in any case)."""
         if self.interval is None:
             steps = total_steps / self.DEFAULT_SNAPSHOTS
         else:
             steps = self.interval.in_updates(images_per_step, steps_per_epoch)
-        return max(1, int(math.floor(steps + 0.5)))
+        return max(1, int(math.floor(min(steps, max(total_steps, 1)) + 0.5)))
 
 
 @dataclass(frozen=True)
@@ -600,6 +702,8 @@ class LoopSpec:
 
     def __post_init__(self):
         _at_least(self, 1, "log_interval", "checkpoint_hist")
+        if not 0 <= self.seed < 2**32:  # numpy's generators take no other seed
+            raise UserError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
         _at_least(self, 0, "skip_nonfinite", "recovery_interval")
         name = self.experiment
         if name and (Path(name).name != name or name in (".", "..") or "\\" in name):
@@ -614,6 +718,13 @@ class DistSpec:
     dist_backend: str | None
     dist_bn: str
     sync_bn: bool
+
+    def __post_init__(self):
+        if self.device:
+            device_named(self.device)  # whether this machine has it: when the run starts
+        if self.dist_backend and self.dist_backend not in _DIST_BACKENDS:
+            raise UserError(f"--dist-backend must be one of {', '.join(_DIST_BACKENDS)}, got "
+                            f"{self.dist_backend!r}")
 
 
 @dataclass(frozen=True)
@@ -645,6 +756,7 @@ class TrainSettings:
         if settings.labels.mixing and settings.loader.batch_size % 2:
             raise UserError(f"mixup/cutmix need an even --batch-size, got "
                             f"{settings.loader.batch_size}")
+        _output_outside_splits(settings.loop.output, settings.data)
         return settings
 
     def global_batch(self, world_size: int = 1) -> int:
@@ -654,6 +766,18 @@ class TrainSettings:
     def lr(self, world_size: int = 1) -> float:
         """The global learning rate (--lr, or --lr-base scaled by the global batch)."""
         return self.optim.lr_for(self.global_batch(world_size))
+
+
+def _output_outside_splits(output: str, spec: DataSpec) -> None:
+    """Runs written inside a split would be read as one more class folder of it."""
+    runs = Path(output or Path("output") / "train").resolve()
+    aliases = {"val": "validation", "validation": "val"}
+    for split in (spec.train_split, spec.val_split):
+        for name in {split, aliases.get(split, split)}:
+            folder = (Path(spec.data_dir) / name).resolve()
+            if runs == folder or folder in runs.parents:
+                raise UserError(f"--output {runs} is inside the data's {name} split ({folder}): "
+                                f"its runs would be read as a class folder; write them elsewhere")
 
 
 # ----------------------------------------------------------------------------- validate.py
@@ -716,10 +840,10 @@ class ValidateSettings:
             raise UserError("--posthoc scores its own weight sets from the run's snapshots: "
                             "--use-ema, --ema-decay, --ema-index, --model and --results-file "
                             "do not apply")
-        for value in self.sigma_rel or []:
-            if not 0.0 < value <= SIGMA_REL_MAX:
-                raise UserError(f"--sigma-rel must be in (0, {SIGMA_REL_MAX:.4f}] (the uniform "
-                                f"average), got {value:g}")
+        _sigma_rels("--sigma-rel", self.sigma_rel, MAX_TARGETS)
+        _at_most("--half-life", self.half_life, MAX_TARGETS, "each is one more EMA to form")
+        if self.device:
+            device_named(self.device)
         for text in self.half_life or []:
             try:
                 parse_half_life(str(text))

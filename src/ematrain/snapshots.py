@@ -149,14 +149,13 @@ def read_series(run_dir: str | Path) -> Series:
     first, snapshots, last_data, runs = None, [], None, {}
     for step, path in files:
         data = _peek(path)
-        shared = (data["sigma_rels"], data["arch"], data["dtype"], data["every"],
-                  sorted(data["shadows"][0]))
+        shared = _shared(data)
         if first is None:
             first = (path, shared)
         elif shared != first[1]:
-            raise UserError(f"{folder} mixes snapshots of different runs or settings: "
-                            f"{path.name} ({_describe(shared)}) and {first[0].name} "
-                            f"({_describe(first[1])})")
+            raise UserError(f"{folder} mixes snapshots of different runs or settings, which "
+                            f"differ in {_difference(shared, first[1])}: {path.name} "
+                            f"({_describe(shared)}) and {first[0].name} ({_describe(first[1])})")
         runs.setdefault(data.get("run_id"), path)
         if snapshots and data["updates"] <= snapshots[-1].updates:
             raise UserError(f"{folder}: {path.name} has {data['updates']} EMA updates, no more "
@@ -245,10 +244,26 @@ def merge_fork(folder: Path, fork: dict) -> None:
     shutil.rmtree(sub, ignore_errors=True)
 
 
+def _shared(data: dict) -> tuple:
+    """What every snapshot of one series has in common: the network (its architecture, classes
+    and every tensor's shape, read from the file's index without loading it), the profiles and
+    the dtype."""
+    shapes = tuple(sorted((k, tuple(v.shape)) for k, v in data["shadows"][0].items()))
+    return (tuple(data["sigma_rels"]), data["arch"], data["num_classes"],
+            tuple(data["class_names"]), data["dtype"], data["every"], shapes)
+
+
 def _describe(shared) -> str:
-    sigmas, arch, dtype, every, _ = shared
-    return (f"{arch}, sigma_rel {' '.join(f'{s:g}' for s in sigmas)}, {dtype}"
-            + (f", every {every}" if every != 1 else ""))
+    sigmas, arch, num_classes, _, dtype, every, _ = shared
+    return (f"{arch}, {num_classes} classes, sigma_rel {' '.join(f'{s:g}' for s in sigmas)}, "
+            f"{dtype}" + (f", every {every}" if every != 1 else ""))
+
+
+def _difference(a: tuple, b: tuple) -> str:
+    """The first thing two snapshots' `_shared` records differ in, by name."""
+    names = ("the tracked sigma_rels", "the model", "the class count", "the class folders",
+             "the snapshot dtype", "--model-ema-every", "the weights' shapes")
+    return next(name for name, x, y in zip(names, a, b) if x != y)
 
 
 def load_shadows(snapshot: Snapshot) -> list[dict]:

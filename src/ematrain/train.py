@@ -7,6 +7,7 @@ report. Stop requests and recovery saves are handled between optimizer updates.
 from __future__ import annotations
 
 import contextlib
+import shlex
 import sys
 from pathlib import Path
 
@@ -266,9 +267,10 @@ class Training:
     def print_stop(self, what: str) -> None:
         if self.primary:
             last = self.run_dir / LAST
+            # Quoted for the shell: a path with spaces or non-ASCII letters pastes as it is.
             print(f"{self.prog}: {what}; saved {last}. Resume with: "
-                  f"{resume_launcher(self.run, self.prog)} --resume {last}", file=sys.stderr,
-                  flush=True)
+                  f"{resume_launcher(self.run, self.prog)} --resume {shlex.quote(str(last))}",
+                  file=sys.stderr, flush=True)
 
 
 def open_run_folder(run: Run, source: ResumeSource | None) -> outputs.RunFolder:

@@ -15,7 +15,7 @@ from .cli import command_name, exit_process, run_main
 from .engine import validate
 from .errors import UserError
 from .logs import log
-from .models import architecture_kwargs, create_model, set_batchnorm
+from .models import architecture_kwargs, create_model, probe_input, set_batchnorm
 from .settings import ImageSpec, ValidateSettings, validate_settings
 
 
@@ -52,10 +52,19 @@ def resolve_num_classes(num_classes: int | None, ckpt: dict, dataset, split: str
     return int(num)
 
 
-def resolve_data_config(image: ImageSpec, ckpt: dict, model) -> dict:
-    """Training's own evaluation transform when the checkpoint records it, else timm's."""
+def resolve_data_config(image: ImageSpec, ckpt: dict, model, channels_last: bool = False) -> dict:
+    """Training's own evaluation transform when the checkpoint records it, else timm's; the
+    model is shown one image of its input size first (`probe_input`)."""
+    config = _data_config(image, ckpt, model)
+    name = ckpt.get("arch") or ckpt_io.args_dict(ckpt).get("model") or type(model).__name__
+    probe_input(model, name, config["input_size"], channels_last)
+    return config
+
+
+def _data_config(image: ImageSpec, ckpt: dict, model) -> dict:
     saved = ckpt.get("data_config")
     if saved and image.img_size is None and image.crop_pct is None:
+        data.check_data_config(saved)
         return dict(saved)
     recorded = ckpt_io.args_dict(ckpt)
     overrides = dict(img_size=image.img_size or recorded.get("img_size"),
@@ -178,7 +187,7 @@ def _evaluate(s: ValidateSettings, info, device) -> int:
     check_classes(ckpt, dataset, split_dir)
     model, arch = build_model(s, ckpt, dataset, weights, device)
     name = weights.name if weights is not None else "pretrained"
-    data_config = resolve_data_config(s.image, ckpt, model)
+    data_config = resolve_data_config(s.image, ckpt, model, s.precision.channels_last)
     loader, normalize = split_loader(s, info, dataset, ckpt, data_config, device)
     precision = s.precision.on(device)
     result = validate(model, loader, device, reduce=lambda t: distributed.all_reduce_sum(t, info),
