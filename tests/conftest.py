@@ -212,7 +212,7 @@ def run_jobs(jobs: dict, as_process: Sequence[str] = (), workers: int = 2) -> di
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from ematrain import train, validate
+    from ematrain.cli import train, validate
     entry_points = {"train.py": train.main, "validate.py": validate.main}
     with pytest.MonkeyPatch.context() as mp, torch_threads(1):
         mp.setenv("OMP_NUM_THREADS", "1")
@@ -244,8 +244,8 @@ def one_thread_no_plots(monkeypatch):
     """One torch thread (on a shared 2-core machine oversubscribed threads are several times
     slower), and no curves.png, which costs a matplotlib import per epoch where it is not under
     test. Use with ``pytestmark = pytest.mark.usefixtures("one_thread_no_plots")``."""
-    from ematrain import outputs
-    monkeypatch.setattr(outputs.CurveRenderer, "submit", lambda *a, **k: None)
+    from ematrain.run import curves
+    monkeypatch.setattr(curves.CurveRenderer, "submit", lambda *a, **k: None)
     with torch_threads(1):
         yield
 
@@ -259,9 +259,9 @@ def tiny_data(tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- runs in-process
 def make_training(argv):
     """The `Training` train.py would run for `argv` (no resume), built in this process."""
-    from ematrain.build import build_run
-    from ematrain.settings import train_settings
-    from ematrain.train import Training
+    from ematrain.run.build import build_run
+    from ematrain.settings.train_specs import train_settings
+    from ematrain.run.training import Training
     return Training(build_run(train_settings([str(a) for a in argv])))
 
 
@@ -282,7 +282,7 @@ def assert_files_agree_with_records(run_dir: Path) -> None:
     """The best and history files hold the epochs that last.pth.tar's records name, no other
     history file is left, and no mid-epoch recovery file outlives the epoch's end."""
     import torch
-    from ematrain.weightsets import weight_sets
+    from ematrain.run.weight_sets import weight_sets
     last = torch.load(run_dir / "last.pth.tar", weights_only=True)
     best = last["keeper"]["best"]
     meta = last.get("ema") or {}

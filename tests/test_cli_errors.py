@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import make_imagefolder, run_cli, run_in_process, run_jobs, torch_threads
 
-from ematrain import train
-from ematrain.errors import UserError
-from ematrain.settings import train_settings
+from ematrain.cli import train
+from ematrain.util.errors import UserError
+from ematrain.settings.train_specs import train_settings
 
 COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--warmup-epochs", "0",
           "--lr", "0.05", "-j", "0", "--epochs", "1"]
@@ -321,7 +321,7 @@ def test_hidden_files_and_folders_are_skipped_and_counted(tmp_path):
 
 
 def test_an_unreadable_folder_is_named_with_its_reason(tmp_path, monkeypatch):
-    from ematrain import data as data_mod
+    from ematrain.data import folders as data_mod
     data = small_tree(tmp_path / "d")
     locked = data / "train" / "class_1"
     locked.chmod(0)

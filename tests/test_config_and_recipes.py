@@ -15,8 +15,8 @@ import torch
 import yaml
 from conftest import REPO_ROOT, make_training, run_epochs
 
-from ematrain.errors import UserError
-from ematrain.settings import train_settings
+from ematrain.util.errors import UserError
+from ematrain.settings.train_specs import train_settings
 
 CONFIGS = REPO_ROOT / "configs"
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
@@ -84,24 +84,24 @@ def test_recipe_trains_when_shrunk(data, tmp_path, name):
     tr = make_training(argv)
     run = tr.run
     if values.get("model_ema"):
-        assert run.ema is not None
-        assert run.ema.decays == pytest.approx(values.get("model_ema_decay", [0.9998]))
-        assert (run.ema.schedule.name == "timm") == bool(values.get("model_ema_warmup", False))
+        assert run.emas.regular is not None
+        assert run.emas.regular.decays == pytest.approx(values.get("model_ema_decay", [0.9998]))
+        assert (run.emas.regular.schedule.name == "timm") == bool(values.get("model_ema_warmup", False))
     if values.get("mixup") or values.get("cutmix"):
         assert run.mixup_fn is not None and run.mixup_fn.mixup_alpha == values.get("mixup", 0.0)
     if values.get("amp"):
         assert str(run.precision.autocast) == f"torch.{values.get('amp_dtype', 'float16')}"
     assert type(run.optimizer).__name__.lower().startswith(values.get("opt", "sgd"))
     before = {k: v.detach().clone() for k, v in run.module.state_dict().items()}
-    shadow = ({k: v.clone() for k, v in run.ema.shadow_state_dict(0).items()}
-              if run.ema is not None else None)
+    shadow = ({k: v.clone() for k, v in run.emas.regular.shadow_state_dict(0).items()}
+              if run.emas.regular is not None else None)
     row = run_epochs(tr, tmp_path)[0]
     assert math.isfinite(row["train_loss"]) and math.isfinite(row["eval_loss"])
     after = run.module.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before
                if before[k].is_floating_point()), "no weight changed"
     if shadow is not None:
-        now = run.ema.shadow_state_dict(0)
+        now = run.emas.regular.shadow_state_dict(0)
         assert any(not torch.equal(shadow[k], now[k]) for k in shadow
                    if shadow[k].is_floating_point()), "EMA did not move"
     assert (tmp_path / "last.pth.tar").is_file()

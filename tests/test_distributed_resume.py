@@ -25,9 +25,10 @@ HOOK = """
 import os, signal, sys, time
 sys.path.insert(0, {src!r})
 import torch
-from ematrain import build, train
+from ematrain.cli import train
+from ematrain.run import parts
 
-real = build.Run.take_snapshot
+real = parts.Run.take_snapshot
 
 def take_snapshot(self):
     real(self)
@@ -45,7 +46,7 @@ def take_snapshot(self):
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
 
-build.Run.take_snapshot = take_snapshot
+parts.Run.take_snapshot = take_snapshot
 sys.exit(train.main())
 """
 

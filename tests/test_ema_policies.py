@@ -14,10 +14,10 @@ import torch
 from conftest import run_in_process, torch_threads
 from torch import nn
 
-from ematrain import train
+from ematrain.cli import train
 from ematrain.ema import ModelEma
-from ematrain.ema_horizons import RunLength, advice, startup_lines
-from ematrain.ema_policies import ShadowPolicy, copy_statistics, recalibrate, switch_to_shadow
+from ematrain.ema.horizons import RunLength, advice, startup_lines
+from ematrain.ema.policies import ShadowPolicy, copy_statistics, recalibrate, switch_to_shadow
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
 
@@ -193,8 +193,8 @@ def test_advice_names_the_long_ema_and_a_setting():
 ])
 def test_advice_never_proposes_a_horizon_under_a_few_updates_or_the_one_it_had(
         per_epoch, epochs, decay, every):
-    from ematrain.ema_horizons import MIN_ADVISED_UPDATES
-    from ematrain.ema_schedules import effective_half_lives
+    from ematrain.ema.horizons import MIN_ADVISED_UPDATES
+    from ematrain.ema.horizons import effective_half_lives
     ema = ModelEma(bn_net(), decay=decay, every=every)
     length = RunLength(steps_per_epoch=per_epoch, total_steps=per_epoch * epochs,
                        images_per_step=32)

@@ -11,25 +11,25 @@ import timm
 import torch
 from conftest import make_imagefolder, torch_threads
 
-from ematrain import data
-from ematrain import train as train_mod
+from ematrain.data import folders, loaders, transforms
+from ematrain.cli import train as train_mod
 from ematrain.ema import ModelEma, WeightSwapper, half_life_from_decay
-from ematrain.engine import validate
-from ematrain.settings import train_settings
+from ematrain.run.evaluation import validate
+from ematrain.settings.train_specs import train_settings
 
 
 @pytest.fixture(scope="module")
 def val_loader(tmp_path_factory):
     root = make_imagefolder(tmp_path_factory.mktemp("emaval") / "d", num_classes=3,
                             train_per_class=2, val_per_class=7)
-    dataset = data.load_image_folder(root / "val")
+    dataset = folders.load_image_folder(root / "val")
     config = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3,
               "std": (0.5,) * 3, "crop_pct": 1.0, "crop_mode": "center"}
-    dataset.transform = data.eval_transform(config)
-    return data.make_loader(dataset, batch_size=4, workers=0, shuffle=False, seed=0)
+    dataset.transform = transforms.eval_transform(config)
+    return loaders.make_loader(dataset, batch_size=4, workers=0, shuffle=False, seed=0)
 
 
-NORMALIZE = data.Normalize((0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+NORMALIZE = transforms.Normalize((0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
 
 
 def _trained_pair(decays, device=None):
@@ -141,7 +141,7 @@ def test_half_life_shadows_are_named_as_asked_everywhere(data_root, tmp_path, ca
     summary.csv, curves and the final report; validate.py finds them by that name, by the
     half-life alone or by the decay to the digits typed, and says the name; the decays stay in
     the checkpoint."""
-    from ematrain import validate as validate_mod
+    from ematrain.cli import validate as validate_mod
     logging.getLogger("ematrain").handlers.clear()
     with torch_threads(1):
         rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment", "h",

@@ -23,13 +23,14 @@ import yaml
 from conftest import make_training, run_cli, run_epochs
 from torch import nn
 
-from ematrain import checkpoint as ckpt_io
-from ematrain import outputs
-from ematrain.build import build_mixup, build_optimizer, build_scheduler, build_train_loss
-from ematrain.errors import UserError
-from ematrain.models import unwrap_model
-from ematrain.settings import train_settings
-from ematrain.train import Training
+from ematrain.checkpoint import files, schema
+from ematrain.run import summary as outputs
+from ematrain.run.build import build_mixup, build_train_loss
+from ematrain.run.optimizer import build_optimizer, build_scheduler
+from ematrain.util.errors import UserError
+from ematrain.util.modules import unwrap_model
+from ematrain.settings.train_specs import train_settings
+from ematrain.run.training import Training
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0",
         "--warmup-epochs", "0", "--epochs", "1"]
@@ -226,13 +227,13 @@ def test_torchcompile_eager(data, tmp_path):
     assert isinstance(tr.run.model, torch._dynamo.eval_frame.OptimizedModule)
     assert tr.run.settings.args.torchcompile == "eager"
     before = snapshot(tr.run.model)
-    ema_before = {k: v.clone() for k, v in tr.run.ema.shadow_state_dict(0).items()}
+    ema_before = {k: v.clone() for k, v in tr.run.emas.regular.shadow_state_dict(0).items()}
     rows = run_epochs(tr, tmp_path)
     assert math.isfinite(rows[0]["train_loss"]) and changed(before, tr.run.model)
-    assert tr.run.ema.steps == STEPS
-    assert any(not torch.equal(ema_before[k], v) for k, v in tr.run.ema.shadow_state_dict(0).items()
+    assert tr.run.emas.regular.steps == STEPS
+    assert any(not torch.equal(ema_before[k], v) for k, v in tr.run.emas.regular.shadow_state_dict(0).items()
                if v.is_floating_point())
-    ckpt = ckpt_io.load_file(tmp_path / "last.pth.tar")
+    ckpt = files.load_file(tmp_path / "last.pth.tar")
     plain = set(timm.create_model("test_resnet", num_classes=3).state_dict())
     for key in ("state_dict", "state_dict_ema"):
         assert not [k for k in ckpt[key] if "_orig_mod" in k], f"{key} keeps _orig_mod. prefixes"
@@ -272,7 +273,7 @@ def test_grad_accum_steps(data, tmp_path, accum):
     assert len(loss.calls) == STEPS  # micro-batches
     assert probe.count == STEPS // accum  # optimizer steps
     assert tr.run.counters.num_updates == STEPS // accum
-    assert tr.run.ema.steps == STEPS // accum and tr.run.ema.num_updates == STEPS // accum
+    assert tr.run.emas.regular.steps == STEPS // accum and tr.run.emas.regular.num_updates == STEPS // accum
     for name, g in ref.items():
         torch.testing.assert_close(probe.grads[0][name], g, rtol=1e-4, atol=1e-6)
     # The schedule advances once per optimizer step, not per micro-batch.
@@ -488,7 +489,7 @@ def test_random_erasing_reaches_the_samples(data):
                       "--ratio", "1", "1", "--hflip", "0", "--color-jitter", "0")
     plain = make_trainer(data, "--scale", "1", "1", "--ratio", "1", "1", "--hflip", "0",
                          "--color-jitter", "0")
-    from ematrain.engine import Batches
+    from ematrain.run.step import Batches
 
     def first_input(t):  # the first sample as the training step receives it
         images = t.run.data.train_set[0][0][None]
@@ -818,7 +819,7 @@ def test_initial_checkpoint(data, tmp_path, source_model, kind):
         donor = make_trainer(data, "--seed", "7")
         donor.run.model.load_state_dict(state)
         path = tmp_path / "donor.pth.tar"
-        ckpt_io.write_file(path, ckpt_io.save(donor.run))
+        files.write_file(path, schema.save(donor.run))
     elif kind == "state_dict":
         path = tmp_path / "weights.pth"
         torch.save(state, path)
@@ -828,7 +829,7 @@ def test_initial_checkpoint(data, tmp_path, source_model, kind):
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     tr = make_trainer(data, "--initial-checkpoint", path, "--model-ema", "--model-ema-decay", "0.9")
     _assert_weights(tr.run.model, state)
-    _assert_weights(tr.run.ema.shadows[0], state)  # the EMA starts from the loaded weights too
+    _assert_weights(tr.run.emas.regular.shadows[0], state)  # the EMA starts from the loaded weights too
 
 
 def test_initial_checkpoint_wrong_model_refused(data, tmp_path):
@@ -895,7 +896,7 @@ def test_recovery_interval(data, tmp_path):
     def write(name, ckpt):  # in the background writer, as each file is written
         path = real_write(name, ckpt)
         if name == "recovery.pth.tar":
-            on_disk = ckpt_io.load_file(path)
+            on_disk = files.load_file(path)
             seen.append((on_disk["counters"]["epoch_step"], on_disk["counters"]["num_updates"],
                          "state_dict_ema" in on_disk))
         return path
@@ -961,7 +962,7 @@ def test_cli_combined_flags(cli_runs):
     assert saved["amp"] and saved["amp_dtype"] == "bfloat16" and saved["channels_last"]
     assert saved["grad_accum_steps"] == 2 and saved["mixup"] == 0.8
     assert saved["aa"] == "rand-m9-mstd0.5" and saved["recovery_interval"] == 1
-    ckpt = ckpt_io.load_file(run / "last.pth.tar")
+    ckpt = files.load_file(run / "last.pth.tar")
     assert ckpt["epoch"] == 1 and ckpt["counters"]["num_updates"] == 2 * STEPS // 2
     assert ckpt["ema"]["steps"] == 2 * STEPS // 2
     assert tuple(ckpt["optimizer"]["param_groups"][0]["betas"]) == (0.9, 0.99)
@@ -975,7 +976,7 @@ def test_cli_torchcompile_checkpoint_keys(cli_runs):
     out, procs = cli_runs
     proc = procs["compiled"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = ckpt_io.load_file(out / "compiled" / "last.pth.tar")
+    ckpt = files.load_file(out / "compiled" / "last.pth.tar")
     for key in ("state_dict", "state_dict_ema"):
         assert ckpt[key] and not [k for k in ckpt[key] if k.startswith("_orig_mod.")]
     model = timm.create_model("test_resnet", num_classes=3)

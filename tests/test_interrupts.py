@@ -110,7 +110,7 @@ def run_with_hook(hook: str, data, out, timeout=300):
     script = out / "hooked.py"
     script.write_text("import os, signal, sys, time\n"
                       f"sys.path.insert(0, {str(REPO_ROOT / 'src')!r})\n"
-                      "from ematrain import keeper, train\n" + hook +
+                      "from ematrain.cli import train\nfrom ematrain.run import keeper\n" + hook +
                       "\nsys.exit(train.main())\n")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, script, data, *FAST, "--output", out], env=env,

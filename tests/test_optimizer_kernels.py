@@ -15,8 +15,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from ematrain.build import build_optimizer
-from ematrain.settings import train_settings
+from ematrain.run.optimizer import build_optimizer
+from ematrain.settings.train_specs import train_settings
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--epochs", "1"]
 

@@ -17,11 +17,12 @@ import torch
 from conftest import make_imagefolder, make_training, run_in_process, torch_threads
 from PIL import Image
 
-from ematrain import checkpoint as ckpt_io
-from ematrain import data as data_mod
-from ematrain import distributed, train
-from ematrain.errors import UserError
-from ematrain.settings import train_settings
+from ematrain.checkpoint import files as ckpt_io
+from ematrain.data import folders as data_mod
+from ematrain.cli import train
+from ematrain.util import distributed
+from ematrain.util.errors import UserError
+from ematrain.settings.train_specs import train_settings
 
 COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--epochs", "1",
           "--warmup-epochs", "0", "--lr", "0.05"]

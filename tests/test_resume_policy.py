@@ -11,12 +11,13 @@ import pytest
 import torch
 from conftest import REPO_ROOT, run_cli, run_in_process, torch_threads
 
-from ematrain import checkpoint as ckpt_io
-from ematrain import resume as resume_mod
-from ematrain import train
-from ematrain.build import build_run
-from ematrain.errors import UserError
-from ematrain.settings import resolve_train
+from ematrain.checkpoint import files as ckpt_io
+from ematrain.run import restore
+from ematrain.settings import resume_policy
+from ematrain.cli import train
+from ematrain.run.build import build_run
+from ematrain.util.errors import UserError
+from ematrain.settings.train_specs import resolve_train
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs", "0",
         "--lr", "0.05", "--epochs", "1", "--seed", "3"]
@@ -126,14 +127,16 @@ def test_the_printed_resume_command_alone_continues_the_run_exactly(data, tmp_pa
     stopper.write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(REPO_ROOT / 'src')!r})\n"
-        "from ematrain import signals, train\n"
+        "from ematrain.cli import train\n"
+        "from ematrain.run import training\n"
+        "from ematrain.util import signals\n"
         "signals.StopRequest.__call__ = lambda self: self.signum is not None or "
         "getattr(self, 'epochs_seen', 0) > 0\n"
-        "real = train.Training.finish_epoch\n"
+        "real = training.Training.finish_epoch\n"
         "def finish(self, epoch, loader, real=real):\n"
         "    real(self, epoch, loader)\n"
         "    signals.StopRequest.epochs_seen = 1\n"
-        "train.Training.finish_epoch = finish\n"
+        "training.Training.finish_epoch = finish\n"
         "sys.exit(train.main())\n")
     import subprocess
     import sys
@@ -159,7 +162,7 @@ def test_the_printed_resume_command_alone_continues_the_run_exactly(data, tmp_pa
 
 def test_a_stop_mid_epoch_prints_the_same_resume_command(ema_run, tmp_path, monkeypatch):
     """The stop in the middle of an epoch names the command the stop after an epoch names."""
-    from ematrain import signals
+    from ematrain.util import signals
     run = copy_run(ema_run, tmp_path)
     monkeypatch.setattr(signals.StopRequest, "__call__", lambda self: True)
     mid = train_in_process("--resume", run / "last.pth.tar", "--epochs", "2")
@@ -214,7 +217,7 @@ def test_a_longer_run_rebuilds_the_schedule_for_its_length(ema_run, tmp_path):
     settings, source = resolve("--resume", run / "last.pth.tar", "--epochs", "4")
     assert "epochs" in source.changed
     built = build_run(settings)
-    resume_mod.restore(built, source)
+    restore.restore(built, source)
     # Cosine over 4 epochs, now at epoch 1: lr = 0.05 * (1 + cos(pi / 4)) / 2.
     import math
     expected = 0.05 * (1 + math.cos(math.pi / 4)) / 2
@@ -224,7 +227,7 @@ def test_a_longer_run_rebuilds_the_schedule_for_its_length(ema_run, tmp_path):
 
 def test_the_readme_shows_the_policy_table():
     readme = (REPO_ROOT / "README.md").read_text()
-    assert resume_mod.policy_markdown() in readme
+    assert resume_policy.policy_markdown() in readme
 
 
 def test_resume_auto_before_any_checkpoint_keeps_the_folder(data, tmp_path, capsys):
@@ -256,7 +259,7 @@ def test_no_resume_opt_resumes_at_the_schedules_lr(data, tmp_path, capsys):
     ckpt = ckpt if ckpt.exists() else tmp_path / "w/model_best.pth.tar"
     settings, source = resolve_train(["--resume", ckpt, "--no-resume-opt"])
     run = build_run(settings)
-    resume_mod.restore(run, source)
+    restore.restore(run, source)
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
@@ -338,7 +341,7 @@ def test_a_new_batch_size_at_an_epoch_boundary_gets_its_own_learning_rate(data, 
     settings, source = resolve("--resume", tmp_path / "b/last.pth.tar", "-b", "8",
                                "--epochs", "2")
     built = build_run(settings, resuming=True)
-    resume_mod.restore(built, source)
+    restore.restore(built, source)
     import math
     peak = 0.1 * 8 / 256
     assert built.lr == pytest.approx(peak)
@@ -348,8 +351,8 @@ def test_a_new_batch_size_at_an_epoch_boundary_gets_its_own_learning_rate(data, 
 
 
 def test_a_stop_under_torchrun_names_torchrun(ema_run, monkeypatch):
-    from ematrain.distributed import DistInfo
-    from ematrain.train import Training, resume_launcher
+    from ematrain.util.distributed import DistInfo
+    from ematrain.run.training import Training, resume_launcher
     settings, source = resolve("--resume", ema_run / "last.pth.tar")
     tr = Training(build_run(settings, resuming=True), source)
     assert resume_launcher(tr.run, tr.prog) == "python train.py"
@@ -452,11 +455,11 @@ def test_a_timm_run_with_an_ema_resumes_with_its_ema(data, tmp_path):
             "--resume", timm_dir / "last.pth.tar"]
     settings, source = resolve_train([str(a) for a in argv])
     run = build_run(settings, resuming=True)
-    resume_mod.restore(run, source)
+    restore.restore(run, source)
     assert run.counters.epoch == 2
-    assert run.ema.steps == run.counters.num_updates == 2 * STEPS  # timm's epoch x updates
+    assert run.emas.regular.steps == run.counters.num_updates == 2 * STEPS  # timm's epoch x updates
     for key, value in theirs["state_dict_ema"].items():
-        assert torch.equal(run.ema.shadow_state_dict(0)[key], value), key
+        assert torch.equal(run.emas.regular.shadow_state_dict(0)[key], value), key
     # A changed decay is refused as for our runs; leaving the EMA out names the flags to add.
     for extra, words in ((["--model-ema", "--model-ema-decay", "0.99"], "averages decays 0.9"),
                          ([], "add --model-ema --model-ema-decay 0.9 to continue timm's EMA")):
@@ -527,8 +530,8 @@ def test_the_best_file_and_history_follow_the_first_ema_by_the_eval_metric(metri
     """With an EMA on, model_best.pth.tar and the checkpoint history are the first EMA's
     (timm's meaning), by --eval-metric, loss the lower the better; every other set keeps its
     own best file."""
-    from ematrain.keeper import CheckpointKeeper
-    from ematrain.weightsets import weight_sets
+    from ematrain.run.keeper import CheckpointKeeper
+    from ematrain.run.weight_sets import weight_sets
     sets = weight_sets([0.9, 0.99])
     keeper = CheckpointKeeper(sets, metric, history_size=2, primary=False)
     # per epoch: (raw, ema 0.9, ema 0.99) scores, as top-1 (higher is better) or loss

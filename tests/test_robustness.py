@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import run_cli
 
-from ematrain import checkpoint as ckpt_io
-from ematrain import train as train_mod
+from ematrain.checkpoint import files as ckpt_files
+from ematrain.cli import train as train_mod
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--epochs", "1",
         "--warmup-epochs", "0", "--lr", "0.05", "-j", "0"]
@@ -56,7 +56,7 @@ def test_full_disk_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch, c
         open(f, "wb").write(b"partial")  # torch.save gets the temporary file's path
         raise failure
 
-    monkeypatch.setattr(ckpt_io.torch, "save", no_space)
+    monkeypatch.setattr(ckpt_files.torch, "save", no_space)
     capsys.readouterr()
     rc = train_mod.main([str(data_root), *TINY, "--epochs", "2", "--output", str(out),
                          "--experiment", "d", "--resume", "auto"])
@@ -75,7 +75,7 @@ def test_a_full_disk_before_any_checkpoint_says_none_was_saved(data_root, tmp_pa
         open(f, "wb").write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt_io.torch, "save", no_space)
+    monkeypatch.setattr(ckpt_files.torch, "save", no_space)
     capsys.readouterr()
     rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path / "out"),
                          "--experiment", "d"])
@@ -212,8 +212,8 @@ def test_cli_fuzz_exit_codes_and_no_partial_files(data_root, fuzz_inputs, tmp_pa
 
 # --------------------------------------------------------------------------- the run folder
 def test_a_live_run_folder_is_refused_to_a_second_process(data_root, tmp_path, capsys):
-    from ematrain import outputs
-    holder = outputs.RunFolder.open(tmp_path / "same", resuming=True)
+    from ematrain.run import folder
+    holder = folder.RunFolder.open(tmp_path / "same", resuming=True)
     try:
         rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment",
                              "same", "--resume", "auto"])
@@ -225,7 +225,7 @@ def test_a_live_run_folder_is_refused_to_a_second_process(data_root, tmp_path, c
         assert (tmp_path / "same-1" / "last.pth.tar").is_file()
     finally:
         holder.close()
-    assert not (tmp_path / "same" / outputs.LOCK).exists()
+    assert not (tmp_path / "same" / folder.LOCK).exists()
 
 
 def test_a_lock_left_by_a_killed_run_does_not_block(data_root, tmp_path):
@@ -274,7 +274,7 @@ def a_checkpoint(data_root, tmp_path_factory):
 ])
 def test_a_malformed_checkpoint_is_one_line_everywhere(data_root, a_checkpoint, tmp_path, capsys,
                                                        change, words):
-    from ematrain import validate as validate_mod
+    from ematrain.cli import validate as validate_mod
     ckpt = torch.load(a_checkpoint, weights_only=True)
     change(ckpt)
     bad = tmp_path / "bad.pth.tar"
@@ -305,7 +305,7 @@ def test_best_and_history_files_are_links_of_their_epochs_checkpoint(data_root, 
 
 
 def test_where_links_are_refused_the_files_are_copies(data_root, tmp_path, monkeypatch, capsys):
-    from ematrain import keeper
+    from ematrain.run import keeper
 
     def no_links(src, dst):
         raise OSError(errno.EXDEV, "Invalid cross-device link")

@@ -9,7 +9,8 @@ import torch
 from conftest import make_training
 
 from ematrain.ema import ModelEma
-from ematrain.engine import NonFiniteLoss, Recipe, train_step
+from ematrain.run.loop import NonFiniteLoss
+from ematrain.run.step import Recipe, train_step
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--epochs", "1",
         "--warmup-epochs", "0", "--lr", "0.05", "-j", "0"]
@@ -160,7 +161,7 @@ def _epoch(tr, loss_fn):
 def test_nonfinite_loss_stops_with_exact_step_and_untouched_ema(data_root, tmp_path):
     tr = _run(data_root, tmp_path, "--model-ema", "--model-ema-decay", "0.9",
               "--model-ema-precheck")
-    ema = tr.run.ema
+    ema = tr.run.emas.regular
     before = {k: v.clone() for k, v in ema.module.state_dict().items()}
     with pytest.raises(NonFiniteLoss) as info:
         _epoch(tr, NanOnSteps({2}))
@@ -175,13 +176,13 @@ def test_nonfinite_loss_stops_with_exact_step_and_untouched_ema(data_root, tmp_p
 
 def test_without_the_precheck_a_nonfinite_run_stops_before_its_shadows_are_saved(data_root,
                                                                                  tmp_path):
-    from ematrain import train
-    from ematrain.engine import NonFiniteShadows
+    from ematrain.run import training as train
+    from ematrain.run.loop import NonFiniteShadows
     tr = _run(data_root, tmp_path, "--model-ema", "--model-ema-decay", "0.9")
     with pytest.raises(NonFiniteLoss) as info:
         _epoch(tr, NanOnSteps({2}))
     assert info.value.step == 2
-    assert tr.run.ema.nonfinite_shadows() == [0]  # averaged in, so it must never leave memory
+    assert tr.run.emas.regular.nonfinite_shadows() == [0]  # averaged in, so it must never leave memory
     with pytest.raises(NonFiniteShadows, match="EMA ema 0.9 holds NaN/Inf at epoch 0"):
         train.Training.check_weights(_with_clean_loss_record(tr))
 
@@ -198,7 +199,7 @@ def test_skip_nonfinite_skips_the_bad_step_only(data_root, tmp_path):
     steps = tr.run.data.steps_per_epoch
     assert counters.skipped_nonfinite == 1
     assert counters.num_updates == steps - 1
-    assert tr.run.ema.num_updates == steps - 1
+    assert tr.run.emas.regular.num_updates == steps - 1
     assert torch.isfinite(torch.tensor(counters.train_loss))
     for value in tr.run.model.state_dict().values():
         assert torch.isfinite(value.float()).all()
