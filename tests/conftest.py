@@ -226,6 +226,19 @@ def run_jobs(jobs: dict, as_process: Sequence[str] = (), workers: int = 2) -> di
     return done
 
 
+def tiny_args(*extra, batch: int | None = 4, epochs: int | None = 1, lr: str | None = "0.05",
+              warmup: int | None = 0, workers: int | None = 0, size: int = 32) -> list[str]:
+    """The flags of the tiny runs the tests train: timm's `test_resnet` at `size` px, batch
+    `batch`, `epochs` epochs, `--lr`, no LR warmup, loaders in the main process (`-j 0`); a
+    keyword given as None leaves its flag out (train.py's default holds). `extra` follows."""
+    args = ["--model", "test_resnet", "--img-size", str(size)]
+    for flag, value in (("-b", batch), ("-j", workers), ("--epochs", epochs),
+                        ("--warmup-epochs", warmup), ("--lr", lr)):
+        if value is not None:
+            args += [flag, str(value)]
+    return args + [str(a) for a in extra]
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

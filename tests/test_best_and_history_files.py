@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_files_agree_with_records, run_in_process, torch_threads
+from conftest import assert_files_agree_with_records, run_in_process, tiny_args, torch_threads
 
 from ematrain.cli import train
 from ematrain.run.keeper import CheckpointKeeper, LAST, history_name
@@ -17,9 +17,8 @@ from ematrain.run.weight_sets import weight_sets
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
 
-ARGS = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs",
-        "0", "--lr", "0.05", "--epochs", "3", "--seed", "1", "--model-ema", "--model-ema-decay",
-        "0.9", "--checkpoint-hist", "3", "--experiment", "run"]
+ARGS = tiny_args("--seed", "1", "--model-ema", "--model-ema-decay", "0.9", "--checkpoint-hist", "3",
+                 "--experiment", "run", epochs=3)
 
 
 @pytest.fixture(scope="module")

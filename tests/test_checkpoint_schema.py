@@ -5,29 +5,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO_ROOT, make_training, run_epochs
+from conftest import REPO_ROOT, make_training, run_epochs, tiny_args
 
 from ematrain.checkpoint import files, schema as schema_mod
 from ematrain.util.errors import UserError
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs", "0",
-        "--lr", "0.05", "--epochs", "3"]
+TINY = tiny_args(epochs=3)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
-
-
-@pytest.fixture(scope="module")
-def data(small_data):
-    return small_data
 
 
 def keys_named(ckpt: dict) -> set[str]:
     return {"state_dict_ema_<i>" if k.startswith("state_dict_ema_") else k for k in ckpt}
 
 
-def test_a_checkpoint_holds_exactly_the_schemas_keys(data, tmp_path):
-    tr = make_training([data, *TINY, "--model-ema", "--model-ema-decay", "0.9", "0.99"])
+def test_a_checkpoint_holds_exactly_the_schemas_keys(small_data, tmp_path):
+    tr = make_training([small_data, *TINY, "--model-ema", "--model-ema-decay", "0.9", "0.99"])
     run_epochs(tr, tmp_path)
     ckpt = files.load_file(tmp_path / "last.pth.tar")
     schema = {k.name for k in schema_mod.SCHEMA}
@@ -61,10 +55,10 @@ def assert_same(a, b, where=""):
         assert a == b, where
 
 
-def test_every_stateful_part_round_trips(data, tmp_path):
+def test_every_stateful_part_round_trips(small_data, tmp_path):
     """Train one epoch and stop mid-way through the next; a fresh run restored from the saved
     file has every part's state equal, part by part."""
-    argv = [data, *TINY, "--model-ema", "--model-ema-decay", "0.9", "0.99", "--seed", "5"]
+    argv = [small_data, *TINY, "--model-ema", "--model-ema-decay", "0.9", "0.99", "--seed", "5"]
     tr = make_training(argv)
     run_epochs(tr, tmp_path)
     loader, _ = tr.run.data.loaders(1, 0, seed=5)
@@ -109,12 +103,12 @@ def test_a_version_2_checkpoint_is_read_in_the_current_layout():
     ("keeper", {"best": 3}, "keeper"),
     ("ema", {"decays": [0.9], "keys": ["state_dict_ema_7"]}, "ema"),
 ])
-def test_a_part_that_does_not_fit_is_one_line(data, tmp_path, key, value, reason):
-    tr = make_training([data, *TINY, "--model-ema", "--model-ema-decay", "0.9"])
+def test_a_part_that_does_not_fit_is_one_line(small_data, tmp_path, key, value, reason):
+    tr = make_training([small_data, *TINY, "--model-ema", "--model-ema-decay", "0.9"])
     ckpt = schema_mod.save(tr.run)
     ckpt[key] = value
     with pytest.raises(UserError, match=f"its '{reason}' does not fit"):
-        schema_mod.restore(make_training([data, *TINY, "--model-ema", "--model-ema-decay",
+        schema_mod.restore(make_training([small_data, *TINY, "--model-ema", "--model-ema-decay",
                                        "0.9"]).run, ckpt, "x.pth.tar")
 
 

@@ -13,14 +13,13 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import make_imagefolder, run_cli, run_in_process, run_jobs, torch_threads
+from conftest import make_imagefolder, run_cli, run_in_process, run_jobs, tiny_args, torch_threads
 
 from ematrain.cli import train
 from ematrain.util.errors import UserError
 from ematrain.settings.train_specs import train_settings
 
-COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--warmup-epochs", "0",
-          "--lr", "0.05", "-j", "0", "--epochs", "1"]
+COMMON = tiny_args(batch=16)
 
 # Cases run as `python train.py ...`: a refusal before any data is read (pays the full import
 # at the process level, so import-time warnings would show) and a failure inside forked

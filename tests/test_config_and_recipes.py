@@ -29,11 +29,6 @@ SHRINK = ["--img-size", "32", "-b", "4", "--epochs", "1", "-j", "0"]
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
 
 
-@pytest.fixture(scope="module")
-def data(small_data):
-    return small_data
-
-
 def recipe(name: str) -> dict:
     return yaml.safe_load((CONFIGS / name).read_text())
 
@@ -63,21 +58,21 @@ def test_recipes_present():
 
 
 @pytest.mark.parametrize("name", RECIPES)
-def test_recipe_keys_applied(data, name):
+def test_recipe_keys_applied(small_data, name):
     values = recipe(name)
     assert isinstance(values, dict) and values
-    args = train_settings([str(data), "-c", str(CONFIGS / name)]).args
+    args = train_settings([str(small_data), "-c", str(CONFIGS / name)]).args
     assert_applied(args, values)
     # Command-line flags win over the recipe; the other keys still apply.
-    args = train_settings([str(data), "-c", str(CONFIGS / name), "--epochs", "1", "-b", "2"]).args
+    args = train_settings([str(small_data), "-c", str(CONFIGS / name), "--epochs", "1", "-b", "2"]).args
     assert args.epochs == 1 and args.batch_size == 2
     assert_applied(args, values, skip=("epochs", "batch_size"))
 
 
 @pytest.mark.parametrize("name", RECIPES)
-def test_recipe_trains_when_shrunk(data, tmp_path, name):
+def test_recipe_trains_when_shrunk(small_data, tmp_path, name):
     values = recipe(name)
-    argv = [str(data), "-c", str(CONFIGS / name), *tiny_flags(name)]
+    argv = [str(small_data), "-c", str(CONFIGS / name), *tiny_flags(name)]
     args = train_settings(argv).args
     overridden = {"model", "img_size", "batch_size", "epochs", "workers", "model_kwargs"}
     assert_applied(args, values, skip=overridden)
@@ -107,10 +102,10 @@ def test_recipe_trains_when_shrunk(data, tmp_path, name):
     assert (tmp_path / "last.pth.tar").is_file()
 
 
-def test_vit_recipe_builds_its_real_model(data):
+def test_vit_recipe_builds_its_real_model(small_data):
     """The recipe as written (real ViT-S/16 at 224 px) builds: model, layer decay, transforms."""
     values = recipe("vit-small-mixup.yaml")
-    run = make_training([data, "-c", CONFIGS / "vit-small-mixup.yaml", "-j", "0"]).run
+    run = make_training([small_data, "-c", CONFIGS / "vit-small-mixup.yaml", "-j", "0"]).run
     assert run.data.data_config["input_size"] == (3, 224, 224)
     assert type(run.model).__name__ == "VisionTransformer" and len(run.model.blocks) == 12
     assert run.model.blocks[-1].drop_path1.drop_prob == pytest.approx(values["drop_path"])

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_in_process, torch_threads
+from conftest import run_in_process, tiny_args, torch_threads
 from torch import nn
 
 from ematrain.cli import train
@@ -21,8 +21,7 @@ from ematrain.ema.policies import ShadowPolicy, copy_statistics, recalibrate, sw
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs", "0",
-        "--lr", "0.05", "--seed", "5", "--model-ema-decay", "0.8"]
+TINY = tiny_args("--seed", "5", "--model-ema-decay", "0.8", epochs=None)
 
 
 def bn_net() -> nn.Module:

@@ -25,7 +25,7 @@ import contextlib
 from pathlib import Path
 
 import pytest
-from conftest import make_imagefolder, run_in_process, torch_threads
+from conftest import make_imagefolder, run_in_process, tiny_args, torch_threads
 
 from ematrain.cli import train as train_mod, validate
 from ematrain.run import training
@@ -132,8 +132,7 @@ def world(tmp_path_factory):
         yield {"data": data, "run": run, "base": base}
 
 
-TRAIN_BASE = ["DATA", "--model", "test_resnet", "--img-size", "32", "-b", "2", "-j", "0",
-              "--epochs", "1", "--warmup-epochs", "0"]
+TRAIN_BASE = ["DATA", *tiny_args(batch=2, lr=None)]
 
 
 def train_check(argv: list[str], out: Path | None):

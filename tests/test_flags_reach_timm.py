@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_imagefolder, make_training, run_cli
+from conftest import make_imagefolder, make_training, run_cli, tiny_args
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
@@ -14,8 +14,7 @@ from torchvision import transforms as T
 from ematrain.settings.train_specs import train_settings
 from ematrain.run.training import Training
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs", "0",
-        "--epochs", "4", "--lr", "0.1"]
+TINY = tiny_args(epochs=4, lr="0.1")
 
 
 @pytest.fixture(scope="module")

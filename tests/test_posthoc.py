@@ -12,7 +12,7 @@ import numpy as np
 
 import pytest
 import torch
-from conftest import make_imagefolder, make_training, run_in_process, torch_threads
+from conftest import make_imagefolder, make_training, run_in_process, tiny_args, torch_threads
 
 from ematrain.checkpoint import files as ckpt_files
 from ematrain.cli import train, validate
@@ -202,8 +202,7 @@ def test_bad_posthoc_training_flags_are_one_line(data, tmp_path, argv, text):
 
 
 # ----------------------------------------------------------------------------- a real run
-TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "-j", "0", "--warmup-epochs",
-        "0", "--lr", "0.05", "--epochs", "4", "--seed", "3"]
+TINY = tiny_args("--seed", "3", batch=8, epochs=4)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_in_process, torch_threads
+from conftest import run_in_process, tiny_args, torch_threads
 
 from ematrain.cli import train, validate
 from ematrain.run import parts
@@ -21,9 +21,8 @@ from ematrain.run.keeper import LAST
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
 
 # 3 classes x 8 images, batch 4: 6 steps per epoch, 18 in all; a snapshot every 3 steps.
-ARGS = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs",
-        "0", "--lr", "0.05", "--epochs", "3", "--model-ema-posthoc", "--model-ema-snapshot-every",
-        "3it", "--checkpoint-hist", "3"]
+ARGS = tiny_args("--model-ema-posthoc", "--model-ema-snapshot-every", "3it", "--checkpoint-hist",
+                 "3", epochs=3)
 
 
 def train_run(*argv):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_imagefolder, make_training, run_in_process, torch_threads
+from conftest import make_imagefolder, make_training, run_in_process, tiny_args, torch_threads
 from PIL import Image
 
 from ematrain.checkpoint import files as ckpt_io
@@ -24,8 +24,7 @@ from ematrain.util import distributed
 from ematrain.util.errors import UserError
 from ematrain.settings.train_specs import train_settings
 
-COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--epochs", "1",
-          "--warmup-epochs", "0", "--lr", "0.05"]
+COMMON = tiny_args()
 
 
 @pytest.fixture(scope="module")

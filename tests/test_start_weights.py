@@ -7,11 +7,11 @@ import pytest
 import timm
 import torch
 
-from conftest import make_imagefolder, make_training
+from conftest import make_imagefolder, make_training, tiny_args
 from ematrain.util.errors import UserError
 from ematrain.util.logs import setup_logging
 
-BASE = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "-j", "0", "--epochs", "1"]
+BASE = tiny_args(batch=8, lr=None, warmup=None)
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import run_in_process, run_jobs, torch_threads
+from conftest import run_in_process, run_jobs, tiny_args, torch_threads
 
 from ematrain.cli import train as train_entry
 from ematrain.cli import validate as validate_entry
 
-TRAIN = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--warmup-epochs", "0",
-         "--lr", "0.05", "-j", "0", "--epochs", "1", "--model-ema", "--model-ema-decay", "0.9"]
+TRAIN = tiny_args("--model-ema", "--model-ema-decay", "0.9", batch=16)
 
 ENTRY_POINTS = {"train.py": train_entry.main, "validate.py": validate_entry.main}
 SUBPROCESS = ("unsafe",)  # run as `python validate.py ...`
@@ -348,8 +347,7 @@ def test_a_swapped_shadow_is_scored_in_the_model_dtype_and_validate_py_follows()
 
 
 def test_ema_decay_can_be_given_as_printed(tiny_data, tmp_path, capsys):
-    tiny = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--epochs", "1",
-            "--warmup-epochs", "0", "--lr", "0.05", "-j", "0"]
+    tiny = tiny_args()
     with torch_threads(1):
         assert train_entry.main([str(tiny_data), *tiny, "--output", str(tmp_path),
                                  "--experiment", "h", "--model-ema-half-life", "3it", "1ep"]) == 0

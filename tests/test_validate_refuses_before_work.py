@@ -9,13 +9,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import make_imagefolder, run_in_process, torch_threads
+from conftest import make_imagefolder, run_in_process, tiny_args, torch_threads
 
 from ematrain.cli import train, validate
 from ematrain.posthoc import series, sweep as posthoc_sweep
 
-TRAIN = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--epochs", "1",
-         "--warmup-epochs", "0", "--lr", "0.05", "--model-ema-posthoc"]
+TRAIN = tiny_args("--model-ema-posthoc")
 
 
 @pytest.fixture(scope="module")
