@@ -181,11 +181,12 @@ def test_a_sparse_series_of_constant_weights_is_synthesized_as_those_weights(tmp
                "bn.running_var": torch.linspace(1e-3, 2.0, 50, dtype=torch.float64),
                "bn.num_batches_tracked": torch.tensor(36)}
     meta = {k: None for k in snapshots_mod.META_KEYS} | {"every": 1, "steps_per_epoch": 3,
-                                                 "images_per_step": 8}
+                                                         "images_per_step": 8, "num_classes": 2,
+                                                         "class_names": ["a", "b"]}
     gammas = [sigma_rel_to_gamma(s) for s in TRACKED]
     for t in (9, 18, 27, 36):
-        entry = snapshots_mod.snapshot_entry([weights, weights], TRACKED, gammas, t, t, torch.float64,
-                                     meta)
+        entry = snapshots_mod.snapshot_entry([weights, weights], TRACKED, gammas, t, t,
+                                             torch.float64, meta)
         ckpt_io.write_file(tmp_path / snapshots_mod.snapshot_name(t), entry)
     series = series_mod.read_series(tmp_path)
     solution = solve(series.profiles(), [Profile("power", sigma_rel_to_gamma(s), 36)
