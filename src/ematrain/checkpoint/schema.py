@@ -98,7 +98,7 @@ def run_record(run) -> dict:
 
 def save(run, metric: float | None = None, rank_buffers: list | None = None) -> dict:
     """The checkpoint of `run` now: every part's state under its schema key (`rank_buffers`:
-    `distributed.local_buffers` of every rank, under torchrun)."""
+    `util.distributed.local_buffers` of every rank, under torchrun)."""
     parts = run.parts()
     ckpt = {"epoch": run.counters.epoch - 1, "state_dict": parts.pop("model").state_dict(),
             "metric": metric, "version": CHECKPOINT_VERSION, "ematrain_version": __version__,

@@ -7,19 +7,25 @@ import math
 import re
 from dataclasses import dataclass
 
+from .schedules import DECAY_RANGE, OutOfRange, check_decay
+
 
 def half_life_from_decay(decay: float) -> float:
     """Updates after which an old weight's share has halved: ln 0.5 / ln decay."""
-    if not 0.0 < decay < 1.0:
-        raise ValueError(f"decay must be in (0, 1), got {decay}")
-    return math.log(0.5) / math.log(decay)
+    return math.log(0.5) / math.log(check_decay(decay))
 
 
-def decay_from_half_life(half_life_updates: float) -> float:
-    """Per-update decay whose half-life is ``half_life_updates`` updates."""
+def decay_from_half_life(half_life_updates: float, every: int = 1) -> float:
+    """Per-update decay whose half-life is ``half_life_updates`` updates (in optimizer steps with
+    an update every `every` of them); OutOfRange when no decay in (0, 1) has it (a half-life so
+    short or so long that the decay rounds to 0 or 1)."""
     if half_life_updates <= 0:
         raise ValueError(f"half-life must be positive, got {half_life_updates}")
-    return 0.5 ** (1.0 / half_life_updates)
+    decay = 0.5 ** (every / half_life_updates)
+    if not 0.0 < decay < 1.0:
+        raise OutOfRange(f"the decay of a half-life of {half_life_updates:.3g} steps",
+                         DECAY_RANGE, decay)
+    return decay
 
 
 _HALF_LIFE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kKmM]?)\s*(ep|it|img)\s*$")

@@ -47,11 +47,11 @@ class ModelEma(TimmV3Module):
             get a float32 shadow, because ``(1 - decay) * (model - ema)`` rounds away in 16 bits.
         every: average every ``every`` calls to `update` using ``decay ** every``, so the horizon
             in optimizer steps is unchanged while the cost drops ``every``-fold.
-        schedule: how each update's decay is chosen (`ema_schedules`): ``constant``, ``timm``,
+        schedule: how each update's decay is chosen (`schedules`): ``constant``, ``timm``,
             ``debias`` for ``decay``, or an `EmaSchedule` naming its shadows (`ModelEma.power`).
         warmup, warmup_power, warmup_gamma: ``schedule="timm"`` and its shape (the old spelling).
         skip_nonfinite: check the model before every update and skip (and count) an update whose
-            weights hold NaN or Inf (see `ema_tensors` for its cost). Off by default: then
+            weights hold NaN or Inf (see `_fused` for its cost). Off by default: then
             `nonfinite_shadows` tells whether a non-finite update reached the shadows.
         exclude_buffers: copy the model's buffers (BatchNorm statistics) instead of averaging
             them, as timm's ``ModelEmaV3(exclude_buffers=True)``.

@@ -41,6 +41,9 @@ __all__ = [
     "EmaSchedule",
     "Power",
     "TimmWarmup",
+    "OutOfRange",
+    "check_decay",
+    "check_gamma",
     "gamma_to_sigma_rel",
     "make_schedule",
     "schedule_for",
@@ -54,9 +57,29 @@ SIGMA_REL_MAX = math.sqrt(1.0 / 12.0)
 # stay far from float64's range (1e-200 would overflow), and a narrower profile is the last
 # iterate alone for any run shorter than a trillion updates.
 SIGMA_REL_MIN = 1e-12
+# The ranges as the rules state them (the settings' one-line messages quote these).
+DECAY_RANGE = "(0, 1)"
+SIGMA_REL_RANGE = f"[{SIGMA_REL_MIN:g}, {SIGMA_REL_MAX:.4f}] (the uniform average)"
+
+
+class OutOfRange(ValueError):
+    """A value outside a range one of the EMA's rules allows. Each rule states its range once,
+    here; `interval` is it as text and `value` the value refused, so that a caller with words of
+    its own (a flag's one-line message) says the same rule."""
+
+    def __init__(self, what: str, interval: str, value: float):
+        super().__init__(f"{what} must be in {interval}, got {value:g}")
+        self.what, self.interval, self.value = what, interval, value
 
 
 # ----------------------------------------------------------------------------- pure functions
+def check_decay(decay: float) -> float:
+    """An EMA decay: in (0, 1) (0 keeps nothing of the past, 1 nothing of the model)."""
+    if not 0.0 < decay < 1.0:
+        raise OutOfRange("EMA decay", DECAY_RANGE, decay)
+    return float(decay)
+
+
 def gamma_to_sigma_rel(gamma: float) -> float:
     """The relative standard deviation of the power profile ``t ** gamma`` on [0, 1] (EDM2's
     ``exp_to_std``): ``sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))``."""
@@ -73,8 +96,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     ``gamma >= 0``)."""
     sigma_rel = float(sigma_rel)
     if not SIGMA_REL_MIN <= sigma_rel <= SIGMA_REL_MAX * (1 + 1e-12):
-        raise ValueError(f"power EMA sigma_rel must be in [{SIGMA_REL_MIN:g}, "
-                         f"{SIGMA_REL_MAX:.4f}], got {sigma_rel:g}")
+        raise OutOfRange("power EMA sigma_rel", SIGMA_REL_RANGE, sigma_rel)
     s = sigma_rel ** -2
     roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
     real = roots[np.abs(roots.imag) <= 1e-9 * max(1.0, s)].real
@@ -85,6 +107,23 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     if df != 0.0:
         gamma -= f / df
     return max(gamma, 0.0)
+
+
+# The exponents of the sigma_rels `sigma_rel_to_gamma` takes: 0 (the uniform average) up to the
+# narrowest profile's.
+GAMMA_MAX = sigma_rel_to_gamma(SIGMA_REL_MIN)
+GAMMA_RANGE = f"[0, {GAMMA_MAX:.4g}] (sigma_rel {SIGMA_REL_MAX:.4f} to {SIGMA_REL_MIN:g})"
+
+
+def check_gamma(gamma: float) -> float:
+    """A power EMA exponent whose profile is one `sigma_rel_to_gamma` gives: in `GAMMA_RANGE`."""
+    try:
+        fits = gamma >= 0 and gamma_to_sigma_rel(gamma) >= SIGMA_REL_MIN
+    except OverflowError:
+        fits = False
+    if not fits:
+        raise OutOfRange("power EMA exponent gamma", GAMMA_RANGE, gamma)
+    return float(gamma)
 
 
 def warmup_decay(target: float, step: int, power: float = 2 / 3, gamma: float = 1.0) -> float:
@@ -100,10 +139,7 @@ def _check_decays(decays: Sequence[float]) -> list[float]:
     decays = [float(d) for d in decays]
     if not decays:
         raise ValueError("at least one EMA decay is required")
-    for d in decays:
-        if not 0.0 < d < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {d}")
-    return decays
+    return [check_decay(d) for d in decays]
 
 
 # ----------------------------------------------------------------------------- schedules

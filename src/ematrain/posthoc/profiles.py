@@ -6,8 +6,8 @@ A power-function EMA with exponent ``gamma`` averages, after ``t`` updates, the 
 ``theta_1 .. theta_t`` with weights ``w_k = (k^(g+1) - (k-1)^(g+1)) / t^(g+1)`` (g = gamma): that
 is what ``beta_t = (1 - 1/t)^(g+1)`` gives, exactly, since the betas' product from ``k+1`` to ``t``
 telescopes to ``(k/t)^(g+1)``. Its relative width ``sigma_rel`` (the standard deviation of the
-profile over ``t``) is ``sqrt(g+1) / ((g+2) sqrt(g+3))`` (`ema_schedules.gamma_to_sigma_rel`;
-the tracking itself is `ema_schedules.Power`). A classic EMA of constant decay ``d``
+profile over ``t``) is ``sqrt(g+1) / ((g+2) sqrt(g+3))`` (`ema.schedules.gamma_to_sigma_rel`;
+the tracking itself is `ema.schedules.Power`). A classic EMA of constant decay ``d``
 that starts as a copy of the initial weights ``theta_0`` weighs ``theta_0`` by ``d^t`` and
 ``theta_k`` by ``(1-d) d^(t-k)``.
 
@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..ema.schedules import check_decay
+
 __all__ = ["Profile", "Solution", "solve"]
 
 # Iterates per block when the Gram matrix is accumulated: 2^16 iterates x 100 profiles = 52 MB.
@@ -71,8 +73,8 @@ class Profile:
             raise ValueError(f"profile kind must be power or exp, got {self.kind!r}")
         if self.t < 1:
             raise ValueError(f"a profile needs at least one update, got t={self.t}")
-        if self.kind == "exp" and not 0.0 < self.param < 1.0:
-            raise ValueError(f"exponential profile decay must be in (0, 1), got {self.param}")
+        if self.kind == "exp":
+            check_decay(self.param)  # the classic EMA's decay per update
         if self.kind == "power" and not self.param >= 0.0:
             raise ValueError(f"power profile exponent must be >= 0, got {self.param}")
 

@@ -39,7 +39,7 @@ class SnapshotSchedule:
     (with --model-ema-every N a step may have none since the last snapshot, and is skipped).
 
     A snapshot is copied to host memory in its dtype at its step (the only part on the training
-    path) and written by the run's checkpoint writer (`keeper.Writer`), in order with the
+    path) and written by the run's checkpoint writer (`run.keeper.Writer`), in order with the
     checkpoints: when a checkpoint is on disk, so is every snapshot of the steps before it. A
     resumed run removes the snapshots later than its checkpoint that no other checkpoint on
     disk needs and writes them again, so the series is the one an uninterrupted run writes;

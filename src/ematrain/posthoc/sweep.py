@@ -24,7 +24,7 @@ import torch
 from ..checkpoint.files import load_file
 from ..checkpoint.schema import weights_file
 from ..checkpoint.weights import select_weights
-from ..ema.half_life import parse_half_life
+from ..ema.half_life import decay_from_half_life, parse_half_life
 from ..ema.schedules import sigma_rel_to_gamma
 from ..util.atomic import atomic_write, atomic_write_text
 from ..util.errors import UserError
@@ -78,10 +78,11 @@ def targets_for(series: Series, sigma_rels: list[float] | None,
     for text in half_lives or []:
         half_life = parse_half_life(str(text))
         steps = half_life.in_updates(meta["images_per_step"], meta["steps_per_epoch"])
-        decay = 0.5 ** (meta["every"] / steps)
-        if not 0.0 < decay < 1.0:
+        try:  # the per-update decay, an update every `every` optimizer steps
+            decay = decay_from_half_life(steps, meta["every"])
+        except ValueError:
             raise UserError(f"--half-life {text} is {steps:.3g} optimizer steps: no decay in "
-                            f"(0, 1) has it")
+                            f"(0, 1) has it") from None
         targets.append(Target(f"half-life {text}", Profile("exp", decay, t)))
     return targets
 

@@ -2,7 +2,7 @@
 
 `last.pth.tar` every epoch; for each weight set with a best file, that file at its best epoch;
 `checkpoint-<epoch>.pth.tar` for the `history` best epochs of the primary weight set (timm's
-`model_best.pth.tar` set: the first EMA with an EMA on, see `weightsets`); `recovery.pth.tar`
+`model_best.pth.tar` set: the first EMA with an EMA on, see `weight_sets`); `recovery.pth.tar`
 in the middle of an epoch. The best and history files are hard links of the `last.pth.tar` they
 were (one physical file per epoch, as timm does), made under a temporary name and renamed into
 place. The records of which epoch was best are the keeper's state and travel in every

@@ -1,6 +1,6 @@
 """The weights a new run starts from (--initial-checkpoint, --pretrained-path), said in one line.
 
-Both read the file with `checkpoint.load_file` (no pickled code runs) and differ as timm's do:
+Both read the file with `checkpoint.files.load_file` (no pickled code runs) and differ as timm's do:
 --initial-checkpoint takes the raw weights (timm's ``load_checkpoint`` default), --pretrained-path
 the EMA weights where the file has them (timm's pretrained loading). A classifier with another
 class count is left at its initialisation and everything else loads, as timm's pretrained loading

@@ -15,7 +15,7 @@ METRICS = ("loss", "top1", "top5")
 # ----------------------------------------------------------------------------- summary.csv
 class Summary:
     """summary.csv: one row per epoch in timm's columns, ``epoch, train_loss, eval_loss,
-    eval_top1, eval_top5, lr`` (``eval_*``: the primary weight set, see `weightsets`), then each
+    eval_top1, eval_top5, lr`` (``eval_*``: the primary weight set, see `weight_sets`), then each
     other weight set's ``<prefix>eval_*``.
 
     The rows also travel in every checkpoint (`state_dict`), so a kill between writing a

@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import torch
 
-from ..ema.schedules import SIGMA_REL_MAX, SIGMA_REL_MIN, sigma_rel_to_gamma
+from ..ema.schedules import OutOfRange, sigma_rel_to_gamma
 from ..util.errors import UserError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -67,9 +67,8 @@ def check_sigma_rels(flag: str, values, most: int, named: bool = False) -> None:
     for value in values or []:
         try:
             sigma_rel_to_gamma(value)
-        except ValueError:
-            raise UserError(f"{flag}{': sigma_rel' if named else ''} must be in "
-                            f"[{SIGMA_REL_MIN:g}, {SIGMA_REL_MAX:.4f}] (the uniform average), "
+        except OutOfRange as exc:
+            raise UserError(f"{flag}{': sigma_rel' if named else ''} must be in {exc.interval}, "
                             f"got {value:g}") from None
 
 

@@ -9,14 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ema.half_life import HalfLife, parse_half_life
-from ..ema.schedules import (
-    SCHEDULES,
-    SIGMA_REL_MAX,
-    SIGMA_REL_MIN,
-    gamma_to_sigma_rel,
-    sigma_rel_to_gamma,
-)
+from ..ema.half_life import HalfLife, decay_from_half_life, parse_half_life
+from ..ema.schedules import SCHEDULES, OutOfRange, check_decay, check_gamma, gamma_to_sigma_rel
 from ..util.errors import UserError
 from .checks import DTYPES, at_least, at_most, check_sigma_rels, from_args
 
@@ -58,8 +52,10 @@ class EmaSpec:
                              ("--model-ema-power-gamma", self.power_gammas)):
             at_most(flag, values, MAX_SHADOWS, "each is one more EMA of the weights")
         for d in self.decays or []:
-            if not 0.0 < d < 1.0:
-                raise UserError(f"--model-ema-decay must be in (0, 1), got {d}")
+            try:
+                check_decay(d)
+            except OutOfRange as exc:
+                raise UserError(f"--model-ema-decay must be in {exc.interval}, got {d}") from None
         parsed = []
         for text in self.half_lives or []:
             try:
@@ -95,13 +91,10 @@ class EmaSpec:
         check_sigma_rels("--model-ema-sigma-rel", self.sigma_rels, MAX_SHADOWS)
         for g in self.power_gammas or []:
             try:  # the exponent of a sigma_rel the profile can have (`check_sigma_rels`)
-                fits = g >= 0 and gamma_to_sigma_rel(g) >= SIGMA_REL_MIN
-            except OverflowError:
-                fits = False
-            if not fits:
-                raise UserError(f"--model-ema-power-gamma must be in [0, "
-                                f"{sigma_rel_to_gamma(SIGMA_REL_MIN):.4g}] (sigma_rel "
-                                f"{SIGMA_REL_MAX:.4f} to {SIGMA_REL_MIN:g}), got {g:g}")
+                check_gamma(g)
+            except OutOfRange as exc:
+                raise UserError(f"--model-ema-power-gamma must be in {exc.interval}, "
+                                f"got {g:g}") from None
 
     @property
     def schedule(self) -> str:
@@ -148,11 +141,12 @@ class EmaSpec:
     def _decay_of(text: str, half_life: HalfLife, images_per_step: int,
                   steps_per_epoch: int) -> float:
         steps = half_life.in_updates(images_per_step, steps_per_epoch)
-        decay = 0.5 ** (1.0 / steps)
-        if not 0.0 < decay < 1.0:
+        try:
+            return decay_from_half_life(steps)
+        except ValueError as exc:  # OutOfRange: the decay rounds to 0 or 1
+            long = getattr(exc, "value", 0.0) >= 1.0
             raise UserError(f"--model-ema-half-life {text} is {steps:.3g} optimizer steps, too "
-                            f"{'long' if decay >= 1.0 else 'short'} for a decay in (0, 1)")
-        return decay
+                            f"{'long' if long else 'short'} for a decay in (0, 1)") from None
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ class _HelpWithDefaults(argparse.HelpFormatter):
 class FlagParser(argparse.ArgumentParser):
     """argparse that raises UserError instead of printing usage and exiting.
 
-    On the command line a timm flag that ematrain lacks is named as such (see `timm_settings`)
+    On the command line a timm flag that ematrain lacks is named as such (see `timm_unsupported`)
     rather than reported as a generic unrecognized argument (`names_timm_flags`, train.py).
     """
 

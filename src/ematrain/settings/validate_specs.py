@@ -23,7 +23,7 @@ MAX_TARGETS = 32
 class WeightChoice:
     """Which weights of a checkpoint validate.py evaluates."""
     use_ema: bool
-    ema_decay: str | None  # a decay or a shadow's name (`checkpoint.ema_index_for_decay`)
+    ema_decay: str | None  # a decay or a shadow's name (`checkpoint.weights.ema_index_for_decay`)
     ema_index: int | None
 
     def __post_init__(self):

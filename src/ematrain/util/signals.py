@@ -143,7 +143,7 @@ def in_loader_worker() -> None:
 def _end_loader_workers() -> None:
     """At exit, before multiprocessing's own exit handler would wait for daemonic workers that
     ignore its SIGTERM: kill them (their work is over). Loaders normally end their workers
-    themselves (`data.batches`); this is the last resort."""
+    themselves (`data.loaders.batches`); this is the last resort."""
     children = [c for c in multiprocessing.active_children() if c.daemon]
     if children and threading.current_thread() is threading.main_thread():
         # torch's SIGCHLD handler would report the killed workers as a failure.
