@@ -12,7 +12,8 @@ import numpy as np
 
 import pytest
 import torch
-from conftest import make_imagefolder, make_training, run_in_process, tiny_args, torch_threads
+from conftest import (REPO_ROOT, make_imagefolder, make_training, run_in_process, tiny_args,
+                      torch_threads)
 
 from ematrain.checkpoint import files as ckpt_files
 from ematrain.cli import train, validate
@@ -235,6 +236,21 @@ def test_a_run_writes_its_series_and_resumes_it(run_dir, data):
     r = run_in_process(train.main, "train.py", "--resume", run_dir / "last.pth.tar",
                        "--model-ema-posthoc", "0.05", "0.10")
     one_line_error(r, "model-ema-posthoc")
+
+
+def test_a_snapshot_holds_exactly_the_schemas_keys_and_the_readme_shows_them(run_dir):
+    """Every snapshot of a real run holds the keys `SNAPSHOT_SCHEMA` names, in its order, and no
+    other; the run's record in it is its checkpoint's; the README shows the table."""
+    ckpt = torch.load(run_dir / "last.pth.tar", weights_only=True)
+    files = snapshots_mod.snapshot_files(run_dir / "posthoc")
+    for _, path in files:
+        snapshot = torch.load(path, weights_only=True)
+        assert list(snapshot) == [k.name for k in snapshots_mod.SNAPSHOT_SCHEMA], path
+        assert snapshot["format"] == snapshots_mod.FORMAT and snapshot["fork"] is None
+        for key in ("arch", "args", "num_classes", "class_names", "data_config", "run_id"):
+            assert snapshot[key] == ckpt[key], key
+    assert len(files) == 8
+    assert snapshots_mod.snapshot_markdown() in (REPO_ROOT / "README.md").read_text()
 
 
 def test_the_tracked_power_emas_are_validated_every_epoch_like_any_ema(run_dir):
