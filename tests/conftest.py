@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-
 import contextlib
 import io
 import logging
@@ -273,8 +272,8 @@ def tiny_data(tmp_path_factory) -> Path:
 def make_training(argv):
     """The `Training` train.py would run for `argv` (no resume), built in this process."""
     from ematrain.run.build import build_run
-    from ematrain.settings.train_specs import train_settings
     from ematrain.run.training import Training
+    from ematrain.settings.train_specs import train_settings
     return Training(build_run(train_settings([str(a) for a in argv])))
 
 
@@ -295,6 +294,7 @@ def assert_files_agree_with_records(run_dir: Path) -> None:
     """The best and history files hold the epochs that last.pth.tar's records name, no other
     history file is left, and no mid-epoch recovery file outlives the epoch's end."""
     import torch
+
     from ematrain.run.weight_sets import weight_sets
     last = torch.load(run_dir / "last.pth.tar", weights_only=True)
     best = last["keeper"]["best"]

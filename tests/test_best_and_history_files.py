@@ -12,7 +12,7 @@ import torch
 from conftest import assert_files_agree_with_records, run_in_process, tiny_args, torch_threads
 
 from ematrain.cli import train
-from ematrain.run.keeper import CheckpointKeeper, LAST, history_name
+from ematrain.run.keeper import LAST, CheckpointKeeper, history_name
 from ematrain.run.weight_sets import weight_sets
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import REPO_ROOT, make_training, run_epochs, tiny_args
 
-from ematrain.checkpoint import files, schema as schema_mod
+from ematrain.checkpoint import files
+from ematrain.checkpoint import schema as schema_mod
 from ematrain.util.errors import UserError
 
 TINY = tiny_args(epochs=3)

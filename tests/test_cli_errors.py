@@ -16,8 +16,8 @@ import pytest
 from conftest import make_imagefolder, run_cli, run_in_process, run_jobs, tiny_args, torch_threads
 
 from ematrain.cli import train
-from ematrain.util.errors import UserError
 from ematrain.settings.train_specs import train_settings
+from ematrain.util.errors import UserError
 
 COMMON = tiny_args(batch=16)
 

@@ -15,8 +15,8 @@ import torch
 import yaml
 from conftest import REPO_ROOT, make_training, run_epochs
 
-from ematrain.util.errors import UserError
 from ematrain.settings.train_specs import train_settings
+from ematrain.util.errors import UserError
 
 CONFIGS = REPO_ROOT / "configs"
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
@@ -64,7 +64,8 @@ def test_recipe_keys_applied(small_data, name):
     args = train_settings([str(small_data), "-c", str(CONFIGS / name)]).args
     assert_applied(args, values)
     # Command-line flags win over the recipe; the other keys still apply.
-    args = train_settings([str(small_data), "-c", str(CONFIGS / name), "--epochs", "1", "-b", "2"]).args
+    args = train_settings([str(small_data), "-c", str(CONFIGS / name), "--epochs", "1",
+                           "-b", "2"]).args
     assert args.epochs == 1 and args.batch_size == 2
     assert_applied(args, values, skip=("epochs", "batch_size"))
 
@@ -81,7 +82,8 @@ def test_recipe_trains_when_shrunk(small_data, tmp_path, name):
     if values.get("model_ema"):
         assert run.emas.regular is not None
         assert run.emas.regular.decays == pytest.approx(values.get("model_ema_decay", [0.9998]))
-        assert (run.emas.regular.schedule.name == "timm") == bool(values.get("model_ema_warmup", False))
+        warmup = bool(values.get("model_ema_warmup", False))
+        assert (run.emas.regular.schedule.name == "timm") == warmup
     if values.get("mixup") or values.get("cutmix"):
         assert run.mixup_fn is not None and run.mixup_fn.mixup_alpha == values.get("mixup", 0.0)
     if values.get("amp"):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from ematrain.run import curves, summary as summary_mod
-from ematrain.util.logs import log
+from ematrain.run import curves
+from ematrain.run import summary as summary_mod
 from ematrain.run.weight_sets import weight_sets
+from ematrain.util.logs import log
 
 
 class _Lines(logging.Handler):

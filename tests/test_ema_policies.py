@@ -192,8 +192,7 @@ def test_advice_names_the_long_ema_and_a_setting():
 ])
 def test_advice_never_proposes_a_horizon_under_a_few_updates_or_the_one_it_had(
         per_epoch, epochs, decay, every):
-    from ematrain.ema.horizons import MIN_ADVISED_UPDATES
-    from ematrain.ema.horizons import effective_half_lives
+    from ematrain.ema.horizons import MIN_ADVISED_UPDATES, effective_half_lives
     ema = ModelEma(bn_net(), decay=decay, every=every)
     length = RunLength(steps_per_epoch=per_epoch, total_steps=per_epoch * epochs,
                        images_per_step=32)

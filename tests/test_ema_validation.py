@@ -11,8 +11,8 @@ import timm
 import torch
 from conftest import make_imagefolder, tiny_args, torch_threads
 
-from ematrain.data import folders, loaders, transforms
 from ematrain.cli import train as train_mod
+from ematrain.data import folders, loaders, transforms
 from ematrain.ema import ModelEma, WeightSwapper, half_life_from_decay
 from ematrain.run.evaluation import validate
 from ematrain.settings.train_specs import train_settings

@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 from conftest import make_imagefolder, run_in_process, tiny_args, torch_threads
 
-from ematrain.cli import train as train_mod, validate
+from ematrain.cli import run_main, validate
+from ematrain.cli import train as train_mod
 from ematrain.run import training
-from ematrain.cli import run_main
 from ematrain.settings.flags import train_parser, validate_parser
 
 MISTYPED = ("0", "-1", "1e-200", "1e308", "inf", "nan", "", "word", "99999999999999999999")

@@ -27,10 +27,10 @@ from ematrain.checkpoint import files, schema
 from ematrain.run import summary as outputs
 from ematrain.run.build import build_mixup, build_train_loss
 from ematrain.run.optimizer import build_optimizer, build_scheduler
+from ematrain.run.training import Training
+from ematrain.settings.train_specs import train_settings
 from ematrain.util.errors import UserError
 from ematrain.util.modules import unwrap_model
-from ematrain.settings.train_specs import train_settings
-from ematrain.run.training import Training
 
 TINY = tiny_args(lr=None)
 STEPS = 6  # 3 classes x 8 training images / batch 4: optimizer steps per epoch
@@ -217,7 +217,8 @@ def test_without_channels_last_inputs_are_nchw(small_data, tmp_path):
 
 
 def test_torchcompile_eager(small_data, tmp_path):
-    tr = make_trainer(small_data, "--torchcompile", "eager", "--model-ema", "--model-ema-decay", "0.9")
+    tr = make_trainer(small_data, "--torchcompile", "eager", "--model-ema", "--model-ema-decay",
+                      "0.9")
     assert isinstance(tr.run.model, torch._dynamo.eval_frame.OptimizedModule)
     assert tr.run.settings.args.torchcompile == "eager"
     before = snapshot(tr.run.model)
@@ -225,8 +226,8 @@ def test_torchcompile_eager(small_data, tmp_path):
     rows = run_epochs(tr, tmp_path)
     assert math.isfinite(rows[0]["train_loss"]) and changed(before, tr.run.model)
     assert tr.run.emas.regular.steps == STEPS
-    assert any(not torch.equal(ema_before[k], v) for k, v in tr.run.emas.regular.shadow_state_dict(0).items()
-               if v.is_floating_point())
+    assert any(not torch.equal(ema_before[k], v)
+               for k, v in tr.run.emas.regular.shadow_state_dict(0).items() if v.is_floating_point())
     ckpt = files.load_file(tmp_path / "last.pth.tar")
     plain = set(timm.create_model("test_resnet", num_classes=3).state_dict())
     for key in ("state_dict", "state_dict_ema"):
@@ -250,8 +251,8 @@ def _reference_grads(model, batches, loss_fn, divisor):
 
 @pytest.mark.parametrize("accum", [2, 3])
 def test_grad_accum_steps(small_data, tmp_path, accum):
-    tr = make_trainer(small_data, "--grad-accum-steps", accum, "--model-ema", "--model-ema-decay", "0.9",
-                      "--sched-on-updates")
+    tr = make_trainer(small_data, "--grad-accum-steps", accum, "--model-ema", "--model-ema-decay",
+                      "0.9", "--sched-on-updates")
     assert tr.run.data.steps_per_epoch == STEPS // accum
     inputs = []
     tr.run.model.register_forward_pre_hook(
@@ -267,7 +268,8 @@ def test_grad_accum_steps(small_data, tmp_path, accum):
     assert len(loss.calls) == STEPS  # micro-batches
     assert probe.count == STEPS // accum  # optimizer steps
     assert tr.run.counters.num_updates == STEPS // accum
-    assert tr.run.emas.regular.steps == STEPS // accum and tr.run.emas.regular.num_updates == STEPS // accum
+    ema = tr.run.emas.regular
+    assert ema.steps == STEPS // accum and ema.num_updates == STEPS // accum
     for name, g in ref.items():
         torch.testing.assert_close(probe.grads[0][name], g, rtol=1e-4, atol=1e-6)
     # The schedule advances once per optimizer step, not per micro-batch.
@@ -611,7 +613,8 @@ def test_plateau_mode_follows_eval_metric(small_data):
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        assert make_trainer(small_data, "--sched", "plateau").run.scheduler.lr_scheduler.mode == "max"
+        plateau = make_trainer(small_data, "--sched", "plateau").run.scheduler
+        assert plateau.lr_scheduler.mode == "max"
         tr = make_trainer(small_data, "--sched", "plateau", "--eval-metric", "loss")
     assert tr.run.scheduler.lr_scheduler.mode == "min"
 
@@ -736,8 +739,8 @@ def test_unknown_optimizer_refused(small_data):
 
 
 def test_opt_eps_betas_momentum_weight_decay(small_data):
-    tr = make_trainer(small_data, "--opt", "adamw", "--opt-eps", "1e-6", "--opt-betas", "0.8", "0.95",
-                      "--weight-decay", "0.05")
+    tr = make_trainer(small_data, "--opt", "adamw", "--opt-eps", "1e-6", "--opt-betas", "0.8",
+                      "0.95", "--weight-decay", "0.05")
     groups = tr.run.optimizer.param_groups
     assert {g["eps"] for g in groups} == {1e-6}
     assert {tuple(g["betas"]) for g in groups} == {(0.8, 0.95)}
@@ -808,7 +811,8 @@ def _assert_weights(model, state, skip=()):
 @pytest.mark.parametrize("kind", ["ours", "state_dict", "safetensors"])
 def test_initial_checkpoint(small_data, tmp_path, source_model, kind):
     state = source_model.state_dict()
-    assert not torch.equal(make_trainer(small_data).run.model.state_dict()["fc.weight"], state["fc.weight"])
+    fresh = make_trainer(small_data).run.model.state_dict()
+    assert not torch.equal(fresh["fc.weight"], state["fc.weight"])
     if kind == "ours":
         donor = make_trainer(small_data, "--seed", "7")
         donor.run.model.load_state_dict(state)
@@ -821,9 +825,10 @@ def test_initial_checkpoint(small_data, tmp_path, source_model, kind):
         from safetensors.torch import save_file
         path = tmp_path / "weights.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    tr = make_trainer(small_data, "--initial-checkpoint", path, "--model-ema", "--model-ema-decay", "0.9")
+    tr = make_trainer(small_data, "--initial-checkpoint", path, "--model-ema", "--model-ema-decay",
+                      "0.9")
     _assert_weights(tr.run.model, state)
-    _assert_weights(tr.run.emas.regular.shadows[0], state)  # the EMA starts from the loaded weights too
+    _assert_weights(tr.run.emas.regular.shadows[0], state)  # the EMA starts from them too
 
 
 def test_initial_checkpoint_wrong_model_refused(small_data, tmp_path):
@@ -883,7 +888,8 @@ def test_checkpoint_hist(small_data, tmp_path):
 
 
 def test_recovery_interval(small_data, tmp_path):
-    tr = make_trainer(small_data, "--recovery-interval", "2", "--model-ema", "--model-ema-decay", "0.9")
+    tr = make_trainer(small_data, "--recovery-interval", "2", "--model-ema", "--model-ema-decay",
+                      "0.9")
     seen = []
     real_write = tr.run.keeper._write
 

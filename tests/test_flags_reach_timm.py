@@ -11,8 +11,8 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
-from ematrain.settings.train_specs import train_settings
 from ematrain.run.training import Training
+from ematrain.settings.train_specs import train_settings
 
 TINY = tiny_args(epochs=4, lr="0.1")
 
@@ -261,8 +261,8 @@ def test_head_init_scale_and_bias_reach_the_classifier(data, tmp_path):
     torch.testing.assert_close(scaled.bias, plain.bias * 0.5, atol=0, rtol=0)
     import timm
 
-    from ematrain.util.errors import UserError
     from ematrain.run.model import init_head
+    from ematrain.util.errors import UserError
     with pytest.raises(UserError, match="no classifier layer"):
         init_head(timm.create_model("test_resnet", num_classes=0), scale=0.1)
 

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT, run_cli
+
 from ematrain import __version__
 from ematrain.cli import launcher
 from ematrain.settings.flags import train_parser, validate_parser

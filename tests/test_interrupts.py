@@ -12,8 +12,14 @@ import time
 
 import pytest
 import torch
-from conftest import (REPO_ROOT, assert_files_agree_with_records, assert_quit_names_the_files,
-                      make_imagefolder, tiny_args, wait_for_checkpoint)
+from conftest import (
+    REPO_ROOT,
+    assert_files_agree_with_records,
+    assert_quit_names_the_files,
+    make_imagefolder,
+    tiny_args,
+    wait_for_checkpoint,
+)
 
 # One optimizer step per epoch that takes about two seconds on one CPU thread.
 SLOW = ["--model", "resnet18", "--img-size", "192", "-b", "24", "-j", "2", "--epochs", "4",

@@ -8,9 +8,9 @@ import sys
 import pytest
 import timm
 import torch
+from conftest import REPO_ROOT
 from timm.utils import ModelEmaV3
 
-from conftest import REPO_ROOT
 import ematrain
 from ematrain import ModelEma
 

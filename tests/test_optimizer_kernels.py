@@ -44,7 +44,8 @@ def test_fused_kernel_is_chosen_for_torch_optimizers_on_the_cpu(small_data, mode
 
 @pytest.mark.parametrize("name", ["lamb", "lion", "rmsprop", "nadamw", "adopt"])
 def test_optimizers_without_a_fused_kernel_keep_their_default(small_data, model, name):
-    assert not any(fused for fused, _ in implementations(optimizer(small_data, model, "--opt", name)))
+    made = optimizer(small_data, model, "--opt", name)
+    assert not any(fused for fused, _ in implementations(made))
 
 
 @pytest.mark.parametrize("flags", [["--no-opt-fused"], ["--opt-kwargs", "foreach=True"],

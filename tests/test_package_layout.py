@@ -145,8 +145,8 @@ def torch_globals():
             "threads": torch.get_num_threads(), "deterministic":
             torch.are_deterministic_algorithms_enabled(), "matmul":
             torch.get_float32_matmul_precision(), "cudnn": (torch.backends.cudnn.benchmark,
-            torch.backends.cudnn.deterministic), "safe": len(torch.serialization.get_safe_globals()),
-            "rng": torch.get_rng_state().sum().item()}
+            torch.backends.cudnn.deterministic), "rng": torch.get_rng_state().sum().item(),
+            "safe": len(torch.serialization.get_safe_globals())}
 """
 
 

@@ -4,24 +4,29 @@ file read by validate.py and timm, and every bad input as one line."""
 from __future__ import annotations
 
 import csv
-
 import math
 import shutil
 
 import numpy as np
-
 import pytest
 import torch
-from conftest import (REPO_ROOT, make_imagefolder, make_training, run_in_process, tiny_args,
-                      torch_threads)
+from conftest import (
+    REPO_ROOT,
+    make_imagefolder,
+    make_training,
+    run_in_process,
+    tiny_args,
+    torch_threads,
+)
 
 from ematrain.checkpoint import files as ckpt_files
 from ematrain.cli import train, validate
-from ematrain.run import curves, evaluation
-from ematrain.posthoc import series as series_mod, snapshots as snapshots_mod
 from ematrain.ema.schedules import sigma_rel_to_gamma
-from ematrain.run.evaluation import validate as score
 from ematrain.posthoc import Profile, Solution, solve
+from ematrain.posthoc import series as series_mod
+from ematrain.posthoc import snapshots as snapshots_mod
+from ematrain.run import curves, evaluation
+from ematrain.run.evaluation import validate as score
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
 

@@ -13,10 +13,11 @@ import torch
 from conftest import run_in_process, tiny_args, torch_threads
 
 from ematrain.cli import train, validate
+from ematrain.posthoc import series as series_mod
+from ematrain.posthoc import snapshots
 from ematrain.run import parts
-from ematrain.posthoc import series as series_mod, snapshots
-from ematrain.util.errors import UserError
 from ematrain.run.keeper import LAST
+from ematrain.util.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
 

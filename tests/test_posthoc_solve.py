@@ -17,10 +17,11 @@ import torch
 from conftest import make_imagefolder, run_in_process, torch_threads
 
 from ematrain.checkpoint import files as ckpt_io
-from ematrain.posthoc import series as series_mod, snapshots as snapshots_mod
 from ematrain.cli import train, validate
 from ematrain.ema.schedules import sigma_rel_to_gamma
 from ematrain.posthoc import Profile, solve
+from ematrain.posthoc import series as series_mod
+from ematrain.posthoc import snapshots as snapshots_mod
 from ematrain.posthoc.sweep import default_sigma_rels
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")

@@ -18,11 +18,11 @@ from conftest import make_imagefolder, make_training, run_in_process, tiny_args,
 from PIL import Image
 
 from ematrain.checkpoint import files as ckpt_io
-from ematrain.data import folders as data_mod
 from ematrain.cli import train
+from ematrain.data import folders as data_mod
+from ematrain.settings.train_specs import train_settings
 from ematrain.util import distributed
 from ematrain.util.errors import UserError
-from ematrain.settings.train_specs import train_settings
 
 COMMON = tiny_args()
 

@@ -14,8 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (REPO_ROOT, assert_files_agree_with_records, assert_quit_names_the_files,
-                      make_imagefolder, run_cli, tiny_args, wait_for_checkpoint)
+from conftest import (
+    REPO_ROOT,
+    assert_files_agree_with_records,
+    assert_quit_names_the_files,
+    make_imagefolder,
+    run_cli,
+    tiny_args,
+    wait_for_checkpoint,
+)
 
 EPOCHS = 3
 _BASE = tiny_args("--drop", "0.2", "--model-ema", "--model-ema-decay", "0.9", "0.99", "--seed", "7",

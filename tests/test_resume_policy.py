@@ -12,12 +12,12 @@ import torch
 from conftest import REPO_ROOT, run_cli, run_in_process, tiny_args, torch_threads
 
 from ematrain.checkpoint import files as ckpt_io
-from ematrain.run import restore
-from ematrain.settings import resume_policy
 from ematrain.cli import train
+from ematrain.run import restore
 from ematrain.run.build import build_run
-from ematrain.util.errors import UserError
+from ematrain.settings import resume_policy
 from ematrain.settings.train_specs import resolve_train
+from ematrain.util.errors import UserError
 
 TINY = tiny_args("--seed", "3")
 STEPS = 6  # 3 classes x 8 training images / batch 4
@@ -134,8 +134,9 @@ def test_the_printed_resume_command_alone_continues_the_run_exactly(small_data, 
         "sys.exit(train.main())\n")
     import subprocess
     import sys
-    first = subprocess.run([sys.executable, stopper, small_data, *flags, "--output", tmp_path / "out",
-                            "--experiment", "r"], capture_output=True, text=True, timeout=300)
+    first = subprocess.run([sys.executable, stopper, small_data, *flags, "--output",
+                            tmp_path / "out", "--experiment", "r"], capture_output=True, text=True,
+                           timeout=300)
     assert first.returncode == 130, first.stderr[-2000:]
     hint = [line for line in first.stderr.splitlines() if "Resume with:" in line]
     assert len(hint) == 1 and "stopped after epoch 0" in hint[0]
@@ -273,8 +274,8 @@ def test_a_new_decay_is_refused_before_anything_is_built(ema_run):
 
 
 def test_a_half_life_keeps_its_horizon_when_the_batch_size_changes(small_data, tmp_path):
-    first = train_in_process(small_data, *TINY, "--model-ema-half-life", "1ep", "--output", tmp_path,
-                             "--experiment", "h")
+    first = train_in_process(small_data, *TINY, "--model-ema-half-life", "1ep", "--output",
+                             tmp_path, "--experiment", "h")
     assert first.returncode == 0, first.stderr[-2000:]
     last = tmp_path / "h" / "last.pth.tar"
     r = train_in_process("--resume", last, "-b", "2", "--epochs", "2")
@@ -319,8 +320,8 @@ def test_the_start_weights_are_not_loaded_again_on_resume(small_data, tmp_path):
     import timm
     weights = tmp_path / "start.pth"
     torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), weights)
-    first = train_in_process(small_data, *TINY, "--initial-checkpoint", weights, "--output", tmp_path,
-                             "--experiment", "w")
+    first = train_in_process(small_data, *TINY, "--initial-checkpoint", weights, "--output",
+                             tmp_path, "--experiment", "w")
     assert first.returncode == 0, first.stderr[-2000:]
     weights.unlink()  # moved away after the run started
     r = train_in_process("--resume", tmp_path / "w/last.pth.tar", "--epochs", "2")
@@ -345,8 +346,8 @@ def test_a_new_batch_size_at_an_epoch_boundary_gets_its_own_learning_rate(small_
 
 
 def test_a_stop_under_torchrun_names_torchrun(ema_run, monkeypatch):
-    from ematrain.util.distributed import DistInfo
     from ematrain.run.training import Training, resume_launcher
+    from ematrain.util.distributed import DistInfo
     settings, source = resolve("--resume", ema_run / "last.pth.tar")
     tr = Training(build_run(settings, resuming=True), source)
     assert resume_launcher(tr.run, tr.prog) == "python train.py"
@@ -383,7 +384,8 @@ def test_resume_auto_without_a_name_continues_the_newest_unfinished_run_of_the_m
         ckpt["args"]["epochs"] = 3
         torch.save(ckpt, out / name / "last.pth.tar")
     with torch_threads(1):
-        r = train_in_process(small_data, *TINY, "--epochs", "3", "--output", out, "--resume", "auto")
+        r = train_in_process(small_data, *TINY, "--epochs", "3", "--output", out, "--resume",
+                             "auto")
     assert r.returncode == 0, r.stderr[-2000:]
     said = [l for l in r.stderr.splitlines() if l.startswith("--resume auto:")]
     assert len(said) == 1 and f"continuing {out / 'old'}" in said[0], r.stderr

@@ -21,12 +21,12 @@ def test_diverging_run_exits_1_and_keeps_last_good_checkpoint(small_data, tmp_pa
     # lr 1e30 turns the weights into Inf after the first update of epoch 1; the EMA averages
     # them in (no precheck), and the run stops before the shadows are validated or saved.
     out = tmp_path / "out"
-    r = run_cli("train.py", small_data, *TINY, "--epochs", "1", "--output", out, "--experiment", "x",
-                "--model-ema", "--model-ema-decay", "0.9")
+    r = run_cli("train.py", small_data, *TINY, "--epochs", "1", "--output", out, "--experiment",
+                "x", "--model-ema", "--model-ema-decay", "0.9")
     assert r.returncode == 0, r.stderr
     good = torch.load(out / "x/last.pth.tar", weights_only=True)
-    r = run_cli("train.py", small_data, *TINY, "--epochs", "2", "--output", out, "--experiment", "x",
-                "--resume", "auto", "--lr", "1e30", "--no-resume-opt", "--log-interval", "1")
+    r = run_cli("train.py", small_data, *TINY, "--epochs", "2", "--output", out, "--experiment",
+                "x", "--resume", "auto", "--lr", "1e30", "--no-resume-opt", "--log-interval", "1")
     assert r.returncode == 1
     assert "non-finite loss at epoch 1, step" in r.stderr and "Traceback" not in r.stderr
     kept = torch.load(out / "x/last.pth.tar", weights_only=True)

@@ -3,10 +3,10 @@ batch larger than the training set, more loader processes than cores (said once,
 for every loader)."""
 from __future__ import annotations
 
-
 from conftest import run_in_process
-from ematrain.settings import data_specs
+
 from ematrain.cli import train
+from ematrain.settings import data_specs
 from ematrain.settings.data_specs import LoaderSpec
 from ematrain.settings.train_specs import train_settings
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-
 from conftest import make_imagefolder, make_training, tiny_args
+
 from ematrain.util.errors import UserError
 from ematrain.util.logs import setup_logging
 

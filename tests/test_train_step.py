@@ -176,7 +176,7 @@ def test_without_the_precheck_a_nonfinite_run_stops_before_its_shadows_are_saved
     with pytest.raises(NonFiniteLoss) as info:
         _epoch(tr, NanOnSteps({2}))
     assert info.value.step == 2
-    assert tr.run.emas.regular.nonfinite_shadows() == [0]  # averaged in, so it must never leave memory
+    assert tr.run.emas.regular.nonfinite_shadows() == [0]  # averaged in: it must never leave memory
     with pytest.raises(NonFiniteShadows, match="EMA ema 0.9 holds NaN/Inf at epoch 0"):
         train.Training.check_weights(_with_clean_loss_record(tr))
 

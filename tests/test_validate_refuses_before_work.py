@@ -12,7 +12,8 @@ import pytest
 from conftest import make_imagefolder, run_in_process, tiny_args, torch_threads
 
 from ematrain.cli import train, validate
-from ematrain.posthoc import series, sweep as posthoc_sweep
+from ematrain.posthoc import series
+from ematrain.posthoc import sweep as posthoc_sweep
 
 TRAIN = tiny_args("--model-ema-posthoc")
 

@@ -59,8 +59,8 @@ SCHEMA: tuple[Key, ...] = (
         "settings), `keys` (where each shadow is), update counters, settings, and `eval_dtype` "
         "(the dtype validation scored the shadows in)"),
     Key("posthoc_ema", "emas, snapshots", "ematrain", "with --model-ema-posthoc: the "
-        "power-function EMAs' state (`ema`: sigma_rels, schedule, counters, shadows), the snapshot interval "
-        "and dtype, the last snapshot taken (its step and that of the EMAs' last average) and the "
+        "power-function EMAs' state (`ema`: sigma_rels, schedule, counters, shadows), the "
+        "snapshot interval and dtype, the last snapshot taken (its step and that of the EMAs' last average) and the "
         "fork folder its series goes on in, if any"),
     Key("posthoc", "posthoc", "ematrain", "in model_posthoc_best.pth.tar only (validate.py "
         "--posthoc): the reconstructed EMA's length, fit error and the series it came from"),

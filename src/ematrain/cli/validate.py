@@ -141,7 +141,8 @@ def evaluate_posthoc(s, info, device) -> int:
     print(f"{arch} on {split_dir}, {scores[0]['count']} images:", flush=True)
     print("\n".join(sweep.table(rows, best)), flush=True)
     sweep.write_csv(run_dir / sweep.CSV, rows)
-    sweep.plot(run_dir / sweep.PNG, rows, f"{run_dir.name}: post-hoc EMA, {len(series.snapshots)} snapshots")
+    sweep.plot(run_dir / sweep.PNG, rows,
+               f"{run_dir.name}: post-hoc EMA, {len(series.snapshots)} snapshots")
     chosen = best - (len(rows) - len(targets))
     ckpt = sweep.best_checkpoint(meta, states[chosen], raw, rows[best], targets[chosen], series,
                                  dtype or torch.float32)

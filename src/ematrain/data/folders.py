@@ -1,25 +1,16 @@
 """ImageFolder splits, timm transforms and seeded data loaders."""
 from __future__ import annotations
 
-import contextlib
-import math
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
-from timm.data.random_erasing import RandomErasing
-from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..util.errors import UserError
 from ..util.logs import log
-from ..util.seeding import loader_generator, seed_sample, seed_worker
-from ..util.signals import in_loader_worker
 
 # 16-bit grayscale modes: PIL's convert("RGB") clips them at 255 (a white image).
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")

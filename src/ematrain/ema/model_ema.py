@@ -56,12 +56,8 @@ class ModelEma(TimmV3Module):
         exclude_buffers: copy the model's buffers (BatchNorm statistics) instead of averaging
             them, as timm's ``ModelEmaV3(exclude_buffers=True)``.
 
-    As timm's ``ModelEmaV3`` (`TimmV3Module`): the arguments ``decay``, ``device``, ``dtype``,
-    ``use_warmup``, ``warmup_power``, ``warmup_gamma``, ``exclude_buffers``, ``foreach``;
-    ``update(model, step)``, ``set``, ``get_decay``, ``decay``, ``module``, and the module API.
-    Unlike V3 one instance keeps several shadows, 16-bit models get float32 shadows, schedules
-    replace ``min_decay``, and without warmup ``update(model, step=1)`` averages with ``decay``
-    where V3 copies the model.
+    As timm's ``ModelEmaV3`` where it can be (`TimmV3Module` says what is V3's and where ours
+    differs).
 
     Attributes:
         module: the first shadow (an eval-mode copy of the model holding the averaged weights);
@@ -76,21 +72,12 @@ class ModelEma(TimmV3Module):
     (``ema.module.to(...)``) is taken into account (the latter at the next update).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        decay: float | Sequence[float] = 0.9998,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        every: int = 1,
-        warmup: bool = False,
-        warmup_power: float = 2 / 3,
-        warmup_gamma: float = 1.0,
-        skip_nonfinite: bool = False,
-        schedule: str | EmaSchedule = "constant",
-        exclude_buffers: bool = False,
-        **timm_v3,
-    ):
+    def __init__(self, model: nn.Module, decay: float | Sequence[float] = 0.9998,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 every: int = 1, warmup: bool = False, warmup_power: float = 2 / 3,
+                 warmup_gamma: float = 1.0, skip_nonfinite: bool = False,
+                 schedule: str | EmaSchedule = "constant", exclude_buffers: bool = False,
+                 **timm_v3):
         super().__init__()
         install_registration_hooks()  # here, not at import: a library import changes no global
         if every < 1:
@@ -201,15 +188,10 @@ class ModelEma(TimmV3Module):
     def full_state_dict(self) -> dict:
         """Everything needed to resume: decays, schedule settings, counters and all shadows."""
         self.wait()
-        return {
-            "decays": list(self.decays),
-            "every": self.every,
-            "schedule": self.schedule.state_dict(),
-            "steps": self.steps,
-            "num_updates": self.num_updates,
-            "skipped_nonfinite": self.skipped_nonfinite,
-            "shadows": [m.state_dict() for m in self.shadows],
-        }
+        return {"decays": list(self.decays), "every": self.every,
+                "schedule": self.schedule.state_dict(), "steps": self.steps,
+                "num_updates": self.num_updates, "skipped_nonfinite": self.skipped_nonfinite,
+                "shadows": [m.state_dict() for m in self.shadows]}
 
     def load_full_state_dict(self, state: dict, other_decays: bool = False) -> None:
         """Load the shadows and counters of a `full_state_dict`, all or nothing.

@@ -53,7 +53,13 @@ class TimmV3Module(nn.Module):
     first shadow, ``to()`` and the like move every shadow, and ``state_dict()`` holds the
     shadows' weights (``module.<name>`` for the first, as V3's, ``module_<i>.<name>`` for the
     others); ``decay`` and ``get_decay`` as V3's. `ModelEma` is this module; what it adds
-    (several shadows, schedules, CPU shadows, the full state) lives there."""
+    (several shadows, schedules, CPU shadows, the full state) lives there.
+
+    As V3: the arguments ``decay``, ``device``, ``dtype``, ``use_warmup``, ``warmup_power``,
+    ``warmup_gamma``, ``exclude_buffers``, ``foreach``; ``update(model, step)``, ``set``,
+    ``get_decay``, ``decay``, ``module``, and the module API. Unlike V3 one instance keeps several
+    shadows, 16-bit models get float32 shadows, schedules replace ``min_decay``, and without
+    warmup ``update(model, step=1)`` averages with ``decay`` where V3 copies the model."""
 
     def forward(self, *args, **kwargs):
         """The first shadow's forward (``ema(images)``, as timm's ``ModelEmaV3``)."""

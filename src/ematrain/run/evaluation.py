@@ -42,8 +42,8 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
     Each batch is decoded and augmented once and fed to every weight set, so K EMAs cost K extra
     forward passes, not K extra passes over the data. `reduce` sums the per-set totals across
     ranks (each rank sees a disjoint share of the images). `normalize` turns the loader's uint8
-    batches into the model's input (`data.transforms.Normalize`). Returns one dict per weight set (raw first,
-    then the shadows in order) with 'loss', 'top1', 'top5' and 'count'.
+    batches into the model's input (`data.transforms.Normalize`). Returns one dict per weight set
+    (raw first, then the shadows in order) with 'loss', 'top1', 'top5' and 'count'.
     """
     sets = _EvalSets(model, [ema] if ema is not None else list(emas))
     sums = torch.zeros(len(sets.nets), 4, dtype=torch.float64, device=device)

@@ -213,8 +213,8 @@ class Training:
         lr, train_loss = current_lr(run.optimizer), run.counters.train_loss
         sync_replicas(run)
         self.run.take_snapshot()  # the epoch's last update (the loop yields only the others)
-        run.shadow_policy.apply(run.emas.regular, run.model, epoch, lambda images: calibration_input(
-            run, images))
+        run.shadow_policy.apply(run.emas.regular, run.model, epoch,
+                                lambda images: calibration_input(run, images))
         scores = validate(run.model, val_loader, run.device, emas=list(run.emas), epoch=epoch,
                           amp_dtype=run.precision.autocast,
                           channels_last=run.precision.channels_last,

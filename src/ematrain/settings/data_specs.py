@@ -12,15 +12,9 @@ from .checks import at_least, flag_of, within
 
 # No timm model takes inputs larger than this; a bigger size only exhausts memory.
 MAX_IMAGE_SIZE = 4096
-
-
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
-
-
 # The random-resized crop's aspect ratios (width / height) a flag may ask for.
 MAX_RATIO = 100.0
-
-
 # Color jitter factors up to 1 + this: far beyond, every image is black or white (and torch
 # cannot draw a factor past float32's range).
 MAX_JITTER = 100.0
