@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,17 @@ def test_no_import_cycle():
         if module not in state:
             walk(module, [module])
     assert len(state) == len(graph) > 40
+
+
+def test_no_module_of_the_package_is_ignored_by_git():
+    """A module git ignores would be missing from every commit (a root-level pattern such as
+    ``data/`` once matched ``src/ematrain/data/``)."""
+    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = [str(p.relative_to(REPO_ROOT)) for p in modules().values()]
+    r = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO_ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and not r.stdout, r.stdout  # 1: none is ignored
 
 
 def test_no_module_is_over_400_lines_but_the_flag_tables():
