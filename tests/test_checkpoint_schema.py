@@ -1,4 +1,4 @@
-"""The checkpoint schema: `ematrain.checkpoint.SCHEMA` names every key a checkpoint holds, every
+"""The checkpoint schema: `ematrain.checkpoint.schema.SCHEMA` names every key a checkpoint holds, every
 stateful part of a run round-trips through it, older checkpoints are read, and the README shows the
 same table."""
 from __future__ import annotations

@@ -2,7 +2,7 @@
 before it creates anything in the output folder.
 
 All cases run once in a module fixture; each test asserts on one of them. Most run in-process
-through ``ematrain.train.main(argv)`` (captured as a process would be: see
+through ``ematrain.cli.train.main(argv)`` (captured as a process would be: see
 ``conftest.run_in_process``); a few run the real ``train.py`` script in a subprocess, concurrently,
 to show the entry point behaves the same at the process level (no traceback, one line).
 """

@@ -1,5 +1,5 @@
-"""The shadows' BatchNorm policy and switch-EMA (`ematrain.ema_policies`), the horizon lines of
-the start-up log and the final advice (`ematrain.ema_horizons`).
+"""The shadows' BatchNorm policy and switch-EMA (`ematrain.ema.policies`), the horizon lines of
+the start-up log and the final advice (`ematrain.ema.horizons`).
 
 The recalibration reference is computed here by hand in float64: a BatchNorm after a Linear
 layer sees ``x @ W.T + b`` of the *shadow's* W and b, so its recalibrated running mean is the

@@ -1,4 +1,4 @@
-"""EMA schedules (`ematrain.ema_schedules`) against float64 references written here.
+"""EMA schedules (`ematrain.ema.schedules`) against float64 references written here.
 
 Each reference computes the shadow as an explicit weighted sum of the model's iterates (not the
 recursion ModelEma runs): constant and timm from their decay products, debias as the normalised

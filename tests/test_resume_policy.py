@@ -1,6 +1,6 @@
 """The resume policy: `train.py --resume PATH` alone continues a run with the settings its
 checkpoint records, and every setting given beside it is kept, applied or refused by the table in
-`ematrain.resume`, never silently replaced or dropped."""
+`ematrain.settings.resume_policy`, never silently replaced or dropped."""
 from __future__ import annotations
 
 import csv
@@ -217,7 +217,7 @@ def test_a_longer_run_rebuilds_the_schedule_for_its_length(ema_run, tmp_path):
     import math
     expected = 0.05 * (1 + math.cos(math.pi / 4)) / 2
     assert built.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-6)
-    assert built.counters.epoch == 1 and built.ema.steps == STEPS
+    assert built.counters.epoch == 1 and built.emas.regular.steps == STEPS
 
 
 def test_the_readme_shows_the_policy_table():

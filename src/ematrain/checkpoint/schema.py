@@ -197,9 +197,8 @@ def _restore_emas(emas, ckpt: dict, path, other_decays: bool) -> None:
             raise UserError(f"cannot resume from {path}: it has no '{key}' (it was saved "
                             f"without the {role} EMA this run has)")
         with _fits(path, key, f"{role} EMA"):
-            state = ema_state(ckpt) if role == "regular" else ckpt[key]["ema"]
-            emas.members()[role].load_full_state_dict(
-                state, other_decays=other_decays and role == "regular")
+            emas.load_member(role, ema_state(ckpt) if role == "regular" else ckpt[key]["ema"],
+                             other_decays)
 
 
 @contextlib.contextmanager

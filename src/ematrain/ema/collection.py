@@ -78,10 +78,16 @@ class EmaCollection:
 
     def load_state_dict(self, state: dict[str, dict], other_decays: bool = False) -> None:
         """Each EMA's full state, by role, all roles this collection has (`other_decays`: see
-        `ModelEma.load_full_state_dict`; it applies to the regular EMA, whose decays may follow
-        a half-life, not to the post-hoc EMA's sigma_rels)."""
+        `load_member`)."""
         missing = [role for role in self.members() if role not in state]
         if missing:
             raise ValueError(f"no state for the {' and '.join(missing)} EMA")
-        for role, ema in self.members().items():
-            ema.load_full_state_dict(state[role], other_decays=other_decays and role == "regular")
+        for role in self.members():
+            self.load_member(role, state[role], other_decays)
+
+    def load_member(self, role: str, state: dict, other_decays: bool = False) -> None:
+        """One EMA's full state (`ModelEma.load_full_state_dict`). `other_decays` applies to the
+        regular EMA, whose decays may follow a half-life, never to the post-hoc EMA's
+        sigma_rels."""
+        self.members()[role].load_full_state_dict(
+            state, other_decays=other_decays and role == "regular")

@@ -143,6 +143,8 @@ class ModelEma(TimmV3Module):
         if self._shadows.moved():
             self._adopt_shadows()
         plan = self._shadows.plan_for(model)
+        # ema = decay * ema + (1 - decay) * model: each shadow's lerp weight 1 - decay (its decay
+        # is the schedule's), applied to every shadow in one fused call by `Plan.average`.
         weights = [1.0 - d for d in self.current_decays(self.steps - self.every)]
         if plan.sync is not None:  # a CUDA model, shadows in host memory: off the main thread
             self._host.submit(plan, self._average, weights)
