@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from ..checkpoint.schema import args_dict
@@ -215,9 +216,9 @@ def build_model(s: ValidateSettings, ckpt: dict, dataset, weights: Weights | Non
     return model, arch
 
 
-def open_split(s: ValidateSettings):
-    """The split's folder and ImageFolder."""
-    split_dir = resolve_split_dir(s.data_dir, s.split)
+def open_split(s: ValidateSettings, split: str | None = None):
+    """The split's folder and ImageFolder (`split`: another than --split)."""
+    split_dir = resolve_split_dir(s.data_dir, split or s.split)
     return split_dir, load_image_folder(split_dir)
 
 
@@ -229,10 +230,14 @@ def check_classes(ckpt: dict, dataset, split_dir) -> None:
                         f"trained on")
 
 
-def split_loader(s: ValidateSettings, info, dataset, ckpt: dict, data_config: dict, device):
+def split_loader(s: ValidateSettings, info, dataset, ckpt: dict, data_config: dict, device,
+                 indices: Sequence[int] | None = None):
     """The evaluation loader of this rank's share (each image counts exactly once under
-    torchrun) and the normalization of its uint8 batches."""
+    torchrun) and the normalization of its uint8 batches; `indices`: these images of the split
+    only (in this order)."""
     dataset.transform = eval_transform(data_config)
+    if indices is not None:
+        dataset = Subset(dataset, [int(i) for i in indices])
     recorded = args_dict(ckpt)
     batch_size = (s.loader.batch_size or recorded.get("validation_batch_size")
                   or recorded.get("batch_size") or 256)
@@ -261,3 +266,9 @@ class WeightBank:
 
     def wait(self) -> None:
         """Nothing runs in the background here."""
+
+    def subset(self, indices: Sequence[int]) -> "WeightBank":
+        """A bank of some of these modules (shared, not copied), in the order of `indices`."""
+        bank = copy.copy(self)
+        bank.shadows = [self.shadows[i] for i in indices]
+        return bank
