@@ -31,11 +31,13 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_dir(data, tmp_path_factory):
-    """2 epochs of 6 steps, power EMAs 0.05 0.10 snapshotted every 3 steps (4 snapshots)."""
+    """2 epochs of 6 steps, a regular EMA 0.9 and power EMAs 0.05 0.10 snapshotted every 3
+    steps (4 snapshots)."""
     out = tmp_path_factory.mktemp("select_run")
     with torch_threads(1), pytest.MonkeyPatch.context() as mp:
         mp.setattr(curves.CurveRenderer, "submit", lambda *a, **k: None)
-        r = run_in_process(train.main, "train.py", data, *TINY, "--model-ema-posthoc",
+        r = run_in_process(train.main, "train.py", data, *TINY, "--model-ema-decay", "0.9",
+                           "--model-ema-posthoc",
                            "--model-ema-snapshot-every", "3it", "--output", out,
                            "--experiment", "r")
     assert r.returncode == 0, r.stderr
@@ -100,8 +102,9 @@ def test_a_fraction_chooses_on_one_stratified_part_and_reports_on_the_rest(
                for x in r.stdout.splitlines()) == 1
     select = [x for x in rows if x["part"] == "selection"]
     report = [x for x in rows if x["part"] == "report"]
-    assert len(select) == 1 + 2 + 3 and [x["kind"] for x in report] == ["raw", "tracked",
-                                                                        "tracked", "power"]
+    assert len(select) == 1 + 1 + 2 + 3
+    assert [x["kind"] for x in report] == ["raw", "ema", "tracked", "tracked", "power"]
+    assert report[1]["weights"] == "ema 0.9"
     assert {x["images"] for x in select} == {"12"} and {x["images"] for x in report} == {"12"}
     pick = next(x for x in select if x["chosen"] == "1")
     assert report[-1]["weights"] == pick["weights"] and report[-1]["chosen"] == "1"
@@ -116,6 +119,8 @@ def test_a_fraction_chooses_on_one_stratified_part_and_reports_on_the_rest(
     assert best["top1"] == best["report"]["top1"]  # the figure to report
     raw = scored(alone, copy / "last.pth.tar")
     assert f"{raw['top1']:.4f}" == report[0]["top1"]
+    ema = scored(alone, copy / "last.pth.tar", "--use-ema")
+    assert f"{ema['top1']:.4f}" == report[1]["top1"]
 
 
 def test_a_select_split_chooses_there_and_reports_on_split(run_dir, data, tmp_path,
@@ -148,7 +153,7 @@ def test_without_a_protocol_the_table_says_the_choice_saw_the_same_images(run_di
     assert "is chosen on these same images, so its figure is optimistic" in r.stdout
     assert "highest top1, ties: lower loss" in r.stdout
     assert list(rows[0]) == sweep.CSV_COLUMNS
-    assert {x["part"] for x in rows} == {"same"} and len(rows) == 1 + 2 + 3
+    assert {x["part"] for x in rows} == {"same"} and len(rows) == 1 + 1 + 2 + 3
     best = ckpt_files.load_file(copy / sweep.BEST)["posthoc"]
     assert best["protocol"]["mode"] == "same" and best["report"] is None
     # Highest top-1, ties broken by the lower loss.

@@ -121,22 +121,25 @@ def evaluate_posthoc(s, info, device) -> int:
     chooser, reporter = posthoc_images(s, protocol, meta)
     if info.is_primary:
         sweep.remove_stale_outputs(run_dir)
-    raw, _ = sweep.raw_weights(run_dir)
+    raw, last_ckpt = sweep.raw_weights(run_dir)
+    emas = sweep.run_emas(last_ckpt, run_dir / "last.pth.tar")
     formed = snapshot_series.accumulate(series, solution)
     states, clamped = formed.states, formed.clamped
     sweep.finite_or_fail(states, [t.label for t in targets])
     tracked = [{k: t.float() if t.is_floating_point() else t for k, t in shadow.items()}
                for shadow in formed.last]
     log.info(sweep.describe(series, targets, clamped))
-    rows = sweep.plan_rows(series, targets, solution.fit_errors, raw is not None)
+    rows = sweep.plan_rows(series, targets, solution.fit_errors, raw is not None,
+                           [name for name, _ in emas])
     first = raw if raw is not None else tracked[0]
     weights = Weights(first, "raw" if raw is not None else "ema", None)
     model, arch = build_model(s, meta, (reporter or chooser).dataset, weights, device,
                               path=series.snapshots[-1].path)
     data_config = resolve_data_config(s.image, meta, model)
     dtype = evaluation_dtype(states[0], device, meta["eval_dtype"])
-    bank = WeightBank(model, (tracked if raw is not None else tracked[1:]) + states, dtype)
-    del tracked, formed  # the bank holds them now
+    fixed = [state for _, state in emas] + (tracked if raw is not None else tracked[1:])
+    bank = WeightBank(model, fixed + states, dtype)
+    del tracked, formed, fixed, emas, last_ckpt  # the bank holds them now
     score = ScorePass(s, info, meta, data_config, device, model)
     for row, result in zip(rows, score(chooser, bank)):
         row.result = result

@@ -23,7 +23,7 @@ import torch
 
 from ..checkpoint.files import load_file
 from ..checkpoint.schema import weights_file
-from ..checkpoint.weights import select_weights
+from ..checkpoint.weights import ema_keys, select_weights
 from ..ema.half_life import decay_from_half_life, parse_half_life
 from ..ema.schedules import sigma_rel_to_gamma
 from ..util.atomic import atomic_write, atomic_write_text
@@ -54,7 +54,7 @@ class Target:
 class Row:
     """One scored weight set of the sweep."""
     label: str
-    kind: str          # raw, tracked, power, exp
+    kind: str          # raw, ema (a regular EMA of the run), tracked, power, exp
     sigma_rel: float | None
     half_life_ep: float | None
     fit_error: float | None
@@ -98,10 +98,23 @@ def raw_weights(run_dir: Path) -> tuple[dict | None, dict | None]:
     return select_weights(ckpt, path).state, ckpt
 
 
-def plan_rows(series: Series, targets: list[Target], fit_errors, has_raw: bool) -> list[Row]:
-    """The rows in scoring order: raw, the tracked EMAs, the targets."""
+def run_emas(ckpt: dict | None, path: Path) -> list[tuple[str, dict]]:
+    """The regular EMAs the run tracked beside the power ones (--model-ema-decay,
+    --model-ema-half-life), as last.pth.tar holds them at the end of the series: (name, weights)
+    each, scored beside the reconstructions."""
+    if ckpt is None:
+        return []
+    chosen = (select_weights(ckpt, path, ema_index=i) for i in range(len(ema_keys(ckpt))))
+    return [(w.name, w.state) for w in chosen]
+
+
+def plan_rows(series: Series, targets: list[Target], fit_errors, has_raw: bool,
+              emas: list[str] = ()) -> list[Row]:
+    """The rows in scoring order: raw, the run's regular EMAs (`emas`: their names), the
+    tracked power EMAs, the targets."""
     per_epoch = series.updates_per_epoch()
     rows = [Row("raw", "raw", None, None, None)] if has_raw else []
+    rows += [Row(name, "ema", None, None, None) for name in emas]
     for s, g in zip(series.sigma_rels, series.gammas):
         profile = Profile("power", g, series.updates)
         rows.append(Row(f"tracked {s:g}", "tracked", s, profile.half_life / per_epoch, 0.0))
@@ -281,6 +294,9 @@ def plot(path: Path, rows: list[Row], title: str) -> None:
         for r in rows:
             if r.kind == "raw":
                 ax.axhline(r.result[key], color="grey", linestyle="--", label="raw weights")
+            elif r.kind == "ema":
+                ax.axhline(r.result[key], color="grey", linestyle=":", linewidth=1,
+                           label=f"{r.label} (the run's)")
         ax.set_xscale("log")
         # Plain numbers at a few round lengths: log-scale labels like 3x10^-2 crowd each other.
         lengths = [r.sigma_rel for r in rows if r.sigma_rel is not None]
