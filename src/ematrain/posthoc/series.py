@@ -211,7 +211,7 @@ def accumulate(series: Series, solution: Solution) -> Formed:
     A variance buffer (BatchNorm's ``running_var``) is clamped at zero: negative coefficients
     may take a combination of variances below it, where the layer would give NaN. Each
     snapshot's tensors are widened to float64 once, and all targets' accumulators are updated
-    from them in one matrix product per tensor (targets x tracked times tracked x elements).
+    from each in one outer product (the targets' coefficients times its elements).
     """
     coef = torch.from_numpy(solution.coefficients)  # targets x (snapshots * tracked)
     tracked = len(series.gammas)
@@ -221,13 +221,19 @@ def accumulate(series: Series, solution: Solution) -> Formed:
         if sums is None:
             sums = {k: torch.zeros((coef.shape[0], v.numel()), dtype=torch.float64)
                     for k, v in shadows[0].items() if v.is_floating_point()}
-        block = coef[:, i * tracked:(i + 1) * tracked]  # targets x tracked
-        for k, acc in sums.items():
-            stacked = torch.stack([shadow[k].reshape(-1) for shadow in shadows]).double()
-            acc.addmm_(block, stacked)
+        _add_snapshot(sums, shadows, coef[:, i * tracked:(i + 1) * tracked])
         if i < len(series.snapshots) - 1:
             del shadows
     return _finish(series, sums, shadows, coef.shape[0])
+
+
+def _add_snapshot(sums: dict, shadows: list[dict], block: torch.Tensor) -> None:
+    """Add one snapshot to every target's accumulator (`block`: targets x tracked, its
+    coefficients): each tensor widened once, one outer product per tensor and shadow."""
+    for j, shadow in enumerate(shadows):
+        column = block[:, j].contiguous()
+        for k, acc in sums.items():
+            acc.addr_(column, shadow[k].reshape(-1).double())
 
 
 def _finish(series: Series, sums: dict, last: list[dict], count: int) -> Formed:
