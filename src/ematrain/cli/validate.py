@@ -151,21 +151,27 @@ def evaluate_posthoc(s, info, device) -> int:
         report = [dataclasses.replace(rows[i], result=r) for i, r in zip(keep, results)]
     if not info.is_primary:
         return 0
-    chosen = best - (len(rows) - len(targets))
     parts = [sweep.Part("selection" if report else "same", chooser.split_dir, rows, best)]
     if report:
         parts.append(sweep.Part("report", reporter.split_dir, report, len(report) - 1))
+    chosen = best - (len(rows) - len(targets))
+    best_file = sweep.best_checkpoint(meta, states[chosen], raw, parts, targets[chosen], series,
+                                      dtype or torch.float32, protocol)
+    write_posthoc(run_dir, arch, parts, protocol, best_file, len(series.snapshots))
+    return 0
+
+
+def write_posthoc(run_dir: Path, arch: str, parts: list, protocol, best_file: dict,
+                  snapshot_count: int) -> None:
+    """The sweep's tables on the console, posthoc.csv, posthoc.png and the best file."""
     print("\n".join(sweep.tables(arch, parts, protocol)), flush=True)
     sweep.write_csv(run_dir / sweep.CSV, parts, protocol)
-    sweep.plot(run_dir / sweep.PNG, rows,
-               f"{run_dir.name}: post-hoc EMA, {len(series.snapshots)} snapshots, "
+    sweep.plot(run_dir / sweep.PNG, parts[0].rows,
+               f"{run_dir.name}: post-hoc EMA, {snapshot_count} snapshots, "
                f"scored on {parts[0].where()}")
-    ckpt = sweep.best_checkpoint(meta, states[chosen], raw, parts, targets[chosen], series,
-                                 dtype or torch.float32, protocol)
-    write_file(run_dir / sweep.BEST, ckpt)
+    write_file(run_dir / sweep.BEST, best_file)
     log.info(f"{sweep.summary_line(parts, protocol)}; wrote {run_dir / sweep.CSV}, "
              f"{run_dir / sweep.PNG}, {run_dir / sweep.BEST}")
-    return 0
 
 
 @dataclasses.dataclass(frozen=True)
