@@ -209,3 +209,17 @@ def test_select_flags_need_posthoc(data):
     r = run_in_process(validate.main, "validate.py", data, "--checkpoint", "x",
                        "--select-fraction", "0.5")
     assert r.returncode == 2 and "--select-fraction choose(s) among --posthoc's" in r.stderr
+
+
+def test_the_demo_prints_the_picks_report_figure_beside_its_selection_figure(run_dir, data,
+                                                                             tmp_path, capsys):
+    from ematrain.cli import demo
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    assert demo._posthoc(data, copy, 0) == 0
+    out = capsys.readouterr().out
+    best = ckpt_files.load_file(copy / sweep.BEST)["posthoc"]
+    assert f"post-hoc EMA pick: {best['target']} " in out
+    assert f"on the half that chose it:    {best['selection']['top1']:6.2f} (selection" in out
+    assert f"on the other half:            {best['report']['top1']:6.2f} (report)" in out
+    assert "raw " in out.split("beside it:")[1] and "ema 0.9 " in out.split("beside it:")[1]
