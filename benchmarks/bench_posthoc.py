@@ -6,23 +6,28 @@ fraction of the training images moved to a wrong class folder (``--noise``, defa
 same flips for every seed; validation labels stay clean). For each seed, one training run keeps
 the raw weights, three regular EMAs chosen in advance (``--model-ema-decay 0.99 0.999 0.9999``)
 and the post-hoc power EMAs (``--model-ema-posthoc``, default profiles, interval and dtype), then
-``validate.py --posthoc`` reconstructs and scores the default sweep. Reported, median (min-max)
-over the seeds, on the validation split at the end of training:
+``validate.py --posthoc --select-fraction 0.5 --select-seed SEED`` reconstructs the default sweep
+and chooses on a stratified half of the validation split. Reported, median (min-max) over the
+seeds, on the other half (the report half, which took no part in any choice):
 
-* top-1 of the raw weights, of each regular EMA, of the tracked power EMAs (last snapshot) and
-  of the post-hoc best (picked on the same validation split: the sweep is a choice made on
-  validation, as a user makes it), and whether post-hoc best >= the best regular EMA;
+* top-1 of the raw weights, of each regular EMA, of the tracked power EMAs (last snapshot), of
+  the best of the decays chosen in advance (chosen on the selection half, as post-hoc chooses)
+  and of the post-hoc pick; and for contrast the pick's optimistic figure on the half that chose
+  it; per seed, whether the pick beats the best decay chosen the same way;
 * cost: wall time of the training run with and without ``--model-ema-posthoc`` (interleaved,
-  for the first seed), the time a snapshot holds the training loop (host copy and hand-over to
-  the writer, measured in-process around ``Run.take_snapshot``), disk per run, and the wall
-  time of ``validate.py --posthoc`` (reconstruction and one scoring pass for all weight sets).
+  for the first seed, ``--pairs``), the time a snapshot holds the training loop (host copy and
+  hand-over to the writer, measured in-process around ``Run.take_snapshot``), disk per run, and
+  the wall time of ``validate.py --posthoc`` as a whole process.
+
+``--cost`` instead times the sweep against reading the series once plus one validation pass per
+weight set, and measures its peak memory for resnet50 (``posthoc_cost.py``).
 
 ``--fit`` instead prints the arithmetic behind the defaults (no training, a few seconds), as
 README.md quotes it between its marker lines: the fit error of the default sweep for 8 to 128
 snapshots per run and the weight error that float32, float16 and bfloat16 snapshots add to
 reconstructions of a drifting random walk's power EMAs.
 
-    python benchmarks/bench_posthoc.py [--seeds 0 1 2] [--epochs 12] [--noise 0.3] [--fit]
+    python benchmarks/bench_posthoc.py [--seeds 0 1 2] [--epochs 12] [--noise 0.3] [--fit] [--cost]
 """
 from __future__ import annotations
 
@@ -106,6 +111,12 @@ def train_child(argv: list[str]) -> int:
             print(f"HOLD {time.perf_counter() - start:.6f}", flush=True)
     parts.Run.take_snapshot = timed
     return train.main(argv)
+
+
+def results_rows(csv_path: Path):
+    import csv
+    with open(csv_path) as f:
+        yield from csv.DictReader(f)
 
 
 def seed_scores(csv_path: Path) -> tuple[dict[str, float], str]:
@@ -314,150 +325,6 @@ def cost_run(args, env: dict, work: Path) -> tuple[Path, Path]:
     return data, out / "run"
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def quiet(main, argv: list[str]) -> int:
-    """An entry point's main with its console output dropped (the rounds print their own)."""
-    import contextlib
-    import io
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return main(argv)
-
-
-def passes_scored(csv_path: Path) -> float:
-    """K: the sweep's weight sets, each counted by the share of the split it was scored on
-    (posthoc.csv's rows and their image counts)."""
-    rows = list(results_rows(csv_path))
-    total = sum(int(r["images"]) for r in rows if r["chosen"] == "1")
-    return sum(int(r["images"]) for r in rows) / total
-
-
-def results_rows(csv_path: Path):
-    import csv
-    with open(csv_path) as f:
-        yield from csv.DictReader(f)
-
-
-def sweep_ratio(args, data: Path, run_dir: Path) -> None:
-    """Interleaved rounds, in this process: the sweep (validate.py --posthoc's main) against
-    the time to read the series once plus one validate.py --checkpoint pass per weight set it
-    scores (K: weight sets x the part of the split each pass covers)."""
-    import torch
-
-    from ematrain.checkpoint.files import safe_load
-    from ematrain.cli import validate
-    from ematrain.posthoc.series import read_series
-    torch.set_num_threads(args.threads)
-    series = read_series(run_dir)
-    one = ["-j", "2"]
-    modes = {"default": [], "--select-fraction 0.5": ["--select-fraction", "0.5"]}
-    got: dict[str, list[float]] = {m: [] for m in modes}
-    parts: dict[str, list[float]] = {"read s": [], "one pass s": []}
-    for r in range(args.rounds):
-        read = timed(lambda: [safe_load(s.path) for s in series.snapshots])
-        one_pass = timed(lambda: quiet(validate.main, [str(data), "--checkpoint",
-                                                       str(run_dir / "last.pth.tar"), *one]))
-        parts["read s"].append(read)
-        parts["one pass s"].append(one_pass)
-        for mode, flags in (modes.items() if r % 2 == 0 else reversed(list(modes.items()))):
-            rc = None
-
-            def sweep():
-                nonlocal rc
-                rc = quiet(validate.main, [str(data), "--posthoc", str(run_dir), *one, *flags])
-            wall = timed(sweep)
-            assert rc == 0, f"validate.py --posthoc {' '.join(flags)} failed"
-            k = passes_scored(run_dir / "posthoc.csv")
-            got[mode].append(wall / (read + k * one_pass))
-            print(f"round {r}: read {read:.2f}s, one pass {one_pass:.2f}s, {mode} sweep "
-                  f"{wall:.2f}s, ratio {got[mode][-1]:.2f} (K {k:g})", flush=True)
-    print(f"\n{len(series.snapshots)} snapshots of {series.meta['arch']}, {args.rounds} rounds "
-          f"(median, min-max):\n")
-    print("| measure | median (min-max) |\n|---|---|")
-    for k, v in parts.items():
-        print(f"| {k} | {statistics.median(v):.3g} ({min(v):.3g}-{max(v):.3g}) |")
-    for mode, v in got.items():
-        print(f"| sweep / (read + K passes), {mode} | {statistics.median(v):.2f} "
-              f"({min(v):.2f}-{max(v):.2f}) |")
-
-
-MEMORY_CHILD = """
-import resource, sys, time
-sys.path.insert(0, {src!r})
-import torch
-torch.set_num_threads({threads})
-from ematrain.cli import validate
-from ematrain.posthoc import series as S
-from ematrain.posthoc.sweep import sweep_plan
-def rss():
-    return int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
-series, targets, solution = sweep_plan({run!r}, None, None)
-base = rss()
-formed = S.accumulate(series, solution)
-after = rss()
-del formed
-peak_accumulate = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-rc = validate.main([{data!r}, '--posthoc', {run!r}, '-j', '0', '-b', '64'])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print('MEM', base, peak_accumulate, peak, after, len(targets), rc)
-"""
-
-
-def memory_resnet50(args, env: dict, data: Path, run_dir: Path, work: Path) -> None:
-    """Peak memory of the sweep for resnet50: a synthetic series of its state dicts (the
-    record of the short run's snapshots, its weights replaced; `--memory-snapshots` of them)
-    swept in a child process, RSS read from the kernel."""
-    import timm
-    import torch
-
-    from ematrain.checkpoint.files import safe_load, write_file
-    from ematrain.posthoc.snapshots import snapshot_files
-    folder = work / "r50" / "posthoc"
-    folder.mkdir(parents=True, exist_ok=True)
-    files = snapshot_files(run_dir / "posthoc")
-    picks = [files[round(i * (len(files) - 1) / (args.memory_snapshots - 1))]
-             for i in range(args.memory_snapshots)]
-    torch.manual_seed(0)
-    model = timm.create_model("resnet50", num_classes=10)
-    params = sum(p.numel() for p in model.parameters())
-    for _, path in picks:
-        entry = safe_load(path)
-        entry["arch"] = "resnet50"
-        entry["args"] = {**entry["args"], "model": "resnet50"}
-        entry["run_id"] = None
-        entry["shadows"] = [{k: v.clone() + (0.01 * torch.randn_like(v) if v.is_floating_point()
-                                             else 0) for k, v in model.state_dict().items()}
-                            for _ in entry["shadows"]]
-        write_file(folder / path.name, entry)
-    code = MEMORY_CHILD.format(src=str(REPO / "src"), threads=args.threads, run=str(folder.parent),
-                               data=str(data))
-    _, text = run(["-c", code], env)
-    base, peak_acc, peak, after, targets, rc = (int(x) for x in next(
-        line for line in text.splitlines() if line.startswith("MEM ")).split()[1:])
-    gib = 2 ** 30
-    print(f"\nresnet50 ({params / 1e6:.1f}M parameters), {len(picks)} snapshots of 2 power "
-          f"EMAs, {targets} reconstructions (exit {rc}): RSS before the sweep's weights "
-          f"{base / gib:.2f} GiB; peak while accumulating {peak_acc / gib:.2f} GiB "
-          f"(float64 accumulators alone: {targets * params * 8 / gib:.2f} GiB); peak of the "
-          f"whole sweep (reconstructions, {targets + 2} weight sets scored) {peak / gib:.2f} GiB")
-
-
-def cost(args) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(REPO / "src"))
-    work = Path(tempfile.mkdtemp(prefix="bench_posthoc_cost."))
-    try:
-        data, run_dir = cost_run(args, env, work)
-        sweep_ratio(args, data, run_dir)
-        memory_resnet50(args, env, data, run_dir, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--train-child":
         return train_child(sys.argv[2:])
@@ -481,6 +348,9 @@ def main() -> int:
                         "resnet50; then stop")
     p.add_argument("--rounds", type=int, default=3, help="--cost: timed rounds")
     p.add_argument("--cost-epochs", type=int, default=2, help="--cost: epochs of its run")
+    p.add_argument("--cost-run", default=None, metavar="RUN_DIR",
+                   help="--cost: time this run's sweep (trained on --data's noisy digits) "
+                        "instead of training one")
     p.add_argument("--memory-snapshots", type=int, default=4,
                    help="--cost: snapshots of the synthetic resnet50 series")
     args = p.parse_args()
@@ -488,7 +358,11 @@ def main() -> int:
         print(fit_block())
         return 0
     if args.cost:
-        cost(args)
+        from posthoc_cost import cost  # benchmarks/ is on the path of a script run from it
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1",
+                   PYTHONPATH=str(REPO / "src"))
+        given = (lambda work: (noisy_digits(Path(args.data), args.noise), Path(args.cost_run)))
+        cost(args, env, given if args.cost_run else lambda work: cost_run(args, env, work), run)
         return 0
     bench(args)
     return 0
