@@ -29,6 +29,7 @@ from ..run.start_weights import read
 from ..settings.validate_specs import ValidateSettings, validate_settings
 from ..util import distributed
 from ..util.atomic import atomic_write_text
+from ..util.errors import UserError
 from ..util.invocation import command_name
 from ..util.logs import log
 from .entry import exit_process, run_main
@@ -190,6 +191,10 @@ def posthoc_images(s, protocol: selection.Protocol, meta: dict) -> tuple[Images,
     check_classes(meta, dataset, split_dir)
     if protocol.mode == "split":
         select_dir, chooser = open_split(s, protocol.select_split)
+        if select_dir.resolve() == split_dir.resolve():  # `val` and `validation` name one
+            raise UserError(f"--select-split {protocol.select_split} is {split_dir}, the split "
+                            f"that is reported: choose on another split, or with "
+                            f"--select-fraction")
         check_classes(meta, chooser, select_dir)
         return Images(select_dir, chooser), Images(split_dir, dataset)
     if protocol.mode == "fraction":

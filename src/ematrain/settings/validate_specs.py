@@ -16,8 +16,6 @@ from .layers import parse_command
 from .model_specs import PrecisionSpec
 
 MAX_TARGETS = 32
-# The folder names validate.py takes for one another (`data.folders.resolve_split_dir`).
-_ALIASES = {"val": ("validation",), "validation": ("val",)}
 
 
 # ----------------------------------------------------------------------------- validate.py
@@ -111,7 +109,7 @@ class ValidateSettings:
         if not self.posthoc and self.select.given:
             raise UserError(f"{' and '.join(self.select.given)} choose(s) among --posthoc's "
                             f"weight sets: give --posthoc RUN_DIR")
-        if self.select.select_split in (self.split, *_ALIASES.get(self.split, ())):
+        if self.select.select_split == self.split:
             raise UserError(f"--select-split {self.select.select_split} is the --split that is "
                             f"reported: choose on another split, or with --select-fraction")
         check_sigma_rels("--sigma-rel", self.sigma_rel, MAX_TARGETS)
