@@ -123,4 +123,30 @@ def png_bytes(colour=(200, 30, 30), size: int = 16) -> bytes:
     return buf.getvalue()
 
 
-__all__ = [name for name in dir() if not name.startswith("_") and name not in ("os", "json")]
+
+
+
+# ----------------------------------------------------------------------------- fixtures
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def same_data(tmp_path_factory):
+    """One small learnable split pair (3 classes; train 30, val 15 images) written as a folder,
+    two tars, wds shards of 7 (train: 5 shards, the last of 2; val: 3), a saved DatasetDict and
+    parquet files (3 a split); `classes.txt` names the classes in label order."""
+    from conftest import make_imagefolder
+
+    root = tmp_path_factory.mktemp("same_data")
+    folder = make_imagefolder(root / "folder", num_classes=3, train_per_class=10, val_per_class=5)
+    classes = folder_samples(folder / "train")[0]
+    paths = {"root": root, "folder": folder, "classes": classes,
+             "class_map": write_class_map(classes, root / "classes.txt"),
+             "shards": root / "shards", "tars": root / "tars", "hf_saved": root / "hf_saved",
+             "parquet": root / "parquet", "cache": root / "hf_cache"}
+    for split in ("train", "val"):
+        write_shards(folder / split, paths["shards"], split, per_shard=7)
+        write_tar(folder / split, paths["tars"] / f"{split}.tar")
+    write_hf_saved(folder, paths["hf_saved"], names={"val": "validation"})
+    write_parquet(folder, paths["parquet"], names={"val": "validation"})
+    return paths

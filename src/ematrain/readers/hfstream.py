@@ -75,9 +75,15 @@ class HfidsSource:
             with hub_access(self.download) as datasets:
                 self._streams = self._stream(datasets)
         part = self._streams.shard(num_shards=len(self.files), index=shard, contiguous=True)
-        for i, row in enumerate(part):
-            row["__where__"] = f"{self.files[shard]} row {i}"
-            yield row
+        # `iter` (unlike iterating the dataset) reads all of the shard in a loader worker too:
+        # datasets would otherwise split it again among the workers, which we already did.
+        row_number = 0
+        for batch in part.iter(batch_size=64):
+            for i in range(len(next(iter(batch.values())))):
+                row = {key: values[i] for key, values in batch.items()}
+                row["__where__"] = f"{self.files[shard]} row {row_number}"
+                row_number += 1
+                yield row
 
     def name(self, row) -> str:
         return f"{self.where}: {row.get('__where__', '?')}"

@@ -49,7 +49,7 @@ class MappedSplit(torch.utils.data.Dataset):
                 break
             except CorruptSample as exc:
                 if self.corrupt == "stop":
-                    raise CorruptSample(corrupt_hint(str(exc))) from None
+                    raise UserError(corrupt_hint(str(exc))) from None
                 first = first or str(exc)
                 self.skipped.add()
                 index = (index + 1) % len(self)

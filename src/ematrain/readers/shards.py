@@ -125,7 +125,7 @@ class WdsSource:
         except Exception as exc:  # webdataset and tarfile raise whatever the damage causes
             message = f"shard {path}: damaged after {seen} sample(s) ({str(exc).splitlines()[0][:100]})"
             if self.corrupt == "stop":
-                raise CorruptSample(corrupt_hint(message)) from None
+                raise UserError(corrupt_hint(message)) from None
             from ..logs import log
             log.warning(f"warning: {message}: the rest of the shard is skipped")
 

@@ -193,7 +193,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 img, label = self.source.decode(sample, self.mode)
             except CorruptSample as exc:
                 if self.corrupt == "stop":
-                    raise CorruptSample(corrupt_hint(str(exc))) from None
+                    raise UserError(corrupt_hint(str(exc))) from None
                 bad += 1
                 if bad >= MAX_CONSECUTIVE:
                     raise UserError(f"{self.plan.where}: {bad} unreadable samples in a row, the "
@@ -264,6 +264,11 @@ class StreamLoader:
 
     def __iter__(self):
         return _Batches(self, iter(self.loader))
+
+    def close(self) -> None:
+        """End the loader's worker processes (they persist from epoch to epoch otherwise)."""
+        from ..data import end_workers
+        end_workers(self.loader)
 
     @property
     def persistent_workers(self) -> bool:
