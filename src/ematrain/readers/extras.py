@@ -20,12 +20,12 @@ def need(package: str, reader: str):
 
 
 @contextlib.contextmanager
-def hub_access(allowed: bool):
+def hub_access(allowed: bool, reader: str = "hfds"):
     """Hugging Face's hub offline inside the block unless `allowed` (--dataset-download): a name
     that is neither a local folder nor in the cache then fails at once, instead of a download
     (or a wait on a network that is not there). The library reads its switch from its config
     at each call, so setting it there (and back after) works after import too."""
-    datasets = need("datasets", "hfds")
+    datasets = need("datasets", reader)
     import huggingface_hub.constants as hub
 
     saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE

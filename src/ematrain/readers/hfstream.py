@@ -25,7 +25,7 @@ class HfidsSource:
         self.split, self.download = split, spec.download
         self.image_key = spec.input_key or IMAGE_KEY
         self.label_key = spec.target_key or LABEL_KEY
-        with hub_access(spec.download) as datasets:
+        with hub_access(spec.download, "hfids") as datasets:
             path = local_path(spec.name, spec.root)
             try:
                 self.builder = datasets.load_dataset_builder(
@@ -72,7 +72,7 @@ class HfidsSource:
 
     def read(self, shard: int):
         if self._streams is None:  # made in the process that reads (a loader worker)
-            with hub_access(self.download) as datasets:
+            with hub_access(self.download, "hfids") as datasets:
                 self._streams = self._stream(datasets)
         part = self._streams.shard(num_shards=len(self.files), index=shard, contiguous=True)
         # `iter` (unlike iterating the dataset) reads all of the shard in a loader worker too:

@@ -6,14 +6,14 @@ import numbers
 import os
 import pickle
 
-from timm.data.readers.class_map import load_class_map as timm_load_class_map
-
 from ..errors import UserError
 
 
 def load_class_map(path: str, root: str | None = None) -> dict[str, int]:
     """``{class name: index}`` from a .txt (one name a line, index = line) or a .pkl file (timm's
     restricted unpickler), with indices 0..C-1 each used once."""
+    from timm.data.readers.class_map import load_class_map as timm_load_class_map
+
     try:
         mapping = timm_load_class_map(path, root or "")
     except (AssertionError, OSError, ValueError, pickle.UnpicklingError, EOFError) as exc:

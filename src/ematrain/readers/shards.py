@@ -66,11 +66,11 @@ def shard_list(root: str, split: str, flag: str) -> ShardList:
         total = _count(count, flag, split) if count else None
     else:
         entry = splits.get(split)
-        if not isinstance(entry, dict) or not entry.get("filenames"):
+        if not isinstance(entry, dict) or "filenames" not in entry:
             have = f"it has: {', '.join(splits)}" if splits else "there is no _info.json with splits"
             raise UserError(f"{flag} {split}: no such split of the shards in {root} ({have}); "
                             f"or name the shards: {flag} 'name-{{0000..0099}}.tar'")
-        names, total = list(entry["filenames"]), entry.get("num_samples")
+        names, total = list(entry["filenames"] or ()), entry.get("num_samples")
     names = [n for n in names if n]
     if not names:
         raise UserError(f"{flag} {split}: the shard list is empty")
@@ -120,14 +120,21 @@ class WdsSource:
             for sample in tarfile_samples([{"url": path}], handler=_reraise):
                 seen += 1
                 yield sample
-        except UserError:
-            raise
         except Exception as exc:  # webdataset and tarfile raise whatever the damage causes
-            message = f"shard {path}: damaged after {seen} sample(s) ({str(exc).splitlines()[0][:100]})"
-            if self.corrupt == "stop":
-                raise UserError(corrupt_hint(message)) from None
-            from ..logs import log
-            log.warning(f"warning: {message}: the rest of the shard is skipped")
+            self._damaged(f"shard {path}: damaged after {seen} sample(s) "
+                          f"({str(exc).splitlines()[0][:100]})")
+            return
+        # A tar cut at a member boundary reads as a shorter one: the metadata tells.
+        expected = self.shards.lengths[shard] if self.shards.lengths else None
+        if expected is not None and seen < expected:
+            self._damaged(f"shard {path}: {seen} sample(s) where the metadata says {expected} "
+                          f"(a truncated file?)")
+
+    def _damaged(self, message: str) -> None:
+        if self.corrupt == "stop":
+            raise UserError(corrupt_hint(message))
+        from ..logs import log
+        log.warning(f"warning: {message}: the rest of the shard is skipped")
 
     def name(self, sample) -> str:
         return f"shard {sample.get('__url__', '?')} sample {sample.get('__key__', '?')}"
