@@ -1,0 +1,67 @@
+"""Streams under torchrun (2 processes, gloo): validation scores every sample exactly once across
+the ranks, and every rank runs the same number of training steps, with a collective in each
+(as DDP has), on webdataset shards and a streamed Hugging Face dataset whose shard counts do not
+divide among the 2 x 2 readers."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+from data_writers import same_data  # noqa: F401  (a fixture)
+from test_distributed import torchrun
+
+SCRIPT = textwrap.dedent('''
+    import hashlib, json, sys
+    import torch, torch.distributed as dist
+    from torchvision.transforms import PILToTensor
+    import ematrain.readers as readers
+
+    out, shards, class_map, parquet, cache = sys.argv[1:6]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    report = {}
+    specs = {"wds": (readers.resolve_dataset("wds/d", shards, class_map=class_map,
+                                             val_split="val"), "train", "val"),
+             "hfids": (readers.resolve_dataset("hfids/" + parquet, cache), "train", "validation")}
+    for name, (spec, train_split, val_split) in specs.items():
+        for split, train in ((train_split, True), (val_split, False)):
+            source = readers.open_source(spec, split)
+            stream = readers.open_stream(spec, source, split, train=train, world=world, rank=rank,
+                                         workers=2, batch_size=4, seed=0, mode="RGB")
+            stream.transform = PILToTensor()
+            loader = readers.stream_loader(stream, 0)
+            loader.set_epoch(1)
+            steps, keys = 0, []
+            for images, labels in loader:
+                if train:  # a collective every step: a rank with fewer steps would hang here
+                    dist.all_reduce(torch.ones(1))
+                steps += 1
+                keys += [hashlib.sha1(i.numpy().tobytes()).hexdigest() for i in images]
+            loader.close()
+            every = [None] * world
+            dist.all_gather_object(every, {"steps": steps, "keys": keys,
+                                           "line": stream.plan.line(name, split)})
+            report[f"{name} {split}"] = every
+    if rank == 0:
+        json.dump(report, open(out, "w"))
+    dist.destroy_process_group()
+''')
+
+
+def test_two_ranks_score_each_sample_once_and_train_the_same_steps(same_data, tmp_path):
+    script, out = tmp_path / "streams.py", tmp_path / "report.json"
+    script.write_text(SCRIPT)
+    r = torchrun(script, out, same_data["shards"], same_data["class_map"], same_data["parquet"],
+                 same_data["cache"], timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(out.read_text())
+    for name, train, val in (("wds", "train", "val"), ("hfids", "train", "validation")):
+        ranks = report[f"{name} {val}"]
+        keys = [k for rank in ranks for k in rank["keys"]]
+        assert len(keys) == len(set(keys)) == 15, name  # summed counts = the split's size
+        assert all(r["keys"] for r in ranks)             # both ranks took a share
+        ranks = report[f"{name} {train}"]
+        assert [r["steps"] for r in ranks] == [3, 3], name  # ceil(30 / 2) = 15 -> 3 steps of 4
+        assert not set(ranks[0]["keys"]) & set(ranks[1]["keys"])  # disjoint shards
+    assert "do not divide evenly" in report["wds train"][0]["line"]      # 5 shards, 4 readers
+    assert "-j 2 lowered to 1" in report["hfids train"][0]["line"]       # 3 shards, 2 ranks
