@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -66,14 +66,14 @@ class DatasetSpec:
 
     def record(self) -> dict:
         """The settings under timm's argument names (args.yaml)."""
-        out = asdict(self)
-        kind, name, root = out.pop("kind"), out.pop("name"), out.pop("root")
-        out.update(dataset=self.dataset, data_dir=root, dataset_download=out.pop("download"),
-                   dataset_trust_remote_code=out.pop("trust_remote_code"),
-                   corrupt_samples=out.pop("corrupt"))
-        del kind, name
-        return out
-
+        return {"dataset": self.dataset, "data_dir": self.root, "train_split": self.train_split,
+                "val_split": self.val_split, "class_map": self.class_map,
+                "input_img_mode": self.input_img_mode, "input_key": self.input_key,
+                "target_key": self.target_key, "train_num_samples": self.train_num_samples,
+                "val_num_samples": self.val_num_samples, "epoch_repeats": self.epoch_repeats,
+                "dataset_download": self.download,
+                "dataset_trust_remote_code": self.trust_remote_code,
+                "corrupt_samples": self.corrupt}
 
 def resolve_dataset(dataset: str = "", data_dir: str | None = None, *, train_split: str = "train",
                     val_split: str = "validation", class_map: str = "",

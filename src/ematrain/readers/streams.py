@@ -148,6 +148,10 @@ class ShardStream(torch.utils.data.IterableDataset):
     def epoch(self) -> int:
         return self._shared[0]
 
+    def positions(self) -> list[int]:
+        """Each worker's raw position where the epoch (re)starts."""
+        return [self._shared[2 + w] for w in range(self.plan.workers)]
+
     def _raw(self, reader: int, epoch: int):
         """The reader's raw samples: its shards, pass after pass (training), each pass through
         its own shuffle buffer (a pass ends before the next begins: no sample twice in one)."""
@@ -237,7 +241,7 @@ class StreamLoader:
         positions = list(state["positions"]) if start_batch and state is not None else None
         self.stream.set_epoch(epoch, start_batch, positions)
         self.batches = start_batch
-        self.positions = [self.stream._shared[2 + w] for w in range(self.plan.workers)]
+        self.positions = self.stream.positions()
         self.yielded = [self.plan.consumed(w, start_batch) * self.plan.batch if self.plan.train
                         else 0 for w in range(self.plan.workers)]
 
