@@ -24,7 +24,6 @@ positions, decoding nothing), both with fresh loader workers.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
@@ -38,7 +37,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_name, load_line  # noqa: E402
+from machine import cpu_name, load_line
 
 CLASSES = 10
 SIZE = 224

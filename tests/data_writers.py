@@ -5,7 +5,6 @@ to disk, or as parquet files), torchvision's MNIST files. Each from an ImageFold
 from __future__ import annotations
 
 import json
-import os
 import struct
 import tarfile
 from pathlib import Path
@@ -127,7 +126,7 @@ def png_bytes(colour=(200, 30, 30), size: int = 16) -> bytes:
 
 
 # ----------------------------------------------------------------------------- fixtures
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="module")

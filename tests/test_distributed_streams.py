@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import textwrap
 
-from data_writers import same_data  # noqa: F401  (a fixture)
 from test_distributed import torchrun
 
 SCRIPT = textwrap.dedent('''

@@ -9,8 +9,7 @@ import sys
 import tarfile
 
 import pytest
-from data_writers import (corrupt_copy, hf_splits, png_bytes, same_data,  # noqa: F401
-                          write_class_map)
+from data_writers import corrupt_copy, hf_splits, png_bytes, write_class_map
 
 import ematrain.readers as readers
 from ematrain.errors import UserError, one_line
@@ -160,7 +159,7 @@ def test_a_corrupt_tar_member_stops_in_one_line_or_is_replaced_and_counted(tmp_p
     assert "val.tar:a/1.png" in line and "--corrupt-samples skip" in line
     skip = readers.open_mapped(readers.resolve_dataset("", str(tmp_path), corrupt_samples="skip"),
                                "val", "RGB")
-    image, label = skip[1]  # the next sample stands in for it
+    _, label = skip[1]  # the next sample stands in for it
     assert label == 1 and skip.skipped.value == 1
 
 

@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from data_writers import same_data, write_mnist  # noqa: F401  (a fixture)
+from data_writers import write_mnist
 from torchvision.transforms import PILToTensor
 
 import ematrain.readers as readers

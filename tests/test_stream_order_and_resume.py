@@ -8,7 +8,7 @@ import hashlib
 
 import pytest
 import torch
-from data_writers import corrupt_copy, same_data, write_shards  # noqa: F401  (a fixture)
+from data_writers import corrupt_copy, write_shards
 from torchvision import transforms
 
 import ematrain.readers as readers
@@ -101,6 +101,17 @@ def test_a_mid_epoch_resume_gives_the_rest_of_the_epoch_bit_for_bit(same_data, s
     assert len(rest) == len(whole) - stop_at
     for (a, la), (b, lb) in zip(whole[stop_at:], rest):
         assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_a_mid_epoch_resume_with_other_readers_is_refused_in_one_line(same_data):
+    spec = wds_spec(same_data["shards"], same_data["class_map"])
+    interrupted = make_loader(spec, workers=2)
+    epoch_batches(interrupted, 0, stop=2)
+    with pytest.raises(UserError, match="with the readers it had \\(1 process\\(es\\) x 2 loader "
+                                        "worker\\(s\\), now 1 x 1\\).*epoch's end"):
+        make_loader(spec, workers=1).set_epoch(0, 2, interrupted.state_dict())
+    # At an epoch's start the readers may change (the epoch then follows the new ones).
+    assert len(epoch_batches(make_loader(spec, workers=1), 1)) == 7
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,18 @@ from .opening import (check_distinct, epoch_samples, open_mapped, open_source, o
 from .spec import STREAMS, DatasetSpec, resolve_dataset
 from .streams import ShardStream, StreamLoader, StreamPlan
 
-__all__ = ["DatasetSpec", "STREAMS", "ShardStream", "StreamLoader", "StreamPlan",
-           "check_distinct", "epoch_samples", "open_mapped", "open_source", "open_stream",
-           "resolve_dataset", "split_path", "stream_loader"]
+__all__ = [
+                      "STREAMS",
+                      "DatasetSpec",
+                      "ShardStream",
+                      "StreamLoader",
+                      "StreamPlan",
+                      "check_distinct",
+                      "epoch_samples",
+                      "open_mapped",
+                      "open_source",
+                      "open_stream",
+                      "resolve_dataset",
+                      "split_path",
+                      "stream_loader",
+]

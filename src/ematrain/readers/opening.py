@@ -12,7 +12,7 @@ from ..errors import UserError
 from . import spec as S
 from .labels import ValueLabels
 from .mapped import FolderSplit, MappedSplit, TarSplit, TorchSplit
-from .streams import StreamLoader, StreamPlan, ShardStream
+from .streams import ShardStream, StreamLoader, StreamPlan
 
 SPLIT_ALIASES = {"val": "validation", "validation": "val"}
 

@@ -17,7 +17,7 @@ import yaml
 
 from ..errors import UserError
 from .extras import need
-from .images import CorruptSample, corrupt_hint, decode
+from .images import corrupt_hint, decode
 from .labels import ValueLabels
 
 INFO_FILES = ("_info.json", "info.json", "_info.yaml", "info.yaml")

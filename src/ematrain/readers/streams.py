@@ -238,6 +238,13 @@ class StreamLoader:
             if (state.get("epoch"), state.get("batches")) != (epoch, start_batch):
                 raise ValueError(f"stream state of epoch {state.get('epoch')} batch "
                                  f"{state.get('batches')}, resuming epoch {epoch} batch {start_batch}")
+            then, now = (state.get("world"), state.get("workers")), (self.plan.world, self.plan.workers)
+            if then != now:
+                raise UserError(
+                    f"{self.plan.where}: a stream resumes mid-epoch with the readers it had "
+                    f"({then[0]} process(es) x {then[1]} loader worker(s), now {now[0]} x "
+                    f"{now[1]}): their shards and positions are those readers'; resume with the "
+                    f"same, or from the checkpoint of the epoch's end")
         positions = list(state["positions"]) if start_batch and state is not None else None
         self.stream.set_epoch(epoch, start_batch, positions)
         self.batches = start_batch
