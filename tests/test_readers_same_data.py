@@ -123,3 +123,15 @@ def test_map_style_splits_plug_into_the_seeded_sampler(same_data):
         return torch.stack([samples[i][0] for i in sampler])
     assert torch.equal(epoch(0), epoch(0))
     assert not torch.equal(epoch(0), epoch(1))
+
+
+def test_a_tar_root_is_one_split_and_torch_folder_reads_the_folders(same_data, folder_pairs):
+    from ematrain.errors import UserError
+    spec = readers.resolve_dataset("", str(same_data["tars"] / "val.tar"))  # validate.py's use
+    assert mapped_pairs(readers.open_mapped(spec, "validation", "RGB")) == folder_pairs["validation"]
+    with pytest.raises(UserError, match="is one .tar, which would be both train and validation"):
+        readers.check_distinct(spec, "train", "validation")
+    torchvision_folder = readers.resolve_dataset("torch/folder", str(same_data["folder"]))
+    split = readers.open_mapped(torchvision_folder, "validation", "RGB")
+    assert split.classes == same_data["classes"]
+    assert mapped_pairs(split) == folder_pairs["validation"]
