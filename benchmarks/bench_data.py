@@ -13,9 +13,10 @@ reader (ImageFolder, image-in-tar, wds), one training epoch of decode + augment 
 * timm: `timm.data.create_dataset` + `create_loader(is_training=True)` with its prefetcher (its
   train.py's default), which normalizes in the main process too, on the CPU here.
 
-Rounds interleave A B A B; each time is a whole epoch from `iter(loader)` (timm starts its
-workers per epoch, ours keep theirs: that is part of what is measured), after one untimed
-warm-up epoch of each. Images per second: median over the rounds, [min-max].
+Each round runs ours, timm, timm, ours; each time is a whole epoch from `iter(loader)` (timm
+starts its workers per epoch, ours keep theirs: that is part of what is measured), after one
+untimed warm-up epoch of each. Images per second: median over the epochs, [min-max]; ours/timm:
+the median of the rounds' ratios (each compares epochs run side by side), [min-max].
 
 Then the cost of an exact mid-epoch resume of the wds stream: the time to the first batch of an
 epoch from its start and from its middle (resumed: the workers replay their raw stream to their
@@ -192,7 +193,7 @@ def main() -> None:
         print(f"{count} training JPEGs (short side 320) -> {SIZE} px, -j {args.workers}, "
               f"-b {args.batch_size}, {args.rounds} rounds; cpu: {cpu_name()}")
         print(load_line() or "")
-        print(f"{'reader':<12} {'ours img/s':>20} {'timm img/s':>20} {'ours/timm':>10}")
+        print(f"{'reader':<12} {'ours img/s':>20} {'timm img/s':>20} {'ours/timm (per round)':>22}")
         rates = {}
         for reader in ("folder", "tar", "wds"):
             sides = {"ours": ours(root, reader, args.batch_size, args.workers),
@@ -200,16 +201,20 @@ def main() -> None:
             for side in sides.values():
                 epoch_time(*side, epoch=0)  # warm-up: page cache, worker start, imports
             times = {name: [] for name in sides}
+            ratios = []
             for r in range(args.rounds):
-                for name, side in sides.items():  # interleaved: A B A B
-                    seconds, images = epoch_time(*side, epoch=r + 1)
+                # A B B A: each side as often first as second; the ratio of one round compares
+                # epochs that ran side by side, under the same load.
+                for name in ("ours", "timm", "timm", "ours"):
+                    seconds, images = epoch_time(*sides[name], epoch=r + 1)
                     times[name].append(images / seconds)
+                ratios.append((times["ours"][-1] + times["ours"][-2])
+                              / (times["timm"][-1] + times["timm"][-2]))
             if hasattr(sides["ours"][0], "close"):
                 sides["ours"][0].close()
             rates[reader] = times
-            ratio = statistics.median(times["ours"]) / statistics.median(times["timm"])
             print(f"{reader:<12} {show('ours', times['ours']):>20} {show('timm', times['timm']):>20}"
-                  f" {ratio:10.2f}")
+                  f" {statistics.median(ratios):10.2f} [{min(ratios):.2f}-{max(ratios):.2f}]")
         shards = statistics.median(rates["wds"]["ours"]) / statistics.median(rates["folder"]["ours"])
         print(f"ours, shards / folders: {shards:.2f}")
         fresh, resumed = resume_cost(root, args.batch_size, args.workers, args.rounds)
