@@ -95,7 +95,8 @@ class Aug:  # the AugSpec fields ematrain's train_transform reads, timm's defaul
 
 
 def ours(root: Path, reader: str, batch: int, workers: int):
-    from ematrain import data, readers
+    from ematrain import data
+    from ematrain.data import readers
     cfg = {k: v for k, v in config().items()}
     transform = data.train_transform(cfg, Aug)
     normalize = data.Normalize(cfg["mean"], cfg["std"], torch.device("cpu"))

@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent('''
     import hashlib, json, sys
     import torch, torch.distributed as dist
     from torchvision.transforms import PILToTensor
-    import ematrain.readers as readers
+    import ematrain.data.readers as readers
 
     out, shards, class_map, parquet, cache = sys.argv[1:6]
     dist.init_process_group("gloo")

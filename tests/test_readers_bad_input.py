@@ -11,8 +11,8 @@ import tarfile
 import pytest
 from data_writers import corrupt_copy, hf_splits, png_bytes, write_class_map
 
-import ematrain.readers as readers
-from ematrain.errors import UserError, one_line
+import ematrain.data.readers as readers
+from ematrain.util.errors import UserError, one_line
 
 
 def refused(call, *args, **kwargs) -> str:

@@ -11,7 +11,7 @@ import torch
 from data_writers import write_mnist
 from torchvision.transforms import PILToTensor
 
-import ematrain.readers as readers
+import ematrain.data.readers as readers
 from ematrain.data import EpochSampler, SeededSamples
 
 TO_TENSOR = PILToTensor()
@@ -126,7 +126,7 @@ def test_map_style_splits_plug_into_the_seeded_sampler(same_data):
 
 
 def test_a_tar_root_is_one_split_and_torch_folder_reads_the_folders(same_data, folder_pairs):
-    from ematrain.errors import UserError
+    from ematrain.util.errors import UserError
     spec = readers.resolve_dataset("", str(same_data["tars"] / "val.tar"))  # validate.py's use
     assert mapped_pairs(readers.open_mapped(spec, "validation", "RGB")) == folder_pairs["validation"]
     with pytest.raises(UserError, match="is one .tar, which would be both train and validation"):

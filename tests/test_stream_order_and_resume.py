@@ -11,9 +11,9 @@ import torch
 from data_writers import corrupt_copy, write_shards
 from torchvision import transforms
 
-import ematrain.readers as readers
-from ematrain.errors import UserError
-from ematrain.readers import StreamPlan
+import ematrain.data.readers as readers
+from ematrain.util.errors import UserError
+from ematrain.data.readers import StreamPlan
 
 AUGMENT = transforms.Compose([transforms.RandomResizedCrop(24), transforms.PILToTensor()])
 
@@ -135,7 +135,7 @@ def corrupt_shards(same_data, tmp_path_factory):
 
 def test_a_corrupt_sample_stops_the_stream_in_one_line_or_is_skipped_and_counted(
         same_data, corrupt_shards):
-    from ematrain.errors import one_line
+    from ematrain.util.errors import one_line
     stop = wds_spec(corrupt_shards, same_data["class_map"])
     with pytest.raises(UserError) as caught:
         epoch_batches(make_loader(stop, workers=1), 0)

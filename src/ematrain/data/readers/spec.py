@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ..errors import UserError
+from ...util.errors import UserError
 
 FOLDER, TORCH, HFDS, HFIDS, WDS = "folder", "torch", "hfds", "hfids", "wds"
 STREAMS = (HFIDS, WDS)

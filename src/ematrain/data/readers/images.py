@@ -12,7 +12,7 @@ import multiprocessing
 
 from PIL import Image
 
-from ..errors import UserError
+from ...util.errors import UserError
 
 # Consecutive unreadable samples after which a map-style reader stops even under `skip`: the
 # data is broken, not a few files in it (timm's ImageDataset gives up after 10 as well).

@@ -6,7 +6,7 @@ import numbers
 import os
 import pickle
 
-from ..errors import UserError
+from ...util.errors import UserError
 
 
 def load_class_map(path: str, root: str | None = None) -> dict[str, int]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import UserError
+from ...util.errors import UserError
 from . import labels as lab
 from .images import MAX_CONSECUTIVE, CorruptSample, SkipCount, corrupt_hint, decode
 
@@ -82,7 +82,7 @@ class FolderSplit(MappedSplit):
     (`data.load_image_folder`: hidden files skipped, link loops refused)."""
 
     def __init__(self, split_dir, mode: str, corrupt: str, class_map: str = "", root=None):
-        from ..data import load_image_folder  # the folder scan train.py has always used
+        from ..folders import load_image_folder  # the folder scan train.py has always used
 
         folder = load_image_folder(split_dir)
         classes, keep, targets = _mapped(str(split_dir), folder.classes,

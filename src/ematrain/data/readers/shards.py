@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from ..errors import UserError
+from ...util.errors import UserError
 from .extras import need
 from .images import corrupt_hint, decode
 from .labels import ValueLabels
@@ -133,7 +133,7 @@ class WdsSource:
     def _damaged(self, message: str) -> None:
         if self.corrupt == "stop":
             raise UserError(corrupt_hint(message))
-        from ..logs import log
+        from ...util.logs import log
         log.warning(f"warning: {message}: the rest of the shard is skipped")
 
     def name(self, sample) -> str:

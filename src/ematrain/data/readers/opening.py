@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import UserError
+from ...util.errors import UserError
 from . import spec as S
 from .labels import ValueLabels
 from .mapped import FolderSplit, MappedSplit, TarSplit, TorchSplit
@@ -98,7 +98,7 @@ def open_stream(spec: S.DatasetSpec, source, split: str, *, train: bool, world: 
 def stream_loader(stream: ShardStream, seed: int, pin_memory: bool = False) -> StreamLoader:
     """The stream's loader: its workers persist from epoch to epoch (the epoch reaches them
     through shared memory)."""
-    from ..data import make_loader
+    from ..loaders import make_loader
     loader = make_loader(stream, stream.plan.batch, stream.plan.loader_workers, seed,
                          pin_memory=pin_memory, persistent=True)
     return StreamLoader(stream, loader)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import UserError
+from ...util.errors import UserError
 from . import labels as lab
 from .extras import hub_access
 from .mapped import MappedSplit, _mapped

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 
-from ..errors import UserError
+from ...util.errors import UserError
 
 INSTALL = "pip install 'ematrain[data]'"
 

@@ -36,8 +36,8 @@ import random
 
 import torch
 
-from ..errors import UserError
-from ..seeding import seed_sample
+from ...util.errors import UserError
+from ...util.seeding import seed_sample
 from .images import MAX_CONSECUTIVE, CorruptSample, corrupt_hint
 
 SHUFFLE_BUFFER = 1000  # raw samples each training reader holds for its shuffle
@@ -278,7 +278,7 @@ class StreamLoader:
 
     def close(self) -> None:
         """End the loader's worker processes (they persist from epoch to epoch otherwise)."""
-        from ..data import end_workers
+        from ..loaders import end_workers
         end_workers(self.loader)
 
     @property

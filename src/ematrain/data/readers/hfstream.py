@@ -9,7 +9,7 @@ split info.
 """
 from __future__ import annotations
 
-from ..errors import UserError
+from ...util.errors import UserError
 from .extras import hub_access
 from .hf import IMAGE_KEY, LABEL_KEY, check_columns, image_bytes, local_path, remote_code
 from .images import decode
