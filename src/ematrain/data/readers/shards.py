@@ -65,7 +65,10 @@ def shard_list(root: str, split: str, flag: str) -> ShardList:
             raise UserError(f"{flag} {split}: not a shard pattern ({exc})") from None
         total = _count(count, flag, split) if count else None
     else:
+        # As for folders: timm's default 'validation' finds a split named 'val' (and back).
         entry = splits.get(split)
+        if entry is None:
+            entry = splits.get({"val": "validation", "validation": "val"}.get(split, split))
         if not isinstance(entry, dict) or "filenames" not in entry:
             have = f"it has: {', '.join(splits)}" if splits else "there is no _info.json with splits"
             raise UserError(f"{flag} {split}: no such split of the shards in {root} ({have}); "
