@@ -10,13 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ema.half_life import HalfLife, decay_from_half_life, parse_half_life
-from ..ema.schedules import (
-    SCHEDULES,
-    OutOfRange,
-    check_decay,
-    check_gamma,
-    gamma_to_sigma_rel,
-)
+from ..ema.schedules import SCHEDULES, OutOfRange, check_decay, check_gamma, gamma_to_sigma_rel
 from ..util.errors import UserError
 from .checks import DTYPES, at_least, at_most, check_sigma_rels, from_args
 
