@@ -64,3 +64,55 @@ def test_two_ranks_score_each_sample_once_and_train_the_same_steps(same_data, tm
         assert not set(ranks[0]["keys"]) & set(ranks[1]["keys"])  # disjoint shards
     assert "do not divide evenly" in report["wds train"][0]["line"]      # 5 shards, 4 readers
     assert "-j 2 lowered to 1" in report["hfids train"][0]["line"]       # 3 shards, 2 ranks
+
+
+# train.py on the shards under torchrun: 30 samples, 2 ranks x 1 reader, batch 4: 3 steps an
+# epoch, 6 updates in all. Recovery saves at updates 2 and 4 (epoch 1, step 1); rank 1 kills
+# itself at epoch 1, step 2, once that file is there.
+def stream_args(same_data):
+    from conftest import tiny_args
+    return ["--dataset", "wds/same", "--data-dir", same_data["shards"], "--class-map",
+            same_data["class_map"], *tiny_args(
+                "--seed", "3", "--model-ema", "--model-ema-decay", "0.9", "--model-ema-posthoc",
+                "--model-ema-snapshot-every", "1it", "--recovery-interval", "2", epochs=2)]
+
+
+def test_train_py_on_shards_under_torchrun_validates_once_and_resumes_bit_identical(
+        same_data, tmp_path):
+    import csv
+
+    import torch
+    from conftest import REPO_ROOT
+    from test_distributed_resume import HOOK, _assert_same
+
+    args = stream_args(same_data)
+    ref = torchrun(REPO_ROOT / "train.py", *args, "--output", tmp_path, "--experiment", "ref",
+                   timeout=300)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    assert "every process runs 3 steps of 4 an epoch" in ref.stderr + ref.stdout
+    hook = tmp_path / "hooked.py"
+    hook.write_text(HOOK.format(src=str(REPO_ROOT / "src")).replace(
+        "c.epoch_step == 3", "c.epoch_step == 2").replace("== (1, 2)", "== (1, 1)"))
+    killed = torchrun(hook, *args, "--output", tmp_path, "--experiment", "run", timeout=300)
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    again = torchrun(REPO_ROOT / "train.py", *args, "--output", tmp_path, "--experiment", "run",
+                     "--resume", "auto", timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "recovery.pth.tar at epoch 1, step 1" in again.stderr, again.stderr
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    a = torch.load(ref_dir / "last.pth.tar", weights_only=True)
+    b = torch.load(run_dir / "last.pth.tar", weights_only=True)
+    assert a["counters"] == b["counters"] and a["data_stream"] == b["data_stream"]
+    _assert_same(a, b, "last.pth.tar")
+    names = sorted(p.name for p in (ref_dir / "posthoc").iterdir())
+    assert len(names) == 6 and names == sorted(p.name for p in (run_dir / "posthoc").iterdir())
+    assert (run_dir / "summary.csv").read_text() == (ref_dir / "summary.csv").read_text()
+    # validate.py under torchrun: each of the 15 validation samples once, the log's numbers.
+    results = tmp_path / "results.json"
+    val = torchrun(REPO_ROOT / "validate.py", *args[:6], "--checkpoint",
+                   ref_dir / "last.pth.tar", "--use-ema", "-b", "4", "-j", "0",
+                   "--results-file", results, timeout=300)
+    assert val.returncode == 0, val.stdout + val.stderr
+    res = json.loads(results.read_text())
+    row = list(csv.DictReader(open(ref_dir / "summary.csv")))[-1]
+    assert res["count"] == 15 and res["top1"] == float(row["eval_top1"])
