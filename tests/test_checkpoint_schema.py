@@ -29,7 +29,7 @@ def test_a_checkpoint_holds_exactly_the_schemas_keys(small_data, tmp_path):
     # Missing: the float16 AMP scaler (CUDA), the post-hoc EMAs (off in this run), the
     # post-hoc key of model_posthoc_best.pth.tar (tests/test_posthoc.py) and the per-process
     # buffers of torchrun (tests/test_distributed_resume.py), a stream's position
-    # (tests/test_train_on_streams.py).
+    # (tests/test_train_on_every_reader.py).
     assert keys_named(ckpt) == schema - {"amp_scaler", "posthoc_ema", "posthoc", "rank_buffers",
                                          "data_stream"}
     assert ckpt["version"] == schema_mod.CHECKPOINT_VERSION

@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent('''
     import hashlib, json, sys
     import torch, torch.distributed as dist
     from torchvision.transforms import PILToTensor
-    import ematrain.data.readers as readers
+    from ematrain.data import readers
 
     out, shards, class_map, parquet, cache = sys.argv[1:6]
     dist.init_process_group("gloo")
@@ -114,5 +114,5 @@ def test_train_py_on_shards_under_torchrun_validates_once_and_resumes_bit_identi
                    "--results-file", results, timeout=300)
     assert val.returncode == 0, val.stdout + val.stderr
     res = json.loads(results.read_text())
-    row = list(csv.DictReader(open(ref_dir / "summary.csv")))[-1]
+    row = list(csv.DictReader((ref_dir / "summary.csv").read_text().splitlines()))[-1]
     assert res["count"] == 15 and res["top1"] == float(row["eval_top1"])

@@ -11,7 +11,7 @@ import tarfile
 import pytest
 from data_writers import corrupt_copy, hf_splits, png_bytes, write_class_map
 
-import ematrain.data.readers as readers
+from ematrain.data import readers
 from ematrain.util.errors import UserError, one_line
 
 

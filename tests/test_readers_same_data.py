@@ -11,8 +11,7 @@ import torch
 from data_writers import write_mnist
 from torchvision.transforms import PILToTensor
 
-import ematrain.data.readers as readers
-from ematrain.data import EpochSampler, SeededSamples
+from ematrain.data import EpochSampler, SeededSamples, readers
 
 TO_TENSOR = PILToTensor()
 

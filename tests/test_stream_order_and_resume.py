@@ -11,9 +11,9 @@ import torch
 from data_writers import corrupt_copy, write_shards
 from torchvision import transforms
 
-import ematrain.data.readers as readers
-from ematrain.util.errors import UserError
+from ematrain.data import readers
 from ematrain.data.readers import StreamPlan
+from ematrain.util.errors import UserError
 
 AUGMENT = transforms.Compose([transforms.RandomResizedCrop(24), transforms.PILToTensor()])
 

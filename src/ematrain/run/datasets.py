@@ -30,8 +30,8 @@ from ..util.errors import UserError
 
 def reads_folders(spec: DatasetSpec) -> bool:
     """An ImageFolder run as train.py has always read it: a folder root whose splits are
-    folders (not .tar files). Anything else goes through the readers."""
-    if spec.kind != FOLDER or not Path(spec.root).is_dir():
+    folders (not .tar files), with no --class-map. Anything else goes through the readers."""
+    if spec.kind != FOLDER or spec.class_map or not Path(spec.root).is_dir():
         return False
     try:
         found = [split_path(spec.root, split, flag) for split, flag in

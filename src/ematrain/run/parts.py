@@ -158,6 +158,9 @@ class Run:
         for key in ("data_dir", "initial_checkpoint", "pretrained_path", "class_map"):
             if record.get(key) and (key != "class_map" or Path(record[key]).is_file()):
                 record[key] = str(Path(record[key]).resolve())
+        kind, _, name = str(record.get("dataset") or "").partition("/")
+        if kind.lower() in ("hfds", "hfids") and name and Path(name).exists():  # a local folder
+            record["dataset"] = f"{kind}/{Path(name).resolve()}"
         return record
 
     def images_per_step(self) -> int:

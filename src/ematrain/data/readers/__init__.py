@@ -8,8 +8,15 @@ exactly-once validation and one-line errors for each.
 - `streams`: who reads which shard under torchrun, epoch length, order and resume of a stream.
 - `opening`: opening a split of a spec; `extras`: the optional packages (``ematrain[data]``).
 """
-from .opening import (check_distinct, epoch_samples, open_mapped, open_source, open_stream,
-                      split_path, stream_loader)
+from .opening import (
+                      check_distinct,
+                      epoch_samples,
+                      open_mapped,
+                      open_source,
+                      open_stream,
+                      split_path,
+                      stream_loader,
+)
 from .spec import STREAMS, DatasetSpec, resolve_dataset
 from .streams import ShardStream, StreamLoader, StreamPlan
 

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from ...util.errors import UserError
 from .extras import hub_access
-from .hf import IMAGE_KEY, LABEL_KEY, check_columns, image_bytes, local_path, remote_code
+from .hf import (
+    IMAGE_KEY,
+    LABEL_KEY,
+    check_columns,
+    image_bytes,
+    local_path,
+    remote_code,
+)
 from .images import decode
 from .labels import ValueLabels, check_label, check_named
 from .shards import ShardList

@@ -82,7 +82,9 @@ class FolderSplit(MappedSplit):
     (`data.load_image_folder`: hidden files skipped, link loops refused)."""
 
     def __init__(self, split_dir, mode: str, corrupt: str, class_map: str = "", root=None):
-        from ..folders import load_image_folder  # the folder scan train.py has always used
+        from ..folders import (
+            load_image_folder,  # the folder scan train.py has always used
+        )
 
         folder = load_image_folder(split_dir)
         classes, keep, targets = _mapped(str(split_dir), folder.classes,

@@ -123,7 +123,8 @@ class WdsSource:
             for sample in tarfile_samples([{"url": path}], handler=_reraise):
                 seen += 1
                 yield sample
-        except Exception as exc:  # webdataset and tarfile raise whatever the damage causes
+        # webdataset and tarfile raise whatever the damage causes
+        except Exception as exc:  # noqa: BLE001
             self._damaged(f"shard {path}: damaged after {seen} sample(s) "
                           f"({str(exc).splitlines()[0][:100]})")
             return

@@ -1,6 +1,7 @@
 """train.py and validate.py on data kept as timm users keep it: webdataset shards (`--dataset
-wds/`) and a Hugging Face dataset saved to disk (`--dataset hfds/`), with the EMA and post-hoc
-EMA on; validate.py's numbers equal the log's; resume of a stream is exact at an epoch's end and
+wds/`), a Hugging Face dataset saved to disk (`--dataset hfds/`) or streamed from parquet files
+(`hfids/`), a tar of images, with the EMA (and post-hoc EMA) on; validate.py's numbers equal the
+log's; resume of a stream is exact at an epoch's end and
 mid-epoch; timm's args.yaml with a dataset runs; a stream of unknown length is refused in one
 line when the run needs its epoch length."""
 from __future__ import annotations
@@ -32,6 +33,11 @@ def hfds(same_data) -> list[str]:
     return ["--dataset", f"hfds/{same_data['hf_saved']}"]
 
 
+READERS = {"wds": wds, "hfds": hfds,
+           "hfids": lambda same_data: ["--dataset", f"hfids/{same_data['parquet']}"],
+           "tar": lambda same_data: ["--data-dir", same_data["tars"]]}
+
+
 def train(out: Path, name: str, data: list, *extra, epochs: int = 2, workers: int = 0):
     r = run_in_process(train_main, "train.py", *data,
                        *tiny_args(*extra, epochs=epochs, workers=workers),
@@ -56,11 +62,12 @@ def rows(run_dir: Path) -> list[dict]:
 def runs(same_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("stream_runs")
     with torch_threads(1):  # as the tests' validate.py runs score (one_thread_no_plots)
-        return {"wds": train(out, "wds", wds(same_data), *EMA, *POSTHOC)[0],
-                "hfds": train(out, "hfds", hfds(same_data), *EMA, *POSTHOC)[0], "out": out}
+        return {name: train(out, name, data(same_data), *EMA,
+                            *(POSTHOC if name in ("wds", "hfds") else ()))[0]
+                for name, data in READERS.items()}
 
 
-@pytest.mark.parametrize("reader", ["wds", "hfds"])
+@pytest.mark.parametrize("reader", sorted(READERS))
 def test_a_run_on_the_reader_trains_both_weight_sets_and_validate_py_equals_the_log(
         runs, same_data, reader):
     run_dir = runs[reader]
@@ -69,16 +76,27 @@ def test_a_run_on_the_reader_trains_both_weight_sets_and_validate_py_equals_the_
     assert float(summary[-1]["raw_eval_top1"]) > 60.0  # 3 classes: chance is 33.3 %
     for name in ("last.pth.tar", "model_best.pth.tar", "args.yaml"):
         assert (run_dir / name).is_file()
-    assert len(list((run_dir / "posthoc").glob("*.pt*"))) >= 2
+    if reader in ("wds", "hfds"):
+        assert len(list((run_dir / "posthoc").glob("*.pt*"))) >= 2
     recorded = yaml.safe_load((run_dir / "args.yaml").read_text())
-    assert recorded["dataset"].startswith(f"{reader}/") and recorded["val_split"] == "validation"
-    data = wds(same_data) if reader == "wds" else hfds(same_data)
+    assert recorded["dataset"] == ("" if reader == "tar" else READERS[reader](same_data)[1])
+    assert recorded["val_split"] == "validation"
+    data = READERS[reader](same_data)
     last = run_dir / "last.pth.tar"
     for prefix, extra in (("raw_", ()), ("", ("--use-ema",))):
         res = validate(data, last, *extra)
         assert res["count"] == 15
         for metric in ("top1", "top5", "loss"):
             assert res[metric] == float(summary[-1][f"{prefix}eval_{metric}"]), (prefix, metric)
+
+
+def test_args_yaml_records_a_local_dataset_folder_as_an_absolute_path(same_data, tmp_path,
+                                                                       monkeypatch):
+    """`-c args.yaml` and `--resume` work from any directory."""
+    monkeypatch.chdir(same_data["root"])
+    run_dir, _ = train(tmp_path, "rel", ["--dataset", "hfds/hf_saved"], epochs=1)
+    recorded = yaml.safe_load((run_dir / "args.yaml").read_text())
+    assert recorded["dataset"] == f"hfds/{same_data['hf_saved'].resolve()}"
 
 
 def test_validate_py_posthoc_sweeps_a_stream_run(runs, same_data):
