@@ -90,6 +90,13 @@ def test_a_run_on_the_reader_trains_both_weight_sets_and_validate_py_equals_the_
             assert res[metric] == float(summary[-1][f"{prefix}eval_{metric}"]), (prefix, metric)
 
 
+def test_validate_py_reads_a_tar_root_as_its_split(runs, same_data):
+    """A .tar as the data root is the split itself (validate.py; train.py needs two)."""
+    summary = rows(runs["tar"])
+    res = validate([same_data["tars"] / "val.tar"], runs["tar"] / "last.pth.tar", "--use-ema")
+    assert res["count"] == 15 and res["top1"] == float(summary[-1]["eval_top1"])
+
+
 def test_args_yaml_records_a_local_dataset_folder_as_an_absolute_path(same_data, tmp_path,
                                                                        monkeypatch):
     """`-c args.yaml` and `--resume` work from any directory."""
