@@ -129,11 +129,12 @@ def png_bytes(colour=(200, 30, 30), size: int = 16) -> bytes:
 import pytest
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def same_data(tmp_path_factory):
     """One small learnable split pair (3 classes; train 30, val 15 images) written as a folder,
     two tars, wds shards of 7 (train: 5 shards, the last of 2; val: 3), a saved DatasetDict and
-    parquet files (3 a split); `classes.txt` names the classes in label order."""
+    parquet files (3 a split); `classes.txt` names the classes in label order. Written once a
+    session (the Hugging Face writers are slow to import); tests only read it."""
     from conftest import make_imagefolder
 
     root = tmp_path_factory.mktemp("same_data")

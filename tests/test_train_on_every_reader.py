@@ -137,12 +137,13 @@ def assert_same_weights(a: Path, b: Path) -> None:
             assert torch.equal(wa[key][name], wb[key][name]), (key, name)
 
 
-def test_a_stream_resumed_at_an_epoch_end_is_bit_identical(same_data, tmp_path):
-    whole, _ = train(tmp_path, "whole", wds(same_data), *EMA, workers=2)
-    first, _ = train(tmp_path, "first", wds(same_data), *EMA, epochs=1, workers=2)
-    r = run_in_process(train_main, "train.py", "--resume", first / "last.pth.tar", "--epochs", "2")
+def test_a_stream_resumed_at_an_epoch_end_is_bit_identical(runs, same_data, tmp_path):
+    with torch_threads(1):  # as the runs fixture trained the whole run
+        first, _ = train(tmp_path, "first", wds(same_data), *EMA, *POSTHOC, epochs=1)
+        r = run_in_process(train_main, "train.py", "--resume", first / "last.pth.tar",
+                           "--epochs", "2")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert_same_weights(whole / "last.pth.tar", first / "last.pth.tar")
+    assert_same_weights(runs["wds"] / "last.pth.tar", first / "last.pth.tar")
 
 
 class StopAfter:
@@ -157,10 +158,11 @@ class StopAfter:
         return self.n < 0
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_stream_stopped_mid_epoch_resumes_bit_identical(same_data, tmp_path, workers):
-    """Stopped a few steps into an epoch of 7, the run saves where each loader worker stands in
-    its shards; resumed, the rest of the epoch and the next are the uninterrupted run's."""
+def test_a_stream_stopped_mid_epoch_resumes_bit_identical(same_data, tmp_path, workers=2):
+    """Stopped a few steps into an epoch of 7, the run saves where each of its 2 loader workers
+    stands in its shards; resumed, the rest of the epoch and the next are the uninterrupted
+    run's (one reader, -j 0: tests/test_stream_order_and_resume.py; under torchrun:
+    tests/test_distributed_streams.py)."""
     from conftest import make_training
     whole, _ = train(tmp_path, "whole", wds(same_data), *EMA, workers=workers)
     argv = [*wds(same_data), *tiny_args(*EMA, epochs=2, workers=workers), "--output", tmp_path,
