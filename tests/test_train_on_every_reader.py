@@ -178,6 +178,13 @@ def test_a_stream_stopped_mid_epoch_resumes_bit_identical(same_data, tmp_path, w
     state = torch.load(cut / "last.pth.tar", map_location="cpu", weights_only=True)
     step = state["counters"]["epoch_step"]
     assert 0 < step < 7 and state["data_stream"]["batches"] == step
+    # Other readers cannot take the workers' positions: refused before the run folder is touched.
+    before = {p.name: p.stat().st_mtime_ns for p in cut.iterdir()}
+    r = run_in_process(train_main, "train.py", "--resume", cut / "last.pth.tar", "-j", "1")
+    lines = r.stderr.strip().splitlines()  # the resume's notice of the new -j, then the error
+    assert r.returncode == 2 and [l for l in lines if "error" in l] == lines[-1:], r.stderr
+    assert "1 process(es) x 2 loader worker(s), now 1 x 1" in lines[-1], lines[-1]
+    assert {p.name: p.stat().st_mtime_ns for p in cut.iterdir()} == before
     r = run_in_process(train_main, "train.py", "--resume", cut / "last.pth.tar")
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_weights(whole / "last.pth.tar", cut / "last.pth.tar")

@@ -127,11 +127,20 @@ class StreamData:
         return train, val
 
     def _check_resume(self, epoch: int, start_batch: int, state: dict | None) -> None:
-        where = f"--dataset {self.train_stream.plan.where}"
         if state is None or (state.get("epoch"), state.get("batches")) != (epoch, start_batch):
-            raise UserError(f"{where}: the checkpoint does not hold the stream's position at "
-                            f"epoch {epoch}, batch {start_batch}; resume from the checkpoint of "
-                            f"an epoch's end")
+            raise UserError(f"{self.train_stream.plan.where}: the checkpoint does not hold the "
+                            f"stream's position at epoch {epoch}, batch {start_batch}; resume "
+                            f"from the checkpoint of an epoch's end")
+
+    def _check_readers(self, state: dict) -> None:
+        """A mid-epoch position is its readers': refused, before the run starts, for others."""
+        plan, where = self.train_stream.plan, self.train_stream.plan.where
+        then, now = (state.get("world"), state.get("workers")), (plan.world, plan.workers)
+        if then != now:
+            raise UserError(f"{where}: a stream resumes mid-epoch with the readers it had "
+                            f"({then[0]} process(es) x {then[1]} loader worker(s), now {now[0]} "
+                            f"x {now[1]}): give the same, or resume from the checkpoint of an "
+                            f"epoch's end")
         if self.world > 1 and self.corrupt == "skip":
             # Each rank's position counts the samples it skipped; rank 0's alone is saved.
             raise UserError(f"{where}: under torchrun with --corrupt-samples skip a stream "
@@ -146,6 +155,8 @@ class StreamData:
         return self._loaders[0].state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("batches"):
+            self._check_readers(state)
         self._resume = dict(state)
 
     def close(self) -> None:
