@@ -86,8 +86,8 @@ def build_data(spec: DataSpec, dataset: DatasetSpec, loader: LoaderSpec,
                         f"({per_rank} images{' per process' if world > 1 else ''}): every epoch "
                         f"is one step of {per_rank} images")
     return TrainData(SeededSamples(train_set, seed), val_set, sampler, val_sampler, {},
-                     loader.batch_size, val_batch, workers, pin_memory, drop_last, math.ceil(batches / accum_steps),
-                     warnings=[w for w in warnings if w])
+                     loader.batch_size, val_batch, workers, pin_memory, drop_last,
+                     math.ceil(batches / accum_steps), warnings=[w for w in warnings if w])
 
 
 def build_model(spec: ModelSpec, num_classes: int, device: torch.device,

@@ -20,12 +20,7 @@ from ..data.folders import load_image_folder, resolve_split_dir
 from ..data.loaders import batches, make_loader
 from ..data.readers import open_mapped, open_source, open_stream, stream_loader
 from ..data.samplers import EpochSampler
-from ..data.transforms import (
-    Normalize,
-    check_data_config,
-    data_config_for,
-    eval_transform,
-)
+from ..data.transforms import Normalize, check_data_config, data_config_for, eval_transform
 from ..ema.devices import WeightSwapper
 from ..ema.model_ema import ModelEma
 from ..settings.data_specs import ImageSpec
