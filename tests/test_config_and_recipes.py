@@ -161,7 +161,7 @@ def test_the_timm_fixture_is_what_timms_parser_writes(tmp_path):
 
 
 @pytest.mark.parametrize("line,shown", [("aug_splits: 3", "aug_splits=3"),
-                                        ("dataset: torch/cifar10", "dataset='torch/cifar10'"),
+                                        ("jsd_loss: true", "jsd_loss=True"),
                                         ("log_wandb: true", "log_wandb=True"),
                                         ("naflex_loader: true", "naflex_loader=True"),
                                         ("kd_model_name: resnet50", "kd_model_name='resnet50'")])

@@ -72,6 +72,10 @@ SCHEMA: tuple[Key, ...] = (
     Key("rank_buffers", "distributed", "ematrain", "under torchrun only: every process's "
         "BatchNorm statistics of the model and of each shadow, by rank (they differ between "
         "reductions); a resumed process with the same process count takes its own back"),
+    Key("data_stream", "data_stream", "ematrain", "with a stream (--dataset wds/, hfids/) only: "
+        "where its training epoch stands (epoch, batches taken, each loader worker's position "
+        "in its raw stream, the processes and workers that read it): a mid-epoch resume goes "
+        "on from there"),
     Key("data_config", "data", "ematrain", "the evaluation transform (validate.py rebuilds it)"),
     Key("num_classes", "data", "ematrain", "classifier outputs"),
     Key("class_names", "data", "ematrain", "class folder names, in label order"),
@@ -148,7 +152,7 @@ def weights_file(record: dict, raw: dict, emas: list[dict], names: list[str],
 # ----------------------------------------------------------------------------- restoring
 # Parts a checkpoint may lack (timm's have no scheduler, keeper or summary; a run that turns on
 # float16 AMP has no scaler state yet): they start fresh.
-OPTIONAL_PARTS = frozenset({"scheduler", "amp_scaler", "keeper", "summary"})
+OPTIONAL_PARTS = frozenset({"scheduler", "amp_scaler", "keeper", "summary", "data_stream"})
 # Where each part's state is; the EMAs' is under each role's key (`ema_states`).
 _KEYS = {"model": "state_dict", "emas": "ema", "snapshots": "posthoc_ema"}
 

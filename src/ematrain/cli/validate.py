@@ -82,8 +82,8 @@ def _main(argv: list[str]) -> int:
 def _evaluate(s: ValidateSettings, info, device) -> int:
     if s.posthoc:
         return evaluate_posthoc(s, info, device)
-    split_dir, dataset = open_split(s)
     ckpt, weights = read_weights(s)
+    split_dir, dataset = open_split(s, s.num_classes or ckpt.get("num_classes"))
     check_classes(ckpt, dataset, split_dir)
     model, arch = build_model(s, ckpt, dataset, weights, device)
     name = weights.name if weights is not None else "pretrained"
@@ -112,7 +112,7 @@ def evaluate_posthoc(s, info, device) -> int:
     meta = series.meta
     run_dir = series.folder.parent if series.folder.name == snapshots.FOLDER else series.folder
     sweep.check_outputs_writable(run_dir)  # every rank: each stops at once, none waits for another
-    split_dir, dataset = open_split(s)
+    split_dir, dataset = open_split(s, s.num_classes or meta.get("num_classes"))
     check_classes(meta, dataset, split_dir)
     if info.is_primary:
         sweep.remove_stale_outputs(run_dir)

@@ -10,9 +10,7 @@ from ..util.errors import UserError
 
 # Each unsupported setting with the value that leaves it off.
 TIMM_SETTINGS_NOT_SUPPORTED = {
-    "dataset": "", "dataset_download": False, "dataset_trust_remote_code": False,
-    "class_map": "", "train_num_samples": None, "val_num_samples": None, "input_img_mode": None,
-    "input_key": None, "target_key": None, "epoch_repeats": 0.0, "start_epoch": None,
+    "start_epoch": None,
     "aug_splits": 0, "jsd_loss": False, "resplit": False, "split_bn": False, "drop_connect": None,
     "fuser": "", "fast_norm": False, "torchscript": False, "torchcompile_mode": None,
     "amp_impl": "native", "no_ddp_bb": False, "synchronize_step": False, "device_modules": None,
