@@ -17,7 +17,7 @@ $(VENV)/.torch-stamp: | $(VPY)
 	touch $@
 
 $(VENV)/.deps-stamp: pyproject.toml $(VENV)/.torch-stamp
-	$(VPIP) install $(PIP_FLAGS) -e '.[test,demo]'
+	$(VPIP) install $(PIP_FLAGS) -e '.[test,demo,log]'
 	touch $@
 
 test: venv

@@ -1,0 +1,63 @@
+"""Weights & Biases: one W&B run per training run, continued on resume.
+
+As timm's train.py: ``wandb.init(project=--wandb-project, name=<the run folder's name>,
+tags=--wandb-tags, config=<the settings>)``, and --wandb-resume-id continues that W&B run
+(``resume="must"``). A run resumed from its checkpoint continues the W&B run the checkpoint names
+(``resume="allow"``). W&B's files go to ``$WANDB_DIR`` when set, else to the run folder
+(``<run>/wandb``); ``WANDB_MODE=offline`` logs with no account and no network
+(``wandb sync <run>/wandb/offline-run-*`` uploads later).
+
+W&B keeps each step once: a resumed run does not log the steps the W&B run already holds (an
+online run knows them: `run.step`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Epoch-level keys are drawn against the epoch; the others against the step.
+EPOCH_KEYS = ("train_loss", "eval_*", "lr", "val/*", "epoch/*", "ema/*")
+
+
+class WandbWriter:
+    name = "W&B"
+
+    def __init__(self, project: str | None, tags: tuple[str, ...], run_name: str,
+                 run_dir: str | Path, resume_id: str = "", state: dict | None = None):
+        import wandb
+
+        state = state or {}
+        run_id = resume_id or state.get("run_id") or None
+        resume = None if run_id is None else ("must" if resume_id else "allow")
+        folder = os.environ.get("WANDB_DIR") or str(run_dir)
+        self.run = wandb.init(project=project, name=run_name, tags=list(tags) or None, id=run_id,
+                              resume=resume, dir=folder)
+        self.step: int | None = state.get("step")
+        self.run.define_metric("epoch")
+        for key in EPOCH_KEYS:
+            self.run.define_metric(key, step_metric="epoch")
+
+    def log(self, step: int, values: dict) -> None:
+        # W&B refuses steps below the ones it holds (with a warning each): those are the steps a
+        # killed process logged after its checkpoint, already in this W&B run.
+        if step < self.run.step:
+            return
+        self.run.log(dict(values), step=step)
+        self.step = step if self.step is None else max(self.step, step)
+
+    def log_hparams(self, settings: dict, metric_tags: list[str]) -> None:
+        self.run.config.update(dict(settings), allow_val_change=True)
+
+    def flush(self) -> None:
+        """W&B writes in a process of its own."""
+
+    def finish(self, values: dict) -> None:
+        for key, value in values.items():
+            self.run.summary[key] = value
+        self.close()
+
+    def close(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
+
+    def state_dict(self) -> dict:
+        return {"run_id": self.run.id, "project": self.run.project, "step": self.step}
