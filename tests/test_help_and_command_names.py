@@ -76,8 +76,10 @@ def test_python_dash_m_ematrain(tmp_path):
     assert r.stderr.strip() == "python -m ematrain train: error: unrecognized arguments: --bogus"
     r = run("validate", "--help")
     assert r.returncode == 0 and r.stdout.startswith("usage: python -m ematrain validate ")
+    r = run("export", "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m ematrain export ")
     r = run()
-    assert r.returncode == 2 and "expected train or validate" in r.stderr
+    assert r.returncode == 2 and "expected train, validate or export" in r.stderr
     assert run("--version").stdout.strip() == f"ematrain {__version__}"
 
 

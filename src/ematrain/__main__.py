@@ -1,7 +1,8 @@
-"""`python -m ematrain train ...` and `python -m ematrain validate ...`."""
+"""`python -m ematrain train ...`, `python -m ematrain validate ...` and
+`python -m ematrain export ...`."""
 import sys
 
-USAGE = "usage: python -m ematrain {train,validate} [ARGS ...]   (--version: the version)"
+USAGE = "usage: python -m ematrain {train,validate,export} [ARGS ...]   (--version: the version)"
 
 
 def main() -> None:
@@ -10,12 +11,16 @@ def main() -> None:
         from . import __version__
         print(f"ematrain {__version__}")
         return
-    if command not in ("train", "validate"):
-        print(f"{USAGE}\npython -m ematrain: error: expected train or validate, got "
+    if command not in ("train", "validate", "export"):
+        print(f"{USAGE}\npython -m ematrain: error: expected train, validate or export, got "
               f"{command or 'nothing'!r}", file=sys.stderr)
         raise SystemExit(2)
     # Usage lines, errors and the resume hint name the command as typed.
     sys.argv = [f"python -m ematrain {command}"] + sys.argv[2:]
+    if command == "export":
+        from .export import entry
+        entry()
+        return
     from .cli import train_command, validate_command
     if command == "train":
         train_command()
