@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import run_in_process, torch_threads
+from conftest import REPO_ROOT, run_in_process, torch_threads
 from safetensors.torch import load_file as load_safetensors
 
 from ematrain import checkpoint as ckpt_io
@@ -24,7 +24,7 @@ from ematrain.export import main as export_main
 
 TRAIN = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs",
          "0", "--lr", "0.05", "--epochs", "3", "--seed", "1", "--model-ema",
-         "--model-ema-decay", "0.9", "0.5", "--model-ema-posthoc", "0.05", "0.10",
+         "--model-ema-decay", "0.99", "0.5", "--model-ema-posthoc", "0.05", "0.10",
          "--model-ema-snapshot-every", "2it"]
 # Bare weights carry no settings: validate.py is given the model, the input size and training's
 # validation batch size (float32 sums differ in their last bits between batch sizes).
@@ -115,7 +115,7 @@ def test_the_config_says_which_weights_and_what_the_run_logged(env):
     row = next(r for r in rows if int(r["epoch"]) == meta["epoch"])
     assert meta["logged"]["top1"] == float(row["ema0.5_eval_top1"])
     first = config_of(env.exports["ema"][1])["ematrain"]
-    assert (first["weights"], first["decay"]) == ("ema 0.9", 0.9)
+    assert (first["weights"], first["decay"]) == ("ema 0.99", 0.99)
     assert Path(first["sources"][0]).name == "model_best.pth.tar"  # timm's file: the first EMA
     raw = config_of(env.exports["raw"][1])["ematrain"]
     assert Path(raw["sources"][0]).name == "model_best_raw.pth.tar"
@@ -205,7 +205,7 @@ def test_average_best_is_the_uniform_mean_of_the_k_best_history_checkpoints(env)
 
 
 @pytest.mark.parametrize("args, text", [
-    (["--weights", "ema0.7"], "has no EMA 0.7 (it has: 0.9, 0.5)"),
+    (["--weights", "ema0.7"], "has no EMA 0.7 (it has: 0.99, 0.5)"),
     (["--weights", "ema", "--average-best", "9"], "--average-best 9: "),
     (["--output", "{base}/x.bin"], "--output must end in .safetensors or .pth"),
     (["--output", "{base}/out/ema.safetensors"], "exists; remove it, choose another --output"),
@@ -226,3 +226,33 @@ def test_posthoc_best_needs_the_sweep_first(env, tmp_path):
     (tmp_path / "last.pth.tar").write_bytes((env.run / "last.pth.tar").read_bytes())
     r = export(tmp_path, "--weights", "posthoc-best", "--output", tmp_path / "p.safetensors")
     assert r.returncode == 2 and "run validate.py DATA --posthoc" in r.stderr
+
+
+def readme_export_commands() -> list[str]:
+    section = (REPO_ROOT / "README.md").read_text().split("## Sharing weights: export", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_the_readme_export_commands_run_and_validate_gives_the_logged_top1(env):
+    """The README's commands, on this module's run: its folder for output/train/<run>, its data
+    for DATA, its model and input size for resnet34 at 224 px."""
+    folder = env.base / "readme"
+    folder.mkdir()
+    commands = readme_export_commands()
+    assert len(commands) == 6
+    for command in commands:
+        words = (command.replace("output/train/<run>", str(env.run)).replace("DATA", str(env.data))
+                 .replace("--model resnet34 --img-size 224", "--model test_resnet --img-size 32")
+                 .split())
+        words = [f"{folder}/{w}" if w.startswith("resnet34-") else w for w in words]
+        if words[:4] == [".venv/bin/python", "-m", "ematrain", "export"]:
+            r = export(*words[4:])
+        else:
+            assert words[:2] == [".venv/bin/python", "validate.py"], command
+            r = run_in_process(validate.main, "validate.py", *words[2:], "-j", "0")
+        assert r.returncode == 0, (command, r.stderr[-2000:])
+    logged = config_of(folder / "resnet34-ema.safetensors")["ematrain"]["logged"]
+    assert f"top1 {logged['top1']:.4f} " in r.stdout
+    assert (folder / "resnet34-hub" / "config.json").is_file()
+    assert config_of(folder / "resnet34-ema0.99.pth")["ematrain"]["weights"] == "ema 0.99"
