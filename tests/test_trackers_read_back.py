@@ -3,6 +3,7 @@ the records W&B writes offline. What is logged is there at its step, a resumed r
 same tracker run with each step once, and a tracker that fails never raises into training."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -240,3 +241,36 @@ def test_a_missing_package_is_one_line_naming_the_install(monkeypatch):
         check_installed(TrackerSpec(wandb=True, tensorboard=""))
     assert str(err.value) == "--log-wandb needs the wandb package: pip install 'ematrain[log]'"
     check_installed(TrackerSpec(tensorboard=""))
+
+
+def test_a_table_after_training_reads_back_in_both(tmp_path, offline_wandb):
+    """validate.py --posthoc's table: TensorBoard's Text view and a W&B Table, after the run's
+    last step, with its headline numbers."""
+    spec = TrackerSpec(tensorboard="", wandb=True, wandb_project="p")
+    run = Trackers(spec)
+    run.start(tmp_path / "run", "run")
+    run.log_interval(6, {"train/loss": 1.0})
+    state = run.state_dict()
+    run.finish({})
+    later = Trackers(spec)  # validate.py, after training: the run's trackers again
+    later.load_state_dict(state)
+    later.start(tmp_path / "run", "run", resume_at=6)
+    columns, rows = ["weights", "sigma_rel", "top1"], [["raw", None, 90.0], ["power", 0.05, 95.5]]
+    later.log_table("posthoc/table", columns, rows, {"posthoc/best_top1": 95.5})
+    later.close()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    [text] = acc.Tensors("posthoc/table/text_summary")
+    assert text.step == 7
+    assert text.tensor_proto.string_val[0].decode() == (
+        "| weights | sigma_rel | top1 |\n|---|---|---|\n| raw | - | 90 |\n| power | 0.05 | 95.5 |")
+    assert scalars(tmp_path / "run" / "tensorboard")["posthoc/best_top1"] == [(7, 95.5)]
+    files = wandb_records.offline_files(offline_wandb, state["wandb"]["run_id"])
+    assert len(files) == 2
+    [row] = wandb_records.history(files[1])
+    assert row["_step"] == 7 and row["posthoc/table/_type"] == "table-file"
+    table = json.loads((files[1].parent / "files" / row["posthoc/table/path"]).read_text())
+    assert table["columns"] == columns and table["data"] == rows
+    assert wandb_records.summary(files[1])["posthoc/best_top1"] == 95.5

@@ -108,6 +108,11 @@ class Trackers:
         """The run's settings; `metric_tags` are the metrics shown beside them."""
         self._each("log_hparams", dict(settings), list(metric_tags))
 
+    def log_table(self, name: str, columns: list[str], rows: list[list], values: dict) -> None:
+        """A table of results after training (validate.py --posthoc's sweep) and its headline
+        `values`, after the run's last step."""
+        self._each("log_table", name, list(columns), [list(r) for r in rows], dict(values))
+
     def flush(self) -> None:
         self._each("flush")
 

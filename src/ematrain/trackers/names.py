@@ -92,3 +92,15 @@ def flat_hparams(settings: dict) -> dict:
         else:
             out[key] = json.dumps(value, sort_keys=True, default=str)
     return out
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    """A table as markdown text (TensorBoard renders it): numbers with 6 significant digits,
+    None as -."""
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.6g}" if isinstance(value, float) else str(value)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

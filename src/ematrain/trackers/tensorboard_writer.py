@@ -59,6 +59,13 @@ class TensorBoardWriter:
         for summary in hparams(names.flat_hparams(settings), {t: 0.0 for t in metric_tags}):
             writer.add_summary(summary)
 
+    def log_table(self, name: str, columns: list[str], rows: list[list], values: dict) -> None:
+        """A table (as markdown text, TensorBoard's Text view) and its headline `values`, after
+        the last step."""
+        step = (self.step or 0) + 1
+        self.writer.add_text(name, names.markdown_table(columns, rows), global_step=step)
+        self.log(step, values)
+
     def flush(self) -> None:
         self.writer.flush()
 

@@ -48,6 +48,17 @@ class WandbWriter:
     def log_hparams(self, settings: dict, metric_tags: list[str]) -> None:
         self.run.config.update(dict(settings), allow_val_change=True)
 
+    def log_table(self, name: str, columns: list[str], rows: list[list], values: dict) -> None:
+        """A W&B Table, after the last step, and its headline `values` in the run's summary."""
+        import wandb
+
+        step = max(self.run.step, (self.step or 0) + 1)
+        self.run.log({name: wandb.Table(columns=list(columns), data=[list(r) for r in rows])},
+                     step=step)
+        self.step = step
+        for key, value in values.items():
+            self.run.summary[key] = value
+
     def flush(self) -> None:
         """W&B writes in a process of its own."""
 
@@ -57,7 +68,12 @@ class WandbWriter:
         self.close()
 
     def close(self, exit_code: int = 0) -> None:
+        """Finish the W&B run, then end W&B's service process: only then are its files whole
+        (the commands end without Python's exit handlers, which would do it)."""
+        import wandb
+
         self.run.finish(exit_code=exit_code)
+        wandb.teardown()
 
     def state_dict(self) -> dict:
         return {"run_id": self.run.id, "project": self.run.project, "step": self.step}
