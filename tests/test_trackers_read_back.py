@@ -163,9 +163,34 @@ def test_wandb_resume_continues_the_same_run_with_each_step_once(tmp_path, offli
     assert resumed.state["wandb"]["run_id"] == run_id
     files = wandb_records.offline_files(offline_wandb, run_id)
     assert len(files) == 2  # the killed segment and the resumed one, one W&B run
-    assert [r["_step"] for r in wandb_records.history(files[1])] == list(range(6, 13))
+    # The resumed segment first logs again the checkpoint's last rows (a killed W&B service may
+    # not have written them), then goes on.
+    assert [r["_step"] for r in wandb_records.history(files[1])] == list(range(1, 13))
     rows = wandb_records.synced_history(files)
     assert [(r["_step"], r["train/loss"]) for r in rows] == [(s, float(s)) for s in range(1, 13)]
+
+
+def test_wandb_steps_a_killed_service_lost_are_logged_again(tmp_path, offline_wandb):
+    """The killed process's W&B service wrote nothing of the steps after 2 (as when killed
+    within W&B's 15 s between writes): the resumed run still has every step once."""
+    spec = TrackerSpec(wandb=True, wandb_project="ematrain-tests")
+    killed = Trackers(spec)
+    killed.start(tmp_path / "run", "run")
+    for step in range(1, 3):
+        killed.log_interval(step, {"train/loss": float(step)})
+    killed.close(1)
+    state = killed.state_dict()
+    state["wandb"]["step"] = 6  # steps 3-6 were logged, checkpointed, and lost by W&B
+    state["wandb"]["recent"] += [[s, {"train/loss": float(s)}] for s in range(3, 7)]
+    resumed = Trackers(spec)
+    resumed.load_state_dict(state)
+    resumed.start(tmp_path / "run", "run", resume_at=6)
+    for step in range(7, 9):
+        resumed.log_interval(step, {"train/loss": float(step)})
+    resumed.close()
+    files = wandb_records.offline_files(offline_wandb, state["wandb"]["run_id"])
+    rows = wandb_records.synced_history(files)
+    assert [(r["_step"], r["train/loss"]) for r in rows] == [(s, float(s)) for s in range(1, 9)]
 
 
 def test_wandb_resume_id_names_the_run_to_continue(tmp_path, offline_wandb):
@@ -269,7 +294,7 @@ def test_a_table_after_training_reads_back_in_both(tmp_path, offline_wandb):
     assert scalars(tmp_path / "run" / "tensorboard")["posthoc/best_top1"] == [(7, 95.5)]
     files = wandb_records.offline_files(offline_wandb, state["wandb"]["run_id"])
     assert len(files) == 2
-    [row] = wandb_records.history(files[1])
+    row = wandb_records.history(files[1])[-1]  # after the carried rows (see wandb_writer)
     assert row["_step"] == 7 and row["posthoc/table/_type"] == "table-file"
     table = json.loads((files[1].parent / "files" / row["posthoc/table/path"]).read_text())
     assert table["columns"] == columns and table["data"] == rows

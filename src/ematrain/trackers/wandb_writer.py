@@ -7,16 +7,24 @@ tags=--wandb-tags, config=<the settings>)``, and --wandb-resume-id continues tha
 (``<run>/wandb``); ``WANDB_MODE=offline`` logs with no account and no network
 (``wandb sync <run>/wandb/offline-run-*`` uploads later).
 
-W&B keeps each step once: a resumed run does not log the steps the W&B run already holds (an
-online run knows them: `run.step`).
+Each step once, after a kill too. W&B keeps a run's steps increasing: a step lower than the
+ones it holds is dropped (an online run knows them, `run.step`, and this writer does not send
+them). W&B's service writes its records in batches (its file every 15 s), so a process killed
+at once can lose the last seconds it logged, checkpointed ones among them: the checkpoint
+therefore carries the rows of its last minute (`CARRY_S`), and the resumed run logs them again
+first. W&B keeps whichever copy of a step it got first, and no step is missing.
 """
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 # Epoch-level keys are drawn against the epoch; the others against the step.
 EPOCH_KEYS = ("train_loss", "eval_*", "lr", "val/*", "epoch/*", "ema/*")
+# Rows logged this long before a checkpoint travel in it: four times W&B's longest wait
+# between two writes of its file (x_transaction_log_flush_interval, 15 s).
+CARRY_S = 60.0
 
 
 class WandbWriter:
@@ -33,17 +41,22 @@ class WandbWriter:
         self.run = wandb.init(project=project, name=run_name, tags=list(tags) or None, id=run_id,
                               resume=resume, dir=folder)
         self.step: int | None = state.get("step")
+        self.recent: list[tuple[float, int, dict]] = []  # (when, step, values) of the last rows
         self.run.define_metric("epoch")
         for key in EPOCH_KEYS:
             self.run.define_metric(key, step_metric="epoch")
+        for step, values in state.get("recent") or []:  # what the killed process may have lost
+            self.log(int(step), dict(values))
 
     def log(self, step: int, values: dict) -> None:
-        # W&B refuses steps below the ones it holds (with a warning each): those are the steps a
-        # killed process logged after its checkpoint, already in this W&B run.
-        if step < self.run.step:
+        if step < self.run.step:  # W&B holds this step already
             return
         self.run.log(dict(values), step=step)
         self.step = step if self.step is None else max(self.step, step)
+        now = time.monotonic()
+        self.recent.append((now, step, dict(values)))
+        while self.recent and self.recent[0][0] < now - CARRY_S:
+            self.recent.pop(0)
 
     def log_hparams(self, settings: dict, metric_tags: list[str]) -> None:
         self.run.config.update(dict(settings), allow_val_change=True)
@@ -60,7 +73,7 @@ class WandbWriter:
             self.run.summary[key] = value
 
     def flush(self) -> None:
-        """W&B writes in a process of its own."""
+        """W&B writes in a process of its own (see the module's docstring)."""
 
     def finish(self, values: dict) -> None:
         for key, value in values.items():
@@ -76,4 +89,9 @@ class WandbWriter:
         wandb.teardown()
 
     def state_dict(self) -> dict:
-        return {"run_id": self.run.id, "project": self.run.project, "step": self.step}
+        """The W&B run's id and project, the last step logged, and the rows of the last
+        `CARRY_S` seconds (steps and values)."""
+        cutoff = time.monotonic() - CARRY_S
+        recent = [[step, dict(values)] for when, step, values in self.recent if when >= cutoff]
+        return {"run_id": self.run.id, "project": self.run.project, "step": self.step,
+                "recent": recent}
