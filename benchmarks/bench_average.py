@@ -43,15 +43,15 @@ def quietly(main, argv: list[str]) -> None:
 
 def scored(data: Path, weights: Path, out: Path) -> float:
     """validate.py's top-1 of an exported weights file."""
-    from ematrain import validate
+    from ematrain.cli import validate
     results = out / f"{weights.stem}.json"
     quietly(validate.main, [data, "--checkpoint", weights, *BARE, "--results-file", results])
     return json.loads(results.read_text())["top1"]
 
 
 def one_seed(data: Path, out: Path, seed: int, epochs: int, ks: list[int]) -> dict[str, float]:
-    from ematrain import train, validate
-    from ematrain.export import main as export
+    from ematrain.cli import train, validate
+    from ematrain.cli.export import main as export
     run = out / f"seed{seed}"
     quietly(train.main, [data, *COMMON, "--epochs", epochs, "--seed", seed, "--output", out,
                          "--experiment", run.name])
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
-    from ematrain.demo_data import write_digits_imagefolder
+    from ematrain.data.digits import write_digits_imagefolder
     torch.set_num_threads(args.threads)
     data = Path(args.data or REPO / "data" / f"digits-noisy{round(100 * args.label_noise)}")
     write_digits_imagefolder(data, seed=0, label_noise=args.label_noise)

@@ -15,20 +15,20 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import REPO_ROOT, run_in_process, torch_threads
+from conftest import REPO_ROOT, run_in_process, tiny_args, torch_threads
 from safetensors.torch import load_file as load_safetensors
 
 from ematrain import checkpoint as ckpt_io
-from ematrain import outputs, train, validate
-from ematrain.export import main as export_main
+from ematrain.cli import train, validate
+from ematrain.cli.export import main as export_main
+from ematrain.run import curves, summary
 
-TRAIN = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs",
-         "0", "--lr", "0.05", "--epochs", "3", "--seed", "1", "--model-ema",
-         "--model-ema-decay", "0.99", "0.5", "--model-ema-posthoc", "0.05", "0.10",
-         "--model-ema-snapshot-every", "2it"]
+TRAIN = tiny_args("--seed", "1", "--model-ema", "--model-ema-decay", "0.99", "0.5",
+                  "--model-ema-posthoc", "0.05", "0.10", "--model-ema-snapshot-every", "2it",
+                  epochs=3)
 # Bare weights carry no settings: validate.py is given the model, the input size and training's
 # validation batch size (float32 sums differ in their last bits between batch sizes).
-BARE = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0"]
+BARE = tiny_args(epochs=None, lr=None, warmup=None)
 CHOICES = {"raw": "raw", "ema": "ema", "ema0.5": "ema0.5", "posthoc": "posthoc-best"}
 
 
@@ -36,7 +36,7 @@ class Env:
     pass
 
 
-def export(*args) -> "subprocess.CompletedProcess":
+def export(*args):
     return run_in_process(export_main, "export", *args)
 
 
@@ -45,7 +45,7 @@ def env(small_data, tmp_path_factory) -> Env:
     e = Env()
     e.data, e.base = small_data, tmp_path_factory.mktemp("export")
     with torch_threads(1), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(outputs.CurveRenderer, "submit", lambda *a, **k: None)
+        mp.setattr(curves.CurveRenderer, "submit", lambda *a, **k: None)
         r = run_in_process(train.main, "train.py", small_data, *TRAIN, "--output", e.base,
                            "--experiment", "run")
         assert r.returncode == 0, r.stderr[-3000:]
@@ -106,7 +106,7 @@ def test_each_choice_is_written_alone_and_loads_in_timm_with_no_missing_key(env,
 
 
 def test_the_config_says_which_weights_and_what_the_run_logged(env):
-    rows = outputs.read_summary(env.run)
+    rows = summary.read_summary(env.run)
     ema = config_of(env.exports["ema0.5"][1])
     meta = ema["ematrain"]
     assert (meta["weights"], meta["kind"], meta["decay"], meta["sigma_rel"]) == \
@@ -184,7 +184,7 @@ def test_average_best_is_the_uniform_mean_of_the_k_best_history_checkpoints(env)
     r = export(env.run, "--weights", "ema0.5", "--average-best", "2", "--output", out)
     assert r.returncode == 0, r.stderr[-2000:]
     # The history checkpoints ranked by the exported set's top-1 (ties in the keeper's order).
-    top1 = {int(row["epoch"]): float(row["ema0.5_eval_top1"]) for row in outputs.read_summary(env.run)}
+    top1 = {int(row["epoch"]): float(row["ema0.5_eval_top1"]) for row in summary.read_summary(env.run)}
     kept = [e for _, e in ckpt_io.load_file(env.run / "last.pth.tar")["keeper"]["history"]]
     order = sorted(kept, key=lambda e: -top1[e])[:2]
     states = [ckpt_io.select_weights(ckpt_io.load_file(env.run / f"checkpoint-{e}.pth.tar"),

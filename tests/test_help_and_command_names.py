@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT, run_cli
+
 from ematrain import __version__
 from ematrain.cli import launcher
-from ematrain.flags import train_parser, validate_parser
+from ematrain.settings.flags import train_parser, validate_parser
 
 
 def _value_options(parser: argparse.ArgumentParser):
@@ -114,7 +114,7 @@ def test_commands_run_with_the_collector_on(monkeypatch, name):
 
     from ematrain import cli
 
-    module = importlib.import_module(f"ematrain.{name}")
+    module = importlib.import_module(f"ematrain.cli.{name}")
     seen = []
     monkeypatch.setattr(module, "entry", lambda: seen.append(gc.isenabled()))
     was = gc.isenabled()
@@ -133,3 +133,19 @@ def test_a_script_whose_path_holds_a_space_names_itself_by_its_file_name(tmp_pat
     assert command_name("train.py") == "train.py"
     monkeypatch.setattr(sys, "argv", ["python -m ematrain validate"])
     assert command_name("validate.py") == "python -m ematrain validate"
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_python_dash_m_ematrain_help_names_the_commands(tmp_path, flag):
+    """`python -m ematrain --help` prints the usage and the commands, exit code 0; `python -m
+    ematrain train --help` is train.py's help."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "src"))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ematrain", *a], capture_output=True,
+                                    text=True, env=env, cwd=tmp_path)
+    r = run(flag)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith("usage: python -m ematrain {train,validate,export} [ARGS ...]\n")
+    assert all(f"  {c}  " in r.stdout for c in ("train", "validate", "export"))
+    r = run("train", flag)
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m ematrain train ")
+    assert "--model-ema-decay DECAY" in r.stdout and "Model exponential moving average" in r.stdout

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import wandb_records
 
-from ematrain.errors import UserError
-from ematrain.trackers import TrackerSpec, Trackers, check_installed, names
-from ematrain.weightsets import weight_sets
+from ematrain.run.weight_sets import weight_sets
+from ematrain.trackers import Trackers, TrackerSpec, check_installed, names
+from ematrain.util.errors import UserError
 
 
 @pytest.fixture

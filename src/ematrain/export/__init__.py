@@ -1,9 +1,11 @@
-"""``python -m ematrain export``: one set of a run's weights, as timm publishes weights.
+"""One set of a run's weights, as timm publishes weights (``python -m ematrain export``).
 
 `choose` finds the weights (raw, an EMA, the post-hoc best) in a checkpoint or a run folder,
 `average` makes timm's avg_checkpoints.py average of the run's best checkpoints, `publish`
-writes the weights alone with timm's model config beside them, `command` is the CLI.
+writes the weights alone with timm's model config beside them; the command is `cli.export`.
 """
-from .command import entry, main
+from .average import average_best
+from .choose import Chosen, choose
+from .publish import HUB_CONFIG, publish
 
-__all__ = ["entry", "main"]
+__all__ = ["HUB_CONFIG", "Chosen", "average_best", "choose", "publish"]

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt_io
-from ..errors import UserError
-from ..keeper import LAST, history_name
-from ..logs import log
+from ..run.keeper import LAST, history_name
+from ..util.errors import UserError
+from ..util.logs import log
 from .choose import Chosen, from_checkpoint, shadow_index, weight_set
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import checkpoint as ckpt_io
-from ..errors import UserError
-from ..keeper import LAST
-from ..weightsets import WeightSet, regular_emas, weight_sets
+from ..run.keeper import LAST
+from ..run.weight_sets import WeightSet, regular_emas, weight_sets
+from ..util.errors import UserError
 
 POSTHOC_BEST = "model_posthoc_best.pth.tar"
 METRICS = ("top1", "top5", "loss")

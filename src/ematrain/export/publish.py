@@ -20,9 +20,9 @@ import torch
 
 from .. import __version__
 from .. import checkpoint as ckpt_io
-from ..atomic import atomic_write, atomic_write_text
-from ..errors import UserError
-from ..models import architecture_kwargs, check_model_name
+from ..run.model import architecture_kwargs, check_model_name
+from ..util.atomic import atomic_write, atomic_write_text
+from ..util.errors import UserError
 from .choose import Chosen
 
 SUFFIXES = (".safetensors", ".pth")

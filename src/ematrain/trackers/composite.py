@@ -14,8 +14,8 @@ import contextlib
 from pathlib import Path
 from typing import Callable
 
-from ..errors import one_line
-from ..logs import log
+from ..util.errors import one_line
+from ..util.logs import log
 from .spec import TrackerSpec
 
 TENSORBOARD, WANDB = "tensorboard", "wandb"

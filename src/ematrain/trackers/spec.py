@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from ..errors import UserError
+from ..util.errors import UserError
 
 INSTALL = "pip install 'ematrain[log]'"
 
