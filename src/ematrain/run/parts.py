@@ -24,6 +24,7 @@ from ..posthoc.schedule import SnapshotSchedule
 from ..posthoc.snapshots import snapshot_record
 from ..settings.model_specs import Precision
 from ..settings.train_specs import TrainSettings
+from ..trackers import Trackers
 from ..util.distributed import DistInfo
 from ..util.modules import unwrap_model
 from .keeper import CheckpointKeeper
@@ -102,6 +103,7 @@ class Run:
     shadow_policy: ShadowPolicy = field(default_factory=ShadowPolicy)
     counters: Counters = field(default_factory=Counters)
     summary: Summary = None
+    trackers: Trackers = field(default_factory=Trackers)  # W&B, TensorBoard (`tracking`)
     # Who the run is: drawn at a fresh start, kept by every resume, in every checkpoint and
     # post-hoc snapshot (None: resumed from a checkpoint written before run ids).
     run_id: str | None = field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -126,7 +128,8 @@ class Run:
         parts = {"model": self.module, "optimizer": self.optimizer, "scheduler": self.scheduler,
                  "amp_scaler": self.scaler, "emas": self.emas if self.emas else None,
                  "snapshots": self.snapshots, "counters": self.counters,
-                 "keeper": self.keeper, "summary": self.summary}
+                 "keeper": self.keeper, "summary": self.summary,
+                 "trackers": self.trackers if self.trackers.spec.any else None}
         return {name: part for name, part in parts.items() if part is not None}
 
     def replica_modules(self) -> list[nn.Module]:
@@ -138,7 +141,7 @@ class Run:
         """The run's settings as a plain dict (args.yaml, a checkpoint's `args`)."""
         record = dict(vars(self.settings.args))
         # Absolute, so `-c args.yaml` and `--resume PATH` work from any directory.
-        for key in ("data_dir", "initial_checkpoint", "pretrained_path"):
+        for key in ("data_dir", "initial_checkpoint", "pretrained_path", "log_tensorboard"):
             if record.get(key):
                 record[key] = str(Path(record[key]).resolve())
         return record

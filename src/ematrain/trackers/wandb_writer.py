@@ -37,6 +37,8 @@ class WandbWriter:
         state = state or {}
         run_id = resume_id or state.get("run_id") or None
         resume = None if run_id is None else ("must" if resume_id else "allow")
+        if run_id is not None and not resume_id:  # the checkpoint's run, in its own project
+            project = state.get("project") or project
         folder = os.environ.get("WANDB_DIR") or str(run_dir)
         self.run = wandb.init(project=project, name=run_name, tags=list(tags) or None, id=run_id,
                               resume=resume, dir=folder)
