@@ -14,6 +14,7 @@ from ..checkpoint.files import load_file, write_file
 from ..checkpoint.weights import Weights, select_weights
 from ..posthoc import series as snapshot_series
 from ..posthoc import snapshots, sweep
+from ..run import tracking
 from ..run.evaluation import (
     WeightBank,
     build_model,
@@ -24,7 +25,6 @@ from ..run.evaluation import (
     split_loader,
     validate,
 )
-from ..run import tracking
 from ..run.start_weights import read
 from ..settings.validate_specs import ValidateSettings, validate_settings
 from ..util import distributed

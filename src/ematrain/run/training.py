@@ -30,6 +30,7 @@ from ..util.invocation import command_name, launcher
 from ..util.logs import log
 from ..util.seeding import seed_everything
 from ..util.signals import StopRequest
+from . import tracking
 from .curves import CurveRenderer
 from .evaluation import validate
 from .folder import RunFolder, open_run_folder, write_args
@@ -37,7 +38,6 @@ from .keeper import LAST
 from .loop import EpochLoop, LoopConfig, NonFinite, NonFiniteShadows, current_lr
 from .parts import Run
 from .report import epoch_line, log_end, log_start
-from . import tracking
 from .restore import adopt_folder, restore
 from .step import Batches, Recipe
 from .weight_sets import primary_set
