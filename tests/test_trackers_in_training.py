@@ -19,13 +19,12 @@ import wandb_records
 from conftest import REPO_ROOT, run_in_process, tiny_args
 
 from ematrain.cli import train, validate
+from ematrain.run.weight_sets import weight_sets
 from ematrain.trackers import spec as tracker_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
 
 EMAS = ("--model-ema", "--model-ema-decay", "0.9", "0.5")
-# Each weight set's tracker name and summary.csv column prefix (ema 0.9 is the primary set).
-SETS = {"raw": "raw_", "ema_0.9": "", "ema_0.5": "ema0.5_"}
 STEPS_PER_EPOCH = 6  # small_data: 24 images, batch 4
 
 
@@ -49,12 +48,20 @@ def summary_rows(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def weight_set_columns(run_dir: Path) -> dict[str, str]:
+    """Each weight set's tracker name and summary.csv column prefix, from the run's record."""
+    ckpt = torch.load(run_dir / "last.pth.tar", weights_only=True)
+    names = ckpt["ema"]["names"] if "ema" in ckpt else []
+    sets = weight_sets([0.0] * len(names), names=names)
+    return {s.name.replace(" ", "_"): s.column_prefix for s in sets}
+
+
 def expected_epochs(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """What each tracker tag must hold, from summary.csv: each weight set's loss, top-1 and
     top-5 at the step its epoch ended, and timm's own keys."""
     rows = summary_rows(run_dir)
     out = {}
-    for tag, prefix in SETS.items():
+    for tag, prefix in weight_set_columns(run_dir).items():
         for m in ("loss", "top1", "top5"):
             out[f"val/{m}/{tag}"] = [((int(r["epoch"]) + 1) * STEPS_PER_EPOCH,
                                       float(r[f"{prefix}eval_{m}"])) for r in rows]
@@ -135,7 +142,7 @@ def log_interval(self, step, values):
     real(self, step, values)
     if step == 10 and not os.environ.get("RESUMED"):  # two steps after the recovery save at 8
         while not recovery_at(os.path.join(os.environ["RUN_DIR"], "recovery.pth.tar"), 8):
-            pass
+            time.sleep(0.01)  # polling the file's state, without taking the writer's core
         self.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 composite.Trackers.log_interval = log_interval
@@ -144,10 +151,10 @@ composite.Trackers.log_interval = log_interval
 
 def train_hooked(data, out: Path, resumed: bool) -> subprocess.CompletedProcess:
     script = out / "hooked.py"
-    script.write_text("import os, signal, sys\n"
+    script.write_text("import os, signal, sys, time\n"
                       f"sys.path.insert(0, {str(REPO_ROOT / 'src')!r})\n" + KILL_HOOK +
                       "from ematrain.cli import train\nsys.exit(train.main())\n")
-    argv = [data, *tiny_args(*EMAS, epochs=3), "--log-interval", "1", "--recovery-interval", "4",
+    argv = [data, *tiny_args(*EMAS, epochs=2), "--log-interval", "1", "--recovery-interval", "4",
             "--log-tensorboard", "--log-wandb", "--output", out, "--experiment", "run",
             "--resume", "auto"]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true",
@@ -159,7 +166,7 @@ def train_hooked(data, out: Path, resumed: bool) -> subprocess.CompletedProcess:
 
 def test_a_run_killed_and_resumed_has_each_step_once_in_both_trackers(small_data, tmp_path):
     """SIGKILL at step 10, two steps after the recovery checkpoint (step 8); the same command
-    resumes from it: TensorBoard purges 9-10 and W&B keeps one copy of each, so each of the 18
+    resumes from it: TensorBoard purges 9-10 and W&B keeps one copy of each, so each of the 12
     steps appears once, and every epoch equals summary.csv."""
     killed = train_hooked(small_data, tmp_path, resumed=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -169,14 +176,14 @@ def test_a_run_killed_and_resumed_has_each_step_once_in_both_trackers(small_data
     assert [s for s, _ in scalars(run_dir / "tensorboard")["train/loss"]] == list(range(1, 11))
     again = train_hooked(small_data, tmp_path, resumed=True)
     assert again.returncode == 0, again.stderr[-3000:]
-    got = assert_tensorboard_matches_summary(run_dir, epochs=3)
-    assert [s for s, _ in got["train/loss"]] == list(range(1, 19))
+    got = assert_tensorboard_matches_summary(run_dir, epochs=2)
+    assert [s for s, _ in got["train/loss"]] == list(range(1, 13))
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
     ckpt = torch.load(run_dir / "last.pth.tar", weights_only=True)
     files = wandb_records.offline_files(run_dir, ckpt["trackers"]["wandb"]["run_id"])
     assert len(files) == 2  # one W&B run: the killed segment and the resumed one
     rows = wandb_records.synced_history(files)
-    assert [r["_step"] for r in rows] == list(range(1, 19))
+    assert [r["_step"] for r in rows] == list(range(1, 13))
     assert_wandb_matches_summary(rows, run_dir)
 
 
@@ -221,3 +228,45 @@ def test_wandb_resume_id_needs_resume_as_in_timm(small_data, tmp_path):
                        "--wandb-resume-id", "abc", "--output", tmp_path)
     assert r.returncode == 2
     assert "--wandb-resume-id continues a W&B run: give it with --resume" in r.stderr
+
+
+def readme_commands() -> list[str]:
+    section = (REPO_ROOT / "README.md").read_text().split("## Watching a run", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_the_readme_commands_train_resume_and_sweep_into_the_same_tracker_runs(small_data,
+                                                                               tmp_path,
+                                                                               monkeypatch):
+    """The README's commands on the tiny data (test_resnet for resnet34, 1 + 1 epochs for
+    10 + 2): one W&B run and one TensorBoard folder hold both trainings and the sweep."""
+    commands = readme_commands()
+    assert len(commands) == 5 and commands[-1].startswith(".venv/bin/tensorboard --logdir")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    tiny = " ".join(tiny_args(epochs=None))
+    for command in commands[:-1]:
+        if command.startswith("export "):
+            key, value = command.removeprefix("export ").split("=")
+            monkeypatch.setenv(key, value)
+            continue
+        words = (command.replace("DATA", str(small_data)).replace("--model resnet34", tiny)
+                 .replace("output/train/", f"{tmp_path}/").replace("--epochs 10", "--epochs 1")
+                 .replace("--epochs 12", "--epochs 2").split())
+        script, args = words[1], words[2:]
+        if "--experiment" in args:
+            args += ["--output", str(tmp_path)]
+        main = {"train.py": train.main, "validate.py": validate.main}[script]
+        r = run_in_process(main, script, *args, *(["-j", "0"] if script == "validate.py" else []))
+        assert r.returncode == 0, (command, r.stderr[-3000:])
+    run_dir = tmp_path / "watched"
+    got = assert_tensorboard_matches_summary(run_dir, epochs=2)
+    assert [s for s, _ in got["posthoc/best_top1"]] == [13]
+    run_id = torch.load(run_dir / "last.pth.tar", weights_only=True)["trackers"]["wandb"]["run_id"]
+    files = wandb_records.offline_files(run_dir)
+    assert len(files) == 3 and all(f.name == f"run-{run_id}.wandb" for f in files)
+    assert wandb_records.run_info(files[0])["tags"] == ["demo"]
+    rows = wandb_records.synced_history(files)
+    assert_wandb_matches_summary(rows, run_dir)
+    assert [r["_step"] for r in rows] == [6, 12, 13]  # --log-interval 50: each epoch's end
