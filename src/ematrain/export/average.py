@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ckpt_io
-from ..run.keeper import LAST, history_name
+from ..run.checkpoint_files import LAST, history_name
 from ..util.errors import UserError
 from ..util.logs import log
 from .choose import Chosen, from_checkpoint, shadow_index, weight_set

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import checkpoint as ckpt_io
-from ..run.keeper import LAST
+from ..run.checkpoint_files import LAST
 from ..run.weight_sets import WeightSet, regular_emas, weight_sets
 from ..util.errors import UserError
 
