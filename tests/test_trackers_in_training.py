@@ -269,3 +269,13 @@ def test_the_readme_commands_train_resume_and_sweep_into_the_same_tracker_runs(s
     rows = wandb_records.synced_history(files)
     assert_wandb_matches_summary(rows, run_dir)
     assert [r["_step"] for r in rows] == [6, 12, 13]  # --log-interval 50: each epoch's end
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_tracker_folder(small_data,
+                                                                               tmp_path):
+    """As with its other files: nothing can resume it, so its TensorBoard folder goes too."""
+    r = run_in_process(train.main, "train.py", small_data, *tiny_args(lr="1e30"),
+                       "--log-interval", "1", "--log-tensorboard", "--output", tmp_path,
+                       "--experiment", "run")
+    assert r.returncode == 1 and "non-finite loss at epoch 0" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
