@@ -4,7 +4,7 @@ VPY := $(VENV)/bin/python
 VPIP := $(VENV)/bin/pip
 PIP_FLAGS := --disable-pip-version-check -q
 
-.PHONY: venv test demo bench bench-train bench-schedules bench-average gpu-check clean
+.PHONY: venv test demo bench bench-train bench-schedules bench-average bench-trackers gpu-check clean
 
 venv: $(VENV)/.deps-stamp
 
@@ -36,6 +36,10 @@ bench-schedules: venv
 # export --average-best K against post-hoc EMA and the run's EMA on noisy digits (~30 min on 2 cores).
 bench-average: venv
 	$(VPY) benchmarks/bench_average.py
+
+# What --log-tensorboard and --log-wandb (offline) cost a small run (~1.5 min on 2 cores).
+bench-trackers: venv
+	$(VPY) benchmarks/bench_trackers.py
 
 # Whole runs against timm's train.py (TIMM_TRAIN: its path; it is not in timm's pip package).
 bench-train: venv
