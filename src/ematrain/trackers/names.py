@@ -1,8 +1,9 @@
 """What the trackers show, under which names: the same values to TensorBoard and W&B.
 
-Every value is logged at a *step*, the number of batches the run has trained (optimizer updates
-times --grad-accum-steps): every log interval the training loss, learning rate, images per
-second and the share of time spent waiting for data (``train/...``); every epoch the row timm's
+Every value is logged at a *step*, the number of optimizer updates the run has made (it never
+repeats or goes back, across resumes and changes of batch size): every log interval the training
+loss, learning rate, images per second and the share of time spent waiting for data
+(``train/...``); every epoch the row timm's
 train.py logs to W&B (``epoch``, ``train_loss``, ``eval_loss``, ``eval_top1``, ``eval_top5``,
 ``lr``: the primary weight set's, as in summary.csv), then every weight set's numbers under a
 name that says which (``val/top1/raw``, ``val/top1/ema_0.99``, ``val/top1/ema_hl2ep``,
