@@ -118,6 +118,9 @@ def test_both_trackers_hold_every_weight_set_per_epoch_as_summary_csv(small_data
     assert_wandb_matches_summary(history, run_dir)
     final = wandb_records.summary(path)
     assert final["best/ema_0.9/epoch"] == best["ema 0.9"]["epoch"]
+    config = wandb_config(path)  # the settings as hyperparameters
+    assert config["model"] == "test_resnet" and config["model_ema_decay"] == [0.9, 0.5]
+    assert config["log_interval"] == 2
 
     r = run_in_process(validate.main, "validate.py", small_data, "--posthoc", run_dir, "-j", "0")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -127,6 +130,18 @@ def test_both_trackers_hold_every_weight_set_per_epoch_as_summary_csv(small_data
     files = wandb_records.offline_files(run_dir, info["id"])
     assert len(files) == 2  # the same W&B run, continued by validate.py
     assert wandb_records.summary(files[1])["posthoc/best_top1"] == pytest.approx(value, rel=1e-6)
+
+
+def wandb_config(path: Path) -> dict:
+    """The run's config as W&B recorded it (its run record and later config updates)."""
+    import json
+    out = {}
+    for record in wandb_records.records(path):
+        kind = record.WhichOneof("record_type")
+        items = (record.run.config.update if kind == "run" else
+                 record.config.update if kind == "config" else [])
+        out.update({i.key: json.loads(i.value_json) for i in items})
+    return out
 
 
 KILL_HOOK = """
