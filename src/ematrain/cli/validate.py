@@ -14,6 +14,7 @@ from ..checkpoint.files import load_file, write_file
 from ..checkpoint.weights import Weights, select_weights
 from ..posthoc import series as snapshot_series
 from ..posthoc import snapshots, sweep
+from ..run import tracking
 from ..run.evaluation import (
     WeightBank,
     build_model,
@@ -116,7 +117,7 @@ def evaluate_posthoc(s, info, device) -> int:
     check_classes(meta, dataset, split_dir)
     if info.is_primary:
         sweep.remove_stale_outputs(run_dir)
-    raw, _ = sweep.raw_weights(run_dir)
+    raw, last = sweep.raw_weights(run_dir)
     states, clamped = snapshot_series.synthesize(series, solution)
     sweep.finite_or_fail(states, [t.label for t in targets])
     tracked = [{k: t.float() if t.is_floating_point() else t for k, t in shadow.items()}
@@ -149,6 +150,7 @@ def evaluate_posthoc(s, info, device) -> int:
     write_file(run_dir / sweep.BEST, ckpt)
     log.info(f"best: {rows[best].label} ({metric} {rows[best].result[metric]:.4f}); wrote "
              f"{run_dir / sweep.CSV}, {run_dir / sweep.PNG}, {run_dir / sweep.BEST}")
+    tracking.log_posthoc(run_dir, last, rows, best, metric)  # the run's trackers, if any
     return 0
 
 

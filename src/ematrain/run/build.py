@@ -45,6 +45,7 @@ from .model import create_model, init_head, probe_input, set_batchnorm
 from .optimizer import build_optimizer, build_scheduler
 from .parts import Run, TrainData
 from .start_weights import load_initial_checkpoint
+from .tracking import build_trackers
 from .weight_sets import ema_labels, ema_names, tracked_sets, weight_sets
 
 
@@ -271,4 +272,5 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
                shadow_policy=build_shadow_policy(s.ema, train, s.loop.seed),
                loss_fn=build_train_loss(s.labels), mixup_fn=mixup, weight_sets=sets,
                keeper=CheckpointKeeper(sets, s.loop.eval_metric, s.loop.checkpoint_hist,
-                                       primary=dist.is_primary))
+                                       primary=dist.is_primary),
+               trackers=build_trackers(s.trackers, dist.is_primary))

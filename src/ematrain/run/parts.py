@@ -24,6 +24,7 @@ from ..posthoc.schedule import SnapshotSchedule
 from ..posthoc.snapshots import snapshot_record
 from ..settings.model_specs import Precision
 from ..settings.train_specs import TrainSettings
+from ..trackers import Trackers
 from ..util.distributed import DistInfo
 from ..util.modules import unwrap_model
 from .keeper import CheckpointKeeper
@@ -118,6 +119,7 @@ class Run:
     shadow_policy: ShadowPolicy = field(default_factory=ShadowPolicy)
     counters: Counters = field(default_factory=Counters)
     summary: Summary = None
+    trackers: Trackers = field(default_factory=Trackers)  # W&B, TensorBoard (`tracking`)
     # Who the run is: drawn at a fresh start, kept by every resume, in every checkpoint and
     # post-hoc snapshot (None: resumed from a checkpoint written before run ids).
     run_id: str | None = field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -143,7 +145,8 @@ class Run:
                  "amp_scaler": self.scaler, "emas": self.emas if self.emas else None,
                  "snapshots": self.snapshots, "counters": self.counters,
                  "keeper": self.keeper, "summary": self.summary,
-                 "data_stream": self.data if self.data.streaming else None}
+                 "data_stream": self.data if self.data.streaming else None,
+                 "trackers": self.trackers if self.trackers.spec.any else None}
         return {name: part for name, part in parts.items() if part is not None}
 
     def replica_modules(self) -> list[nn.Module]:
@@ -155,7 +158,8 @@ class Run:
         """The run's settings as a plain dict (args.yaml, a checkpoint's `args`)."""
         record = dict(vars(self.settings.args))
         # Absolute, so `-c args.yaml` and `--resume PATH` work from any directory.
-        for key in ("data_dir", "initial_checkpoint", "pretrained_path", "class_map"):
+        for key in ("data_dir", "initial_checkpoint", "pretrained_path", "class_map",
+                    "log_tensorboard"):
             if record.get(key) and (key != "class_map" or Path(record[key]).is_file()):
                 record[key] = str(Path(record[key]).resolve())
         kind, _, name = str(record.get("dataset") or "").partition("/")

@@ -152,7 +152,24 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     _augmentation_flags(p)
     _ema_flags(p)
     _misc_flags(p)
+    _tracker_flags(p)
     return p
+
+
+def _tracker_flags(p) -> None:
+    """Run trackers: timm's W&B flags, and TensorBoard."""
+    g = p.add_argument_group("Run trackers (W&B, TensorBoard)")
+    g.add_argument("--log-wandb", action="store_true", default=False,
+                   help="log training and validation metrics to Weights & Biases (offline with "
+                        "WANDB_MODE=offline)")
+    g.add_argument("--wandb-project", default=None, metavar="NAME", help="W&B project name")
+    g.add_argument("--wandb-tags", default=[], nargs="+", metavar="TAG", help="W&B tags")
+    g.add_argument("--wandb-resume-id", default="", metavar="ID",
+                   help="with --resume: the id of the W&B run to continue (default: the one "
+                        "the checkpoint names)")
+    g.add_argument("--log-tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="log the same metrics to TensorBoard event files in DIR (default "
+                        "without DIR: <run>/tensorboard)")
 
 
 def _dataset_flags(p) -> None:

@@ -91,6 +91,14 @@ RESUME_POLICY: tuple[Rule, ...] = (
     Rule("opt_betas", FRESH_OPTIMIZER, _OPT_WHY),
     Rule("opt_kwargs", FRESH_OPTIMIZER, _OPT_WHY),
     Rule("layer_decay", FRESH_OPTIMIZER, _OPT_WHY),
+    Rule("log_wandb", NEW, "W&B logs from the resumed step on, into the W&B run the checkpoint "
+         "names (its `trackers` key) when it has one, else a new one"),
+    Rule("wandb_project", NEW, "for a W&B run started on resume; the run the checkpoint names "
+         "goes on in its own project"),
+    Rule("wandb_resume_id", NEW, "the W&B run to continue instead of the one the checkpoint "
+         "names (as timm's train.py: it must exist)"),
+    Rule("log_tensorboard", NEW, "TensorBoard logs from the resumed step on; in the same folder "
+         "its steps after the checkpoint are purged, so each step shows once"),
 )
 # Every other setting (epochs, the LR and its schedule, the EMA interval and warmup, the
 # augmentation, ...) applies from the resumed step on.

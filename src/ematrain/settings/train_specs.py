@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.readers.spec import FOLDER, DatasetSpec
+from ..trackers.spec import TrackerSpec
 from ..util.distributed import device_named
 from ..util.errors import UserError
 from .checks import at_least, from_args
@@ -24,6 +25,7 @@ from .flags import train_parser
 from .layers import Layer, parse_command
 from .model_specs import ModelSpec, OptimSpec, PrecisionSpec, ScheduleSpec
 from .resume_policy import ResumeSource, apply_to_settings, find_checkpoint, open_source
+from .tracker_specs import tracker_spec
 
 _DIST_BACKENDS = ("nccl", "gloo", "mpi", "ucc")
 
@@ -88,6 +90,7 @@ class TrainSettings:
     posthoc: PosthocSpec
     loop: LoopSpec
     dist: DistSpec
+    trackers: TrackerSpec
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "TrainSettings":
@@ -95,8 +98,9 @@ class TrainSettings:
                  "aug": AugSpec, "labels": LabelSpec, "optim": OptimSpec, "schedule": ScheduleSpec,
                  "precision": PrecisionSpec, "loop": LoopSpec, "dist": DistSpec}
         built = {name: from_args(spec, ns) for name, spec in specs.items()}
+        trackers = tracker_spec(vars(ns), resuming=bool(ns.resume))
         settings = cls(args=ns, ema=EmaSpec.from_args(ns), posthoc=PosthocSpec.from_args(ns),
-                       dataset=dataset_spec(ns), **built)
+                       dataset=dataset_spec(ns), trackers=trackers, **built)
         if settings.labels.mixing and settings.loader.batch_size % 2:
             raise UserError(f"mixup/cutmix need an even --batch-size, got "
                             f"{settings.loader.batch_size}")
