@@ -161,8 +161,8 @@ def test_the_timm_fixture_is_what_timms_parser_writes(tmp_path):
 
 
 @pytest.mark.parametrize("line,shown", [("aug_splits: 3", "aug_splits=3"),
-                                        ("dataset: torch/cifar10", "dataset='torch/cifar10'"),
-                                        ("log_wandb: true", "log_wandb=True"),
+                                        ("jsd_loss: true", "jsd_loss=True"),
+                                        ("save_images: true", "save_images=True"),
                                         ("naflex_loader: true", "naflex_loader=True"),
                                         ("kd_model_name: resnet50", "kd_model_name='resnet50'")])
 def test_timm_settings_we_lack_are_refused_when_switched_on(tmp_path, line, shown):

@@ -15,6 +15,7 @@ from ..checkpoint.files import load_file, write_file
 from ..checkpoint.weights import Weights, select_weights
 from ..posthoc import series as snapshot_series
 from ..posthoc import selection, snapshots, sweep
+from ..run import tracking
 from ..run.evaluation import (
     WeightBank,
     build_model,
@@ -84,8 +85,8 @@ def _main(argv: list[str]) -> int:
 def _evaluate(s: ValidateSettings, info, device) -> int:
     if s.posthoc:
         return evaluate_posthoc(s, info, device)
-    split_dir, dataset = open_split(s)
     ckpt, weights = read_weights(s)
+    split_dir, dataset = open_split(s, s.num_classes or ckpt.get("num_classes"))
     check_classes(ckpt, dataset, split_dir)
     model, arch = build_model(s, ckpt, dataset, weights, device)
     name = weights.name if weights is not None else "pretrained"
@@ -122,8 +123,8 @@ def evaluate_posthoc(s, info, device) -> int:
     chooser, reporter = posthoc_images(s, protocol, meta)
     if info.is_primary:
         sweep.remove_stale_outputs(run_dir)
-    raw, last_ckpt = sweep.raw_weights(run_dir)
-    emas = sweep.run_emas(last_ckpt, run_dir / "last.pth.tar")
+    raw, last = sweep.raw_weights(run_dir)
+    emas = sweep.run_emas(last, run_dir / "last.pth.tar")
     formed = snapshot_series.accumulate(series, solution)
     states, clamped = formed.states, formed.clamped
     sweep.finite_or_fail(states, [t.label for t in targets])
@@ -140,7 +141,7 @@ def evaluate_posthoc(s, info, device) -> int:
     dtype = evaluation_dtype(states[0], device, meta["eval_dtype"])
     fixed = [state for _, state in emas] + (tracked if raw is not None else tracked[1:])
     bank = WeightBank(model, fixed + states, dtype)
-    del tracked, formed, fixed, emas, last_ckpt  # the bank holds them now
+    del tracked, formed, fixed, emas  # the bank holds them now
     score = ScorePass(s, info, meta, data_config, device, model)
     for row, result in zip(rows, score(chooser, bank)):
         row.result = result
@@ -159,6 +160,8 @@ def evaluate_posthoc(s, info, device) -> int:
     best_file = sweep.best_checkpoint(meta, states[chosen], raw, parts, targets[chosen], series,
                                       dtype or torch.float32, protocol)
     write_posthoc(run_dir, arch, parts, protocol, best_file, len(series.snapshots))
+    # The run's trackers, if any: the table the choice was made on, and the pick.
+    tracking.log_posthoc(run_dir, last, rows, best, protocol.metric)
     return 0
 
 
@@ -179,27 +182,36 @@ def write_posthoc(run_dir: Path, arch: str, parts: list, protocol, best_file: di
 class Images:
     """Images of one split that a pass scores: its folder, its ImageFolder and which of its
     images (None: all)."""
-    split_dir: Path
+    split_dir: Path | str  # a folder, or how a --dataset split is named
     dataset: object
     indices: object = None
 
 
 def posthoc_images(s, protocol: selection.Protocol, meta: dict) -> tuple[Images, Images | None]:
-    """The images that choose and those that report (None: the same ones), their class folders
+    """The images that choose and those that report (None: the same ones), their classes
     checked against the run's: before any weights are read."""
-    split_dir, dataset = open_split(s)
+    classes = s.num_classes or meta.get("num_classes")
+    split_dir, dataset = open_split(s, classes)
     check_classes(meta, dataset, split_dir)
+    if protocol.separate and s.dataset.streaming:
+        raise UserError("--select-split and --select-fraction need a map-style split (an "
+                        "ImageFolder or a non-streaming --dataset): a stream has no fixed "
+                        "images to divide")
     if protocol.mode == "split":
-        select_dir, chooser = open_split(s, protocol.select_split)
-        if select_dir.resolve() == split_dir.resolve():  # `val` and `validation` name one
+        select_dir, chooser = open_split(s, classes, protocol.select_split)
+        if isinstance(select_dir, Path) and select_dir.resolve() == Path(split_dir).resolve():
             raise UserError(f"--select-split {protocol.select_split} is {split_dir}, the split "
                             f"that is reported: choose on another split, or with "
-                            f"--select-fraction")
+                            f"--select-fraction")  # `val` and `validation` name one folder
         check_classes(meta, chooser, select_dir)
         return Images(select_dir, chooser), Images(split_dir, dataset)
     if protocol.mode == "fraction":
-        chosen, rest = selection.stratified_parts(dataset.targets, protocol.fraction,
-                                                  protocol.seed, dataset.classes)
+        targets = getattr(dataset, "targets", None)
+        if targets is None:
+            raise UserError(f"--select-fraction: {split_dir} does not list its labels up front, "
+                            f"which a stratified draw needs: use --select-split")
+        chosen, rest = selection.stratified_parts(targets, protocol.fraction, protocol.seed,
+                                                  getattr(dataset, "classes", None))
         return Images(split_dir, dataset, chosen), Images(split_dir, dataset, rest)
     return Images(split_dir, dataset), None
 

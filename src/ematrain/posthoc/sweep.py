@@ -137,9 +137,13 @@ class Part:
     """One scored table of the sweep: which images (`name`: same, selection or report), the
     rows scored on them and the pick's index among them."""
     name: str
-    split_dir: Path
+    split_dir: Path | str  # a folder, or how a --dataset split is named
     rows: list[Row]
     pick: int
+
+    @property
+    def split(self) -> str:
+        return self.split_dir.name if isinstance(self.split_dir, Path) else str(self.split_dir)
 
     @property
     def images(self) -> int:
@@ -147,12 +151,12 @@ class Part:
 
     def where(self) -> str:
         what = {"selection": "the selection part of", "report": "the report part of"}
-        return f"{what.get(self.name, '')} {self.split_dir.name}".strip()
+        return f"{what.get(self.name, '')} {self.split}".strip()
 
     def figures(self) -> dict:
         """The pick's scores here, as the best file records them."""
         res = self.rows[self.pick].result
-        return {"split": self.split_dir.name, "images": self.images, "top1": res["top1"],
+        return {"split": self.split, "images": self.images, "top1": res["top1"],
                 "top5": res["top5"], "loss": res["loss"]}
 
 
@@ -229,7 +233,7 @@ def write_csv(path: Path, parts: list[Part], protocol: Protocol) -> None:
     for part in parts:
         for i, r in enumerate(part.rows):
             writer.writerow([r.label, r.kind, _cell(r.sigma_rel), _cell(r.half_life_ep),
-                             _cell(r.fit_error), part.name, part.split_dir.name, part.images,
+                             _cell(r.fit_error), part.name, part.split, part.images,
                              f"{r.result['top1']:.4f}", f"{r.result['top5']:.4f}",
                              f"{r.result['loss']:.6f}", int(i == part.pick),
                              protocol.describe(), protocol.metric])

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..data import loaders
 from ..data.folders import check_same_classes, load_image_folder, resolve_split_dir
+from ..data.readers.spec import DatasetSpec
 from ..data.samplers import EpochSampler, SeededSamples
 from ..data.transforms import (
     Normalize,
@@ -38,29 +39,41 @@ from ..util.distributed import DistInfo, init_distributed
 from ..util.errors import UserError
 from ..util.logs import log, quiet
 from ..util.seeding import seed_everything
+from .datasets import build_stream_data, mapped_splits, reads_folders
 from .keeper import CheckpointKeeper
 from .model import create_model, init_head, probe_input, set_batchnorm
 from .optimizer import build_optimizer, build_scheduler
 from .parts import Run, TrainData
 from .start_weights import load_initial_checkpoint
+from .tracking import build_trackers
 from .weight_sets import ema_labels, ema_names, tracked_sets, weight_sets
 
 
 # ----------------------------------------------------------------------------- builders
-def build_data(spec: DataSpec, loader: LoaderSpec, num_classes: int | None, seed: int,
-               dist: DistInfo, accum_steps: int, pin_memory: bool):
-    """The training and validation ImageFolders with their samplers (transforms come later)."""
-    train_dir = resolve_split_dir(spec.data_dir, spec.train_split)
-    val_dir = resolve_split_dir(spec.data_dir, spec.val_split)
-    train_set = load_image_folder(train_dir)
-    val_set = load_image_folder(val_dir)
-    check_same_classes(train_set, val_set, val_dir)
+def build_data(spec: DataSpec, dataset: DatasetSpec, loader: LoaderSpec,
+               num_classes: int | None, seed: int, dist: DistInfo, accum_steps: int,
+               pin_memory: bool):
+    """The training and validation splits with their samplers, or a stream's (transforms come
+    later): ImageFolders as always, anything else through timm's readers (`datasets`)."""
+    val_batch = spec.validation_batch_size or loader.batch_size
+    workers = loader.workers_per_process(dist.local_processes)
+    if dataset.streaming:
+        return build_stream_data(dataset, num_classes, dist, workers, loader.batch_size,
+                                 val_batch, seed, accum_steps, pin_memory,
+                                 [loader.too_many_workers(dist.local_processes)])
+    if reads_folders(dataset):
+        train_dir = resolve_split_dir(spec.data_dir, spec.train_split)
+        val_dir = resolve_split_dir(spec.data_dir, spec.val_split)
+        train_set = load_image_folder(train_dir)
+        val_set = load_image_folder(val_dir)
+        check_same_classes(train_set, val_set, val_dir)
+    else:
+        train_set, val_set = mapped_splits(dataset, num_classes)
     found = len(train_set.classes)
     if num_classes is not None and num_classes != found:
         raise UserError(f"--num-classes {num_classes} disagrees with the data: "
-                        f"{found} class folders in {spec.train_split}")
+                        f"{found} classes in {spec.train_split}")
     world, rank = dist.world_size, dist.rank
-    val_batch = spec.validation_batch_size or loader.batch_size
     sampler = EpochSampler(len(train_set), seed, rank=rank, num_replicas=world, pad=True,
                            repeats=max(1, int(spec.aug_repeats)))
     val_sampler = EpochSampler(len(val_set), 0, shuffle=False, rank=rank,
@@ -74,9 +87,8 @@ def build_data(spec: DataSpec, loader: LoaderSpec, num_classes: int | None, seed
                         f"({per_rank} images{' per process' if world > 1 else ''}): every epoch "
                         f"is one step of {per_rank} images")
     return TrainData(SeededSamples(train_set, seed), val_set, sampler, val_sampler, {},
-                     loader.batch_size, val_batch, loader.workers_per_process(dist.local_processes),
-                     pin_memory, drop_last, math.ceil(batches / accum_steps),
-                     warnings=[w for w in warnings if w])
+                     loader.batch_size, val_batch, workers, pin_memory, drop_last,
+                     math.ceil(batches / accum_steps), warnings=[w for w in warnings if w])
 
 
 def build_model(spec: ModelSpec, num_classes: int, device: torch.device,
@@ -108,7 +120,7 @@ def check_first_batch(s: TrainSettings, model: nn.Module, train: TrainData,
     smallest batch, an odd batch under mixup/cutmix."""
     per_image = probe_input(model, s.model.model, train.data_config["input_size"],
                             s.precision.channels_last)
-    smallest = min(train.batch_size, len(train.sampler))
+    smallest = min(train.batch_size, train.per_rank_samples)
     short = ("" if smallest == train.batch_size else
              f" (the training split gives {smallest} image(s){' per process' if dist.enabled else ''}"
              f", fewer than -b {train.batch_size})")
@@ -225,15 +237,15 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
         raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); on the "
                         "CPU leave it out: --dist-bn reduce averages the statistics before "
                         "each evaluation")
-    train = build_data(s.data, s.loader, s.model.num_classes, s.loop.seed, dist,
+    train = build_data(s.data, s.dataset, s.loader, s.model.num_classes, s.loop.seed, dist,
                        s.optim.grad_accum_steps, pin_memory=device.type == "cuda")
     num_classes = len(train.class_names)
     model = build_model(s.model, num_classes, device, precision, s.dist.sync_bn and dist.enabled,
                         start_weights=not resuming)
     train.data_config = data_config_for(s.image.overrides(), model)
     check_first_batch(s, model, train, dist)
-    train.train_set.dataset.transform = train_transform(train.data_config, s.aug)
-    train.val_set.transform = eval_transform(train.data_config)
+    train.set_transforms(train_transform(train.data_config, s.aug),
+                         eval_transform(train.data_config))
     train.normalize = Normalize(train.data_config["mean"], train.data_config["std"], device)
     train.erase = batch_eraser(s.aug, device)
     lr = s.lr(dist.world_size)
@@ -260,4 +272,5 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
                shadow_policy=build_shadow_policy(s.ema, train, s.loop.seed),
                loss_fn=build_train_loss(s.labels), mixup_fn=mixup, weight_sets=sets,
                keeper=CheckpointKeeper(sets, s.loop.eval_metric, s.loop.checkpoint_hist,
-                                       primary=dist.is_primary))
+                                       primary=dist.is_primary),
+               trackers=build_trackers(s.trackers, dist.is_primary))

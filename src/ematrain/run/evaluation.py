@@ -19,6 +19,7 @@ from ..checkpoint.schema import args_dict
 from ..checkpoint.weights import Weights, load_weights_into
 from ..data.folders import load_image_folder, resolve_split_dir
 from ..data.loaders import batches, make_loader
+from ..data.readers import open_mapped, open_source, open_stream, stream_loader
 from ..data.samplers import EpochSampler
 from ..data.transforms import Normalize, check_data_config, data_config_for, eval_transform
 from ..ema.devices import WeightSwapper
@@ -28,6 +29,7 @@ from ..settings.validate_specs import ValidateSettings
 from ..util.errors import UserError
 from ..util.logs import log, show_bars
 from ..util.modules import unwrap_model
+from .datasets import reads_folders
 from .model import architecture_kwargs, create_model, probe_input, set_batchnorm
 
 
@@ -163,7 +165,7 @@ def resolve_num_classes(num_classes: int | None, ckpt: dict, dataset, split: str
     num = num_classes or from_ckpt or len(dataset.classes)
     if num != len(dataset.classes):
         raise UserError(f"the model has {num} classes but {split} has {len(dataset.classes)} "
-                        f"class folders")
+                        f"classes")
     return int(num)
 
 
@@ -216,10 +218,18 @@ def build_model(s: ValidateSettings, ckpt: dict, dataset, weights: Weights | Non
     return model, arch
 
 
-def open_split(s: ValidateSettings, split: str | None = None):
-    """The split's folder and ImageFolder (`split`: another than --split)."""
-    split_dir = resolve_split_dir(s.data_dir, split or s.split)
-    return split_dir, load_image_folder(split_dir)
+def open_split(s: ValidateSettings, num_classes: int | None = None, split: str | None = None):
+    """Where the split is, and the split: an ImageFolder as always, else what timm's reader of
+    --dataset gives (a map-style split, or a stream's source; `num_classes`: for labels stored
+    as class indices, when the data names no classes; `split`: another than --split)."""
+    spec, split = s.dataset, split or s.split
+    if reads_folders(spec):
+        split_dir = resolve_split_dir(s.data_dir, split)
+        return split_dir, load_image_folder(split_dir)
+    where = f"{spec.dataset or spec.root} {split}"
+    if spec.streaming:
+        return where, open_source(spec, split, num_classes, flag="--split")
+    return where, open_mapped(spec, split, spec.img_mode(), num_classes, flag="--split")
 
 
 def check_classes(ckpt: dict, dataset, split_dir) -> None:
@@ -233,22 +243,34 @@ def check_classes(ckpt: dict, dataset, split_dir) -> None:
 def split_loader(s: ValidateSettings, info, dataset, ckpt: dict, data_config: dict, device,
                  indices: Sequence[int] | None = None):
     """The evaluation loader of this rank's share (each image counts exactly once under
-    torchrun) and the normalization of its uint8 batches; `indices`: these images of the split
-    only (in this order)."""
-    dataset.transform = eval_transform(data_config)
-    if indices is not None:
-        dataset = Subset(dataset, [int(i) for i in indices])
+    torchrun) and the normalization of its uint8 batches; `indices`: these images of a
+    map-style split only (in this order)."""
     recorded = args_dict(ckpt)
     batch_size = (s.loader.batch_size or recorded.get("validation_batch_size")
                   or recorded.get("batch_size") or 256)
-    sampler = EpochSampler(len(dataset), 0, shuffle=False, rank=info.rank,
-                                num_replicas=info.world_size, block=batch_size)
     crowded = s.loader.too_many_workers(info.local_processes)
     if crowded and info.is_primary:
         log.warning(crowded)
-    loader = make_loader(dataset, batch_size, s.loader.workers_per_process(info.local_processes),
-                         seed=0, pin_memory=device.type == "cuda", sampler=sampler)
-    return loader, Normalize(data_config["mean"], data_config["std"], device)
+    workers = s.loader.workers_per_process(info.local_processes)
+    normalize = Normalize(data_config["mean"], data_config["std"], device)
+    if s.dataset.streaming:  # each process and worker reads its own shards, each once
+        stream = open_stream(s.dataset, dataset, s.split, train=False, world=info.world_size,
+                             rank=info.rank, workers=workers, batch_size=batch_size, seed=0,
+                             mode=s.dataset.img_mode())
+        stream.transform = eval_transform(data_config)
+        if info.is_primary:
+            log.info(stream.plan.line("validation", s.split))
+        loader = stream_loader(stream, 0, pin_memory=device.type == "cuda")
+        loader.set_epoch(0)
+        return loader, normalize
+    dataset.transform = eval_transform(data_config)
+    if indices is not None:
+        dataset = Subset(dataset, [int(i) for i in indices])
+    sampler = EpochSampler(len(dataset), 0, shuffle=False, rank=info.rank,
+                                num_replicas=info.world_size, block=batch_size)
+    loader = make_loader(dataset, batch_size, workers, seed=0, pin_memory=device.type == "cuda",
+                         sampler=sampler)
+    return loader, normalize
 
 
 class WeightBank:

@@ -10,14 +10,12 @@ from ..util.errors import UserError
 
 # Each unsupported setting with the value that leaves it off.
 TIMM_SETTINGS_NOT_SUPPORTED = {
-    "dataset": "", "dataset_download": False, "dataset_trust_remote_code": False,
-    "class_map": "", "train_num_samples": None, "val_num_samples": None, "input_img_mode": None,
-    "input_key": None, "target_key": None, "epoch_repeats": 0.0, "start_epoch": None,
+    "start_epoch": None,
     "aug_splits": 0, "jsd_loss": False, "resplit": False, "split_bn": False, "drop_connect": None,
     "fuser": "", "fast_norm": False, "torchscript": False, "torchcompile_mode": None,
     "amp_impl": "native", "no_ddp_bb": False, "synchronize_step": False, "device_modules": None,
     "tta": 0, "local_rank": 0, "use_multi_epochs_loader": False, "worker_seeding": "all",
-    "save_images": False, "log_wandb": False, "train_crop_mode": None, "bce_sum": False,
+    "save_images": False, "train_crop_mode": None, "bce_sum": False,
     "bce_pos_weight": None, "color_jitter_prob": None, "grayscale_prob": 0.0,
     "gaussian_blur_prob": 0.0, "naflex_loader": False, "kd_model_name": None,
     # timm's variable-size training (NaFlex-era train.py): several image and batch sizes per run.
@@ -29,10 +27,9 @@ TIMM_SETTINGS_NOT_SUPPORTED = {
 }
 # Settings that only act when another one is on: whatever their value, they are idle while
 # their gate is off. Matched by prefix, so timm's variants of these families (NaFlex,
-# distillation, wandb) are known.
+# distillation) are known.
 _TIMM_GATED = {"naflex_": "naflex_loader", "kd_": "kd_model_name",
-               "distill_loss_weight": "kd_model_name", "task_loss_weight": "kd_model_name",
-               "wandb_": "log_wandb"}
+               "distill_loss_weight": "kd_model_name", "task_loss_weight": "kd_model_name"}
 
 
 def timm_gate(key: str) -> str | None:

@@ -7,15 +7,25 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.readers.spec import FOLDER, DatasetSpec
+from ..trackers.spec import TrackerSpec
 from ..util.distributed import device_named
 from ..util.errors import UserError
 from .checks import at_least, from_args
-from .data_specs import AugSpec, DataSpec, ImageSpec, LabelSpec, LoaderSpec
+from .data_specs import (
+    AugSpec,
+    DataSpec,
+    ImageSpec,
+    LabelSpec,
+    LoaderSpec,
+    dataset_spec,
+)
 from .ema_specs import EmaSpec, PosthocSpec
 from .flags import train_parser
 from .layers import Layer, parse_command
 from .model_specs import ModelSpec, OptimSpec, PrecisionSpec, ScheduleSpec
 from .resume_policy import ResumeSource, apply_to_settings, find_checkpoint, open_source
+from .tracker_specs import tracker_spec
 
 _DIST_BACKENDS = ("nccl", "gloo", "mpi", "ucc")
 
@@ -67,6 +77,7 @@ class TrainSettings:
     """Everything train.py was asked for, checked; `args` is the flat record of it."""
     args: argparse.Namespace
     data: DataSpec
+    dataset: DatasetSpec
     loader: LoaderSpec
     image: ImageSpec
     model: ModelSpec
@@ -79,6 +90,7 @@ class TrainSettings:
     posthoc: PosthocSpec
     loop: LoopSpec
     dist: DistSpec
+    trackers: TrackerSpec
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "TrainSettings":
@@ -86,12 +98,16 @@ class TrainSettings:
                  "aug": AugSpec, "labels": LabelSpec, "optim": OptimSpec, "schedule": ScheduleSpec,
                  "precision": PrecisionSpec, "loop": LoopSpec, "dist": DistSpec}
         built = {name: from_args(spec, ns) for name, spec in specs.items()}
+        trackers = tracker_spec(vars(ns), resuming=bool(ns.resume))
         settings = cls(args=ns, ema=EmaSpec.from_args(ns), posthoc=PosthocSpec.from_args(ns),
-                       **built)
+                       dataset=dataset_spec(ns), trackers=trackers, **built)
         if settings.labels.mixing and settings.loader.batch_size % 2:
             raise UserError(f"mixup/cutmix need an even --batch-size, got "
                             f"{settings.loader.batch_size}")
-        _output_outside_splits(settings.loop.output, settings.data)
+        if settings.dataset.kind == FOLDER:
+            _output_outside_splits(settings.loop.output, settings.data)
+        if settings.dataset.streaming:
+            _stream_checks(settings)
         return settings
 
     def global_batch(self, world_size: int = 1) -> int:
@@ -101,6 +117,17 @@ class TrainSettings:
     def lr(self, world_size: int = 1) -> float:
         """The global learning rate (--lr, or --lr-base scaled by the global batch)."""
         return self.optim.lr_for(self.global_batch(world_size))
+
+
+def _stream_checks(s: TrainSettings) -> None:
+    """What needs a map-style dataset (read by index), refused for a stream."""
+    where = f"--dataset {s.dataset.dataset} is a stream, read shard by shard"
+    if s.data.aug_repeats:
+        raise UserError(f"--aug-repeats repeats samples by index; {where} (use --epoch-repeats "
+                        f"for longer epochs)")
+    if s.ema.bn == "recalibrate":
+        raise UserError(f"--model-ema-bn recalibrate draws training images by index; {where} "
+                        f"(use --model-ema-bn average or copy)")
 
 
 def _output_outside_splits(output: str, spec: DataSpec) -> None:
