@@ -120,7 +120,7 @@ def evaluate_posthoc(s, info, device) -> int:
     sel = s.select
     protocol = selection.protocol_for(sel.select_split, sel.select_fraction, sel.select_seed,
                                       sel.select_metric, s.split, meta["args"])
-    chooser, reporter = posthoc_images(s, protocol, meta)
+    protocol, chooser, reporter = posthoc_images(s, protocol, meta)
     if info.is_primary:
         sweep.remove_stale_outputs(run_dir)
     raw, last = sweep.raw_weights(run_dir)
@@ -187,9 +187,21 @@ class Images:
     indices: object = None
 
 
-def posthoc_images(s, protocol: selection.Protocol, meta: dict) -> tuple[Images, Images | None]:
-    """The images that choose and those that report (None: the same ones), their classes
-    checked against the run's: before any weights are read."""
+def posthoc_images(s, protocol: selection.Protocol, meta: dict):
+    """The protocol with the splits named as found (`validation` may be the folder `val`), the
+    images that choose and those that report (None: the same ones), their classes checked
+    against the run's: before any weights are read."""
+    protocol, chooser, reporter = _posthoc_images(s, protocol, meta)
+    named = {"report_split": _name((reporter or chooser).split_dir),
+             "select_split": _name(chooser.split_dir)}
+    return dataclasses.replace(protocol, **named), chooser, reporter
+
+
+def _name(split_dir) -> str:
+    return split_dir.name if isinstance(split_dir, Path) else str(split_dir)
+
+
+def _posthoc_images(s, protocol: selection.Protocol, meta: dict):
     classes = s.num_classes or meta.get("num_classes")
     split_dir, dataset = open_split(s, classes)
     check_classes(meta, dataset, split_dir)
@@ -204,7 +216,7 @@ def posthoc_images(s, protocol: selection.Protocol, meta: dict) -> tuple[Images,
                             f"that is reported: choose on another split, or with "
                             f"--select-fraction")  # `val` and `validation` name one folder
         check_classes(meta, chooser, select_dir)
-        return Images(select_dir, chooser), Images(split_dir, dataset)
+        return protocol, Images(select_dir, chooser), Images(split_dir, dataset)
     if protocol.mode == "fraction":
         targets = getattr(dataset, "targets", None)
         if targets is None:
@@ -212,8 +224,8 @@ def posthoc_images(s, protocol: selection.Protocol, meta: dict) -> tuple[Images,
                             f"which a stratified draw needs: use --select-split")
         chosen, rest = selection.stratified_parts(targets, protocol.fraction, protocol.seed,
                                                   getattr(dataset, "classes", None))
-        return Images(split_dir, dataset, chosen), Images(split_dir, dataset, rest)
-    return Images(split_dir, dataset), None
+        return protocol, Images(split_dir, dataset, chosen), Images(split_dir, dataset, rest)
+    return protocol, Images(split_dir, dataset), None
 
 
 class ScorePass:
