@@ -13,8 +13,8 @@ import torch
 
 from ..checkpoint.files import load_file, write_file
 from ..checkpoint.weights import Weights, select_weights
-from ..posthoc import series as snapshot_series
 from ..posthoc import selection, snapshots, sweep
+from ..posthoc import series as snapshot_series
 from ..run import tracking
 from ..run.evaluation import (
     WeightBank,
