@@ -190,9 +190,10 @@ def test_ties_go_to_the_lower_loss():
                                     "with no image in the selection part"),
     (["--select-fraction", "0.97"], "with no image in the report part"),
     (["--select-split", "nope"], "split 'nope' not found"),
-    (["--select-split", "val", "--split", "val"], "--select-split val is the --split that is "
-                                                   "reported"),
-    (["--select-split", "validation", "--split", "val"], "/val, the split that is reported"),
+    (["--select-split", "val"], "--select-split val is "),
+    (["--split", "val", "--select-split", "val"], "--select-split val is the --split that is reported"),
+    (["--select-split", "validation"], "--select-split validation is the --split that is reported"),
+    (["--split", "val", "--select-split", "validation"], "/val, the split that is reported"),
     (["--select-split", "holdout", "--select-fraction", "0.5"], "give one"),
     (["--select-metric", "top3"], "--select-metric: invalid choice"),
     (["--select-seed", "-1"], "--select-seed must be >= 0"),

@@ -13,8 +13,8 @@ import torch
 
 from ..checkpoint.files import load_file, write_file
 from ..checkpoint.weights import Weights, select_weights
-from ..posthoc import selection, snapshots, sweep
 from ..posthoc import series as snapshot_series
+from ..posthoc import selection, snapshots, sweep
 from ..run import tracking
 from ..run.evaluation import (
     WeightBank,
@@ -120,11 +120,12 @@ def evaluate_posthoc(s, info, device) -> int:
     sel = s.select
     protocol = selection.protocol_for(sel.select_split, sel.select_fraction, sel.select_seed,
                                       sel.select_metric, s.split, meta["args"])
-    protocol, chooser, reporter = posthoc_images(s, protocol, meta)
+    chooser, reporter = posthoc_images(s, protocol, meta)
+    protocol = named_as_found(protocol, chooser, reporter)
     if info.is_primary:
         sweep.remove_stale_outputs(run_dir)
-    raw, last = sweep.raw_weights(run_dir)
-    emas = sweep.run_emas(last, run_dir / "last.pth.tar")
+    raw, last_ckpt = sweep.raw_weights(run_dir)
+    emas = sweep.run_emas(last_ckpt, run_dir / "last.pth.tar")
     formed = snapshot_series.accumulate(series, solution)
     states, clamped = formed.states, formed.clamped
     sweep.finite_or_fail(states, [t.label for t in targets])
@@ -141,7 +142,10 @@ def evaluate_posthoc(s, info, device) -> int:
     dtype = evaluation_dtype(states[0], device, meta["eval_dtype"])
     fixed = [state for _, state in emas] + (tracked if raw is not None else tracked[1:])
     bank = WeightBank(model, fixed + states, dtype)
-    del tracked, formed, fixed, emas  # the bank holds them now
+    # What the run's trackers need of its last checkpoint (the rest is in the bank now).
+    last_run = ({k: last_ckpt.get(k) for k in ("args", "trackers", "counters")}
+                if last_ckpt else None)
+    del tracked, formed, fixed, emas, last_ckpt
     score = ScorePass(s, info, meta, data_config, device, model)
     for row, result in zip(rows, score(chooser, bank)):
         row.result = result
@@ -160,8 +164,7 @@ def evaluate_posthoc(s, info, device) -> int:
     best_file = sweep.best_checkpoint(meta, states[chosen], raw, parts, targets[chosen], series,
                                       dtype or torch.float32, protocol)
     write_posthoc(run_dir, arch, parts, protocol, best_file, len(series.snapshots))
-    # The run's trackers, if any: the table the choice was made on, and the pick.
-    tracking.log_posthoc(run_dir, last, rows, best, protocol.metric)
+    tracking.log_posthoc(run_dir, last_run, rows, best, protocol.metric)  # its trackers, if any
     return 0
 
 
@@ -182,50 +185,57 @@ def write_posthoc(run_dir: Path, arch: str, parts: list, protocol, best_file: di
 class Images:
     """Images of one split that a pass scores: its folder, its ImageFolder and which of its
     images (None: all)."""
-    split_dir: Path | str  # a folder, or how a --dataset split is named
+    split_dir: Path
     dataset: object
     indices: object = None
 
 
-def posthoc_images(s, protocol: selection.Protocol, meta: dict):
-    """The protocol with the splits named as found (`validation` may be the folder `val`), the
-    images that choose and those that report (None: the same ones), their classes checked
-    against the run's: before any weights are read."""
-    protocol, chooser, reporter = _posthoc_images(s, protocol, meta)
-    named = {"report_split": _name((reporter or chooser).split_dir),
-             "select_split": _name(chooser.split_dir)}
-    return dataclasses.replace(protocol, **named), chooser, reporter
-
-
-def _name(split_dir) -> str:
-    return split_dir.name if isinstance(split_dir, Path) else str(split_dir)
-
-
-def _posthoc_images(s, protocol: selection.Protocol, meta: dict):
-    classes = s.num_classes or meta.get("num_classes")
-    split_dir, dataset = open_split(s, classes)
+def posthoc_images(s, protocol: selection.Protocol, meta: dict) -> tuple[Images, Images | None]:
+    """The images that choose and those that report (None: the same ones), their class folders
+    checked against the run's: before any weights are read."""
+    num_classes = s.num_classes or meta.get("num_classes")
+    split_dir, dataset = open_split(s, num_classes)
     check_classes(meta, dataset, split_dir)
-    if protocol.separate and s.dataset.streaming:
+    if protocol.separate and s.dataset.streaming:  # its loader reads --split's shards only
         raise UserError("--select-split and --select-fraction need a map-style split (an "
                         "ImageFolder or a non-streaming --dataset): a stream has no fixed "
                         "images to divide")
     if protocol.mode == "split":
-        select_dir, chooser = open_split(s, classes, protocol.select_split)
-        if isinstance(select_dir, Path) and select_dir.resolve() == Path(split_dir).resolve():
+        select_dir, chooser = open_split(s, num_classes, protocol.select_split)
+        if same_split(select_dir, split_dir):
             raise UserError(f"--select-split {protocol.select_split} is {split_dir}, the split "
                             f"that is reported: choose on another split, or with "
-                            f"--select-fraction")  # `val` and `validation` name one folder
+                            f"--select-fraction")
         check_classes(meta, chooser, select_dir)
-        return protocol, Images(select_dir, chooser), Images(split_dir, dataset)
+        return Images(select_dir, chooser), Images(split_dir, dataset)
     if protocol.mode == "fraction":
-        targets = getattr(dataset, "targets", None)
-        if targets is None:
-            raise UserError(f"--select-fraction: {split_dir} does not list its labels up front, "
-                            f"which a stratified draw needs: use --select-split")
-        chosen, rest = selection.stratified_parts(targets, protocol.fraction, protocol.seed,
-                                                  getattr(dataset, "classes", None))
-        return protocol, Images(split_dir, dataset, chosen), Images(split_dir, dataset, rest)
-    return protocol, Images(split_dir, dataset), None
+        if getattr(dataset, "targets", None) is None:
+            raise UserError(f"--select-fraction needs a split whose labels are known before it "
+                            f"is read (a folder or a map-style --dataset), not {split_dir}: "
+                            f"choose on another split with --select-split")
+        chosen, rest = selection.stratified_parts(dataset.targets, protocol.fraction,
+                                                  protocol.seed, dataset.classes)
+        return Images(split_dir, dataset, chosen), Images(split_dir, dataset, rest)
+    return Images(split_dir, dataset), None
+
+
+def named_as_found(protocol: selection.Protocol, chooser: Images,
+                   reporter: Images | None) -> selection.Protocol:
+    """The protocol with its splits named as the folders found (timm's default `validation`
+    finds `val`), so the csv and the best file say which images they mean."""
+    def name(images: Images, asked: str) -> str:
+        return images.split_dir.name if isinstance(images.split_dir, Path) else asked
+    report = reporter or chooser
+    return dataclasses.replace(protocol, report_split=name(report, protocol.report_split),
+                               select_split=name(chooser, protocol.select_split))
+
+
+def same_split(a, b) -> bool:
+    """Two splits are one: the same folder (`val` and `validation` can name one), or the same
+    name of one --dataset."""
+    if isinstance(a, Path) and isinstance(b, Path):
+        return a.resolve() == b.resolve()
+    return str(a) == str(b)
 
 
 class ScorePass:

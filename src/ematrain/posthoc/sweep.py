@@ -135,9 +135,10 @@ def best_row(rows: list[Row], metric: str) -> int:
 @dataclass(frozen=True)
 class Part:
     """One scored table of the sweep: which images (`name`: same, selection or report), the
-    rows scored on them and the pick's index among them."""
+    rows scored on them and the pick's index among them. `split_dir`: the split's folder, or
+    for a --dataset split the words that name it."""
     name: str
-    split_dir: Path | str  # a folder, or how a --dataset split is named
+    split_dir: Path | str
     rows: list[Row]
     pick: int
 
