@@ -143,13 +143,11 @@ def _sample(timm: dict) -> list[str]:
 def test_a_refused_flag_is_named_with_its_reason():
     reasons = refused()
     assert reasons
-    for timm in [t for script in SCRIPTS for t in LISTING[script]]:
-        for script in SCRIPTS:
-            for flag in timm["options"]:
-                if (script, flag) not in reasons or timm not in LISTING[script]:
-                    continue
+    for script, parser in SCRIPTS.items():
+        for timm in LISTING[script]:
+            for flag in (f for f in timm["options"] if (script, f) in reasons):
                 with pytest.raises(UserError) as err:
-                    SCRIPTS[script]().parse_args([flag] + _sample(timm))
+                    parser().parse_args([flag] + _sample(timm))
                 message = " ".join(str(err.value).split())
                 assert flag in message, message
                 why = " ".join(re.sub(r"`", "", reasons[script, flag]).split())
