@@ -24,7 +24,7 @@ test: venv
 	$(VPY) -m pytest -q tests
 
 demo: venv
-	$(VPY) -m ematrain.demo
+	$(VPY) -m ematrain.cli.demo
 
 bench: venv
 	$(VPY) benchmarks/bench_ema.py

@@ -44,10 +44,9 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_name, load_line  # benchmarks/ is on the path of a script run from it
-
 import timm
 import torch
+from machine import cpu_name, load_line  # benchmarks/ is on the path of a script run from it
 from timm.utils import ModelEmaV2, ModelEmaV3
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 

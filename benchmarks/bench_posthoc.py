@@ -14,7 +14,7 @@ over the seeds, on the validation split at the end of training:
   validation, as a user makes it), and whether post-hoc best >= the best regular EMA;
 * cost: wall time of the training run with and without ``--model-ema-posthoc`` (interleaved,
   for the first seed), the time a snapshot holds the training loop (host copy and hand-over to
-  the writer, measured in-process around ``Training.take_snapshot``), disk per run, and the wall
+  the writer, measured in-process around ``Run.take_snapshot``), disk per run, and the wall
   time of ``validate.py --posthoc`` (reconstruction and one scoring pass for all weight sets).
 
 ``--fit`` instead prints the arithmetic behind the defaults (no training, a few seconds), as
@@ -46,7 +46,7 @@ DECAYS = ["0.99", "0.999", "0.9999"]
 
 def noisy_digits(root: Path, noise: float) -> Path:
     """The digits tree with `noise` of each training class moved to another class (seed 0)."""
-    from ematrain.demo_data import write_digits_imagefolder
+    from ematrain.data.digits import write_digits_imagefolder
     clean = write_digits_imagefolder(root / "clean")
     out = root / f"noisy{noise:g}"
     if out.exists():
@@ -92,18 +92,19 @@ def train_timed(args, data: Path, out: Path, seed: int, env: dict, posthoc: bool
 
 
 def train_child(argv: list[str]) -> int:
-    """train.main with Training.take_snapshot timed: what a snapshot costs the training loop."""
-    from ematrain import train
+    """train.py's main with `Run.take_snapshot` timed: what a snapshot costs the training loop."""
+    from ematrain.cli import train
+    from ematrain.run import parts
 
-    original = train.Training.take_snapshot
+    original = parts.Run.take_snapshot
 
     def timed(self):
         start = time.perf_counter()
-        due = self.run.posthoc is not None and self.run.posthoc.due(self.run.counters.num_updates)
+        due = self.snapshots is not None and self.snapshots.due(self.counters.num_updates)
         original(self)
         if due:
             print(f"HOLD {time.perf_counter() - start:.6f}", flush=True)
-    train.Training.take_snapshot = timed
+    parts.Run.take_snapshot = timed
     return train.main(argv)
 
 
@@ -205,9 +206,9 @@ def even_times(updates: int, count: int) -> list[int]:
 
 def fit_rows(updates: int = FIT_UPDATES, counts=FIT_COUNTS):
     """(sweep, [(count, fit errors, max sum |c|)]): the default sweep's fit per snapshot count."""
-    from ematrain.ema_schedules import sigma_rel_to_gamma as gamma
+    from ematrain.ema.schedules import sigma_rel_to_gamma as gamma
     from ematrain.posthoc import Profile, solve
-    from ematrain.posthoc_sweep import default_sigma_rels
+    from ematrain.posthoc.sweep import default_sigma_rels
     sweep = default_sigma_rels(FIT_TRACKED)
     rows = []
     for count in counts:
@@ -234,7 +235,7 @@ def fit_table() -> list[str]:
 
 def power_emas(thetas: np.ndarray, sigma_rels, at) -> dict[int, np.ndarray]:
     """float64 power EMAs of `thetas`, step by step: {t: array (profiles x size)} at steps `at`."""
-    from ematrain.ema_schedules import sigma_rel_to_gamma as gamma
+    from ematrain.ema.schedules import sigma_rel_to_gamma as gamma
     gammas = np.array([gamma(s) for s in sigma_rels])[:, None]
     ema, out = np.repeat(thetas[:1], len(gammas), axis=0), {}
     for t in range(1, len(thetas)):
@@ -258,7 +259,7 @@ def dtype_errors(walk: np.ndarray, count: int, dtypes) -> dict:
     (so the fit error itself cancels out)."""
     import torch
 
-    from ematrain.ema_schedules import sigma_rel_to_gamma as gamma
+    from ematrain.ema.schedules import sigma_rel_to_gamma as gamma
     from ematrain.posthoc import Profile, solve
     updates = len(walk) - 1
     times = list(range(updates // count, updates + 1, updates // count))

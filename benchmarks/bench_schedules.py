@@ -1,6 +1,6 @@
 """Benchmark EMA schedules, BatchNorm policies and switch-EMA on digits with noisy labels.
 
-The data is scikit-learn's digits written by ``ematrain.demo_data`` with 30% of the training
+The data is scikit-learn's digits written by ``ematrain.data.digits`` with 30% of the training
 labels moved to another class (``--label-noise``; validation labels are true), so the raw weights
 of a run are noisy. Every variant trains the same model with the same seeds; only the EMA
 settings differ:
@@ -56,7 +56,7 @@ def top1_columns(header: list[str]) -> list[str]:
 
 def one_run(data: Path, out: Path, variant: str, seed: int, epochs: int) -> list[tuple]:
     """(final, best) top-1 of raw and each EMA for one run."""
-    from ematrain import train
+    from ematrain.cli import train
     argv = [str(data), *COMMON, *VARIANTS[variant], "--epochs", str(epochs), "--seed", str(seed),
             "--output", str(out), "--experiment", f"{variant.replace(' ', '-')}-{seed}"]
     with contextlib.redirect_stdout(sys.stderr):  # the epoch lines; stdout is the table
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
-    from ematrain.demo_data import write_digits_imagefolder
+    from ematrain.data.digits import write_digits_imagefolder
     torch.set_num_threads(args.threads)
     data = Path(args.data or REPO / "data" / f"digits-noisy{round(100 * args.label_noise)}")
     write_digits_imagefolder(data, seed=0, label_noise=args.label_noise)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_name, load_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-IMPORT = ("import time, sys; t = time.perf_counter(); {pause}import ematrain.train; "
+IMPORT = ("import time, sys; t = time.perf_counter(); {pause}import ematrain.cli.train; "
           "print(time.perf_counter() - t)")
 
 

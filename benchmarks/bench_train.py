@@ -24,7 +24,7 @@ flags: ``--model resnet18 -b 32 -j 2 --epochs 3 --opt sgd --lr 0.05 --sched cosi
 --warmup-epochs 1 --checkpoint-hist 1 --device cpu --img-size 32 --num-classes <classes>``, the
 same environment (``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` = ``--threads``) and each a fresh
 ``--output`` folder in a temporary directory. The data is scikit-learn's digits written as an
-ImageFolder tree at 32 px (``ematrain.demo_data.write_digits_imagefolder``).
+ImageFolder tree at 32 px (``ematrain.data.digits.write_digits_imagefolder``).
 
 A round runs every variant once; the order alternates forwards and backwards from round to
 round (A B C ... then ... C B A), so a slow drift of the machine hits both sides of a ratio alike.
@@ -304,10 +304,10 @@ def prepare_data(args) -> tuple[Path, int]:
     data = args.data
     if data is None:
         try:
-            from ematrain.demo_data import write_digits_imagefolder
+            from ematrain.data.digits import write_digits_imagefolder
         except ImportError:  # run from a checkout without installing
             sys.path.insert(0, str(args.repo / "src"))
-            from ematrain.demo_data import write_digits_imagefolder
+            from ematrain.data.digits import write_digits_imagefolder
         data = write_digits_imagefolder(args.repo / "data" / "digits")
     data = data.resolve()
     for split in ("train", "val"):

@@ -43,7 +43,7 @@ def no_sync_steps(steps: int) -> bool:
     import timm
 
     from ematrain.ema import ModelEma
-    from ematrain.engine import Recipe, train_step
+    from ematrain.run.step import Recipe, train_step
     section(f"no host sync in {steps} training steps with an EMA")
     ok = True
     for where in ("cuda", "cpu"):
@@ -88,12 +88,13 @@ def one_epoch_runs(images_per_class: int) -> bool:
 def _timed_run(data: Path, out: Path, extra: list[str]) -> bool:
     script = ("import sys, time, torch\n"
               f"sys.path.insert(0, {str(ROOT / 'src')!r})\n"
-              "from ematrain import engine, train\n"
-              "times, real = [], engine.train_step\n"
+              "from ematrain.cli import train\n"
+              "from ematrain.run import loop\n"
+              "times, real = [], loop.train_step\n"
               "def timed(*a, **k):\n"
               "    torch.cuda.synchronize(); t = time.perf_counter(); r = real(*a, **k)\n"
               "    torch.cuda.synchronize(); times.append(time.perf_counter() - t); return r\n"
-              "engine.train_step = timed\n"
+              "loop.train_step = timed\n"
               "rc = train.main(sys.argv[1:])\n"
               "times = sorted(times[3:]) or [float('nan')]\n"
               "print(f'RESULT peak_mem_gib={torch.cuda.max_memory_allocated() / 2**30:.2f} '\n"

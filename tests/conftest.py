@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-
 import contextlib
 import io
 import logging
@@ -212,7 +211,7 @@ def run_jobs(jobs: dict, as_process: Sequence[str] = (), workers: int = 2) -> di
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from ematrain import train, validate
+    from ematrain.cli import train, validate
     entry_points = {"train.py": train.main, "validate.py": validate.main}
     with pytest.MonkeyPatch.context() as mp, torch_threads(1):
         mp.setenv("OMP_NUM_THREADS", "1")
@@ -224,6 +223,19 @@ def run_jobs(jobs: dict, as_process: Sequence[str] = (), workers: int = 2) -> di
                     for name, (script, args) in jobs.items() if name not in as_process}
             done.update((name, f.result()) for name, f in futures.items())
     return done
+
+
+def tiny_args(*extra, batch: int | None = 4, epochs: int | None = 1, lr: str | None = "0.05",
+              warmup: int | None = 0, workers: int | None = 0, size: int = 32) -> list[str]:
+    """The flags of the tiny runs the tests train: timm's `test_resnet` at `size` px, batch
+    `batch`, `epochs` epochs, `--lr`, no LR warmup, loaders in the main process (`-j 0`); a
+    keyword given as None leaves its flag out (train.py's default holds). `extra` follows."""
+    args = ["--model", "test_resnet", "--img-size", str(size)]
+    for flag, value in (("-b", batch), ("-j", workers), ("--epochs", epochs),
+                        ("--warmup-epochs", warmup), ("--lr", lr)):
+        if value is not None:
+            args += [flag, str(value)]
+    return args + [str(a) for a in extra]
 
 
 @pytest.fixture(scope="session")
@@ -244,8 +256,8 @@ def one_thread_no_plots(monkeypatch):
     """One torch thread (on a shared 2-core machine oversubscribed threads are several times
     slower), and no curves.png, which costs a matplotlib import per epoch where it is not under
     test. Use with ``pytestmark = pytest.mark.usefixtures("one_thread_no_plots")``."""
-    from ematrain import outputs
-    monkeypatch.setattr(outputs.CurveRenderer, "submit", lambda *a, **k: None)
+    from ematrain.run import curves
+    monkeypatch.setattr(curves.CurveRenderer, "submit", lambda *a, **k: None)
     with torch_threads(1):
         yield
 
@@ -259,9 +271,9 @@ def tiny_data(tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- runs in-process
 def make_training(argv):
     """The `Training` train.py would run for `argv` (no resume), built in this process."""
-    from ematrain.build import build_run
-    from ematrain.settings import train_settings
-    from ematrain.train import Training
+    from ematrain.run.build import build_run
+    from ematrain.run.training import Training
+    from ematrain.settings.train_specs import train_settings
     return Training(build_run(train_settings([str(a) for a in argv])))
 
 
@@ -282,7 +294,8 @@ def assert_files_agree_with_records(run_dir: Path) -> None:
     """The best and history files hold the epochs that last.pth.tar's records name, no other
     history file is left, and no mid-epoch recovery file outlives the epoch's end."""
     import torch
-    from ematrain.weightsets import weight_sets
+
+    from ematrain.run.weight_sets import weight_sets
     last = torch.load(run_dir / "last.pth.tar", weights_only=True)
     best = last["keeper"]["best"]
     meta = last.get("ema") or {}

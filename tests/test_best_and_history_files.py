@@ -9,17 +9,16 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_files_agree_with_records, run_in_process, torch_threads
+from conftest import assert_files_agree_with_records, run_in_process, tiny_args, torch_threads
 
-from ematrain import train
-from ematrain.keeper import LAST, CheckpointKeeper, history_name
-from ematrain.weightsets import weight_sets
+from ematrain.cli import train
+from ematrain.run.keeper import LAST, CheckpointKeeper, history_name
+from ematrain.run.weight_sets import weight_sets
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
 
-ARGS = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs",
-        "0", "--lr", "0.05", "--epochs", "3", "--seed", "1", "--model-ema", "--model-ema-decay",
-        "0.9", "--checkpoint-hist", "3", "--experiment", "run"]
+ARGS = tiny_args("--seed", "1", "--model-ema", "--model-ema-decay", "0.9", "--checkpoint-hist", "3",
+                 "--experiment", "run", epochs=3)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +70,7 @@ def test_a_stale_best_file_of_a_finished_run_is_repaired_by_its_resume(finished,
 
 def test_a_stale_best_file_is_repaired_by_a_resume_in_the_middle_of_an_epoch(
         finished, tmp_path, monkeypatch):
-    from ematrain import signals
+    from ematrain.util import signals
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
     monkeypatch.setattr(signals.StopRequest, "__call__", lambda self: True)

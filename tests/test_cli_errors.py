@@ -2,7 +2,7 @@
 before it creates anything in the output folder.
 
 All cases run once in a module fixture; each test asserts on one of them. Most run in-process
-through ``ematrain.train.main(argv)`` (captured as a process would be: see
+through ``ematrain.cli.train.main(argv)`` (captured as a process would be: see
 ``conftest.run_in_process``); a few run the real ``train.py`` script in a subprocess, concurrently,
 to show the entry point behaves the same at the process level (no traceback, one line).
 """
@@ -13,14 +13,13 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import make_imagefolder, run_cli, run_in_process, run_jobs, torch_threads
+from conftest import make_imagefolder, run_cli, run_in_process, run_jobs, tiny_args, torch_threads
 
-from ematrain import train
-from ematrain.errors import UserError
-from ematrain.settings import train_settings
+from ematrain.cli import train
+from ematrain.settings.train_specs import train_settings
+from ematrain.util.errors import UserError
 
-COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--warmup-epochs", "0",
-          "--lr", "0.05", "-j", "0", "--epochs", "1"]
+COMMON = tiny_args(batch=16)
 
 # Cases run as `python train.py ...`: a refusal before any data is read (pays the full import
 # at the process level, so import-time warnings would show) and a failure inside forked
@@ -321,7 +320,7 @@ def test_hidden_files_and_folders_are_skipped_and_counted(tmp_path):
 
 
 def test_an_unreadable_folder_is_named_with_its_reason(tmp_path, monkeypatch):
-    from ematrain import data as data_mod
+    from ematrain.data import folders as data_mod
     data = small_tree(tmp_path / "d")
     locked = data / "train" / "class_1"
     locked.chmod(0)

@@ -15,8 +15,8 @@ import torch
 import yaml
 from conftest import REPO_ROOT, make_training, run_epochs
 
-from ematrain.errors import UserError
-from ematrain.settings import train_settings
+from ematrain.settings.train_specs import train_settings
+from ematrain.util.errors import UserError
 
 CONFIGS = REPO_ROOT / "configs"
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
@@ -27,11 +27,6 @@ SHRINK = ["--img-size", "32", "-b", "4", "--epochs", "1", "-j", "0"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
-
-
-@pytest.fixture(scope="module")
-def data(small_data):
-    return small_data
 
 
 def recipe(name: str) -> dict:
@@ -63,54 +58,56 @@ def test_recipes_present():
 
 
 @pytest.mark.parametrize("name", RECIPES)
-def test_recipe_keys_applied(data, name):
+def test_recipe_keys_applied(small_data, name):
     values = recipe(name)
     assert isinstance(values, dict) and values
-    args = train_settings([str(data), "-c", str(CONFIGS / name)]).args
+    args = train_settings([str(small_data), "-c", str(CONFIGS / name)]).args
     assert_applied(args, values)
     # Command-line flags win over the recipe; the other keys still apply.
-    args = train_settings([str(data), "-c", str(CONFIGS / name), "--epochs", "1", "-b", "2"]).args
+    args = train_settings([str(small_data), "-c", str(CONFIGS / name), "--epochs", "1",
+                           "-b", "2"]).args
     assert args.epochs == 1 and args.batch_size == 2
     assert_applied(args, values, skip=("epochs", "batch_size"))
 
 
 @pytest.mark.parametrize("name", RECIPES)
-def test_recipe_trains_when_shrunk(data, tmp_path, name):
+def test_recipe_trains_when_shrunk(small_data, tmp_path, name):
     values = recipe(name)
-    argv = [str(data), "-c", str(CONFIGS / name), *tiny_flags(name)]
+    argv = [str(small_data), "-c", str(CONFIGS / name), *tiny_flags(name)]
     args = train_settings(argv).args
     overridden = {"model", "img_size", "batch_size", "epochs", "workers", "model_kwargs"}
     assert_applied(args, values, skip=overridden)
     tr = make_training(argv)
     run = tr.run
     if values.get("model_ema"):
-        assert run.ema is not None
-        assert run.ema.decays == pytest.approx(values.get("model_ema_decay", [0.9998]))
-        assert (run.ema.schedule.name == "timm") == bool(values.get("model_ema_warmup", False))
+        assert run.emas.regular is not None
+        assert run.emas.regular.decays == pytest.approx(values.get("model_ema_decay", [0.9998]))
+        warmup = bool(values.get("model_ema_warmup", False))
+        assert (run.emas.regular.schedule.name == "timm") == warmup
     if values.get("mixup") or values.get("cutmix"):
         assert run.mixup_fn is not None and run.mixup_fn.mixup_alpha == values.get("mixup", 0.0)
     if values.get("amp"):
         assert str(run.precision.autocast) == f"torch.{values.get('amp_dtype', 'float16')}"
     assert type(run.optimizer).__name__.lower().startswith(values.get("opt", "sgd"))
     before = {k: v.detach().clone() for k, v in run.module.state_dict().items()}
-    shadow = ({k: v.clone() for k, v in run.ema.shadow_state_dict(0).items()}
-              if run.ema is not None else None)
+    shadow = ({k: v.clone() for k, v in run.emas.regular.shadow_state_dict(0).items()}
+              if run.emas.regular is not None else None)
     row = run_epochs(tr, tmp_path)[0]
     assert math.isfinite(row["train_loss"]) and math.isfinite(row["eval_loss"])
     after = run.module.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before
                if before[k].is_floating_point()), "no weight changed"
     if shadow is not None:
-        now = run.ema.shadow_state_dict(0)
+        now = run.emas.regular.shadow_state_dict(0)
         assert any(not torch.equal(shadow[k], now[k]) for k in shadow
                    if shadow[k].is_floating_point()), "EMA did not move"
     assert (tmp_path / "last.pth.tar").is_file()
 
 
-def test_vit_recipe_builds_its_real_model(data):
+def test_vit_recipe_builds_its_real_model(small_data):
     """The recipe as written (real ViT-S/16 at 224 px) builds: model, layer decay, transforms."""
     values = recipe("vit-small-mixup.yaml")
-    run = make_training([data, "-c", CONFIGS / "vit-small-mixup.yaml", "-j", "0"]).run
+    run = make_training([small_data, "-c", CONFIGS / "vit-small-mixup.yaml", "-j", "0"]).run
     assert run.data.data_config["input_size"] == (3, 224, 224)
     assert type(run.model).__name__ == "VisionTransformer" and len(run.model.blocks) == 12
     assert run.model.blocks[-1].drop_path1.drop_prob == pytest.approx(values["drop_path"])

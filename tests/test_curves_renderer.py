@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from ematrain import outputs
-from ematrain.logs import log
-from ematrain.weightsets import weight_sets
+from ematrain.run import curves
+from ematrain.run import summary as summary_mod
+from ematrain.run.weight_sets import weight_sets
+from ematrain.util.logs import log
 
 
 class _Lines(logging.Handler):
@@ -20,7 +21,7 @@ class _Lines(logging.Handler):
 
 def test_a_renderer_that_dies_is_said_and_started_again(tmp_path):
     sets = weight_sets([0.9])
-    summary = outputs.Summary(sets)
+    summary = summary_mod.Summary(sets)
     for epoch in range(2):
         summary.add(epoch, 0.1, 1.0 - epoch / 4,
                     {s.name: {"loss": 1.0, "top1": 50.0 + epoch, "top5": 100.0} for s in sets})
@@ -29,7 +30,7 @@ def test_a_renderer_that_dies_is_said_and_started_again(tmp_path):
     elsewhere.mkdir()
     lines = _Lines()
     log.addHandler(lines)
-    renderer = outputs.CurveRenderer()
+    renderer = curves.CurveRenderer()
     try:
         renderer.submit(elsewhere, sets)  # starts the renderer (nothing to draw there)
         renderer._process.kill()

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import make_imagefolder, make_training
 
-from ematrain.data import EpochSampler, SeededSamples
-from ematrain.errors import UserError
-from ematrain.settings import train_settings
+from ematrain.data.samplers import EpochSampler, SeededSamples
+from ematrain.settings.train_specs import train_settings
+from ematrain.util.errors import UserError
 
 
 def test_without_repeats_each_epoch_is_a_seeded_permutation():

@@ -11,7 +11,7 @@ import sklearn  # noqa: F401  (the test extra pulls in the demo extra; fail loud
 from conftest import make_imagefolder
 from PIL import Image
 
-from ematrain.demo_data import MARKER, write_digits_imagefolder
+from ematrain.data.digits import MARKER, write_digits_imagefolder
 
 DIGIT_CLASSES = [str(d) for d in range(10)]
 DIGITS_TOTAL = 1797

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, make_imagefolder
+from conftest import REPO_ROOT, make_imagefolder, tiny_args
 
 import ematrain
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "--warmup-epochs", "0",
-        "--lr", "0.05", "-j", "0", "--model-ema", "--model-ema-decay", "0.9"]
+TINY = tiny_args("--model-ema", "--model-ema-decay", "0.9", batch=8, epochs=None)
 
 
 def torchrun(*args, nproc=2, timeout=300):

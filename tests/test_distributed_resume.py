@@ -9,14 +9,12 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, make_imagefolder
+from conftest import REPO_ROOT, make_imagefolder, tiny_args
 
 # 3 x 12 = 36 images, 18 per process, batch 4: 4 optimizer steps per epoch, 8 in all. Recovery
 # saves at updates 2 and 6 (epoch 1, step 2); a snapshot at every step.
-ARGS = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--epochs", "2",
-        "--warmup-epochs", "0", "--lr", "0.05", "--seed", "5", "--model-ema",
-        "--model-ema-decay", "0.9", "--model-ema-posthoc", "--model-ema-snapshot-every", "1it",
-        "--recovery-interval", "2"]
+ARGS = tiny_args("--seed", "5", "--model-ema", "--model-ema-decay", "0.9", "--model-ema-posthoc",
+                 "--model-ema-snapshot-every", "1it", "--recovery-interval", "2", epochs=2)
 
 # Rank 1 waits after update 7 (epoch 1, step 3) until rank 0 has written the recovery file of
 # update 6, then kills itself (SIGKILL): the resume starts from the middle of epoch 1, where the
@@ -25,9 +23,10 @@ HOOK = """
 import os, signal, sys, time
 sys.path.insert(0, {src!r})
 import torch
-from ematrain import build, train
+from ematrain.cli import train
+from ematrain.run import parts
 
-real = build.Run.take_snapshot
+real = parts.Run.take_snapshot
 
 def take_snapshot(self):
     real(self)
@@ -45,7 +44,7 @@ def take_snapshot(self):
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
 
-build.Run.take_snapshot = take_snapshot
+parts.Run.take_snapshot = take_snapshot
 sys.exit(train.main())
 """
 

@@ -1,5 +1,5 @@
-"""The shadows' BatchNorm policy and switch-EMA (`ematrain.ema_policies`), the horizon lines of
-the start-up log and the final advice (`ematrain.ema_horizons`).
+"""The shadows' BatchNorm policy and switch-EMA (`ematrain.ema.policies`), the horizon lines of
+the start-up log and the final advice (`ematrain.ema.horizons`).
 
 The recalibration reference is computed here by hand in float64: a BatchNorm after a Linear
 layer sees ``x @ W.T + b`` of the *shadow's* W and b, so its recalibrated running mean is the
@@ -11,18 +11,17 @@ import math
 
 import pytest
 import torch
-from conftest import run_in_process, torch_threads
+from conftest import run_in_process, tiny_args, torch_threads
 from torch import nn
 
-from ematrain import train
+from ematrain.cli import train
 from ematrain.ema import ModelEma
-from ematrain.ema_horizons import RunLength, advice, startup_lines
-from ematrain.ema_policies import ShadowPolicy, copy_statistics, recalibrate, switch_to_shadow
+from ematrain.ema.horizons import RunLength, advice, startup_lines
+from ematrain.ema.policies import ShadowPolicy, copy_statistics, recalibrate, switch_to_shadow
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs", "0",
-        "--lr", "0.05", "--seed", "5", "--model-ema-decay", "0.8"]
+TINY = tiny_args("--seed", "5", "--model-ema-decay", "0.8", epochs=None)
 
 
 def bn_net() -> nn.Module:
@@ -193,8 +192,7 @@ def test_advice_names_the_long_ema_and_a_setting():
 ])
 def test_advice_never_proposes_a_horizon_under_a_few_updates_or_the_one_it_had(
         per_epoch, epochs, decay, every):
-    from ematrain.ema_horizons import MIN_ADVISED_UPDATES
-    from ematrain.ema_schedules import effective_half_lives
+    from ematrain.ema.horizons import MIN_ADVISED_UPDATES, effective_half_lives
     ema = ModelEma(bn_net(), decay=decay, every=every)
     length = RunLength(steps_per_epoch=per_epoch, total_steps=per_epoch * epochs,
                        images_per_step=32)

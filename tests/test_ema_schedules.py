@@ -1,4 +1,4 @@
-"""EMA schedules (`ematrain.ema_schedules`) against float64 references written here.
+"""EMA schedules (`ematrain.ema.schedules`) against float64 references written here.
 
 Each reference computes the shadow as an explicit weighted sum of the model's iterates (not the
 recursion ModelEma runs): constant and timm from their decay products, debias as the normalised
@@ -18,16 +18,15 @@ from conftest import torch_threads
 from torch import nn
 
 from ematrain.ema import ModelEma
-from ematrain.ema_schedules import (
+from ematrain.ema.horizons import effective_half_lives, start_shares
+from ematrain.ema.schedules import (
     Constant,
     Debias,
     Power,
     TimmWarmup,
-    effective_half_lives,
     gamma_to_sigma_rel,
     make_schedule,
     sigma_rel_to_gamma,
-    start_shares,
 )
 
 STEPS = 60

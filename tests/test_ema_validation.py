@@ -9,27 +9,27 @@ import math
 import pytest
 import timm
 import torch
-from conftest import make_imagefolder, torch_threads
+from conftest import make_imagefolder, tiny_args, torch_threads
 
-from ematrain import data
-from ematrain import train as train_mod
+from ematrain.cli import train as train_mod
+from ematrain.data import folders, loaders, transforms
 from ematrain.ema import ModelEma, WeightSwapper, half_life_from_decay
-from ematrain.engine import validate
-from ematrain.settings import train_settings
+from ematrain.run.evaluation import validate
+from ematrain.settings.train_specs import train_settings
 
 
 @pytest.fixture(scope="module")
 def val_loader(tmp_path_factory):
     root = make_imagefolder(tmp_path_factory.mktemp("emaval") / "d", num_classes=3,
                             train_per_class=2, val_per_class=7)
-    dataset = data.load_image_folder(root / "val")
+    dataset = folders.load_image_folder(root / "val")
     config = {"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3,
               "std": (0.5,) * 3, "crop_pct": 1.0, "crop_mode": "center"}
-    dataset.transform = data.eval_transform(config)
-    return data.make_loader(dataset, batch_size=4, workers=0, shuffle=False, seed=0)
+    dataset.transform = transforms.eval_transform(config)
+    return loaders.make_loader(dataset, batch_size=4, workers=0, shuffle=False, seed=0)
 
 
-NORMALIZE = data.Normalize((0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+NORMALIZE = transforms.Normalize((0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
 
 
 def _trained_pair(decays, device=None):
@@ -107,19 +107,13 @@ def test_half_life_in_steps_counts_optimizer_steps(tmp_path):
     assert math.log(0.5) / math.log(decay) == pytest.approx(10, rel=1e-12)
 
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--epochs", "1",
-        "--warmup-epochs", "0", "--lr", "0.05", "-j", "0"]
-
-
-@pytest.fixture(scope="module")
-def data_root(small_data):
-    return small_data
+TINY = tiny_args()
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
-def test_shadow_in_another_dtype_trains_and_validates(data_root, tmp_path, capsys, dtype):
+def test_shadow_in_another_dtype_trains_and_validates(small_data, tmp_path, capsys, dtype):
     with torch_threads(1):
-        rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment", "d",
+        rc = train_mod.main([str(small_data), *TINY, "--output", str(tmp_path), "--experiment", "d",
                              "--model-ema-decay", "0.5", "--model-ema-dtype", dtype])
     assert rc == 0, capsys.readouterr().err
     rows = list(csv.DictReader(open(tmp_path / "d/summary.csv")))
@@ -128,23 +122,23 @@ def test_shadow_in_another_dtype_trains_and_validates(data_root, tmp_path, capsy
     assert ckpt["state_dict_ema"]["fc.weight"].dtype == getattr(torch, dtype)
 
 
-def test_low_precision_shadow_that_cannot_move_is_warned(data_root, tmp_path, capsys):
+def test_low_precision_shadow_that_cannot_move_is_warned(small_data, tmp_path, capsys):
     logging.getLogger("ematrain").handlers.clear()  # log to this test's captured stderr
     with torch_threads(1):
-        assert train_mod.main([str(data_root), *TINY, "--model-ema-dtype", "bfloat16",
+        assert train_mod.main([str(small_data), *TINY, "--model-ema-dtype", "bfloat16",
                                "--output", str(tmp_path)]) == 0
     assert "below the dtype's precision" in capsys.readouterr().err
 
 
-def test_half_life_shadows_are_named_as_asked_everywhere(data_root, tmp_path, capsys):
+def test_half_life_shadows_are_named_as_asked_everywhere(small_data, tmp_path, capsys):
     """--model-ema-half-life 0.5ep 2ep: `ema hl0.5ep` and `ema hl2ep` in the epoch line,
     summary.csv, curves and the final report; validate.py finds them by that name, by the
     half-life alone or by the decay to the digits typed, and says the name; the decays stay in
     the checkpoint."""
-    from ematrain import validate as validate_mod
+    from ematrain.cli import validate as validate_mod
     logging.getLogger("ematrain").handlers.clear()
     with torch_threads(1):
-        rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment", "h",
+        rc = train_mod.main([str(small_data), *TINY, "--output", str(tmp_path), "--experiment", "h",
                              "--model-ema-half-life", "0.5ep", "2ep"])
     out = capsys.readouterr()
     assert rc == 0, out.err
@@ -161,14 +155,14 @@ def test_half_life_shadows_are_named_as_asked_everywhere(data_root, tmp_path, ca
     for pick in (["--ema-decay", "hl2ep"], ["--ema-decay", "2ep"], ["--ema-decay", typed],
                  ["--ema-index", "1"]):
         with torch_threads(1):
-            rc = validate_mod.main([str(data_root), "--checkpoint",
+            rc = validate_mod.main([str(small_data), "--checkpoint",
                                     str(tmp_path / "h/last.pth.tar"), "-j", "0", *pick])
         printed = capsys.readouterr()
         assert rc == 0, printed.err
         assert "(ema hl2ep) on " in printed.out, pick
         assert f"top1 {float(rows[-1]['emahl2ep_eval_top1']):.4f}" in printed.out, pick
     with torch_threads(1):
-        rc = validate_mod.main([str(data_root), "--checkpoint", str(tmp_path / "h/last.pth.tar"),
+        rc = validate_mod.main([str(small_data), "--checkpoint", str(tmp_path / "h/last.pth.tar"),
                                 "-j", "0", "--ema-decay", "hl9ep"])
     err = capsys.readouterr().err
     assert rc == 2 and "has no EMA hl9ep (it has: hl0.5ep (decay 0.793701), hl2ep (decay" in err

@@ -25,11 +25,12 @@ import contextlib
 from pathlib import Path
 
 import pytest
-from conftest import make_imagefolder, run_in_process, torch_threads
+from conftest import make_imagefolder, run_in_process, tiny_args, torch_threads
 
-from ematrain import train, validate
-from ematrain.cli import run_main
-from ematrain.flags import train_parser, validate_parser
+from ematrain.cli import run_main, validate
+from ematrain.cli import train as train_mod
+from ematrain.run import training
+from ematrain.settings.flags import train_parser, validate_parser
 
 MISTYPED = ("0", "-1", "1e-200", "1e308", "inf", "nan", "", "word", "99999999999999999999")
 HUGE = 10_000
@@ -124,29 +125,28 @@ def world(tmp_path_factory):
         mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         mp.chdir(base)  # a relative --output of a case lands here, never in the checkout
         run = base / "runs" / "r"
-        r = run_in_process(train.main, "train.py", data, *TRAIN_BASE[1:], "--epochs", "2",
+        r = run_in_process(train_mod.main, "train.py", data, *TRAIN_BASE[1:], "--epochs", "2",
                            "--model-ema", "--model-ema-posthoc", "--output", run.parent,
                            "--experiment", run.name)
         assert r.returncode == 0, r.stderr[-2000:]
         yield {"data": data, "run": run, "base": base}
 
 
-TRAIN_BASE = ["DATA", "--model", "test_resnet", "--img-size", "32", "-b", "2", "-j", "0",
-              "--epochs", "1", "--warmup-epochs", "0"]
+TRAIN_BASE = ["DATA", *tiny_args(batch=2, lr=None)]
 
 
 def train_check(argv: list[str], out: Path | None):
     """train.py up to the start of training: settings and the run's parts; with `out`, one epoch
     of one step too (its validation, scheduler step and summary row)."""
-    from ematrain.build import build_run
-    from ematrain.settings import resolve_train
+    from ematrain.run.build import build_run
+    from ematrain.settings.train_specs import resolve_train
 
     def body(args):
         settings, source = resolve_train(args)
         run = build_run(settings, resuming=source is not None)
         if out is None:
             return 0
-        tr = train.Training(run, source)
+        tr = training.Training(run, source)
         tr.run_dir = run.keeper.run_dir = out
         out.mkdir(parents=True)
         # The checkpoint is formed (ckpt_io.save) but not written: its writing, half of the

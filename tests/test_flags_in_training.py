@@ -20,19 +20,19 @@ import timm
 import timm.optim
 import torch
 import yaml
-from conftest import make_training, run_cli, run_epochs
+from conftest import make_training, run_cli, run_epochs, tiny_args
 from torch import nn
 
-from ematrain import checkpoint as ckpt_io
-from ematrain import outputs
-from ematrain.build import build_mixup, build_optimizer, build_scheduler, build_train_loss
-from ematrain.errors import UserError
-from ematrain.models import unwrap_model
-from ematrain.settings import train_settings
-from ematrain.train import Training
+from ematrain.checkpoint import files, schema
+from ematrain.run import summary as outputs
+from ematrain.run.build import build_mixup, build_train_loss
+from ematrain.run.optimizer import build_optimizer, build_scheduler
+from ematrain.run.training import Training
+from ematrain.settings.train_specs import train_settings
+from ematrain.util.errors import UserError
+from ematrain.util.modules import unwrap_model
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0",
-        "--warmup-epochs", "0", "--epochs", "1"]
+TINY = tiny_args(lr=None)
 STEPS = 6  # 3 classes x 8 training images / batch 4: optimizer steps per epoch
 
 
@@ -40,17 +40,12 @@ STEPS = 6  # 3 classes x 8 training images / batch 4: optimizer steps per epoch
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
 
 
-@pytest.fixture(scope="module")
-def data(small_data):
-    return small_data
+def make_trainer(small_data, *extra, base=TINY) -> Training:
+    return make_training([small_data, *base, *extra])
 
 
-def make_trainer(data, *extra, base=TINY) -> Training:
-    return make_training([data, *base, *extra])
-
-
-def settings(data, *extra):
-    return train_settings([str(data), *TINY, *map(str, extra)])
+def settings(small_data, *extra):
+    return train_settings([str(small_data), *TINY, *map(str, extra)])
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -159,8 +154,8 @@ def test_help_lists_flags_in_groups(capsys):
 
 
 # ----------------------------------------------------------------------------- precision
-def test_amp_bfloat16_autocasts_training_and_validation(data, tmp_path):
-    tr = make_trainer(data, "--amp", "--amp-dtype", "bfloat16")
+def test_amp_bfloat16_autocasts_training_and_validation(small_data, tmp_path):
+    tr = make_trainer(small_data, "--amp", "--amp-dtype", "bfloat16")
     assert tr.run.precision.autocast == torch.bfloat16 and tr.run.scaler is None
     seen = {True: set(), False: set()}
     first_conv(tr.run.model).register_forward_hook(
@@ -176,17 +171,17 @@ def test_amp_bfloat16_autocasts_training_and_validation(data, tmp_path):
     assert all(p.dtype == torch.float32 for p in tr.run.model.parameters())
 
 
-def test_no_amp_runs_float32(data, tmp_path):
-    tr = make_trainer(data)
+def test_no_amp_runs_float32(small_data, tmp_path):
+    tr = make_trainer(small_data)
     seen = set()
     first_conv(tr.run.model).register_forward_hook(lambda m, i, o: seen.add(o.dtype))
     run_epochs(tr, tmp_path)
     assert seen == {torch.float32} and tr.run.precision.autocast is None
 
 
-def test_amp_float16_on_cpu_refused(data):
+def test_amp_float16_on_cpu_refused(small_data):
     with pytest.raises(UserError, match="float16") as exc:
-        make_trainer(data, "--amp", "--amp-dtype", "float16", "--device", "cpu")
+        make_trainer(small_data, "--amp", "--amp-dtype", "float16", "--device", "cpu")
     assert exc.value.exit_code == 2
 
 
@@ -196,8 +191,8 @@ def test_amp_dtype_choices_are_timms():
     assert train_settings(["d"]).precision.amp_dtype == "float16"  # timm's default
 
 
-def test_channels_last(data, tmp_path):
-    tr = make_trainer(data, "--channels-last")
+def test_channels_last(small_data, tmp_path):
+    tr = make_trainer(small_data, "--channels-last")
     convs = [m for m in tr.run.model.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     layouts = []
@@ -213,26 +208,27 @@ def test_channels_last(data, tmp_path):
     assert not any(c for _, _, c in layouts), "inputs still NCHW-contiguous"
 
 
-def test_without_channels_last_inputs_are_nchw(data, tmp_path):
-    tr = make_trainer(data)
+def test_without_channels_last_inputs_are_nchw(small_data, tmp_path):
+    tr = make_trainer(small_data)
     layouts = []
     tr.run.model.register_forward_pre_hook(lambda m, a: layouts.append(a[0].is_contiguous()))
     run_epochs(tr, tmp_path)
     assert layouts and all(layouts)
 
 
-def test_torchcompile_eager(data, tmp_path):
-    tr = make_trainer(data, "--torchcompile", "eager", "--model-ema", "--model-ema-decay", "0.9")
+def test_torchcompile_eager(small_data, tmp_path):
+    tr = make_trainer(small_data, "--torchcompile", "eager", "--model-ema", "--model-ema-decay",
+                      "0.9")
     assert isinstance(tr.run.model, torch._dynamo.eval_frame.OptimizedModule)
     assert tr.run.settings.args.torchcompile == "eager"
     before = snapshot(tr.run.model)
-    ema_before = {k: v.clone() for k, v in tr.run.ema.shadow_state_dict(0).items()}
+    ema_before = {k: v.clone() for k, v in tr.run.emas.regular.shadow_state_dict(0).items()}
     rows = run_epochs(tr, tmp_path)
     assert math.isfinite(rows[0]["train_loss"]) and changed(before, tr.run.model)
-    assert tr.run.ema.steps == STEPS
-    assert any(not torch.equal(ema_before[k], v) for k, v in tr.run.ema.shadow_state_dict(0).items()
-               if v.is_floating_point())
-    ckpt = ckpt_io.load_file(tmp_path / "last.pth.tar")
+    assert tr.run.emas.regular.steps == STEPS
+    assert any(not torch.equal(ema_before[k], v)
+               for k, v in tr.run.emas.regular.shadow_state_dict(0).items() if v.is_floating_point())
+    ckpt = files.load_file(tmp_path / "last.pth.tar")
     plain = set(timm.create_model("test_resnet", num_classes=3).state_dict())
     for key in ("state_dict", "state_dict_ema"):
         assert not [k for k in ckpt[key] if "_orig_mod" in k], f"{key} keeps _orig_mod. prefixes"
@@ -254,9 +250,9 @@ def _reference_grads(model, batches, loss_fn, divisor):
 
 
 @pytest.mark.parametrize("accum", [2, 3])
-def test_grad_accum_steps(data, tmp_path, accum):
-    tr = make_trainer(data, "--grad-accum-steps", accum, "--model-ema", "--model-ema-decay", "0.9",
-                      "--sched-on-updates")
+def test_grad_accum_steps(small_data, tmp_path, accum):
+    tr = make_trainer(small_data, "--grad-accum-steps", accum, "--model-ema", "--model-ema-decay",
+                      "0.9", "--sched-on-updates")
     assert tr.run.data.steps_per_epoch == STEPS // accum
     inputs = []
     tr.run.model.register_forward_pre_hook(
@@ -272,15 +268,16 @@ def test_grad_accum_steps(data, tmp_path, accum):
     assert len(loss.calls) == STEPS  # micro-batches
     assert probe.count == STEPS // accum  # optimizer steps
     assert tr.run.counters.num_updates == STEPS // accum
-    assert tr.run.ema.steps == STEPS // accum and tr.run.ema.num_updates == STEPS // accum
+    ema = tr.run.emas.regular
+    assert ema.steps == STEPS // accum and ema.num_updates == STEPS // accum
     for name, g in ref.items():
         torch.testing.assert_close(probe.grads[0][name], g, rtol=1e-4, atol=1e-6)
     # The schedule advances once per optimizer step, not per micro-batch.
     assert len({lrs[0] for lrs in probe.lrs}) == probe.count
 
 
-def test_grad_accum_last_short_group_is_a_mean(data, tmp_path):
-    tr = make_trainer(data, "--grad-accum-steps", "4")  # 6 batches: groups of 4 and 2
+def test_grad_accum_last_short_group_is_a_mean(small_data, tmp_path):
+    tr = make_trainer(small_data, "--grad-accum-steps", "4")  # 6 batches: groups of 4 and 2
     inputs = []
     tr.run.model.register_forward_pre_hook(
         lambda m, a: inputs.append(a[0].detach().clone()) if m.training else None)
@@ -298,10 +295,10 @@ def test_grad_accum_last_short_group_is_a_mean(data, tmp_path):
 
 # ----------------------------------------------------------------------------- clipping
 @pytest.mark.parametrize("mode", ["norm", "value", "agc"])
-def test_clip_grad(data, tmp_path, mode):
+def test_clip_grad(small_data, tmp_path, mode):
     from timm.utils.agc import unitwise_norm
     bound = 1e-3
-    tr = make_trainer(data, "--clip-grad", bound, "--clip-mode", mode)
+    tr = make_trainer(small_data, "--clip-grad", bound, "--clip-mode", mode)
     probe = StepProbe(tr, keep_grads=True)
     run_epochs(tr, tmp_path)
     assert probe.count == STEPS
@@ -323,9 +320,9 @@ def test_clip_grad(data, tmp_path, mode):
                 assert (unitwise_norm(g) <= limit * (1 + 1e-3) + 1e-12).all(), name
 
 
-def test_clip_mode_agc_leaves_the_head_alone(data, tmp_path):
+def test_clip_mode_agc_leaves_the_head_alone(small_data, tmp_path):
     from timm.utils.agc import unitwise_norm
-    tr = make_trainer(data, "--clip-grad", "0.001", "--clip-mode", "agc")
+    tr = make_trainer(small_data, "--clip-grad", "0.001", "--clip-mode", "agc")
     probe = StepProbe(tr, keep_grads=True)
     run_epochs(tr, tmp_path)
     head = unwrap_model(tr.run.model).fc.weight.detach()
@@ -339,10 +336,10 @@ def test_clip_mode_choices():
 
 
 # ----------------------------------------------------------------------------- losses, mixup
-def test_smoothing_loss(data, tmp_path):
-    built = build_train_loss(settings(data, "--smoothing", "0.3").labels)
+def test_smoothing_loss(small_data, tmp_path):
+    built = build_train_loss(settings(small_data, "--smoothing", "0.3").labels)
     assert isinstance(built, nn.CrossEntropyLoss) and built.label_smoothing == 0.3
-    tr = make_trainer(data, "--smoothing", "0.3")
+    tr = make_trainer(small_data, "--smoothing", "0.3")
     probe = LossProbe(tr)
     run_epochs(tr, tmp_path)
     assert len(probe.calls) == STEPS
@@ -355,8 +352,8 @@ def test_smoothing_loss(data, tmp_path):
         torch.testing.assert_close(c["loss"], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_smoothing_zero_is_plain_cross_entropy(data):
-    tr = make_trainer(data, "--smoothing", "0")
+def test_smoothing_zero_is_plain_cross_entropy(small_data):
+    tr = make_trainer(small_data, "--smoothing", "0")
     assert isinstance(tr.run.loss_fn, nn.CrossEntropyLoss) and tr.run.loss_fn.label_smoothing == 0.0
 
 
@@ -367,10 +364,10 @@ def _mixed(target: torch.Tensor, smoothing: float) -> torch.Tensor:
     return ~torch.isclose(target.max(1).values, torch.tensor(top), atol=1e-5)
 
 
-def test_mixup_cutmix_params_and_soft_targets(data, tmp_path):
+def test_mixup_cutmix_params_and_soft_targets(small_data, tmp_path):
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
-    labels = settings(data, "--mixup", "0.8", "--cutmix", "1.0", "--mixup-prob", "0.9",
+    labels = settings(small_data, "--mixup", "0.8", "--cutmix", "1.0", "--mixup-prob", "0.9",
                       "--mixup-switch-prob", "0.3", "--mixup-mode", "pair",
                       "--smoothing", "0.1").labels
     fn = build_mixup(labels, 3)
@@ -378,7 +375,7 @@ def test_mixup_cutmix_params_and_soft_targets(data, tmp_path):
     assert (fn.mixup_alpha, fn.cutmix_alpha, fn.mix_prob, fn.switch_prob, fn.mode,
             fn.label_smoothing, fn.num_classes) == (0.8, 1.0, 0.9, 0.3, "pair", 0.1, 3)
     assert isinstance(build_train_loss(labels), SoftTargetCrossEntropy)
-    tr = make_trainer(data, "--mixup", "0.8", "--cutmix", "1.0")
+    tr = make_trainer(small_data, "--mixup", "0.8", "--cutmix", "1.0")
     assert isinstance(tr.run.loss_fn, SoftTargetCrossEntropy) and tr.run.mixup_fn.mixup_enabled
     probe = LossProbe(tr)
     run_epochs(tr, tmp_path)
@@ -390,26 +387,26 @@ def test_mixup_cutmix_params_and_soft_targets(data, tmp_path):
     assert any(_mixed(t, 0.1).any() for t in targets), "no batch was mixed"
 
 
-def test_mixup_prob_zero_never_mixes(data, tmp_path):
-    tr = make_trainer(data, "--mixup", "0.8", "--cutmix", "1.0", "--mixup-prob", "0")
+def test_mixup_prob_zero_never_mixes(small_data, tmp_path):
+    tr = make_trainer(small_data, "--mixup", "0.8", "--cutmix", "1.0", "--mixup-prob", "0")
     probe = LossProbe(tr)
     run_epochs(tr, tmp_path)
     assert not any(_mixed(c["target"], 0.1).any() for c in probe.calls)
     assert all(c["target"].dim() == 2 for c in probe.calls)
 
 
-def test_cutmix_minmax_turns_mixing_on(data):
-    labels = settings(data, "--cutmix-minmax", "0.2", "0.8").labels
+def test_cutmix_minmax_turns_mixing_on(small_data):
+    labels = settings(small_data, "--cutmix-minmax", "0.2", "0.8").labels
     assert build_mixup(labels, 3).cutmix_minmax == [0.2, 0.8]
 
 
-def test_mixup_needs_even_batch(data):
+def test_mixup_needs_even_batch(small_data):
     with pytest.raises(UserError, match="even"):
-        make_trainer(data, "--mixup", "0.8", "-b", "3")
+        make_trainer(small_data, "--mixup", "0.8", "-b", "3")
 
 
-def test_mixup_off_epoch(data, tmp_path):
-    tr = make_trainer(data, "--mixup", "0.8", "--cutmix", "1.0", "--mixup-off-epoch", "1",
+def test_mixup_off_epoch(small_data, tmp_path):
+    tr = make_trainer(small_data, "--mixup", "0.8", "--cutmix", "1.0", "--mixup-off-epoch", "1",
                       "--epochs", "2")
     probe = LossProbe(tr)
     run_epochs(tr, tmp_path / "e0", epochs=1)
@@ -421,9 +418,9 @@ def test_mixup_off_epoch(data, tmp_path):
     assert len(by_epoch[1]) == STEPS and not any(_mixed(t, 0.1).any() for t in by_epoch[1])
 
 
-def test_bce_loss(data, tmp_path):
+def test_bce_loss(small_data, tmp_path):
     from timm.loss import BinaryCrossEntropy
-    tr = make_trainer(data, "--bce-loss", "--smoothing", "0.2")
+    tr = make_trainer(small_data, "--bce-loss", "--smoothing", "0.2")
     assert isinstance(tr.run.loss_fn, BinaryCrossEntropy)
     assert tr.run.loss_fn.smoothing == 0.2 and tr.run.loss_fn.target_threshold is None
     probe = LossProbe(tr)
@@ -439,9 +436,9 @@ def test_bce_loss(data, tmp_path):
     assert changed(before, tr.run.model)
 
 
-def test_bce_with_mixup_and_threshold(data):
+def test_bce_with_mixup_and_threshold(small_data):
     from timm.loss import BinaryCrossEntropy
-    loss = build_train_loss(settings(data, "--bce-loss", "--bce-target-thresh", "0.2",
+    loss = build_train_loss(settings(small_data, "--bce-loss", "--bce-target-thresh", "0.2",
                                      "--mixup", "0.8").labels)
     assert isinstance(loss, BinaryCrossEntropy)
     assert loss.smoothing == 0.0 and loss.target_threshold == 0.2  # mixup smooths already
@@ -458,37 +455,37 @@ def _of(tr, name):
     return [t for t in _transforms(tr) if type(t).__name__ == name]
 
 
-def test_rand_augment(data):
-    tr = make_trainer(data, "--aa", "rand-m9-mstd0.5")
+def test_rand_augment(small_data):
+    tr = make_trainer(small_data, "--aa", "rand-m9-mstd0.5")
     (ra,) = _of(tr, "RandAugment")
     from timm.data.auto_augment import RandAugment
     assert isinstance(ra, RandAugment) and ra.num_layers == 2
     assert {op.magnitude for op in ra.ops} == {9}
     assert {op.magnitude_std for op in ra.ops} == {0.5}
-    assert not _of(make_trainer(data), "RandAugment")
+    assert not _of(make_trainer(small_data), "RandAugment")
     # The transform is the one the training loader applies.
     image, label = tr.run.data.train_set[0]
     assert image.shape == (3, 32, 32)
 
 
-def test_random_erasing(data):
+def test_random_erasing(small_data):
     from timm.data.random_erasing import RandomErasing
-    tr = make_trainer(data, "--reprob", "0.5", "--remode", "pixel")
+    tr = make_trainer(small_data, "--reprob", "0.5", "--remode", "pixel")
     (re_,) = _of(tr, "RandomErasing")
     assert isinstance(re_, RandomErasing)
     assert re_.probability == 0.5 and re_.mode == "pixel" and re_.per_pixel
-    (re_,) = _of(make_trainer(data, "--reprob", "0.5", "--remode", "const"), "RandomErasing")
+    (re_,) = _of(make_trainer(small_data, "--reprob", "0.5", "--remode", "const"), "RandomErasing")
     assert re_.mode == "const" and not re_.per_pixel
-    assert not _of(make_trainer(data), "RandomErasing")  # --reprob 0 by default
+    assert not _of(make_trainer(small_data), "RandomErasing")  # --reprob 0 by default
 
 
-def test_random_erasing_reaches_the_samples(data):
+def test_random_erasing_reaches_the_samples(small_data):
     # reprob 1 with const mode: every training sample has a block of zeros (after normalisation).
-    tr = make_trainer(data, "--reprob", "1.0", "--remode", "const", "--scale", "1", "1",
+    tr = make_trainer(small_data, "--reprob", "1.0", "--remode", "const", "--scale", "1", "1",
                       "--ratio", "1", "1", "--hflip", "0", "--color-jitter", "0")
-    plain = make_trainer(data, "--scale", "1", "1", "--ratio", "1", "1", "--hflip", "0",
+    plain = make_trainer(small_data, "--scale", "1", "1", "--ratio", "1", "1", "--hflip", "0",
                          "--color-jitter", "0")
-    from ematrain.engine import Batches
+    from ematrain.run.step import Batches
 
     def first_input(t):  # the first sample as the training step receives it
         images = t.run.data.train_set[0][0][None]
@@ -500,8 +497,8 @@ def test_random_erasing_reaches_the_samples(data):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_hflip(data, p):
-    tr = make_trainer(data, "--hflip", p)
+def test_hflip(small_data, p):
+    tr = make_trainer(small_data, "--hflip", p)
     flips = _of(tr, "RandomHorizontalFlip")
     if p == 0:
         assert not flips
@@ -509,34 +506,34 @@ def test_hflip(data, p):
         assert len(flips) == 1 and flips[0].p == p
 
 
-def test_scale_and_ratio(data):
-    tr = make_trainer(data, "--scale", "0.5", "0.9", "--ratio", "0.8", "1.25")
+def test_scale_and_ratio(small_data):
+    tr = make_trainer(small_data, "--scale", "0.5", "0.9", "--ratio", "0.8", "1.25")
     (crop,) = _of(tr, "RandomResizedCropAndInterpolation")
     assert tuple(crop.scale) == (0.5, 0.9) and tuple(crop.ratio) == (0.8, 1.25)
     assert tuple(crop.size) == (32, 32)
 
 
-def test_color_jitter(data):
-    tr = make_trainer(data, "--color-jitter", "0.2")
+def test_color_jitter(small_data):
+    tr = make_trainer(small_data, "--color-jitter", "0.2")
     (cj,) = _of(tr, "ColorJitter")
     assert cj.brightness == pytest.approx((0.8, 1.2))
     assert cj.contrast == pytest.approx((0.8, 1.2))
     assert cj.saturation == pytest.approx((0.8, 1.2))
     # 0 turns it off: timm keeps a ColorJitter that changes nothing.
-    off = _of(make_trainer(data, "--color-jitter", "0"), "ColorJitter")
+    off = _of(make_trainer(small_data, "--color-jitter", "0"), "ColorJitter")
     assert all(c.brightness is c.contrast is c.saturation is c.hue is None for c in off)
 
 
-def test_no_aug(data):
-    tr = make_trainer(data, "--no-aug", "--aa", "rand-m9-mstd0.5", "--reprob", "0.5")
+def test_no_aug(small_data):
+    tr = make_trainer(small_data, "--no-aug", "--aa", "rand-m9-mstd0.5", "--reprob", "0.5")
     names = {type(t).__name__ for t in _transforms(tr)}
     assert not names & {"RandAugment", "RandomErasing", "RandomHorizontalFlip", "ColorJitter",
                         "RandomResizedCropAndInterpolation"}
 
 
 # ----------------------------------------------------------------------------- regularization
-def test_drop_and_drop_path_resnet(data):
-    tr = make_trainer(data, "--drop", "0.3", "--drop-path", "0.1")
+def test_drop_and_drop_path_resnet(small_data):
+    tr = make_trainer(small_data, "--drop", "0.3", "--drop-path", "0.1")
     model = tr.run.model
     assert model.drop_rate == 0.3
     probs = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
@@ -546,15 +543,15 @@ def test_drop_and_drop_path_resnet(data):
     assert not torch.equal(model(x), model(x)), "dropout/drop-path inactive in training"
     model.eval()
     assert torch.equal(model(x), model(x))
-    plain = make_trainer(data).run.model
+    plain = make_trainer(small_data).run.model
     assert plain.drop_rate == 0.0
     assert not [m for m in plain.modules() if type(m).__name__ == "DropPath"]
     plain.train()
     assert torch.equal(plain(x), plain(x))
 
 
-def test_drop_and_drop_path_vit(data):
-    tr = make_trainer(data, "--model", "test_vit", "--model-kwargs", "img_size=32",
+def test_drop_and_drop_path_vit(small_data):
+    tr = make_trainer(small_data, "--model", "test_vit", "--model-kwargs", "img_size=32",
                       "--drop", "0.3", "--drop-path", "0.1")
     assert tr.run.model.head_drop.p == 0.3
     assert tr.run.model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
@@ -587,12 +584,12 @@ def _lr_curve(tr, metric=50.0):
 
 @pytest.mark.filterwarnings("ignore:PlateauLRScheduler is deprecated")
 @pytest.mark.parametrize("sched", TIMM_SCHEDULERS)
-def test_every_timm_scheduler(data, sched):
+def test_every_timm_scheduler(small_data, sched):
     extra = ["--sched", sched, "--epochs", "4", "--lr", "0.1", "--decay-epochs", "1",
              "--decay-rate", "0.5", "--min-lr", "0.001"]
     if sched == "rsqrt":
         extra += ["--warmup-epochs", "1"]  # its timescale defaults to the warmup length
-    tr = make_trainer(data, *extra)
+    tr = make_trainer(small_data, *extra)
     assert tr.run.num_epochs == 4
     lrs = _lr_curve(tr)
     assert all(math.isfinite(x) and x >= 0 for x in lrs)
@@ -612,29 +609,30 @@ def test_every_timm_scheduler(data, sched):
         assert lrs[-1] == pytest.approx(0.001)  # ends at --min-lr
 
 
-def test_plateau_mode_follows_eval_metric(data):
+def test_plateau_mode_follows_eval_metric(small_data):
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        assert make_trainer(data, "--sched", "plateau").run.scheduler.lr_scheduler.mode == "max"
-        tr = make_trainer(data, "--sched", "plateau", "--eval-metric", "loss")
+        plateau = make_trainer(small_data, "--sched", "plateau").run.scheduler
+        assert plateau.lr_scheduler.mode == "max"
+        tr = make_trainer(small_data, "--sched", "plateau", "--eval-metric", "loss")
     assert tr.run.scheduler.lr_scheduler.mode == "min"
 
 
-def test_unknown_scheduler_refused(data):
+def test_unknown_scheduler_refused(small_data):
     with pytest.raises(UserError, match="scheduler 'nope'"):
-        make_trainer(data, "--sched", "nope")
+        make_trainer(small_data, "--sched", "nope")
 
 
-def test_sched_none_trains_at_constant_lr(data, tmp_path):
-    tr = make_trainer(data, "--sched", "none", "--lr", "0.05", "--epochs", "2")
+def test_sched_none_trains_at_constant_lr(small_data, tmp_path):
+    tr = make_trainer(small_data, "--sched", "none", "--lr", "0.05", "--epochs", "2")
     probe = StepProbe(tr)
     run_epochs(tr, tmp_path, epochs=2)
     assert {lrs[0] for lrs in probe.lrs} == {0.05}
 
 
-def test_step_schedule_in_training(data, tmp_path):
-    tr = make_trainer(data, "--sched", "step", "--decay-epochs", "1", "--decay-rate", "0.5",
+def test_step_schedule_in_training(small_data, tmp_path):
+    tr = make_trainer(small_data, "--sched", "step", "--decay-epochs", "1", "--decay-rate", "0.5",
                       "--lr", "0.08", "--epochs", "3")
     probe = StepProbe(tr)
     rows = run_epochs(tr, tmp_path, epochs=3)
@@ -644,8 +642,8 @@ def test_step_schedule_in_training(data, tmp_path):
     assert [r["lr"] for r in rows] == pytest.approx([0.08, 0.04, 0.02])
 
 
-def test_warmup_epochs_and_warmup_lr(data, tmp_path):
-    tr = make_trainer(data, "--warmup-epochs", "2", "--warmup-lr", "1e-4", "--lr", "0.1",
+def test_warmup_epochs_and_warmup_lr(small_data, tmp_path):
+    tr = make_trainer(small_data, "--warmup-epochs", "2", "--warmup-lr", "1e-4", "--lr", "0.1",
                       "--epochs", "5")
     probe = StepProbe(tr)
     run_epochs(tr, tmp_path, epochs=2)
@@ -655,17 +653,17 @@ def test_warmup_epochs_and_warmup_lr(data, tmp_path):
     assert per_epoch[1].pop() == pytest.approx(1e-4 + (0.1 - 1e-4) / 2)  # linear warmup
 
 
-def test_cooldown_epochs_added(data):
-    assert make_trainer(data, "--epochs", "3").run.num_epochs == 3
-    tr = make_trainer(data, "--epochs", "3", "--cooldown-epochs", "2", "--min-lr", "0.001",
+def test_cooldown_epochs_added(small_data):
+    assert make_trainer(small_data, "--epochs", "3").run.num_epochs == 3
+    tr = make_trainer(small_data, "--epochs", "3", "--cooldown-epochs", "2", "--min-lr", "0.001",
                       "--lr", "0.1")
     assert tr.run.num_epochs == 5
     lrs = _lr_curve(tr)
     assert lrs[3:5] == pytest.approx([0.001, 0.001])  # the cooldown epochs sit at --min-lr
 
 
-def test_sched_on_updates(data, tmp_path):
-    tr = make_trainer(data, "--sched-on-updates", "--lr", "0.1", "--epochs", "2")
+def test_sched_on_updates(small_data, tmp_path):
+    tr = make_trainer(small_data, "--sched-on-updates", "--lr", "0.1", "--epochs", "2")
     probe = StepProbe(tr)
     run_epochs(tr, tmp_path)
     lrs = [x[0] for x in probe.lrs]
@@ -673,19 +671,19 @@ def test_sched_on_updates(data, tmp_path):
     assert all(b < a for a, b in zip(lrs, lrs[1:])), lrs
     # t counts updates: after 6 of 12 the cosine is half way.
     assert tr.run.optimizer.param_groups[0]["lr"] == pytest.approx(0.05, rel=1e-6)
-    tr = make_trainer(data, "--lr", "0.1", "--epochs", "2")
+    tr = make_trainer(small_data, "--lr", "0.1", "--epochs", "2")
     probe = StepProbe(tr)
     run_epochs(tr, tmp_path / "epochs")
     assert {x[0] for x in probe.lrs} == {0.1}
 
 
-def test_plateau_refuses_sched_on_updates(data):
+def test_plateau_refuses_sched_on_updates(small_data):
     with pytest.raises(UserError, match="plateau"):
-        make_trainer(data, "--sched", "plateau", "--sched-on-updates")
+        make_trainer(small_data, "--sched", "plateau", "--sched-on-updates")
 
 
-def test_build_scheduler_on_updates_scales_lengths(data):
-    spec = settings(data, "--sched", "step", "--decay-epochs", "1", "--decay-rate", "0.5",
+def test_build_scheduler_on_updates_scales_lengths(small_data):
+    spec = settings(small_data, "--sched", "step", "--decay-epochs", "1", "--decay-rate", "0.5",
                     "--sched-on-updates", "--lr", "0.1").schedule
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     sched, epochs = build_scheduler(spec, opt, updates_per_epoch=10, seed=0, eval_metric="top1")
@@ -703,8 +701,8 @@ def opt_model():
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("name", ALL_OPTIMIZERS)
-def test_every_timm_optimizer_builds(data, opt_model, name):
-    spec = settings(data, "--opt", name).optim
+def test_every_timm_optimizer_builds(small_data, opt_model, name):
+    spec = settings(small_data, "--opt", name).optim
     try:
         opt = build_optimizer(spec, opt_model, 1e-3)
     except UserError as exc:
@@ -719,8 +717,8 @@ def test_every_timm_optimizer_builds(data, opt_model, name):
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw", "lamb", "lion"])
-def test_optimizer_step_changes_weights(data, tmp_path, name):
-    tr = make_trainer(data, "--opt", name, "--lr", "1e-3")
+def test_optimizer_step_changes_weights(small_data, tmp_path, name):
+    tr = make_trainer(small_data, "--opt", name, "--lr", "1e-3")
     assert type(tr.run.optimizer).__name__.lower().startswith({"sgd": "sgd", "adamw": "adamw",
                                                            "lamb": "lamb", "lion": "lion"}[name])
     before = snapshot(tr.run.model)
@@ -728,33 +726,33 @@ def test_optimizer_step_changes_weights(data, tmp_path, name):
     assert math.isfinite(rows[0]["train_loss"]) and changed(before, tr.run.model)
 
 
-def test_second_order_optimizer_trains(data, tmp_path):
-    tr = make_trainer(data, "--opt", "adahessian", "--lr", "1e-3")
+def test_second_order_optimizer_trains(small_data, tmp_path):
+    tr = make_trainer(small_data, "--opt", "adahessian", "--lr", "1e-3")
     before = snapshot(tr.run.model)
     run_epochs(tr, tmp_path)
     assert changed(before, tr.run.model)
 
 
-def test_unknown_optimizer_refused(data):
+def test_unknown_optimizer_refused(small_data):
     with pytest.raises(UserError, match="optimizer 'nope'"):
-        make_trainer(data, "--opt", "nope")
+        make_trainer(small_data, "--opt", "nope")
 
 
-def test_opt_eps_betas_momentum_weight_decay(data):
-    tr = make_trainer(data, "--opt", "adamw", "--opt-eps", "1e-6", "--opt-betas", "0.8", "0.95",
-                      "--weight-decay", "0.05")
+def test_opt_eps_betas_momentum_weight_decay(small_data):
+    tr = make_trainer(small_data, "--opt", "adamw", "--opt-eps", "1e-6", "--opt-betas", "0.8",
+                      "0.95", "--weight-decay", "0.05")
     groups = tr.run.optimizer.param_groups
     assert {g["eps"] for g in groups} == {1e-6}
     assert {tuple(g["betas"]) for g in groups} == {(0.8, 0.95)}
     # timm: no weight decay on biases and norm weights, --weight-decay on the rest.
     assert {g["weight_decay"] for g in groups} == {0.0, 0.05}
-    tr = make_trainer(data, "--opt", "sgd", "--momentum", "0.7")
+    tr = make_trainer(small_data, "--opt", "sgd", "--momentum", "0.7")
     assert {g["momentum"] for g in tr.run.optimizer.param_groups} == {0.7}
     assert {g["nesterov"] for g in tr.run.optimizer.param_groups} == {True}  # timm's sgd
 
 
-def test_layer_decay(data, tmp_path):
-    tr = make_trainer(data, "--model", "test_vit", "--model-kwargs", "img_size=32", "--opt",
+def test_layer_decay(small_data, tmp_path):
+    tr = make_trainer(small_data, "--model", "test_vit", "--model-kwargs", "img_size=32", "--opt",
                       "adamw", "--layer-decay", "0.65", "--lr", "1e-3")
     depth = len(tr.run.model.blocks)
     scales = sorted({g["lr_scale"] for g in tr.run.optimizer.param_groups})
@@ -769,7 +767,7 @@ def test_layer_decay(data, tmp_path):
         for lr, g in zip(lrs, tr.run.optimizer.param_groups):
             assert lr == pytest.approx(1e-3 * g["lr_scale"])
     assert changed(before, tr.run.model)
-    plain = make_trainer(data, "--model", "test_vit", "--model-kwargs", "img_size=32",
+    plain = make_trainer(small_data, "--model", "test_vit", "--model-kwargs", "img_size=32",
                          "--opt", "adamw")
     assert all("lr_scale" not in g or g["lr_scale"] == 1.0 for g in plain.run.optimizer.param_groups)
 
@@ -788,8 +786,8 @@ def test_lr_from_lr_base():
     assert lr() == pytest.approx(0.1 * 128 / 256)  # timm defaults: --lr-base 0.1, -b 128
 
 
-def test_lr_base_reaches_the_optimizer(data, tmp_path):
-    tr = make_trainer(data, "--lr-base", "0.1", "--lr-base-size", "16")
+def test_lr_base_reaches_the_optimizer(small_data, tmp_path):
+    tr = make_trainer(small_data, "--lr-base", "0.1", "--lr-base-size", "16")
     assert tr.run.lr == pytest.approx(0.025)
     probe = StepProbe(tr)
     run_epochs(tr, tmp_path)
@@ -811,14 +809,15 @@ def _assert_weights(model, state, skip=()):
 
 
 @pytest.mark.parametrize("kind", ["ours", "state_dict", "safetensors"])
-def test_initial_checkpoint(data, tmp_path, source_model, kind):
+def test_initial_checkpoint(small_data, tmp_path, source_model, kind):
     state = source_model.state_dict()
-    assert not torch.equal(make_trainer(data).run.model.state_dict()["fc.weight"], state["fc.weight"])
+    fresh = make_trainer(small_data).run.model.state_dict()
+    assert not torch.equal(fresh["fc.weight"], state["fc.weight"])
     if kind == "ours":
-        donor = make_trainer(data, "--seed", "7")
+        donor = make_trainer(small_data, "--seed", "7")
         donor.run.model.load_state_dict(state)
         path = tmp_path / "donor.pth.tar"
-        ckpt_io.write_file(path, ckpt_io.save(donor.run))
+        files.write_file(path, schema.save(donor.run))
     elif kind == "state_dict":
         path = tmp_path / "weights.pth"
         torch.save(state, path)
@@ -826,60 +825,61 @@ def test_initial_checkpoint(data, tmp_path, source_model, kind):
         from safetensors.torch import save_file
         path = tmp_path / "weights.safetensors"
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    tr = make_trainer(data, "--initial-checkpoint", path, "--model-ema", "--model-ema-decay", "0.9")
+    tr = make_trainer(small_data, "--initial-checkpoint", path, "--model-ema", "--model-ema-decay",
+                      "0.9")
     _assert_weights(tr.run.model, state)
-    _assert_weights(tr.run.ema.shadows[0], state)  # the EMA starts from the loaded weights too
+    _assert_weights(tr.run.emas.regular.shadows[0], state)  # the EMA starts from them too
 
 
-def test_initial_checkpoint_wrong_model_refused(data, tmp_path):
+def test_initial_checkpoint_wrong_model_refused(small_data, tmp_path):
     path = tmp_path / "vit.pth"
     torch.save(timm.create_model("test_vit", num_classes=3).state_dict(), path)
     with pytest.raises(UserError, match="does not fit"):
-        make_trainer(data, "--initial-checkpoint", path)
+        make_trainer(small_data, "--initial-checkpoint", path)
 
 
-def test_pretrained_path(data, tmp_path, source_model):
+def test_pretrained_path(small_data, tmp_path, source_model):
     path = tmp_path / "pretrained.pth"
     torch.save(source_model.state_dict(), path)
-    tr = make_trainer(data, "--pretrained-path", path)
+    tr = make_trainer(small_data, "--pretrained-path", path)
     # The file's classifier has the data's class count, so it is kept (timm alone would compare
     # with its pretrained config's 1000 classes and re-initialise it); test_start_weights covers
     # a classifier of another class count.
     _assert_weights(tr.run.model, source_model.state_dict())
     with pytest.raises(UserError, match="not found"):
-        make_trainer(data, "--pretrained-path", tmp_path / "missing.pth")
+        make_trainer(small_data, "--pretrained-path", tmp_path / "missing.pth")
 
 
 @pytest.mark.parametrize("pool", ["max", "avgmax"])
-def test_global_pool(data, pool):
-    tr = make_trainer(data, "--gp", pool)
+def test_global_pool(small_data, pool):
+    tr = make_trainer(small_data, "--gp", pool)
     assert tr.run.model.global_pool.pool_type == pool
     feats = torch.randn(2, tr.run.model.num_features, 3, 3)
     pooled = tr.run.model.forward_head(feats, pre_logits=True)
     expected = {"max": feats.amax((2, 3)),
                 "avgmax": 0.5 * (feats.amax((2, 3)) + feats.mean((2, 3)))}[pool]
     torch.testing.assert_close(pooled, expected)
-    assert make_trainer(data).run.model.global_pool.pool_type == "avg"
+    assert make_trainer(small_data).run.model.global_pool.pool_type == "avg"
 
 
-def test_model_kwargs(data, tmp_path):
-    tr = make_trainer(data, "--model-kwargs", "stem_width=8", "stem_type=deep")
+def test_model_kwargs(small_data, tmp_path):
+    tr = make_trainer(small_data, "--model-kwargs", "stem_width=8", "stem_type=deep")
     assert tr.run.settings.args.model_kwargs == {"stem_width": 8, "stem_type": "deep"}
     assert tr.run.model.conv1[0].out_channels == 8
-    assert make_trainer(data).run.model.conv1[0].out_channels != 8
+    assert make_trainer(small_data).run.model.conv1[0].out_channels != 8
     before = snapshot(tr.run.model)
     run_epochs(tr, tmp_path)
     assert changed(before, tr.run.model)
 
 
-def test_model_kwargs_bad_key_refused(data):
+def test_model_kwargs_bad_key_refused(small_data):
     with pytest.raises(UserError):
-        make_trainer(data, "--model-kwargs", "no_such_kwarg=1")
+        make_trainer(small_data, "--model-kwargs", "no_such_kwarg=1")
 
 
 # ----------------------------------------------------------------------------- housekeeping
-def test_checkpoint_hist(data, tmp_path):
-    tr = make_trainer(data, "--epochs", "3", "--checkpoint-hist", "1", "--output", tmp_path,
+def test_checkpoint_hist(small_data, tmp_path):
+    tr = make_trainer(small_data, "--epochs", "3", "--checkpoint-hist", "1", "--output", tmp_path,
                       "--experiment", "hist")
     assert tr.fit() == 0
     kept = sorted(p.name for p in tr.run_dir.glob("checkpoint-*.pth.tar"))
@@ -887,15 +887,16 @@ def test_checkpoint_hist(data, tmp_path):
     assert kept == [f"checkpoint-{tr.run.keeper.history[0][1]}.pth.tar"]
 
 
-def test_recovery_interval(data, tmp_path):
-    tr = make_trainer(data, "--recovery-interval", "2", "--model-ema", "--model-ema-decay", "0.9")
+def test_recovery_interval(small_data, tmp_path):
+    tr = make_trainer(small_data, "--recovery-interval", "2", "--model-ema", "--model-ema-decay",
+                      "0.9")
     seen = []
     real_write = tr.run.keeper._write
 
     def write(name, ckpt):  # in the background writer, as each file is written
         path = real_write(name, ckpt)
         if name == "recovery.pth.tar":
-            on_disk = ckpt_io.load_file(path)
+            on_disk = files.load_file(path)
             seen.append((on_disk["counters"]["epoch_step"], on_disk["counters"]["num_updates"],
                          "state_dict_ema" in on_disk))
         return path
@@ -907,8 +908,8 @@ def test_recovery_interval(data, tmp_path):
     assert (tmp_path / "last.pth.tar").is_file()
 
 
-def test_recovery_interval_off_by_default(data, tmp_path):
-    tr = make_trainer(data)
+def test_recovery_interval_off_by_default(small_data, tmp_path):
+    tr = make_trainer(small_data)
     names = []
     real_write = tr.run.keeper._write
     tr.run.keeper._write = lambda name, ckpt: (names.append(name), real_write(name, ckpt))[1]
@@ -916,8 +917,8 @@ def test_recovery_interval_off_by_default(data, tmp_path):
     assert "recovery.pth.tar" not in names
 
 
-def test_no_prefetcher_accepted(data):
-    tr = make_trainer(data, "--no-prefetcher")
+def test_no_prefetcher_accepted(small_data):
+    tr = make_trainer(small_data, "--no-prefetcher")
     assert tr.run.settings.args.no_prefetcher is True
 
 
@@ -931,9 +932,9 @@ def _run_all(jobs: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cli_runs(data, tmp_path_factory):
+def cli_runs(small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("flags_e2e")
-    common = [data, *TINY, "--output", out]
+    common = [small_data, *TINY, "--output", out]
     procs = _run_all({
         "combined": [*common, "--experiment", "combined", "--epochs", "2",
                      "--amp", "--amp-dtype", "bfloat16", "--channels-last",
@@ -961,7 +962,7 @@ def test_cli_combined_flags(cli_runs):
     assert saved["amp"] and saved["amp_dtype"] == "bfloat16" and saved["channels_last"]
     assert saved["grad_accum_steps"] == 2 and saved["mixup"] == 0.8
     assert saved["aa"] == "rand-m9-mstd0.5" and saved["recovery_interval"] == 1
-    ckpt = ckpt_io.load_file(run / "last.pth.tar")
+    ckpt = files.load_file(run / "last.pth.tar")
     assert ckpt["epoch"] == 1 and ckpt["counters"]["num_updates"] == 2 * STEPS // 2
     assert ckpt["ema"]["steps"] == 2 * STEPS // 2
     assert tuple(ckpt["optimizer"]["param_groups"][0]["betas"]) == (0.9, 0.99)
@@ -975,7 +976,7 @@ def test_cli_torchcompile_checkpoint_keys(cli_runs):
     out, procs = cli_runs
     proc = procs["compiled"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = ckpt_io.load_file(out / "compiled" / "last.pth.tar")
+    ckpt = files.load_file(out / "compiled" / "last.pth.tar")
     for key in ("state_dict", "state_dict_ema"):
         assert ckpt[key] and not [k for k in ckpt[key] if k.startswith("_orig_mod.")]
     model = timm.create_model("test_resnet", num_classes=3)

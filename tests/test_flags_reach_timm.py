@@ -6,16 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_imagefolder, make_training, run_cli
+from conftest import make_imagefolder, make_training, run_cli, tiny_args
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
-from ematrain.settings import train_settings
-from ematrain.train import Training
+from ematrain.run.training import Training
+from ematrain.settings.train_specs import train_settings
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs", "0",
-        "--epochs", "4", "--lr", "0.1"]
+TINY = tiny_args(epochs=4, lr="0.1")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +146,7 @@ def test_data_root_on_the_command_line_wins_over_a_recipe(data, tmp_path):
 
 
 def test_validate_takes_data_dir_too(tmp_path):
-    from ematrain.settings import validate_settings
+    from ematrain.settings.validate_specs import validate_settings
     assert validate_settings(["--data-dir", str(tmp_path), "--checkpoint", "x"]).data_dir == str(
         tmp_path)
     assert validate_settings([str(tmp_path), "--checkpoint", "x"]).data_dir == str(tmp_path)
@@ -220,7 +219,7 @@ def test_sync_bn_conversion_keeps_fused_activations():
 def test_args_yaml_of_a_resumed_run_is_a_recipe_that_starts_afresh(data, tmp_path):
     import yaml
 
-    from ematrain import outputs
+    from ematrain.run import folder as outputs
     tr = trainer(data, "--resume", "auto")
     outputs.write_args(tmp_path, tr.run.record())
     saved = yaml.safe_load((tmp_path / "args.yaml").read_text())
@@ -232,7 +231,7 @@ def test_args_yaml_of_a_resumed_run_is_a_recipe_that_starts_afresh(data, tmp_pat
 def test_model_dtype_is_applied_and_its_conflicts_refused(data, tmp_path):
     tr = trainer(data, "--model-dtype", "bfloat16", "--model-ema")
     assert {p.dtype for p in tr.run.model.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in tr.run.ema.module.parameters()} == {torch.float32}
+    assert {p.dtype for p in tr.run.emas.regular.module.parameters()} == {torch.float32}
     assert {p.dtype for p in trainer(data).run.model.parameters()} == {torch.float32}
     r = run_cli("train.py", data, *TINY, "--model-dtype", "bfloat16", "--amp", "--amp-dtype",
                 "bfloat16", "--output", tmp_path)
@@ -262,8 +261,8 @@ def test_head_init_scale_and_bias_reach_the_classifier(data, tmp_path):
     torch.testing.assert_close(scaled.bias, plain.bias * 0.5, atol=0, rtol=0)
     import timm
 
-    from ematrain.errors import UserError
-    from ematrain.models import init_head
+    from ematrain.run.model import init_head
+    from ematrain.util.errors import UserError
     with pytest.raises(UserError, match="no classifier layer"):
         init_head(timm.create_model("test_resnet", num_classes=0), scale=0.1)
 
@@ -277,6 +276,6 @@ def test_model_kwargs_that_a_flag_owns_are_refused(data, tmp_path, key, flag):
 
 
 def test_head_init_values_must_be_finite(data):
-    from ematrain.errors import UserError
+    from ematrain.util.errors import UserError
     with pytest.raises(UserError, match="--head-init-scale: expected a finite number, got 'nan'"):
         train_settings([str(data), "--head-init-scale", "nan"])

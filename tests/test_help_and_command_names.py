@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT, run_cli
+
 from ematrain import __version__
 from ematrain.cli import launcher
-from ematrain.flags import train_parser, validate_parser
+from ematrain.settings.flags import train_parser, validate_parser
 
 
 def _value_options(parser: argparse.ArgumentParser):
@@ -112,7 +112,7 @@ def test_commands_run_with_the_collector_on(monkeypatch, name):
 
     from ematrain import cli
 
-    module = importlib.import_module(f"ematrain.{name}")
+    module = importlib.import_module(f"ematrain.cli.{name}")
     seen = []
     monkeypatch.setattr(module, "entry", lambda: seen.append(gc.isenabled()))
     was = gc.isenabled()

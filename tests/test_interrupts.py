@@ -12,8 +12,14 @@ import time
 
 import pytest
 import torch
-from conftest import (REPO_ROOT, assert_files_agree_with_records, assert_quit_names_the_files,
-                      make_imagefolder, wait_for_checkpoint)
+from conftest import (
+    REPO_ROOT,
+    assert_files_agree_with_records,
+    assert_quit_names_the_files,
+    make_imagefolder,
+    tiny_args,
+    wait_for_checkpoint,
+)
 
 # One optimizer step per epoch that takes about two seconds on one CPU thread.
 SLOW = ["--model", "resnet18", "--img-size", "192", "-b", "24", "-j", "2", "--epochs", "4",
@@ -99,10 +105,8 @@ def test_a_stop_during_the_last_step_saves_without_validating(data, tmp_path):
     assert len((run.run_dir / "summary.csv").read_text().splitlines()) == 2
 
 
-FAST = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--epochs", "3",
-        "--warmup-epochs", "0", "--lr", "0.05", "--model-ema", "--model-ema-decay", "0.9",
-        "--checkpoint-hist", "2", "--recovery-interval", "2", "--experiment", "b",
-        "--resume", "auto"]
+FAST = tiny_args("--model-ema", "--model-ema-decay", "0.9", "--checkpoint-hist", "2",
+                 "--recovery-interval", "2", "--experiment", "b", "--resume", "auto", epochs=3)
 
 
 def run_with_hook(hook: str, data, out, timeout=300):
@@ -110,7 +114,7 @@ def run_with_hook(hook: str, data, out, timeout=300):
     script = out / "hooked.py"
     script.write_text("import os, signal, sys, time\n"
                       f"sys.path.insert(0, {str(REPO_ROOT / 'src')!r})\n"
-                      "from ematrain import keeper, train\n" + hook +
+                      "from ematrain.cli import train\nfrom ematrain.run import keeper\n" + hook +
                       "\nsys.exit(train.main())\n")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, script, data, *FAST, "--output", out], env=env,

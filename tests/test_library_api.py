@@ -8,9 +8,9 @@ import sys
 import pytest
 import timm
 import torch
+from conftest import REPO_ROOT
 from timm.utils import ModelEmaV3
 
-from conftest import REPO_ROOT
 import ematrain
 from ematrain import ModelEma
 
@@ -24,7 +24,7 @@ def test_the_package_exports_the_ema_and_stays_light_until_used():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={"PYTHONPATH": str(REPO_ROOT / "src")})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["ematrain.ema", "1.0"]
+    assert r.stdout.split() == ["ematrain.ema.model_ema", "1.0"]
     with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
         ematrain.Nothing
 

@@ -14,16 +14,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import tiny_args
 
-from ematrain.build import build_optimizer
-from ematrain.settings import train_settings
+from ematrain.run.optimizer import build_optimizer
+from ematrain.settings.train_specs import train_settings
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--epochs", "1"]
-
-
-@pytest.fixture(scope="module")
-def data(small_data):
-    return small_data
+TINY = tiny_args(lr=None, warmup=None)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +28,8 @@ def model():
     return timm.create_model("test_resnet", num_classes=3)
 
 
-def optimizer(data, model, *flags, lr=1e-3):
-    spec = train_settings([str(data), *TINY, *flags]).optim
+def optimizer(small_data, model, *flags, lr=1e-3):
+    spec = train_settings([str(small_data), *TINY, *flags]).optim
     return build_optimizer(spec, model, lr)
 
 
@@ -42,28 +38,29 @@ def implementations(opt) -> set:
 
 
 @pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam", "adamw", "adagrad"])
-def test_fused_kernel_is_chosen_for_torch_optimizers_on_the_cpu(data, model, name):
-    assert implementations(optimizer(data, model, "--opt", name)) == {(True, None)}
+def test_fused_kernel_is_chosen_for_torch_optimizers_on_the_cpu(small_data, model, name):
+    assert implementations(optimizer(small_data, model, "--opt", name)) == {(True, None)}
 
 
 @pytest.mark.parametrize("name", ["lamb", "lion", "rmsprop", "nadamw", "adopt"])
-def test_optimizers_without_a_fused_kernel_keep_their_default(data, model, name):
-    assert not any(fused for fused, _ in implementations(optimizer(data, model, "--opt", name)))
+def test_optimizers_without_a_fused_kernel_keep_their_default(small_data, model, name):
+    made = optimizer(small_data, model, "--opt", name)
+    assert not any(fused for fused, _ in implementations(made))
 
 
 @pytest.mark.parametrize("flags", [["--no-opt-fused"], ["--opt-kwargs", "foreach=True"],
                                    ["--opt-kwargs", "fused=False"]])
-def test_the_users_choice_of_implementation_is_kept(data, model, flags):
-    chosen = implementations(optimizer(data, model, "--opt", "adamw", *flags))
+def test_the_users_choice_of_implementation_is_kept(small_data, model, flags):
+    chosen = implementations(optimizer(small_data, model, "--opt", "adamw", *flags))
     assert not any(fused for fused, _ in chosen)
     if "foreach=True" in flags:
         assert chosen == {(None, True)}
 
 
-def train(data, base, name, *flags, steps=4, dtype=torch.float32):
+def train(small_data, base, name, *flags, steps=4, dtype=torch.float32):
     """`steps` updates of a copy of `base` on fixed batches; the weights after them."""
     net = copy.deepcopy(base).to(dtype)
-    opt = optimizer(data, net, "--opt", name, "--weight-decay", "1e-4", *flags, lr=0.01)
+    opt = optimizer(small_data, net, "--opt", name, "--weight-decay", "1e-4", *flags, lr=0.01)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         images = torch.randn(4, 3, 32, 32, generator=gen).to(dtype)
@@ -76,34 +73,34 @@ def train(data, base, name, *flags, steps=4, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "adamw", "adagrad"])
-def test_fused_kernels_make_the_same_update_to_float32_rounding(data, model, name):
+def test_fused_kernels_make_the_same_update_to_float32_rounding(small_data, model, name):
     # One step: Adam's first update is lr * sign(g) for most weights, so a rounding difference
     # in a later step is amplified by the optimizer itself, not by the kernel.
-    fused, opt = train(data, model, name, steps=1)
-    default, ref = train(data, model, name, "--no-opt-fused", steps=1)
+    fused, opt = train(small_data, model, name, steps=1)
+    default, ref = train(small_data, model, name, "--no-opt-fused", steps=1)
     assert implementations(opt) == {(True, None)} and implementations(ref) == {(None, None)}
     start = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert (fused - start).abs().max() > 1e-4  # the step moved the weights
     torch.testing.assert_close(fused, default, rtol=1e-6, atol=1e-7)
 
 
-def test_fused_sgd_training_stays_with_the_default_kernels(data, model):
-    fused, _ = train(data, model, "sgd", steps=20)
-    default, _ = train(data, model, "sgd", "--no-opt-fused", steps=20)
+def test_fused_sgd_training_stays_with_the_default_kernels(small_data, model):
+    fused, _ = train(small_data, model, "sgd", steps=20)
+    default, _ = train(small_data, model, "sgd", "--no-opt-fused", steps=20)
     torch.testing.assert_close(fused, default, rtol=0, atol=1e-5)
 
 
-def test_bfloat16_weights_get_the_fused_kernel_and_a_close_update(data, model):
-    fused, opt = train(data, model, "sgd", dtype=torch.bfloat16)
-    default, _ = train(data, model, "sgd", "--no-opt-fused", dtype=torch.bfloat16)
+def test_bfloat16_weights_get_the_fused_kernel_and_a_close_update(small_data, model):
+    fused, opt = train(small_data, model, "sgd", dtype=torch.bfloat16)
+    default, _ = train(small_data, model, "sgd", "--no-opt-fused", dtype=torch.bfloat16)
     assert implementations(opt) == {(True, None)}
     # The fused kernel computes in float32 and rounds once; the loop rounds every operation.
     torch.testing.assert_close(fused, default, rtol=2e-2, atol=2e-2)
 
 
-def test_a_loaded_state_keeps_the_running_process_kernel(data, model):
-    _, fused = train(data, model, "sgd", steps=1)
-    _, loop = train(data, model, "sgd", "--no-opt-fused", steps=1)
+def test_a_loaded_state_keeps_the_running_process_kernel(small_data, model):
+    _, fused = train(small_data, model, "sgd", steps=1)
+    _, loop = train(small_data, model, "sgd", "--no-opt-fused", steps=1)
     timm_state, ours_state = loop.state_dict(), fused.state_dict()
     assert {g["fused"] for g in timm_state["param_groups"]} == {None}
     fused.load_state_dict(timm_state)

@@ -4,20 +4,29 @@ file read by validate.py and timm, and every bad input as one line."""
 from __future__ import annotations
 
 import csv
-
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_imagefolder, make_training, run_in_process, torch_threads
+from conftest import (
+    REPO_ROOT,
+    make_imagefolder,
+    make_training,
+    run_in_process,
+    tiny_args,
+    torch_threads,
+)
 
-from ematrain import checkpoint as ckpt_io
-from ematrain import outputs, posthoc_sweep, train, validate
-from ematrain import snapshots as snaps
-from ematrain.ema_schedules import sigma_rel_to_gamma
-from ematrain.engine import validate as score
+from ematrain.checkpoint import files as ckpt_files
+from ematrain.cli import train, validate
+from ematrain.ema.schedules import sigma_rel_to_gamma
 from ematrain.posthoc import Profile, Solution, solve
+from ematrain.posthoc import series as series_mod
+from ematrain.posthoc import snapshots as snapshots_mod
+from ematrain.run import curves, evaluation
+from ematrain.run.evaluation import validate as score
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
 
@@ -64,8 +73,8 @@ def write_series(folder, thetas, sigma_rels, every: int, dtype=torch.float64):
         if t % every == 0:
             shadows = [{"w": torch.from_numpy(p.copy()), "bn.running_var": torch.from_numpy(p ** 2),
                         "bn.num_batches_tracked": torch.tensor(t)} for p in ref.power]
-            entry = snaps.snapshot_entry(shadows, sigma_rels, gammas, t, t, dtype, META)
-            ckpt_io.write_file(folder / snaps.snapshot_name(t), entry)
+            entry = snapshots_mod.snapshot_entry(shadows, sigma_rels, gammas, t, t, dtype, META)
+            ckpt_files.write_file(folder / snapshots_mod.snapshot_name(t), entry)
     return ref
 
 
@@ -95,12 +104,12 @@ def test_a_power_profile_has_the_sigma_rel_it_was_built_for():
 def test_a_tracked_profile_reconstructed_is_its_last_snapshot(tmp_path, dtype, tol):
     thetas = random_walk(120, 50)
     write_series(tmp_path, thetas, [0.05, 0.10], every=10, dtype=dtype)
-    series = snaps.read_series(tmp_path)
+    series = series_mod.read_series(tmp_path)
     targets = [Profile("power", g, series.updates) for g in series.gammas]
     solution = solve(series.profiles(), targets)
     assert solution.fit_errors.max() < 1e-9
-    states, _ = snaps.synthesize(series, solution)
-    last = snaps.load_shadows(series.snapshots[-1])
+    states, _ = series_mod.synthesize(series, solution)
+    last = snapshots_mod.load_shadows(series.snapshots[-1])
     for state, shadow in zip(states, last):
         got, want = state["w"].double(), shadow["w"].double()
         assert ((got - want).norm() / want.norm()).item() < tol
@@ -113,7 +122,7 @@ def test_reconstructions_match_the_same_emas_tracked_directly(tmp_path):
     size (the fit is of the profiles, not of these iterates, so allow 3x)."""
     thetas = random_walk(400, 200, seed=3)
     write_series(tmp_path, thetas, [0.05, 0.10], every=20)
-    series = snaps.read_series(tmp_path)
+    series = series_mod.read_series(tmp_path)
     half_life = 30.0
     decay = 0.5 ** (1 / half_life)
     direct = Reference(thetas[0], [sigma_rel_to_gamma(0.07)], [decay])
@@ -121,7 +130,7 @@ def test_reconstructions_match_the_same_emas_tracked_directly(tmp_path):
         direct.update(thetas[t])
     targets = [Profile("power", sigma_rel_to_gamma(0.07), 400), Profile("exp", decay, 400)]
     solution = solve(series.profiles(), targets)
-    states, _ = snaps.synthesize(series, solution)
+    states, _ = series_mod.synthesize(series, solution)
     spread = np.linalg.norm(thetas[-1] - thetas[0])
     for state, want, fit in zip(states, direct.power + direct.exp, solution.fit_errors):
         error = np.linalg.norm(state["w"].double().numpy() - want)
@@ -140,11 +149,11 @@ def test_a_target_the_snapshots_cannot_represent_has_a_large_fit_error():
 def test_a_negative_combination_of_variances_is_clamped_at_zero(tmp_path):
     thetas = random_walk(40, 20)
     write_series(tmp_path, thetas, [0.05, 0.10], every=10)
-    series = snaps.read_series(tmp_path)
+    series = series_mod.read_series(tmp_path)
     n = len(series.profiles())
     coefficients = np.zeros((1, n))
     coefficients[0, -1], coefficients[0, -2] = -1.0, 0.0  # minus a variance
-    states, clamped = snaps.synthesize(series, Solution(coefficients, np.zeros(1)))
+    states, clamped = series_mod.synthesize(series, Solution(coefficients, np.zeros(1)))
     assert clamped == 20 and states[0]["bn.running_var"].min() == 0.0
 
 
@@ -171,8 +180,8 @@ def test_bad_series_are_one_line_each(data, tmp_path):
     cases["one"] = (tmp_path / "one", "one snapshot only")
     write_series(tmp_path / "mixed" / "posthoc", thetas[:21], [0.05, 0.10], every=10)
     write_series(tmp_path / "other", thetas, [0.05, 0.20], every=30)
-    (tmp_path / "other" / snaps.snapshot_name(30)).rename(
-        tmp_path / "mixed" / "posthoc" / snaps.snapshot_name(30))
+    (tmp_path / "other" / snapshots_mod.snapshot_name(30)).rename(
+        tmp_path / "mixed" / "posthoc" / snapshots_mod.snapshot_name(30))
     cases["mixed"] = (tmp_path / "mixed", "mixes snapshots of different runs or settings")
     for folder, text in cases.values():
         r = run_in_process(validate.main, "validate.py", data, "--posthoc", folder)
@@ -199,8 +208,7 @@ def test_bad_posthoc_training_flags_are_one_line(data, tmp_path, argv, text):
 
 
 # ----------------------------------------------------------------------------- a real run
-TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "-j", "0", "--warmup-epochs",
-        "0", "--lr", "0.05", "--epochs", "4", "--seed", "3"]
+TINY = tiny_args("--seed", "3", batch=8, epochs=4)
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +218,7 @@ def run_dir(data, tmp_path_factory):
     EMA of half-life 4 steps tracked directly."""
     out = tmp_path_factory.mktemp("posthoc_run")
     with torch_threads(1), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(outputs.CurveRenderer, "submit", lambda *a, **k: None)
+        mp.setattr(curves.CurveRenderer, "submit", lambda *a, **k: None)
         r = run_in_process(train.main, "train.py", data, *TINY, "--model-ema-half-life", "4it",
                            "--model-ema-posthoc", "0.05", "0.07", "0.10",
                            "--model-ema-snapshot-every", "3it", "--output", out,
@@ -222,7 +230,7 @@ def run_dir(data, tmp_path_factory):
 
 
 def test_a_run_writes_its_series_and_resumes_it(run_dir, data):
-    files = snaps.snapshot_files(run_dir / "posthoc")
+    files = snapshots_mod.snapshot_files(run_dir / "posthoc")
     assert [s for s, _ in files] == list(range(3, 25, 3))
     last = torch.load(files[-1][1], weights_only=True)
     ckpt = torch.load(run_dir / "last.pth.tar", weights_only=True)
@@ -233,6 +241,21 @@ def test_a_run_writes_its_series_and_resumes_it(run_dir, data):
     r = run_in_process(train.main, "train.py", "--resume", run_dir / "last.pth.tar",
                        "--model-ema-posthoc", "0.05", "0.10")
     one_line_error(r, "model-ema-posthoc")
+
+
+def test_a_snapshot_holds_exactly_the_schemas_keys_and_the_readme_shows_them(run_dir):
+    """Every snapshot of a real run holds the keys `SNAPSHOT_SCHEMA` names, in its order, and no
+    other; the run's record in it is its checkpoint's; the README shows the table."""
+    ckpt = torch.load(run_dir / "last.pth.tar", weights_only=True)
+    files = snapshots_mod.snapshot_files(run_dir / "posthoc")
+    for _, path in files:
+        snapshot = torch.load(path, weights_only=True)
+        assert list(snapshot) == [k.name for k in snapshots_mod.SNAPSHOT_SCHEMA], path
+        assert snapshot["format"] == snapshots_mod.FORMAT and snapshot["fork"] is None
+        for key in ("arch", "args", "num_classes", "class_names", "data_config", "run_id"):
+            assert snapshot[key] == ckpt[key], key
+    assert len(files) == 8
+    assert snapshots_mod.snapshot_markdown() in (REPO_ROOT / "README.md").read_text()
 
 
 def test_the_tracked_power_emas_are_validated_every_epoch_like_any_ema(run_dir):
@@ -252,15 +275,15 @@ def test_a_series_that_would_fill_the_disk_is_refused_and_a_large_one_warned(dat
     from collections import namedtuple
     usage = namedtuple("usage", "total used free")
     argv = [data, *TINY, "--epochs", "1", "--model-ema-posthoc", "--output", tmp_path]
-    monkeypatch.setattr(outputs.CurveRenderer, "submit", lambda *a, **k: None)
-    monkeypatch.setattr(snaps.shutil, "disk_usage", lambda p: usage(10**9, 0, 10**5))
+    monkeypatch.setattr(curves.CurveRenderer, "submit", lambda *a, **k: None)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 0, 10**5))
     r = run_in_process(train.main, "train.py", *argv, "--experiment", "full")
     one_line_error(r, "post-hoc EMA: 6 snapshots of")
     assert "GB are free there" in r.stderr and "--model-ema-snapshot-dtype float16" in r.stderr
     assert not (tmp_path / "full").exists()  # nothing left behind
     need = 6 * 4 * sum(p.numel() for p in __import__("timm").create_model(
         "test_resnet", num_classes=3).state_dict().values()) * 2  # two float32 power EMAs
-    monkeypatch.setattr(snaps.shutil, "disk_usage", lambda p: usage(10**12, 0, 2 * need))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, 2 * need))
     with torch_threads(1):
         r = run_in_process(train.main, "train.py", *argv, "--experiment", "warned")
     assert r.returncode == 0, r.stderr
@@ -281,12 +304,12 @@ def _sub_solution(series, targets, keep: list[int]) -> Solution:
 def test_reconstructions_from_a_run_match_emas_it_tracked(run_dir, data):
     """From the 0.05 and 0.10 snapshots: the 0.07 power EMA (tracked too, in the same run) and
     the half-life 4it EMA (the regular shadow): weights close, the same top-1 within 1 image."""
-    series = snaps.read_series(run_dir)
+    series = series_mod.read_series(run_dir)
     t = series.updates
     targets = [Profile("power", series.gammas[1], t), Profile("exp", 0.5 ** (1 / 4), t)]
     solution = _sub_solution(series, targets, keep=[0, 2])
-    states, _ = snaps.synthesize(series, solution)
-    direct = [snaps.load_shadows(series.snapshots[-1])[1],
+    states, _ = series_mod.synthesize(series, solution)
+    direct = [snapshots_mod.load_shadows(series.snapshots[-1])[1],
               torch.load(run_dir / "last.pth.tar", weights_only=True)["state_dict_ema"]]
     errors = []
     for state, want in zip(states, direct):
@@ -302,7 +325,7 @@ def test_reconstructions_from_a_run_match_emas_it_tracked(run_dir, data):
     tr = make_training([data, *TINY])
     model = tr.run.module
     model.load_state_dict(states[0])
-    bank = posthoc_sweep.WeightBank(model, [direct[0], states[1], direct[1]], torch.float32)
+    bank = evaluation.WeightBank(model, [direct[0], states[1], direct[1]], torch.float32)
     _, val_loader = tr.run.data.loaders(0, 0, 3)
     scores = score(model, val_loader, torch.device("cpu"), ema=bank,
                    normalize=tr.run.data.normalize)
@@ -320,7 +343,7 @@ def test_the_sweep_writes_its_table_files_and_a_best_file_timm_reads(run_dir, da
     # raw, three tracked, the default sweep of ten, one half-life.
     assert len(rows) == 1 + 1 + 3 + 10 + 1 and rows[1].startswith("raw,raw")
     assert (run_dir / "posthoc.png").stat().st_size > 10_000
-    best = ckpt_io.load_file(run_dir / "model_posthoc_best.pth.tar")
+    best = ckpt_files.load_file(run_dir / "model_posthoc_best.pth.tar")
     info = best["posthoc"]
     assert info["snapshots"] == 8 and info["tracked_sigma_rels"] == [0.05, 0.07, 0.1]
     line = next(x for x in r.stdout.splitlines() if x.endswith("<- best"))

@@ -16,12 +16,13 @@ import pytest
 import torch
 from conftest import make_imagefolder, run_in_process, torch_threads
 
-from ematrain import checkpoint as ckpt_io
-from ematrain import snapshots as snaps
-from ematrain import train, validate
-from ematrain.ema_schedules import sigma_rel_to_gamma
+from ematrain.checkpoint import files as ckpt_io
+from ematrain.cli import train, validate
+from ematrain.ema.schedules import sigma_rel_to_gamma
 from ematrain.posthoc import Profile, solve
-from ematrain.posthoc_sweep import default_sigma_rels
+from ematrain.posthoc import series as series_mod
+from ematrain.posthoc import snapshots as snapshots_mod
+from ematrain.posthoc.sweep import default_sigma_rels
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
 
@@ -180,17 +181,18 @@ def test_a_sparse_series_of_constant_weights_is_synthesized_as_those_weights(tmp
     weights = {"w": torch.linspace(-2.0, 3.0, 50, dtype=torch.float64),
                "bn.running_var": torch.linspace(1e-3, 2.0, 50, dtype=torch.float64),
                "bn.num_batches_tracked": torch.tensor(36)}
-    meta = {k: None for k in snaps.META_KEYS} | {"every": 1, "steps_per_epoch": 3,
-                                                 "images_per_step": 8}
+    meta = {k: None for k in snapshots_mod.META_KEYS} | {"every": 1, "steps_per_epoch": 3,
+                                                         "images_per_step": 8, "num_classes": 2,
+                                                         "class_names": ["a", "b"]}
     gammas = [sigma_rel_to_gamma(s) for s in TRACKED]
     for t in (9, 18, 27, 36):
-        entry = snaps.snapshot_entry([weights, weights], TRACKED, gammas, t, t, torch.float64,
-                                     meta)
-        ckpt_io.write_file(tmp_path / snaps.snapshot_name(t), entry)
-    series = snaps.read_series(tmp_path)
+        entry = snapshots_mod.snapshot_entry([weights, weights], TRACKED, gammas, t, t,
+                                             torch.float64, meta)
+        ckpt_io.write_file(tmp_path / snapshots_mod.snapshot_name(t), entry)
+    series = series_mod.read_series(tmp_path)
     solution = solve(series.profiles(), [Profile("power", sigma_rel_to_gamma(s), 36)
                                          for s in SWEEP])
-    states, clamped = snaps.synthesize(series, solution)
+    states, clamped = series_mod.synthesize(series, solution)
     assert clamped == 0
     for state in states:
         for k in ("w", "bn.running_var"):
@@ -213,7 +215,7 @@ def test_weights_that_never_change_come_back_from_the_sweep_as_themselves(tmp_pa
                            "--seed", "0", "--output", tmp_path / "out", "--experiment", "r")
         assert r.returncode == 0, r.stderr[-2000:]
         run_dir = tmp_path / "out" / "r"
-        assert len(snaps.snapshot_files(run_dir / snaps.FOLDER)) == 4
+        assert len(snapshots_mod.snapshot_files(run_dir / snapshots_mod.FOLDER)) == 4
         r = run_in_process(validate.main, "validate.py", data, "--posthoc", run_dir,
                            "--sigma-rel", "0.25", "-j", "0")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -2,13 +2,12 @@
 start-up, the data-wait share, and epoch lines that stay readable with several EMAs."""
 from __future__ import annotations
 
-
 import pytest
 
-from ematrain.clock import RunClock, StepTimer, duration
-from ematrain.logs import plural
-from ematrain.outputs import epoch_line
-from ematrain.weightsets import RAW, WeightSet
+from ematrain.run.report import epoch_line
+from ematrain.run.weight_sets import RAW, WeightSet
+from ematrain.util.clock import RunClock, StepTimer, duration
+from ematrain.util.logs import plural
 
 
 @pytest.mark.parametrize("seconds,text", [(0.04, "0.0s"), (7.34, "7.3s"), (42.4, "42s"),
@@ -111,10 +110,11 @@ def test_the_bar_shows_the_rate_and_remaining_time_between_log_intervals(small_d
     """On a terminal the timing fields refresh on the clock, not only at --log-interval (timm's
     default of 50 steps may be minutes on a CPU), without reading the device."""
     from conftest import make_training, run_epochs
-    from ematrain import engine, outputs
-    monkeypatch.setattr(engine, "show_bars", lambda: True)
-    monkeypatch.setattr(engine._Progress, "REFRESH_S", 0.0)
-    monkeypatch.setattr(outputs.CurveRenderer, "submit", lambda *a, **k: None)
+
+    from ematrain.run import curves, loop
+    monkeypatch.setattr(loop, "show_bars", lambda: True)
+    monkeypatch.setattr(loop._Progress, "REFRESH_S", 0.0)
+    monkeypatch.setattr(curves.CurveRenderer, "submit", lambda *a, **k: None)
     tr = make_training([small_data, "--model", "test_resnet", "--img-size", "16", "-b", "4",
                         "-j", "0", "--epochs", "3", "--log-interval", "100"])
     run_epochs(tr, tmp_path)
@@ -132,7 +132,8 @@ def test_each_weight_set_is_marked_at_its_new_bests_only(small_data, tmp_path, c
     import csv
 
     from conftest import torch_threads
-    from ematrain import train
+
+    from ematrain.cli import train
     with torch_threads(1):
         rc = train.main([str(small_data), "--model", "test_resnet", "--img-size", "16", "-b", "4",
                          "-j", "0", "--epochs", "4", "--warmup-epochs", "0", "--lr", "0.2",

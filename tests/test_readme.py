@@ -84,8 +84,8 @@ def test_the_readme_states_how_much_the_demo_varies_and_its_numbers_lie_within()
 @pytest.mark.skipif(os.environ.get("EMATRAIN_SLOW_TESTS") != "1",
                     reason="the demo takes minutes: set EMATRAIN_SLOW_TESTS=1 to run it")
 def test_the_demo_prints_the_readmes_numbers(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ematrain.demo"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=3600)
+    r = subprocess.run([sys.executable, "-m", "ematrain.cli.demo"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stderr[-3000:]
     now = _results(r.stdout)
     cpu = re.search(r"machine: (.*?), torch CPU", RECORDED).group(1)

@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_imagefolder, make_training, run_in_process, torch_threads
+from conftest import make_imagefolder, make_training, run_in_process, tiny_args, torch_threads
 from PIL import Image
 
-from ematrain import checkpoint as ckpt_io
-from ematrain import data as data_mod
-from ematrain import distributed, train
-from ematrain.errors import UserError
-from ematrain.settings import train_settings
+from ematrain.checkpoint import files as ckpt_io
+from ematrain.cli import train
+from ematrain.data import folders as data_mod
+from ematrain.settings.train_specs import train_settings
+from ematrain.util import distributed
+from ematrain.util.errors import UserError
 
-COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--epochs", "1",
-          "--warmup-epochs", "0", "--lr", "0.05"]
+COMMON = tiny_args()
 
 
 @pytest.fixture(scope="module")

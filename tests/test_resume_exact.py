@@ -14,13 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (REPO_ROOT, assert_files_agree_with_records, assert_quit_names_the_files,
-                      make_imagefolder, run_cli, wait_for_checkpoint)
+from conftest import (
+    REPO_ROOT,
+    assert_files_agree_with_records,
+    assert_quit_names_the_files,
+    make_imagefolder,
+    run_cli,
+    tiny_args,
+    wait_for_checkpoint,
+)
 
 EPOCHS = 3
-_BASE = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "--epochs", str(EPOCHS),
-          "--warmup-epochs", "0", "--lr", "0.05", "--drop", "0.2", "--model-ema",
-          "--model-ema-decay", "0.9", "0.99", "--seed", "7", "--log-interval", "1"]
+_BASE = tiny_args("--drop", "0.2", "--model-ema", "--model-ema-decay", "0.9", "0.99", "--seed", "7",
+                  "--log-interval", "1", batch=8, epochs=EPOCHS, workers=None)
 # Post-hoc snapshots, at steps that recovery saves (--recovery-interval 3) share.
 _POSTHOC = ["--model-ema-posthoc", "--model-ema-snapshot-every", "3it"]
 COMMON = _BASE + _POSTHOC

@@ -1,6 +1,6 @@
 """The resume policy: `train.py --resume PATH` alone continues a run with the settings its
 checkpoint records, and every setting given beside it is kept, applied or refused by the table in
-`ematrain.resume`, never silently replaced or dropped."""
+`ematrain.settings.resume_policy`, never silently replaced or dropped."""
 from __future__ import annotations
 
 import csv
@@ -9,26 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_cli, run_in_process, torch_threads
+from conftest import REPO_ROOT, run_cli, run_in_process, tiny_args, torch_threads
 
-from ematrain import checkpoint as ckpt_io
-from ematrain import resume as resume_mod
-from ematrain import train
-from ematrain.build import build_run
-from ematrain.errors import UserError
-from ematrain.settings import resolve_train
+from ematrain.checkpoint import files as ckpt_io
+from ematrain.cli import train
+from ematrain.run import restore
+from ematrain.run.build import build_run
+from ematrain.settings import resume_policy
+from ematrain.settings.train_specs import resolve_train
+from ematrain.util.errors import UserError
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--warmup-epochs", "0",
-        "--lr", "0.05", "--epochs", "1", "--seed", "3"]
+TINY = tiny_args("--seed", "3")
 STEPS = 6  # 3 classes x 8 training images / batch 4
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
-
-
-@pytest.fixture(scope="module")
-def data(small_data):
-    return small_data
 
 
 def train_in_process(*argv):
@@ -36,11 +31,11 @@ def train_in_process(*argv):
 
 
 @pytest.fixture(scope="module")
-def ema_run(data, tmp_path_factory) -> Path:
+def ema_run(small_data, tmp_path_factory) -> Path:
     """One finished epoch with two EMAs; tests copy it before resuming."""
     out = tmp_path_factory.mktemp("ema_run")
     with torch_threads(1):
-        r = train_in_process(data, *TINY, "--model-ema", "--model-ema-decay", "0.9", "0.99",
+        r = train_in_process(small_data, *TINY, "--model-ema", "--model-ema-decay", "0.9", "0.99",
                              "--output", out, "--experiment", "run")
     assert r.returncode == 0, r.stderr[-2000:]
     return out / "run"
@@ -72,9 +67,9 @@ def test_a_new_ema_interval_on_resume_applies_and_is_announced(ema_run, tmp_path
     assert "model_ema_every: 4" in (run / "args.yaml").read_text()
 
 
-def test_an_ema_run_resumed_without_ema_flags_keeps_its_ema(ema_run, data, tmp_path):
+def test_an_ema_run_resumed_without_ema_flags_keeps_its_ema(ema_run, small_data, tmp_path):
     run = copy_run(ema_run, tmp_path)
-    r = train_in_process(data, "--model", "test_resnet", "--epochs", "2",
+    r = train_in_process(small_data, "--model", "test_resnet", "--epochs", "2",
                          "--resume", run / "last.pth.tar")
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(run / "last.pth.tar", weights_only=True)
@@ -97,10 +92,10 @@ def test_an_ema_run_resumed_with_the_ema_switched_off_is_refused(ema_run, tmp_pa
     assert (run / "last.pth.tar").read_bytes() == before
 
 
-def test_renamed_class_folders_are_refused_on_resume(ema_run, data, tmp_path):
+def test_renamed_class_folders_are_refused_on_resume(ema_run, small_data, tmp_path):
     run = copy_run(ema_run, tmp_path)
     renamed = tmp_path / "renamed"
-    shutil.copytree(data, renamed)
+    shutil.copytree(small_data, renamed)
     for split in ("train", "val"):
         (renamed / split / "class_0").rename(renamed / split / "class_z")
     before = (run / "last.pth.tar").read_bytes()
@@ -112,7 +107,7 @@ def test_renamed_class_folders_are_refused_on_resume(ema_run, data, tmp_path):
     assert len(rows(run)) == 1
 
 
-def test_the_printed_resume_command_alone_continues_the_run_exactly(data, tmp_path):
+def test_the_printed_resume_command_alone_continues_the_run_exactly(small_data, tmp_path):
     """A run stopped after its first epoch prints `Resume with: python train.py --resume PATH`;
     that command, typed as printed in another directory, finishes the run exactly as an
     uninterrupted run ends."""
@@ -120,25 +115,28 @@ def test_the_printed_resume_command_alone_continues_the_run_exactly(data, tmp_pa
              "--warmup-epochs", "0", "--lr", "0.07", "--drop", "0.1", "--model-ema",
              "--model-ema-half-life", "2it", "--seed", "11", "--sched", "step",
              "--decay-epochs", "1", "--smoothing", "0.05"]
-    ref = run_cli("train.py", data, *flags, "--output", tmp_path / "ref", "--experiment", "r")
+    ref = run_cli("train.py", small_data, *flags, "--output", tmp_path / "ref", "--experiment", "r")
     assert ref.returncode == 0, ref.stderr[-2000:]
     stopper = tmp_path / "stop_after_first_epoch.py"
     stopper.write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(REPO_ROOT / 'src')!r})\n"
-        "from ematrain import signals, train\n"
+        "from ematrain.cli import train\n"
+        "from ematrain.run import training\n"
+        "from ematrain.util import signals\n"
         "signals.StopRequest.__call__ = lambda self: self.signum is not None or "
         "getattr(self, 'epochs_seen', 0) > 0\n"
-        "real = train.Training.finish_epoch\n"
+        "real = training.Training.finish_epoch\n"
         "def finish(self, epoch, loader, real=real):\n"
         "    real(self, epoch, loader)\n"
         "    signals.StopRequest.epochs_seen = 1\n"
-        "train.Training.finish_epoch = finish\n"
+        "training.Training.finish_epoch = finish\n"
         "sys.exit(train.main())\n")
     import subprocess
     import sys
-    first = subprocess.run([sys.executable, stopper, data, *flags, "--output", tmp_path / "out",
-                            "--experiment", "r"], capture_output=True, text=True, timeout=300)
+    first = subprocess.run([sys.executable, stopper, small_data, *flags, "--output",
+                            tmp_path / "out", "--experiment", "r"], capture_output=True, text=True,
+                           timeout=300)
     assert first.returncode == 130, first.stderr[-2000:]
     hint = [line for line in first.stderr.splitlines() if "Resume with:" in line]
     assert len(hint) == 1 and "stopped after epoch 0" in hint[0]
@@ -159,7 +157,7 @@ def test_the_printed_resume_command_alone_continues_the_run_exactly(data, tmp_pa
 
 def test_a_stop_mid_epoch_prints_the_same_resume_command(ema_run, tmp_path, monkeypatch):
     """The stop in the middle of an epoch names the command the stop after an epoch names."""
-    from ematrain import signals
+    from ematrain.util import signals
     run = copy_run(ema_run, tmp_path)
     monkeypatch.setattr(signals.StopRequest, "__call__", lambda self: True)
     mid = train_in_process("--resume", run / "last.pth.tar", "--epochs", "2")
@@ -214,56 +212,56 @@ def test_a_longer_run_rebuilds_the_schedule_for_its_length(ema_run, tmp_path):
     settings, source = resolve("--resume", run / "last.pth.tar", "--epochs", "4")
     assert "epochs" in source.changed
     built = build_run(settings)
-    resume_mod.restore(built, source)
+    restore.restore(built, source)
     # Cosine over 4 epochs, now at epoch 1: lr = 0.05 * (1 + cos(pi / 4)) / 2.
     import math
     expected = 0.05 * (1 + math.cos(math.pi / 4)) / 2
     assert built.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-6)
-    assert built.counters.epoch == 1 and built.ema.steps == STEPS
+    assert built.counters.epoch == 1 and built.emas.regular.steps == STEPS
 
 
 def test_the_readme_shows_the_policy_table():
     readme = (REPO_ROOT / "README.md").read_text()
-    assert resume_mod.policy_markdown() in readme
+    assert resume_policy.policy_markdown() in readme
 
 
-def test_resume_auto_before_any_checkpoint_keeps_the_folder(data, tmp_path, capsys):
+def test_resume_auto_before_any_checkpoint_keeps_the_folder(small_data, tmp_path, capsys):
     run = tmp_path / "x"
     run.mkdir(parents=True)
     (run / "args.yaml").write_text("model: test_resnet\n")  # a run killed before epoch 0 ended
-    rc = train.main([str(data), *TINY, "--output", str(tmp_path), "--experiment", "x",
+    rc = train.main([str(small_data), *TINY, "--output", str(tmp_path), "--experiment", "x",
                          "--resume", "auto"])
     assert rc == 0
     assert (run / "last.pth.tar").is_file()
     assert sorted(p.name for p in (tmp_path).iterdir()) == ["x"]
 
 
-def test_resume_from_a_path_continues_in_that_runs_folder(data, tmp_path, capsys):
-    assert train.main([str(data), *TINY, "--output", str(tmp_path),
+def test_resume_from_a_path_continues_in_that_runs_folder(small_data, tmp_path, capsys):
+    assert train.main([str(small_data), *TINY, "--output", str(tmp_path),
                            "--experiment", "first"]) == 0
     last = tmp_path / "first/last.pth.tar"
-    assert train.main([str(data), *TINY, "--epochs", "2", "--resume", str(last)]) == 0
+    assert train.main([str(small_data), *TINY, "--epochs", "2", "--resume", str(last)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "first/summary.csv")))
     assert [r["epoch"] for r in rows] == ["0", "1"]
     assert sorted(p.name for p in (tmp_path).iterdir()) == ["first"]
 
 
-def test_no_resume_opt_resumes_at_the_schedules_lr(data, tmp_path, capsys):
-    assert train.main([str(data), *TINY, "--epochs", "2", "--warmup-epochs", "1",
+def test_no_resume_opt_resumes_at_the_schedules_lr(small_data, tmp_path, capsys):
+    assert train.main([str(small_data), *TINY, "--epochs", "2", "--warmup-epochs", "1",
                            "--warmup-lr", "1e-4", "--sched", "step", "--decay-epochs", "10",
                            "--output", str(tmp_path), "--experiment", "w"]) == 0
     ckpt = tmp_path / "w/checkpoint-0.pth.tar"
     ckpt = ckpt if ckpt.exists() else tmp_path / "w/model_best.pth.tar"
     settings, source = resolve_train(["--resume", ckpt, "--no-resume-opt"])
     run = build_run(settings)
-    resume_mod.restore(run, source)
+    restore.restore(run, source)
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
-def test_resume_with_other_decays_is_refused(data, tmp_path, capsys):
-    assert train.main([str(data), *TINY, "--output", str(tmp_path), "--experiment", "r",
+def test_resume_with_other_decays_is_refused(small_data, tmp_path, capsys):
+    assert train.main([str(small_data), *TINY, "--output", str(tmp_path), "--experiment", "r",
                            "--model-ema-decay", "0.9"]) == 0
-    rc = train.main([str(data), *TINY, "--epochs", "2", "--output", str(tmp_path),
+    rc = train.main([str(small_data), *TINY, "--epochs", "2", "--output", str(tmp_path),
                          "--experiment", "r", "--resume", "auto", "--model-ema-decay", "0.99"])
     err = capsys.readouterr().err
     assert rc == 2 and "it records --model-ema-decay 0.9, this run asks for 0.99" in err
@@ -275,9 +273,9 @@ def test_a_new_decay_is_refused_before_anything_is_built(ema_run):
         resolve("--resume", ema_run / "last.pth.tar", "--model-ema-decay", "0.5")
 
 
-def test_a_half_life_keeps_its_horizon_when_the_batch_size_changes(data, tmp_path):
-    first = train_in_process(data, *TINY, "--model-ema-half-life", "1ep", "--output", tmp_path,
-                             "--experiment", "h")
+def test_a_half_life_keeps_its_horizon_when_the_batch_size_changes(small_data, tmp_path):
+    first = train_in_process(small_data, *TINY, "--model-ema-half-life", "1ep", "--output",
+                             tmp_path, "--experiment", "h")
     assert first.returncode == 0, first.stderr[-2000:]
     last = tmp_path / "h" / "last.pth.tar"
     r = train_in_process("--resume", last, "-b", "2", "--epochs", "2")
@@ -297,7 +295,7 @@ def test_no_resume_opt_applies_to_its_own_resume_only(ema_run, tmp_path):
     assert settings.loop.no_resume_opt is False  # the next resume restores the optimizer again
 
 
-def test_a_timm_checkpoint_resumes_with_fresh_parts_named(data, tmp_path):
+def test_a_timm_checkpoint_resumes_with_fresh_parts_named(small_data, tmp_path):
     import argparse
 
     import timm
@@ -309,7 +307,7 @@ def test_a_timm_checkpoint_resumes_with_fresh_parts_named(data, tmp_path):
     torch.save({"epoch": 0, "arch": "test_resnet", "state_dict": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "version": 2,
                 "args": argparse.Namespace(model="test_resnet", epochs=1)}, path)
-    r = train_in_process(data, *TINY, "--epochs", "2", "--output", tmp_path / "out",
+    r = train_in_process(small_data, *TINY, "--epochs", "2", "--output", tmp_path / "out",
                          "--resume", path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "is timm's: it holds no LR scheduler state (the schedule is rebuilt" in r.stderr
@@ -318,27 +316,27 @@ def test_a_timm_checkpoint_resumes_with_fresh_parts_named(data, tmp_path):
     assert [r["epoch"] for r in rows(run_dir)] == ["1"]
 
 
-def test_the_start_weights_are_not_loaded_again_on_resume(data, tmp_path):
+def test_the_start_weights_are_not_loaded_again_on_resume(small_data, tmp_path):
     import timm
     weights = tmp_path / "start.pth"
     torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), weights)
-    first = train_in_process(data, *TINY, "--initial-checkpoint", weights, "--output", tmp_path,
-                             "--experiment", "w")
+    first = train_in_process(small_data, *TINY, "--initial-checkpoint", weights, "--output",
+                             tmp_path, "--experiment", "w")
     assert first.returncode == 0, first.stderr[-2000:]
     weights.unlink()  # moved away after the run started
     r = train_in_process("--resume", tmp_path / "w/last.pth.tar", "--epochs", "2")
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_a_new_batch_size_at_an_epoch_boundary_gets_its_own_learning_rate(data, tmp_path):
+def test_a_new_batch_size_at_an_epoch_boundary_gets_its_own_learning_rate(small_data, tmp_path):
     # No --lr: --lr-base 0.1 per 256 images, with 4 images per step and then 8.
     no_lr = [a for a in TINY if a not in ("--lr", "0.05")]
-    first = train_in_process(data, *no_lr, "--output", tmp_path, "--experiment", "b")
+    first = train_in_process(small_data, *no_lr, "--output", tmp_path, "--experiment", "b")
     assert first.returncode == 0, first.stderr[-2000:]
     settings, source = resolve("--resume", tmp_path / "b/last.pth.tar", "-b", "8",
                                "--epochs", "2")
     built = build_run(settings, resuming=True)
-    resume_mod.restore(built, source)
+    restore.restore(built, source)
     import math
     peak = 0.1 * 8 / 256
     assert built.lr == pytest.approx(peak)
@@ -348,8 +346,8 @@ def test_a_new_batch_size_at_an_epoch_boundary_gets_its_own_learning_rate(data, 
 
 
 def test_a_stop_under_torchrun_names_torchrun(ema_run, monkeypatch):
-    from ematrain.distributed import DistInfo
-    from ematrain.train import Training, resume_launcher
+    from ematrain.run.training import Training, resume_launcher
+    from ematrain.util.distributed import DistInfo
     settings, source = resolve("--resume", ema_run / "last.pth.tar")
     tr = Training(build_run(settings, resuming=True), source)
     assert resume_launcher(tr.run, tr.prog) == "python train.py"
@@ -359,34 +357,35 @@ def test_a_stop_under_torchrun_names_torchrun(ema_run, monkeypatch):
 
 
 # ------------------------------------------------------------------------- names and --resume auto
-def test_the_default_run_name_is_timms_date_model_imgsize(data, tmp_path, monkeypatch):
+def test_the_default_run_name_is_timms_date_model_imgsize(small_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with torch_threads(1):
-        r = train_in_process(data, *TINY, "--model", "test_vit", "--img-size", "16")
+        r = train_in_process(small_data, *TINY, "--model", "test_vit", "--img-size", "16")
     assert r.returncode == 0, r.stderr[-2000:]
     (run,) = (tmp_path / "output" / "train").iterdir()
     date, clock, model, size = run.name.split("-")
     assert (len(date), len(clock), model, size) == (8, 6, "test_vit", "16")
 
 
-def _run_named(data, out, name, *extra):
+def _run_named(small_data, out, name, *extra):
     with torch_threads(1):
-        r = train_in_process(data, *TINY, "--output", out, "--experiment", name, *extra)
+        r = train_in_process(small_data, *TINY, "--output", out, "--experiment", name, *extra)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_resume_auto_without_a_name_continues_the_newest_unfinished_run_of_the_model(
-        data, tmp_path):
+        small_data, tmp_path):
     out = tmp_path / "runs"
-    _run_named(data, out, "old", "--epochs", "2")   # finished
-    _run_named(data, out, "short", "--epochs", "1")  # finished
-    _run_named(data, out, "vit", "--model", "test_vit")  # another model
+    _run_named(small_data, out, "old", "--epochs", "2")   # finished
+    _run_named(small_data, out, "short", "--epochs", "1")  # finished
+    _run_named(small_data, out, "vit", "--model", "test_vit")  # another model
     for name in ("short", "old"):  # unfinished, "old" newest: their --epochs raised in the record
         ckpt = torch.load(out / name / "last.pth.tar", weights_only=True)
         ckpt["args"]["epochs"] = 3
         torch.save(ckpt, out / name / "last.pth.tar")
     with torch_threads(1):
-        r = train_in_process(data, *TINY, "--epochs", "3", "--output", out, "--resume", "auto")
+        r = train_in_process(small_data, *TINY, "--epochs", "3", "--output", out, "--resume",
+                             "auto")
     assert r.returncode == 0, r.stderr[-2000:]
     said = [l for l in r.stderr.splitlines() if l.startswith("--resume auto:")]
     assert len(said) == 1 and f"continuing {out / 'old'}" in said[0], r.stderr
@@ -395,17 +394,17 @@ def test_resume_auto_without_a_name_continues_the_newest_unfinished_run_of_the_m
     assert sorted(p.name for p in out.iterdir()) == ["old", "short", "vit"]  # no new folder
 
 
-def test_resume_auto_without_a_name_refuses_when_every_run_has_finished(data, tmp_path):
+def test_resume_auto_without_a_name_refuses_when_every_run_has_finished(small_data, tmp_path):
     out = tmp_path / "runs"
-    _run_named(data, out, "a")
-    _run_named(data, out, "b")
+    _run_named(small_data, out, "a")
+    _run_named(small_data, out, "b")
     with torch_threads(1):
-        r = train_in_process(data, *TINY, "--output", out, "--resume", "auto")
+        r = train_in_process(small_data, *TINY, "--output", out, "--resume", "auto")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert "every test_resnet run under" in line and "(a, b)" in line and "--experiment" in line
     with torch_threads(1):  # nothing of that model there: a fresh run, said in one line
-        r = train_in_process(data, *TINY, "--model", "test_vit", "--output", out, "--resume",
+        r = train_in_process(small_data, *TINY, "--model", "test_vit", "--output", out, "--resume",
                              "auto")
     assert r.returncode == 0 and "--resume auto: no test_vit run under" in r.stderr
 
@@ -444,33 +443,33 @@ def _timm_run(folder: Path, decay: float = 0.9) -> None:
         saver.save_checkpoint(epoch, metric=top1)
 
 
-def test_a_timm_run_with_an_ema_resumes_with_its_ema(data, tmp_path):
+def test_a_timm_run_with_an_ema_resumes_with_its_ema(small_data, tmp_path):
     timm_dir = tmp_path / "timm" / "t"
     _timm_run(timm_dir)
     theirs = ckpt_io.load_file(timm_dir / "last.pth.tar")
-    argv = [data, *TINY, "--epochs", "3", "--model-ema", "--model-ema-decay", "0.9",
+    argv = [small_data, *TINY, "--epochs", "3", "--model-ema", "--model-ema-decay", "0.9",
             "--resume", timm_dir / "last.pth.tar"]
     settings, source = resolve_train([str(a) for a in argv])
     run = build_run(settings, resuming=True)
-    resume_mod.restore(run, source)
+    restore.restore(run, source)
     assert run.counters.epoch == 2
-    assert run.ema.steps == run.counters.num_updates == 2 * STEPS  # timm's epoch x updates
+    assert run.emas.regular.steps == run.counters.num_updates == 2 * STEPS  # timm's epoch x updates
     for key, value in theirs["state_dict_ema"].items():
-        assert torch.equal(run.ema.shadow_state_dict(0)[key], value), key
+        assert torch.equal(run.emas.regular.shadow_state_dict(0)[key], value), key
     # A changed decay is refused as for our runs; leaving the EMA out names the flags to add.
     for extra, words in ((["--model-ema", "--model-ema-decay", "0.99"], "averages decays 0.9"),
                          ([], "add --model-ema --model-ema-decay 0.9 to continue timm's EMA")):
-        r = train_in_process(data, *TINY, "--epochs", "3", *extra, "--resume",
+        r = train_in_process(small_data, *TINY, "--epochs", "3", *extra, "--resume",
                              timm_dir / "last.pth.tar")
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_a_timm_run_continued_in_its_folder_keeps_its_rows_best_and_history(data, tmp_path):
+def test_a_timm_run_continued_in_its_folder_keeps_its_rows_best_and_history(small_data, tmp_path):
     from conftest import assert_files_agree_with_records
     timm_dir = tmp_path / "timm" / "t"
     _timm_run(timm_dir)
     with torch_threads(1):
-        r = train_in_process(data, *TINY, "--epochs", "3", "--model-ema", "--model-ema-decay",
+        r = train_in_process(small_data, *TINY, "--epochs", "3", "--model-ema", "--model-ema-decay",
                              "0.9", "--resume", timm_dir / "last.pth.tar",
                              "--output", timm_dir.parent, "--experiment", "t")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -494,12 +493,12 @@ def test_a_timm_run_continued_in_its_folder_keeps_its_rows_best_and_history(data
 
 
 def test_a_run_saved_before_primary_weights_goes_on_with_the_raw_weights_in_timms_names(
-        data, tmp_path):
+        small_data, tmp_path):
     """A version-3 checkpoint of before --primary-weights (its keeper and summary.csv kept the
     raw weights in eval_* and model_best.pth.tar) resumes in its own layout, even when asked
     for another (said in one line)."""
     from conftest import assert_files_agree_with_records
-    _run_named(data, tmp_path, "old", "--model-ema", "--model-ema-decay", "0.9", "0.99",
+    _run_named(small_data, tmp_path, "old", "--model-ema", "--model-ema-decay", "0.9", "0.99",
                "--primary-weights", "raw")
     last = tmp_path / "old" / "last.pth.tar"
     ckpt = torch.load(last, weights_only=True)
@@ -527,8 +526,8 @@ def test_the_best_file_and_history_follow_the_first_ema_by_the_eval_metric(metri
     """With an EMA on, model_best.pth.tar and the checkpoint history are the first EMA's
     (timm's meaning), by --eval-metric, loss the lower the better; every other set keeps its
     own best file."""
-    from ematrain.keeper import CheckpointKeeper
-    from ematrain.weightsets import weight_sets
+    from ematrain.run.keeper import CheckpointKeeper
+    from ematrain.run.weight_sets import weight_sets
     sets = weight_sets([0.9, 0.99])
     keeper = CheckpointKeeper(sets, metric, history_size=2, primary=False)
     # per epoch: (raw, ema 0.9, ema 0.99) scores, as top-1 (higher is better) or loss

@@ -9,30 +9,24 @@ import subprocess
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, tiny_args
 
-from ematrain import checkpoint as ckpt_io
-from ematrain import train as train_mod
+from ematrain.checkpoint import files as ckpt_files
+from ematrain.cli import train as train_mod
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--epochs", "1",
-        "--warmup-epochs", "0", "--lr", "0.05", "-j", "0"]
-
-
-@pytest.fixture(scope="module")
-def data_root(small_data):
-    return small_data
+TINY = tiny_args()
 
 
-def test_diverging_run_exits_1_and_keeps_last_good_checkpoint(data_root, tmp_path):
+def test_diverging_run_exits_1_and_keeps_last_good_checkpoint(small_data, tmp_path):
     # lr 1e30 turns the weights into Inf after the first update of epoch 1; the EMA averages
     # them in (no precheck), and the run stops before the shadows are validated or saved.
     out = tmp_path / "out"
-    r = run_cli("train.py", data_root, *TINY, "--epochs", "1", "--output", out, "--experiment", "x",
-                "--model-ema", "--model-ema-decay", "0.9")
+    r = run_cli("train.py", small_data, *TINY, "--epochs", "1", "--output", out, "--experiment",
+                "x", "--model-ema", "--model-ema-decay", "0.9")
     assert r.returncode == 0, r.stderr
     good = torch.load(out / "x/last.pth.tar", weights_only=True)
-    r = run_cli("train.py", data_root, *TINY, "--epochs", "2", "--output", out, "--experiment", "x",
-                "--resume", "auto", "--lr", "1e30", "--no-resume-opt", "--log-interval", "1")
+    r = run_cli("train.py", small_data, *TINY, "--epochs", "2", "--output", out, "--experiment",
+                "x", "--resume", "auto", "--lr", "1e30", "--no-resume-opt", "--log-interval", "1")
     assert r.returncode == 1
     assert "non-finite loss at epoch 1, step" in r.stderr and "Traceback" not in r.stderr
     kept = torch.load(out / "x/last.pth.tar", weights_only=True)
@@ -46,9 +40,9 @@ def test_diverging_run_exits_1_and_keeps_last_good_checkpoint(data_root, tmp_pat
     # What torch's zip writer raises when the file's write fails part-way.
     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
 ])
-def test_full_disk_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch, capsys, failure):
+def test_full_disk_keeps_previous_checkpoint(small_data, tmp_path, monkeypatch, capsys, failure):
     out = tmp_path / "out"
-    assert train_mod.main([str(data_root), *TINY, "--output", str(out), "--experiment", "d"]) == 0
+    assert train_mod.main([str(small_data), *TINY, "--output", str(out), "--experiment", "d"]) == 0
     last = out / "d/last.pth.tar"
     good = last.read_bytes()
 
@@ -56,9 +50,9 @@ def test_full_disk_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch, c
         open(f, "wb").write(b"partial")  # torch.save gets the temporary file's path
         raise failure
 
-    monkeypatch.setattr(ckpt_io.torch, "save", no_space)
+    monkeypatch.setattr(ckpt_files.torch, "save", no_space)
     capsys.readouterr()
-    rc = train_mod.main([str(data_root), *TINY, "--epochs", "2", "--output", str(out),
+    rc = train_mod.main([str(small_data), *TINY, "--epochs", "2", "--output", str(out),
                          "--experiment", "d", "--resume", "auto"])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
@@ -69,15 +63,15 @@ def test_full_disk_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch, c
     assert not list(last.parent.glob(".*.tmp"))
 
 
-def test_a_full_disk_before_any_checkpoint_says_none_was_saved(data_root, tmp_path,
+def test_a_full_disk_before_any_checkpoint_says_none_was_saved(small_data, tmp_path,
                                                                monkeypatch, capsys):
     def no_space(obj, f, *a, **k):
         open(f, "wb").write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt_io.torch, "save", no_space)
+    monkeypatch.setattr(ckpt_files.torch, "save", no_space)
     capsys.readouterr()
-    rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path / "out"),
+    rc = train_mod.main([str(small_data), *TINY, "--output", str(tmp_path / "out"),
                          "--experiment", "d"])
     err = capsys.readouterr().err
     assert rc == 1 and "Traceback" not in err
@@ -87,7 +81,7 @@ def test_a_full_disk_before_any_checkpoint_says_none_was_saved(data_root, tmp_pa
     assert "intact" not in errors[0]
 
 
-def test_a_really_full_disk_is_one_line_and_resume_too(data_root, tmp_path):
+def test_a_really_full_disk_is_one_line_and_resume_too(small_data, tmp_path):
     """On a 3 MB tmpfs the first checkpoint does not fit: one line, exit 1; `--resume auto`
     afterwards is one line too. (Needs the right to mount; skipped without it.)"""
     import shutil
@@ -98,7 +92,7 @@ def test_a_really_full_disk_is_one_line_and_resume_too(data_root, tmp_path):
             capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        base = [data_root, *TINY, "--model", "resnet18", "--output", mount, "--experiment", "f"]
+        base = [small_data, *TINY, "--model", "resnet18", "--output", mount, "--experiment", "f"]
         r = run_cli("train.py", *base)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert r.stderr.strip().splitlines()[-1].startswith("train.py: error: cannot write")
@@ -110,10 +104,10 @@ def test_a_really_full_disk_is_one_line_and_resume_too(data_root, tmp_path):
         subprocess.run(["umount", str(mount)], capture_output=True)
 
 
-def test_output_path_that_is_a_file_is_a_clear_error(data_root, tmp_path):
+def test_output_path_that_is_a_file_is_a_clear_error(small_data, tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("not a folder")
-    r = run_cli("train.py", data_root, *TINY, "--output", blocker / "out")
+    r = run_cli("train.py", small_data, *TINY, "--output", blocker / "out")
     assert r.returncode == 2
     assert "cannot create output directory" in r.stderr and "Traceback" not in r.stderr
 
@@ -127,12 +121,12 @@ class _Marker:
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--initial-checkpoint"])
-def test_checkpoint_with_pickled_code_is_refused(data_root, tmp_path, flag):
+def test_checkpoint_with_pickled_code_is_refused(small_data, tmp_path, flag):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth.tar"
     torch.save({"state_dict": {}, "epoch": 0, "payload": _Marker(str(marker))}, evil)
     assert not marker.exists()
-    r = run_cli("train.py", data_root, *TINY, "--output", tmp_path / "o", flag, evil)
+    r = run_cli("train.py", small_data, *TINY, "--output", tmp_path / "o", flag, evil)
     assert r.returncode == 2
     assert "refusing" in r.stderr and "Traceback" not in r.stderr
     assert not marker.exists()
@@ -177,12 +171,12 @@ def _combos(n, seed=1234):
 
 
 @pytest.fixture(scope="module")
-def fuzz_inputs(data_root, tmp_path_factory):
+def fuzz_inputs(small_data, tmp_path_factory):
     """The trees and files that the fuzz's placeholders stand for."""
     import shutil
     base = tmp_path_factory.mktemp("fuzz")
     hidden = base / "hidden"
-    shutil.copytree(data_root, hidden)
+    shutil.copytree(small_data, hidden)
     (hidden / "train" / ".ipynb_checkpoints").mkdir()
     (hidden / "train" / "class_0" / "._0000.png").write_bytes(b"\x00\x05\x16\x07")
     malformed = base / "malformed.pth.tar"
@@ -191,10 +185,10 @@ def fuzz_inputs(data_root, tmp_path_factory):
 
 
 @pytest.mark.parametrize("i,flags,expect_bad", list(_combos(2 * len(INVALID))))
-def test_cli_fuzz_exit_codes_and_no_partial_files(data_root, fuzz_inputs, tmp_path, capsys, i,
+def test_cli_fuzz_exit_codes_and_no_partial_files(small_data, fuzz_inputs, tmp_path, capsys, i,
                                                   flags, expect_bad):
     out = tmp_path / "out"
-    root = fuzz_inputs["HIDDEN"] if "HIDDEN" in flags else data_root
+    root = fuzz_inputs["HIDDEN"] if "HIDDEN" in flags else small_data
     flags = [str(fuzz_inputs.get(f, f)) for f in flags if f != "HIDDEN"]
     rc = train_mod.main([str(root), *TINY, "--output", str(out), "--experiment", f"f{i}", *flags])
     err = capsys.readouterr().err
@@ -211,55 +205,55 @@ def test_cli_fuzz_exit_codes_and_no_partial_files(data_root, fuzz_inputs, tmp_pa
 
 
 # --------------------------------------------------------------------------- the run folder
-def test_a_live_run_folder_is_refused_to_a_second_process(data_root, tmp_path, capsys):
-    from ematrain import outputs
-    holder = outputs.RunFolder.open(tmp_path / "same", resuming=True)
+def test_a_live_run_folder_is_refused_to_a_second_process(small_data, tmp_path, capsys):
+    from ematrain.run import folder
+    holder = folder.RunFolder.open(tmp_path / "same", resuming=True)
     try:
-        rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment",
+        rc = train_mod.main([str(small_data), *TINY, "--output", str(tmp_path), "--experiment",
                              "same", "--resume", "auto"])
         err = capsys.readouterr().err
         assert rc == 2 and f"is in use by another process (pid {os.getpid()})" in err
         # A new run with the same name takes the next free folder instead.
-        assert train_mod.main([str(data_root), *TINY, "--output", str(tmp_path),
+        assert train_mod.main([str(small_data), *TINY, "--output", str(tmp_path),
                                "--experiment", "same"]) == 0
         assert (tmp_path / "same-1" / "last.pth.tar").is_file()
     finally:
         holder.close()
-    assert not (tmp_path / "same" / outputs.LOCK).exists()
+    assert not (tmp_path / "same" / folder.LOCK).exists()
 
 
-def test_a_lock_left_by_a_killed_run_does_not_block(data_root, tmp_path):
+def test_a_lock_left_by_a_killed_run_does_not_block(small_data, tmp_path):
     run = tmp_path / "x"
     run.mkdir(parents=True)
     (run / ".ematrain.lock").write_text("12345\n")  # its process is gone: no flock is held
-    assert train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment", "x",
+    assert train_mod.main([str(small_data), *TINY, "--output", str(tmp_path), "--experiment", "x",
                            "--resume", "auto"]) == 0
     assert (run / "last.pth.tar").is_file() and not (run / ".ematrain.lock").exists()
 
 
 @pytest.mark.parametrize("name", ["../../x", "/abs/x", "a/b", ".."])
-def test_an_experiment_name_that_is_a_path_is_refused(data_root, tmp_path, capsys, name):
-    rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path / "o"), "--experiment",
+def test_an_experiment_name_that_is_a_path_is_refused(small_data, tmp_path, capsys, name):
+    rc = train_mod.main([str(small_data), *TINY, "--output", str(tmp_path / "o"), "--experiment",
                          name])
     assert rc == 2 and "must be a folder name, not a path" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "x").exists()
 
 
-def test_an_experiment_named_like_a_file_takes_the_next_name(data_root, tmp_path, capsys):
+def test_an_experiment_named_like_a_file_takes_the_next_name(small_data, tmp_path, capsys):
     (tmp_path / "e").write_text("x")
-    assert train_mod.main([str(data_root), *TINY, "--output", str(tmp_path),
+    assert train_mod.main([str(small_data), *TINY, "--output", str(tmp_path),
                            "--experiment", "e"]) == 0
     assert (tmp_path / "e-1" / "last.pth.tar").is_file()
-    rc = train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment", "e",
+    rc = train_mod.main([str(small_data), *TINY, "--output", str(tmp_path), "--experiment", "e",
                          "--resume", str(tmp_path / "e")])
     assert rc == 2 and "Traceback" not in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- malformed files
 @pytest.fixture(scope="module")
-def a_checkpoint(data_root, tmp_path_factory):
+def a_checkpoint(small_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("malformed")
-    assert train_mod.main([str(data_root), *TINY, "--model-ema", "--model-ema-decay", "0.9",
+    assert train_mod.main([str(small_data), *TINY, "--model-ema", "--model-ema-decay", "0.9",
                            "--output", str(out), "--experiment", "m"]) == 0
     return out / "m" / "last.pth.tar"
 
@@ -272,17 +266,17 @@ def a_checkpoint(data_root, tmp_path_factory):
     (lambda c: c.update(class_names="abc"), ["'class_names' must be a list of folder names"]),
     (lambda c: c.update(data_config=[1, 2]), ["'data_config' must be a mapping"]),
 ])
-def test_a_malformed_checkpoint_is_one_line_everywhere(data_root, a_checkpoint, tmp_path, capsys,
+def test_a_malformed_checkpoint_is_one_line_everywhere(small_data, a_checkpoint, tmp_path, capsys,
                                                        change, words):
-    from ematrain import validate as validate_mod
+    from ematrain.cli import validate as validate_mod
     ckpt = torch.load(a_checkpoint, weights_only=True)
     change(ckpt)
     bad = tmp_path / "bad.pth.tar"
     torch.save(ckpt, bad)
     capsys.readouterr()
-    for run in (lambda: validate_mod.main([str(data_root), "--checkpoint", str(bad),
+    for run in (lambda: validate_mod.main([str(small_data), "--checkpoint", str(bad),
                                            "--use-ema", "-j", "0"]),
-                lambda: train_mod.main([str(data_root), *TINY, "--output", str(tmp_path / "o"),
+                lambda: train_mod.main([str(small_data), *TINY, "--output", str(tmp_path / "o"),
                                         "--resume", str(bad)])):
         rc = run()
         err = capsys.readouterr().err
@@ -294,8 +288,8 @@ def test_a_malformed_checkpoint_is_one_line_everywhere(data_root, a_checkpoint, 
 
 
 # --------------------------------------------------------------------------- checkpoint files
-def test_best_and_history_files_are_links_of_their_epochs_checkpoint(data_root, tmp_path):
-    assert train_mod.main([str(data_root), *TINY, "--model-ema", "--model-ema-decay", "0.9",
+def test_best_and_history_files_are_links_of_their_epochs_checkpoint(small_data, tmp_path):
+    assert train_mod.main([str(small_data), *TINY, "--model-ema", "--model-ema-decay", "0.9",
                            "--output", str(tmp_path), "--experiment", "l"]) == 0
     run = tmp_path / "l"
     last = os.stat(run / "last.pth.tar")
@@ -304,14 +298,14 @@ def test_best_and_history_files_are_links_of_their_epochs_checkpoint(data_root, 
     assert last.st_nlink == 4
 
 
-def test_where_links_are_refused_the_files_are_copies(data_root, tmp_path, monkeypatch, capsys):
-    from ematrain import keeper
+def test_where_links_are_refused_the_files_are_copies(small_data, tmp_path, monkeypatch, capsys):
+    from ematrain.run import keeper
 
     def no_links(src, dst):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(keeper.os, "link", no_links)
-    assert train_mod.main([str(data_root), *TINY, "--output", str(tmp_path), "--experiment",
+    assert train_mod.main([str(small_data), *TINY, "--output", str(tmp_path), "--experiment",
                            "c"]) == 0
     assert capsys.readouterr().err.count("refuses hard links") == 1
     run = tmp_path / "c"
@@ -319,22 +313,22 @@ def test_where_links_are_refused_the_files_are_copies(data_root, tmp_path, monke
     assert (run / "model_best.pth.tar").read_bytes() == (run / "last.pth.tar").read_bytes()
 
 
-def test_runs_are_laid_out_as_timm_lays_them_out(data_root, tmp_path, monkeypatch):
-    assert train_mod.main([str(data_root), *TINY, "--output", str(tmp_path / "runs"),
+def test_runs_are_laid_out_as_timm_lays_them_out(small_data, tmp_path, monkeypatch):
+    assert train_mod.main([str(small_data), *TINY, "--output", str(tmp_path / "runs"),
                            "--experiment", "e"]) == 0
     assert (tmp_path / "runs" / "e" / "last.pth.tar").is_file()  # <--output>/<experiment>
     monkeypatch.chdir(tmp_path)
-    assert train_mod.main([str(data_root), *TINY, "--experiment", "d"]) == 0
+    assert train_mod.main([str(small_data), *TINY, "--experiment", "d"]) == 0
     assert (tmp_path / "output" / "train" / "d" / "last.pth.tar").is_file()  # the default
 
 
-def test_resume_auto_finds_a_run_in_the_earlier_layout(data_root, tmp_path):
-    assert train_mod.main([str(data_root), *TINY, "--output", str(tmp_path / "x"),
+def test_resume_auto_finds_a_run_in_the_earlier_layout(small_data, tmp_path):
+    assert train_mod.main([str(small_data), *TINY, "--output", str(tmp_path / "x"),
                            "--experiment", "old"]) == 0
     old = tmp_path / "runs" / "train" / "old"  # <--output>/train/<experiment>, as it used to be
     old.parent.mkdir(parents=True)
     (tmp_path / "x" / "old").rename(old)
-    assert train_mod.main([str(data_root), *TINY, "--epochs", "2", "--output",
+    assert train_mod.main([str(small_data), *TINY, "--epochs", "2", "--output",
                            str(tmp_path / "runs"), "--experiment", "old", "--resume", "auto"]) == 0
     assert torch.load(old / "last.pth.tar", weights_only=True)["epoch"] == 1
     assert not (tmp_path / "runs" / "old").exists()

@@ -3,11 +3,12 @@ batch larger than the training set, more loader processes than cores (said once,
 for every loader)."""
 from __future__ import annotations
 
-
 from conftest import run_in_process
-from ematrain import settings as settings_mod
-from ematrain import train
-from ematrain.settings import LoaderSpec, train_settings
+
+from ematrain.cli import train
+from ematrain.settings import data_specs
+from ematrain.settings.data_specs import LoaderSpec
+from ematrain.settings.train_specs import train_settings
 
 
 def _schedule(tmp_path, *flags):
@@ -25,7 +26,7 @@ def test_a_warmup_over_most_of_the_run_is_named_with_a_setting_to_try(tmp_path):
 
 
 def test_loader_processes_follow_the_cores(monkeypatch):
-    monkeypatch.setattr(settings_mod, "available_cores", lambda: 2)
+    monkeypatch.setattr(data_specs, "available_cores", lambda: 2)
     auto = LoaderSpec(batch_size=8, workers=None)
     assert auto.workers_per_process() == 2 and auto.too_many_workers() is None
     assert auto.workers_per_process(local_processes=4) == 1  # torchrun: the cores are shared
@@ -34,13 +35,13 @@ def test_loader_processes_follow_the_cores(monkeypatch):
     assert asked.too_many_workers() == (
         "warning: -j 4 starts 4 loader processes on 2 cores: they will compete with training "
         "(-j 2 or leave -j out to pick it from the cores)")
-    monkeypatch.setattr(settings_mod, "available_cores", lambda: 64)
+    monkeypatch.setattr(data_specs, "available_cores", lambda: 64)
     assert auto.workers_per_process() == 4  # timm's default, where there are cores enough
 
 
 def test_the_warnings_reach_the_user_once(tiny_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(settings_mod, "available_cores", lambda: 2)
-    monkeypatch.setattr(settings_mod, "available_cores", lambda: 1)
+    monkeypatch.setattr(data_specs, "available_cores", lambda: 2)
+    monkeypatch.setattr(data_specs, "available_cores", lambda: 1)
     r = run_in_process(train.main, "train.py", tiny_data, "--model", "test_resnet", "--img-size",
                        "16", "-b", "500", "--epochs", "2", "-j", "2", "--output", tmp_path,
                        "--experiment", "w")

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import make_imagefolder, make_training, tiny_args
 
-from conftest import make_imagefolder, make_training
-from ematrain.errors import UserError
-from ematrain.logs import setup_logging
+from ematrain.util.errors import UserError
+from ematrain.util.logs import setup_logging
 
-BASE = ["--model", "test_resnet", "--img-size", "32", "-b", "8", "-j", "0", "--epochs", "1"]
+BASE = tiny_args(batch=8, lr=None, warmup=None)
 
 
 @pytest.fixture(scope="module")

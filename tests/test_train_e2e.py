@@ -20,10 +20,9 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import run_cli
+from conftest import run_cli, tiny_args
 
-COMMON = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--warmup-epochs", "0",
-          "--lr", "0.05", "-j", "0"]
+COMMON = tiny_args(batch=16, epochs=None)
 # timm's columns, in timm's order (its update_summary); with an EMA on, eval_* are the first EMA's.
 BASE_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
 RAW_COLUMNS = ["raw_eval_loss", "raw_eval_top1", "raw_eval_top5"]

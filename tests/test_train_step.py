@@ -6,21 +6,16 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import make_training
+from conftest import make_training, tiny_args
 
 from ematrain.ema import ModelEma
-from ematrain.engine import NonFiniteLoss, Recipe, train_step
+from ematrain.run.loop import NonFiniteLoss
+from ematrain.run.step import Recipe, train_step
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--epochs", "1",
-        "--warmup-epochs", "0", "--lr", "0.05", "-j", "0"]
+TINY = tiny_args()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
-
-
-@pytest.fixture(scope="module")
-def data_root(small_data):
-    return small_data
 
 
 def _pair(seed=0):
@@ -92,8 +87,8 @@ class NanAfter(torch.nn.Module):
         return loss * float("nan") if self.calls - 1 >= self.first_bad else loss
 
 
-def test_recovery_save_never_stores_weights_after_a_bad_step(data_root, tmp_path):
-    tr = make_training([data_root, *TINY, "--output", tmp_path, "--log-interval", "100",
+def test_recovery_save_never_stores_weights_after_a_bad_step(small_data, tmp_path):
+    tr = make_training([small_data, *TINY, "--output", tmp_path, "--log-interval", "100",
                         "--recovery-interval", "1"])
     saved = []
     tr.run.keeper.save_mid_epoch = lambda ckpt, name=None: saved.append(
@@ -107,8 +102,8 @@ def test_recovery_save_never_stores_weights_after_a_bad_step(data_root, tmp_path
     assert all(torch.isfinite(p).all() for p in saved[0])
 
 
-def test_skipped_step_leaves_batchnorm_statistics_untouched(data_root, tmp_path):
-    tr = make_training([data_root, *TINY, "--output", tmp_path, "--log-interval", "100",
+def test_skipped_step_leaves_batchnorm_statistics_untouched(small_data, tmp_path):
+    tr = make_training([small_data, *TINY, "--output", tmp_path, "--log-interval", "100",
                         "--skip-nonfinite", "100"])
     loader, _ = tr.run.data.loaders(0, 0, seed=0)
 
@@ -145,8 +140,8 @@ class NanOnSteps(torch.nn.Module):
         return loss * float("nan") if self.calls - 1 in self.bad_calls else loss
 
 
-def _run(data_root, tmp_path, *extra):
-    return make_training([data_root, *TINY, "--output", tmp_path, "--log-interval", "100", *extra])
+def _run(small_data, tmp_path, *extra):
+    return make_training([small_data, *TINY, "--output", tmp_path, "--log-interval", "100", *extra])
 
 
 def _epoch(tr, loss_fn):
@@ -157,10 +152,10 @@ def _epoch(tr, loss_fn):
     return tr.run.counters
 
 
-def test_nonfinite_loss_stops_with_exact_step_and_untouched_ema(data_root, tmp_path):
-    tr = _run(data_root, tmp_path, "--model-ema", "--model-ema-decay", "0.9",
+def test_nonfinite_loss_stops_with_exact_step_and_untouched_ema(small_data, tmp_path):
+    tr = _run(small_data, tmp_path, "--model-ema", "--model-ema-decay", "0.9",
               "--model-ema-precheck")
-    ema = tr.run.ema
+    ema = tr.run.emas.regular
     before = {k: v.clone() for k, v in ema.module.state_dict().items()}
     with pytest.raises(NonFiniteLoss) as info:
         _epoch(tr, NanOnSteps({2}))
@@ -173,15 +168,15 @@ def test_nonfinite_loss_stops_with_exact_step_and_untouched_ema(data_root, tmp_p
     assert any(not torch.equal(before[k], v) for k, v in ema.module.state_dict().items())
 
 
-def test_without_the_precheck_a_nonfinite_run_stops_before_its_shadows_are_saved(data_root,
+def test_without_the_precheck_a_nonfinite_run_stops_before_its_shadows_are_saved(small_data,
                                                                                  tmp_path):
-    from ematrain import train
-    from ematrain.engine import NonFiniteShadows
-    tr = _run(data_root, tmp_path, "--model-ema", "--model-ema-decay", "0.9")
+    from ematrain.run import training as train
+    from ematrain.run.loop import NonFiniteShadows
+    tr = _run(small_data, tmp_path, "--model-ema", "--model-ema-decay", "0.9")
     with pytest.raises(NonFiniteLoss) as info:
         _epoch(tr, NanOnSteps({2}))
     assert info.value.step == 2
-    assert tr.run.ema.nonfinite_shadows() == [0]  # averaged in, so it must never leave memory
+    assert tr.run.emas.regular.nonfinite_shadows() == [0]  # averaged in: it must never leave memory
     with pytest.raises(NonFiniteShadows, match="EMA ema 0.9 holds NaN/Inf at epoch 0"):
         train.Training.check_weights(_with_clean_loss_record(tr))
 
@@ -191,20 +186,20 @@ def _with_clean_loss_record(tr):
     return tr
 
 
-def test_skip_nonfinite_skips_the_bad_step_only(data_root, tmp_path):
-    tr = _run(data_root, tmp_path, "--model-ema", "--model-ema-decay", "0.9",
+def test_skip_nonfinite_skips_the_bad_step_only(small_data, tmp_path):
+    tr = _run(small_data, tmp_path, "--model-ema", "--model-ema-decay", "0.9",
               "--skip-nonfinite", "1", "--model-ema-precheck")
     counters = _epoch(tr, NanOnSteps({1}))
     steps = tr.run.data.steps_per_epoch
     assert counters.skipped_nonfinite == 1
     assert counters.num_updates == steps - 1
-    assert tr.run.ema.num_updates == steps - 1
+    assert tr.run.emas.regular.num_updates == steps - 1
     assert torch.isfinite(torch.tensor(counters.train_loss))
     for value in tr.run.model.state_dict().values():
         assert torch.isfinite(value.float()).all()
 
 
-def test_skip_nonfinite_budget_exhausted_stops(data_root, tmp_path):
-    tr = _run(data_root, tmp_path, "--skip-nonfinite", "1")
+def test_skip_nonfinite_budget_exhausted_stops(small_data, tmp_path):
+    tr = _run(small_data, tmp_path, "--skip-nonfinite", "1")
     with pytest.raises(NonFiniteLoss):
         _epoch(tr, NanOnSteps({0, 1}))

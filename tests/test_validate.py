@@ -18,13 +18,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import run_in_process, run_jobs, torch_threads
+from conftest import run_in_process, run_jobs, tiny_args, torch_threads
 
-from ematrain import train as train_entry
-from ematrain import validate as validate_entry
+from ematrain.cli import train as train_entry
+from ematrain.cli import validate as validate_entry
 
-TRAIN = ["--model", "test_resnet", "--img-size", "32", "-b", "16", "--warmup-epochs", "0",
-         "--lr", "0.05", "-j", "0", "--epochs", "1", "--model-ema", "--model-ema-decay", "0.9"]
+TRAIN = tiny_args("--model-ema", "--model-ema-decay", "0.9", batch=16)
 
 ENTRY_POINTS = {"train.py": train_entry.main, "validate.py": validate_entry.main}
 SUBPROCESS = ("unsafe",)  # run as `python validate.py ...`
@@ -318,7 +317,7 @@ def test_bfloat16_model_keeps_float32_shadows_and_validates_alike(tiny_data, tmp
         res = json.loads((tmp_path / f"{name}.json").read_text())
         assert res["loss"] == float(row[prefix + "loss"])
         assert res["top1"] == float(row[prefix + "top1"])
-    from ematrain.validate import evaluation_dtype
+    from ematrain.run.evaluation import evaluation_dtype
     assert evaluation_dtype(ckpt["state_dict"], torch.device("cpu")) == torch.bfloat16
     assert evaluation_dtype(ckpt["state_dict_ema"], torch.device("cpu")) is None
 
@@ -328,14 +327,14 @@ def test_a_swapped_shadow_is_scored_in_the_model_dtype_and_validate_py_follows()
     the checkpoint records that dtype and validate.py evaluates the EMA weights in it."""
     import timm
 
-    from ematrain import checkpoint as ckpt_io
+    from ematrain.checkpoint import schema
     from ematrain.ema import ModelEma
-    from ematrain.validate import evaluation_dtype
+    from ematrain.run.evaluation import evaluation_dtype
     model = timm.create_model("test_resnet", num_classes=3).to(torch.bfloat16)
     ema = ModelEma(model, 0.9)
 
     def saved():
-        return ckpt_io.ema_entries(ema.full_state_dict(), ema.scored_dtype(model))
+        return schema.ema_entries(ema.full_state_dict(), ema.scored_dtype(model))
     assert saved()["ema"]["eval_dtype"] == "float32"
     ema.device = torch.device("meta")  # the shadow lives elsewhere than the model: swapped
     ckpt = saved()
@@ -348,16 +347,15 @@ def test_a_swapped_shadow_is_scored_in_the_model_dtype_and_validate_py_follows()
 
 
 def test_ema_decay_can_be_given_as_printed(tiny_data, tmp_path, capsys):
-    tiny = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "--epochs", "1",
-            "--warmup-epochs", "0", "--lr", "0.05", "-j", "0"]
+    tiny = tiny_args()
     with torch_threads(1):
         assert train_entry.main([str(tiny_data), *tiny, "--output", str(tmp_path),
                                  "--experiment", "h", "--model-ema-half-life", "3it", "1ep"]) == 0
-    from ematrain import checkpoint as ckpt_io
-    ckpt = ckpt_io.load_file(tmp_path / "h/last.pth.tar")
+    from ematrain.checkpoint import files, weights
+    ckpt = files.load_file(tmp_path / "h/last.pth.tar")
     printed = float(f"{ckpt['ema']['decays'][1]:g}")
     assert printed != ckpt["ema"]["decays"][1]
-    assert ckpt_io.ema_index_for_decay(ckpt, printed, "x") == 1
+    assert weights.ema_index_for_decay(ckpt, printed, "x") == 1
 
 
 # ----------------------------------------------------------------------------- timm's validate flags

@@ -9,12 +9,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import make_imagefolder, run_in_process, torch_threads
+from conftest import make_imagefolder, run_in_process, tiny_args, torch_threads
 
-from ematrain import posthoc_sweep, snapshots, train, validate
+from ematrain.cli import train, validate
+from ematrain.posthoc import series
+from ematrain.posthoc import sweep as posthoc_sweep
 
-TRAIN = ["--model", "test_resnet", "--img-size", "32", "-b", "4", "-j", "0", "--epochs", "1",
-         "--warmup-epochs", "0", "--lr", "0.05", "--model-ema-posthoc"]
+TRAIN = tiny_args("--model-ema-posthoc")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def no_sweep(monkeypatch):
     """The sweep's work (forming the weights) fails the test if it starts."""
     def forbidden(*args, **kwargs):
         raise AssertionError("the sweep ran")
-    monkeypatch.setattr(snapshots, "synthesize", forbidden)
+    monkeypatch.setattr(series, "synthesize", forbidden)
 
 
 def one_line(*argv) -> str:

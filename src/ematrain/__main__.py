@@ -33,7 +33,7 @@ def main() -> None:
         raise SystemExit(2)
     # Usage lines, errors and the resume hint name the command as typed.
     sys.argv = [f"python -m ematrain {command}"] + sys.argv[2:]
-    from .cli import train_command, validate_command
+    from .cli.entry import train_command, validate_command
     if command == "train":
         train_command()
     else:

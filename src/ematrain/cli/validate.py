@@ -1,0 +1,165 @@
+"""validate.py: evaluate a checkpoint's raw or EMA weights on an ImageFolder split, or (with
+--posthoc RUN_DIR) reconstruct EMAs of many lengths from a run's post-hoc snapshots and score them
+all in one pass."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.files import load_file, write_file
+from ..checkpoint.weights import Weights, select_weights
+from ..posthoc import series as snapshot_series
+from ..posthoc import snapshots, sweep
+from ..run.evaluation import (
+    WeightBank,
+    build_model,
+    check_classes,
+    evaluation_dtype,
+    open_split,
+    resolve_data_config,
+    split_loader,
+    validate,
+)
+from ..run.start_weights import read
+from ..settings.validate_specs import ValidateSettings, validate_settings
+from ..util import distributed
+from ..util.atomic import atomic_write_text
+from ..util.invocation import command_name
+from ..util.logs import log
+from .entry import exit_process, run_main
+
+
+def results_record(arch: str, result: dict, model, data_config: dict) -> dict:
+    """timm's validate.py results, its fields in its order (ours follow): top-1 and top-5 as
+    measured (not rounded: they equal the training log's), their errors, parameters in
+    millions and the evaluation transform."""
+    return {"model": arch, "top1": result["top1"], "top1_err": 100.0 - result["top1"],
+            "top5": result["top5"], "top5_err": 100.0 - result["top5"],
+            "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "img_size": data_config["input_size"][-1], "crop_pct": data_config.get("crop_pct"),
+            "interpolation": data_config.get("interpolation")}
+
+
+def write_results(path: str, results: dict, kind: str) -> None:
+    """`results` as one JSON object or a one-row CSV (`kind`), written atomically."""
+    path = Path(path)
+    if kind == "json":
+        text = json.dumps(results, indent=2) + "\n"
+    else:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(results), lineterminator="\n")
+        writer.writeheader()
+        writer.writerow(results)
+        text = buf.getvalue()
+    atomic_write_text(path, text)
+
+
+def read_weights(s: ValidateSettings) -> tuple[dict, Weights | None]:
+    """The file's contents and the weights to evaluate (none to read for timm's --pretrained)."""
+    if s.pretrained:
+        return {}, None
+    if s.pretrained_path and not s.choice.wants_ema:
+        return read(s.pretrained_path, prefer_ema=True)
+    ckpt = load_file(s.source)
+    c = s.choice
+    return ckpt, select_weights(ckpt, s.source, use_ema=c.use_ema, ema_index=c.ema_index,
+                                ema_decay=c.ema_decay)
+
+
+def _main(argv: list[str]) -> int:
+    s = validate_settings(argv)
+    info, device = distributed.init_distributed(s.device, None)
+    try:
+        return _evaluate(s, info, device)
+    finally:
+        distributed.shutdown()
+
+
+def _evaluate(s: ValidateSettings, info, device) -> int:
+    if s.posthoc:
+        return evaluate_posthoc(s, info, device)
+    split_dir, dataset = open_split(s)
+    ckpt, weights = read_weights(s)
+    check_classes(ckpt, dataset, split_dir)
+    model, arch = build_model(s, ckpt, dataset, weights, device)
+    name = weights.name if weights is not None else "pretrained"
+    data_config = resolve_data_config(s.image, ckpt, model, s.precision.channels_last)
+    loader, normalize = split_loader(s, info, dataset, ckpt, data_config, device)
+    precision = s.precision.on(device)
+    result = validate(model, loader, device, reduce=lambda t: distributed.all_reduce_sum(t, info),
+                      show=info.is_primary, normalize=normalize, amp_dtype=precision.autocast,
+                      channels_last=precision.channels_last)[0]
+    if not info.is_primary:
+        return 0
+    results = results_record(arch, result, model, data_config)
+    results.update(checkpoint=str(s.source), weights=name, loss=result["loss"],
+                   count=result["count"])
+    print(f"{arch} ({name}) on {split_dir}: top1 {result['top1']:.4f} top5 "
+          f"{result['top5']:.4f} loss {result['loss']:.4f} images {result['count']}", flush=True)
+    if s.results_file:
+        write_results(s.results_file, results, s.results_kind)
+        log.info(f"results written to {s.results_file}")
+    return 0
+
+
+def evaluate_posthoc(s, info, device) -> int:
+    """validate.py --posthoc: the sweep, scored in one pass, reported and saved (rank 0)."""
+    series, targets, solution = sweep.sweep_plan(s.posthoc, s.sigma_rel, s.half_life)
+    meta = series.meta
+    run_dir = series.folder.parent if series.folder.name == snapshots.FOLDER else series.folder
+    sweep.check_outputs_writable(run_dir)  # every rank: each stops at once, none waits for another
+    split_dir, dataset = open_split(s)
+    check_classes(meta, dataset, split_dir)
+    if info.is_primary:
+        sweep.remove_stale_outputs(run_dir)
+    raw, _ = sweep.raw_weights(run_dir)
+    states, clamped = snapshot_series.synthesize(series, solution)
+    sweep.finite_or_fail(states, [t.label for t in targets])
+    tracked = [{k: t.float() if t.is_floating_point() else t for k, t in shadow.items()}
+               for shadow in snapshots.load_shadows(series.snapshots[-1])]
+    log.info(sweep.describe(series, targets, clamped))
+    rows = sweep.plan_rows(series, targets, solution.fit_errors, raw is not None)
+    first = raw if raw is not None else tracked[0]
+    weights = Weights(first, "raw" if raw is not None else "ema", None)
+    model, arch = build_model(s, meta, dataset, weights, device, path=series.snapshots[-1].path)
+    data_config = resolve_data_config(s.image, meta, model)
+    loader, normalize = split_loader(s, info, dataset, meta, data_config, device)
+    dtype = evaluation_dtype(states[0], device, meta["eval_dtype"])
+    bank = WeightBank(model, (tracked if raw is not None else tracked[1:]) + states, dtype)
+    scores = validate(model, loader, device, ema=bank, show=info.is_primary, normalize=normalize,
+                      reduce=lambda t: distributed.all_reduce_sum(t, info))
+    for row, result in zip(rows, scores):
+        row.result = result
+    if not info.is_primary:
+        return 0
+    metric = meta["args"].get("eval_metric") or "top1"
+    best = sweep.best_row(rows, metric)
+    print(f"{arch} on {split_dir}, {scores[0]['count']} images:", flush=True)
+    print("\n".join(sweep.table(rows, best)), flush=True)
+    sweep.write_csv(run_dir / sweep.CSV, rows)
+    sweep.plot(run_dir / sweep.PNG, rows,
+               f"{run_dir.name}: post-hoc EMA, {len(series.snapshots)} snapshots")
+    chosen = best - (len(rows) - len(targets))
+    ckpt = sweep.best_checkpoint(meta, states[chosen], raw, rows[best], targets[chosen], series,
+                                 dtype or torch.float32)
+    write_file(run_dir / sweep.BEST, ckpt)
+    log.info(f"best: {rows[best].label} ({metric} {rows[best].result[metric]:.4f}); wrote "
+             f"{run_dir / sweep.CSV}, {run_dir / sweep.PNG}, {run_dir / sweep.BEST}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(command_name("validate.py"), _main, argv)
+
+
+def entry() -> None:
+    """The command (`python validate.py`, `ematrain-validate`): main, then a quick exit."""
+    exit_process(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,263 @@
+"""Building a run's parts from its settings: `build_run(settings) -> Run`.
+
+Each builder takes the specs it needs (never the argparse Namespace) and returns one part; `Run`
+holds them and names the stateful ones (`parts`), which the checkpoint schema saves and restores.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from timm.data import Mixup
+from timm.layers import convert_sync_batchnorm
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+
+from ..data import loaders
+from ..data.folders import check_same_classes, load_image_folder, resolve_split_dir
+from ..data.samplers import EpochSampler, SeededSamples
+from ..data.transforms import (
+    Normalize,
+    batch_eraser,
+    data_config_for,
+    eval_transform,
+    train_transform,
+)
+from ..ema.collection import EmaCollection
+from ..ema.model_ema import ModelEma
+from ..ema.policies import ShadowPolicy
+from ..ema.schedules import make_schedule
+from ..posthoc.schedule import SnapshotSchedule
+from ..settings.checks import dtype_named
+from ..settings.data_specs import DataSpec, LabelSpec, LoaderSpec
+from ..settings.ema_specs import EmaSpec, PosthocSpec
+from ..settings.model_specs import ModelSpec, Precision
+from ..settings.train_specs import TrainSettings
+from ..util.distributed import DistInfo, init_distributed
+from ..util.errors import UserError
+from ..util.logs import log, quiet
+from ..util.seeding import seed_everything
+from .keeper import CheckpointKeeper
+from .model import create_model, init_head, probe_input, set_batchnorm
+from .optimizer import build_optimizer, build_scheduler
+from .parts import Run, TrainData
+from .start_weights import load_initial_checkpoint
+from .weight_sets import ema_labels, ema_names, tracked_sets, weight_sets
+
+
+# ----------------------------------------------------------------------------- builders
+def build_data(spec: DataSpec, loader: LoaderSpec, num_classes: int | None, seed: int,
+               dist: DistInfo, accum_steps: int, pin_memory: bool):
+    """The training and validation ImageFolders with their samplers (transforms come later)."""
+    train_dir = resolve_split_dir(spec.data_dir, spec.train_split)
+    val_dir = resolve_split_dir(spec.data_dir, spec.val_split)
+    train_set = load_image_folder(train_dir)
+    val_set = load_image_folder(val_dir)
+    check_same_classes(train_set, val_set, val_dir)
+    found = len(train_set.classes)
+    if num_classes is not None and num_classes != found:
+        raise UserError(f"--num-classes {num_classes} disagrees with the data: "
+                        f"{found} class folders in {spec.train_split}")
+    world, rank = dist.world_size, dist.rank
+    val_batch = spec.validation_batch_size or loader.batch_size
+    sampler = EpochSampler(len(train_set), seed, rank=rank, num_replicas=world, pad=True,
+                           repeats=max(1, int(spec.aug_repeats)))
+    val_sampler = EpochSampler(len(val_set), 0, shuffle=False, rank=rank,
+                               num_replicas=world, block=val_batch)
+    per_rank = len(sampler)
+    drop_last = per_rank >= loader.batch_size
+    batches = per_rank // loader.batch_size if drop_last else math.ceil(per_rank / loader.batch_size)
+    warnings = [loader.too_many_workers(dist.local_processes)]
+    if not drop_last:
+        warnings.append(f"warning: -b {loader.batch_size} is larger than the training set "
+                        f"({per_rank} images{' per process' if world > 1 else ''}): every epoch "
+                        f"is one step of {per_rank} images")
+    return TrainData(SeededSamples(train_set, seed), val_set, sampler, val_sampler, {},
+                     loader.batch_size, val_batch, loader.workers_per_process(dist.local_processes),
+                     pin_memory, drop_last, math.ceil(batches / accum_steps),
+                     warnings=[w for w in warnings if w])
+
+
+def build_model(spec: ModelSpec, num_classes: int, device: torch.device,
+                precision: Precision, sync_bn: bool, start_weights: bool = True) -> nn.Module:
+    """The timm model, its initial weights (unless `start_weights` is False: a resumed run
+    takes its weights from the checkpoint), on its device in its dtype."""
+    model = create_model(spec.model, num_classes, pretrained=spec.pretrained and start_weights,
+                         pretrained_path=spec.pretrained_path if start_weights else None,
+                         **spec.create_kwargs())
+    set_batchnorm(model, spec.bn_momentum, spec.bn_eps)
+    if spec.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if spec.initial_checkpoint and start_weights:
+        log.info(load_initial_checkpoint(model, spec.initial_checkpoint, spec.model))
+    init_head(model, spec.head_init_scale, spec.head_init_bias)
+    if sync_bn:
+        # timm's converter keeps the activation of its fused BatchNormAct2d layers.
+        model = convert_sync_batchnorm(model)
+    model.to(device, dtype=precision.model_dtype)
+    if precision.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def check_first_batch(s: TrainSettings, model: nn.Module, train: TrainData,
+                      dist: DistInfo) -> None:
+    """What the first training step would fail on, said before the run starts: an input the
+    model cannot take (`probe_input`), a BatchNorm layer left one value per channel by the
+    smallest batch, an odd batch under mixup/cutmix."""
+    per_image = probe_input(model, s.model.model, train.data_config["input_size"],
+                            s.precision.channels_last)
+    smallest = min(train.batch_size, len(train.sampler))
+    short = ("" if smallest == train.batch_size else
+             f" (the training split gives {smallest} image(s){' per process' if dist.enabled else ''}"
+             f", fewer than -b {train.batch_size})")
+    if per_image is not None and smallest * per_image < 2:
+        raise UserError(f"a training batch of {smallest}{short}: {s.model.model}'s BatchNorm "
+                        f"layers would see one value per channel (their last inputs are 1x1 "
+                        f"per image at this size); give -b 2 or more")
+    if s.labels.mixing and smallest % 2:
+        raise UserError(f"mixup/cutmix need an even training batch, got {smallest}{short}")
+
+
+def build_mixup(spec: LabelSpec, num_classes: int) -> Mixup | None:
+    if not spec.mixing:
+        return None
+    return Mixup(mixup_alpha=spec.mixup, cutmix_alpha=spec.cutmix, cutmix_minmax=spec.cutmix_minmax,
+                 prob=spec.mixup_prob, switch_prob=spec.mixup_switch_prob, mode=spec.mixup_mode,
+                 label_smoothing=spec.smoothing, num_classes=num_classes)
+
+
+def build_train_loss(spec: LabelSpec) -> nn.Module:
+    """timm's choice: soft-target losses under mixup/cutmix (which smooth the labels already)."""
+    if spec.bce_loss:
+        return BinaryCrossEntropy(smoothing=0.0 if spec.mixing else spec.smoothing,
+                                  target_threshold=spec.bce_target_thresh)
+    if spec.mixing:
+        return SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(label_smoothing=spec.smoothing)
+
+
+def build_ema(spec: EmaSpec, model: nn.Module, device: torch.device,
+              decays: list[float]) -> ModelEma | None:
+    """The regular shadows. Every rank keeps its own shadow of the unwrapped module; DDP keeps
+    the parameters in step, so the shadows agree (checked every epoch)."""
+    if not spec.enabled:
+        return None
+    dtype = dtype_named(spec.dtype)
+    if dtype is not None and dtype != torch.float64:
+        eps = torch.finfo(dtype).eps
+        for d in decays:
+            if 1.0 - d < eps:
+                log.warning(f"warning: with --model-ema-dtype {spec.dtype} an update of "
+                            f"(1 - {d:g}) = {1 - d:.2g} is below the dtype's precision "
+                            f"({eps:.2g}): the shadow will barely move")
+    schedule = make_schedule(spec.schedule, decays, warmup_power=spec.warmup_power)
+    return ModelEma(model, device=torch.device("cpu") if spec.force_cpu else device,
+                    dtype=dtype, every=spec.every, schedule=schedule,
+                    skip_nonfinite=spec.precheck)
+
+
+def build_posthoc(spec: PosthocSpec, ema: EmaSpec, model: nn.Module, device: torch.device,
+                  steps_per_epoch: int, images_per_step: int, total_steps: int,
+                  fresh: bool = True) -> tuple[ModelEma | None, SnapshotSchedule | None]:
+    """The power-function EMAs of --model-ema-posthoc and their snapshot schedule. They live
+    where the regular shadows would (--model-ema-force-cpu, --model-ema-dtype) and average every
+    --model-ema-every steps. A `fresh` run whose --model-ema-snapshot-every leaves one snapshot
+    only is refused (the sweep needs two); a resumed one already has its series."""
+    if not spec.enabled:
+        return None, None
+    every = spec.steps_between(steps_per_epoch, images_per_step, total_steps)
+    if fresh and spec.interval is not None and 1 < total_steps <= every:
+        raise UserError(f"--model-ema-snapshot-every {spec.snapshot_every} is no shorter than "
+                        f"the run ({total_steps} optimizer steps): its series would hold one "
+                        f"snapshot, and validate.py --posthoc needs two")
+    power = ModelEma.power(model, spec.tracked, dtype=dtype_named(ema.dtype),
+                           device=torch.device("cpu") if ema.force_cpu else device,
+                           every=ema.every, skip_nonfinite=ema.precheck)
+    return power, SnapshotSchedule(power, every, total_steps, spec.dtype)
+
+
+def build_shadow_policy(spec: EmaSpec, train: TrainData, seed: int) -> ShadowPolicy:
+    """--model-ema-bn and --model-ema-switch. ``recalibrate`` draws training images under the
+    evaluation transform, in an order fixed by (seed, epoch), from a loader of its own: the
+    training data order is untouched, and every rank draws the same batches."""
+    if spec.bn != "recalibrate":
+        return ShadowPolicy(spec.bn, spec.bn_batches, spec.switch)
+    calibration = copy.copy(train.train_set.dataset)
+    calibration.transform = train.val_set.transform
+
+    def batches(epoch: int):
+        sampler = EpochSampler(len(calibration), seed + 1)
+        sampler.set_epoch(epoch)
+        loader = loaders.make_loader(calibration, train.batch_size, train.workers, seed=seed,
+                                     sampler=sampler)
+        with loaders.batches(loader) as stream:
+            for batch, (images, _) in enumerate(stream):
+                if batch >= spec.bn_batches:
+                    break
+                yield images
+    return ShadowPolicy(spec.bn, spec.bn_batches, spec.switch, batches)
+
+
+def wrap_model(model: nn.Module, dist: DistInfo, device: torch.device,
+               compile_backend: str | None) -> nn.Module:
+    """DDP under torchrun, then torch.compile; the EMA and optimizer work on the plain module."""
+    if dist.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if compile_backend:
+        model = torch.compile(model, backend=compile_backend)
+        log.info(f"model compiled with torch.compile backend '{compile_backend}'")
+    return model
+
+
+def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
+    """Every part of a run, in the order their dependencies need (`resuming`: the weights will
+    come from a checkpoint, so the start weights are not loaded)."""
+    s = settings
+    dist, device = init_distributed(s.dist.device, s.dist.dist_backend)
+    if not dist.is_primary:
+        quiet()  # only rank 0 says what the run does
+    seed_everything(s.loop.seed)
+    precision = s.precision.on(device)
+    if s.dist.sync_bn and dist.enabled and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); on the "
+                        "CPU leave it out: --dist-bn reduce averages the statistics before "
+                        "each evaluation")
+    train = build_data(s.data, s.loader, s.model.num_classes, s.loop.seed, dist,
+                       s.optim.grad_accum_steps, pin_memory=device.type == "cuda")
+    num_classes = len(train.class_names)
+    model = build_model(s.model, num_classes, device, precision, s.dist.sync_bn and dist.enabled,
+                        start_weights=not resuming)
+    train.data_config = data_config_for(s.image.overrides(), model)
+    check_first_batch(s, model, train, dist)
+    train.train_set.dataset.transform = train_transform(train.data_config, s.aug)
+    train.val_set.transform = eval_transform(train.data_config)
+    train.normalize = Normalize(train.data_config["mean"], train.data_config["std"], device)
+    train.erase = batch_eraser(s.aug, device)
+    lr = s.lr(dist.world_size)
+    optimizer = build_optimizer(s.optim, model, lr)
+    scheduler, num_epochs = build_scheduler(s.schedule, optimizer, train.steps_per_epoch,
+                                            s.loop.seed, s.loop.eval_metric)
+    mixup = build_mixup(s.labels, num_classes)
+    decays = (s.ema.decays_per_step(s.global_batch(dist.world_size), train.steps_per_epoch)
+              if s.ema.enabled else [])
+    ema = build_ema(s.ema, model, device, decays)
+    power, snapshots = build_posthoc(s.posthoc, s.ema, model, device, train.steps_per_epoch,
+                                     s.global_batch(dist.world_size),
+                                     train.steps_per_epoch * num_epochs, fresh=not resuming)
+    sets = weight_sets(decays, ema_labels(s.ema, decays),
+                       tag="sr" if s.ema.enabled and s.ema.schedule == "power" else "",
+                       names=ema_names(s.ema, decays), primary=s.loop.primary_weights)
+    if power is not None:
+        sets += tracked_sets(power.decays, first=len(decays))
+    return Run(settings=s, dist=dist, device=device, precision=precision, data=train,
+               num_classes=num_classes, model=wrap_model(model, dist, device, s.model.torchcompile),
+               optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,
+               scaler=torch.amp.GradScaler("cuda") if precision.grad_scaler else None,
+               emas=EmaCollection(ema, power), snapshots=snapshots,
+               shadow_policy=build_shadow_policy(s.ema, train, s.loop.seed),
+               loss_fn=build_train_loss(s.labels), mixup_fn=mixup, weight_sets=sets,
+               keeper=CheckpointKeeper(sets, s.loop.eval_metric, s.loop.checkpoint_hist,
+                                       primary=dist.is_primary))

@@ -1,0 +1,263 @@
+"""Evaluation: one pass over a split that scores the raw weights and every EMA shadow
+(`validate`), and what validate.py needs around it to score a checkpoint as training did: the
+network it trained (`build_model`), its split and loader, its evaluation transform and dtype.
+
+validate.py (`cli.validate`, and its --posthoc sweep) and training (`training.Training`) both
+score through `validate`, so their numbers agree.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..checkpoint.schema import args_dict
+from ..checkpoint.weights import Weights, load_weights_into
+from ..data.folders import load_image_folder, resolve_split_dir
+from ..data.loaders import batches, make_loader
+from ..data.samplers import EpochSampler
+from ..data.transforms import Normalize, check_data_config, data_config_for, eval_transform
+from ..ema.devices import WeightSwapper
+from ..ema.model_ema import ModelEma
+from ..settings.data_specs import ImageSpec
+from ..settings.validate_specs import ValidateSettings
+from ..util.errors import UserError
+from ..util.logs import log, show_bars
+from ..util.modules import unwrap_model
+from .model import architecture_kwargs, create_model, probe_input, set_batchnorm
+
+
+# ----------------------------------------------------------------------------- validation
+@torch.no_grad()
+def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | None = None,
+             epoch: int | None = None, amp_dtype: torch.dtype | None = None,
+             channels_last: bool = False, reduce=lambda t: t, show: bool = True,
+             normalize: Callable | None = None, emas: Sequence[ModelEma] = ()) -> list[dict]:
+    """Evaluate the raw weights and every EMA shadow (of `ema`, or of each of `emas`, which
+    live in one place) in one pass over `loader`.
+
+    Each batch is decoded and augmented once and fed to every weight set, so K EMAs cost K extra
+    forward passes, not K extra passes over the data. `reduce` sums the per-set totals across
+    ranks (each rank sees a disjoint share of the images). `normalize` turns the loader's uint8
+    batches into the model's input (`data.transforms.Normalize`). Returns one dict per weight set
+    (raw first, then the shadows in order) with 'loss', 'top1', 'top5' and 'count'.
+    """
+    sets = _EvalSets(model, [ema] if ema is not None else list(emas))
+    sums = torch.zeros(len(sets.nets), 4, dtype=torch.float64, device=device)
+    bar = tqdm(total=len(loader), desc="validate" if epoch is None else f"val {epoch}",
+               leave=False, disable=not (show and show_bars()), unit="batch", dynamic_ncols=True)
+    try:
+        with batches(loader) as stream:
+            for images, targets in stream:
+                images = images.to(device, non_blocking=True)
+                targets = targets.to(device, non_blocking=True)
+                if normalize is not None:
+                    images = normalize(images)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                sets.score(images, targets, sums, amp_dtype)
+                bar.update(1)
+    finally:
+        bar.close()
+        sets.restore()
+    return _results(reduce(sums))
+
+
+class _EvalSets:
+    """The weight sets of one validation pass, each computing in its own dtype (--model-dtype,
+    --model-ema-dtype). A shadow on another device than the model (--model-ema-force-cpu) is
+    swapped into the live model, and computes in its dtype."""
+
+    def __init__(self, model: nn.Module, emas: list[ModelEma]):
+        for ema in emas:
+            ema.wait()
+        # DDP's forward would broadcast buffers (a collective) while ranks hold different numbers
+        # of validation batches: evaluate the plain module under DDP.
+        if isinstance(getattr(model, "_orig_mod", model), nn.parallel.DistributedDataParallel):
+            model = unwrap_model(model)
+        model.eval()
+        shadows = [shadow for ema in emas for shadow in ema.shadows]
+        first = next(unwrap_model(model).parameters())
+        self.swapper = (WeightSwapper(model, shadows)
+                        if shadows and emas[0].device != first.device else None)
+        self.nets = [model] + ([model] * len(shadows) if self.swapper else list(shadows))
+        self.dtypes = [first.dtype] + [first.dtype if self.swapper else next(s.parameters()).dtype
+                                       for s in shadows]
+        self.order = list(range(len(self.nets)))
+
+    def score(self, images, targets, sums: torch.Tensor, amp_dtype) -> None:
+        for index in self.order:
+            if self.swapper is not None:
+                self.swapper.load(index)
+            x = images if amp_dtype is not None else images.to(self.dtypes[index])
+            with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                output = self.nets[index](x)
+            sums[index] += _batch_sums(output, targets)
+        # Walking the sets back and forth saves one weight swap per batch.
+        self.order.reverse()
+
+    def restore(self) -> None:
+        if self.swapper is not None:
+            self.swapper.restore()
+
+
+def _batch_sums(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[loss sum, top-1 hits, top-5 hits, images] of one batch, in float64.
+
+    Per-sample losses summed in float64 and integer hit counts: the numbers do not depend on how
+    the images are split into batches or ranks, so validate.py and a distributed run reproduce
+    the training log.
+    """
+    loss = nn.functional.cross_entropy(output.float(), targets, reduction="none").double().sum()
+    top1, top5 = topk_correct(output, targets, (1, 5))
+    count = torch.tensor(float(targets.size(0)), dtype=torch.float64, device=output.device)
+    return torch.stack([loss, top1, top5, count])
+
+
+def _results(sums: torch.Tensor) -> list[dict]:
+    count = int(sums[0, 3])
+    if count == 0:
+        raise UserError("validation split produced no batches")
+    return [{"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count,
+             "count": count} for loss, top1, top5, _ in sums.tolist()]
+
+
+def topk_correct(output: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
+    """How many targets are among the top-k predictions, for each k (k capped at the classes)."""
+    maxk = min(max(ks), output.size(1))
+    top = output.topk(maxk, dim=1).indices
+    hits = top.eq(targets.unsqueeze(1))
+    return [hits[:, :min(k, maxk)].any(dim=1).sum().double() for k in ks]
+
+
+def resolve_arch(model: str | None, ckpt: dict, path) -> str:
+    arch = model or ckpt.get("arch") or args_dict(ckpt).get("model")
+    if not arch:
+        raise UserError(f"{path} does not name its model; pass --model")
+    return arch
+
+
+def evaluation_dtype(weights: dict, device, recorded: str | None = None) -> torch.dtype | None:
+    """The dtype training validated these weights in (None: float32); float16 only on CUDA.
+
+    ``recorded`` is the checkpoint's note for EMA weights (a shadow on another device is scored
+    swapped into a 16-bit model); otherwise 16-bit weights (--model-dtype) were scored in their
+    own dtype.
+    """
+    if recorded:
+        dtype = getattr(torch, recorded, None)
+    else:
+        dtypes = {t.dtype for t in weights.values() if torch.is_tensor(t) and t.is_floating_point()}
+        dtype = dtypes.pop() if len(dtypes) == 1 else None
+    if dtype in (torch.bfloat16, torch.float64) or (dtype == torch.float16 and device.type == "cuda"):
+        return dtype
+    return None
+
+
+def resolve_num_classes(num_classes: int | None, ckpt: dict, dataset, split: str) -> int:
+    from_ckpt = ckpt.get("num_classes") or args_dict(ckpt).get("num_classes")
+    num = num_classes or from_ckpt or len(dataset.classes)
+    if num != len(dataset.classes):
+        raise UserError(f"the model has {num} classes but {split} has {len(dataset.classes)} "
+                        f"class folders")
+    return int(num)
+
+
+def resolve_data_config(image: ImageSpec, ckpt: dict, model, channels_last: bool = False) -> dict:
+    """Training's own evaluation transform when the checkpoint records it, else timm's; the
+    model is shown one image of its input size first (`probe_input`)."""
+    config = _data_config(image, ckpt, model)
+    name = ckpt.get("arch") or args_dict(ckpt).get("model") or type(model).__name__
+    probe_input(model, name, config["input_size"], channels_last)
+    return config
+
+
+def _data_config(image: ImageSpec, ckpt: dict, model) -> dict:
+    saved = ckpt.get("data_config")
+    if saved and image.img_size is None and image.crop_pct is None:
+        check_data_config(saved)
+        return dict(saved)
+    recorded = args_dict(ckpt)
+    overrides = dict(img_size=image.img_size or recorded.get("img_size"),
+                     crop_pct=image.crop_pct or recorded.get("crop_pct"),
+                     input_size=None if image.img_size else recorded.get("input_size"),
+                     mean=recorded.get("mean"), std=recorded.get("std"),
+                     interpolation=recorded.get("interpolation") or "")
+    return data_config_for(overrides, model)
+
+
+def build_model(s: ValidateSettings, ckpt: dict, dataset, weights: Weights | None,
+                device, path=None):
+    """The network training built (pooling, --model-kwargs and BatchNorm eps change what the
+    weights compute, when evaluating the checkpoint's own architecture), holding `weights`
+    (`path`: the file they come from, default the settings' source of weights)."""
+    path = path or s.source
+    arch = resolve_arch(s.model, ckpt, path)
+    recorded = args_dict(ckpt)
+    same_arch = arch == (ckpt.get("arch") or recorded.get("model"))
+    model = create_model(arch, resolve_num_classes(s.num_classes, ckpt, dataset, s.split),
+                         pretrained=s.pretrained,
+                         **(architecture_kwargs(recorded) if same_arch else {}))
+    if same_arch:
+        set_batchnorm(model, eps=recorded.get("bn_eps"))
+    dtype = s.precision.on(device).model_dtype
+    if weights is not None:
+        load_weights_into(model, weights.state, path, arch=ckpt.get("arch"),
+                                  model_name=arch)
+        if s.precision.model_dtype is None:  # as training scored them
+            dtype = evaluation_dtype(weights.state, device, weights.eval_dtype)
+    model.to(device, dtype=dtype)
+    if s.precision.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, arch
+
+
+def open_split(s: ValidateSettings):
+    """The split's folder and ImageFolder."""
+    split_dir = resolve_split_dir(s.data_dir, s.split)
+    return split_dir, load_image_folder(split_dir)
+
+
+def check_classes(ckpt: dict, dataset, split_dir) -> None:
+    """The split's class folders are the ones `ckpt` was trained on."""
+    saved_classes = ckpt.get("class_names")
+    if saved_classes and list(saved_classes) != dataset.classes:
+        raise UserError(f"class folders of {split_dir} differ from the ones the checkpoint was "
+                        f"trained on")
+
+
+def split_loader(s: ValidateSettings, info, dataset, ckpt: dict, data_config: dict, device):
+    """The evaluation loader of this rank's share (each image counts exactly once under
+    torchrun) and the normalization of its uint8 batches."""
+    dataset.transform = eval_transform(data_config)
+    recorded = args_dict(ckpt)
+    batch_size = (s.loader.batch_size or recorded.get("validation_batch_size")
+                  or recorded.get("batch_size") or 256)
+    sampler = EpochSampler(len(dataset), 0, shuffle=False, rank=info.rank,
+                                num_replicas=info.world_size, block=batch_size)
+    crowded = s.loader.too_many_workers(info.local_processes)
+    if crowded and info.is_primary:
+        log.warning(crowded)
+    loader = make_loader(dataset, batch_size, s.loader.workers_per_process(info.local_processes),
+                         seed=0, pin_memory=device.type == "cuda", sampler=sampler)
+    return loader, Normalize(data_config["mean"], data_config["std"], device)
+
+
+class WeightBank:
+    """Modules holding weight sets to score beside the live model, as `validate` takes
+    a `ModelEma` (its `shadows`, `device` and `wait`)."""
+
+    def __init__(self, model: nn.Module, states: list[dict], dtype: torch.dtype | None):
+        first = next(model.parameters())
+        self.device = first.device
+        self.shadows = []
+        for state in states:
+            module = copy.deepcopy(model)
+            module.load_state_dict(state)
+            self.shadows.append(module.to(self.device, dtype=dtype or torch.float32).eval())
+
+    def wait(self) -> None:
+        """Nothing runs in the background here."""

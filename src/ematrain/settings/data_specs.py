@@ -1,0 +1,181 @@
+"""What goes in: `ImageSpec` (evaluation geometry and normalisation, shared with validate.py),
+`LoaderSpec` (batch size, loader processes, also shared), `DataSpec` (the splits), `AugSpec`
+(training augmentation) and `LabelSpec` (mixup/cutmix, smoothing, BCE)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..util.errors import UserError
+from ..util.logs import plural
+from .checks import at_least, flag_of, within
+
+# No timm model takes inputs larger than this; a bigger size only exhausts memory.
+MAX_IMAGE_SIZE = 4096
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+# The random-resized crop's aspect ratios (width / height) a flag may ask for.
+MAX_RATIO = 100.0
+# Color jitter factors up to 1 + this: far beyond, every image is black or white (and torch
+# cannot draw a factor past float32's range).
+MAX_JITTER = 100.0
+
+
+# ----------------------------------------------------------------------------- shared specs
+@dataclass(frozen=True)
+class ImageSpec:
+    """The evaluation image geometry and normalisation (timm's data config overrides)."""
+    img_size: int | None = None
+    input_size: list | None = None
+    crop_pct: float | None = None
+    mean: list | None = None
+    std: list | None = None
+    interpolation: str = ""
+
+    def __post_init__(self):
+        for dest in ("img_size", "input_size"):
+            sizes = getattr(self, dest)
+            sizes = [sizes] if isinstance(sizes, int) else (sizes or [])
+            for size in sizes[-2:] if dest == "input_size" else sizes:
+                if not 1 <= size <= MAX_IMAGE_SIZE:
+                    raise UserError(f"{flag_of(self, dest)} must be between 1 and "
+                                    f"{MAX_IMAGE_SIZE} pixels, got {size}")
+        if self.input_size is not None and self.input_size[0] != 3:
+            raise UserError(f"--input-size: ImageFolder images are loaded as RGB, so the first "
+                            f"value (channels) must be 3, got {self.input_size[0]}")
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
+            raise UserError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
+        for dest in ("mean", "std"):
+            value = getattr(self, dest)
+            if value is not None and len(value) not in (1, 3):
+                raise UserError(f"--{dest} takes 1 or 3 values (RGB), got {len(value)}")
+        if self.std is not None and not all(s > 0 for s in self.std):
+            # Each channel is divided by its std: 0 makes every input (and the loss) non-finite.
+            raise UserError(f"--std values must be > 0, got {' '.join(f'{s:g}' for s in self.std)}")
+        if self.interpolation not in ("",) + _INTERPOLATIONS:
+            raise UserError(f"--interpolation must be one of {', '.join(_INTERPOLATIONS)}, "
+                            f"got {self.interpolation!r}")
+
+    def overrides(self) -> dict:
+        """What timm's resolve_data_config takes from the user."""
+        return {"img_size": self.img_size, "input_size": self.input_size, "crop_pct": self.crop_pct,
+                "mean": self.mean, "std": self.std, "interpolation": self.interpolation}
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Batch size and loader processes (`workers` None: as many as `available_cores` allow)."""
+    batch_size: int | None
+    workers: int | None
+
+    def __post_init__(self):
+        at_least(self, 1, "batch_size")
+        at_least(self, 0, "workers")
+
+    def workers_per_process(self, local_processes: int = 1) -> int:
+        """timm's 4 loader processes, fewer where the cores this process may use are fewer
+        (more workers than cores only add switching, and torch warns about it)."""
+        if self.workers is not None:
+            return self.workers
+        return max(1, min(4, available_cores() // max(1, local_processes)))
+
+    def too_many_workers(self, local_processes: int = 1) -> str | None:
+        """A warning when -j asks for more loader processes than there are cores."""
+        cores = available_cores()
+        total = self.workers_per_process(local_processes) * max(1, local_processes)
+        if total <= cores:
+            return None
+        return (f"warning: -j {self.workers} starts {total} loader processes on "
+                f"{plural(cores, 'core')}: they will compete with training (-j {max(1, cores // local_processes)} "
+                "or leave -j out to pick it from the cores)")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity, which containers and taskset set)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------- train specs
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the ImageFolder splits are and how they are batched."""
+    data_dir: str | None
+    train_split: str
+    val_split: str
+    validation_batch_size: int | None
+    aug_repeats: float
+
+    def __post_init__(self):
+        if not self.data_dir:
+            raise UserError("no data root given: train.py DIR (with DIR/train and DIR/val)")
+        at_least(self, 1, "validation_batch_size")
+        repeats = self.aug_repeats
+        if not (repeats >= 0 and repeats == int(repeats)):
+            raise UserError(f"--aug-repeats must be a whole number >= 0, got {repeats:g}")
+
+
+@dataclass(frozen=True)
+class AugSpec:
+    """Training augmentation (timm's create_transform) and repeated augmentation."""
+    no_aug: bool
+    scale: list
+    ratio: list
+    train_interpolation: str
+    hflip: float
+    vflip: float
+    color_jitter: float
+    aa: str | None
+    reprob: float
+    remode: str
+    recount: int
+
+    def __post_init__(self):
+        if self.train_interpolation not in ("", "random") + _INTERPOLATIONS:
+            raise UserError(f"--train-interpolation must be random or one of "
+                            f"{', '.join(_INTERPOLATIONS)}, got {self.train_interpolation!r}")
+        within(self, 0.0, 1.0, "hflip", "vflip", "reprob")
+        at_least(self, 1, "recount")
+        if not 0 <= self.color_jitter <= MAX_JITTER:
+            raise UserError(f"--color-jitter must be in [0, {MAX_JITTER:g}] (brightness, contrast "
+                            f"and saturation factors from max(0, 1 - x) to 1 + x), got "
+                            f"{self.color_jitter:g}")
+        low, high = self.scale
+        if not 0.0 < low <= high <= 1.0:
+            raise UserError(f"--scale takes MIN MAX with 0 < MIN <= MAX <= 1 (fractions of the "
+                            f"image area), got {low:g} {high:g}")
+        low, high = self.ratio
+        if not 1.0 / MAX_RATIO <= low <= high <= MAX_RATIO:
+            raise UserError(f"--ratio takes MIN MAX with {1 / MAX_RATIO:g} <= MIN <= MAX <= "
+                            f"{MAX_RATIO:g} (crop aspect ratios, width / height), got {low:g} "
+                            f"{high:g}")
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """What the loss sees: mixup/cutmix, label smoothing, BCE."""
+    mixup: float
+    cutmix: float
+    cutmix_minmax: list | None
+    mixup_prob: float
+    mixup_switch_prob: float
+    mixup_mode: str
+    mixup_off_epoch: int
+    smoothing: float
+    bce_loss: bool
+    bce_target_thresh: float | None
+
+    def __post_init__(self):
+        within(self, 0.0, 1.0, "smoothing", closed=False)
+        within(self, 0.0, 1.0, "mixup_prob", "mixup_switch_prob")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise UserError("--mixup and --cutmix must be >= 0")
+        at_least(self, 0, "mixup_off_epoch")
+        within(self, 0.0, 1.0, "bce_target_thresh")
+        if self.cutmix_minmax is not None and not 0 < self.cutmix_minmax[0] < self.cutmix_minmax[1] <= 1:
+            raise UserError(f"--cutmix-minmax takes MIN MAX with 0 < MIN < MAX <= 1, got "
+                            f"{' '.join(f'{v:g}' for v in self.cutmix_minmax)}")
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None

@@ -1,0 +1,136 @@
+"""train.py's settings: the loop and device specs, `TrainSettings` (every spec of a run), and
+their resolution, once, from the command line, its `-c` recipe and, with --resume, the
+checkpoint's recorded settings through the resume policy (`resolve_train`)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..util.distributed import device_named
+from ..util.errors import UserError
+from .checks import at_least, from_args
+from .data_specs import AugSpec, DataSpec, ImageSpec, LabelSpec, LoaderSpec
+from .ema_specs import EmaSpec, PosthocSpec
+from .flags import train_parser
+from .layers import Layer, parse_command
+from .model_specs import ModelSpec, OptimSpec, PrecisionSpec, ScheduleSpec
+from .resume_policy import ResumeSource, apply_to_settings, find_checkpoint, open_source
+
+_DIST_BACKENDS = ("nccl", "gloo", "mpi", "ucc")
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """The epoch loop: seeding, read-outs, non-finite steps, checkpoints and the run folder."""
+    seed: int
+    log_interval: int
+    skip_nonfinite: int
+    recovery_interval: int
+    checkpoint_hist: int
+    eval_metric: str
+    primary_weights: str
+    output: str
+    experiment: str
+    resume: str
+    no_resume_opt: bool
+
+    def __post_init__(self):
+        at_least(self, 1, "log_interval", "checkpoint_hist")
+        if not 0 <= self.seed < 2**32:  # numpy's generators take no other seed
+            raise UserError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
+        at_least(self, 0, "skip_nonfinite", "recovery_interval")
+        name = self.experiment
+        if name and (Path(name).name != name or name in (".", "..") or "\\" in name):
+            raise UserError(f"--experiment {name!r} must be a folder name, not a path: runs go to "
+                            f"<--output>/<--experiment>")
+
+
+@dataclass(frozen=True)
+class DistSpec:
+    """Device and torchrun settings."""
+    device: str | None
+    dist_backend: str | None
+    dist_bn: str
+    sync_bn: bool
+
+    def __post_init__(self):
+        if self.device:
+            device_named(self.device)  # whether this machine has it: when the run starts
+        if self.dist_backend and self.dist_backend not in _DIST_BACKENDS:
+            raise UserError(f"--dist-backend must be one of {', '.join(_DIST_BACKENDS)}, got "
+                            f"{self.dist_backend!r}")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything train.py was asked for, checked; `args` is the flat record of it."""
+    args: argparse.Namespace
+    data: DataSpec
+    loader: LoaderSpec
+    image: ImageSpec
+    model: ModelSpec
+    aug: AugSpec
+    labels: LabelSpec
+    optim: OptimSpec
+    schedule: ScheduleSpec
+    precision: PrecisionSpec
+    ema: EmaSpec
+    posthoc: PosthocSpec
+    loop: LoopSpec
+    dist: DistSpec
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "TrainSettings":
+        specs = {"data": DataSpec, "loader": LoaderSpec, "image": ImageSpec, "model": ModelSpec,
+                 "aug": AugSpec, "labels": LabelSpec, "optim": OptimSpec, "schedule": ScheduleSpec,
+                 "precision": PrecisionSpec, "loop": LoopSpec, "dist": DistSpec}
+        built = {name: from_args(spec, ns) for name, spec in specs.items()}
+        settings = cls(args=ns, ema=EmaSpec.from_args(ns), posthoc=PosthocSpec.from_args(ns),
+                       **built)
+        if settings.labels.mixing and settings.loader.batch_size % 2:
+            raise UserError(f"mixup/cutmix need an even --batch-size, got "
+                            f"{settings.loader.batch_size}")
+        _output_outside_splits(settings.loop.output, settings.data)
+        return settings
+
+    def global_batch(self, world_size: int = 1) -> int:
+        """Images per optimizer step: processes x batch size x accumulation."""
+        return world_size * self.loader.batch_size * self.optim.grad_accum_steps
+
+    def lr(self, world_size: int = 1) -> float:
+        """The global learning rate (--lr, or --lr-base scaled by the global batch)."""
+        return self.optim.lr_for(self.global_batch(world_size))
+
+
+def _output_outside_splits(output: str, spec: DataSpec) -> None:
+    """Runs written inside a split would be read as one more class folder of it."""
+    runs = Path(output or Path("output") / "train").resolve()
+    aliases = {"val": "validation", "validation": "val"}
+    for split in (spec.train_split, spec.val_split):
+        for name in {split, aliases.get(split, split)}:
+            folder = (Path(spec.data_dir) / name).resolve()
+            if runs == folder or folder in runs.parents:
+                raise UserError(f"--output {runs} is inside the data's {name} split ({folder}): "
+                                f"its runs would be read as a class folder; write them elsewhere")
+
+
+# ----------------------------------------------------------------------------- resolution
+def train_settings(argv: list[str]) -> TrainSettings:
+    """train.py's settings from the command line and its `-c` recipe (no resume)."""
+    return TrainSettings.from_args(parse_command(train_parser, [str(a) for a in argv]))
+
+
+def resolve_train(argv: list[str]) -> tuple[TrainSettings, ResumeSource | None]:
+    """train.py's settings, resolved once: with --resume, the checkpoint's recorded settings
+    under the recipe and the command line, through the resume policy."""
+    argv = [str(a) for a in argv]
+    ns = parse_command(train_parser, argv)
+    path = find_checkpoint(ns.resume, ns.output, ns.experiment, ns.model)
+    if path is None:
+        return TrainSettings.from_args(ns), None
+    source = open_source(path)
+    if source.recorded is not None:
+        ns = parse_command(train_parser, argv, below=[Layer(f"checkpoint {path}", source.recorded)])
+    apply_to_settings(ns, source)
+    return TrainSettings.from_args(ns), source

@@ -1,0 +1,121 @@
+"""validate.py's settings: which weights of a checkpoint to evaluate (`WeightChoice`), everything
+else it was asked for (`ValidateSettings`, --posthoc's targets included), resolved once."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from ..ema.half_life import parse_half_life
+from ..util.distributed import device_named
+from ..util.errors import UserError
+from .checks import at_least, at_most, check_sigma_rels, from_args
+from .data_specs import ImageSpec, LoaderSpec
+from .flags import validate_parser
+from .layers import parse_command
+from .model_specs import PrecisionSpec
+
+MAX_TARGETS = 32
+
+
+# ----------------------------------------------------------------------------- validate.py
+@dataclass(frozen=True)
+class WeightChoice:
+    """Which weights of a checkpoint validate.py evaluates."""
+    use_ema: bool
+    ema_decay: str | None  # a decay or a shadow's name (`checkpoint.weights.ema_index_for_decay`)
+    ema_index: int | None
+
+    def __post_init__(self):
+        at_least(self, 0, "ema_index")
+
+    @property
+    def wants_ema(self) -> bool:
+        return self.use_ema or self.ema_index is not None or self.ema_decay is not None
+
+
+@dataclass(frozen=True)
+class ValidateSettings:
+    """Everything validate.py was asked for, checked."""
+    args: argparse.Namespace
+    data_dir: str | None
+    split: str
+    checkpoint: str | None
+    pretrained: bool
+    pretrained_path: str | None
+    posthoc: str | None
+    sigma_rel: list | None
+    half_life: list | None
+    model: str | None
+    num_classes: int | None
+    device: str | None
+    results_file: str
+    results_format: str | None
+    image: ImageSpec
+    loader: LoaderSpec
+    choice: WeightChoice
+    precision: PrecisionSpec
+
+    def __post_init__(self):
+        if not self.data_dir:
+            raise UserError("no data root given: validate.py DIR --checkpoint PATH")
+        sources = [f for f, on in (("--checkpoint", self.checkpoint),
+                                   ("--pretrained-path", self.pretrained_path),
+                                   ("--pretrained", self.pretrained),
+                                   ("--posthoc", self.posthoc)) if on]
+        if len(sources) != 1:
+            raise UserError("give the weights to evaluate: --checkpoint PATH, --posthoc RUN_DIR, "
+                            "or --model NAME with --pretrained-path FILE or --pretrained"
+                            + (f" (not {' and '.join(sources)})" if sources else ""))
+        if self.pretrained and not self.model:
+            raise UserError("--pretrained needs --model NAME")
+        if self.pretrained and self.choice.wants_ema:
+            raise UserError("--pretrained loads timm's released weights: they have no EMA to pick")
+        if not self.posthoc and (self.sigma_rel is not None or self.half_life is not None):
+            raise UserError("--sigma-rel and --half-life choose what --posthoc reconstructs: "
+                            "give --posthoc RUN_DIR")
+        if self.posthoc and (self.choice.wants_ema or self.model or self.results_file):
+            raise UserError("--posthoc scores its own weight sets from the run's snapshots: "
+                            "--use-ema, --ema-decay, --ema-index, --model and --results-file "
+                            "do not apply")
+        check_sigma_rels("--sigma-rel", self.sigma_rel, MAX_TARGETS)
+        at_most("--half-life", self.half_life, MAX_TARGETS, "each is one more EMA to form")
+        if self.device:
+            device_named(self.device)
+        for text in self.half_life or []:
+            try:
+                parse_half_life(str(text))
+            except ValueError as exc:
+                raise UserError(f"--half-life: {exc}") from None
+        at_least(self, 1, "num_classes")
+        if self.results_file:
+            path = Path(self.results_file)
+            if self.results_format is None and path.suffix not in (".json", ".csv"):
+                raise UserError(f"--results-file must end in .json or .csv (or give "
+                                f"--results-format): {path}")
+            if not path.parent.is_dir():
+                raise UserError(f"--results-file directory does not exist: {path.parent}")
+
+    @property
+    def source(self) -> str:
+        """The file the weights come from, or timm's name for its cache."""
+        return self.checkpoint or self.pretrained_path or f"timm's pretrained {self.model}"
+
+    @property
+    def results_kind(self) -> str:
+        """csv or json: --results-format, else the results file's suffix."""
+        return self.results_format or Path(self.results_file).suffix.lstrip(".")
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "ValidateSettings":
+        parts = {"image": ImageSpec, "loader": LoaderSpec, "choice": WeightChoice,
+                 "precision": PrecisionSpec}
+        own = {f.name: getattr(ns, f.name) for f in fields(cls)
+               if f.name != "args" and f.name not in parts}
+        return cls(args=ns, **{name: from_args(spec, ns) for name, spec in parts.items()},
+                   **own)
+
+
+def validate_settings(argv: list[str]) -> ValidateSettings:
+    """validate.py's settings from its command line."""
+    return ValidateSettings.from_args(parse_command(validate_parser, [str(a) for a in argv]))
