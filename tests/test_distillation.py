@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ematrain.distill import Distillation, build_teacher, freeze
+from ematrain.run.distill import Distillation, build_teacher, freeze
 from ematrain.ema import ModelEma
-from ematrain.errors import UserError
+from ematrain.util.errors import UserError
 
 SIZE = 32
 

@@ -9,8 +9,8 @@ import torch
 from conftest import make_imagefolder
 
 from ematrain import data
-from ematrain.errors import UserError
-from ematrain.naflex import (PatchNormalize, batch_images, eval_collate, eval_transform,
+from ematrain.util.errors import UserError
+from ematrain.data.naflex import (PatchNormalize, batch_images, eval_collate, eval_transform,
                              model_patch_size, train_batches)
 
 SEED, PATCH, SEQ_LENS, BATCH = 5, (8, 8), (4, 9, 16), 4

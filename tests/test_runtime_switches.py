@@ -11,8 +11,8 @@ import timm
 import torch
 from timm.layers import is_fast_norm
 
-from ematrain.errors import UserError
-from ematrain.runtime import (check_compile_mode, fast_norm, import_device_modules,
+from ematrain.util.errors import UserError
+from ematrain.util.runtime import (check_compile_mode, fast_norm, import_device_modules,
                               step_synchronizer)
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from ematrain.errors import UserError
-from ematrain.eval_extras import (ClassMetrics, RealLabels, ValidLabels, read_valid_labels,
+from ematrain.util.errors import UserError
+from ematrain.run.eval_extras import (ClassMetrics, RealLabels, ValidLabels, read_valid_labels,
                                   with_retry)
 
 

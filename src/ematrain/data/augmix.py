@@ -20,7 +20,7 @@ from timm.layers import convert_splitbn_model
 from timm.loss import JsdCrossEntropy
 from torch import nn
 
-from .errors import UserError
+from ..util.errors import UserError
 
 collate_splits = fast_collate  # split-major: batch[i + j * B] is view j of image i
 

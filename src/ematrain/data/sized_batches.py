@@ -16,7 +16,7 @@ from itertools import islice
 from timm.data.scheduled_sampler import ScheduledBatchSampler, ScheduledTransformDataset
 from torch.utils.data import Sampler
 
-from .errors import UserError
+from ..util.errors import UserError
 
 LOSS_SCALES = ("none", "sqrt", "linear")
 

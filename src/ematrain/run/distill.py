@@ -31,10 +31,11 @@ from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDisti
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import checkpoint as ckpt_io
+from ..checkpoint.weights import load_weights_into
+from ..util.errors import UserError
+from ..util.modules import unwrap_model
 from . import start_weights
-from .errors import UserError
-from .models import check_model_name, unwrap_model
+from .model import check_model_name
 
 TASKS = {"logit": LogitDistillationTask, "feature": FeatureDistillationTask,
          "token": TokenDistillationTask}
@@ -77,7 +78,7 @@ def build_teacher(name: str, num_classes: int, kind: str, weights: str | None = 
                         f"network here): give the teacher's weights with {WEIGHTS_FLAG} FILE "
                         f"({str(exc).strip()[:100]})") from None
     if weights:
-        ckpt_io.load_weights_into(teacher, chosen.state, weights, arch=ckpt.get("arch"),
+        load_weights_into(teacher, chosen.state, weights, arch=ckpt.get("arch"),
                                   model_name=name)
     freeze(teacher)
     return teacher.to(device=device, dtype=dtype), source

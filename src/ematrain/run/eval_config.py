@@ -14,7 +14,7 @@ from __future__ import annotations
 from timm.data import resolve_data_config
 from timm.layers import apply_test_time_pool
 
-from .errors import UserError
+from ..util.errors import UserError
 
 CROP_MODES = ("center", "squash", "border")
 

@@ -27,7 +27,7 @@ from timm.data.naflex_dataset import NaFlexCollator, NaFlexMapDatasetWrapper
 from timm.data.readers.shared_count import SharedCount
 from torch import nn
 
-from .errors import UserError
+from ..util.errors import UserError
 
 PATCH_KEYS = ("patches", "patch_coord", "patch_valid")
 

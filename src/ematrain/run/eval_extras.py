@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import UserError
+from ..util.errors import UserError
 
 METRIC_AVERAGES = ("micro", "macro", "weighted")
 
