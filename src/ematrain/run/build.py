@@ -32,13 +32,15 @@ from ..posthoc.schedule import SnapshotSchedule
 from ..settings.checks import dtype_named
 from ..settings.data_specs import DataSpec, LabelSpec, LoaderSpec
 from ..settings.ema_specs import EmaSpec, PosthocSpec
-from ..settings.model_specs import ModelSpec, Precision
+from ..settings.model_specs import DistillSpec, ModelSpec, Precision
 from ..settings.train_specs import TrainSettings
 from ..util.distributed import DistInfo, init_distributed
 from ..util.errors import UserError
 from ..util.logs import log, quiet
+from ..util.runtime import fast_norm
 from ..util.seeding import seed_everything
 from .keeper import CheckpointKeeper
+from .distill import Distillation, build_teacher
 from .model import create_model, init_head, probe_input, set_batchnorm
 from .optimizer import build_optimizer, build_scheduler
 from .parts import Run, TrainData
@@ -83,9 +85,10 @@ def build_model(spec: ModelSpec, num_classes: int, device: torch.device,
                 precision: Precision, sync_bn: bool, start_weights: bool = True) -> nn.Module:
     """The timm model, its initial weights (unless `start_weights` is False: a resumed run
     takes its weights from the checkpoint), on its device in its dtype."""
-    model = create_model(spec.model, num_classes, pretrained=spec.pretrained and start_weights,
-                         pretrained_path=spec.pretrained_path if start_weights else None,
-                         **spec.create_kwargs())
+    with fast_norm(spec.fast_norm):
+        model = create_model(spec.model, num_classes, pretrained=spec.pretrained and start_weights,
+                             pretrained_path=spec.pretrained_path if start_weights else None,
+                             **spec.create_kwargs())
     set_batchnorm(model, spec.bn_momentum, spec.bn_eps)
     if spec.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -131,8 +134,10 @@ def build_mixup(spec: LabelSpec, num_classes: int) -> Mixup | None:
 def build_train_loss(spec: LabelSpec) -> nn.Module:
     """timm's choice: soft-target losses under mixup/cutmix (which smooth the labels already)."""
     if spec.bce_loss:
+        pos_weight = None if spec.bce_pos_weight is None else torch.tensor(spec.bce_pos_weight)
         return BinaryCrossEntropy(smoothing=0.0 if spec.mixing else spec.smoothing,
-                                  target_threshold=spec.bce_target_thresh)
+                                  target_threshold=spec.bce_target_thresh,
+                                  sum_classes=spec.bce_sum, pos_weight=pos_weight)
     if spec.mixing:
         return SoftTargetCrossEntropy()
     return nn.CrossEntropyLoss(label_smoothing=spec.smoothing)
@@ -200,15 +205,40 @@ def build_shadow_policy(spec: EmaSpec, train: TrainData, seed: int) -> ShadowPol
     return ShadowPolicy(spec.bn, spec.bn_batches, spec.switch, batches)
 
 
+def build_distill(spec: DistillSpec, student: nn.Module, criterion: nn.Module,
+                  num_classes: int, data_config: dict, device: torch.device,
+                  precision: Precision) -> Distillation | None:
+    """--kd-model-name: timm's distillation task around the student, with the frozen teacher
+    (timm's cached weights or --kd-pretrained-path); its cost is said at start."""
+    if not spec.enabled:
+        return None
+    teacher, source = build_teacher(spec.kd_model_name, num_classes, spec.kd_distill_type,
+                                    spec.kd_pretrained_path, device=device,
+                                    dtype=precision.model_dtype)
+    distill = Distillation.create(
+        student, teacher, spec.kd_distill_type, criterion, teacher_name=spec.kd_model_name,
+        source=source, mean=data_config["mean"], std=data_config["std"],
+        distill_weight=spec.distill_loss_weight, task_weight=spec.task_loss_weight,
+        temperature=spec.kd_temperature, loss_type=spec.kd_loss_type,
+        token_type=spec.kd_token_distill_type, device=device,
+        dtype=precision.model_dtype or torch.float32)
+    log.info(distill.cost_line(data_config["input_size"]))
+    return distill
+
+
 def wrap_model(model: nn.Module, dist: DistInfo, device: torch.device,
-               compile_backend: str | None) -> nn.Module:
-    """DDP under torchrun, then torch.compile; the EMA and optimizer work on the plain module."""
+               compile_backend: str | None, compile_mode: str | None = None,
+               broadcast_buffers: bool = True) -> nn.Module:
+    """DDP under torchrun (--no-ddp-bb: without broadcasting buffers), then torch.compile
+    (--torchcompile-mode); the EMA and optimizer work on the plain module."""
     if dist.enabled:
         ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                    broadcast_buffers=broadcast_buffers)
     if compile_backend:
-        model = torch.compile(model, backend=compile_backend)
-        log.info(f"model compiled with torch.compile backend '{compile_backend}'")
+        model = torch.compile(model, backend=compile_backend, mode=compile_mode)
+        log.info(f"model compiled with torch.compile backend '{compile_backend}'"
+                 + (f", mode '{compile_mode}'" if compile_mode else ""))
     return model
 
 
@@ -252,12 +282,19 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
                        names=ema_names(s.ema, decays), primary=s.loop.primary_weights)
     if power is not None:
         sets += tracked_sets(power.decays, first=len(decays))
+    loss_fn = build_train_loss(s.labels)
+    distill = build_distill(s.distill, model, loss_fn, num_classes, train.data_config, device,
+                            precision)
+    wrapped = wrap_model(model, dist, device, s.model.torchcompile, s.model.torchcompile_mode,
+                         not s.dist.no_ddp_bb)
+    if distill is not None:
+        distill.bind(wrapped)
     return Run(settings=s, dist=dist, device=device, precision=precision, data=train,
-               num_classes=num_classes, model=wrap_model(model, dist, device, s.model.torchcompile),
+               num_classes=num_classes, model=wrapped, distill=distill,
                optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,
                scaler=torch.amp.GradScaler("cuda") if precision.grad_scaler else None,
                emas=EmaCollection(ema, power), snapshots=snapshots,
                shadow_policy=build_shadow_policy(s.ema, train, s.loop.seed),
-               loss_fn=build_train_loss(s.labels), mixup_fn=mixup, weight_sets=sets,
+               loss_fn=loss_fn, mixup_fn=mixup, weight_sets=sets,
                keeper=CheckpointKeeper(sets, s.loop.eval_metric, s.loop.checkpoint_hist,
                                        primary=dist.is_primary))

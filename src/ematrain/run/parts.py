@@ -101,6 +101,9 @@ class Run:
     keeper: CheckpointKeeper
     shadow_policy: ShadowPolicy = field(default_factory=ShadowPolicy)
     counters: Counters = field(default_factory=Counters)
+    # --kd-model-name: the loss of each step (timm's distillation task around the student);
+    # `model` is the student, which every EMA averages and every checkpoint holds.
+    distill: object | None = None
     summary: Summary = None
     # Who the run is: drawn at a fresh start, kept by every resume, in every checkpoint and
     # post-hoc snapshot (None: resumed from a checkpoint written before run ids).
@@ -138,7 +141,7 @@ class Run:
         """The run's settings as a plain dict (args.yaml, a checkpoint's `args`)."""
         record = dict(vars(self.settings.args))
         # Absolute, so `-c args.yaml` and `--resume PATH` work from any directory.
-        for key in ("data_dir", "initial_checkpoint", "pretrained_path"):
+        for key in ("data_dir", "initial_checkpoint", "pretrained_path", "kd_pretrained_path"):
             if record.get(key):
                 record[key] = str(Path(record[key]).resolve())
         return record

@@ -15,7 +15,7 @@ import torch
 
 from ..checkpoint.schema import is_ours, save
 from ..settings.resume_policy import ResumeSource
-from ..util.clock import RunClock
+from ..util.clock import RunClock, duration
 from ..util.distributed import (
     all_reduce_sum,
     any_rank,
@@ -28,6 +28,7 @@ from ..util.distributed import (
 )
 from ..util.invocation import command_name, launcher
 from ..util.logs import log
+from ..util.runtime import step_synchronizer
 from ..util.seeding import seed_everything
 from ..util.signals import StopRequest
 from .curves import CurveRenderer
@@ -53,7 +54,8 @@ class Training:
         self.run, self.source, self.prog = run, source, prog or command_name("train.py")
         s = run.settings
         recipe = Recipe(run.loss_fn, run.precision.autocast, run.scaler, s.optim.clip_grad,
-                        s.optim.clip_mode)
+                        s.optim.clip_mode, objective=run.distill,
+                        synchronize=step_synchronizer(run.device, s.dist.synchronize_step))
         batches = Batches(run.device, run.precision.model_dtype, run.precision.channels_last,
                           run.mixup_fn, run.data.normalize, run.data.erase)
         config = LoopConfig(s.optim.grad_accum_steps, s.loop.log_interval, s.loop.skip_nonfinite,
@@ -75,8 +77,13 @@ class Training:
 
     # ----------------------------------------------------------------------------- the run
     def fit(self) -> int:
+        start = self.run.settings.loop.start_epoch
         if self.source is not None:
             restore(self.run, self.source)
+        if start is not None and (self.source is None or not is_ours(self.source.ckpt)):
+            # timm: a given start epoch places a new run, and overrides a timm checkpoint's
+            # epoch (our own checkpoints go on where they are: the resume policy).
+            start_at_epoch(self.run, start)
         done = False
         try:
             self.open_folder()  # a refusal here (no room for the post-hoc series) leaves no folder
@@ -207,14 +214,45 @@ class Training:
                     if halt:
                         raise Interrupted
 
-    def finish_epoch(self, epoch: int, val_loader) -> None:
-        """Validate every weight set, record the epoch, save, report."""
-        run, metric = self.run, self.run.settings.loop.eval_metric
+    def validates(self, epoch: int) -> bool:
+        """--val-interval K: timm validates after every K-th epoch and after the last."""
+        interval = self.run.settings.loop.val_interval
+        return (epoch + 1) % interval == 0 or epoch + 1 == self.run.num_epochs
+
+    def end_of_epoch(self, epoch: int) -> tuple[float, float]:
+        """What every epoch's end does before validation: BatchNorm statistics agreed, the last
+        update's snapshot, the shadows' policy. The epoch's LR and training loss."""
+        run = self.run
         lr, train_loss = current_lr(run.optimizer), run.counters.train_loss
         sync_replicas(run)
-        self.run.take_snapshot()  # the epoch's last update (the loop yields only the others)
+        run.take_snapshot()  # the epoch's last update (the loop yields only the others)
         run.shadow_policy.apply(run.emas.regular, run.model, epoch,
                                 lambda images: calibration_input(run, images))
+        return lr, train_loss
+
+    def skip_validation(self, epoch: int) -> None:
+        """An epoch --val-interval does not validate: as timm, the scheduler steps without a
+        metric and summary.csv gets no row; last.pth.tar is still written (resume stays exact)."""
+        run = self.run
+        lr, train_loss = self.end_of_epoch(epoch)
+        if run.scheduler is not None:
+            run.scheduler.step(epoch + 1, None)
+        run.counters.finish_epoch()
+        ckpt = self.checkpoint()
+        if self.primary:
+            run.keeper.save_epoch(epoch, ckpt, [], then=self.settle_series())
+            took = self.clock.end_epoch()
+            print(f"epoch {epoch} ({epoch + 1}/{run.num_epochs}) {duration(took)}: lr {lr:.3g} "
+                  f"train_loss {train_loss:.4f}; not validated (--val-interval "
+                  f"{run.settings.loop.val_interval})", flush=True)
+        barrier(run.dist)
+
+    def finish_epoch(self, epoch: int, val_loader) -> None:
+        """Validate every weight set, record the epoch, save, report."""
+        if not self.validates(epoch):
+            return self.skip_validation(epoch)
+        run, metric = self.run, self.run.settings.loop.eval_metric
+        lr, train_loss = self.end_of_epoch(epoch)
         scores = validate(run.model, val_loader, run.device, emas=list(run.emas), epoch=epoch,
                           amp_dtype=run.precision.autocast,
                           channels_last=run.precision.channels_last,
@@ -272,6 +310,21 @@ class Training:
             print(f"{self.prog}: {what}; saved {last}. Resume with: "
                   f"{resume_launcher(self.run, self.prog)} --resume {shlex.quote(str(last))}",
                   file=sys.stderr, flush=True)
+
+
+def start_at_epoch(run: Run, epoch: int) -> None:
+    """--start-epoch N on a new run, as timm: the loop starts at epoch N with the LR schedule at
+    its position (per epoch, or per update with --sched-on-updates); the EMAs start from the
+    start weights, as at any start."""
+    c = run.counters
+    c.epoch, c.epoch_step, c.num_updates = epoch, 0, epoch * run.data.steps_per_epoch
+    if run.scheduler is not None:
+        if run.settings.schedule.sched_on_updates:
+            run.scheduler.step_update(num_updates=c.num_updates)
+        else:
+            run.scheduler.step(epoch)
+    log.info(f"--start-epoch {epoch}: starting at epoch {epoch} (update {c.num_updates}), "
+             f"LR {current_lr(run.optimizer):.3g}")
 
 
 def sync_replicas(run: Run) -> None:

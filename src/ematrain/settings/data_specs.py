@@ -105,8 +105,15 @@ class DataSpec:
     val_split: str
     validation_batch_size: int | None
     aug_repeats: float
+    worker_seeding: str = "all"
+    use_multi_epochs_loader: bool = False
 
     def __post_init__(self):
+        if self.worker_seeding != "all":
+            # Every sample is seeded from (seed, epoch, index) in whichever worker loads it.
+            raise UserError(f"--worker-seeding {self.worker_seeding}: every sample here is "
+                            f"seeded from the seed, epoch and its index, which is timm's 'all' "
+                            f"and more; no other seeding is offered")
         if not self.data_dir:
             raise UserError("no data root given: train.py DIR (with DIR/train and DIR/val)")
         at_least(self, 1, "validation_batch_size")
@@ -129,8 +136,22 @@ class AugSpec:
     reprob: float
     remode: str
     recount: int
+    train_crop_mode: str | None = None
+    color_jitter_prob: float | None = None
+    grayscale_prob: float | None = None
+    gaussian_blur_prob: float | None = None
+
+    CROP_MODES = ("rrc", "rkrc", "rkrr")
 
     def __post_init__(self):
+        within(self, 0.0, 1.0, "color_jitter_prob", "grayscale_prob", "gaussian_blur_prob")
+        if self.train_crop_mode not in (None, "") + self.CROP_MODES:
+            raise UserError(f"--train-crop-mode must be one of {', '.join(self.CROP_MODES)}, "
+                            f"got {self.train_crop_mode!r}")
+        for dest in ("scale", "ratio"):
+            if len(getattr(self, dest)) != 2:
+                raise UserError(f"--{dest} takes MIN MAX (2 values), got "
+                                f"{len(getattr(self, dest))}")
         if self.train_interpolation not in ("", "random") + _INTERPOLATIONS:
             raise UserError(f"--train-interpolation must be random or one of "
                             f"{', '.join(_INTERPOLATIONS)}, got {self.train_interpolation!r}")
@@ -164,8 +185,17 @@ class LabelSpec:
     smoothing: float
     bce_loss: bool
     bce_target_thresh: float | None
+    bce_sum: bool = False
+    bce_pos_weight: float | None = None
 
     def __post_init__(self):
+        if (self.bce_sum or self.bce_pos_weight is not None) and not self.bce_loss:
+            raise UserError("--bce-sum and --bce-pos-weight shape the BCE loss: give --bce-loss")
+        if self.bce_pos_weight is not None and not self.bce_pos_weight > 0:
+            raise UserError(f"--bce-pos-weight must be > 0, got {self.bce_pos_weight:g}")
+        if self.cutmix_minmax is not None and len(self.cutmix_minmax) != 2:
+            raise UserError(f"--cutmix-minmax takes MIN MAX (2 values), got "
+                            f"{len(self.cutmix_minmax)}")
         within(self, 0.0, 1.0, "smoothing", closed=False)
         within(self, 0.0, 1.0, "mixup_prob", "mixup_switch_prob")
         if self.mixup < 0 or self.cutmix < 0:

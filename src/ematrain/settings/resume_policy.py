@@ -82,6 +82,15 @@ RESUME_POLICY: tuple[Rule, ...] = (
     Rule("opt_betas", FRESH_OPTIMIZER, _OPT_WHY),
     Rule("opt_kwargs", FRESH_OPTIMIZER, _OPT_WHY),
     Rule("layer_decay", FRESH_OPTIMIZER, _OPT_WHY),
+    Rule("layer_decay_min_scale", FRESH_OPTIMIZER, _OPT_WHY),
+    Rule("layer_decay_no_opt_scale", FRESH_OPTIMIZER, "the frozen layers have no optimizer "
+         "state; the saved state is of the old split"),
+    Rule("start_epoch", REFUSE, "a resumed run goes on where its checkpoint is; --start-epoch "
+         "places a new run"),
+    Rule("kd_model_name", REFUSE, "the run distills from its teacher: another makes the rest no "
+         "continuation of this run"),
+    Rule("kd_pretrained_path", REFUSE, "the run distills from its teacher's weights"),
+    Rule("kd_distill_type", REFUSE, "the loss of the run is that kind of distillation"),
 )
 # Every other setting (epochs, the LR and its schedule, the EMA interval and warmup, the
 # augmentation, ...) applies from the resumed step on.

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from ..util.distributed import device_named
 from ..util.errors import UserError
+from ..util.runtime import import_device_modules
 from .checks import at_least, from_args
 from .data_specs import AugSpec, DataSpec, ImageSpec, LabelSpec, LoaderSpec
 from .ema_specs import EmaSpec, PosthocSpec
 from .flags import train_parser
 from .layers import Layer, parse_command
-from .model_specs import ModelSpec, OptimSpec, PrecisionSpec, ScheduleSpec
+from .model_specs import DistillSpec, ModelSpec, OptimSpec, PrecisionSpec, ScheduleSpec
 from .resume_policy import ResumeSource, apply_to_settings, find_checkpoint, open_source
 
 _DIST_BACKENDS = ("nccl", "gloo", "mpi", "ucc")
@@ -34,9 +35,12 @@ class LoopSpec:
     experiment: str
     resume: str
     no_resume_opt: bool
+    start_epoch: int | None = None
+    val_interval: int = 1
 
     def __post_init__(self):
-        at_least(self, 1, "log_interval", "checkpoint_hist")
+        at_least(self, 1, "log_interval", "checkpoint_hist", "val_interval")
+        at_least(self, 0, "start_epoch")
         if not 0 <= self.seed < 2**32:  # numpy's generators take no other seed
             raise UserError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
         at_least(self, 0, "skip_nonfinite", "recovery_interval")
@@ -53,8 +57,13 @@ class DistSpec:
     dist_backend: str | None
     dist_bn: str
     sync_bn: bool
+    no_ddp_bb: bool = False
+    synchronize_step: bool = False
+    local_rank: int = 0
+    device_modules: list | None = None
 
     def __post_init__(self):
+        import_device_modules(self.device_modules)  # before a device of theirs is named
         if self.device:
             device_named(self.device)  # whether this machine has it: when the run starts
         if self.dist_backend and self.dist_backend not in _DIST_BACKENDS:
@@ -79,12 +88,14 @@ class TrainSettings:
     posthoc: PosthocSpec
     loop: LoopSpec
     dist: DistSpec
+    distill: DistillSpec = DistillSpec()
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "TrainSettings":
         specs = {"data": DataSpec, "loader": LoaderSpec, "image": ImageSpec, "model": ModelSpec,
                  "aug": AugSpec, "labels": LabelSpec, "optim": OptimSpec, "schedule": ScheduleSpec,
-                 "precision": PrecisionSpec, "loop": LoopSpec, "dist": DistSpec}
+                 "precision": PrecisionSpec, "loop": LoopSpec, "dist": DistSpec,
+                 "distill": DistillSpec}
         built = {name: from_args(spec, ns) for name, spec in specs.items()}
         settings = cls(args=ns, ema=EmaSpec.from_args(ns), posthoc=PosthocSpec.from_args(ns),
                        **built)
@@ -92,6 +103,10 @@ class TrainSettings:
             raise UserError(f"mixup/cutmix need an even --batch-size, got "
                             f"{settings.loader.batch_size}")
         _output_outside_splits(settings.loop.output, settings.data)
+        start = settings.loop.start_epoch
+        if start is not None and start >= settings.schedule.epochs:
+            raise UserError(f"--start-epoch {start} is not before the run's end (--epochs "
+                            f"{settings.schedule.epochs})")
         return settings
 
     def global_batch(self, world_size: int = 1) -> int:
