@@ -18,6 +18,7 @@ from ..run.evaluation import (
     WeightBank,
     build_model,
     check_classes,
+    eval_batch_size,
     evaluation_dtype,
     open_split,
     resolve_data_config,
@@ -26,7 +27,18 @@ from ..run.evaluation import (
 )
 from ..run.start_weights import read
 from ..settings.validate_specs import ValidateSettings, validate_settings
+from ..run.eval_config import with_test_time_pool
+from ..run.eval_extras import (
+    ClassMetrics,
+    EvalExtras,
+    RealLabels,
+    ValidLabels,
+    read_valid_labels,
+    with_retry,
+)
 from ..util import distributed
+from ..util.modules import unwrap_model
+from ..util.seeding import seed_everything
 from ..util.atomic import atomic_write_text
 from ..util.invocation import command_name
 from ..util.logs import log
@@ -82,28 +94,71 @@ def _main(argv: list[str]) -> int:
 def _evaluate(s: ValidateSettings, info, device) -> int:
     if s.posthoc:
         return evaluate_posthoc(s, info, device)
+    seed_everything(s.test.seed)
     split_dir, dataset = open_split(s)
     ckpt, weights = read_weights(s)
     check_classes(ckpt, dataset, split_dir)
     model, arch = build_model(s, ckpt, dataset, weights, device)
     name = weights.name if weights is not None else "pretrained"
-    data_config = resolve_data_config(s.image, ckpt, model, s.precision.channels_last)
-    loader, normalize = split_loader(s, info, dataset, ckpt, data_config, device)
-    precision = s.precision.on(device)
-    result = validate(model, loader, device, reduce=lambda t: distributed.all_reduce_sum(t, info),
-                      show=info.is_primary, normalize=normalize, amp_dtype=precision.autocast,
-                      channels_last=precision.channels_last)[0]
+    data_config = resolve_data_config(s.image, ckpt, model, s.precision.channels_last, s.test)
+    classes = int(getattr(unwrap_model(model), "num_classes", len(dataset.classes)))
+    model, data_config = test_time_model(s, model, data_config)
+    reduce = lambda t: distributed.all_reduce_sum(t, info)  # noqa: E731
+
+    def evaluate(batch_size: int | None) -> dict:
+        loader, normalize = split_loader(s, info, dataset, ckpt, data_config, device, batch_size)
+        extras = eval_extras_for(s, dataset, loader, device, classes)
+        precision = s.precision.on(device)
+        result = validate(model, loader, device, reduce=reduce, show=info.is_primary,
+                          normalize=normalize, amp_dtype=precision.autocast,
+                          channels_last=precision.channels_last, extras=extras)[0]
+        return extras.update(result, reduce, device)
+    if s.test.retry:
+        result = with_retry(evaluate, eval_batch_size(s, ckpt), log=log.info)
+    else:
+        result = evaluate(None)
     if not info.is_primary:
         return 0
     results = results_record(arch, result, model, data_config)
     results.update(checkpoint=str(s.source), weights=name, loss=result["loss"],
                    count=result["count"])
+    results.update({k: v for k, v in result.items() if k.startswith(s.test.metrics_avg or "-")})
     print(f"{arch} ({name}) on {split_dir}: top1 {result['top1']:.4f} top5 "
           f"{result['top5']:.4f} loss {result['loss']:.4f} images {result['count']}", flush=True)
     if s.results_file:
         write_results(s.results_file, results, s.results_kind)
         log.info(f"results written to {s.results_file}")
     return 0
+
+
+def test_time_model(s: ValidateSettings, model, data_config: dict):
+    """--reparam, --test-pool and --torchcompile, in timm's validate.py order."""
+    if s.test.reparam:
+        from timm.utils.model import reparameterize_model
+        model = reparameterize_model(model)
+    if s.test.test_pool:
+        model, data_config, applied = with_test_time_pool(model, data_config)
+        if applied:
+            log.info(f"--test-pool: test-time pooling at {data_config['input_size'][-1]} px "
+                     f"(crop 1.0)")
+    if s.test.torchcompile:
+        model = torch.compile(model, backend=s.test.torchcompile, mode=s.test.torchcompile_mode)
+    return model, data_config
+
+
+def eval_extras_for(s: ValidateSettings, dataset, loader, device,
+                    model_classes: int) -> EvalExtras:
+    """--valid-labels, --real-labels, --metrics-avg and --log-freq for one pass of `loader`."""
+    t = s.test
+    valid = (ValidLabels(read_valid_labels(t.valid_labels, model_classes), device)
+             if t.valid_labels else None)
+    real = None
+    if t.real_labels:
+        order = list(iter(loader.sampler))
+        real = RealLabels([path for path, _ in dataset.samples], t.real_labels, order)
+    classes = valid.num_classes if valid is not None else model_classes
+    metrics = ClassMetrics(classes, t.metrics_avg) if t.metrics_avg else None
+    return EvalExtras(valid, real, metrics, t.log_freq, log=log.info)
 
 
 def evaluate_posthoc(s, info, device) -> int:

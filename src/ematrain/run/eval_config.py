@@ -14,9 +14,8 @@ from __future__ import annotations
 from timm.data import resolve_data_config
 from timm.layers import apply_test_time_pool
 
+from ..settings.data_specs import CROP_MODES
 from ..util.errors import UserError
-
-CROP_MODES = ("center", "squash", "border")
 
 
 def eval_data_config(model, overrides: dict, recorded: dict | None = None,

@@ -150,3 +150,41 @@ def with_retry(evaluate: Callable[[int], dict], batch_size: int, log=print) -> d
             log(f"validation failed at batch size {batch_size} ({text[:80]}); retrying at "
                 f"{smaller}")
             batch_size = smaller
+
+
+class EvalExtras:
+    """What validate.py's --valid-labels, --real-labels, --metrics-avg and --log-freq add to one
+    evaluation pass (`evaluation.validate` calls `output` on each weight set's output and
+    `progress` before each batch where there is no progress bar)."""
+
+    def __init__(self, valid: ValidLabels | None = None, real: RealLabels | None = None,
+                 metrics: ClassMetrics | None = None, log_every: int = 0, log=print):
+        self.valid, self.real, self.metrics = valid, real, metrics
+        self.log_every, self.log = log_every, log
+
+    def output(self, output: torch.Tensor, targets: torch.Tensor, first: bool) -> torch.Tensor:
+        if self.valid is not None:
+            output = self.valid(output)
+        if first:
+            if self.real is not None:
+                self.real.add(output)
+            if self.metrics is not None:
+                self.metrics.add(output, targets)
+        return output
+
+    def progress(self, batch: int, total: int) -> None:
+        if self.log_every and batch % self.log_every == 0:
+            self.log(f"  validate [{batch:>4d}/{total}]")
+
+    def update(self, result: dict, reduce: Callable[[torch.Tensor], torch.Tensor],
+               device: torch.device) -> dict:
+        """`result` (the first set's) with the ReaL accuracies in place of top-1/top-5 and the
+        class metrics added, from the counts of every rank."""
+        def summed(totals: torch.Tensor) -> torch.Tensor:
+            return reduce(totals.to(device)).cpu()
+        result = dict(result)
+        if self.real is not None:
+            result.update(self.real.result(summed(self.real.totals)))
+        if self.metrics is not None:
+            result.update(self.metrics.result(summed(self.metrics.totals)))
+        return result

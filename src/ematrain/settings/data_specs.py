@@ -12,6 +12,8 @@ from .checks import at_least, flag_of, within
 
 # No timm model takes inputs larger than this; a bigger size only exhausts memory.
 MAX_IMAGE_SIZE = 4096
+# timm's evaluation crop modes (validate.py --crop-mode).
+CROP_MODES = ("center", "squash", "border")
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 # The random-resized crop's aspect ratios (width / height) a flag may ask for.
 MAX_RATIO = 100.0
