@@ -152,3 +152,33 @@ def test_timm_args_yaml_with_the_new_flags_runs_here(small_data, tmp_path):
     written = yaml.safe_load((run_dir / "args.yaml").read_text())
     assert written["val_interval"] == 2 and written["bce_pos_weight"] == 1.5
     assert written["start_epoch"] == 1 and written["layer_decay_min_scale"] == 0.1
+
+
+def test_augmix_jsd_loss_is_three_way_through_train_py(small_data, tmp_path):
+    tr = make_training([small_data, *TINY, "--aug-splits", "3", "--jsd-loss", "--split-bn",
+                        "--aa", "augmix-m3-w1", "--smoothing", "0"])
+    seen = []
+    tr.run.module.register_forward_hook(lambda m, i, out: seen.append((i[0].shape, out.detach()))
+                                        if m.training else None)
+    losses = []
+    loss_fn = tr.loop.recipe.loss_fn
+    tr.loop.recipe.loss_fn = lambda out, y: losses.append((out.detach(), y, loss_fn(out, y))) \
+        or losses[-1][2]
+    run_epochs(tr, tmp_path)
+    assert type(loss_fn).__name__ == "JsdCrossEntropy" and loss_fn.num_splits == 3
+    (shape, _), (logits, targets, loss) = seen[0], losses[0]
+    assert shape[0] == 3 * 4  # -b 4: the clean split and two AugMix splits
+    assert torch.equal(targets, targets[:4].repeat(3))
+    splits = logits.split(4)
+    probs = [torch.softmax(s, dim=1) for s in splits]
+    mixture = torch.stack(probs).mean(0).clamp(1e-7, 1)
+    kl = sum((p * (p.log() - mixture.log())).sum(1).mean() for p in probs) / 3
+    expected = torch.nn.functional.cross_entropy(splits[0], targets[:4]) + 12 * kl
+    torch.testing.assert_close(loss.detach(), expected)
+    bn = tr.run.module.bn1
+    assert type(bn).__name__ == "SplitBatchNorm2d" and len(bn.aux_bn) == 2
+    shadow = tr.run.emas.shadows[0] if tr.run.emas.shadows else None
+    assert shadow is None or type(shadow.bn1).__name__ == "SplitBatchNorm2d"
+    with pytest.raises(UserError, match="--jsd-loss takes class labels"):
+        train_settings([str(small_data), *TINY, "--aug-splits", "3", "--jsd-loss", "--mixup",
+                        "0.2"])

@@ -25,7 +25,7 @@ def _worker_count_said():
 
 def make_loader(dataset, batch_size: int, workers: int, seed: int, drop_last: bool = False,
                 pin_memory: bool = False, sampler=None, shuffle: bool = False,
-                persistent: bool = False) -> DataLoader:
+                persistent: bool = False, collate_fn=None) -> DataLoader:
     """A loader whose order comes from its sampler (or `seed`) alone. `persistent` keeps its
     worker processes from one pass to the next (the samples are seeded by their own key, so it
     does not matter which worker loads what)."""
@@ -34,7 +34,8 @@ def make_loader(dataset, batch_size: int, workers: int, seed: int, drop_last: bo
                           sampler=sampler, num_workers=workers, drop_last=drop_last,
                           pin_memory=pin_memory, worker_init_fn=_init_worker,
                           generator=loader_generator(seed),
-                          persistent_workers=persistent and workers > 0)
+                          persistent_workers=persistent and workers > 0,
+                          collate_fn=collate_fn)
 
 
 @contextlib.contextmanager

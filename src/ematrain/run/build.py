@@ -14,7 +14,7 @@ from timm.layers import convert_sync_batchnorm
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from ..data import loaders
+from ..data import augmix, loaders
 from ..data.folders import check_same_classes, load_image_folder, resolve_split_dir
 from ..data.samplers import EpochSampler, SeededSamples
 from ..data.transforms import (
@@ -30,7 +30,7 @@ from ..ema.policies import ShadowPolicy
 from ..ema.schedules import make_schedule
 from ..posthoc.schedule import SnapshotSchedule
 from ..settings.checks import dtype_named
-from ..settings.data_specs import DataSpec, LabelSpec, LoaderSpec
+from ..settings.data_specs import AugSpec, DataSpec, LabelSpec, LoaderSpec
 from ..settings.ema_specs import EmaSpec, PosthocSpec
 from ..settings.model_specs import DistillSpec, ModelSpec, Precision
 from ..settings.train_specs import TrainSettings
@@ -82,9 +82,11 @@ def build_data(spec: DataSpec, loader: LoaderSpec, num_classes: int | None, seed
 
 
 def build_model(spec: ModelSpec, num_classes: int, device: torch.device,
-                precision: Precision, sync_bn: bool, start_weights: bool = True) -> nn.Module:
+                precision: Precision, sync_bn: bool, start_weights: bool = True,
+                split_bn: int = 0) -> nn.Module:
     """The timm model, its initial weights (unless `start_weights` is False: a resumed run
-    takes its weights from the checkpoint), on its device in its dtype."""
+    takes its weights from the checkpoint), on its device in its dtype (`split_bn`: that many
+    BatchNorm splits, --split-bn)."""
     with fast_norm(spec.fast_norm):
         model = create_model(spec.model, num_classes, pretrained=spec.pretrained and start_weights,
                              pretrained_path=spec.pretrained_path if start_weights else None,
@@ -95,6 +97,8 @@ def build_model(spec: ModelSpec, num_classes: int, device: torch.device,
     if spec.initial_checkpoint and start_weights:
         log.info(load_initial_checkpoint(model, spec.initial_checkpoint, spec.model))
     init_head(model, spec.head_init_scale, spec.head_init_bias)
+    if split_bn:
+        model = augmix.split_batchnorm(model, split_bn)
     if sync_bn:
         # timm's converter keeps the activation of its fused BatchNormAct2d layers.
         model = convert_sync_batchnorm(model)
@@ -121,6 +125,24 @@ def check_first_batch(s: TrainSettings, model: nn.Module, train: TrainData,
                         f"per image at this size); give -b 2 or more")
     if s.labels.mixing and smallest % 2:
         raise UserError(f"mixup/cutmix need an even training batch, got {smallest}{short}")
+
+
+def set_transforms(train: TrainData, aug: AugSpec, seed: int, device: torch.device) -> None:
+    """The training and evaluation transforms, the batch normalization and random erasing; with
+    --aug-splits, timm's AugMixDataset views (clean first) collated split-major."""
+    folder = train.train_set.dataset
+    transform = train_transform(train.data_config, aug, separate=bool(aug.aug_splits))
+    if aug.aug_splits:
+        train.train_set = SeededSamples(augmix.split_samples(folder, aug.aug_splits), seed)
+        train.collate = augmix.collate_splits
+    train.train_set.dataset.transform = transform
+    train.val_set.transform = eval_transform(train.data_config)
+    train.normalize = Normalize(train.data_config["mean"], train.data_config["std"], device)
+    if aug.resplit and aug.reprob and not aug.no_aug:
+        train.erase = augmix.split_eraser(aug.reprob, aug.remode, aug.recount,
+                                          max(aug.aug_splits, 2), device)
+    else:
+        train.erase = batch_eraser(aug, device)
 
 
 def build_mixup(spec: LabelSpec, num_classes: int) -> Mixup | None:
@@ -189,7 +211,8 @@ def build_shadow_policy(spec: EmaSpec, train: TrainData, seed: int) -> ShadowPol
     training data order is untouched, and every rank draws the same batches."""
     if spec.bn != "recalibrate":
         return ShadowPolicy(spec.bn, spec.bn_batches, spec.switch)
-    calibration = copy.copy(train.train_set.dataset)
+    samples = train.train_set.dataset
+    calibration = copy.copy(getattr(samples, "dataset", samples))  # the folder itself
     calibration.transform = train.val_set.transform
 
     def batches(epoch: int):
@@ -259,13 +282,11 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
                        s.optim.grad_accum_steps, pin_memory=device.type == "cuda")
     num_classes = len(train.class_names)
     model = build_model(s.model, num_classes, device, precision, s.dist.sync_bn and dist.enabled,
-                        start_weights=not resuming)
+                        start_weights=not resuming,
+                        split_bn=max(s.aug.aug_splits, 2) if s.aug.split_bn else 0)
     train.data_config = data_config_for(s.image.overrides(), model)
     check_first_batch(s, model, train, dist)
-    train.train_set.dataset.transform = train_transform(train.data_config, s.aug)
-    train.val_set.transform = eval_transform(train.data_config)
-    train.normalize = Normalize(train.data_config["mean"], train.data_config["std"], device)
-    train.erase = batch_eraser(s.aug, device)
+    set_transforms(train, s.aug, s.loop.seed, device)
     lr = s.lr(dist.world_size)
     optimizer = build_optimizer(s.optim, model, lr)
     scheduler, num_epochs = build_scheduler(s.schedule, optimizer, train.steps_per_epoch,
@@ -282,7 +303,8 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
                        names=ema_names(s.ema, decays), primary=s.loop.primary_weights)
     if power is not None:
         sets += tracked_sets(power.decays, first=len(decays))
-    loss_fn = build_train_loss(s.labels)
+    loss_fn = (augmix.jsd_loss(s.aug.aug_splits, s.labels.smoothing) if s.aug.jsd_loss
+               else build_train_loss(s.labels))
     distill = build_distill(s.distill, model, loss_fn, num_classes, train.data_config, device,
                             precision)
     wrapped = wrap_model(model, dist, device, s.model.torchcompile, s.model.torchcompile_mode,

@@ -27,6 +27,7 @@ from ..settings.validate_specs import TestTimeSpec, ValidateSettings
 from ..util.errors import UserError
 from ..util.logs import log, show_bars
 from ..util.modules import unwrap_model
+from ..data.augmix import split_batchnorm
 from ..util.runtime import fast_norm
 from .eval_config import eval_data_config
 from .eval_extras import read_valid_labels
@@ -237,6 +238,8 @@ def build_model(s: ValidateSettings, ckpt: dict, dataset, weights: Weights | Non
                                                        labels), pretrained=s.pretrained, **kwargs)
     if same_arch:
         set_batchnorm(model, eps=recorded.get("bn_eps"))
+        if recorded.get("split_bn"):  # the weights hold per-split BatchNorm (--split-bn)
+            model = split_batchnorm(model, max(int(recorded.get("aug_splits") or 0), 2))
     dtype = s.precision.on(device).model_dtype
     if weights is not None:
         load_weights_into(model, weights.state, path, arch=ckpt.get("arch"),

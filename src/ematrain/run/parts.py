@@ -48,12 +48,14 @@ class TrainData:
     steps_per_epoch: int  # optimizer steps
     normalize: Normalize | None = None  # the loaders give uint8 images
     erase: object | None = None         # random erasing of the normalized batch
+    collate: object | None = None       # --aug-splits: timm's fast_collate, split-major
     warnings: list = field(default_factory=list)  # said when training starts
     _loaders: tuple | None = field(default=None, repr=False)
 
     @property
     def class_names(self) -> list[str]:
-        return self.train_set.dataset.classes
+        samples = self.train_set.dataset  # the folder, or timm's AugMixDataset around it
+        return getattr(samples, "dataset", samples).classes
 
     def loaders(self, epoch: int, start_batch: int, seed: int):
         """This epoch's loaders; training starts at batch `start_batch` (resume). They are made
@@ -64,7 +66,8 @@ class TrainData:
         if self._loaders is None:
             train = make_loader(self.train_set, self.batch_size, self.workers, seed=seed,
                                 drop_last=self.drop_last, pin_memory=self.pin_memory,
-                                sampler=EpochTagged(self.sampler), persistent=True)
+                                sampler=EpochTagged(self.sampler), persistent=True,
+                                collate_fn=self.collate)
             val = make_loader(self.val_set, self.val_batch_size, self.workers, seed=0,
                               pin_memory=self.pin_memory, sampler=self.val_sampler,
                               persistent=True)

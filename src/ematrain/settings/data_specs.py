@@ -142,6 +142,10 @@ class AugSpec:
     color_jitter_prob: float | None = None
     grayscale_prob: float | None = None
     gaussian_blur_prob: float | None = None
+    aug_splits: int = 0
+    jsd_loss: bool = False
+    resplit: bool = False
+    split_bn: bool = False
 
     CROP_MODES = ("rrc", "rkrc", "rkrr")
 

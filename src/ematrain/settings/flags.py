@@ -597,6 +597,19 @@ def _recipe_flags(p) -> None:
                         "epoch and index)")
     g.add_argument("--use-multi-epochs-loader", action="store_true", default=False,
                    help="accepted: loader workers persist across epochs here anyway")
+    _augmix_flags(g)
+
+
+def _augmix_flags(g) -> None:
+    """timm's AugMix splits: clean and augmented views of each image, JSD loss, split BN."""
+    g.add_argument("--aug-splits", type=int, default=0, metavar="N",
+                   help="views per image: a clean one and N-1 augmented (0: off; 3 for AugMix)")
+    g.add_argument("--jsd-loss", action="store_true", default=False,
+                   help="Jensen-Shannon divergence + cross-entropy over the splits")
+    g.add_argument("--resplit", action="store_true", default=False,
+                   help="random erasing leaves the clean split alone")
+    g.add_argument("--split-bn", action="store_true", default=False,
+                   help="BatchNorm statistics per augmentation split")
 
 
 def _distill_flags(p) -> None:

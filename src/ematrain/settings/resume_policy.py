@@ -91,6 +91,9 @@ RESUME_POLICY: tuple[Rule, ...] = (
          "continuation of this run"),
     Rule("kd_pretrained_path", REFUSE, "the run distills from its teacher's weights"),
     Rule("kd_distill_type", REFUSE, "the loss of the run is that kind of distillation"),
+    Rule("aug_splits", REFUSE, "the BatchNorm statistics and the batches are of that many "
+         "augmentation splits"),
+    Rule("split_bn", REFUSE, "the weights hold (or lack) per-split BatchNorm layers"),
 )
 # Every other setting (epochs, the LR and its schedule, the EMA interval and warmup, the
 # augmentation, ...) applies from the resumed step on.

@@ -13,8 +13,6 @@ from ..util.errors import UserError
 _TORCHSCRIPT = "TorchScript is deprecated in torch 2: use --torchcompile"
 _SIZES = "variable-size training (timm's ScheduledBatchSampler) is not wired into ematrain's loop"
 _NAFLEX = "NaFlex loading is not wired into ematrain's loop or validate.py"
-_AUGMIX = ("AugMix splits (timm's AugMixDataset, JSD loss, split BatchNorm) are not wired into "
-           "ematrain's loop")
 _DATASET = "ematrain reads ImageFolder trees only; timm's dataset readers are issue 24's"
 _WANDB = "experiment trackers are issue 26's"
 
@@ -34,8 +32,6 @@ TIMM_REFUSED: dict[str, tuple[object, str]] = {
     "train_size_schedule": ("constant", _SIZES), "train_size_schedule_spread": (0.65, _SIZES),
     "train_size_random_mix": (0.1, _SIZES), "variable_batch_loss_scale": ("none", _SIZES),
     "naflex_loader": (False, _NAFLEX),
-    "aug_splits": (0, _AUGMIX), "jsd_loss": (False, _AUGMIX), "resplit": (False, _AUGMIX),
-    "split_bn": (False, _AUGMIX),
     "save_images": (False, "writing sample training batches as images is not implemented here"),
     # issue 24 (data) and issue 26 (trackers) own these
     "dataset": ("", _DATASET), "dataset_download": (False, _DATASET),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..util.distributed import device_named
 from ..util.errors import UserError
+from ..data.augmix import check_splits
 from ..util.runtime import import_device_modules
 from .checks import at_least, from_args
 from .data_specs import AugSpec, DataSpec, ImageSpec, LabelSpec, LoaderSpec
@@ -103,6 +104,12 @@ class TrainSettings:
             raise UserError(f"mixup/cutmix need an even --batch-size, got "
                             f"{settings.loader.batch_size}")
         _output_outside_splits(settings.loop.output, settings.data)
+        a = settings.aug
+        check_splits(a.aug_splits, a.jsd_loss, a.split_bn, a.resplit, settings.labels.mixing,
+                     a.no_aug)
+        if a.aug_splits and settings.ema.bn == "recalibrate":
+            raise UserError("--model-ema-bn recalibrate draws clean training batches; with "
+                            "--aug-splits use average or copy")
         start = settings.loop.start_epoch
         if start is not None and start >= settings.schedule.epochs:
             raise UserError(f"--start-epoch {start} is not before the run's end (--epochs "
