@@ -182,3 +182,11 @@ def test_augmix_jsd_loss_is_three_way_through_train_py(small_data, tmp_path):
     with pytest.raises(UserError, match="--jsd-loss takes class labels"):
         train_settings([str(small_data), *TINY, "--aug-splits", "3", "--jsd-loss", "--mixup",
                         "0.2"])
+
+
+def test_save_images_writes_the_input_at_each_log_interval(small_data, tmp_path):
+    from PIL import Image
+    run_dir, _ = _train(small_data, tmp_path, "--save-images", "--log-interval", "4")
+    names = sorted(p.name for p in run_dir.glob("train-batch-*.jpg"))
+    assert names == ["train-batch-0.jpg", "train-batch-4.jpg", "train-batch-5.jpg"]  # 6 steps
+    assert Image.open(run_dir / names[0]).size == (4 * 32, 32)  # -b 4 at 32 px, one row

@@ -67,6 +67,8 @@ class Training:
         self.folder: RunFolder | None = None
         self.curves = CurveRenderer()
         self.clock = self.loop.clock = RunClock(run.num_epochs, run.data.steps_per_epoch)
+        if s.loop.save_images and run.dist.is_primary:
+            self.loop.save_images = self.save_batch_image
 
     @property
     def primary(self) -> bool:
@@ -279,6 +281,15 @@ class Training:
                                      run.weight_sets, [s.name for s in improved], skipped,
                                      timing=(took, self.clock.remaining(epoch))), flush=True)
         barrier(run.dist)
+
+    def save_batch_image(self, batch: int, images: torch.Tensor) -> None:
+        """--save-images: the step's input as timm writes it, train-batch-<i>.jpg in the run
+        folder (a grid, each image's range stretched to the full scale)."""
+        if self.run_dir is None:
+            return
+        from torchvision.utils import save_image
+        save_image(images.detach().float().cpu(), self.run_dir / f"train-batch-{batch}.jpg",
+                   padding=0, normalize=True)
 
     def checkpoint(self, metric: float | None = None) -> dict | None:
         """The run's checkpoint now, on the primary process (None on the others, which would

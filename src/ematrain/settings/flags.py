@@ -597,6 +597,8 @@ def _recipe_flags(p) -> None:
                         "epoch and index)")
     g.add_argument("--use-multi-epochs-loader", action="store_true", default=False,
                    help="accepted: loader workers persist across epochs here anyway")
+    g.add_argument("--save-images", action="store_true", default=False,
+                   help="write the training input as train-batch-<i>.jpg at each log interval")
     _augmix_flags(g)
 
 

@@ -32,7 +32,6 @@ TIMM_REFUSED: dict[str, tuple[object, str]] = {
     "train_size_schedule": ("constant", _SIZES), "train_size_schedule_spread": (0.65, _SIZES),
     "train_size_random_mix": (0.1, _SIZES), "variable_batch_loss_scale": ("none", _SIZES),
     "naflex_loader": (False, _NAFLEX),
-    "save_images": (False, "writing sample training batches as images is not implemented here"),
     # issue 24 (data) and issue 26 (trackers) own these
     "dataset": ("", _DATASET), "dataset_download": (False, _DATASET),
     "dataset_trust_remote_code": (False, _DATASET), "class_map": ("", _DATASET),

@@ -38,6 +38,7 @@ class LoopSpec:
     no_resume_opt: bool
     start_epoch: int | None = None
     val_interval: int = 1
+    save_images: bool = False
 
     def __post_init__(self):
         at_least(self, 1, "log_interval", "checkpoint_hist", "val_interval")
