@@ -190,3 +190,31 @@ def test_save_images_writes_the_input_at_each_log_interval(small_data, tmp_path)
     names = sorted(p.name for p in run_dir.glob("train-batch-*.jpg"))
     assert names == ["train-batch-0.jpg", "train-batch-4.jpg", "train-batch-5.jpg"]  # 6 steps
     assert Image.open(run_dir / names[0]).size == (4 * 32, 32)  # -b 4 at 32 px, one row
+
+
+def test_variable_size_training_batches_lr_and_loss_scale(small_data, tmp_path):
+    tr = make_training([small_data, *tiny_args(lr=None), "--train-img-sizes", "24", "32",
+                        "--train-batch-sizes", "6", "2", "--variable-batch-loss-scale", "linear",
+                        "--lr-base", "0.1", "--lr-base-size", "4"])
+    data = tr.run.data
+    shapes = []
+    tr.run.module.register_forward_hook(
+        lambda m, i, o: shapes.append(tuple(i[0].shape)) if m.training else None)
+    scaled = []
+    scale = tr.loop.recipe.loss_scale
+    tr.loop.recipe.loss_scale = lambda n: scaled.append((n, scale(n))) or scaled[-1][1]
+    run_epochs(tr, tmp_path)
+    assert set(shapes) <= {(6, 3, 24, 24), (2, 3, 32, 32)} and len(set(shapes)) == 2
+    assert len(shapes) == data.steps_per_epoch == data.batch_sampler.batches
+    average = data.batch_sampler.average_batch_size
+    assert average == pytest.approx(4.0)
+    assert all(f == pytest.approx(n / average) for n, f in scaled)  # linear: batch / average
+    assert tr.run.lr == pytest.approx(0.1 * 4 / 4)  # --lr-base at timm's average batch
+    # Resume part-way: the epoch's batches after the 2nd are the whole epoch's, pixel for pixel.
+    whole = [(x.clone(), y.clone()) for x, y in data.loaders(1, 0, 42)[0]]
+    rest = list(data.loaders(1, 2, 42)[0])
+    assert len(rest) == len(whole) - 2
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(whole[2:], rest))
+    with pytest.raises(UserError, match="--train-batch-sizes gives 1 batch sizes for 2"):
+        train_settings([str(small_data), *TINY, "--train-img-sizes", "24", "32",
+                        "--train-batch-sizes", "4"])

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..data import augmix, loaders
 from ..data.folders import check_same_classes, load_image_folder, resolve_split_dir
-from ..data.samplers import EpochSampler, SeededSamples
+from ..data.samplers import EpochSampler, EpochTagged, SeededSamples
+from ..data.sized_batches import SizedBatches, sized_samples
 from ..data.transforms import (
     Normalize,
     batch_eraser,
@@ -143,6 +144,20 @@ def set_transforms(train: TrainData, aug: AugSpec, seed: int, device: torch.devi
                                           max(aug.aug_splits, 2), device)
     else:
         train.erase = batch_eraser(aug, device)
+
+
+def use_sized_batches(train: TrainData, s: TrainSettings, seed: int) -> None:
+    """--train-img-sizes: timm's scheduled batches over this rank's epoch sampler, each sample
+    (seeded as always) through its batch's size of the training transform."""
+    choices = s.sizes.choices(s.loader.batch_size)
+    transforms = [train_transform(dict(train.data_config, input_size=(3, size, size)), s.aug)
+                  for size in choices.img_sizes]
+    seeded = train.train_set
+    seeded.dataset.transform = None
+    train.train_set = sized_samples(seeded, transforms)
+    train.batch_sampler = SizedBatches(train.sampler, choices, seed, s.schedule.epochs,
+                                       EpochTagged(train.sampler))
+    train.steps_per_epoch = math.ceil(train.batch_sampler.batches / s.optim.grad_accum_steps)
 
 
 def build_mixup(spec: LabelSpec, num_classes: int) -> Mixup | None:
@@ -288,6 +303,11 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     check_first_batch(s, model, train, dist)
     set_transforms(train, s.aug, s.loop.seed, device)
     lr = s.lr(dist.world_size)
+    if s.sizes.enabled:
+        use_sized_batches(train, s, s.loop.seed)
+        # timm's reference batch for the LR: the policy-average batch size.
+        lr = s.optim.lr_for(round(dist.world_size * train.batch_sampler.average_batch_size
+                                  * s.optim.grad_accum_steps))
     optimizer = build_optimizer(s.optim, model, lr)
     scheduler, num_epochs = build_scheduler(s.schedule, optimizer, train.steps_per_epoch,
                                             s.loop.seed, s.loop.eval_metric)

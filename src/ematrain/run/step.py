@@ -35,12 +35,18 @@ class Recipe:
     objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # --synchronize-step: wait for the device after each optimizer step.
     synchronize: Callable[[], None] | None = None
+    # --variable-batch-loss-scale: the factor of a batch's loss, given its size.
+    loss_scale: Callable[[int], float] | None = None
 
     def loss(self, model: nn.Module, images: torch.Tensor, targets) -> torch.Tensor:
         if self.objective is not None:
-            return self.objective(images, targets).float()
-        # The loss of a 16-bit model's output is computed in float32, as autocast does.
-        return self.loss_fn(model(images).float(), targets)
+            loss = self.objective(images, targets).float()
+        else:
+            # The loss of a 16-bit model's output is computed in float32, as autocast does.
+            loss = self.loss_fn(model(images).float(), targets)
+        if self.loss_scale is not None:
+            loss = loss * self.loss_scale(images.size(0))
+        return loss
 
 
 def _no_sync(model: nn.Module, update: bool):

@@ -31,6 +31,7 @@ from ..util.logs import log
 from ..util.runtime import step_synchronizer
 from ..util.seeding import seed_everything
 from ..util.signals import StopRequest
+from ..data.sized_batches import loss_scale
 from .curves import CurveRenderer
 from .evaluation import validate
 from .folder import RunFolder, open_run_folder, write_args
@@ -55,7 +56,8 @@ class Training:
         s = run.settings
         recipe = Recipe(run.loss_fn, run.precision.autocast, run.scaler, s.optim.clip_grad,
                         s.optim.clip_mode, objective=run.distill,
-                        synchronize=step_synchronizer(run.device, s.dist.synchronize_step))
+                        synchronize=step_synchronizer(run.device, s.dist.synchronize_step),
+                        loss_scale=batch_loss_scale(run))
         batches = Batches(run.device, run.precision.model_dtype, run.precision.channels_last,
                           run.mixup_fn, run.data.normalize, run.data.erase)
         config = LoopConfig(s.optim.grad_accum_steps, s.loop.log_interval, s.loop.skip_nonfinite,
@@ -321,6 +323,16 @@ class Training:
             print(f"{self.prog}: {what}; saved {last}. Resume with: "
                   f"{resume_launcher(self.run, self.prog)} --resume {shlex.quote(str(last))}",
                   file=sys.stderr, flush=True)
+
+
+def batch_loss_scale(run: Run):
+    """--variable-batch-loss-scale sqrt|linear: each batch's loss times (its size / timm's
+    policy-average batch), to the power 1/2 or 1; None when off."""
+    mode, sampler = run.settings.sizes.variable_batch_loss_scale, run.data.batch_sampler
+    if sampler is None or mode == "none":
+        return None
+    reference = sampler.average_batch_size
+    return lambda size: loss_scale(size, reference, mode)
 
 
 def start_at_epoch(run: Run, epoch: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..data.sized_batches import SizeChoices
 from ..util.errors import UserError
 from ..util.logs import plural
 from .checks import at_least, flag_of, within
@@ -176,6 +177,50 @@ class AugSpec:
             raise UserError(f"--ratio takes MIN MAX with {1 / MAX_RATIO:g} <= MIN <= MAX <= "
                             f"{MAX_RATIO:g} (crop aspect ratios, width / height), got {low:g} "
                             f"{high:g}")
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    """Variable-size training (timm's --train-img-sizes family): each batch one of several
+    (image size, batch size) choices, drawn by timm's ScheduledBatchSampler."""
+    train_img_sizes: list | None = None
+    train_batch_sizes: list | None = None
+    train_size_probs: list | None = None
+    train_size_schedule: str = "constant"
+    train_size_schedule_spread: float = 0.65
+    train_size_random_mix: float = 0.1
+    train_batches_per_epoch: int | None = None
+    variable_batch_loss_scale: str = "none"
+
+    def __post_init__(self):
+        if not self.train_img_sizes:
+            for dest in ("train_batch_sizes", "train_size_probs", "train_batches_per_epoch"):
+                if getattr(self, dest) is not None:
+                    raise UserError(f"{flag_of(self, dest)} shapes variable-size training: "
+                                    f"give --train-img-sizes")
+            return
+        for size in self.train_img_sizes:
+            if not 1 <= size <= MAX_IMAGE_SIZE:
+                raise UserError(f"--train-img-sizes must be between 1 and {MAX_IMAGE_SIZE} "
+                                f"pixels, got {size}")
+        self.choices(1)  # the choices' own checks
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.train_img_sizes)
+
+    def average_batch(self, batch_size: int) -> float:
+        """timm's policy-average batch size (the choices' batches weighted by their probs)."""
+        choices = self.choices(batch_size)
+        weights = choices.probs or (1.0,) * len(choices.batch_sizes)
+        return sum(w * b for w, b in zip(weights, choices.batch_sizes)) / sum(weights)
+
+    def choices(self, batch_size: int):
+        return SizeChoices.of(self.train_img_sizes, self.train_batch_sizes, batch_size,
+                              probs=self.train_size_probs, schedule=self.train_size_schedule,
+                              spread=self.train_size_schedule_spread,
+                              random_mix=self.train_size_random_mix,
+                              num_batches=self.train_batches_per_epoch)
 
 
 @dataclass(frozen=True)

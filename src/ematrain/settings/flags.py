@@ -154,6 +154,7 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     _ema_flags(p)
     _misc_flags(p)
     _recipe_flags(p)
+    _size_flags(p)
     _distill_flags(p)
     return p
 
@@ -612,6 +613,30 @@ def _augmix_flags(g) -> None:
                    help="random erasing leaves the clean split alone")
     g.add_argument("--split-bn", action="store_true", default=False,
                    help="BatchNorm statistics per augmentation split")
+
+
+def _size_flags(p) -> None:
+    """train.py's variable-size training (timm's ScheduledBatchSampler)."""
+    g = p.add_argument_group("Variable-size training parameters")
+    g.add_argument("--train-img-sizes", type=int, nargs="+", default=None, metavar="N",
+                   help="image sizes to train at, one chosen per batch")
+    g.add_argument("--train-batch-sizes", type=int, nargs="+", default=None, metavar="N",
+                   help="the batch size of each --train-img-sizes entry (default: -b for all)")
+    g.add_argument("--train-size-probs", type=finite_float, nargs="+", default=None,
+                   metavar="P", help="weights of the sizes (default: equal)")
+    g.add_argument("--train-size-schedule", type=str, default="constant",
+                   choices=["constant", "progressive"],
+                   help="constant mix, or from the first size to the last over the run")
+    g.add_argument("--train-size-schedule-spread", type=finite_float, default=0.65,
+                   help="progressive schedule: how wide each epoch's mix is")
+    g.add_argument("--train-size-random-mix", type=finite_float, default=0.1,
+                   help="progressive schedule: share of uniformly drawn sizes")
+    g.add_argument("--train-batches-per-epoch", "--train-steps-per-epoch", type=int,
+                   default=None, metavar="N",
+                   help="fixed batches per epoch (default: the epoch's images)")
+    g.add_argument("--variable-batch-loss-scale", type=str, default="none",
+                   choices=["none", "sqrt", "linear"],
+                   help="scale each batch's loss by its size over the average batch")
 
 
 def _distill_flags(p) -> None:

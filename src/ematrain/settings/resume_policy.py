@@ -94,6 +94,10 @@ RESUME_POLICY: tuple[Rule, ...] = (
     Rule("aug_splits", REFUSE, "the BatchNorm statistics and the batches are of that many "
          "augmentation splits"),
     Rule("split_bn", REFUSE, "the weights hold (or lack) per-split BatchNorm layers"),
+    *(Rule(key, MID_EPOCH, "they make the epoch's batches: the position within it is counted "
+           "in them") for key in ("train_img_sizes", "train_batch_sizes", "train_size_probs",
+                                  "train_size_schedule", "train_size_schedule_spread",
+                                  "train_size_random_mix", "train_batches_per_epoch")),
 )
 # Every other setting (epochs, the LR and its schedule, the EMA interval and warmup, the
 # augmentation, ...) applies from the resumed step on.
@@ -108,7 +112,10 @@ SCHEDULE_SETTINGS = {"sched", "epochs", "warmup_epochs", "warmup_lr", "min_lr", 
                      "lr_cycle_decay", "lr_cycle_limit", "lr_k_decay", "sched_on_updates", "lr",
                      "lr_base", "lr_base_size", "lr_base_scale", "eval_metric",
                      # The global batch sets the LR (--lr-base) and the updates per epoch.
-                     "batch_size", "grad_accum_steps", "world_size"}
+                     "batch_size", "grad_accum_steps", "world_size",
+                     # Variable-size training sets the batches per epoch and the LR's batch.
+                     "train_img_sizes", "train_batch_sizes", "train_size_probs",
+                     "train_size_schedule", "train_batches_per_epoch"}
 
 
 def policy_markdown() -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from ..util.errors import UserError
 
 _TORCHSCRIPT = "TorchScript is deprecated in torch 2: use --torchcompile"
-_SIZES = "variable-size training (timm's ScheduledBatchSampler) is not wired into ematrain's loop"
 _NAFLEX = "NaFlex loading is not wired into ematrain's loop or validate.py"
 _DATASET = "ematrain reads ImageFolder trees only; timm's dataset readers are issue 24's"
 _WANDB = "experiment trackers are issue 26's"
@@ -27,10 +26,6 @@ TIMM_REFUSED: dict[str, tuple[object, str]] = {
                                 "does not depend on"),
     "tta": (0, "timm's train.py averages groups of outputs that its loader no longer makes"),
     "amp_impl": ("native", "timm 1.0 removed apex AMP; --amp is torch's native AMP"),
-    **dict.fromkeys(["train_img_sizes", "train_batch_sizes", "train_size_probs",
-                     "train_batches_per_epoch"], (None, _SIZES)),
-    "train_size_schedule": ("constant", _SIZES), "train_size_schedule_spread": (0.65, _SIZES),
-    "train_size_random_mix": (0.1, _SIZES), "variable_batch_loss_scale": ("none", _SIZES),
     "naflex_loader": (False, _NAFLEX),
     # issue 24 (data) and issue 26 (trackers) own these
     "dataset": ("", _DATASET), "dataset_download": (False, _DATASET),
@@ -41,7 +36,7 @@ TIMM_REFUSED: dict[str, tuple[object, str]] = {
     "epoch_repeats": (0.0, _DATASET), "log_wandb": (False, _WANDB),
 }
 # Command-line spellings that are not the dest's (timm's second name of a setting).
-_SPELLINGS = {"train_steps_per_epoch": "train_batches_per_epoch"}
+_SPELLINGS: dict[str, str] = {}
 TIMM_SETTINGS_NOT_SUPPORTED = {key: off for key, (off, _why) in TIMM_REFUSED.items()}
 # Settings that only act when another one is on: whatever their value, they are idle while
 # their gate is off. Matched by prefix, so timm's variants of these families (NaFlex, wandb)

@@ -12,7 +12,7 @@ from ..util.errors import UserError
 from ..data.augmix import check_splits
 from ..util.runtime import import_device_modules
 from .checks import at_least, from_args
-from .data_specs import AugSpec, DataSpec, ImageSpec, LabelSpec, LoaderSpec
+from .data_specs import AugSpec, DataSpec, ImageSpec, LabelSpec, LoaderSpec, SizeSpec
 from .ema_specs import EmaSpec, PosthocSpec
 from .flags import train_parser
 from .layers import Layer, parse_command
@@ -91,13 +91,14 @@ class TrainSettings:
     loop: LoopSpec
     dist: DistSpec
     distill: DistillSpec = DistillSpec()
+    sizes: SizeSpec = SizeSpec()
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "TrainSettings":
         specs = {"data": DataSpec, "loader": LoaderSpec, "image": ImageSpec, "model": ModelSpec,
                  "aug": AugSpec, "labels": LabelSpec, "optim": OptimSpec, "schedule": ScheduleSpec,
                  "precision": PrecisionSpec, "loop": LoopSpec, "dist": DistSpec,
-                 "distill": DistillSpec}
+                 "distill": DistillSpec, "sizes": SizeSpec}
         built = {name: from_args(spec, ns) for name, spec in specs.items()}
         settings = cls(args=ns, ema=EmaSpec.from_args(ns), posthoc=PosthocSpec.from_args(ns),
                        **built)
@@ -108,22 +109,43 @@ class TrainSettings:
         a = settings.aug
         check_splits(a.aug_splits, a.jsd_loss, a.split_bn, a.resplit, settings.labels.mixing,
                      a.no_aug)
-        if a.aug_splits and settings.ema.bn == "recalibrate":
-            raise UserError("--model-ema-bn recalibrate draws clean training batches; with "
-                            "--aug-splits use average or copy")
+        _check_sizes(settings)
+        if (a.aug_splits or settings.sizes.enabled) and settings.ema.bn == "recalibrate":
+            raise UserError("--model-ema-bn recalibrate draws training batches of one kind; "
+                            "with --aug-splits or --train-img-sizes use average or copy")
         start = settings.loop.start_epoch
         if start is not None and start >= settings.schedule.epochs:
             raise UserError(f"--start-epoch {start} is not before the run's end (--epochs "
                             f"{settings.schedule.epochs})")
         return settings
 
+    @property
+    def batch_size(self) -> float:
+        """Images per batch: -b, or with --train-img-sizes timm's policy-average batch."""
+        if self.sizes.enabled:
+            return self.sizes.average_batch(self.loader.batch_size)
+        return self.loader.batch_size
+
     def global_batch(self, world_size: int = 1) -> int:
         """Images per optimizer step: processes x batch size x accumulation."""
-        return world_size * self.loader.batch_size * self.optim.grad_accum_steps
+        return round(world_size * self.batch_size * self.optim.grad_accum_steps)
 
     def lr(self, world_size: int = 1) -> float:
         """The global learning rate (--lr, or --lr-base scaled by the global batch)."""
         return self.optim.lr_for(self.global_batch(world_size))
+
+
+def _check_sizes(s: "TrainSettings") -> None:
+    """Variable-size training's combinations that cannot work (timm asserts the first)."""
+    if not s.sizes.enabled:
+        return
+    if s.aug.aug_splits:
+        raise UserError("--train-img-sizes and --aug-splits: timm's variable-size batches take "
+                        "one view per image; give one of them")
+    batches = s.sizes.choices(s.loader.batch_size).batch_sizes
+    if s.labels.mixing and any(b % 2 for b in batches):
+        raise UserError(f"mixup/cutmix need even batches, got --train-batch-sizes "
+                        f"{' '.join(map(str, batches))}")
 
 
 def _output_outside_splits(output: str, spec: DataSpec) -> None:
