@@ -3,10 +3,9 @@
 `last.pth.tar` every epoch; for each weight set with a best file, that file at its best epoch;
 `checkpoint-<epoch>.pth.tar` for the `history` best epochs of the primary weight set (timm's
 `model_best.pth.tar` set: the first EMA with an EMA on, see `weight_sets`); `recovery.pth.tar`
-in the middle of an epoch. The best and history files are hard links of the `last.pth.tar` they
-were (one physical file per epoch, as timm does), made under a temporary name and renamed into
-place. The records of which epoch was best are the keeper's state and travel in every
-checkpoint, so the files can always be checked against them (`repair`).
+in the middle of an epoch. The records of which epoch was best are the keeper's state and travel
+in every checkpoint, so the files (`checkpoint_files`) can always be checked against them
+(`repair`).
 
 Writing happens off the training path (`Writer`): the checkpoint is copied to host memory, then
 written, fsynced, renamed and linked by a thread of its own while training goes on.
@@ -14,30 +13,20 @@ written, fsynced, renamed and linked by a thread of its own while training goes 
 from __future__ import annotations
 
 import concurrent.futures
-import errno
-import os
-import uuid
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..checkpoint.files import write_file
 from ..checkpoint.schema import peek
-from ..util.atomic import WriteFailed, atomic_copy, fsync_dir, writing
+from ..util.atomic import WriteFailed
 from ..util.errors import RunFailure
 from ..util.logs import log
+from .checkpoint_files import (LAST, RECOVERY, CheckpointFiles, agree_with_records, describe,
+                               history_name, position)
 from .weight_sets import WeightSet, primary_set
 
-LAST = "last.pth.tar"
-RECOVERY = "recovery.pth.tar"
-# What a file system says when it cannot hard-link: then the files are copies.
-_NO_LINKS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP,
-             errno.ENOSYS, errno.EACCES}
-
-
-def history_name(epoch: int) -> str:
-    return f"checkpoint-{epoch}.pth.tar"
+__all__ = ["LAST", "RECOVERY", "CheckpointKeeper", "Writer", "history_name", "host_copy"]
 
 
 def host_copy(obj):
@@ -86,7 +75,7 @@ class Writer:
 
 
 class CheckpointKeeper:
-    """Best epochs per weight set, the history, and the files that keep them.
+    """Best epochs per weight set, the history, and when their files are written.
 
     Args:
         sets: the run's weight sets (the raw weights first, one of them the primary set).
@@ -103,13 +92,20 @@ class CheckpointKeeper:
         self.lower_is_better = metric == "loss"
         self.history_size = history_size
         self.primary = primary
-        self.run_dir: Path | None = None
+        self.files = CheckpointFiles(tuple(s.best_file for s in sets if s.best_file))
         self.best: dict[str, dict] = {}
         self.history: list[list] = []  # [metric, epoch] pairs, best first
         self.writer = Writer(background)
-        self._links = True
         self._check_next_save = False
         self._newest: str | None = None  # the newest complete checkpoint, described
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.files.dir
+
+    @run_dir.setter
+    def run_dir(self, folder: Path) -> None:
+        self.files.dir = folder
 
     # ----------------------------------------------------------------------------- records
     def _improves(self, name: str, value: float) -> bool:
@@ -143,9 +139,17 @@ class CheckpointKeeper:
                      for k, v in state["best"].items()}
         self.history = [[float(m), int(e)] for m, e in state["history"]]
 
+    def wanted(self, records: dict) -> dict[str, int]:
+        """The epoch each best and history file must hold by `records` (a keeper state)."""
+        best = records.get("best") or {}
+        wanted = {s.best_file: best[s.name]["epoch"] for s in self.sets
+                  if s.best_file and best.get(s.name, {}).get("epoch") is not None}
+        wanted.update({history_name(int(e)): int(e) for _, e in records.get("history", [])})
+        return wanted
+
     # ----------------------------------------------------------------------------- saving
     def path(self, name: str) -> Path:
-        return self.run_dir / name
+        return self.files.path(name)
 
     def save_epoch(self, epoch: int, ckpt: dict, improved: list[WeightSet],
                    then: Callable[[], None] | None = None) -> None:
@@ -161,8 +165,8 @@ class CheckpointKeeper:
         def job():
             last = self._write(LAST, snapshot)
             for name in names:
-                self._place(last, name)
-            self._prune_history()
+                self._guarded(self.files.place, last, name)
+            self.files.prune_history({history_name(e) for _, e in self.history})
             if self._check_next_save:
                 self._check_next_save = False
                 self._say_fixed(self._agree_with(snapshot))
@@ -196,14 +200,17 @@ class CheckpointKeeper:
         self.writer.wait()
 
     def _write(self, name: str, ckpt: dict) -> Path:
-        path = self.path(name)
-        try:
-            write_file(path, ckpt)
-        except WriteFailed as exc:
-            raise RunFailure(f"{exc}; {self._kept()}") from None
+        path = self._guarded(self.files.write, name, ckpt)
         if name in (LAST, RECOVERY):
-            self._newest = _describe(path, ckpt.get("counters"))
+            self._newest = describe(path, ckpt.get("counters"))
         return path
+
+    def _guarded(self, operation, *args):
+        """`operation(*args)`, a failed write one line that says what is still on disk."""
+        try:
+            return operation(*args)
+        except WriteFailed as exc:
+            raise RunFailure(f"{exc}; {self.files.kept()}") from None
 
     def on_disk_now(self) -> str:
         """What quitting at once leaves, for the message of a second Ctrl-C (any thread)."""
@@ -212,41 +219,9 @@ class CheckpointKeeper:
                 else "no checkpoint of this run is complete yet")
         return text + ("; the write in progress is abandoned" if self.writer.busy() else "")
 
-    def _kept(self) -> str:
-        """What a failed write leaves on disk: every earlier file is whole (written atomically),
-        but there may be no checkpoint yet."""
-        found = [p for p in (self.path(LAST), self.path(RECOVERY)) if p.is_file()]
-        if not found:
-            return "no checkpoint of this run was saved before it"
-        newest = max(found, key=lambda p: p.stat().st_mtime_ns)
-        return f"the previous checkpoint is intact ({newest})"
-
-    def _place(self, source: Path, name: str) -> None:
-        """`name` as a hard link of `source`, renamed into place (a copy where links fail)."""
-        target = self.path(name)
-        if self._links:
-            tmp = self.path(f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-            with writing(tmp):
-                try:
-                    os.link(source, tmp)
-                    os.replace(tmp, target)
-                    fsync_dir(self.run_dir)
-                    return
-                except OSError as exc:
-                    tmp.unlink(missing_ok=True)
-                    if exc.errno not in _NO_LINKS:
-                        raise WriteFailed(f"cannot write {target}: {exc.strerror}") from None
-            self._links = False
-            log.info(f"{self.run_dir}: the file system refuses hard links; the best and history "
-                     f"files are copies")
-        atomic_copy(source, target)
-
-    def _prune_history(self, keep: set[str] | None = None) -> None:
-        """Remove the history files that the records (by default this keeper's) do not name."""
-        keep = {history_name(e) for _, e in self.history} if keep is None else keep
-        for path in self.run_dir.glob("checkpoint-*.pth.tar"):
-            if path.name not in keep:
-                path.unlink(missing_ok=True)
+    def on_disk(self) -> dict[str, dict]:
+        """The run's checkpoint files (last, recovery, history, best), peeked, by name."""
+        return self.files.on_disk()
 
     # ----------------------------------------------------------------------------- repair
     def repair(self) -> list[str]:
@@ -268,85 +243,20 @@ class CheckpointKeeper:
         if last is None or not isinstance(last.get("keeper"), dict):
             return []
         fixed = self._agree_with(last)
-        self._newest = _describe(self.path(LAST), last.get("counters"))
+        self._newest = describe(self.path(LAST), last.get("counters"))
         recovery = peek(self.path(RECOVERY)) if self.path(RECOVERY).is_file() else None
-        if recovery is not None and _position(recovery) <= _position(last):
+        if recovery is not None and position(recovery) <= position(last):
             self.path(RECOVERY).unlink()
             fixed.append(f"{RECOVERY} removed (older than {LAST})")
         elif recovery is not None:
-            self._newest = _describe(self.path(RECOVERY), recovery.get("counters"))
+            self._newest = describe(self.path(RECOVERY), recovery.get("counters"))
         self._say_fixed(fixed)
         return fixed
+
+    def _agree_with(self, last: dict) -> list[str]:
+        return self._guarded(agree_with_records, self.files, self.wanted(last["keeper"]), last)
 
     def _say_fixed(self, fixed: list[str]) -> None:
         if fixed:
             log.info(f"repaired to agree with the records in {self.path(LAST)}: "
                      f"{', '.join(fixed)}")
-
-    def _agree_with(self, last: dict) -> list[str]:
-        """Put every best and history file that `last`'s records name at its epoch; returns
-        what was put right. An epoch's checkpoint is told from the same epoch of another run
-        (a resume from an older checkpoint) by its summary row."""
-        records = last["keeper"]
-        rows = _rows(last)
-        wanted = {s.best_file: records["best"][s.name]["epoch"] for s in self.sets
-                  if s.best_file and (records.get("best") or {}).get(s.name, {}).get("epoch")
-                  is not None}
-        wanted.update({history_name(int(e)): int(e) for _, e in records.get("history", [])})
-        seen: dict[Path, dict | None] = {}
-
-        def holds(path: Path, epoch: int) -> bool:
-            if path not in seen:
-                seen[path] = peek(path) if path.is_file() else None
-            found = seen[path]
-            if found is None or found["epoch"] != epoch or _position(found)[1]:
-                return False
-            mine, theirs = _rows(found).get(epoch), rows.get(epoch)
-            return mine is None or theirs is None or mine == theirs
-
-        fixed = []
-        for name, epoch in wanted.items():
-            if holds(self.path(name), epoch):
-                continue
-            source = next((p for p in self._checkpoint_files() if holds(p, epoch)), None)
-            if source is None:
-                log.warning(f"warning: {self.path(name)} should hold epoch {epoch}, and no file "
-                            f"of the run holds that epoch's checkpoint; it is left as it is")
-                continue
-            self._place(source, name)
-            seen.pop(self.path(name), None)
-            fixed.append(f"{name} (epoch {epoch}, from {source.name})")
-        self._prune_history({n for n in wanted if n.startswith("checkpoint-")})
-        return fixed
-
-    def on_disk(self) -> dict[str, dict]:
-        """The run's checkpoint files (last, recovery, history, best), peeked, by name."""
-        files = self._checkpoint_files() + [self.path(RECOVERY)]
-        peeked = {p.name: peek(p) for p in files if p.is_file()}
-        return {name: p for name, p in peeked.items() if p is not None}
-
-    def _checkpoint_files(self) -> list[Path]:
-        """The run's epoch checkpoints: last, the history, the best files."""
-        names = [LAST] + sorted(p.name for p in self.run_dir.glob("checkpoint-*.pth.tar"))
-        names += [s.best_file for s in self.sets if s.best_file]
-        return [self.path(n) for n in names if self.path(n).is_file()]
-
-
-def _describe(path: Path, counters: dict | None) -> str:
-    """A checkpoint as the quit message names it: where, and which position it holds."""
-    c = counters or {}
-    if c.get("epoch_step"):
-        return f"{path} (epoch {c.get('epoch')}, step {c['epoch_step']})"
-    return f"{path} (end of epoch {int(c.get('epoch', 0)) - 1})"
-
-
-def _rows(peeked: dict) -> dict[int, dict]:
-    """A checkpoint's summary rows by epoch."""
-    summary = peeked.get("summary") or {}
-    rows = summary.get("rows", []) if isinstance(summary, dict) else []
-    return {int(r["epoch"]): r for r in rows if isinstance(r, dict) and "epoch" in r}
-
-
-def _position(peeked: dict) -> tuple[int, int]:
-    counters = peeked.get("counters") or {}
-    return int(counters.get("epoch", 0)), int(counters.get("epoch_step", 0))
