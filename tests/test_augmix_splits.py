@@ -13,8 +13,14 @@ from timm.data import create_transform
 from torchvision import transforms as T
 
 from ematrain import data
-from ematrain.data.augmix import (check_splits, collate_splits, jsd_loss, split_batchnorm,
-                             split_eraser, split_samples)
+from ematrain.data.augmix import (
+    check_splits,
+    collate_splits,
+    jsd_loss,
+    split_batchnorm,
+    split_eraser,
+    split_samples,
+)
 from ematrain.util.errors import UserError
 
 SEED, SPLITS, B = 3, 3, 4

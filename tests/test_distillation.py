@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ematrain.run.distill import Distillation, build_teacher, freeze
 from ematrain.ema import ModelEma
+from ematrain.run.distill import Distillation, build_teacher, freeze
 from ematrain.util.errors import UserError
 
 SIZE = 32

@@ -12,7 +12,14 @@ import time
 import pytest
 import timm
 import torch
-from conftest import REPO_ROOT, make_imagefolder, make_training, run_cli, run_epochs, tiny_args
+from conftest import (
+    REPO_ROOT,
+    make_imagefolder,
+    make_training,
+    run_cli,
+    run_epochs,
+    tiny_args,
+)
 
 from ematrain.settings.train_specs import resolve_train, train_settings
 from ematrain.util.errors import UserError

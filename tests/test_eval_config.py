@@ -7,8 +7,8 @@ import pytest
 import timm
 import torch
 
-from ematrain.util.errors import UserError
 from ematrain.run.eval_config import eval_data_config, with_test_time_pool
+from ematrain.util.errors import UserError
 
 NONE = dict(img_size=None, input_size=None, crop_pct=None, crop_mode=None, mean=None, std=None,
             interpolation="")

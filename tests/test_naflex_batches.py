@@ -9,9 +9,15 @@ import torch
 from conftest import make_imagefolder
 
 from ematrain import data
+from ematrain.data.naflex import (
+    PatchNormalize,
+    batch_images,
+    eval_collate,
+    eval_transform,
+    model_patch_size,
+    train_batches,
+)
 from ematrain.util.errors import UserError
-from ematrain.data.naflex import (PatchNormalize, batch_images, eval_collate, eval_transform,
-                             model_patch_size, train_batches)
 
 SEED, PATCH, SEQ_LENS, BATCH = 5, (8, 8), (4, 9, 16), 4
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -12,8 +12,12 @@ import torch
 from timm.layers import is_fast_norm
 
 from ematrain.util.errors import UserError
-from ematrain.util.runtime import (check_compile_mode, fast_norm, import_device_modules,
-                              step_synchronizer)
+from ematrain.util.runtime import (
+    check_compile_mode,
+    fast_norm,
+    import_device_modules,
+    step_synchronizer,
+)
 
 
 def _fast_layers(model) -> int:

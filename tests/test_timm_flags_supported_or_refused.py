@@ -18,8 +18,8 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
-from ematrain.util.errors import UserError
 from ematrain.settings.flags import train_parser, validate_parser
+from ematrain.util.errors import UserError
 
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 LISTING = yaml.safe_load((FIXTURES / "timm_flags.yaml").read_text())

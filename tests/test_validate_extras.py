@@ -10,9 +10,14 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, precision_score, recall_score
 
+from ematrain.run.eval_extras import (
+    ClassMetrics,
+    RealLabels,
+    ValidLabels,
+    read_valid_labels,
+    with_retry,
+)
 from ematrain.util.errors import UserError
-from ematrain.run.eval_extras import (ClassMetrics, RealLabels, ValidLabels, read_valid_labels,
-                                  with_retry)
 
 
 def test_valid_labels_select_the_listed_classes_in_order(tmp_path):

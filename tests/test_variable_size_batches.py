@@ -9,8 +9,13 @@ from conftest import make_imagefolder
 from timm.data import create_transform
 
 from ematrain import data
+from ematrain.data.sized_batches import (
+    SizeChoices,
+    SizedBatches,
+    loss_scale,
+    sized_samples,
+)
 from ematrain.util.errors import UserError
-from ematrain.data.sized_batches import SizeChoices, SizedBatches, loss_scale, sized_samples
 
 SEED = 7
 

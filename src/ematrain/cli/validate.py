@@ -14,6 +14,15 @@ from ..checkpoint.files import load_file, write_file
 from ..checkpoint.weights import Weights, select_weights
 from ..posthoc import series as snapshot_series
 from ..posthoc import snapshots, sweep
+from ..run.eval_config import with_test_time_pool
+from ..run.eval_extras import (
+    ClassMetrics,
+    EvalExtras,
+    RealLabels,
+    ValidLabels,
+    read_valid_labels,
+    with_retry,
+)
 from ..run.evaluation import (
     WeightBank,
     build_model,
@@ -27,21 +36,12 @@ from ..run.evaluation import (
 )
 from ..run.start_weights import read
 from ..settings.validate_specs import ValidateSettings, validate_settings
-from ..run.eval_config import with_test_time_pool
-from ..run.eval_extras import (
-    ClassMetrics,
-    EvalExtras,
-    RealLabels,
-    ValidLabels,
-    read_valid_labels,
-    with_retry,
-)
 from ..util import distributed
-from ..util.modules import unwrap_model
-from ..util.seeding import seed_everything
 from ..util.atomic import atomic_write_text
 from ..util.invocation import command_name
 from ..util.logs import log
+from ..util.modules import unwrap_model
+from ..util.seeding import seed_everything
 from .entry import exit_process, run_main
 
 
@@ -103,7 +103,7 @@ def _evaluate(s: ValidateSettings, info, device) -> int:
     data_config = resolve_data_config(s.image, ckpt, model, s.precision.channels_last, s.test)
     classes = int(getattr(unwrap_model(model), "num_classes", len(dataset.classes)))
     model, data_config = test_time_model(s, model, data_config)
-    reduce = lambda t: distributed.all_reduce_sum(t, info)  # noqa: E731
+    reduce = lambda t: distributed.all_reduce_sum(t, info)
 
     def evaluate(batch_size: int | None) -> dict:
         loader, normalize = split_loader(s, info, dataset, ckpt, data_config, device, batch_size)

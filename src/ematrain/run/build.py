@@ -40,8 +40,8 @@ from ..util.errors import UserError
 from ..util.logs import log, quiet
 from ..util.runtime import fast_norm
 from ..util.seeding import seed_everything
-from .keeper import CheckpointKeeper
 from .distill import Distillation, build_teacher
+from .keeper import CheckpointKeeper
 from .model import create_model, init_head, probe_input, set_batchnorm
 from .optimizer import build_optimizer, build_scheduler
 from .parts import Run, TrainData

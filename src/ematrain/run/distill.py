@@ -27,7 +27,11 @@ from typing import Callable
 import timm
 import torch
 from timm.models import get_pretrained_cfg
-from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
+from timm.task import (
+    FeatureDistillationTask,
+    LogitDistillationTask,
+    TokenDistillationTask,
+)
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 

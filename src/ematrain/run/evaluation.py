@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ..checkpoint.schema import args_dict
 from ..checkpoint.weights import Weights, load_weights_into
+from ..data.augmix import split_batchnorm
 from ..data.folders import load_image_folder, resolve_split_dir
 from ..data.loaders import batches, make_loader
 from ..data.samplers import EpochSampler
@@ -27,10 +28,9 @@ from ..settings.validate_specs import TestTimeSpec, ValidateSettings
 from ..util.errors import UserError
 from ..util.logs import log, show_bars
 from ..util.modules import unwrap_model
-from ..data.augmix import split_batchnorm
 from ..util.runtime import fast_norm
 from .eval_config import eval_data_config
-from .eval_extras import read_valid_labels
+from .eval_extras import EvalExtras, read_valid_labels
 from .model import architecture_kwargs, create_model, probe_input, set_batchnorm
 
 
@@ -40,7 +40,7 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
              epoch: int | None = None, amp_dtype: torch.dtype | None = None,
              channels_last: bool = False, reduce=lambda t: t, show: bool = True,
              normalize: Callable | None = None, emas: Sequence[ModelEma] = (),
-             extras: "EvalExtras | None" = None) -> list[dict]:
+             extras: EvalExtras | None = None) -> list[dict]:
     """Evaluate the raw weights and every EMA shadow (of `ema`, or of each of `emas`, which
     live in one place) in one pass over `loader`.
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.schema import is_ours, save
+from ..data.sized_batches import loss_scale
 from ..settings.resume_policy import ResumeSource
 from ..util.clock import RunClock, duration
 from ..util.distributed import (
@@ -31,7 +32,6 @@ from ..util.logs import log
 from ..util.runtime import step_synchronizer
 from ..util.seeding import seed_everything
 from ..util.signals import StopRequest
-from ..data.sized_batches import loss_scale
 from .curves import CurveRenderer
 from .evaluation import validate
 from .folder import RunFolder, open_run_folder, write_args
@@ -70,7 +70,8 @@ class Training:
         self.curves = CurveRenderer()
         self.clock = self.loop.clock = RunClock(run.num_epochs, run.data.steps_per_epoch)
         if s.loop.save_images and run.dist.is_primary:
-            self.loop.save_images = self.save_batch_image
+            self.loop.save_images = lambda batch, images: save_batch_image(self.run_dir, batch,
+                                                                           images)
 
     @property
     def primary(self) -> bool:
@@ -218,45 +219,26 @@ class Training:
                     if halt:
                         raise Interrupted
 
-    def validates(self, epoch: int) -> bool:
-        """--val-interval K: timm validates after every K-th epoch and after the last."""
-        interval = self.run.settings.loop.val_interval
-        return (epoch + 1) % interval == 0 or epoch + 1 == self.run.num_epochs
-
-    def end_of_epoch(self, epoch: int) -> tuple[float, float]:
-        """What every epoch's end does before validation: BatchNorm statistics agreed, the last
-        update's snapshot, the shadows' policy. The epoch's LR and training loss."""
-        run = self.run
-        lr, train_loss = current_lr(run.optimizer), run.counters.train_loss
-        sync_replicas(run)
-        run.take_snapshot()  # the epoch's last update (the loop yields only the others)
-        run.shadow_policy.apply(run.emas.regular, run.model, epoch,
-                                lambda images: calibration_input(run, images))
-        return lr, train_loss
-
     def skip_validation(self, epoch: int) -> None:
         """An epoch --val-interval does not validate: as timm, the scheduler steps without a
         metric and summary.csv gets no row; last.pth.tar is still written (resume stays exact)."""
         run = self.run
-        lr, train_loss = self.end_of_epoch(epoch)
+        lr, train_loss = end_of_epoch(run, epoch)
         if run.scheduler is not None:
             run.scheduler.step(epoch + 1, None)
         run.counters.finish_epoch()
         ckpt = self.checkpoint()
         if self.primary:
             run.keeper.save_epoch(epoch, ckpt, [], then=self.settle_series())
-            took = self.clock.end_epoch()
-            print(f"epoch {epoch} ({epoch + 1}/{run.num_epochs}) {duration(took)}: lr {lr:.3g} "
-                  f"train_loss {train_loss:.4f}; not validated (--val-interval "
-                  f"{run.settings.loop.val_interval})", flush=True)
+            print(skipped_line(run, epoch, lr, train_loss, self.clock.end_epoch()), flush=True)
         barrier(run.dist)
 
     def finish_epoch(self, epoch: int, val_loader) -> None:
         """Validate every weight set, record the epoch, save, report."""
-        if not self.validates(epoch):
+        if not validates(self.run, epoch):
             return self.skip_validation(epoch)
         run, metric = self.run, self.run.settings.loop.eval_metric
-        lr, train_loss = self.end_of_epoch(epoch)
+        lr, train_loss = end_of_epoch(run, epoch)
         scores = validate(run.model, val_loader, run.device, emas=list(run.emas), epoch=epoch,
                           amp_dtype=run.precision.autocast,
                           channels_last=run.precision.channels_last,
@@ -283,15 +265,6 @@ class Training:
                                      run.weight_sets, [s.name for s in improved], skipped,
                                      timing=(took, self.clock.remaining(epoch))), flush=True)
         barrier(run.dist)
-
-    def save_batch_image(self, batch: int, images: torch.Tensor) -> None:
-        """--save-images: the step's input as timm writes it, train-batch-<i>.jpg in the run
-        folder (a grid, each image's range stretched to the full scale)."""
-        if self.run_dir is None:
-            return
-        from torchvision.utils import save_image
-        save_image(images.detach().float().cpu(), self.run_dir / f"train-batch-{batch}.jpg",
-                   padding=0, normalize=True)
 
     def checkpoint(self, metric: float | None = None) -> dict | None:
         """The run's checkpoint now, on the primary process (None on the others, which would
@@ -323,6 +296,39 @@ class Training:
             print(f"{self.prog}: {what}; saved {last}. Resume with: "
                   f"{resume_launcher(self.run, self.prog)} --resume {shlex.quote(str(last))}",
                   file=sys.stderr, flush=True)
+
+
+def validates(run: Run, epoch: int) -> bool:
+    """--val-interval K: timm validates after every K-th epoch and after the last."""
+    interval = run.settings.loop.val_interval
+    return (epoch + 1) % interval == 0 or epoch + 1 == run.num_epochs
+
+
+def end_of_epoch(run: Run, epoch: int) -> tuple[float, float]:
+    """What every epoch's end does before validation: BatchNorm statistics agreed, the last
+    update's snapshot, the shadows' policy. The epoch's LR and training loss."""
+    lr, train_loss = current_lr(run.optimizer), run.counters.train_loss
+    sync_replicas(run)
+    run.take_snapshot()  # the epoch's last update (the loop yields only the others)
+    run.shadow_policy.apply(run.emas.regular, run.model, epoch,
+                            lambda images: calibration_input(run, images))
+    return lr, train_loss
+
+
+def skipped_line(run: Run, epoch: int, lr: float, train_loss: float, took: float) -> str:
+    return (f"epoch {epoch} ({epoch + 1}/{run.num_epochs}) {duration(took)}: lr {lr:.3g} "
+            f"train_loss {train_loss:.4f}; not validated (--val-interval "
+            f"{run.settings.loop.val_interval})")
+
+
+def save_batch_image(run_dir: Path | None, batch: int, images: torch.Tensor) -> None:
+    """--save-images: the step's input as timm writes it, train-batch-<i>.jpg in the run
+    folder (a grid, each image's range stretched to the full scale)."""
+    if run_dir is None:
+        return
+    from torchvision.utils import save_image
+    save_image(images.detach().float().cpu(), run_dir / f"train-batch-{batch}.jpg", padding=0,
+               normalize=True)
 
 
 def batch_loss_scale(run: Run):

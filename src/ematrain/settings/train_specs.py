@@ -4,12 +4,12 @@ checkpoint's recorded settings through the resume policy (`resolve_train`)."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.augmix import check_splits
 from ..util.distributed import device_named
 from ..util.errors import UserError
-from ..data.augmix import check_splits
 from ..util.runtime import import_device_modules
 from .checks import at_least, from_args
 from .data_specs import AugSpec, DataSpec, ImageSpec, LabelSpec, LoaderSpec, SizeSpec
@@ -90,8 +90,8 @@ class TrainSettings:
     posthoc: PosthocSpec
     loop: LoopSpec
     dist: DistSpec
-    distill: DistillSpec = DistillSpec()
-    sizes: SizeSpec = SizeSpec()
+    distill: DistillSpec = field(default_factory=DistillSpec)
+    sizes: SizeSpec = field(default_factory=SizeSpec)
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "TrainSettings":

@@ -108,7 +108,7 @@ class ValidateSettings:
     loader: LoaderSpec
     choice: WeightChoice
     precision: PrecisionSpec
-    test: TestTimeSpec = TestTimeSpec()
+    test: TestTimeSpec = field(default_factory=TestTimeSpec)
 
     def __post_init__(self):
         if not self.data_dir:
