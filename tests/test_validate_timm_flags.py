@@ -112,3 +112,23 @@ def test_retry_halves_the_batch_after_out_of_memory(data, resnet18_file, tmp_pat
     monkeypatch.setattr(validate, "split_loader", flaky)
     r = _validate(data, resnet18_file, tmp_path, "--retry", "--use-train-size", "--img-size", "40")
     assert sizes[0] == 6 and 0 < sizes[1] < 6 and r["count"] == 6
+
+
+def test_bulk_mode_a_results_row_per_checkpoint_best_first(data, tmp_path):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for i in range(2):
+        torch.manual_seed(i)
+        torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(),
+                   folder / f"m{i}.pth")
+    (folder / "notes.txt").write_text("not a checkpoint")
+    out = tmp_path / "rows.json"
+    r = run_in_process(validate.main, "validate.py", data, "--checkpoint", folder, "-m",
+                       "test_resnet", "-j", "0", "--img-size", "32", "--results-file", out)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())
+    assert sorted(row["checkpoint"] for row in rows) == [str(folder / "m0.pth"),
+                                                         str(folder / "m1.pth")]
+    assert rows[0]["top1"] >= rows[1]["top1"]
+    with pytest.raises(UserError, match="no timm model with pretrained weights matches"):
+        validate.bulk_targets(validate_settings([str(data), "--pretrained", "-m", "nonesuch*"]))

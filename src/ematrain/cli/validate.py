@@ -4,11 +4,13 @@ all in one pass."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
 
 import torch
+from timm.utils.misc import natural_key
 
 from ..checkpoint.files import load_file, write_file
 from ..checkpoint.weights import Weights, select_weights
@@ -38,6 +40,7 @@ from ..run.start_weights import read
 from ..settings.validate_specs import ValidateSettings, validate_settings
 from ..util import distributed
 from ..util.atomic import atomic_write_text
+from ..util.errors import UserError
 from ..util.invocation import command_name
 from ..util.logs import log
 from ..util.modules import unwrap_model
@@ -56,16 +59,19 @@ def results_record(arch: str, result: dict, model, data_config: dict) -> dict:
             "interpolation": data_config.get("interpolation")}
 
 
-def write_results(path: str, results: dict, kind: str) -> None:
-    """`results` as one JSON object or a one-row CSV (`kind`), written atomically."""
+def write_results(path: str, results: dict | list[dict], kind: str) -> None:
+    """`results` as one JSON object (a list for bulk mode) or CSV rows (`kind`), written
+    atomically."""
     path = Path(path)
     if kind == "json":
         text = json.dumps(results, indent=2) + "\n"
     else:
+        rows = results if isinstance(results, list) else [results]
+        fields = list(dict.fromkeys(k for row in rows for k in row))
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(results), lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
-        writer.writerow(results)
+        writer.writerows(rows)
         text = buf.getvalue()
     atomic_write_text(path, text)
 
@@ -86,6 +92,9 @@ def _main(argv: list[str]) -> int:
     s = validate_settings(argv)
     info, device = distributed.init_distributed(s.device, None)
     try:
+        targets = bulk_targets(s)
+        if targets is not None:
+            return evaluate_bulk(s, targets, info, device)
         return _evaluate(s, info, device)
     finally:
         distributed.shutdown()
@@ -94,6 +103,54 @@ def _main(argv: list[str]) -> int:
 def _evaluate(s: ValidateSettings, info, device) -> int:
     if s.posthoc:
         return evaluate_posthoc(s, info, device)
+    results = score(s, info, device)
+    if results is not None and s.results_file:
+        write_results(s.results_file, results, s.results_kind)
+        log.info(f"results written to {s.results_file}")
+    return 0
+
+
+def bulk_targets(s: ValidateSettings) -> list[tuple[str | None, str | None]] | None:
+    """timm's bulk mode, as (model, checkpoint) pairs: every checkpoint file of a --checkpoint
+    folder, or with --pretrained every timm model --model names (``all``, or a wildcard);
+    None when one model is evaluated."""
+    if s.checkpoint and Path(s.checkpoint).is_dir():
+        files = [p for p in Path(s.checkpoint).iterdir()
+                 if p.is_file() and p.name.endswith((".pth.tar", ".pth", ".safetensors"))]
+        if not files:
+            raise UserError(f"--checkpoint {s.checkpoint}: a folder without checkpoint files")
+        return [(s.model, str(p)) for p in sorted(files, key=lambda p: natural_key(p.name))]
+    if s.pretrained and s.model and (s.model == "all" or any(c in s.model for c in "*?[")):
+        import timm
+        names = timm.list_models("*" if s.model == "all" else s.model, pretrained=True)
+        if not names:
+            raise UserError(f"--model {s.model}: no timm model with pretrained weights matches")
+        return [(name, None) for name in names]
+    return None
+
+
+def evaluate_bulk(s: ValidateSettings, targets, info, device) -> int:
+    """One results row per model (timm's bulk mode), best top-1 first; a model that cannot be
+    evaluated is said in one line and skipped, as timm does."""
+    rows = []
+    for model, checkpoint in targets:
+        one = dataclasses.replace(s, model=model, checkpoint=checkpoint, results_file="")
+        try:
+            row = score(one, info, device)
+        except UserError as exc:
+            log.warning(f"skipped {model or checkpoint}: {exc}")
+            continue
+        if row is not None:
+            rows.append(row)
+    rows.sort(key=lambda r: r["top1"], reverse=True)
+    if info.is_primary and s.results_file:
+        write_results(s.results_file, rows, s.results_kind)
+        log.info(f"results of {len(rows)} models written to {s.results_file}")
+    return 0 if rows else 1
+
+
+def score(s: ValidateSettings, info, device) -> dict | None:
+    """Evaluate one model; its results record (None on the other ranks)."""
     seed_everything(s.test.seed)
     split_dir, dataset = open_split(s)
     ckpt, weights = read_weights(s)
@@ -118,17 +175,14 @@ def _evaluate(s: ValidateSettings, info, device) -> int:
     else:
         result = evaluate(None)
     if not info.is_primary:
-        return 0
+        return None
     results = results_record(arch, result, model, data_config)
     results.update(checkpoint=str(s.source), weights=name, loss=result["loss"],
                    count=result["count"])
     results.update({k: v for k, v in result.items() if k.startswith(s.test.metrics_avg or "-")})
     print(f"{arch} ({name}) on {split_dir}: top1 {result['top1']:.4f} top5 "
           f"{result['top5']:.4f} loss {result['loss']:.4f} images {result['count']}", flush=True)
-    if s.results_file:
-        write_results(s.results_file, results, s.results_kind)
-        log.info(f"results written to {s.results_file}")
-    return 0
+    return results
 
 
 def test_time_model(s: ValidateSettings, model, data_config: dict):
