@@ -4,7 +4,7 @@ VPY := $(VENV)/bin/python
 VPIP := $(VENV)/bin/pip
 PIP_FLAGS := --disable-pip-version-check -q
 
-.PHONY: venv test demo bench bench-train bench-schedules gpu-check clean
+.PHONY: venv test demo bench bench-train bench-schedules bench-average bench-trackers gpu-check clean
 
 venv: $(VENV)/.deps-stamp
 
@@ -17,7 +17,7 @@ $(VENV)/.torch-stamp: | $(VPY)
 	touch $@
 
 $(VENV)/.deps-stamp: pyproject.toml $(VENV)/.torch-stamp
-	$(VPIP) install $(PIP_FLAGS) -e '.[test,demo]'
+	$(VPIP) install $(PIP_FLAGS) -e '.[test,demo,data,log]'
 	touch $@
 
 test: venv
@@ -32,6 +32,14 @@ bench: venv
 # EMA schedules, BatchNorm policies and switch-EMA on noisy-label digits (~4 min on 2 cores).
 bench-schedules: venv
 	$(VPY) benchmarks/bench_schedules.py
+
+# export --average-best K against post-hoc EMA and the run's EMA on noisy digits (~30 min on 2 cores).
+bench-average: venv
+	$(VPY) benchmarks/bench_average.py
+
+# What --log-tensorboard and --log-wandb (offline) cost a small run (~1.5 min on 2 cores).
+bench-trackers: venv
+	$(VPY) benchmarks/bench_trackers.py
 
 # Whole runs against timm's train.py (TIMM_TRAIN: its path; it is not in timm's pip package).
 bench-train: venv

@@ -19,6 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# The data written as timm users keep theirs (shards, tars, Hugging Face datasets): fixtures.
+pytest_plugins = ["data_writers"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Well separated dominant colours, one per class; more classes than this

@@ -162,8 +162,7 @@ def test_the_timm_fixture_is_what_timms_parser_writes(tmp_path):
 
 
 @pytest.mark.parametrize("line,shown", [("tta: 2", "tta=2"),
-                                        ("dataset: torch/cifar10", "dataset='torch/cifar10'"),
-                                        ("log_wandb: true", "log_wandb=True"),
+                                        ("amp_impl: apex", "amp_impl='apex'"),
                                         ("naflex_loader: true", "naflex_loader=True"),
                                         ("torchscript: true", "torchscript=True")])
 def test_timm_settings_we_lack_are_refused_when_switched_on(tmp_path, line, shown):

@@ -45,7 +45,8 @@ def data_root(tmp_path_factory):
 def two_proc_run(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist_out")
     r = torchrun(REPO_ROOT / "train.py", data_root, *TINY, "--epochs", "1", "--output", out,
-                 "--experiment", "ddp", "--model-ema-posthoc", "--model-ema-snapshot-every", "1it")
+                 "--experiment", "ddp", "--model-ema-posthoc", "--model-ema-snapshot-every", "1it",
+                 "--log-tensorboard")
     assert r.returncode == 0, r.stdout + r.stderr
     return out, r
 
@@ -66,6 +67,17 @@ def test_two_process_training_writes_one_run(two_proc_run):
     shadow_sum = sum(float(v.double().sum()) for v in ckpt["state_dict_ema"].values()
                      if v.is_floating_point())
     assert abs(shadow_sum - float(checks[0].split(":")[1])) <= 1e-6 * max(1.0, abs(shadow_sum))
+    # Only rank 0 logs: one TensorBoard event file, each epoch once.
+    assert len(list((runs[0] / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert [s for s, _ in tensorboard_scalars(runs[0])["val/top1/raw"]] == [ckpt["counters"][
+        "num_updates"]]
+
+
+def tensorboard_scalars(run_dir) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_distributed_validation_equals_single_process(two_proc_run, data_root, tmp_path):
@@ -117,6 +129,9 @@ def test_two_process_run_resumes(two_proc_run, data_root):
     assert [row["epoch"] for row in rows] == ["0", "1"]
     ckpt = torch.load(out / "ddp" / "last.pth.tar", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["counters"]["world_size"] == 2
+    # The resumed run goes on in the same TensorBoard folder (recorded: no flag again).
+    steps = [s for s, _ in tensorboard_scalars(out / "ddp")["val/top1/raw"]]
+    assert steps == [ckpt["counters"]["num_updates"] // 2, ckpt["counters"]["num_updates"]]
 
 
 def test_a_single_process_run_continues_under_torchrun(data_root, tmp_path):

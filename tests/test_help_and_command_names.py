@@ -76,8 +76,10 @@ def test_python_dash_m_ematrain(tmp_path):
     assert r.stderr.strip() == "python -m ematrain train: error: unrecognized arguments: --bogus"
     r = run("validate", "--help")
     assert r.returncode == 0 and r.stdout.startswith("usage: python -m ematrain validate ")
+    r = run("export", "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m ematrain export ")
     r = run()
-    assert r.returncode == 2 and "expected train or validate" in r.stderr
+    assert r.returncode == 2 and "expected train, validate or export" in r.stderr
     assert run("--version").stdout.strip() == f"ematrain {__version__}"
 
 
@@ -142,8 +144,8 @@ def test_python_dash_m_ematrain_help_names_the_commands(tmp_path, flag):
                                     text=True, env=env, cwd=tmp_path)
     r = run(flag)
     assert r.returncode == 0 and r.stderr == "", r.stderr
-    assert r.stdout.startswith("usage: python -m ematrain {train,validate} [ARGS ...]\n")
-    assert "  train  " in r.stdout and "  validate  " in r.stdout
+    assert r.stdout.startswith("usage: python -m ematrain {train,validate,export} [ARGS ...]\n")
+    assert all(f"  {c}  " in r.stdout for c in ("train", "validate", "export"))
     r = run("train", flag)
     assert r.returncode == 0 and r.stdout.startswith("usage: python -m ematrain train ")
     assert "--model-ema-decay DECAY" in r.stdout and "Model exponential moving average" in r.stdout

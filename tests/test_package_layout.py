@@ -24,10 +24,11 @@ PACKAGE = SRC / "ematrain"
 LAYERS = (
     ("util",),
     ("ema", "data"),
-    ("checkpoint",),
+    ("checkpoint", "trackers"),
     ("posthoc",),
     ("settings",),
     ("run",),
+    ("export",),
     ("cli",),
 )
 # Modules over 400 lines, each with the reason it may be.

@@ -299,12 +299,12 @@ def test_best_and_history_files_are_links_of_their_epochs_checkpoint(small_data,
 
 
 def test_where_links_are_refused_the_files_are_copies(small_data, tmp_path, monkeypatch, capsys):
-    from ematrain.run import keeper
+    from ematrain.run import checkpoint_files
 
     def no_links(src, dst):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(keeper.os, "link", no_links)
+    monkeypatch.setattr(checkpoint_files.os, "link", no_links)
     assert train_mod.main([str(small_data), *TINY, "--output", str(tmp_path), "--experiment",
                            "c"]) == 0
     assert capsys.readouterr().err.count("refuses hard links") == 1

@@ -26,13 +26,7 @@ LISTING = yaml.safe_load((FIXTURES / "timm_flags.yaml").read_text())
 README = (REPO_ROOT / "README.md").read_text()
 SCRIPTS = {"train.py": train_parser, "validate.py": validate_parser}
 # Flags another open issue adds; each entry leaves when our parser has the flag (checked below).
-PENDING: dict[str, str] = {
-    **dict.fromkeys(["--dataset", "--train-num-samples", "--val-num-samples", "--num-samples",
-                     "--dataset-download", "--class-map", "--input-img-mode", "--input-key",
-                     "--target-key", "--dataset-trust-remote-code", "--epoch-repeats"], "issue 24"),
-    **dict.fromkeys(["--log-wandb", "--wandb-project", "--wandb-tags", "--wandb-resume-id"],
-                    "issue 26"),
-}
+PENDING: dict[str, str] = {}
 
 
 def _readme_table(marker: str) -> list[list[str]]:

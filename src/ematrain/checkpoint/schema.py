@@ -2,7 +2,7 @@
 
 A checkpoint has timm's keys, so timm's tools read it, plus ours. Each stateful part of a run
 (`Run.parts()`: model, optimizer, scheduler, amp_scaler, emas, snapshots, counters, keeper,
-summary) gives its ``state_dict()`` and takes it back with ``load_state_dict()``; the run's
+summary, trackers) gives its ``state_dict()`` and takes it back with ``load_state_dict()``; the run's
 settings and data add what describes the run (`run_record`: owners `settings`, `data`, `run`),
 and the schema its version. This module alone knows under which keys they live. The key table
 `SCHEMA` is the reference: the README's table is checked against it by a test, and `save` writes
@@ -69,9 +69,17 @@ SCHEMA: tuple[Key, ...] = (
     Key("keeper", "keeper", "ematrain", "best epoch and metric of each weight set, and the "
         "checkpoint-<epoch> history"),
     Key("summary", "summary", "ematrain", "the summary.csv rows so far"),
+    Key("trackers", "trackers", "ematrain", "with --log-wandb or --log-tensorboard: each "
+        "tracker's state, so a resumed run continues it: W&B's run id and project, its last "
+        "step and the rows of its last minute (W&B may lose them in a kill); TensorBoard's last "
+        "step (later ones are purged) and folder"),
     Key("rank_buffers", "distributed", "ematrain", "under torchrun only: every process's "
         "BatchNorm statistics of the model and of each shadow, by rank (they differ between "
         "reductions); a resumed process with the same process count takes its own back"),
+    Key("data_stream", "data_stream", "ematrain", "with a stream (--dataset wds/, hfids/) only: "
+        "where its training epoch stands (epoch, batches taken, each loader worker's position "
+        "in its raw stream, the processes and workers that read it): a mid-epoch resume goes "
+        "on from there"),
     Key("data_config", "data", "ematrain", "the evaluation transform (validate.py rebuilds it)"),
     Key("num_classes", "data", "ematrain", "classifier outputs"),
     Key("class_names", "data", "ematrain", "class folder names, in label order"),
@@ -147,8 +155,10 @@ def weights_file(record: dict, raw: dict, emas: list[dict], names: list[str],
 
 # ----------------------------------------------------------------------------- restoring
 # Parts a checkpoint may lack (timm's have no scheduler, keeper or summary; a run that turns on
-# float16 AMP has no scaler state yet): they start fresh.
-OPTIONAL_PARTS = frozenset({"scheduler", "amp_scaler", "keeper", "summary"})
+# float16 AMP has no scaler state yet; one written before trackers or streams has none): they
+# start fresh.
+OPTIONAL_PARTS = frozenset({"scheduler", "amp_scaler", "keeper", "summary", "data_stream",
+                            "trackers"})
 # Where each part's state is; the EMAs' is under each role's key (`ema_states`).
 _KEYS = {"model": "state_dict", "emas": "ema", "snapshots": "posthoc_ema"}
 

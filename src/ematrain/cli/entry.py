@@ -60,6 +60,11 @@ def validate_command() -> None:
     _command("validate")
 
 
+def export_command() -> None:
+    """`python -m ematrain export`."""
+    _command("export")
+
+
 def run_main(prog: str, body: Callable[[list[str]], int], argv=None) -> int:
     """Run `body`; turn a UserError into one line on stderr and its exit code (2, or 1)."""
     setup_logging()

@@ -25,6 +25,7 @@ from ..run.eval_extras import (
     read_valid_labels,
     with_retry,
 )
+from ..run import tracking
 from ..run.evaluation import (
     WeightBank,
     build_model,
@@ -152,8 +153,8 @@ def evaluate_bulk(s: ValidateSettings, targets, info, device) -> int:
 def score(s: ValidateSettings, info, device) -> dict | None:
     """Evaluate one model; its results record (None on the other ranks)."""
     seed_everything(s.test.seed)
-    split_dir, dataset = open_split(s)
     ckpt, weights = read_weights(s)
+    split_dir, dataset = open_split(s, s.num_classes or ckpt.get("num_classes"))
     check_classes(ckpt, dataset, split_dir)
     model, arch = build_model(s, ckpt, dataset, weights, device)
     name = weights.name if weights is not None else "pretrained"
@@ -208,6 +209,9 @@ def eval_extras_for(s: ValidateSettings, dataset, loader, device,
              if t.valid_labels else None)
     real = None
     if t.real_labels:
+        if s.dataset.streaming:
+            raise UserError("--real-labels matches images by file name and order: give an "
+                            "ImageFolder split or a map-style --dataset, not a stream")
         order = list(iter(loader.sampler))
         real = RealLabels([path for path, _ in dataset.samples], t.real_labels, order)
     classes = valid.num_classes if valid is not None else model_classes
@@ -221,11 +225,11 @@ def evaluate_posthoc(s, info, device) -> int:
     meta = series.meta
     run_dir = series.folder.parent if series.folder.name == snapshots.FOLDER else series.folder
     sweep.check_outputs_writable(run_dir)  # every rank: each stops at once, none waits for another
-    split_dir, dataset = open_split(s)
+    split_dir, dataset = open_split(s, s.num_classes or meta.get("num_classes"))
     check_classes(meta, dataset, split_dir)
     if info.is_primary:
         sweep.remove_stale_outputs(run_dir)
-    raw, _ = sweep.raw_weights(run_dir)
+    raw, last = sweep.raw_weights(run_dir)
     states, clamped = snapshot_series.synthesize(series, solution)
     sweep.finite_or_fail(states, [t.label for t in targets])
     tracked = [{k: t.float() if t.is_floating_point() else t for k, t in shadow.items()}
@@ -258,6 +262,7 @@ def evaluate_posthoc(s, info, device) -> int:
     write_file(run_dir / sweep.BEST, ckpt)
     log.info(f"best: {rows[best].label} ({metric} {rows[best].result[metric]:.4f}); wrote "
              f"{run_dir / sweep.CSV}, {run_dir / sweep.PNG}, {run_dir / sweep.BEST}")
+    tracking.log_posthoc(run_dir, last, rows, best, metric)  # the run's trackers, if any
     return 0
 
 

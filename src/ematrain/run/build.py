@@ -16,6 +16,7 @@ from torch import nn
 
 from ..data import augmix, loaders
 from ..data.folders import check_same_classes, load_image_folder, resolve_split_dir
+from ..data.readers.spec import DatasetSpec
 from ..data.samplers import EpochSampler, EpochTagged, SeededSamples
 from ..data.sized_batches import SizedBatches, sized_samples
 from ..data.transforms import (
@@ -40,30 +41,42 @@ from ..util.errors import UserError
 from ..util.logs import log, quiet
 from ..util.runtime import fast_norm
 from ..util.seeding import seed_everything
+from .datasets import build_stream_data, mapped_splits, reads_folders
 from .distill import Distillation, build_teacher
 from .keeper import CheckpointKeeper
 from .model import create_model, init_head, probe_input, set_batchnorm
 from .optimizer import build_optimizer, build_scheduler
 from .parts import Run, TrainData
 from .start_weights import load_initial_checkpoint
+from .tracking import build_trackers
 from .weight_sets import ema_labels, ema_names, tracked_sets, weight_sets
 
 
 # ----------------------------------------------------------------------------- builders
-def build_data(spec: DataSpec, loader: LoaderSpec, num_classes: int | None, seed: int,
-               dist: DistInfo, accum_steps: int, pin_memory: bool):
-    """The training and validation ImageFolders with their samplers (transforms come later)."""
-    train_dir = resolve_split_dir(spec.data_dir, spec.train_split)
-    val_dir = resolve_split_dir(spec.data_dir, spec.val_split)
-    train_set = load_image_folder(train_dir)
-    val_set = load_image_folder(val_dir)
-    check_same_classes(train_set, val_set, val_dir)
+def build_data(spec: DataSpec, dataset: DatasetSpec, loader: LoaderSpec,
+               num_classes: int | None, seed: int, dist: DistInfo, accum_steps: int,
+               pin_memory: bool):
+    """The training and validation splits with their samplers, or a stream's (transforms come
+    later): ImageFolders as always, anything else through timm's readers (`datasets`)."""
+    val_batch = spec.validation_batch_size or loader.batch_size
+    workers = loader.workers_per_process(dist.local_processes)
+    if dataset.streaming:
+        return build_stream_data(dataset, num_classes, dist, workers, loader.batch_size,
+                                 val_batch, seed, accum_steps, pin_memory,
+                                 [loader.too_many_workers(dist.local_processes)])
+    if reads_folders(dataset):
+        train_dir = resolve_split_dir(spec.data_dir, spec.train_split)
+        val_dir = resolve_split_dir(spec.data_dir, spec.val_split)
+        train_set = load_image_folder(train_dir)
+        val_set = load_image_folder(val_dir)
+        check_same_classes(train_set, val_set, val_dir)
+    else:
+        train_set, val_set = mapped_splits(dataset, num_classes)
     found = len(train_set.classes)
     if num_classes is not None and num_classes != found:
         raise UserError(f"--num-classes {num_classes} disagrees with the data: "
-                        f"{found} class folders in {spec.train_split}")
+                        f"{found} classes in {spec.train_split}")
     world, rank = dist.world_size, dist.rank
-    val_batch = spec.validation_batch_size or loader.batch_size
     sampler = EpochSampler(len(train_set), seed, rank=rank, num_replicas=world, pad=True,
                            repeats=max(1, int(spec.aug_repeats)))
     val_sampler = EpochSampler(len(val_set), 0, shuffle=False, rank=rank,
@@ -77,9 +90,8 @@ def build_data(spec: DataSpec, loader: LoaderSpec, num_classes: int | None, seed
                         f"({per_rank} images{' per process' if world > 1 else ''}): every epoch "
                         f"is one step of {per_rank} images")
     return TrainData(SeededSamples(train_set, seed), val_set, sampler, val_sampler, {},
-                     loader.batch_size, val_batch, loader.workers_per_process(dist.local_processes),
-                     pin_memory, drop_last, math.ceil(batches / accum_steps),
-                     warnings=[w for w in warnings if w])
+                     loader.batch_size, val_batch, workers, pin_memory, drop_last,
+                     math.ceil(batches / accum_steps), warnings=[w for w in warnings if w])
 
 
 def build_model(spec: ModelSpec, num_classes: int, device: torch.device,
@@ -116,7 +128,7 @@ def check_first_batch(s: TrainSettings, model: nn.Module, train: TrainData,
     smallest batch, an odd batch under mixup/cutmix."""
     per_image = probe_input(model, s.model.model, train.data_config["input_size"],
                             s.precision.channels_last)
-    smallest = min(train.batch_size, len(train.sampler))
+    smallest = min(train.batch_size, train.per_rank_samples)
     short = ("" if smallest == train.batch_size else
              f" (the training split gives {smallest} image(s){' per process' if dist.enabled else ''}"
              f", fewer than -b {train.batch_size})")
@@ -131,13 +143,12 @@ def check_first_batch(s: TrainSettings, model: nn.Module, train: TrainData,
 def set_transforms(train: TrainData, aug: AugSpec, seed: int, device: torch.device) -> None:
     """The training and evaluation transforms, the batch normalization and random erasing; with
     --aug-splits, timm's AugMixDataset views (clean first) collated split-major."""
-    folder = train.train_set.dataset
     transform = train_transform(train.data_config, aug, separate=bool(aug.aug_splits))
-    if aug.aug_splits:
-        train.train_set = SeededSamples(augmix.split_samples(folder, aug.aug_splits), seed)
+    if aug.aug_splits:  # map-style data only (a stream is refused with it)
+        samples = augmix.split_samples(train.train_set.dataset, aug.aug_splits)
+        train.train_set = SeededSamples(samples, seed)
         train.collate = augmix.collate_splits
-    train.train_set.dataset.transform = transform
-    train.val_set.transform = eval_transform(train.data_config)
+    train.set_transforms(transform, eval_transform(train.data_config))
     train.normalize = Normalize(train.data_config["mean"], train.data_config["std"], device)
     if aug.resplit and aug.reprob and not aug.no_aug:
         train.erase = augmix.split_eraser(aug.reprob, aug.remode, aug.recount,
@@ -146,9 +157,11 @@ def set_transforms(train: TrainData, aug: AugSpec, seed: int, device: torch.devi
         train.erase = batch_eraser(aug, device)
 
 
-def use_sized_batches(train: TrainData, s: TrainSettings, seed: int) -> None:
+def use_sized_batches(train: TrainData, s: TrainSettings, dist: DistInfo) -> float:
     """--train-img-sizes: timm's scheduled batches over this rank's epoch sampler, each sample
-    (seeded as always) through its batch's size of the training transform."""
+    (seeded as always) through its batch's size of the training transform. Returns the LR at
+    timm's reference batch, the policy-average batch size."""
+    seed = s.loop.seed
     choices = s.sizes.choices(s.loader.batch_size)
     transforms = [train_transform(dict(train.data_config, input_size=(3, size, size)), s.aug)
                   for size in choices.img_sizes]
@@ -158,6 +171,23 @@ def use_sized_batches(train: TrainData, s: TrainSettings, seed: int) -> None:
     train.batch_sampler = SizedBatches(train.sampler, choices, seed, s.schedule.epochs,
                                        EpochTagged(train.sampler))
     train.steps_per_epoch = math.ceil(train.batch_sampler.batches / s.optim.grad_accum_steps)
+    return s.optim.lr_for(round(dist.world_size * train.batch_sampler.average_batch_size
+                                * s.optim.grad_accum_steps))
+
+
+def build_objective(s: TrainSettings, model: nn.Module, num_classes: int, train: TrainData,
+                    dist: DistInfo, device: torch.device, precision: Precision):
+    """The training loss (timm's JSD loss with --jsd-loss), distillation around it
+    (--kd-model-name), and the model as it trains (DDP, torch.compile)."""
+    loss_fn = (augmix.jsd_loss(s.aug.aug_splits, s.labels.smoothing) if s.aug.jsd_loss
+               else build_train_loss(s.labels))
+    distill = build_distill(s.distill, model, loss_fn, num_classes, train.data_config, device,
+                            precision)
+    wrapped = wrap_model(model, dist, device, s.model.torchcompile, s.model.torchcompile_mode,
+                         not s.dist.no_ddp_bb)
+    if distill is not None:
+        distill.bind(wrapped)
+    return loss_fn, distill, wrapped
 
 
 def build_mixup(spec: LabelSpec, num_classes: int) -> Mixup | None:
@@ -293,7 +323,7 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
         raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); on the "
                         "CPU leave it out: --dist-bn reduce averages the statistics before "
                         "each evaluation")
-    train = build_data(s.data, s.loader, s.model.num_classes, s.loop.seed, dist,
+    train = build_data(s.data, s.dataset, s.loader, s.model.num_classes, s.loop.seed, dist,
                        s.optim.grad_accum_steps, pin_memory=device.type == "cuda")
     num_classes = len(train.class_names)
     model = build_model(s.model, num_classes, device, precision, s.dist.sync_bn and dist.enabled,
@@ -304,10 +334,7 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     set_transforms(train, s.aug, s.loop.seed, device)
     lr = s.lr(dist.world_size)
     if s.sizes.enabled:
-        use_sized_batches(train, s, s.loop.seed)
-        # timm's reference batch for the LR: the policy-average batch size.
-        lr = s.optim.lr_for(round(dist.world_size * train.batch_sampler.average_batch_size
-                                  * s.optim.grad_accum_steps))
+        lr = use_sized_batches(train, s, dist)
     optimizer = build_optimizer(s.optim, model, lr)
     scheduler, num_epochs = build_scheduler(s.schedule, optimizer, train.steps_per_epoch,
                                             s.loop.seed, s.loop.eval_metric)
@@ -323,14 +350,8 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
                        names=ema_names(s.ema, decays), primary=s.loop.primary_weights)
     if power is not None:
         sets += tracked_sets(power.decays, first=len(decays))
-    loss_fn = (augmix.jsd_loss(s.aug.aug_splits, s.labels.smoothing) if s.aug.jsd_loss
-               else build_train_loss(s.labels))
-    distill = build_distill(s.distill, model, loss_fn, num_classes, train.data_config, device,
-                            precision)
-    wrapped = wrap_model(model, dist, device, s.model.torchcompile, s.model.torchcompile_mode,
-                         not s.dist.no_ddp_bb)
-    if distill is not None:
-        distill.bind(wrapped)
+    loss_fn, distill, wrapped = build_objective(s, model, num_classes, train, dist, device,
+                                                precision)
     return Run(settings=s, dist=dist, device=device, precision=precision, data=train,
                num_classes=num_classes, model=wrapped, distill=distill,
                optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,
@@ -339,4 +360,5 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
                shadow_policy=build_shadow_policy(s.ema, train, s.loop.seed),
                loss_fn=loss_fn, mixup_fn=mixup, weight_sets=sets,
                keeper=CheckpointKeeper(sets, s.loop.eval_metric, s.loop.checkpoint_hist,
-                                       primary=dist.is_primary))
+                                       primary=dist.is_primary),
+               trackers=build_trackers(s.trackers, dist.is_primary))

@@ -19,6 +19,7 @@ from ..checkpoint.weights import Weights, load_weights_into
 from ..data.augmix import split_batchnorm
 from ..data.folders import load_image_folder, resolve_split_dir
 from ..data.loaders import batches, make_loader
+from ..data.readers import open_mapped, open_source, open_stream, stream_loader
 from ..data.samplers import EpochSampler
 from ..data.transforms import Normalize, check_data_config, eval_transform
 from ..ema.devices import WeightSwapper
@@ -31,6 +32,7 @@ from ..util.modules import unwrap_model
 from ..util.runtime import fast_norm
 from .eval_config import eval_data_config
 from .eval_extras import EvalExtras, read_valid_labels
+from .datasets import reads_folders
 from .model import architecture_kwargs, create_model, probe_input, set_batchnorm
 
 
@@ -182,7 +184,7 @@ def resolve_num_classes(num_classes: int | None, ckpt: dict, dataset, split: str
         return int(num)
     if num != len(dataset.classes):
         raise UserError(f"the model has {num} classes but {split} has {len(dataset.classes)} "
-                        f"class folders")
+                        f"classes")
     return int(num)
 
 
@@ -252,10 +254,18 @@ def build_model(s: ValidateSettings, ckpt: dict, dataset, weights: Weights | Non
     return model, arch
 
 
-def open_split(s: ValidateSettings):
-    """The split's folder and ImageFolder."""
-    split_dir = resolve_split_dir(s.data_dir, s.split)
-    return split_dir, load_image_folder(split_dir)
+def open_split(s: ValidateSettings, num_classes: int | None = None):
+    """Where the split is, and the split: an ImageFolder as always, else what timm's reader of
+    --dataset gives (a map-style split, or a stream's source; `num_classes`: for labels stored
+    as class indices, when the data names no classes)."""
+    spec = s.dataset
+    if reads_folders(spec):
+        split_dir = resolve_split_dir(s.data_dir, s.split)
+        return split_dir, load_image_folder(split_dir)
+    where = f"{spec.dataset or spec.root} {s.split}"
+    if spec.streaming:
+        return where, open_source(spec, s.split, num_classes, flag="--split")
+    return where, open_mapped(spec, s.split, spec.img_mode(), num_classes, flag="--split")
 
 
 def check_classes(ckpt: dict, dataset, split_dir) -> None:
@@ -277,16 +287,28 @@ def split_loader(s: ValidateSettings, info, dataset, ckpt: dict, data_config: di
                  batch_size: int | None = None):
     """The evaluation loader of this rank's share (each image counts exactly once under
     torchrun) and the normalization of its uint8 batches (`batch_size`: --retry's)."""
-    dataset.transform = eval_transform(data_config)
     batch_size = batch_size or eval_batch_size(s, ckpt)
-    sampler = EpochSampler(len(dataset), 0, shuffle=False, rank=info.rank,
-                                num_replicas=info.world_size, block=batch_size)
     crowded = s.loader.too_many_workers(info.local_processes)
     if crowded and info.is_primary:
         log.warning(crowded)
-    loader = make_loader(dataset, batch_size, s.loader.workers_per_process(info.local_processes),
-                         seed=0, pin_memory=device.type == "cuda", sampler=sampler)
-    return loader, Normalize(data_config["mean"], data_config["std"], device)
+    workers = s.loader.workers_per_process(info.local_processes)
+    normalize = Normalize(data_config["mean"], data_config["std"], device)
+    if s.dataset.streaming:  # each process and worker reads its own shards, each once
+        stream = open_stream(s.dataset, dataset, s.split, train=False, world=info.world_size,
+                             rank=info.rank, workers=workers, batch_size=batch_size, seed=0,
+                             mode=s.dataset.img_mode())
+        stream.transform = eval_transform(data_config)
+        if info.is_primary:
+            log.info(stream.plan.line("validation", s.split))
+        loader = stream_loader(stream, 0, pin_memory=device.type == "cuda")
+        loader.set_epoch(0)
+        return loader, normalize
+    dataset.transform = eval_transform(data_config)
+    sampler = EpochSampler(len(dataset), 0, shuffle=False, rank=info.rank,
+                                num_replicas=info.world_size, block=batch_size)
+    loader = make_loader(dataset, batch_size, workers, seed=0, pin_memory=device.type == "cuda",
+                         sampler=sampler)
+    return loader, normalize
 
 
 class WeightBank:

@@ -22,8 +22,10 @@ from ..util.signals import close_in_loader_workers
 LOCK = ".ematrain.lock"
 # What a run writes before its first checkpoint: a folder holding only these is removed again
 # when the run fails (nothing of value is lost, no empty run is left to mislead; post-hoc
-# snapshots without a checkpoint cannot be continued).
-_BEFORE_FIRST_CHECKPOINT = {"args.yaml", "summary.csv", "curves.png", "posthoc", LOCK}
+# snapshots without a checkpoint cannot be continued, nor can the trackers' runs in their
+# default folders: a new start logs to new ones).
+_BEFORE_FIRST_CHECKPOINT = {"args.yaml", "summary.csv", "curves.png", "posthoc", "tensorboard",
+                            "wandb", LOCK}
 
 
 class RunFolder:

@@ -10,7 +10,7 @@ and when its caller asks (before a save): on a GPU each `.item()` stalls the pip
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -132,6 +132,9 @@ class EpochLoop:
         # --save-images: given (batch index, the step's input), writes it (primary process).
         self.save_images = None
         self.clock: RunClock | None = None  # the run's, for the remaining time in progress lines
+        # Called at each log interval with the values read then: (loss, lr, images/s of this
+        # process or None, data-wait share or None). No other read of the device.
+        self.on_interval: Callable[[float, float, float | None, float | None], None] | None = None
         self._last_loss: torch.Tensor | None = None
         if config.skip_nonfinite:
             recipe.skip = lambda loss: any_rank(not bool(torch.isfinite(loss)))
@@ -226,8 +229,11 @@ class _Progress:
         last = batch + 1 == self.batches
         if loss is not None and ((batch + 1) % self.loop.config.log_interval == 0 or last):
             self.loop.check()
-            self.fields.update(loss=f"{float(loss):.4f}", lr=f"{current_lr(self.loop.optimizer):.3g}")
-            self._timing(batch)
+            value, lr = float(loss), current_lr(self.loop.optimizer)
+            self.fields.update(loss=f"{value:.4f}", lr=f"{lr:.3g}")
+            rate, wait = self._timing(batch) or (None, None)
+            if self.loop.on_interval is not None:
+                self.loop.on_interval(value, lr, rate, wait)
             if self.bar.disable and self.loop.show:
                 text = " ".join(f"{v} {k}" if k == "img/s" else f"{k} {v}"
                                 for k, v in self.fields.items())
@@ -240,10 +246,11 @@ class _Progress:
             self._timing(batch)
         self.bar.set_postfix(self.fields)
 
-    def _timing(self, batch: int) -> None:
+    def _timing(self, batch: int) -> tuple[float, float] | None:
+        """The interval's (images/s, data-wait share) into the fields, and returned."""
         timed = self.timer.interval()
         if timed is None:
-            return
+            return None
         rate, wait = timed
         self.fields.update({"img/s": f"{rate:.0f}", "data": f"{100 * wait:.0f}%"})
         clock = self.loop.clock
@@ -251,6 +258,7 @@ class _Progress:
             self.loop.counters.epoch, self.batches - batch - 1, self.timer.step_seconds)
         if left is not None:
             self.fields["eta"] = duration(left)
+        return timed
 
     def close(self) -> None:
         self.bar.close()

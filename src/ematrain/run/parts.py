@@ -24,6 +24,7 @@ from ..posthoc.schedule import SnapshotSchedule
 from ..posthoc.snapshots import snapshot_record
 from ..settings.model_specs import Precision
 from ..settings.train_specs import TrainSettings
+from ..trackers import Trackers
 from ..util.distributed import DistInfo
 from ..util.modules import unwrap_model
 from .keeper import CheckpointKeeper
@@ -53,10 +54,26 @@ class TrainData:
     warnings: list = field(default_factory=list)  # said when training starts
     _loaders: tuple | None = field(default=None, repr=False)
 
+    streaming = False
+
     @property
     def class_names(self) -> list[str]:
         samples = self.train_set.dataset  # the folder, or timm's AugMixDataset around it
         return getattr(samples, "dataset", samples).classes
+
+    @property
+    def per_rank_samples(self) -> int:
+        return len(self.sampler)
+
+    def counts(self) -> tuple[int, int]:
+        """Training and validation images."""
+        return len(self.train_set), len(self.val_set)
+
+    def start_lines(self) -> list[str]:
+        return []
+
+    def set_transforms(self, train, evaluation) -> None:
+        self.train_set.dataset.transform, self.val_set.transform = train, evaluation
 
     def loaders(self, epoch: int, start_batch: int, seed: int):
         """This epoch's loaders; training starts at batch `start_batch` (resume). They are made
@@ -93,7 +110,7 @@ class Run:
     dist: DistInfo
     device: torch.device
     precision: Precision
-    data: TrainData
+    data: TrainData  # or a stream's `datasets.StreamData`
     num_classes: int
     model: nn.Module          # what trains: possibly wrapped in DDP and torch.compile
     optimizer: torch.optim.Optimizer
@@ -113,6 +130,7 @@ class Run:
     # `model` is the student, which every EMA averages and every checkpoint holds.
     distill: object | None = None
     summary: Summary = None
+    trackers: Trackers = field(default_factory=Trackers)  # W&B, TensorBoard (`tracking`)
     # Who the run is: drawn at a fresh start, kept by every resume, in every checkpoint and
     # post-hoc snapshot (None: resumed from a checkpoint written before run ids).
     run_id: str | None = field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -137,7 +155,9 @@ class Run:
         parts = {"model": self.module, "optimizer": self.optimizer, "scheduler": self.scheduler,
                  "amp_scaler": self.scaler, "emas": self.emas if self.emas else None,
                  "snapshots": self.snapshots, "counters": self.counters,
-                 "keeper": self.keeper, "summary": self.summary}
+                 "keeper": self.keeper, "summary": self.summary,
+                 "data_stream": self.data if self.data.streaming else None,
+                 "trackers": self.trackers if self.trackers.spec.any else None}
         return {name: part for name, part in parts.items() if part is not None}
 
     def replica_modules(self) -> list[nn.Module]:
@@ -149,9 +169,13 @@ class Run:
         """The run's settings as a plain dict (args.yaml, a checkpoint's `args`)."""
         record = dict(vars(self.settings.args))
         # Absolute, so `-c args.yaml` and `--resume PATH` work from any directory.
-        for key in ("data_dir", "initial_checkpoint", "pretrained_path", "kd_pretrained_path"):
-            if record.get(key):
+        for key in ("data_dir", "initial_checkpoint", "pretrained_path", "class_map",
+                    "log_tensorboard", "kd_pretrained_path"):
+            if record.get(key) and (key != "class_map" or Path(record[key]).is_file()):
                 record[key] = str(Path(record[key]).resolve())
+        kind, _, name = str(record.get("dataset") or "").partition("/")
+        if kind.lower() in ("hfds", "hfids") and name and Path(name).exists():  # a local folder
+            record["dataset"] = f"{kind}/{Path(name).resolve()}"
         return record
 
     def images_per_step(self) -> int:

@@ -54,6 +54,11 @@ def final_report(best: dict[str, dict], sets: tuple[WeightSet, ...], metric: str
     return lines
 
 
+def _counted(counts: tuple) -> str:
+    train, val = counts
+    return f"{train} train / {'?' if val is None else val} val images"
+
+
 def log_start(run, run_dir: Path) -> None:
     """What the `Run` will do, and the settings that would quietly waste it."""
     s = run.settings
@@ -62,12 +67,14 @@ def log_start(run, run_dir: Path) -> None:
              f"{torch.distributed.get_backend()})" if dist.enabled else str(run.device))
     params = sum(p.numel() for p in run.module.parameters()) / 1e6
     log.info(f"training {s.model.model} ({params:.2f}M params) on {where}: "
-             f"{len(run.data.train_set)} train / {len(run.data.val_set)} val images, "
+             f"{_counted(run.data.counts())}, "
              f"{run.num_classes} classes, {plural(run.num_epochs, 'epoch')}")
     log.info(f"lr {run.lr:.4g} for a global batch of {run.images_per_step()}"
              + ("" if s.optim.lr is not None else f" (--lr-base {s.optim.lr_base:g} per "
                                                   f"{s.optim.lr_base_size} images)"))
     log.info(f"output: {run_dir}")
+    for line in run.data.start_lines():
+        log.info(line)
     for warning in run.data.warnings + [s.schedule.warmup_warning(run.num_epochs)]:
         if warning:
             log.warning(warning)

@@ -32,6 +32,7 @@ from ..util.logs import log
 from ..util.runtime import step_synchronizer
 from ..util.seeding import seed_everything
 from ..util.signals import StopRequest
+from . import tracking
 from .curves import CurveRenderer
 from .evaluation import validate
 from .folder import RunFolder, open_run_folder, write_args
@@ -69,6 +70,7 @@ class Training:
         self.folder: RunFolder | None = None
         self.curves = CurveRenderer()
         self.clock = self.loop.clock = RunClock(run.num_epochs, run.data.steps_per_epoch)
+        self.loop.on_interval = tracking.interval_logger(run)
         if s.loop.save_images and run.dist.is_primary:
             self.loop.save_images = lambda batch, images: save_batch_image(self.run_dir, batch,
                                                                            images)
@@ -92,6 +94,7 @@ class Training:
         done = False
         try:
             self.open_folder()  # a refusal here (no room for the post-hoc series) leaves no folder
+            tracking.start(self.run, self.run_dir, resumed=self.source is not None)
             rc = self.epochs()
             self.run.keeper.wait()  # the last write; its failure is this run's
             done = rc == 0
@@ -100,6 +103,7 @@ class Training:
             if not done:
                 with contextlib.suppress(Exception):  # an error already on its way wins
                     self.run.keeper.wait()
+            self.run.trackers.close(0 if done else 1)  # a finished run's are closed already
             self.run.data.close()
             self.curves.close()
             if self.folder is not None:
@@ -119,6 +123,7 @@ class Training:
                     self.run.keeper.wait()
                     self.print_stop(f"stopped after epoch {epoch}")
                     return stop.exit_code
+        tracking.finish(self.run)
         log_end(self.run, self.run_dir, self.clock.elapsed())
         return 0
 
@@ -253,6 +258,8 @@ class Training:
         run.summary.add(epoch, lr, train_loss, results)
         improved = run.keeper.record(epoch, results)
         run.counters.finish_epoch()
+        took = self.clock.end_epoch() if self.primary else None
+        tracking.log_epoch(run, epoch, results, took)  # before the checkpoint that covers it
         ckpt = self.checkpoint(metric=value)
         if self.primary:
             rows = [dict(r) for r in run.summary.rows]
@@ -260,7 +267,6 @@ class Training:
             run.keeper.save_epoch(epoch, ckpt, improved,
                                   then=lambda: (settle and settle(), self.write_summary(rows)))
             skipped = run.emas.regular.skipped_nonfinite if run.emas.regular is not None else 0
-            took = self.clock.end_epoch()
             print(epoch_line(epoch, run.num_epochs, lr, train_loss, results,
                                      run.weight_sets, [s.name for s in improved], skipped,
                                      timing=(took, self.clock.remaining(epoch))), flush=True)
@@ -334,7 +340,8 @@ def save_batch_image(run_dir: Path | None, batch: int, images: torch.Tensor) -> 
 def batch_loss_scale(run: Run):
     """--variable-batch-loss-scale sqrt|linear: each batch's loss times (its size / timm's
     policy-average batch), to the power 1/2 or 1; None when off."""
-    mode, sampler = run.settings.sizes.variable_batch_loss_scale, run.data.batch_sampler
+    mode = run.settings.sizes.variable_batch_loss_scale
+    sampler = getattr(run.data, "batch_sampler", None)  # a stream has none
     if sampler is None or mode == "none":
         return None
     reference = sampler.average_batch_size

@@ -6,8 +6,8 @@
 * `resume_policy`: which checkpoint to resume, and what becomes of each recorded setting.
 * the specs: `data_specs` (images, loaders, data, augmentation, labels), `model_specs` (model,
   optimizer, LR schedule, precision), `ema_specs` (EMA, post-hoc EMA), `train_specs` (loop,
-  devices, `TrainSettings`, `resolve_train`), `validate_specs` (`ValidateSettings`); `checks`:
-  what their checks share.
+  devices, `TrainSettings`, `resolve_train`), `validate_specs` (`ValidateSettings`),
+  `tracker_specs` (W&B and TensorBoard); `checks`: what their checks share.
 
 A spec is a frozen dataclass whose fields are flag values; its `__post_init__` holds all the
 checks of those values, so the checks of one flag are found next to it. train.py and validate.py
@@ -28,6 +28,7 @@ _NAMES = {
     **dict.fromkeys(["MAX_SHADOWS", "EmaSpec", "PosthocSpec"], ".ema_specs"),
     **dict.fromkeys(["LoopSpec", "DistSpec", "TrainSettings", "train_settings", "resolve_train"],
                     ".train_specs"),
+    **dict.fromkeys(["TRACKER_SETTINGS", "tracker_spec"], ".tracker_specs"),
     **dict.fromkeys(["MAX_TARGETS", "WeightChoice", "ValidateSettings", "validate_settings"],
                     ".validate_specs"),
 }

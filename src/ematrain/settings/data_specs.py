@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..data.readers.spec import DatasetSpec, resolve_dataset
 from ..data.sized_batches import SizeChoices
 from ..util.errors import UserError
 from ..util.logs import plural
@@ -102,12 +103,13 @@ def available_cores() -> int:
 # ----------------------------------------------------------------------------- train specs
 @dataclass(frozen=True)
 class DataSpec:
-    """Where the ImageFolder splits are and how they are batched."""
+    """Where the splits are and how they are batched (how they are read: `dataset_spec`)."""
     data_dir: str | None
     train_split: str
     val_split: str
     validation_batch_size: int | None
     aug_repeats: float
+    dataset: str = ""
     worker_seeding: str = "all"
     use_multi_epochs_loader: bool = False
 
@@ -117,7 +119,7 @@ class DataSpec:
             raise UserError(f"--worker-seeding {self.worker_seeding}: every sample here is "
                             f"seeded from the seed, epoch and its index, which is timm's 'all' "
                             f"and more; no other seeding is offered")
-        if not self.data_dir:
+        if not self.data_dir and not self.dataset:
             raise UserError("no data root given: train.py DIR (with DIR/train and DIR/val)")
         at_least(self, 1, "validation_batch_size")
         repeats = self.aug_repeats
@@ -260,3 +262,26 @@ class LabelSpec:
     @property
     def mixing(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
+
+def dataset_spec(ns, train: bool = True) -> DatasetSpec:
+    """timm's dataset flags as one `DatasetSpec`, each checked where it is resolved
+    (`data.readers.spec`); validate.py's --split and --num-samples are its one split's."""
+    if train:
+        splits = dict(train_split=ns.train_split, val_split=ns.val_split,
+                      train_num_samples=ns.train_num_samples, val_num_samples=ns.val_num_samples,
+                      epoch_repeats=ns.epoch_repeats)
+    else:
+        splits = dict(train_split=ns.split, val_split=ns.split, train_num_samples=ns.num_samples,
+                      val_num_samples=ns.num_samples)
+    if not ns.data_dir and not ns.dataset:
+        raise UserError("no data root given: " + ("train.py DIR (with DIR/train and DIR/val)"
+                                                 if train else "validate.py DIR --checkpoint PATH"))
+    if ns.input_img_mode not in (None, "RGB"):
+        raise UserError(f"--input-img-mode {ns.input_img_mode}: ematrain's models take RGB "
+                        f"images (--in-chans 3), so images are converted to RGB")
+    return resolve_dataset(ns.dataset, ns.data_dir, class_map=ns.class_map,
+                           input_img_mode=ns.input_img_mode, input_key=ns.input_key,
+                           target_key=ns.target_key, dataset_download=ns.dataset_download,
+                           dataset_trust_remote_code=ns.dataset_trust_remote_code,
+                           corrupt_samples=ns.corrupt_samples, **splits)

@@ -156,7 +156,24 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     _recipe_flags(p)
     _size_flags(p)
     _distill_flags(p)
+    _tracker_flags(p)
     return p
+
+
+def _tracker_flags(p) -> None:
+    """Run trackers: timm's W&B flags, and TensorBoard."""
+    g = p.add_argument_group("Run trackers (W&B, TensorBoard)")
+    g.add_argument("--log-wandb", action="store_true", default=False,
+                   help="log training and validation metrics to Weights & Biases (offline with "
+                        "WANDB_MODE=offline)")
+    g.add_argument("--wandb-project", default=None, metavar="NAME", help="W&B project name")
+    g.add_argument("--wandb-tags", default=[], nargs="+", metavar="TAG", help="W&B tags")
+    g.add_argument("--wandb-resume-id", default="", metavar="ID",
+                   help="with --resume: the id of the W&B run to continue (default: the one "
+                        "the checkpoint names)")
+    g.add_argument("--log-tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="log the same metrics to TensorBoard event files in DIR (default "
+                        "without DIR: <run>/tensorboard)")
 
 
 def _dataset_flags(p) -> None:
@@ -166,9 +183,55 @@ def _dataset_flags(p) -> None:
                    help="data root holding <train-split>/ and <val-split>/ ImageFolder trees")
     g.add_argument("--data-dir", default=None, metavar="DIR",
                    help="the data root as a flag, timm's spelling (same as DIR)")
-    g.add_argument("--train-split", default="train", help="training split folder (default: train)")
-    g.add_argument("--val-split", default="val",
-                   help="validation split folder (default: val; 'validation' if val is absent)")
+    _dataset_reader_flags(g, train=True)
+
+
+def _dataset_reader_flags(g, train: bool) -> None:
+    """timm's --dataset and the flags of its readers (train.py's, or validate.py's spellings:
+    --split, --num-samples), and ours: --corrupt-samples."""
+    g.add_argument("--dataset", default="", metavar="NAME",
+                   help="dataset type + name, as timm's: '' an ImageFolder (or a .tar of images), "
+                        "torch/<name>, hfds/<name or folder>, hfids/<name or folder>, "
+                        "wds/<name> (shards in --data-dir); tfds/ is not supported")
+    if train:
+        g.add_argument("--train-split", default="train", metavar="NAME",
+                       help="training split (default: train)")
+        g.add_argument("--val-split", default="validation", metavar="NAME",
+                       help="validation split (default: validation; a folder 'val' is found "
+                            "for it too)")
+        g.add_argument("--train-num-samples", type=int, default=None, metavar="N",
+                       help="samples in a training epoch of a stream (wds/, hfids/; default: "
+                            "the shard metadata's count)")
+        g.add_argument("--val-num-samples", type=int, default=None, metavar="N",
+                       help="samples in the validation split of a stream (default: the shard "
+                            "metadata's count)")
+    else:
+        g.add_argument("--split", default="validation", metavar="NAME",
+                       help="split to evaluate (default: validation; a folder 'val' is found "
+                            "for it too)")
+        g.add_argument("--num-samples", type=int, default=None, metavar="N",
+                       help="samples in the split of a stream (default: the shard metadata's)")
+    g.add_argument("--dataset-download", action="store_true", default=False,
+                   help="allow downloading torch/ and Hugging Face datasets (default: nothing "
+                        "is fetched)")
+    g.add_argument("--class-map", default="", metavar="FILENAME",
+                   help="class names in label order (.txt, one a line) or {name: index} (.pkl)")
+    g.add_argument("--input-img-mode", default=None, metavar="MODE",
+                   help="PIL image mode the images are converted to (default: RGB)")
+    g.add_argument("--input-key", default=None, metavar="KEY",
+                   help="the image's field in wds/, hfds/, hfids/ samples (default: the "
+                        "reader's: jpg/png/..., image)")
+    g.add_argument("--target-key", default=None, metavar="KEY",
+                   help="the label's field in wds/, hfds/, hfids/ samples (default: cls, label)")
+    g.add_argument("--dataset-trust-remote-code", action="store_true", default=False,
+                   help="let a Hugging Face dataset run its own loading script (default: off)")
+    g.add_argument("--corrupt-samples", default="stop", choices=["stop", "skip"],
+                   help="an image that does not decode: 'stop' the run in one line, or 'skip' "
+                        "it and count it in the log (default: stop)")
+    if train:
+        g.add_argument("--epoch-repeats", type=float, default=0.0, metavar="N",
+                       help="a stream's training epoch is N passes over its samples (timm's; "
+                            "default: 0, one pass)")
 
 
 def _model_flags(p) -> None:
@@ -471,6 +534,7 @@ def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="data root holding the split folder")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="the data root as a flag, timm's spelling (same as DIR)")
+    _dataset_reader_flags(p, train=False)
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="our checkpoint, timm's, a plain state dict or a .safetensors file")
     p.add_argument("--pretrained-path", default=None, metavar="FILE",
@@ -492,7 +556,6 @@ def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="timm model name (default: from the checkpoint)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classifier outputs (default: from the checkpoint, else the data)")
-    p.add_argument("--split", default="val", help="split folder to evaluate (default: val)")
     p.add_argument("-b", "--batch-size", type=int, default=None, metavar="N",
                    help="batch size (default: training's validation batch size, else 256)")
     p.add_argument("-j", "--workers", type=int, default=None, metavar="N",

@@ -121,6 +121,8 @@ def _value_tokens(action: argparse.Action, key: str, value, where: str) -> list[
         return [f"{opt}={action.const}"] if value else []
     if action.nargs in ("+", "*") or isinstance(action.nargs, int):
         items = value if isinstance(value, (list, tuple)) else [value]
+        if not items and action.default in ([], ()):
+            return []  # no flag says "none" (timm's `wandb_tags: []`): the default does
         return [opt, *map(_text, items), LIST_END]
     if isinstance(value, (list, tuple, dict)):
         raise UserError(f"{where}: {key} takes one value, got {value!r}")

@@ -75,6 +75,15 @@ RESUME_POLICY: tuple[Rule, ...] = (
     Rule("grad_accum_steps", MID_EPOCH, "the position within the epoch is counted in batches"),
     Rule("aug_repeats", MID_EPOCH, "it reorders the epoch's samples"),
     Rule("world_size", MID_EPOCH, "each process's share of the epoch depends on it"),
+    Rule("dataset", MID_EPOCH, "the epoch's samples and their order are its reader's"),
+    Rule("train_split", MID_EPOCH, "the epoch's samples are the split's"),
+    Rule("train_num_samples", MID_EPOCH, "a stream's steps per epoch follow from it"),
+    Rule("epoch_repeats", MID_EPOCH, "a stream's steps per epoch follow from it"),
+    Rule("data_stream", KEEP, "a stream (wds/, hfids/) resumes where it stood: at an epoch's "
+         "end its order comes from (seed, epoch) alone; mid-epoch each loader worker replays "
+         "its raw stream to its saved position without decoding it, bit-identical, given the "
+         "same processes and -j (else refused in one line, as under torchrun with "
+         "--corrupt-samples skip: resume from the epoch's checkpoint)"),
     Rule("opt", FRESH_OPTIMIZER, "the saved optimizer state is the old optimizer's"),
     Rule("momentum", FRESH_OPTIMIZER, _OPT_WHY),
     Rule("weight_decay", FRESH_OPTIMIZER, _OPT_WHY),
@@ -98,6 +107,14 @@ RESUME_POLICY: tuple[Rule, ...] = (
            "in them") for key in ("train_img_sizes", "train_batch_sizes", "train_size_probs",
                                   "train_size_schedule", "train_size_schedule_spread",
                                   "train_size_random_mix", "train_batches_per_epoch")),
+    Rule("log_wandb", NEW, "W&B logs from the resumed step on, into the W&B run the checkpoint "
+         "names (its `trackers` key) when it has one, else a new one"),
+    Rule("wandb_project", NEW, "for a W&B run started on resume; the run the checkpoint names "
+         "goes on in its own project"),
+    Rule("wandb_resume_id", NEW, "the W&B run to continue instead of the one the checkpoint "
+         "names (as timm's train.py: it must exist)"),
+    Rule("log_tensorboard", NEW, "TensorBoard logs from the resumed step on; in the same folder "
+         "its steps after the checkpoint are purged, so each step shows once"),
 )
 # Every other setting (epochs, the LR and its schedule, the EMA interval and warmup, the
 # augmentation, ...) applies from the resumed step on.

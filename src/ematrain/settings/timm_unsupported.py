@@ -12,8 +12,6 @@ from ..util.errors import UserError
 
 _TORCHSCRIPT = "TorchScript is deprecated in torch 2: use --torchcompile"
 _NAFLEX = "NaFlex loading is not wired into ematrain's loop or validate.py"
-_DATASET = "ematrain reads ImageFolder trees only; timm's dataset readers are issue 24's"
-_WANDB = "experiment trackers are issue 26's"
 
 # Each unsupported setting: the value that leaves it off, and why it is refused when on.
 TIMM_REFUSED: dict[str, tuple[object, str]] = {
@@ -27,21 +25,13 @@ TIMM_REFUSED: dict[str, tuple[object, str]] = {
     "tta": (0, "timm's train.py averages groups of outputs that its loader no longer makes"),
     "amp_impl": ("native", "timm 1.0 removed apex AMP; --amp is torch's native AMP"),
     "naflex_loader": (False, _NAFLEX),
-    # issue 24 (data) and issue 26 (trackers) own these
-    "dataset": ("", _DATASET), "dataset_download": (False, _DATASET),
-    "dataset_trust_remote_code": (False, _DATASET), "class_map": ("", _DATASET),
-    "train_num_samples": (None, _DATASET), "val_num_samples": (None, _DATASET),
-    "num_samples": (None, _DATASET), "input_img_mode": (None, _DATASET),
-    "input_key": (None, _DATASET), "target_key": (None, _DATASET),
-    "epoch_repeats": (0.0, _DATASET), "log_wandb": (False, _WANDB),
 }
 # Command-line spellings that are not the dest's (timm's second name of a setting).
 _SPELLINGS: dict[str, str] = {}
 TIMM_SETTINGS_NOT_SUPPORTED = {key: off for key, (off, _why) in TIMM_REFUSED.items()}
 # Settings that only act when another one is on: whatever their value, they are idle while
-# their gate is off. Matched by prefix, so timm's variants of these families (NaFlex, wandb)
-# are known.
-_TIMM_GATED = {"naflex_": "naflex_loader", "wandb_": "log_wandb"}
+# their gate is off. Matched by prefix, so timm's variants of the NaFlex family are known.
+_TIMM_GATED = {"naflex_": "naflex_loader"}
 
 
 def timm_gate(key: str) -> str | None:

@@ -8,16 +8,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.augmix import check_splits
+from ..data.readers.spec import FOLDER, DatasetSpec
+from ..trackers.spec import TrackerSpec
 from ..util.distributed import device_named
 from ..util.errors import UserError
 from ..util.runtime import import_device_modules
 from .checks import at_least, from_args
-from .data_specs import AugSpec, DataSpec, ImageSpec, LabelSpec, LoaderSpec, SizeSpec
+from .data_specs import (
+    AugSpec,
+    DataSpec,
+    ImageSpec,
+    LabelSpec,
+    LoaderSpec,
+    SizeSpec,
+    dataset_spec,
+)
 from .ema_specs import EmaSpec, PosthocSpec
 from .flags import train_parser
 from .layers import Layer, parse_command
 from .model_specs import DistillSpec, ModelSpec, OptimSpec, PrecisionSpec, ScheduleSpec
 from .resume_policy import ResumeSource, apply_to_settings, find_checkpoint, open_source
+from .tracker_specs import tracker_spec
 
 _DIST_BACKENDS = ("nccl", "gloo", "mpi", "ucc")
 
@@ -78,6 +89,7 @@ class TrainSettings:
     """Everything train.py was asked for, checked; `args` is the flat record of it."""
     args: argparse.Namespace
     data: DataSpec
+    dataset: DatasetSpec
     loader: LoaderSpec
     image: ImageSpec
     model: ModelSpec
@@ -90,6 +102,7 @@ class TrainSettings:
     posthoc: PosthocSpec
     loop: LoopSpec
     dist: DistSpec
+    trackers: TrackerSpec
     distill: DistillSpec = field(default_factory=DistillSpec)
     sizes: SizeSpec = field(default_factory=SizeSpec)
 
@@ -100,12 +113,16 @@ class TrainSettings:
                  "precision": PrecisionSpec, "loop": LoopSpec, "dist": DistSpec,
                  "distill": DistillSpec, "sizes": SizeSpec}
         built = {name: from_args(spec, ns) for name, spec in specs.items()}
+        trackers = tracker_spec(vars(ns), resuming=bool(ns.resume))
         settings = cls(args=ns, ema=EmaSpec.from_args(ns), posthoc=PosthocSpec.from_args(ns),
-                       **built)
+                       dataset=dataset_spec(ns), trackers=trackers, **built)
         if settings.labels.mixing and settings.loader.batch_size % 2:
             raise UserError(f"mixup/cutmix need an even --batch-size, got "
                             f"{settings.loader.batch_size}")
-        _output_outside_splits(settings.loop.output, settings.data)
+        if settings.dataset.kind == FOLDER:
+            _output_outside_splits(settings.loop.output, settings.data)
+        if settings.dataset.streaming:
+            _stream_checks(settings)
         a = settings.aug
         check_splits(a.aug_splits, a.jsd_loss, a.split_bn, a.resplit, settings.labels.mixing,
                      a.no_aug)
@@ -146,6 +163,19 @@ def _check_sizes(s: "TrainSettings") -> None:
     if s.labels.mixing and any(b % 2 for b in batches):
         raise UserError(f"mixup/cutmix need even batches, got --train-batch-sizes "
                         f"{' '.join(map(str, batches))}")
+
+
+def _stream_checks(s: TrainSettings) -> None:
+    """What needs a map-style dataset (read by index), refused for a stream."""
+    where = f"--dataset {s.dataset.dataset} is a stream, read shard by shard"
+    if s.data.aug_repeats:
+        raise UserError(f"--aug-repeats repeats samples by index; {where} (use --epoch-repeats "
+                        f"for longer epochs)")
+    if s.ema.bn == "recalibrate":
+        raise UserError(f"--model-ema-bn recalibrate draws training images by index; {where} "
+                        f"(use --model-ema-bn average or copy)")
+    if s.aug.aug_splits or s.sizes.enabled:
+        raise UserError(f"--aug-splits and --train-img-sizes draw samples by index; {where}")
 
 
 def _output_outside_splits(output: str, spec: DataSpec) -> None:

@@ -6,12 +6,13 @@ import argparse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from ..data.readers.spec import DatasetSpec
 from ..ema.half_life import parse_half_life
 from ..util.distributed import device_named
 from ..util.errors import UserError
 from ..util.runtime import check_compile_mode
 from .checks import at_least, at_most, check_sigma_rels, from_args
-from .data_specs import CROP_MODES, ImageSpec, LoaderSpec
+from .data_specs import CROP_MODES, ImageSpec, LoaderSpec, dataset_spec
 from .flags import validate_parser
 from .layers import parse_command
 from .model_specs import PrecisionSpec
@@ -108,10 +109,11 @@ class ValidateSettings:
     loader: LoaderSpec
     choice: WeightChoice
     precision: PrecisionSpec
+    dataset: DatasetSpec
     test: TestTimeSpec = field(default_factory=TestTimeSpec)
 
     def __post_init__(self):
-        if not self.data_dir:
+        if not self.data_dir and not self.dataset.dataset:
             raise UserError("no data root given: validate.py DIR --checkpoint PATH")
         sources = [f for f, on in (("--checkpoint", self.checkpoint),
                                    ("--pretrained-path", self.pretrained_path),
@@ -165,9 +167,9 @@ class ValidateSettings:
         parts = {"image": ImageSpec, "loader": LoaderSpec, "choice": WeightChoice,
                  "precision": PrecisionSpec, "test": TestTimeSpec}
         own = {f.name: getattr(ns, f.name) for f in fields(cls)
-               if f.name != "args" and f.name not in parts}
+               if f.name not in ("args", "dataset") and f.name not in parts}
         return cls(args=ns, **{name: from_args(spec, ns) for name, spec in parts.items()},
-                   **own)
+                   dataset=dataset_spec(ns, train=False), **own)
 
 
 def validate_settings(argv: list[str]) -> ValidateSettings:

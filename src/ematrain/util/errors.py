@@ -25,7 +25,7 @@ def one_line(message: str) -> str:
     if len(lines) == 1:
         return lines[0]
     last = lines[-1]
-    for prefix in ("ematrain.errors.UserError: ", "ematrain.errors.RunFailure: "):
+    for prefix in (f"{__name__}.UserError: ", f"{__name__}.RunFailure: "):
         if last.startswith(prefix):
             return last[len(prefix):]
     return last
