@@ -16,6 +16,7 @@ from ..checkpoint.files import load_file, write_file
 from ..checkpoint.weights import Weights, select_weights
 from ..posthoc import series as snapshot_series
 from ..posthoc import snapshots, sweep
+from ..run import tracking
 from ..run.eval_config import with_test_time_pool
 from ..run.eval_extras import (
     ClassMetrics,
@@ -25,7 +26,6 @@ from ..run.eval_extras import (
     read_valid_labels,
     with_retry,
 )
-from ..run import tracking
 from ..run.evaluation import (
     WeightBank,
     build_model,

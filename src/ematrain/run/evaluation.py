@@ -30,9 +30,9 @@ from ..util.errors import UserError
 from ..util.logs import log, show_bars
 from ..util.modules import unwrap_model
 from ..util.runtime import fast_norm
+from .datasets import reads_folders
 from .eval_config import eval_data_config
 from .eval_extras import EvalExtras, read_valid_labels
-from .datasets import reads_folders
 from .model import architecture_kwargs, create_model, probe_input, set_batchnorm
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.schema import is_ours, save
-from ..data.sized_batches import loss_scale
 from ..settings.resume_policy import ResumeSource
-from ..util.clock import RunClock, duration
+from ..util.clock import RunClock
 from ..util.distributed import (
     all_reduce_sum,
     any_rank,
@@ -39,6 +38,13 @@ from .folder import RunFolder, open_run_folder, write_args
 from .keeper import LAST
 from .loop import EpochLoop, LoopConfig, NonFinite, NonFiniteShadows, current_lr
 from .parts import Run
+from .recipe_hooks import (
+    batch_loss_scale,
+    save_batch_image,
+    skipped_line,
+    start_at_epoch,
+    validates,
+)
 from .report import epoch_line, log_end, log_start
 from .restore import adopt_folder, restore
 from .step import Batches, Recipe
@@ -304,63 +310,16 @@ class Training:
                   file=sys.stderr, flush=True)
 
 
-def validates(run: Run, epoch: int) -> bool:
-    """--val-interval K: timm validates after every K-th epoch and after the last."""
-    interval = run.settings.loop.val_interval
-    return (epoch + 1) % interval == 0 or epoch + 1 == run.num_epochs
 
 
-def end_of_epoch(run: Run, epoch: int) -> tuple[float, float]:
-    """What every epoch's end does before validation: BatchNorm statistics agreed, the last
-    update's snapshot, the shadows' policy. The epoch's LR and training loss."""
-    lr, train_loss = current_lr(run.optimizer), run.counters.train_loss
-    sync_replicas(run)
-    run.take_snapshot()  # the epoch's last update (the loop yields only the others)
-    run.shadow_policy.apply(run.emas.regular, run.model, epoch,
-                            lambda images: calibration_input(run, images))
-    return lr, train_loss
 
 
-def skipped_line(run: Run, epoch: int, lr: float, train_loss: float, took: float) -> str:
-    return (f"epoch {epoch} ({epoch + 1}/{run.num_epochs}) {duration(took)}: lr {lr:.3g} "
-            f"train_loss {train_loss:.4f}; not validated (--val-interval "
-            f"{run.settings.loop.val_interval})")
 
 
-def save_batch_image(run_dir: Path | None, batch: int, images: torch.Tensor) -> None:
-    """--save-images: the step's input as timm writes it, train-batch-<i>.jpg in the run
-    folder (a grid, each image's range stretched to the full scale)."""
-    if run_dir is None:
-        return
-    from torchvision.utils import save_image
-    save_image(images.detach().float().cpu(), run_dir / f"train-batch-{batch}.jpg", padding=0,
-               normalize=True)
 
 
-def batch_loss_scale(run: Run):
-    """--variable-batch-loss-scale sqrt|linear: each batch's loss times (its size / timm's
-    policy-average batch), to the power 1/2 or 1; None when off."""
-    mode = run.settings.sizes.variable_batch_loss_scale
-    sampler = getattr(run.data, "batch_sampler", None)  # a stream has none
-    if sampler is None or mode == "none":
-        return None
-    reference = sampler.average_batch_size
-    return lambda size: loss_scale(size, reference, mode)
 
 
-def start_at_epoch(run: Run, epoch: int) -> None:
-    """--start-epoch N on a new run, as timm: the loop starts at epoch N with the LR schedule at
-    its position (per epoch, or per update with --sched-on-updates); the EMAs start from the
-    start weights, as at any start."""
-    c = run.counters
-    c.epoch, c.epoch_step, c.num_updates = epoch, 0, epoch * run.data.steps_per_epoch
-    if run.scheduler is not None:
-        if run.settings.schedule.sched_on_updates:
-            run.scheduler.step_update(num_updates=c.num_updates)
-        else:
-            run.scheduler.step(epoch)
-    log.info(f"--start-epoch {epoch}: starting at epoch {epoch} (update {c.num_updates}), "
-             f"LR {current_lr(run.optimizer):.3g}")
 
 
 def sync_replicas(run: Run) -> None:
@@ -401,3 +360,13 @@ def calibration_input(run: Run, images: torch.Tensor) -> torch.Tensor:
                       normalize=run.data.normalize)
     return prepare(images, torch.zeros(images.size(0), dtype=torch.long))[0]
 
+
+def end_of_epoch(run: Run, epoch: int) -> tuple[float, float]:
+    """What every epoch's end does before validation: BatchNorm statistics agreed, the last
+    update's snapshot, the shadows' policy. The epoch's LR and training loss."""
+    lr, train_loss = current_lr(run.optimizer), run.counters.train_loss
+    sync_replicas(run)
+    run.take_snapshot()  # the epoch's last update (the loop yields only the others)
+    run.shadow_policy.apply(run.emas.regular, run.model, epoch,
+                            lambda images: calibration_input(run, images))
+    return lr, train_loss
