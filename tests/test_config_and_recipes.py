@@ -15,6 +15,7 @@ import torch
 import yaml
 from conftest import REPO_ROOT, make_training, run_epochs
 
+from ematrain.settings.timm_unsupported import why_refused
 from ematrain.settings.train_specs import train_settings
 from ematrain.util.errors import UserError
 
@@ -160,11 +161,10 @@ def test_the_timm_fixture_is_what_timms_parser_writes(tmp_path):
     assert {"val_interval", "train_img_sizes", "variable_batch_loss_scale"} <= set(keys)
 
 
-@pytest.mark.parametrize("line,shown", [("aug_splits: 3", "aug_splits=3"),
-                                        ("jsd_loss: true", "jsd_loss=True"),
-                                        ("save_images: true", "save_images=True"),
+@pytest.mark.parametrize("line,shown", [("tta: 2", "tta=2"),
+                                        ("amp_impl: apex", "amp_impl='apex'"),
                                         ("naflex_loader: true", "naflex_loader=True"),
-                                        ("kd_model_name: resnet50", "kd_model_name='resnet50'")])
+                                        ("torchscript: true", "torchscript=True")])
 def test_timm_settings_we_lack_are_refused_when_switched_on(tmp_path, line, shown):
     key = line.split(":")[0]
     text = "\n".join(l for l in TIMM_ARGS.read_text().splitlines() if not l.startswith(key + ":"))
@@ -173,25 +173,27 @@ def test_timm_settings_we_lack_are_refused_when_switched_on(tmp_path, line, show
     with pytest.raises(UserError) as err:
         train_settings(["-c", recipe, str(tmp_path)])
     assert str(err.value) == (f"config file {recipe}: timm setting(s) ematrain does not support: "
-                              f"{shown}")
+                              f"{shown} ({why_refused(key)})")
 
 
 def test_a_recipe_typo_is_still_an_unknown_key(tmp_path):
     recipe = tmp_path / "typo.yaml"
-    recipe.write_text("modle: resnet18\naug_splits: 0\n")
+    recipe.write_text("modle: resnet18\ntta: 0\n")
     with pytest.raises(UserError, match=r"unknown key\(s\): modle$"):
         train_settings(["-c", recipe, str(tmp_path)])
 
 
 def test_timm_flags_we_lack_are_named_on_the_command_line(tmp_path):
-    with pytest.raises(UserError, match=r"^--aug-splits, --jsd-loss: timm setting\(s\) ematrain "
-                                        r"does not support$"):
-        train_settings([str(tmp_path), "--aug-splits", "3", "--jsd-loss"])
+    naflex = why_refused("naflex_loader")
+    with pytest.raises(UserError) as err:
+        train_settings([str(tmp_path), "--naflex-loader", "--torchscript"])
+    assert str(err.value) == (f"timm setting(s) ematrain does not support: --naflex-loader "
+                              f"({naflex}); --torchscript ({why_refused('torchscript')})")
     with pytest.raises(UserError, match=r"^unrecognized arguments: --bogus$"):
         train_settings([str(tmp_path), "--bogus"])
-    with pytest.raises(UserError, match=r"^--aug-splits: timm setting\(s\) ematrain does not "
-                                        r"support; unrecognized arguments: --modle$"):
-        train_settings([str(tmp_path), "--aug-splits", "3", "--modle", "x"])
+    with pytest.raises(UserError) as err:
+        train_settings([str(tmp_path), "--naflex-loader", "--modle", "x"])
+    assert str(err.value).endswith(f"({naflex}); unrecognized arguments: --modle")
 
 
 def test_a_half_life_on_the_command_line_replaces_the_recipe_decay(tmp_path):
@@ -236,7 +238,7 @@ def test_recipe_values_are_converted_as_the_command_line_would(tmp_path, line, v
     ("lr: fast", "config file {}: lr: expected a number, got 'fast'"),
     ("lr: .nan", "config file {}: lr: expected a finite number, got 'nan'"),
     ("input_size: [3, 32]", "config file {}: input_size: expected 3 arguments"),
-    ("scale: [0.5]", "config file {}: scale: expected 2 arguments"),
+    ("scale: [0.5]", "--scale takes MIN MAX (2 values), got 1"),
     ("lr: [0.1, 0.2]", "config file {}: lr takes one value, got [0.1, 0.2]"),
     ("model_kwargs: drop_rate=0.1", "config file {}: model_kwargs must be a mapping"),
     ("lr: 0.1\nlr: 0.2", "config file {}: key 'lr' is given twice (line 2)"),

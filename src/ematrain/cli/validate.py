@@ -10,16 +10,27 @@ import json
 from pathlib import Path
 
 import torch
+from timm.utils.misc import natural_key
 
 from ..checkpoint.files import load_file, write_file
 from ..checkpoint.weights import Weights, select_weights
 from ..posthoc import series as snapshot_series
 from ..posthoc import selection, snapshots, sweep
 from ..run import tracking
+from ..run.eval_config import with_test_time_pool
+from ..run.eval_extras import (
+    ClassMetrics,
+    EvalExtras,
+    RealLabels,
+    ValidLabels,
+    read_valid_labels,
+    with_retry,
+)
 from ..run.evaluation import (
     WeightBank,
     build_model,
     check_classes,
+    eval_batch_size,
     evaluation_dtype,
     open_split,
     resolve_data_config,
@@ -33,6 +44,8 @@ from ..util.atomic import atomic_write_text
 from ..util.errors import UserError
 from ..util.invocation import command_name
 from ..util.logs import log
+from ..util.modules import unwrap_model
+from ..util.seeding import seed_everything
 from .entry import exit_process, run_main
 
 
@@ -47,16 +60,19 @@ def results_record(arch: str, result: dict, model, data_config: dict) -> dict:
             "interpolation": data_config.get("interpolation")}
 
 
-def write_results(path: str, results: dict, kind: str) -> None:
-    """`results` as one JSON object or a one-row CSV (`kind`), written atomically."""
+def write_results(path: str, results: dict | list[dict], kind: str) -> None:
+    """`results` as one JSON object (a list for bulk mode) or CSV rows (`kind`), written
+    atomically."""
     path = Path(path)
     if kind == "json":
         text = json.dumps(results, indent=2) + "\n"
     else:
+        rows = results if isinstance(results, list) else [results]
+        fields = list(dict.fromkeys(k for row in rows for k in row))
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(results), lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
-        writer.writerow(results)
+        writer.writerows(rows)
         text = buf.getvalue()
     atomic_write_text(path, text)
 
@@ -77,6 +93,9 @@ def _main(argv: list[str]) -> int:
     s = validate_settings(argv)
     info, device = distributed.init_distributed(s.device, None)
     try:
+        targets = bulk_targets(s)
+        if targets is not None:
+            return evaluate_bulk(s, targets, info, device)
         return _evaluate(s, info, device)
     finally:
         distributed.shutdown()
@@ -85,28 +104,119 @@ def _main(argv: list[str]) -> int:
 def _evaluate(s: ValidateSettings, info, device) -> int:
     if s.posthoc:
         return evaluate_posthoc(s, info, device)
+    results = score(s, info, device)
+    if results is not None and s.results_file:
+        write_results(s.results_file, results, s.results_kind)
+        log.info(f"results written to {s.results_file}")
+    return 0
+
+
+def bulk_targets(s: ValidateSettings) -> list[tuple[str | None, str | None]] | None:
+    """timm's bulk mode, as (model, checkpoint) pairs: every checkpoint file of a --checkpoint
+    folder, or with --pretrained every timm model --model names (``all``, or a wildcard);
+    None when one model is evaluated."""
+    if s.checkpoint and Path(s.checkpoint).is_dir():
+        files = [p for p in Path(s.checkpoint).iterdir()
+                 if p.is_file() and p.name.endswith((".pth.tar", ".pth", ".safetensors"))]
+        if not files:
+            raise UserError(f"--checkpoint {s.checkpoint}: a folder without checkpoint files")
+        return [(s.model, str(p)) for p in sorted(files, key=lambda p: natural_key(p.name))]
+    if s.pretrained and s.model and (s.model == "all" or any(c in s.model for c in "*?[")):
+        import timm
+        names = timm.list_models("*" if s.model == "all" else s.model, pretrained=True)
+        if not names:
+            raise UserError(f"--model {s.model}: no timm model with pretrained weights matches")
+        return [(name, None) for name in names]
+    return None
+
+
+def evaluate_bulk(s: ValidateSettings, targets, info, device) -> int:
+    """One results row per model (timm's bulk mode), best top-1 first; a model that cannot be
+    evaluated is said in one line and skipped, as timm does."""
+    rows = []
+    for model, checkpoint in targets:
+        one = dataclasses.replace(s, model=model, checkpoint=checkpoint, results_file="")
+        try:
+            row = score(one, info, device)
+        except UserError as exc:
+            log.warning(f"skipped {model or checkpoint}: {exc}")
+            continue
+        if row is not None:
+            rows.append(row)
+    rows.sort(key=lambda r: r["top1"], reverse=True)
+    if info.is_primary and s.results_file:
+        write_results(s.results_file, rows, s.results_kind)
+        log.info(f"results of {len(rows)} models written to {s.results_file}")
+    return 0 if rows else 1
+
+
+def score(s: ValidateSettings, info, device) -> dict | None:
+    """Evaluate one model; its results record (None on the other ranks)."""
+    seed_everything(s.test.seed)
     ckpt, weights = read_weights(s)
     split_dir, dataset = open_split(s, s.num_classes or ckpt.get("num_classes"))
     check_classes(ckpt, dataset, split_dir)
     model, arch = build_model(s, ckpt, dataset, weights, device)
     name = weights.name if weights is not None else "pretrained"
-    data_config = resolve_data_config(s.image, ckpt, model, s.precision.channels_last)
-    loader, normalize = split_loader(s, info, dataset, ckpt, data_config, device)
-    precision = s.precision.on(device)
-    result = validate(model, loader, device, reduce=lambda t: distributed.all_reduce_sum(t, info),
-                      show=info.is_primary, normalize=normalize, amp_dtype=precision.autocast,
-                      channels_last=precision.channels_last)[0]
+    data_config = resolve_data_config(s.image, ckpt, model, s.precision.channels_last, s.test)
+    classes = int(getattr(unwrap_model(model), "num_classes", len(dataset.classes)))
+    model, data_config = test_time_model(s, model, data_config)
+    reduce = lambda t: distributed.all_reduce_sum(t, info)
+
+    def evaluate(batch_size: int | None) -> dict:
+        loader, normalize = split_loader(s, info, dataset, ckpt, data_config, device, batch_size)
+        extras = eval_extras_for(s, dataset, loader, device, classes)
+        precision = s.precision.on(device)
+        result = validate(model, loader, device, reduce=reduce, show=info.is_primary,
+                          normalize=normalize, amp_dtype=precision.autocast,
+                          channels_last=precision.channels_last, extras=extras)[0]
+        return extras.update(result, reduce, device)
+    if s.test.retry:
+        result = with_retry(evaluate, eval_batch_size(s, ckpt), log=log.info)
+    else:
+        result = evaluate(None)
     if not info.is_primary:
-        return 0
+        return None
     results = results_record(arch, result, model, data_config)
     results.update(checkpoint=str(s.source), weights=name, loss=result["loss"],
                    count=result["count"])
+    results.update({k: v for k, v in result.items() if k.startswith(s.test.metrics_avg or "-")})
     print(f"{arch} ({name}) on {split_dir}: top1 {result['top1']:.4f} top5 "
           f"{result['top5']:.4f} loss {result['loss']:.4f} images {result['count']}", flush=True)
-    if s.results_file:
-        write_results(s.results_file, results, s.results_kind)
-        log.info(f"results written to {s.results_file}")
-    return 0
+    return results
+
+
+def test_time_model(s: ValidateSettings, model, data_config: dict):
+    """--reparam, --test-pool and --torchcompile, in timm's validate.py order."""
+    if s.test.reparam:
+        from timm.utils.model import reparameterize_model
+        model = reparameterize_model(model)
+    if s.test.test_pool:
+        model, data_config, applied = with_test_time_pool(model, data_config)
+        if applied:
+            log.info(f"--test-pool: test-time pooling at {data_config['input_size'][-1]} px "
+                     f"(crop 1.0)")
+    if s.test.torchcompile:
+        model = torch.compile(model, backend=s.test.torchcompile, mode=s.test.torchcompile_mode)
+    return model, data_config
+
+
+def eval_extras_for(s: ValidateSettings, dataset, loader, device,
+                    model_classes: int) -> EvalExtras:
+    """--valid-labels, --real-labels, --metrics-avg and --log-freq for one pass of `loader`."""
+    t = s.test
+    valid = (ValidLabels(read_valid_labels(t.valid_labels, model_classes), device)
+             if t.valid_labels else None)
+    real = None
+    if t.real_labels:
+        if s.dataset.streaming:
+            raise UserError("--real-labels matches images by file name and order: give an "
+                            "ImageFolder split or a map-style --dataset, not a stream")
+        order = list(iter(loader.sampler))
+        real = RealLabels([path for path, _ in dataset.samples], t.real_labels, order)
+    classes = valid.num_classes if valid is not None else model_classes
+    metrics = ClassMetrics(classes, t.metrics_avg) if t.metrics_avg else None
+    return EvalExtras(valid, real, metrics, t.log_freq, log=log.info)
 
 
 def evaluate_posthoc(s, info, device) -> int:
@@ -248,7 +358,7 @@ class ScorePass:
 
     def __call__(self, images: Images, bank: WeightBank) -> list[dict]:
         loader, normalize = split_loader(self.s, self.info, images.dataset, self.meta,
-                                         self.data_config, self.device, images.indices)
+                                         self.data_config, self.device, indices=images.indices)
         info = self.info
         return validate(self.model, loader, self.device, ema=bank, show=info.is_primary,
                         normalize=normalize, reduce=lambda t: distributed.all_reduce_sum(t, info))

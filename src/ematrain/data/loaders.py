@@ -25,16 +25,22 @@ def _worker_count_said():
 
 def make_loader(dataset, batch_size: int, workers: int, seed: int, drop_last: bool = False,
                 pin_memory: bool = False, sampler=None, shuffle: bool = False,
-                persistent: bool = False) -> DataLoader:
+                persistent: bool = False, collate_fn=None, batch_sampler=None) -> DataLoader:
     """A loader whose order comes from its sampler (or `seed`) alone. `persistent` keeps its
     worker processes from one pass to the next (the samples are seeded by their own key, so it
     does not matter which worker loads what)."""
     with _worker_count_said():
+        if batch_sampler is not None:  # batches of their own sizes (--train-img-sizes)
+            return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+                              pin_memory=pin_memory, worker_init_fn=_init_worker,
+                              generator=loader_generator(seed), collate_fn=collate_fn,
+                              persistent_workers=persistent and workers > 0)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                           sampler=sampler, num_workers=workers, drop_last=drop_last,
                           pin_memory=pin_memory, worker_init_fn=_init_worker,
                           generator=loader_generator(seed),
-                          persistent_workers=persistent and workers > 0)
+                          persistent_workers=persistent and workers > 0,
+                          collate_fn=collate_fn)
 
 
 @contextlib.contextmanager

@@ -48,7 +48,7 @@ def check_data_config(config: dict) -> None:
                             f"units of the full pixel range, e.g. 0.485 and 0.229")
 
 
-def train_transform(data_config: dict, aug):
+def train_transform(data_config: dict, aug, separate: bool = False):
     """timm's training transform for `data_config` with the augmentation of `aug` (AugSpec).
 
     Like timm's loader with its prefetcher, the transform stops at uint8 tensors: loader
@@ -60,10 +60,21 @@ def train_transform(data_config: dict, aug):
         return create_transform(
             **config, is_training=True, no_aug=aug.no_aug, scale=tuple(aug.scale),
             ratio=tuple(aug.ratio), hflip=aug.hflip, vflip=aug.vflip, color_jitter=aug.color_jitter,
-            auto_augment=aug.aa, use_prefetcher=True)
+            auto_augment=aug.aa, use_prefetcher=True, separate=separate,
+            **_newer_augmentation(aug))
     except (AssertionError, KeyError, ValueError) as exc:
         raise UserError(f"cannot build the training augmentation (--aa {aug.aa}, --scale, "
                         f"--ratio, --color-jitter): {type(exc).__name__} {exc}".rstrip()) from None
+
+
+def _newer_augmentation(aug) -> dict:
+    """timm's newer create_transform arguments (--train-crop-mode, --color-jitter-prob,
+    --grayscale-prob, --gaussian-blur-prob), passed only when given."""
+    given = {"train_crop_mode": getattr(aug, "train_crop_mode", None),
+             "color_jitter_prob": getattr(aug, "color_jitter_prob", None),
+             "grayscale_prob": getattr(aug, "grayscale_prob", None),
+             "gaussian_blur_prob": getattr(aug, "gaussian_blur_prob", None)}
+    return {k: v for k, v in given.items() if v not in (None, "")}
 
 
 def batch_eraser(aug, device: torch.device) -> RandomErasing | None:

@@ -14,10 +14,11 @@ from timm.layers import convert_sync_batchnorm
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from ..data import loaders
+from ..data import augmix, loaders
 from ..data.folders import check_same_classes, load_image_folder, resolve_split_dir
 from ..data.readers.spec import DatasetSpec
-from ..data.samplers import EpochSampler, SeededSamples
+from ..data.samplers import EpochSampler, EpochTagged, SeededSamples
+from ..data.sized_batches import SizedBatches, sized_samples
 from ..data.transforms import (
     Normalize,
     batch_eraser,
@@ -31,15 +32,17 @@ from ..ema.policies import ShadowPolicy
 from ..ema.schedules import make_schedule
 from ..posthoc.schedule import SnapshotSchedule
 from ..settings.checks import dtype_named
-from ..settings.data_specs import DataSpec, LabelSpec, LoaderSpec
+from ..settings.data_specs import AugSpec, DataSpec, LabelSpec, LoaderSpec
 from ..settings.ema_specs import EmaSpec, PosthocSpec
-from ..settings.model_specs import ModelSpec, Precision
+from ..settings.model_specs import DistillSpec, ModelSpec, Precision
 from ..settings.train_specs import TrainSettings
 from ..util.distributed import DistInfo, init_distributed
 from ..util.errors import UserError
 from ..util.logs import log, quiet
+from ..util.runtime import fast_norm
 from ..util.seeding import seed_everything
 from .datasets import build_stream_data, mapped_splits, reads_folders
+from .distill import Distillation, build_teacher
 from .keeper import CheckpointKeeper
 from .model import create_model, init_head, probe_input, set_batchnorm
 from .optimizer import build_optimizer, build_scheduler
@@ -92,18 +95,23 @@ def build_data(spec: DataSpec, dataset: DatasetSpec, loader: LoaderSpec,
 
 
 def build_model(spec: ModelSpec, num_classes: int, device: torch.device,
-                precision: Precision, sync_bn: bool, start_weights: bool = True) -> nn.Module:
+                precision: Precision, sync_bn: bool, start_weights: bool = True,
+                split_bn: int = 0) -> nn.Module:
     """The timm model, its initial weights (unless `start_weights` is False: a resumed run
-    takes its weights from the checkpoint), on its device in its dtype."""
-    model = create_model(spec.model, num_classes, pretrained=spec.pretrained and start_weights,
-                         pretrained_path=spec.pretrained_path if start_weights else None,
-                         **spec.create_kwargs())
+    takes its weights from the checkpoint), on its device in its dtype (`split_bn`: that many
+    BatchNorm splits, --split-bn)."""
+    with fast_norm(spec.fast_norm):
+        model = create_model(spec.model, num_classes, pretrained=spec.pretrained and start_weights,
+                             pretrained_path=spec.pretrained_path if start_weights else None,
+                             **spec.create_kwargs())
     set_batchnorm(model, spec.bn_momentum, spec.bn_eps)
     if spec.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if spec.initial_checkpoint and start_weights:
         log.info(load_initial_checkpoint(model, spec.initial_checkpoint, spec.model))
     init_head(model, spec.head_init_scale, spec.head_init_bias)
+    if split_bn:
+        model = augmix.split_batchnorm(model, split_bn)
     if sync_bn:
         # timm's converter keeps the activation of its fused BatchNormAct2d layers.
         model = convert_sync_batchnorm(model)
@@ -132,6 +140,56 @@ def check_first_batch(s: TrainSettings, model: nn.Module, train: TrainData,
         raise UserError(f"mixup/cutmix need an even training batch, got {smallest}{short}")
 
 
+def set_transforms(train: TrainData, aug: AugSpec, seed: int, device: torch.device) -> None:
+    """The training and evaluation transforms, the batch normalization and random erasing; with
+    --aug-splits, timm's AugMixDataset views (clean first) collated split-major."""
+    transform = train_transform(train.data_config, aug, separate=bool(aug.aug_splits))
+    if aug.aug_splits:  # map-style data only (a stream is refused with it)
+        samples = augmix.split_samples(train.train_set.dataset, aug.aug_splits)
+        train.train_set = SeededSamples(samples, seed)
+        train.collate = augmix.collate_splits
+    train.set_transforms(transform, eval_transform(train.data_config))
+    train.normalize = Normalize(train.data_config["mean"], train.data_config["std"], device)
+    if aug.resplit and aug.reprob and not aug.no_aug:
+        train.erase = augmix.split_eraser(aug.reprob, aug.remode, aug.recount,
+                                          max(aug.aug_splits, 2), device)
+    else:
+        train.erase = batch_eraser(aug, device)
+
+
+def use_sized_batches(train: TrainData, s: TrainSettings, dist: DistInfo) -> float:
+    """--train-img-sizes: timm's scheduled batches over this rank's epoch sampler, each sample
+    (seeded as always) through its batch's size of the training transform. Returns the LR at
+    timm's reference batch, the policy-average batch size."""
+    seed = s.loop.seed
+    choices = s.sizes.choices(s.loader.batch_size)
+    transforms = [train_transform(dict(train.data_config, input_size=(3, size, size)), s.aug)
+                  for size in choices.img_sizes]
+    seeded = train.train_set
+    seeded.dataset.transform = None
+    train.train_set = sized_samples(seeded, transforms)
+    train.batch_sampler = SizedBatches(train.sampler, choices, seed, s.schedule.epochs,
+                                       EpochTagged(train.sampler))
+    train.steps_per_epoch = math.ceil(train.batch_sampler.batches / s.optim.grad_accum_steps)
+    return s.optim.lr_for(round(dist.world_size * train.batch_sampler.average_batch_size
+                                * s.optim.grad_accum_steps))
+
+
+def build_objective(s: TrainSettings, model: nn.Module, num_classes: int, train: TrainData,
+                    dist: DistInfo, device: torch.device, precision: Precision):
+    """The training loss (timm's JSD loss with --jsd-loss), distillation around it
+    (--kd-model-name), and the model as it trains (DDP, torch.compile)."""
+    loss_fn = (augmix.jsd_loss(s.aug.aug_splits, s.labels.smoothing) if s.aug.jsd_loss
+               else build_train_loss(s.labels))
+    distill = build_distill(s.distill, model, loss_fn, num_classes, train.data_config, device,
+                            precision)
+    wrapped = wrap_model(model, dist, device, s.model.torchcompile, s.model.torchcompile_mode,
+                         not s.dist.no_ddp_bb)
+    if distill is not None:
+        distill.bind(wrapped)
+    return loss_fn, distill, wrapped
+
+
 def build_mixup(spec: LabelSpec, num_classes: int) -> Mixup | None:
     if not spec.mixing:
         return None
@@ -143,8 +201,10 @@ def build_mixup(spec: LabelSpec, num_classes: int) -> Mixup | None:
 def build_train_loss(spec: LabelSpec) -> nn.Module:
     """timm's choice: soft-target losses under mixup/cutmix (which smooth the labels already)."""
     if spec.bce_loss:
+        pos_weight = None if spec.bce_pos_weight is None else torch.tensor(spec.bce_pos_weight)
         return BinaryCrossEntropy(smoothing=0.0 if spec.mixing else spec.smoothing,
-                                  target_threshold=spec.bce_target_thresh)
+                                  target_threshold=spec.bce_target_thresh,
+                                  sum_classes=spec.bce_sum, pos_weight=pos_weight)
     if spec.mixing:
         return SoftTargetCrossEntropy()
     return nn.CrossEntropyLoss(label_smoothing=spec.smoothing)
@@ -196,7 +256,8 @@ def build_shadow_policy(spec: EmaSpec, train: TrainData, seed: int) -> ShadowPol
     training data order is untouched, and every rank draws the same batches."""
     if spec.bn != "recalibrate":
         return ShadowPolicy(spec.bn, spec.bn_batches, spec.switch)
-    calibration = copy.copy(train.train_set.dataset)
+    samples = train.train_set.dataset
+    calibration = copy.copy(getattr(samples, "dataset", samples))  # the folder itself
     calibration.transform = train.val_set.transform
 
     def batches(epoch: int):
@@ -212,15 +273,40 @@ def build_shadow_policy(spec: EmaSpec, train: TrainData, seed: int) -> ShadowPol
     return ShadowPolicy(spec.bn, spec.bn_batches, spec.switch, batches)
 
 
+def build_distill(spec: DistillSpec, student: nn.Module, criterion: nn.Module,
+                  num_classes: int, data_config: dict, device: torch.device,
+                  precision: Precision) -> Distillation | None:
+    """--kd-model-name: timm's distillation task around the student, with the frozen teacher
+    (timm's cached weights or --kd-pretrained-path); its cost is said at start."""
+    if not spec.enabled:
+        return None
+    teacher, source = build_teacher(spec.kd_model_name, num_classes, spec.kd_distill_type,
+                                    spec.kd_pretrained_path, device=device,
+                                    dtype=precision.model_dtype)
+    distill = Distillation.create(
+        student, teacher, spec.kd_distill_type, criterion, teacher_name=spec.kd_model_name,
+        source=source, mean=data_config["mean"], std=data_config["std"],
+        distill_weight=spec.distill_loss_weight, task_weight=spec.task_loss_weight,
+        temperature=spec.kd_temperature, loss_type=spec.kd_loss_type,
+        token_type=spec.kd_token_distill_type, device=device,
+        dtype=precision.model_dtype or torch.float32)
+    log.info(distill.cost_line(data_config["input_size"]))
+    return distill
+
+
 def wrap_model(model: nn.Module, dist: DistInfo, device: torch.device,
-               compile_backend: str | None) -> nn.Module:
-    """DDP under torchrun, then torch.compile; the EMA and optimizer work on the plain module."""
+               compile_backend: str | None, compile_mode: str | None = None,
+               broadcast_buffers: bool = True) -> nn.Module:
+    """DDP under torchrun (--no-ddp-bb: without broadcasting buffers), then torch.compile
+    (--torchcompile-mode); the EMA and optimizer work on the plain module."""
     if dist.enabled:
         ids = [device.index] if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                    broadcast_buffers=broadcast_buffers)
     if compile_backend:
-        model = torch.compile(model, backend=compile_backend)
-        log.info(f"model compiled with torch.compile backend '{compile_backend}'")
+        model = torch.compile(model, backend=compile_backend, mode=compile_mode)
+        log.info(f"model compiled with torch.compile backend '{compile_backend}'"
+                 + (f", mode '{compile_mode}'" if compile_mode else ""))
     return model
 
 
@@ -241,14 +327,14 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
                        s.optim.grad_accum_steps, pin_memory=device.type == "cuda")
     num_classes = len(train.class_names)
     model = build_model(s.model, num_classes, device, precision, s.dist.sync_bn and dist.enabled,
-                        start_weights=not resuming)
+                        start_weights=not resuming,
+                        split_bn=max(s.aug.aug_splits, 2) if s.aug.split_bn else 0)
     train.data_config = data_config_for(s.image.overrides(), model)
     check_first_batch(s, model, train, dist)
-    train.set_transforms(train_transform(train.data_config, s.aug),
-                         eval_transform(train.data_config))
-    train.normalize = Normalize(train.data_config["mean"], train.data_config["std"], device)
-    train.erase = batch_eraser(s.aug, device)
+    set_transforms(train, s.aug, s.loop.seed, device)
     lr = s.lr(dist.world_size)
+    if s.sizes.enabled:
+        lr = use_sized_batches(train, s, dist)
     optimizer = build_optimizer(s.optim, model, lr)
     scheduler, num_epochs = build_scheduler(s.schedule, optimizer, train.steps_per_epoch,
                                             s.loop.seed, s.loop.eval_metric)
@@ -264,13 +350,15 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
                        names=ema_names(s.ema, decays), primary=s.loop.primary_weights)
     if power is not None:
         sets += tracked_sets(power.decays, first=len(decays))
+    loss_fn, distill, wrapped = build_objective(s, model, num_classes, train, dist, device,
+                                                precision)
     return Run(settings=s, dist=dist, device=device, precision=precision, data=train,
-               num_classes=num_classes, model=wrap_model(model, dist, device, s.model.torchcompile),
+               num_classes=num_classes, model=wrapped, distill=distill,
                optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,
                scaler=torch.amp.GradScaler("cuda") if precision.grad_scaler else None,
                emas=EmaCollection(ema, power), snapshots=snapshots,
                shadow_policy=build_shadow_policy(s.ema, train, s.loop.seed),
-               loss_fn=build_train_loss(s.labels), mixup_fn=mixup, weight_sets=sets,
+               loss_fn=loss_fn, mixup_fn=mixup, weight_sets=sets,
                keeper=CheckpointKeeper(sets, s.loop.eval_metric, s.loop.checkpoint_hist,
                                        primary=dist.is_primary),
                trackers=build_trackers(s.trackers, dist.is_primary))

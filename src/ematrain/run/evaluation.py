@@ -17,19 +17,23 @@ from tqdm import tqdm
 
 from ..checkpoint.schema import args_dict
 from ..checkpoint.weights import Weights, load_weights_into
+from ..data.augmix import split_batchnorm
 from ..data.folders import load_image_folder, resolve_split_dir
 from ..data.loaders import batches, make_loader
 from ..data.readers import open_mapped, open_source, open_stream, stream_loader
 from ..data.samplers import EpochSampler
-from ..data.transforms import Normalize, check_data_config, data_config_for, eval_transform
+from ..data.transforms import Normalize, check_data_config, eval_transform
 from ..ema.devices import WeightSwapper
 from ..ema.model_ema import ModelEma
 from ..settings.data_specs import ImageSpec
-from ..settings.validate_specs import ValidateSettings
+from ..settings.validate_specs import TestTimeSpec, ValidateSettings
 from ..util.errors import UserError
 from ..util.logs import log, show_bars
 from ..util.modules import unwrap_model
+from ..util.runtime import fast_norm
 from .datasets import reads_folders
+from .eval_config import eval_data_config
+from .eval_extras import EvalExtras, read_valid_labels
 from .model import architecture_kwargs, create_model, probe_input, set_batchnorm
 
 
@@ -38,7 +42,8 @@ from .model import architecture_kwargs, create_model, probe_input, set_batchnorm
 def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | None = None,
              epoch: int | None = None, amp_dtype: torch.dtype | None = None,
              channels_last: bool = False, reduce=lambda t: t, show: bool = True,
-             normalize: Callable | None = None, emas: Sequence[ModelEma] = ()) -> list[dict]:
+             normalize: Callable | None = None, emas: Sequence[ModelEma] = (),
+             extras: EvalExtras | None = None) -> list[dict]:
     """Evaluate the raw weights and every EMA shadow (of `ema`, or of each of `emas`, which
     live in one place) in one pass over `loader`.
 
@@ -47,14 +52,18 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
     ranks (each rank sees a disjoint share of the images). `normalize` turns the loader's uint8
     batches into the model's input (`data.transforms.Normalize`). Returns one dict per weight set
     (raw first, then the shadows in order) with 'loss', 'top1', 'top5' and 'count'.
+    `extras` (validate.py's --valid-labels, --real-labels, --metrics-avg, --log-freq) sees the
+    first set's outputs.
     """
-    sets = _EvalSets(model, [ema] if ema is not None else list(emas))
+    sets = _EvalSets(model, [ema] if ema is not None else list(emas), extras)
     sums = torch.zeros(len(sets.nets), 4, dtype=torch.float64, device=device)
     bar = tqdm(total=len(loader), desc="validate" if epoch is None else f"val {epoch}",
                leave=False, disable=not (show and show_bars()), unit="batch", dynamic_ncols=True)
     try:
         with batches(loader) as stream:
-            for images, targets in stream:
+            for batch, (images, targets) in enumerate(stream):
+                if extras is not None and show and bar.disable:
+                    extras.progress(batch, len(loader))
                 images = images.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
                 if normalize is not None:
@@ -74,7 +83,8 @@ class _EvalSets:
     --model-ema-dtype). A shadow on another device than the model (--model-ema-force-cpu) is
     swapped into the live model, and computes in its dtype."""
 
-    def __init__(self, model: nn.Module, emas: list[ModelEma]):
+    def __init__(self, model: nn.Module, emas: list[ModelEma], extras=None):
+        self.extras = extras
         for ema in emas:
             ema.wait()
         # DDP's forward would broadcast buffers (a collective) while ranks hold different numbers
@@ -98,6 +108,8 @@ class _EvalSets:
             x = images if amp_dtype is not None else images.to(self.dtypes[index])
             with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 output = self.nets[index](x)
+            if self.extras is not None:
+                output = self.extras.output(output, targets, first=index == 0)
             sums[index] += _batch_sums(output, targets)
         # Walking the sets back and forth saves one weight swap per batch.
         self.order.reverse()
@@ -160,36 +172,56 @@ def evaluation_dtype(weights: dict, device, recorded: str | None = None) -> torc
     return None
 
 
-def resolve_num_classes(num_classes: int | None, ckpt: dict, dataset, split: str) -> int:
+def resolve_num_classes(num_classes: int | None, ckpt: dict, dataset, split: str,
+                        scored: int | None = None) -> int:
+    """The model's classes; `scored`: --valid-labels lists that many of them, one per class
+    folder of the split."""
     from_ckpt = ckpt.get("num_classes") or args_dict(ckpt).get("num_classes")
     num = num_classes or from_ckpt or len(dataset.classes)
+    if scored is not None:
+        if scored != len(dataset.classes):
+            raise UserError(f"--valid-labels lists {scored} classes but {split} has "
+                            f"{len(dataset.classes)} class folders")
+        return int(num)
     if num != len(dataset.classes):
         raise UserError(f"the model has {num} classes but {split} has {len(dataset.classes)} "
                         f"classes")
     return int(num)
 
 
-def resolve_data_config(image: ImageSpec, ckpt: dict, model, channels_last: bool = False) -> dict:
-    """Training's own evaluation transform when the checkpoint records it, else timm's; the
-    model is shown one image of its input size first (`probe_input`)."""
-    config = _data_config(image, ckpt, model)
+def resolve_data_config(image: ImageSpec, ckpt: dict, model, channels_last: bool = False,
+                        test: TestTimeSpec | None = None) -> dict:
+    """Training's own evaluation transform when the checkpoint records it, else timm's
+    validate.py default (`eval_config`); the flags replace the fields they give. The model is
+    shown one image of its input size first (`probe_input`)."""
+    test = test or TestTimeSpec()
+    config = _data_config(image, ckpt, model, test)
+    if test.crop_border_pixels:
+        config["crop_border_pixels"] = test.crop_border_pixels
     name = ckpt.get("arch") or args_dict(ckpt).get("model") or type(model).__name__
     probe_input(model, name, config["input_size"], channels_last)
     return config
 
 
-def _data_config(image: ImageSpec, ckpt: dict, model) -> dict:
-    saved = ckpt.get("data_config")
-    if saved and image.img_size is None and image.crop_pct is None:
+def _data_config(image: ImageSpec, ckpt: dict, model, test: TestTimeSpec) -> dict:
+    given = dict(image.overrides(), crop_mode=test.crop_mode)
+    saved, recorded = ckpt.get("data_config"), args_dict(ckpt)
+    if saved:
         check_data_config(saved)
-        return dict(saved)
-    recorded = args_dict(ckpt)
-    overrides = dict(img_size=image.img_size or recorded.get("img_size"),
-                     crop_pct=image.crop_pct or recorded.get("crop_pct"),
-                     input_size=None if image.img_size else recorded.get("input_size"),
-                     mean=recorded.get("mean"), std=recorded.get("std"),
-                     interpolation=recorded.get("interpolation") or "")
-    return data_config_for(overrides, model)
+        config = eval_data_config(model, given, recorded=dict(saved))
+    elif recorded:  # a training record without the transform (timm's, ours of old)
+        sized = image.img_size is not None or image.input_size is not None
+        config = eval_data_config(model, {
+            "img_size": image.img_size or (None if sized else recorded.get("img_size")),
+            "input_size": image.input_size or (None if sized else recorded.get("input_size")),
+            "crop_pct": image.crop_pct or recorded.get("crop_pct"),
+            "mean": image.mean or recorded.get("mean"), "std": image.std or recorded.get("std"),
+            "interpolation": image.interpolation or recorded.get("interpolation") or "",
+            "crop_mode": test.crop_mode}, use_train_size=True)
+    else:  # a state dict, timm's released weights: timm's validate.py default
+        config = eval_data_config(model, given, use_train_size=test.use_train_size)
+    check_data_config(config)
+    return config
 
 
 def build_model(s: ValidateSettings, ckpt: dict, dataset, weights: Weights | None,
@@ -201,11 +233,16 @@ def build_model(s: ValidateSettings, ckpt: dict, dataset, weights: Weights | Non
     arch = resolve_arch(s.model, ckpt, path)
     recorded = args_dict(ckpt)
     same_arch = arch == (ckpt.get("arch") or recorded.get("model"))
-    model = create_model(arch, resolve_num_classes(s.num_classes, ckpt, dataset, s.split),
-                         pretrained=s.pretrained,
-                         **(architecture_kwargs(recorded) if same_arch else {}))
+    kwargs = {**(architecture_kwargs(recorded) if same_arch else {}),
+              **s.test.model_kwargs_given()}
+    labels = len(read_valid_labels(s.test.valid_labels, 1 << 30)) if s.test.valid_labels else None
+    with fast_norm(s.test.fast_norm):
+        model = create_model(arch, resolve_num_classes(s.num_classes, ckpt, dataset, s.split,
+                                                       labels), pretrained=s.pretrained, **kwargs)
     if same_arch:
         set_batchnorm(model, eps=recorded.get("bn_eps"))
+        if recorded.get("split_bn"):  # the weights hold per-split BatchNorm (--split-bn)
+            model = split_batchnorm(model, max(int(recorded.get("aug_splits") or 0), 2))
     dtype = s.precision.on(device).model_dtype
     if weights is not None:
         load_weights_into(model, weights.state, path, arch=ckpt.get("arch"),
@@ -240,14 +277,19 @@ def check_classes(ckpt: dict, dataset, split_dir) -> None:
                         f"trained on")
 
 
-def split_loader(s: ValidateSettings, info, dataset, ckpt: dict, data_config: dict, device,
-                 indices: Sequence[int] | None = None):
-    """The evaluation loader of this rank's share (each image counts exactly once under
-    torchrun) and the normalization of its uint8 batches; `indices`: these images of a
-    map-style split only (in this order)."""
+def eval_batch_size(s: ValidateSettings, ckpt: dict) -> int:
+    """-b, else training's validation batch size, else 256."""
     recorded = args_dict(ckpt)
-    batch_size = (s.loader.batch_size or recorded.get("validation_batch_size")
-                  or recorded.get("batch_size") or 256)
+    return (s.loader.batch_size or recorded.get("validation_batch_size")
+            or recorded.get("batch_size") or 256)
+
+
+def split_loader(s: ValidateSettings, info, dataset, ckpt: dict, data_config: dict, device,
+                 batch_size: int | None = None, indices: Sequence[int] | None = None):
+    """The evaluation loader of this rank's share (each image counts exactly once under
+    torchrun) and the normalization of its uint8 batches (`batch_size`: --retry's; `indices`:
+    these images of a map-style split only, in this order)."""
+    batch_size = batch_size or eval_batch_size(s, ckpt)
     crowded = s.loader.too_many_workers(info.local_processes)
     if crowded and info.is_primary:
         log.warning(crowded)

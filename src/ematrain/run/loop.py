@@ -129,6 +129,8 @@ class EpochLoop:
         self.recipe, self.batches, self.counters, self.config = recipe, batches, counters, config
         self.any_rank, self.show, self.log = any_rank, show, log
         self.tally: _Tally | None = None
+        # --save-images: given (batch index, the step's input), writes it (primary process).
+        self.save_images = None
         self.clock: RunClock | None = None  # the run's, for the remaining time in progress lines
         # Called at each log interval with the values read then: (loss, lr, images/s of this
         # process or None, data-wait share or None). No other read of the device.
@@ -154,6 +156,9 @@ class EpochLoop:
         for batch, (images, targets) in enumerate(stream, start=c.epoch_step):
             seed_step(self.config.seed, c.epoch, batch, self.config.rank)
             images, targets = self.batches(images, targets)
+            if self.save_images is not None and (
+                    batch % self.config.log_interval == 0 or batch + 1 == total):
+                self.save_images(batch, images)  # timm's: at each log interval and the last
             # The last batches of an epoch may form a shorter accumulation group.
             update = (batch + 1) % accum == 0 or batch + 1 == total
             group_size = min(accum, total - (batch - batch % accum))

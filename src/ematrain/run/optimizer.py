@@ -27,13 +27,23 @@ def build_optimizer(spec: OptimSpec, model: nn.Module, lr: float):
     try:
         optimizer = create_optimizer_v2(model, opt=spec.opt, lr=lr, weight_decay=spec.weight_decay,
                                         momentum=spec.momentum, layer_decay=spec.layer_decay,
-                                        **kwargs)
+                                        **_layer_decay_bounds(spec), **kwargs)
     except (AssertionError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         # RuntimeError: torch's own refusals (fused=True foreach=True).
         raise UserError(f"cannot create optimizer '{spec.opt}': {str(exc)[:160]}") from None
     _check_kwarg_types(spec.opt, type(optimizer), spec.opt_kwargs)
     _keep_implementation(optimizer)
     return optimizer
+
+
+def _layer_decay_bounds(spec: OptimSpec) -> dict:
+    """--layer-decay-min-scale and --layer-decay-no-opt-scale, passed only when given."""
+    bounds = {}
+    if spec.layer_decay_min_scale:
+        bounds["layer_decay_min_scale"] = spec.layer_decay_min_scale
+    if spec.layer_decay_no_opt_scale is not None:
+        bounds["layer_decay_no_opt_scale"] = spec.layer_decay_no_opt_scale
+    return bounds
 
 
 def _check_kwarg_types(opt: str, cls: type, given: dict) -> None:

@@ -49,6 +49,8 @@ class TrainData:
     steps_per_epoch: int  # optimizer steps
     normalize: Normalize | None = None  # the loaders give uint8 images
     erase: object | None = None         # random erasing of the normalized batch
+    collate: object | None = None       # --aug-splits: timm's fast_collate, split-major
+    batch_sampler: object | None = None  # --train-img-sizes: `data.sized_batches.SizedBatches`
     warnings: list = field(default_factory=list)  # said when training starts
     _loaders: tuple | None = field(default=None, repr=False)
 
@@ -56,7 +58,8 @@ class TrainData:
 
     @property
     def class_names(self) -> list[str]:
-        return self.train_set.dataset.classes
+        samples = self.train_set.dataset  # the split, or timm's AugMixDataset around it
+        return samples.classes if hasattr(samples, "classes") else samples.dataset.classes
 
     @property
     def per_rank_samples(self) -> int:
@@ -77,11 +80,16 @@ class TrainData:
         once and keep their worker processes from epoch to epoch."""
         # The epoch's order and augmentation depend only on (seed, epoch): that makes resume exact.
         self.train_set.set_epoch(epoch)
-        self.sampler.set_epoch(epoch, start=start_batch * self.batch_size)
+        if self.batch_sampler is not None:  # its batches are counted, not its images
+            self.batch_sampler.set_epoch(epoch, start=start_batch)
+        else:
+            self.sampler.set_epoch(epoch, start=start_batch * self.batch_size)
         if self._loaders is None:
+            sampler = None if self.batch_sampler is not None else EpochTagged(self.sampler)
             train = make_loader(self.train_set, self.batch_size, self.workers, seed=seed,
                                 drop_last=self.drop_last, pin_memory=self.pin_memory,
-                                sampler=EpochTagged(self.sampler), persistent=True)
+                                sampler=sampler, persistent=True, collate_fn=self.collate,
+                                batch_sampler=self.batch_sampler)
             val = make_loader(self.val_set, self.val_batch_size, self.workers, seed=0,
                               pin_memory=self.pin_memory, sampler=self.val_sampler,
                               persistent=True)
@@ -118,6 +126,9 @@ class Run:
     keeper: CheckpointKeeper
     shadow_policy: ShadowPolicy = field(default_factory=ShadowPolicy)
     counters: Counters = field(default_factory=Counters)
+    # --kd-model-name: the loss of each step (timm's distillation task around the student);
+    # `model` is the student, which every EMA averages and every checkpoint holds.
+    distill: object | None = None
     summary: Summary = None
     trackers: Trackers = field(default_factory=Trackers)  # W&B, TensorBoard (`tracking`)
     # Who the run is: drawn at a fresh start, kept by every resume, in every checkpoint and
@@ -159,7 +170,7 @@ class Run:
         record = dict(vars(self.settings.args))
         # Absolute, so `-c args.yaml` and `--resume PATH` work from any directory.
         for key in ("data_dir", "initial_checkpoint", "pretrained_path", "class_map",
-                    "log_tensorboard"):
+                    "log_tensorboard", "kd_pretrained_path"):
             if record.get(key) and (key != "class_map" or Path(record[key]).is_file()):
                 record[key] = str(Path(record[key]).resolve())
         kind, _, name = str(record.get("dataset") or "").partition("/")

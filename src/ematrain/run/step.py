@@ -30,6 +30,23 @@ class Recipe:
     clip_mode: str = "norm"
     # --skip-nonfinite: given the loss, whether to skip this step (every rank must agree).
     skip: Callable[[torch.Tensor], bool] | None = None
+    # The loss of a batch when it is more than loss_fn(model(images), targets): distillation's
+    # (`run.distill.Distillation`, which runs the model itself).
+    objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # --synchronize-step: wait for the device after each optimizer step.
+    synchronize: Callable[[], None] | None = None
+    # --variable-batch-loss-scale: the factor of a batch's loss, given its size.
+    loss_scale: Callable[[int], float] | None = None
+
+    def loss(self, model: nn.Module, images: torch.Tensor, targets) -> torch.Tensor:
+        if self.objective is not None:
+            loss = self.objective(images, targets).float()
+        else:
+            # The loss of a 16-bit model's output is computed in float32, as autocast does.
+            loss = self.loss_fn(model(images).float(), targets)
+        if self.loss_scale is not None:
+            loss = loss * self.loss_scale(images.size(0))
+        return loss
 
 
 def _no_sync(model: nn.Module, update: bool):
@@ -50,8 +67,7 @@ def train_step(model: nn.Module, optimizer, images: torch.Tensor, targets: torch
     device = images.device.type
     with _no_sync(model, update):
         with torch.autocast(device, dtype=recipe.autocast, enabled=recipe.autocast is not None):
-            # The loss of a 16-bit model's output is computed in float32, as autocast does.
-            loss = recipe.loss_fn(model(images).float(), targets)
+            loss = recipe.loss(model, images, targets)
         if recipe.skip is not None and recipe.skip(loss):
             raise SkippedStep
         scaled = loss / group_size if group_size > 1 else loss
@@ -74,6 +90,8 @@ def train_step(model: nn.Module, optimizer, images: torch.Tensor, targets: torch
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if recipe.synchronize is not None:
+            recipe.synchronize()
         if emas is not None:  # the run's EMAs (a collection, or one ModelEma) count the step
             emas.update(model)
     return loss.detach()

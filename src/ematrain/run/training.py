@@ -28,6 +28,7 @@ from ..util.distributed import (
 )
 from ..util.invocation import command_name, launcher
 from ..util.logs import log
+from ..util.runtime import step_synchronizer
 from ..util.seeding import seed_everything
 from ..util.signals import StopRequest
 from . import tracking
@@ -37,6 +38,13 @@ from .folder import RunFolder, open_run_folder, write_args
 from .keeper import LAST
 from .loop import EpochLoop, LoopConfig, NonFinite, NonFiniteShadows, current_lr
 from .parts import Run
+from .recipe_hooks import (
+    batch_loss_scale,
+    save_batch_image,
+    skipped_line,
+    start_at_epoch,
+    validates,
+)
 from .report import epoch_line, log_end, log_start
 from .restore import adopt_folder, restore
 from .step import Batches, Recipe
@@ -54,7 +62,9 @@ class Training:
         self.run, self.source, self.prog = run, source, prog or command_name("train.py")
         s = run.settings
         recipe = Recipe(run.loss_fn, run.precision.autocast, run.scaler, s.optim.clip_grad,
-                        s.optim.clip_mode)
+                        s.optim.clip_mode, objective=run.distill,
+                        synchronize=step_synchronizer(run.device, s.dist.synchronize_step),
+                        loss_scale=batch_loss_scale(run))
         batches = Batches(run.device, run.precision.model_dtype, run.precision.channels_last,
                           run.mixup_fn, run.data.normalize, run.data.erase)
         config = LoopConfig(s.optim.grad_accum_steps, s.loop.log_interval, s.loop.skip_nonfinite,
@@ -67,6 +77,9 @@ class Training:
         self.curves = CurveRenderer()
         self.clock = self.loop.clock = RunClock(run.num_epochs, run.data.steps_per_epoch)
         self.loop.on_interval = tracking.interval_logger(run)
+        if s.loop.save_images and run.dist.is_primary:
+            self.loop.save_images = lambda batch, images: save_batch_image(self.run_dir, batch,
+                                                                           images)
 
     @property
     def primary(self) -> bool:
@@ -77,8 +90,13 @@ class Training:
 
     # ----------------------------------------------------------------------------- the run
     def fit(self) -> int:
+        start = self.run.settings.loop.start_epoch
         if self.source is not None:
             restore(self.run, self.source)
+        if start is not None and (self.source is None or not is_ours(self.source.ckpt)):
+            # timm: a given start epoch places a new run, and overrides a timm checkpoint's
+            # epoch (our own checkpoints go on where they are: the resume policy).
+            start_at_epoch(self.run, start)
         done = False
         try:
             self.open_folder()  # a refusal here (no room for the post-hoc series) leaves no folder
@@ -212,14 +230,26 @@ class Training:
                     if halt:
                         raise Interrupted
 
+    def skip_validation(self, epoch: int) -> None:
+        """An epoch --val-interval does not validate: as timm, the scheduler steps without a
+        metric and summary.csv gets no row; last.pth.tar is still written (resume stays exact)."""
+        run = self.run
+        lr, train_loss = end_of_epoch(run, epoch)
+        if run.scheduler is not None:
+            run.scheduler.step(epoch + 1, None)
+        run.counters.finish_epoch()
+        ckpt = self.checkpoint()
+        if self.primary:
+            run.keeper.save_epoch(epoch, ckpt, [], then=self.settle_series())
+            print(skipped_line(run, epoch, lr, train_loss, self.clock.end_epoch()), flush=True)
+        barrier(run.dist)
+
     def finish_epoch(self, epoch: int, val_loader) -> None:
         """Validate every weight set, record the epoch, save, report."""
+        if not validates(self.run, epoch):
+            return self.skip_validation(epoch)
         run, metric = self.run, self.run.settings.loop.eval_metric
-        lr, train_loss = current_lr(run.optimizer), run.counters.train_loss
-        sync_replicas(run)
-        self.run.take_snapshot()  # the epoch's last update (the loop yields only the others)
-        run.shadow_policy.apply(run.emas.regular, run.model, epoch,
-                                lambda images: calibration_input(run, images))
+        lr, train_loss = end_of_epoch(run, epoch)
         scores = validate(run.model, val_loader, run.device, emas=list(run.emas), epoch=epoch,
                           amp_dtype=run.precision.autocast,
                           channels_last=run.precision.channels_last,
@@ -280,6 +310,18 @@ class Training:
                   file=sys.stderr, flush=True)
 
 
+
+
+
+
+
+
+
+
+
+
+
+
 def sync_replicas(run: Run) -> None:
     """Under torchrun: make BatchNorm statistics agree, then check the EMA shadows agree."""
     s = run.settings
@@ -318,3 +360,13 @@ def calibration_input(run: Run, images: torch.Tensor) -> torch.Tensor:
                       normalize=run.data.normalize)
     return prepare(images, torch.zeros(images.size(0), dtype=torch.long))[0]
 
+
+def end_of_epoch(run: Run, epoch: int) -> tuple[float, float]:
+    """What every epoch's end does before validation: BatchNorm statistics agreed, the last
+    update's snapshot, the shadows' policy. The epoch's LR and training loss."""
+    lr, train_loss = current_lr(run.optimizer), run.counters.train_loss
+    sync_replicas(run)
+    run.take_snapshot()  # the epoch's last update (the loop yields only the others)
+    run.shadow_policy.apply(run.emas.regular, run.model, epoch,
+                            lambda images: calibration_input(run, images))
+    return lr, train_loss

@@ -7,12 +7,15 @@ import os
 from dataclasses import dataclass
 
 from ..data.readers.spec import DatasetSpec, resolve_dataset
+from ..data.sized_batches import SizeChoices
 from ..util.errors import UserError
 from ..util.logs import plural
 from .checks import at_least, flag_of, within
 
 # No timm model takes inputs larger than this; a bigger size only exhausts memory.
 MAX_IMAGE_SIZE = 4096
+# timm's evaluation crop modes (validate.py --crop-mode).
+CROP_MODES = ("center", "squash", "border")
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 # The random-resized crop's aspect ratios (width / height) a flag may ask for.
 MAX_RATIO = 100.0
@@ -107,8 +110,15 @@ class DataSpec:
     validation_batch_size: int | None
     aug_repeats: float
     dataset: str = ""
+    worker_seeding: str = "all"
+    use_multi_epochs_loader: bool = False
 
     def __post_init__(self):
+        if self.worker_seeding != "all":
+            # Every sample is seeded from (seed, epoch, index) in whichever worker loads it.
+            raise UserError(f"--worker-seeding {self.worker_seeding}: every sample here is "
+                            f"seeded from the seed, epoch and its index, which is timm's 'all' "
+                            f"and more; no other seeding is offered")
         if not self.data_dir and not self.dataset:
             raise UserError("no data root given: train.py DIR (with DIR/train and DIR/val)")
         at_least(self, 1, "validation_batch_size")
@@ -131,8 +141,26 @@ class AugSpec:
     reprob: float
     remode: str
     recount: int
+    train_crop_mode: str | None = None
+    color_jitter_prob: float | None = None
+    grayscale_prob: float | None = None
+    gaussian_blur_prob: float | None = None
+    aug_splits: int = 0
+    jsd_loss: bool = False
+    resplit: bool = False
+    split_bn: bool = False
+
+    CROP_MODES = ("rrc", "rkrc", "rkrr")
 
     def __post_init__(self):
+        within(self, 0.0, 1.0, "color_jitter_prob", "grayscale_prob", "gaussian_blur_prob")
+        if self.train_crop_mode not in (None, "") + self.CROP_MODES:
+            raise UserError(f"--train-crop-mode must be one of {', '.join(self.CROP_MODES)}, "
+                            f"got {self.train_crop_mode!r}")
+        for dest in ("scale", "ratio"):
+            if len(getattr(self, dest)) != 2:
+                raise UserError(f"--{dest} takes MIN MAX (2 values), got "
+                                f"{len(getattr(self, dest))}")
         if self.train_interpolation not in ("", "random") + _INTERPOLATIONS:
             raise UserError(f"--train-interpolation must be random or one of "
                             f"{', '.join(_INTERPOLATIONS)}, got {self.train_interpolation!r}")
@@ -154,6 +182,50 @@ class AugSpec:
 
 
 @dataclass(frozen=True)
+class SizeSpec:
+    """Variable-size training (timm's --train-img-sizes family): each batch one of several
+    (image size, batch size) choices, drawn by timm's ScheduledBatchSampler."""
+    train_img_sizes: list | None = None
+    train_batch_sizes: list | None = None
+    train_size_probs: list | None = None
+    train_size_schedule: str = "constant"
+    train_size_schedule_spread: float = 0.65
+    train_size_random_mix: float = 0.1
+    train_batches_per_epoch: int | None = None
+    variable_batch_loss_scale: str = "none"
+
+    def __post_init__(self):
+        if not self.train_img_sizes:
+            for dest in ("train_batch_sizes", "train_size_probs", "train_batches_per_epoch"):
+                if getattr(self, dest) is not None:
+                    raise UserError(f"{flag_of(self, dest)} shapes variable-size training: "
+                                    f"give --train-img-sizes")
+            return
+        for size in self.train_img_sizes:
+            if not 1 <= size <= MAX_IMAGE_SIZE:
+                raise UserError(f"--train-img-sizes must be between 1 and {MAX_IMAGE_SIZE} "
+                                f"pixels, got {size}")
+        self.choices(1)  # the choices' own checks
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.train_img_sizes)
+
+    def average_batch(self, batch_size: int) -> float:
+        """timm's policy-average batch size (the choices' batches weighted by their probs)."""
+        choices = self.choices(batch_size)
+        weights = choices.probs or (1.0,) * len(choices.batch_sizes)
+        return sum(w * b for w, b in zip(weights, choices.batch_sizes)) / sum(weights)
+
+    def choices(self, batch_size: int):
+        return SizeChoices.of(self.train_img_sizes, self.train_batch_sizes, batch_size,
+                              probs=self.train_size_probs, schedule=self.train_size_schedule,
+                              spread=self.train_size_schedule_spread,
+                              random_mix=self.train_size_random_mix,
+                              num_batches=self.train_batches_per_epoch)
+
+
+@dataclass(frozen=True)
 class LabelSpec:
     """What the loss sees: mixup/cutmix, label smoothing, BCE."""
     mixup: float
@@ -166,8 +238,17 @@ class LabelSpec:
     smoothing: float
     bce_loss: bool
     bce_target_thresh: float | None
+    bce_sum: bool = False
+    bce_pos_weight: float | None = None
 
     def __post_init__(self):
+        if (self.bce_sum or self.bce_pos_weight is not None) and not self.bce_loss:
+            raise UserError("--bce-sum and --bce-pos-weight shape the BCE loss: give --bce-loss")
+        if self.bce_pos_weight is not None and not self.bce_pos_weight > 0:
+            raise UserError(f"--bce-pos-weight must be > 0, got {self.bce_pos_weight:g}")
+        if self.cutmix_minmax is not None and len(self.cutmix_minmax) != 2:
+            raise UserError(f"--cutmix-minmax takes MIN MAX (2 values), got "
+                            f"{len(self.cutmix_minmax)}")
         within(self, 0.0, 1.0, "smoothing", closed=False)
         within(self, 0.0, 1.0, "mixup_prob", "mixup_switch_prob")
         if self.mixup < 0 or self.cutmix < 0:

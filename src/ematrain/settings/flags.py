@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import __version__
 from ..util.errors import UserError
 from ..util.invocation import command_name
-from .timm_unsupported import is_timm_flag
+from .timm_unsupported import is_timm_flag, why_refused
 
 # Where runs go when --output is not given (timm's layout: <output>/<experiment>).
 DEFAULT_OUTPUT = Path("output") / "train"
@@ -122,7 +122,8 @@ class FlagParser(argparse.ArgumentParser):
             timm_only = [w for w in words if w.startswith("--") and is_timm_flag(w)]
             if timm_only:
                 rest = [w for w in words if w.startswith("-") and w not in timm_only]
-                message = f"{', '.join(timm_only)}: timm setting(s) ematrain does not support"
+                message = "timm setting(s) ematrain does not support: " + "; ".join(
+                    f"{w.split('=')[0]} ({why_refused(w)})" for w in timm_only)
                 if rest:
                     message += f"; unrecognized arguments: {' '.join(rest)}"
         raise UserError(_shortened(message))
@@ -152,6 +153,9 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     _augmentation_flags(p)
     _ema_flags(p)
     _misc_flags(p)
+    _recipe_flags(p)
+    _size_flags(p)
+    _distill_flags(p)
     _tracker_flags(p)
     return p
 
@@ -283,6 +287,7 @@ def _input_flags(g) -> None:
                    help="batches per optimizer step (the EMA updates once per optimizer step)")
     g.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor",
                    help="torch.compile the model with this backend (default when given: inductor)")
+    _speed_flags(g, training=True)
     _precision_flags(g, training=True)
     g.add_argument("--no-prefetcher", action="store_true", default=False,
                    help="accepted for timm compatibility (ematrain has no separate prefetcher)")
@@ -342,7 +347,7 @@ def _schedule_flags(p) -> None:
     g.add_argument("--warmup-epochs", type=int, default=5, help="LR warmup epochs (default: 5)")
     g.add_argument("--cooldown-epochs", type=int, default=0, help="epochs at min LR after the schedule (default: 0)")
     g.add_argument("--decay-epochs", type=finite_float, default=90, help="step schedules: epochs per decay (default: 90)")
-    g.add_argument("--decay-rate", type=finite_float, default=0.1, help="step schedules: LR decay factor (default: 0.1)")
+    g.add_argument("--decay-rate", "--dr", type=finite_float, default=0.1, help="step schedules: LR decay factor (default: 0.1)")
     g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], metavar="EPOCH",
                    help="multistep schedule: epochs at which the LR decays (default: 90 180 270)")
     g.add_argument("--patience-epochs", type=int, default=10,
@@ -367,9 +372,9 @@ def _augmentation_flags(p) -> None:
     """train.py's augmentation and regularization parameters (timm's group)."""
     g = p.add_argument_group("Augmentation and regularization parameters")
     g.add_argument("--no-aug", action="store_true", default=False, help="disable training augmentation")
-    g.add_argument("--scale", type=finite_float, nargs=2, default=[0.08, 1.0], metavar="PCT",
+    g.add_argument("--scale", type=finite_float, nargs="+", default=[0.08, 1.0], metavar="PCT",
                    help="random-resized-crop scale range (default: 0.08 1.0)")
-    g.add_argument("--ratio", type=finite_float, nargs=2, default=[3 / 4, 4 / 3], metavar="RATIO",
+    g.add_argument("--ratio", type=finite_float, nargs="+", default=[3 / 4, 4 / 3], metavar="RATIO",
                    help="random-resized-crop aspect ratio range (default: 3/4 4/3)")
     g.add_argument("--train-interpolation", default="random",
                    help="training resize interpolation (default: random, as timm)")
@@ -388,7 +393,7 @@ def _augmentation_flags(p) -> None:
     g.add_argument("--smoothing", type=finite_float, default=0.1, help="label smoothing (default: 0.1)")
     g.add_argument("--mixup", type=finite_float, default=0.0, help="mixup alpha, on when > 0 (default: 0)")
     g.add_argument("--cutmix", type=finite_float, default=0.0, help="cutmix alpha, on when > 0 (default: 0)")
-    g.add_argument("--cutmix-minmax", type=finite_float, nargs=2, default=None, metavar="PCT",
+    g.add_argument("--cutmix-minmax", type=finite_float, nargs="+", default=None, metavar="PCT",
                    help="cutmix min/max box ratio, overrides alpha (default: off)")
     g.add_argument("--mixup-prob", type=finite_float, default=1.0,
                    help="probability of mixup or cutmix per batch (default: 1)")
@@ -524,6 +529,7 @@ def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = FlagParser(prog=prog, description="Evaluate a checkpoint's raw or EMA weights. By "
                    "default the evaluation transform is the one training validated with, so the "
                    "numbers match the training log.")
+    p.names_timm_flags = True
     p.add_argument("data", nargs="?", default=None, metavar="DIR",
                    help="data root holding the split folder")
     p.add_argument("--data-dir", default=None, metavar="DIR",
@@ -546,7 +552,8 @@ def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "--model-ema-half-life 2ep, sr0.1 for a power EMA)")
     p.add_argument("--ema-index", type=int, default=None, metavar="I",
                    help="evaluate the I-th EMA shadow (0 = the first)")
-    p.add_argument("--model", default=None, help="timm model name (default: from the checkpoint)")
+    p.add_argument("--model", "-m", default=None,
+                   help="timm model name (default: from the checkpoint)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classifier outputs (default: from the checkpoint, else the data)")
     p.add_argument("-b", "--batch-size", type=int, default=None, metavar="N",
@@ -563,6 +570,7 @@ def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--results-format", default=None, choices=["csv", "json"],
                    help="format of --results-file (default: from its suffix)")
     _precision_flags(p, training=False)
+    _test_time_flags(p)
     return p
 
 
@@ -616,3 +624,173 @@ def _precision_flags(group, training: bool) -> None:
                             "says otherwise)" if training else
                             "evaluate with the weights in this dtype (default: the dtype "
                             "training scored them in)")
+
+
+# ----------------------------------------------------------------------------- issue 25's flags
+def _speed_flags(g, training: bool) -> None:
+    """timm's compile, normalization-kernel and device flags (both commands share the first)."""
+    g.add_argument("--torchcompile-mode", type=str, default=None,
+                   help="torch.compile mode (default, reduce-overhead, max-autotune, "
+                        "max-autotune-no-cudagraphs); needs --torchcompile")
+    g.add_argument("--fast-norm", action="store_true", default=False,
+                   help="timm's fast normalization layers for the models built")
+    if not training:
+        return
+    g.add_argument("--no-ddp-bb", action="store_true", default=False,
+                   help="under torchrun, do not broadcast buffers from rank 0 each step")
+    g.add_argument("--synchronize-step", action="store_true", default=False,
+                   help="wait for the device at the end of each optimizer step")
+    g.add_argument("--local_rank", default=0, type=int,
+                   help="torch.distributed.launch's argument: accepted; LOCAL_RANK decides")
+    g.add_argument("--device-modules", default=None, type=str, nargs="+",
+                   help="python modules to import before the device is chosen (e.g. torch_npu)")
+    g.add_argument("--drop-connect", type=finite_float, default=None,
+                   help="timm's old name of --drop-path (taken as --drop-path)")
+
+
+def _recipe_flags(p) -> None:
+    """train.py's flags of timm's newer recipes: schedule position, validation interval,
+    augmentation probabilities, BCE options, layer-decay bounds, loader seeding."""
+    g = p.add_argument_group("Newer timm recipe parameters")
+    g.add_argument("--start-epoch", default=None, type=int, metavar="N",
+                   help="start at this epoch (the LR schedule at its position; default: 0, or "
+                        "the resumed one)")
+    g.add_argument("--val-interval", type=int, default=1, metavar="N",
+                   help="validate (and choose best files) every N epochs and at the last")
+    g.add_argument("--train-crop-mode", type=str, default=None,
+                   help="training crop: rrc (random-resized, default), rkrc, rkrr")
+    g.add_argument("--color-jitter-prob", type=finite_float, default=None, metavar="P",
+                   help="probability of applying --color-jitter (default: always)")
+    g.add_argument("--grayscale-prob", type=finite_float, default=None, metavar="P",
+                   help="probability of a grayscale image (default: 0)")
+    g.add_argument("--gaussian-blur-prob", type=finite_float, default=None, metavar="P",
+                   help="probability of a gaussian blur (default: 0)")
+    g.add_argument("--bce-sum", action="store_true", default=False,
+                   help="--bce-loss summed over the classes (mean over the batch)")
+    g.add_argument("--bce-pos-weight", type=finite_float, default=None,
+                   help="--bce-loss weight of the positive class")
+    g.add_argument("--layer-decay-min-scale", type=finite_float, default=0,
+                   help="--layer-decay: the smallest LR scale of a layer (default: 0)")
+    g.add_argument("--layer-decay-no-opt-scale", type=finite_float, default=None,
+                   help="--layer-decay: layers whose LR scale is below this are frozen")
+    g.add_argument("--worker-seeding", type=str, default="all",
+                   help="loader worker seeding: all (every sample here is seeded from the seed, "
+                        "epoch and index)")
+    g.add_argument("--use-multi-epochs-loader", action="store_true", default=False,
+                   help="accepted: loader workers persist across epochs here anyway")
+    g.add_argument("--save-images", action="store_true", default=False,
+                   help="write the training input as train-batch-<i>.jpg at each log interval")
+    _augmix_flags(g)
+
+
+def _augmix_flags(g) -> None:
+    """timm's AugMix splits: clean and augmented views of each image, JSD loss, split BN."""
+    g.add_argument("--aug-splits", type=int, default=0, metavar="N",
+                   help="views per image: a clean one and N-1 augmented (0: off; 3 for AugMix)")
+    g.add_argument("--jsd-loss", action="store_true", default=False,
+                   help="Jensen-Shannon divergence + cross-entropy over the splits")
+    g.add_argument("--resplit", action="store_true", default=False,
+                   help="random erasing leaves the clean split alone")
+    g.add_argument("--split-bn", action="store_true", default=False,
+                   help="BatchNorm statistics per augmentation split")
+
+
+def _size_flags(p) -> None:
+    """train.py's variable-size training (timm's ScheduledBatchSampler)."""
+    g = p.add_argument_group("Variable-size training parameters")
+    g.add_argument("--train-img-sizes", type=int, nargs="+", default=None, metavar="N",
+                   help="image sizes to train at, one chosen per batch")
+    g.add_argument("--train-batch-sizes", type=int, nargs="+", default=None, metavar="N",
+                   help="the batch size of each --train-img-sizes entry (default: -b for all)")
+    g.add_argument("--train-size-probs", type=finite_float, nargs="+", default=None,
+                   metavar="P", help="weights of the sizes (default: equal)")
+    g.add_argument("--train-size-schedule", type=str, default="constant",
+                   choices=["constant", "progressive"],
+                   help="constant mix, or from the first size to the last over the run")
+    g.add_argument("--train-size-schedule-spread", type=finite_float, default=0.65,
+                   help="progressive schedule: how wide each epoch's mix is")
+    g.add_argument("--train-size-random-mix", type=finite_float, default=0.1,
+                   help="progressive schedule: share of uniformly drawn sizes")
+    g.add_argument("--train-batches-per-epoch", "--train-steps-per-epoch", type=int,
+                   default=None, metavar="N",
+                   help="fixed batches per epoch (default: the epoch's images)")
+    g.add_argument("--variable-batch-loss-scale", type=str, default="none",
+                   choices=["none", "sqrt", "linear"],
+                   help="scale each batch's loss by its size over the average batch")
+
+
+def _distill_flags(p) -> None:
+    """train.py's knowledge distillation parameters (timm's group)."""
+    g = p.add_argument_group("Knowledge distillation parameters")
+    g.add_argument("--kd-model-name", default=None, type=str,
+                   help="teacher model (timm name) for knowledge distillation")
+    g.add_argument("--kd-pretrained-path", default=None, metavar="FILE",
+                   help="the teacher's weights file (default: timm's cached pretrained weights)")
+    g.add_argument("--kd-distill-type", default="logit", choices=["logit", "feature", "token"],
+                   help="what the student learns from the teacher")
+    g.add_argument("--kd-loss-type", default="kl", type=str,
+                   help="distillation loss (kl for logits, mse for features)")
+    g.add_argument("--distill-loss-weight", default=None, type=finite_float,
+                   help="weight of the distillation loss (default: timm's rule)")
+    g.add_argument("--task-loss-weight", default=None, type=finite_float,
+                   help="weight of the task loss (default: timm's rule)")
+    g.add_argument("--kd-temperature", default=4.0, type=finite_float,
+                   help="logit distillation temperature")
+    g.add_argument("--kd-student-feature-dim", default=None, type=int,
+                   help="feature distillation: the student's feature width (default: inferred)")
+    g.add_argument("--kd-teacher-feature-dim", default=None, type=int,
+                   help="feature distillation: the teacher's feature width (default: inferred)")
+    g.add_argument("--kd-token-distill-type", default="soft", choices=["soft", "hard"],
+                   help="token distillation: soft (KL) or hard (the teacher's argmax)")
+
+
+def _test_time_flags(p) -> None:
+    """validate.py's flags of timm's: the evaluation transform, the model, the metrics."""
+    g = p.add_argument_group("timm's validate.py options")
+    g.add_argument("--in-chans", type=int, default=None, metavar="N",
+                   help="input image channels (default: 3; images are loaded as RGB)")
+    g.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N",
+                   help="input dimensions C H W (overrides --img-size)")
+    g.add_argument("--use-train-size", action="store_true", default=False,
+                   help="files without a recorded transform: the model's training size, not its "
+                        "test size")
+    g.add_argument("--crop-mode", default=None, type=str, help="center, squash or border")
+    g.add_argument("--crop-border-pixels", type=int, default=None,
+                   help="crop this many pixels off each border before resizing")
+    g.add_argument("--mean", type=finite_float, nargs="+", default=None, metavar="MEAN",
+                   help="per-channel normalisation mean")
+    g.add_argument("--std", type=finite_float, nargs="+", default=None, metavar="STD",
+                   help="per-channel normalisation std")
+    g.add_argument("--interpolation", default="", type=str, help="resize interpolation")
+    g.add_argument("--gp", default=None, type=str, metavar="POOL", help="global pool type")
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
+                   metavar="KEY=VALUE", help="extra keyword arguments for timm.create_model")
+    g.add_argument("--test-pool", action="store_true", default=False,
+                   help="timm's test-time pooling for inputs larger than the training size")
+    g.add_argument("--reparam", action="store_true", default=False,
+                   help="reparameterize the model (timm's reparameterize_model) before evaluating")
+    g.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor",
+                   help="torch.compile the model with this backend (default when given: inductor)")
+    _speed_flags(g, training=False)
+    g.add_argument("--log-freq", default=10, type=int, metavar="N",
+                   help="a progress line every N batches where there is no progress bar")
+    g.add_argument("--num-gpu", type=int, default=1,
+                   help="1 (for more devices: torchrun --nproc-per-node N validate.py)")
+    g.add_argument("--no-prefetcher", action="store_true", default=False,
+                   help="accepted for timm compatibility")
+    g.add_argument("--pin-mem", action="store_true", default=False,
+                   help="accepted for timm compatibility (memory is pinned whenever on CUDA)")
+    g.add_argument("--seed", type=int, default=42, help="random seed")
+    _metric_flags(g)
+
+
+def _metric_flags(g) -> None:
+    """validate.py's label sets, metrics and retry."""
+    g.add_argument("--real-labels", default="", type=str, metavar="FILENAME",
+                   help="ImageNet ReaL labels (real.json): top-1/5 against them")
+    g.add_argument("--valid-labels", default="", type=str, metavar="FILENAME",
+                   help="score only these class indices (one per line)")
+    g.add_argument("--retry", default=False, action="store_true",
+                   help="on out of memory, retry with a smaller batch")
+    g.add_argument("--metrics-avg", type=str, default=None, choices=["micro", "macro", "weighted"],
+                   help="also precision, recall and F1 with this averaging (needs scikit-learn)")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..util.errors import UserError
+from ..util.runtime import check_compile_mode
 from .checks import DTYPES, FLOAT32_MAX, at_least, positive, within
 
 
@@ -32,6 +33,9 @@ class ModelSpec:
     head_init_bias: float | None
     grad_checkpointing: bool
     torchcompile: str | None
+    torchcompile_mode: str | None = None
+    fast_norm: bool = False
+    drop_connect: float | None = None
 
     # Keys of --model-kwargs that a flag of ours owns.
     OWNED = {"num_classes": "--num-classes", "pretrained": "--pretrained",
@@ -50,15 +54,16 @@ class ModelSpec:
         if self.in_chans is not None and self.in_chans != 3:
             raise UserError(f"--in-chans {self.in_chans}: ImageFolder images are loaded as RGB, so "
                             f"only 3 channels are supported")
-        if self.torchcompile:
-            import torch._dynamo
-            if self.torchcompile not in torch._dynamo.list_backends(exclude_tags=()):
-                raise UserError(f"--torchcompile: unknown backend {self.torchcompile!r} "
-                                f"(e.g. {', '.join(torch._dynamo.list_backends())}, eager)")
+        within(self, 0.0, 1.0, "drop_connect", closed=False)
+        if self.drop_connect is not None and self.drop_path not in (None, self.drop_connect):
+            raise UserError(f"--drop-connect is timm's old name of --drop-path: give one "
+                            f"(got {self.drop_connect:g} and {self.drop_path:g})")
+        check_compile_mode(self.torchcompile_mode, self.torchcompile)
 
     def create_kwargs(self) -> dict:
         """timm.create_model keyword arguments; --model-kwargs wins over the named flags."""
-        return {"drop_rate": self.drop, "drop_path_rate": self.drop_path,
+        drop_path = self.drop_path if self.drop_path is not None else self.drop_connect
+        return {"drop_rate": self.drop, "drop_path_rate": drop_path,
                 "drop_block_rate": self.drop_block, "global_pool": self.gp,
                 "in_chans": self.in_chans, **self.model_kwargs}
 
@@ -81,8 +86,15 @@ class OptimSpec:
     clip_mode: str
     grad_accum_steps: int
     opt_fused: bool
+    layer_decay_min_scale: float = 0.0
+    layer_decay_no_opt_scale: float | None = None
 
     def __post_init__(self):
+        if self.layer_decay is None and (self.layer_decay_min_scale
+                                         or self.layer_decay_no_opt_scale is not None):
+            raise UserError("--layer-decay-min-scale and --layer-decay-no-opt-scale bound "
+                            "--layer-decay's scales: give --layer-decay")
+        within(self, 0.0, 1.0, "layer_decay_min_scale", "layer_decay_no_opt_scale")
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
         at_least(self, 1, "grad_accum_steps", "lr_base_size")
@@ -229,3 +241,41 @@ class PrecisionSpec:
         if dtype == torch.float16 and device.type != "cuda":
             raise UserError(f"{flag} float16 needs CUDA; on the CPU use {flag} bfloat16")
         return dtype
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """Knowledge distillation (--kd-model-name and timm's kd- family)."""
+    kd_model_name: str | None = None
+    kd_pretrained_path: str | None = None
+    kd_distill_type: str = "logit"
+    kd_loss_type: str = "kl"
+    distill_loss_weight: float | None = None
+    task_loss_weight: float | None = None
+    kd_temperature: float = 4.0
+    kd_student_feature_dim: int | None = None
+    kd_teacher_feature_dim: int | None = None
+    kd_token_distill_type: str = "soft"
+
+    def __post_init__(self):
+        if not self.kd_model_name:
+            if self.kd_pretrained_path:
+                raise UserError("--kd-pretrained-path is the teacher's weights: give "
+                                "--kd-model-name too")
+            return
+        if self.kd_distill_type == "feature":
+            raise UserError("--kd-distill-type feature trains a projection beside the student, "
+                            "which ematrain's checkpoints and EMAs do not hold yet; use logit "
+                            "or token")
+        if self.kd_loss_type != "kl":
+            raise UserError(f"--kd-loss-type: timm's logit and token distillation take kl only, "
+                            f"got {self.kd_loss_type!r}")
+        positive(self, "kd_temperature")
+        for dest in ("distill_loss_weight", "task_loss_weight"):
+            value = getattr(self, dest)
+            if value is not None and not 0 <= value <= FLOAT32_MAX:
+                raise UserError(f"--{dest.replace('_', '-')} must be >= 0, got {value:g}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.kd_model_name)

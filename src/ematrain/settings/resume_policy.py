@@ -91,6 +91,22 @@ RESUME_POLICY: tuple[Rule, ...] = (
     Rule("opt_betas", FRESH_OPTIMIZER, _OPT_WHY),
     Rule("opt_kwargs", FRESH_OPTIMIZER, _OPT_WHY),
     Rule("layer_decay", FRESH_OPTIMIZER, _OPT_WHY),
+    Rule("layer_decay_min_scale", FRESH_OPTIMIZER, _OPT_WHY),
+    Rule("layer_decay_no_opt_scale", FRESH_OPTIMIZER, "the frozen layers have no optimizer "
+         "state; the saved state is of the old split"),
+    Rule("start_epoch", REFUSE, "a resumed run goes on where its checkpoint is; --start-epoch "
+         "places a new run"),
+    Rule("kd_model_name", REFUSE, "the run distills from its teacher: another makes the rest no "
+         "continuation of this run"),
+    Rule("kd_pretrained_path", REFUSE, "the run distills from its teacher's weights"),
+    Rule("kd_distill_type", REFUSE, "the loss of the run is that kind of distillation"),
+    Rule("aug_splits", REFUSE, "the BatchNorm statistics and the batches are of that many "
+         "augmentation splits"),
+    Rule("split_bn", REFUSE, "the weights hold (or lack) per-split BatchNorm layers"),
+    *(Rule(key, MID_EPOCH, "they make the epoch's batches: the position within it is counted "
+           "in them") for key in ("train_img_sizes", "train_batch_sizes", "train_size_probs",
+                                  "train_size_schedule", "train_size_schedule_spread",
+                                  "train_size_random_mix", "train_batches_per_epoch")),
     Rule("log_wandb", NEW, "W&B logs from the resumed step on, into the W&B run the checkpoint "
          "names (its `trackers` key) when it has one, else a new one"),
     Rule("wandb_project", NEW, "for a W&B run started on resume; the run the checkpoint names "
@@ -113,7 +129,10 @@ SCHEDULE_SETTINGS = {"sched", "epochs", "warmup_epochs", "warmup_lr", "min_lr", 
                      "lr_cycle_decay", "lr_cycle_limit", "lr_k_decay", "sched_on_updates", "lr",
                      "lr_base", "lr_base_size", "lr_base_scale", "eval_metric",
                      # The global batch sets the LR (--lr-base) and the updates per epoch.
-                     "batch_size", "grad_accum_steps", "world_size"}
+                     "batch_size", "grad_accum_steps", "world_size",
+                     # Variable-size training sets the batches per epoch and the LR's batch.
+                     "train_img_sizes", "train_batch_sizes", "train_size_probs",
+                     "train_size_schedule", "train_batches_per_epoch"}
 
 
 def policy_markdown() -> str:

@@ -4,13 +4,15 @@ checkpoint's recorded settings through the resume policy (`resolve_train`)."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.augmix import check_splits
 from ..data.readers.spec import FOLDER, DatasetSpec
 from ..trackers.spec import TrackerSpec
 from ..util.distributed import device_named
 from ..util.errors import UserError
+from ..util.runtime import import_device_modules
 from .checks import at_least, from_args
 from .data_specs import (
     AugSpec,
@@ -18,12 +20,13 @@ from .data_specs import (
     ImageSpec,
     LabelSpec,
     LoaderSpec,
+    SizeSpec,
     dataset_spec,
 )
 from .ema_specs import EmaSpec, PosthocSpec
 from .flags import train_parser
 from .layers import Layer, parse_command
-from .model_specs import ModelSpec, OptimSpec, PrecisionSpec, ScheduleSpec
+from .model_specs import DistillSpec, ModelSpec, OptimSpec, PrecisionSpec, ScheduleSpec
 from .resume_policy import ResumeSource, apply_to_settings, find_checkpoint, open_source
 from .tracker_specs import tracker_spec
 
@@ -44,9 +47,13 @@ class LoopSpec:
     experiment: str
     resume: str
     no_resume_opt: bool
+    start_epoch: int | None = None
+    val_interval: int = 1
+    save_images: bool = False
 
     def __post_init__(self):
-        at_least(self, 1, "log_interval", "checkpoint_hist")
+        at_least(self, 1, "log_interval", "checkpoint_hist", "val_interval")
+        at_least(self, 0, "start_epoch")
         if not 0 <= self.seed < 2**32:  # numpy's generators take no other seed
             raise UserError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
         at_least(self, 0, "skip_nonfinite", "recovery_interval")
@@ -63,8 +70,13 @@ class DistSpec:
     dist_backend: str | None
     dist_bn: str
     sync_bn: bool
+    no_ddp_bb: bool = False
+    synchronize_step: bool = False
+    local_rank: int = 0
+    device_modules: list | None = None
 
     def __post_init__(self):
+        import_device_modules(self.device_modules)  # before a device of theirs is named
         if self.device:
             device_named(self.device)  # whether this machine has it: when the run starts
         if self.dist_backend and self.dist_backend not in _DIST_BACKENDS:
@@ -91,12 +103,15 @@ class TrainSettings:
     loop: LoopSpec
     dist: DistSpec
     trackers: TrackerSpec
+    distill: DistillSpec = field(default_factory=DistillSpec)
+    sizes: SizeSpec = field(default_factory=SizeSpec)
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "TrainSettings":
         specs = {"data": DataSpec, "loader": LoaderSpec, "image": ImageSpec, "model": ModelSpec,
                  "aug": AugSpec, "labels": LabelSpec, "optim": OptimSpec, "schedule": ScheduleSpec,
-                 "precision": PrecisionSpec, "loop": LoopSpec, "dist": DistSpec}
+                 "precision": PrecisionSpec, "loop": LoopSpec, "dist": DistSpec,
+                 "distill": DistillSpec, "sizes": SizeSpec}
         built = {name: from_args(spec, ns) for name, spec in specs.items()}
         trackers = tracker_spec(vars(ns), resuming=bool(ns.resume))
         settings = cls(args=ns, ema=EmaSpec.from_args(ns), posthoc=PosthocSpec.from_args(ns),
@@ -108,15 +123,46 @@ class TrainSettings:
             _output_outside_splits(settings.loop.output, settings.data)
         if settings.dataset.streaming:
             _stream_checks(settings)
+        a = settings.aug
+        check_splits(a.aug_splits, a.jsd_loss, a.split_bn, a.resplit, settings.labels.mixing,
+                     a.no_aug)
+        _check_sizes(settings)
+        if (a.aug_splits or settings.sizes.enabled) and settings.ema.bn == "recalibrate":
+            raise UserError("--model-ema-bn recalibrate draws training batches of one kind; "
+                            "with --aug-splits or --train-img-sizes use average or copy")
+        start = settings.loop.start_epoch
+        if start is not None and start >= settings.schedule.epochs:
+            raise UserError(f"--start-epoch {start} is not before the run's end (--epochs "
+                            f"{settings.schedule.epochs})")
         return settings
+
+    @property
+    def batch_size(self) -> float:
+        """Images per batch: -b, or with --train-img-sizes timm's policy-average batch."""
+        if self.sizes.enabled:
+            return self.sizes.average_batch(self.loader.batch_size)
+        return self.loader.batch_size
 
     def global_batch(self, world_size: int = 1) -> int:
         """Images per optimizer step: processes x batch size x accumulation."""
-        return world_size * self.loader.batch_size * self.optim.grad_accum_steps
+        return round(world_size * self.batch_size * self.optim.grad_accum_steps)
 
     def lr(self, world_size: int = 1) -> float:
         """The global learning rate (--lr, or --lr-base scaled by the global batch)."""
         return self.optim.lr_for(self.global_batch(world_size))
+
+
+def _check_sizes(s: "TrainSettings") -> None:
+    """Variable-size training's combinations that cannot work (timm asserts the first)."""
+    if not s.sizes.enabled:
+        return
+    if s.aug.aug_splits:
+        raise UserError("--train-img-sizes and --aug-splits: timm's variable-size batches take "
+                        "one view per image; give one of them")
+    batches = s.sizes.choices(s.loader.batch_size).batch_sizes
+    if s.labels.mixing and any(b % 2 for b in batches):
+        raise UserError(f"mixup/cutmix need even batches, got --train-batch-sizes "
+                        f"{' '.join(map(str, batches))}")
 
 
 def _stream_checks(s: TrainSettings) -> None:
@@ -128,6 +174,8 @@ def _stream_checks(s: TrainSettings) -> None:
     if s.ema.bn == "recalibrate":
         raise UserError(f"--model-ema-bn recalibrate draws training images by index; {where} "
                         f"(use --model-ema-bn average or copy)")
+    if s.aug.aug_splits or s.sizes.enabled:
+        raise UserError(f"--aug-splits and --train-img-sizes draw samples by index; {where}")
 
 
 def _output_outside_splits(output: str, spec: DataSpec) -> None:

@@ -3,15 +3,16 @@ else it was asked for (`ValidateSettings`, --posthoc's targets included), resolv
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..data.readers.spec import DatasetSpec
 from ..ema.half_life import parse_half_life
 from ..util.distributed import device_named
 from ..util.errors import UserError
+from ..util.runtime import check_compile_mode
 from .checks import at_least, at_most, check_sigma_rels, from_args
-from .data_specs import ImageSpec, LoaderSpec, dataset_spec
+from .data_specs import CROP_MODES, ImageSpec, LoaderSpec, dataset_spec
 from .flags import validate_parser
 from .layers import parse_command
 from .model_specs import PrecisionSpec
@@ -63,6 +64,58 @@ class SelectSpec:
 
 
 @dataclass(frozen=True)
+class TestTimeSpec:
+    """timm validate.py's options: the evaluation transform beyond ImageSpec's fields, the
+    model as evaluated, the label sets and metrics, and how the pass runs."""
+    use_train_size: bool = False
+    crop_mode: str | None = None
+    crop_border_pixels: int | None = None
+    test_pool: bool = False
+    in_chans: int | None = None
+    gp: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    reparam: bool = False
+    torchcompile: str | None = None
+    torchcompile_mode: str | None = None
+    fast_norm: bool = False
+    real_labels: str = ""
+    valid_labels: str = ""
+    metrics_avg: str | None = None
+    retry: bool = False
+    log_freq: int = 10
+    num_gpu: int = 1
+    seed: int = 42
+
+    FLAGS = {"gp": "--gp"}
+
+    def __post_init__(self):
+        if self.crop_mode not in (None, "") + CROP_MODES:
+            raise UserError(f"--crop-mode must be one of {', '.join(CROP_MODES)}, got "
+                            f"{self.crop_mode!r}")
+        at_least(self, 0, "crop_border_pixels")
+        at_least(self, 1, "log_freq")
+        if self.num_gpu != 1:
+            raise UserError(f"--num-gpu {self.num_gpu}: one device per process here; for more "
+                            f"use torchrun --nproc-per-node {self.num_gpu} validate.py (the "
+                            f"numbers of one process)")
+        if self.in_chans is not None and self.in_chans != 3:
+            raise UserError(f"--in-chans {self.in_chans}: ImageFolder images are loaded as RGB, "
+                            f"so only 3 channels are supported")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
+        check_compile_mode(self.torchcompile_mode, self.torchcompile)
+        for flag, path in (("--real-labels", self.real_labels),
+                           ("--valid-labels", self.valid_labels)):
+            if path and not Path(path).is_file():
+                raise UserError(f"{flag} file not found: {path}")
+
+    def model_kwargs_given(self) -> dict:
+        """create_model arguments the flags give (over what the checkpoint records)."""
+        named = {"global_pool": self.gp, "in_chans": self.in_chans}
+        return {**{k: v for k, v in named.items() if v is not None}, **self.model_kwargs}
+
+
+@dataclass(frozen=True)
 class ValidateSettings:
     """Everything validate.py was asked for, checked."""
     args: argparse.Namespace
@@ -85,6 +138,7 @@ class ValidateSettings:
     precision: PrecisionSpec
     dataset: DatasetSpec
     select: SelectSpec
+    test: TestTimeSpec = field(default_factory=TestTimeSpec)
 
     def __post_init__(self):
         if not self.data_dir and not self.dataset.dataset:
@@ -145,7 +199,7 @@ class ValidateSettings:
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ValidateSettings":
         parts = {"image": ImageSpec, "loader": LoaderSpec, "choice": WeightChoice,
-                 "precision": PrecisionSpec, "select": SelectSpec}
+                 "precision": PrecisionSpec, "select": SelectSpec, "test": TestTimeSpec}
         own = {f.name: getattr(ns, f.name) for f in fields(cls)
                if f.name not in ("args", "dataset") and f.name not in parts}
         return cls(args=ns, **{name: from_args(spec, ns) for name, spec in parts.items()},
