@@ -113,7 +113,7 @@ def test_distributed_posthoc_sweep_equals_single_process(two_proc_run, data_root
         assert r.returncode == 0, r.stderr
         assert r.stdout.count("<- best") == 1  # only rank 0 reports
         tables.append(list(csv.DictReader(open(run_dir / "posthoc.csv"))))
-    assert len(tables[0]) == 1 + 2 + 2
+    assert len(tables[0]) == 1 + 1 + 2 + 2  # raw, the regular EMA 0.9, tracked, targets
     for a, b in zip(*tables):
         assert (a["weights"], a["top1"], a["top5"]) == (b["weights"], b["top1"], b["top5"])
         assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-9)

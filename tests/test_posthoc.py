@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -136,6 +137,44 @@ def test_reconstructions_match_the_same_emas_tracked_directly(tmp_path):
         error = np.linalg.norm(state["w"].double().numpy() - want)
         assert fit < 0.05
         assert error < 3 * fit * spread + 1e-6 * np.linalg.norm(want), (error, fit, spread)
+
+
+def test_one_read_of_the_series_forms_every_target_as_one_target_at_a_time_would(
+        tmp_path, monkeypatch):
+    """All targets accumulate in one pass, each snapshot read once and alone in memory: the
+    same weights as forming each target by itself from its own reads, to float64 rounding."""
+    thetas = random_walk(120, 300, seed=4)
+    write_series(tmp_path, thetas, [0.05, 0.10], every=10)
+    series = series_mod.read_series(tmp_path)
+    t = series.updates
+    targets = [Profile("power", sigma_rel_to_gamma(s), t) for s in (0.03, 0.07, 0.2)]
+    targets.append(Profile("exp", 0.95, t))
+    solution = solve(series.profiles(), targets)
+    reads, alive = [], []
+    original = series_mod.load_shadows
+
+    def counted(snapshot):
+        alive.append(sum(ref() is not None for ref in held))  # earlier snapshots still held
+        shadows = original(snapshot)
+        reads.append(snapshot.path)
+        held.extend(weakref.ref(v) for shadow in shadows for v in shadow.values())
+        return shadows
+    held: list = []
+    monkeypatch.setattr(series_mod, "load_shadows", counted)
+    formed = series_mod.accumulate(series, solution)
+    assert reads == [s.path for s in series.snapshots] and alive == [0] * len(reads)
+    monkeypatch.setattr(series_mod, "load_shadows", original)
+    tracked = len(series.gammas)
+    for k, state in enumerate(formed.states):
+        for key in ("w", "bn.running_var"):
+            want = sum(solution.coefficients[k, i * tracked + j]
+                       * snapshots_mod.load_shadows(snap)[j][key].double()
+                       for i, snap in enumerate(series.snapshots) for j in range(tracked))
+            assert state[key].dtype == torch.float64
+            assert torch.allclose(state[key], want.clamp(min=0) if "var" in key else want,
+                                  rtol=1e-13, atol=1e-13 * want.abs().max().item())
+        assert torch.equal(state["bn.num_batches_tracked"], torch.tensor(120))
+    assert [x.keys() for x in formed.last] == [x.keys() for x in original(series.snapshots[-1])]
 
 
 def test_a_target_the_snapshots_cannot_represent_has_a_large_fit_error():
@@ -340,8 +379,10 @@ def test_the_sweep_writes_its_table_files_and_a_best_file_timm_reads(run_dir, da
                        "--half-life", "4it")
     assert r.returncode == 0, r.stderr
     rows = (run_dir / "posthoc.csv").read_text().splitlines()
-    # raw, three tracked, the default sweep of ten, one half-life.
-    assert len(rows) == 1 + 1 + 3 + 10 + 1 and rows[1].startswith("raw,raw")
+    # raw, the run's regular EMA (half-life 4it), three tracked, the default sweep of ten, one
+    # half-life.
+    assert len(rows) == 1 + 1 + 1 + 3 + 10 + 1 and rows[1].startswith("raw,raw")
+    assert rows[2].startswith("ema hl4it,ema,")
     assert (run_dir / "posthoc.png").stat().st_size > 10_000
     best = ckpt_files.load_file(run_dir / "model_posthoc_best.pth.tar")
     info = best["posthoc"]
@@ -363,6 +404,8 @@ def test_the_sweep_writes_its_table_files_and_a_best_file_timm_reads(run_dir, da
     for sigma in ("0.05", "0.07", "0.1"):
         trained_top1 = float(trained[f"powersr{sigma}_eval_top1"])
         assert f"{trained_top1:.4f}" == swept[f"tracked {sigma}"]["top1"]
+    # The run's regular EMA, from last.pth.tar: the weights its last epoch validated.
+    assert f"{float(trained['eval_top1']):.4f}" == swept["ema hl4it"]["top1"]
     import timm
     from timm.models import load_checkpoint
     model = timm.create_model("test_resnet", num_classes=3)

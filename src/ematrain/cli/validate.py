@@ -15,7 +15,7 @@ from timm.utils.misc import natural_key
 from ..checkpoint.files import load_file, write_file
 from ..checkpoint.weights import Weights, select_weights
 from ..posthoc import series as snapshot_series
-from ..posthoc import snapshots, sweep
+from ..posthoc import selection, snapshots, sweep
 from ..run import tracking
 from ..run.eval_config import with_test_time_pool
 from ..run.eval_extras import (
@@ -220,50 +220,144 @@ def eval_extras_for(s: ValidateSettings, dataset, loader, device,
 
 
 def evaluate_posthoc(s, info, device) -> int:
-    """validate.py --posthoc: the sweep, scored in one pass, reported and saved (rank 0)."""
+    """validate.py --posthoc: the sweep, scored in one pass over the images that choose (and the
+    pick, the raw weights and the tracked EMAs in one more over those that report, with
+    --select-split or --select-fraction), reported and saved (rank 0)."""
     series, targets, solution = sweep.sweep_plan(s.posthoc, s.sigma_rel, s.half_life)
     meta = series.meta
     run_dir = series.folder.parent if series.folder.name == snapshots.FOLDER else series.folder
     sweep.check_outputs_writable(run_dir)  # every rank: each stops at once, none waits for another
-    split_dir, dataset = open_split(s, s.num_classes or meta.get("num_classes"))
-    check_classes(meta, dataset, split_dir)
+    sel = s.select
+    protocol = selection.protocol_for(sel.select_split, sel.select_fraction, sel.select_seed,
+                                      sel.select_metric, s.split, meta["args"])
+    chooser, reporter = posthoc_images(s, protocol, meta)
+    protocol = named_as_found(protocol, chooser, reporter)
     if info.is_primary:
         sweep.remove_stale_outputs(run_dir)
-    raw, last = sweep.raw_weights(run_dir)
-    states, clamped = snapshot_series.synthesize(series, solution)
+    raw, last_ckpt = sweep.raw_weights(run_dir)
+    emas = sweep.run_emas(last_ckpt, run_dir / "last.pth.tar")
+    formed = snapshot_series.accumulate(series, solution)
+    states, clamped = formed.states, formed.clamped
     sweep.finite_or_fail(states, [t.label for t in targets])
     tracked = [{k: t.float() if t.is_floating_point() else t for k, t in shadow.items()}
-               for shadow in snapshots.load_shadows(series.snapshots[-1])]
+               for shadow in formed.last]
     log.info(sweep.describe(series, targets, clamped))
-    rows = sweep.plan_rows(series, targets, solution.fit_errors, raw is not None)
+    rows = sweep.plan_rows(series, targets, solution.fit_errors, raw is not None,
+                           [name for name, _ in emas])
     first = raw if raw is not None else tracked[0]
     weights = Weights(first, "raw" if raw is not None else "ema", None)
-    model, arch = build_model(s, meta, dataset, weights, device, path=series.snapshots[-1].path)
+    model, arch = build_model(s, meta, (reporter or chooser).dataset, weights, device,
+                              path=series.snapshots[-1].path)
     data_config = resolve_data_config(s.image, meta, model)
-    loader, normalize = split_loader(s, info, dataset, meta, data_config, device)
     dtype = evaluation_dtype(states[0], device, meta["eval_dtype"])
-    bank = WeightBank(model, (tracked if raw is not None else tracked[1:]) + states, dtype)
-    scores = validate(model, loader, device, ema=bank, show=info.is_primary, normalize=normalize,
-                      reduce=lambda t: distributed.all_reduce_sum(t, info))
-    for row, result in zip(rows, scores):
+    fixed = [state for _, state in emas] + (tracked if raw is not None else tracked[1:])
+    bank = WeightBank(model, fixed + states, dtype)
+    # What the run's trackers need of its last checkpoint (the rest is in the bank now).
+    last_run = ({k: last_ckpt.get(k) for k in ("args", "trackers", "counters")}
+                if last_ckpt else None)
+    del tracked, formed, fixed, emas, last_ckpt
+    score = ScorePass(s, info, meta, data_config, device, model)
+    for row, result in zip(rows, score(chooser, bank)):
         row.result = result
+    best = sweep.best_row(rows, protocol.metric)
+    report = None
+    if reporter is not None:  # the pick, the raw weights and the tracked EMAs, on other images
+        keep = list(range(len(rows) - len(targets))) + [best]
+        results = score(reporter, bank.subset([i - 1 for i in keep[1:]]))
+        report = [dataclasses.replace(rows[i], result=r) for i, r in zip(keep, results)]
     if not info.is_primary:
         return 0
-    metric = meta["args"].get("eval_metric") or "top1"
-    best = sweep.best_row(rows, metric)
-    print(f"{arch} on {split_dir}, {scores[0]['count']} images:", flush=True)
-    print("\n".join(sweep.table(rows, best)), flush=True)
-    sweep.write_csv(run_dir / sweep.CSV, rows)
-    sweep.plot(run_dir / sweep.PNG, rows,
-               f"{run_dir.name}: post-hoc EMA, {len(series.snapshots)} snapshots")
+    parts = [sweep.Part("selection" if report else "same", chooser.split_dir, rows, best)]
+    if report:
+        parts.append(sweep.Part("report", reporter.split_dir, report, len(report) - 1))
     chosen = best - (len(rows) - len(targets))
-    ckpt = sweep.best_checkpoint(meta, states[chosen], raw, rows[best], targets[chosen], series,
-                                 dtype or torch.float32)
-    write_file(run_dir / sweep.BEST, ckpt)
-    log.info(f"best: {rows[best].label} ({metric} {rows[best].result[metric]:.4f}); wrote "
-             f"{run_dir / sweep.CSV}, {run_dir / sweep.PNG}, {run_dir / sweep.BEST}")
-    tracking.log_posthoc(run_dir, last, rows, best, metric)  # the run's trackers, if any
+    best_file = sweep.best_checkpoint(meta, states[chosen], raw, parts, targets[chosen], series,
+                                      dtype or torch.float32, protocol)
+    write_posthoc(run_dir, arch, parts, protocol, best_file, len(series.snapshots))
+    tracking.log_posthoc(run_dir, last_run, rows, best, protocol.metric)  # its trackers, if any
     return 0
+
+
+def write_posthoc(run_dir: Path, arch: str, parts: list, protocol, best_file: dict,
+                  snapshot_count: int) -> None:
+    """The sweep's tables on the console, posthoc.csv, posthoc.png and the best file."""
+    print("\n".join(sweep.tables(arch, parts, protocol)), flush=True)
+    sweep.write_csv(run_dir / sweep.CSV, parts, protocol)
+    sweep.plot(run_dir / sweep.PNG, parts[0].rows,
+               f"{run_dir.name}: post-hoc EMA, {snapshot_count} snapshots, "
+               f"scored on {parts[0].where()}")
+    write_file(run_dir / sweep.BEST, best_file)
+    log.info(f"{sweep.summary_line(parts, protocol)}; wrote {run_dir / sweep.CSV}, "
+             f"{run_dir / sweep.PNG}, {run_dir / sweep.BEST}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Images:
+    """Images of one split that a pass scores: its folder, its ImageFolder and which of its
+    images (None: all)."""
+    split_dir: Path
+    dataset: object
+    indices: object = None
+
+
+def posthoc_images(s, protocol: selection.Protocol, meta: dict) -> tuple[Images, Images | None]:
+    """The images that choose and those that report (None: the same ones), their class folders
+    checked against the run's: before any weights are read."""
+    num_classes = s.num_classes or meta.get("num_classes")
+    split_dir, dataset = open_split(s, num_classes)
+    check_classes(meta, dataset, split_dir)
+    if protocol.mode == "split":
+        select_dir, chooser = open_split(s, num_classes, protocol.select_split)
+        if same_split(select_dir, split_dir):
+            raise UserError(f"--select-split {protocol.select_split} is {split_dir}, the split "
+                            f"that is reported: choose on another split, or with "
+                            f"--select-fraction")
+        check_classes(meta, chooser, select_dir)
+        return Images(select_dir, chooser), Images(split_dir, dataset)
+    if protocol.mode == "fraction":
+        if getattr(dataset, "targets", None) is None:
+            raise UserError(f"--select-fraction needs a split whose labels are known before it "
+                            f"is read (a folder or a map-style --dataset), not {split_dir}: "
+                            f"choose on another split with --select-split")
+        chosen, rest = selection.stratified_parts(dataset.targets, protocol.fraction,
+                                                  protocol.seed, dataset.classes)
+        return Images(split_dir, dataset, chosen), Images(split_dir, dataset, rest)
+    return Images(split_dir, dataset), None
+
+
+def named_as_found(protocol: selection.Protocol, chooser: Images,
+                   reporter: Images | None) -> selection.Protocol:
+    """The protocol with its splits named as the folders found (timm's default `validation`
+    finds `val`), so the csv and the best file say which images they mean."""
+    def name(images: Images, asked: str) -> str:
+        return images.split_dir.name if isinstance(images.split_dir, Path) else asked
+    report = reporter or chooser
+    return dataclasses.replace(protocol, report_split=name(report, protocol.report_split),
+                               select_split=name(chooser, protocol.select_split))
+
+
+def same_split(a, b) -> bool:
+    """Two splits are one: the same folder (`val` and `validation` can name one), or the same
+    name of one --dataset."""
+    if isinstance(a, Path) and isinstance(b, Path):
+        return a.resolve() == b.resolve()
+    return str(a) == str(b)
+
+
+class ScorePass:
+    """One pass of the live model and a bank of weight sets over some images (each rank its
+    share, summed), as training scores them."""
+
+    def __init__(self, s, info, meta: dict, data_config: dict, device, model):
+        self.s, self.info, self.meta, self.data_config = s, info, meta, data_config
+        self.device, self.model = device, model
+
+    def __call__(self, images: Images, bank: WeightBank) -> list[dict]:
+        loader, normalize = split_loader(self.s, self.info, images.dataset, self.meta,
+                                         self.data_config, self.device, indices=images.indices)
+        info = self.info
+        return validate(self.model, loader, self.device, ema=bank, show=info.is_primary,
+                        normalize=normalize, reduce=lambda t: distributed.all_reduce_sum(t, info))
 
 
 def main(argv=None) -> int:

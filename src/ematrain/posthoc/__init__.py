@@ -5,7 +5,8 @@
 * `snapshots`: the snapshot file (`SNAPSHOT_SCHEMA`, the README's table); `series`: a run's
   snapshots read and checked as one series, forks merged, reconstructions formed.
 * `schedule`: the training side: when the power EMAs are snapshotted, and where.
-* `sweep`: validate.py --posthoc's targets, table, posthoc.csv/png and best file (the command
+* `selection`: where validate.py --posthoc chooses its best and where it reports it.
+* `sweep`: validate.py --posthoc's targets, tables, posthoc.csv/png and best file (the command
   itself is `ematrain.cli.validate`).
 
 ``from ematrain.posthoc import Profile, solve``: the names below, imported on use.

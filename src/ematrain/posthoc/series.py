@@ -186,40 +186,70 @@ def _difference(a: tuple, b: tuple) -> str:
     return next(name for name, x, y in zip(names, a, b) if x != y)
 
 
-@torch.no_grad()
+@dataclass
+class Formed:
+    """The reconstructions of a sweep's targets (`accumulate`), and what else the one read of
+    the series gives: the tracked EMAs' weights at its last snapshot."""
+    states: list[dict]
+    clamped: int
+    last: list[dict]
+
+
 def synthesize(series: Series, solution: Solution) -> tuple[list[dict], int]:
-    """The reconstructed weights of every target: ``sum_i c_i snapshot_i`` in float64, read one
-    snapshot at a time, returned in float32 (float64 for float64 snapshots); integer buffers
-    from the last snapshot.
+    """The reconstructed weights of every target and the count of clamped elements
+    (`accumulate`)."""
+    formed = accumulate(series, solution)
+    return formed.states, formed.clamped
+
+
+@torch.no_grad()
+def accumulate(series: Series, solution: Solution) -> Formed:
+    """The reconstructed weights of every target: ``sum_i c_i snapshot_i`` in float64, every
+    target in one read of the series, one snapshot in memory at a time, returned in float32
+    (float64 for float64 snapshots); integer buffers from the last snapshot.
 
     A variance buffer (BatchNorm's ``running_var``) is clamped at zero: negative coefficients
-    may take a combination of variances below it, where the layer would give NaN. Returns the
-    state dicts and how many elements were clamped.
+    may take a combination of variances below it, where the layer would give NaN. Each
+    snapshot's tensors are widened to float64 once, and all targets' accumulators are updated
+    from each in one outer product (the targets' coefficients times its elements).
     """
     coef = torch.from_numpy(solution.coefficients)  # targets x (snapshots * tracked)
-    sums: list[dict] | None = None
     tracked = len(series.gammas)
+    sums, shadows = None, None
     for i, snapshot in enumerate(series.snapshots):
         shadows = load_shadows(snapshot)
         if sums is None:
-            sums = [{k: torch.zeros(v.shape, dtype=torch.float64) for k, v in shadows[0].items()
-                     if v.is_floating_point()} for _ in range(coef.shape[0])]
-        for j, shadow in enumerate(shadows):
-            column = coef[:, i * tracked + j].tolist()
-            for target, c in zip(sums, column):
-                if c != 0.0:
-                    for k, acc in target.items():
-                        acc.add_(shadow[k].double(), alpha=c)
-    ints = {k: v for k, v in shadows[0].items() if not v.is_floating_point()}
+            sums = {k: torch.zeros((coef.shape[0], v.numel()), dtype=torch.float64)
+                    for k, v in shadows[0].items() if v.is_floating_point()}
+        _add_snapshot(sums, shadows, coef[:, i * tracked:(i + 1) * tracked])
+        if i < len(series.snapshots) - 1:
+            del shadows
+    return _finish(series, sums, shadows, coef.shape[0])
+
+
+def _add_snapshot(sums: dict, shadows: list[dict], block: torch.Tensor) -> None:
+    """Add one snapshot to every target's accumulator (`block`: targets x tracked, its
+    coefficients): each tensor widened once, one outer product per tensor and shadow."""
+    for j, shadow in enumerate(shadows):
+        column = block[:, j].contiguous()
+        for k, acc in sums.items():
+            acc.addr_(column, shadow[k].reshape(-1).double())
+
+
+def _finish(series: Series, sums: dict, last: list[dict], count: int) -> Formed:
+    """The accumulators as state dicts in the snapshot key order (variances clamped), each
+    tensor's float64 accumulator freed once converted: the peak stays near the accumulators'."""
     dtype = torch.promote_types(getattr(torch, series.dtype), torch.float32)
-    clamped, out = 0, []
-    for target in sums:
-        state = {}
-        for k, acc in target.items():
-            if k.endswith("running_var"):
-                clamped += int((acc < 0).sum())
-                acc.clamp_(min=0.0)
-            state[k] = acc.to(dtype)
-        state.update(ints)
-        out.append({k: state[k] for k in shadows[0]})
-    return out, clamped
+    template = last[0]
+    states: list[dict] = [{} for _ in range(count)]
+    clamped = 0
+    for k in list(sums):
+        acc = sums.pop(k)
+        if k.endswith("running_var"):
+            clamped += int((acc < 0).sum())
+            acc.clamp_(min=0.0)
+        for state, row in zip(states, acc):
+            state[k] = row.to(dtype, copy=True).view(template[k].shape)
+        del acc
+    out = [{k: state[k] if k in state else template[k] for k in template} for state in states]
+    return Formed(out, clamped, last)

@@ -23,13 +23,14 @@ import torch
 
 from ..checkpoint.files import load_file
 from ..checkpoint.schema import weights_file
-from ..checkpoint.weights import select_weights
+from ..checkpoint.weights import ema_keys, select_weights
 from ..ema.half_life import decay_from_half_life, parse_half_life
 from ..ema.schedules import sigma_rel_to_gamma
 from ..util.atomic import atomic_write, atomic_write_text
 from ..util.errors import UserError
 from ..util.logs import log
 from .profiles import Profile, solve
+from .selection import Protocol, best_index
 from .series import Series, read_series
 
 CSV = "posthoc.csv"
@@ -53,7 +54,7 @@ class Target:
 class Row:
     """One scored weight set of the sweep."""
     label: str
-    kind: str          # raw, tracked, power, exp
+    kind: str          # raw, ema (a regular EMA of the run), tracked, power, exp
     sigma_rel: float | None
     half_life_ep: float | None
     fit_error: float | None
@@ -97,10 +98,23 @@ def raw_weights(run_dir: Path) -> tuple[dict | None, dict | None]:
     return select_weights(ckpt, path).state, ckpt
 
 
-def plan_rows(series: Series, targets: list[Target], fit_errors, has_raw: bool) -> list[Row]:
-    """The rows in scoring order: raw, the tracked EMAs, the targets."""
+def run_emas(ckpt: dict | None, path: Path) -> list[tuple[str, dict]]:
+    """The regular EMAs the run tracked beside the power ones (--model-ema-decay,
+    --model-ema-half-life), as last.pth.tar holds them at the end of the series: (name, weights)
+    each, scored beside the reconstructions."""
+    if ckpt is None:
+        return []
+    chosen = (select_weights(ckpt, path, ema_index=i) for i in range(len(ema_keys(ckpt))))
+    return [(w.name, w.state) for w in chosen]
+
+
+def plan_rows(series: Series, targets: list[Target], fit_errors, has_raw: bool,
+              emas: list[str] = ()) -> list[Row]:
+    """The rows in scoring order: raw, the run's regular EMAs (`emas`: their names), the
+    tracked power EMAs, the targets."""
     per_epoch = series.updates_per_epoch()
     rows = [Row("raw", "raw", None, None, None)] if has_raw else []
+    rows += [Row(name, "ema", None, None, None) for name in emas]
     for s, g in zip(series.sigma_rels, series.gammas):
         profile = Profile("power", g, series.updates)
         rows.append(Row(f"tracked {s:g}", "tracked", s, profile.half_life / per_epoch, 0.0))
@@ -112,26 +126,91 @@ def plan_rows(series: Series, targets: list[Target], fit_errors, has_raw: bool) 
 
 
 def best_row(rows: list[Row], metric: str) -> int:
-    """Index of the best reconstruction by the run's --eval-metric (ties: lower loss)."""
+    """Index of the best reconstruction by `metric` (top-1/top-5: ties broken by the lower
+    loss; `selection.best_index`)."""
     candidates = [i for i, r in enumerate(rows) if r.kind in ("power", "exp")]
-    if metric == "loss":
-        return min(candidates, key=lambda i: rows[i].result["loss"])
-    return max(candidates, key=lambda i: (rows[i].result[metric], -rows[i].result["loss"]))
+    return best_index([r.result for r in rows], candidates, metric)
 
 
-def table(rows: list[Row], best: int) -> list[str]:
+@dataclass(frozen=True)
+class Part:
+    """One scored table of the sweep: which images (`name`: same, selection or report), the
+    rows scored on them and the pick's index among them. `split_dir`: the split's folder, or
+    for a --dataset split the words that name it."""
+    name: str
+    split_dir: Path | str
+    rows: list[Row]
+    pick: int
+
+    @property
+    def split(self) -> str:
+        return self.split_dir.name if isinstance(self.split_dir, Path) else str(self.split_dir)
+
+    @property
+    def images(self) -> int:
+        return self.rows[0].result["count"]
+
+    def where(self) -> str:
+        what = {"selection": "the selection part of", "report": "the report part of"}
+        return f"{what.get(self.name, '')} {self.split}".strip()
+
+    def figures(self) -> dict:
+        """The pick's scores here, as the best file records them."""
+        res = self.rows[self.pick].result
+        return {"split": self.split, "images": self.images, "top1": res["top1"],
+                "top5": res["top5"], "loss": res["loss"]}
+
+
+def headings(arch: str, part: Part, protocol: Protocol) -> str:
+    """A table's heading: which images, how the best was chosen, and whether its figure is
+    fit to report."""
+    where = f"{arch} on {part.split_dir}, {part.images} images"
+    if part.name == "same":
+        return (f"{where}; the best ({protocol.rule()}) is chosen on these same images, so its "
+                f"figure is optimistic (--select-split or --select-fraction for a figure to "
+                f"report):")
+    if part.name == "selection":
+        return (f"SELECTION: {where}"
+                + (f" ({protocol.fraction:g} of the split, stratified, seed {protocol.seed})"
+                   if protocol.mode == "fraction" else "")
+                + f"; the best ({protocol.rule()}) is chosen here:")
+    return (f"REPORT: {where}, none of which took part in the choice: the pick beside the raw "
+            f"weights and the tracked EMAs (the figures to report):")
+
+
+def tables(arch: str, parts: list[Part], protocol: Protocol) -> list[str]:
+    """Every table of the sweep with its heading, the report rows labelled as such."""
+    lines = []
+    for part in parts:
+        mark = "  <- best" if part.name != "report" else "  <- the pick, reported"
+        lines += ([""] if lines else []) + [headings(arch, part, protocol)]
+        lines += table(part.rows, part.pick, mark, "report " if part.name == "report" else "")
+    return lines
+
+
+def table(rows: list[Row], best: int, mark: str = "  <- best", prefix: str = "") -> list[str]:
     """The console table: length as sigma_rel and half-life in epochs, scores, fit error."""
-    lines = [f"{'weights':<22} {'sigma_rel':>9} {'half-life ep':>12} {'top1':>8} {'top5':>8} "
+    lines = [f"{'weights':<29} {'sigma_rel':>9} {'half-life ep':>12} {'top1':>8} {'top5':>8} "
              f"{'loss':>8} {'fit error':>10}"]
     for i, r in enumerate(rows):
         res = r.result
         fit = "" if r.fit_error is None else f"{r.fit_error:.2e}"
         if r.fit_error is not None and r.fit_error > POOR_FIT:
             fit += " poor"
-        lines.append(f"{r.label:<22} {_num(r.sigma_rel, '.4g'):>9} {_num(r.half_life_ep, '.3g'):>12} "
-                     f"{res['top1']:8.2f} {res['top5']:8.2f} {res['loss']:8.4f} {fit:>10}"
-                     + ("  <- best" if i == best else ""))
+        lines.append(f"{prefix + r.label:<29} {_num(r.sigma_rel, '.4g'):>9} "
+                     f"{_num(r.half_life_ep, '.3g'):>12} {res['top1']:8.2f} {res['top5']:8.2f} "
+                     f"{res['loss']:8.4f} {fit:>10}" + (mark if i == best else ""))
     return lines
+
+
+def summary_line(parts: list[Part], protocol: Protocol) -> str:
+    """The log's last word: the pick, its selection figure and the figure to report."""
+    pick = parts[0].rows[parts[0].pick]
+    m = protocol.metric
+    text = f"best: {pick.label} ({m} {pick.result[m]:.4f} on {parts[0].where()}"
+    if len(parts) > 1:
+        text += f"; {m} {parts[1].rows[parts[1].pick].result[m]:.4f} on {parts[1].where()}"
+    return text + ")"
 
 
 def _num(value, fmt: str) -> str:
@@ -142,16 +221,23 @@ def _cell(value) -> str:
     return "" if value is None else f"{value:.6g}"
 
 
-def write_csv(path: Path, rows: list[Row]) -> None:
+CSV_COLUMNS = ["weights", "kind", "sigma_rel", "half_life_epochs", "fit_error", "part", "split",
+               "images", "top1", "top5", "loss", "chosen", "protocol", "select_metric"]
+
+
+def write_csv(path: Path, parts: list[Part], protocol: Protocol) -> None:
+    """posthoc.csv: a row per weight set and table (`part`: same, selection or report; `chosen`:
+    1 for the pick), each saying the protocol and the metric of the choice."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["weights", "kind", "sigma_rel", "half_life_epochs", "top1", "top5", "loss",
-                     "fit_error"])
-    for r in rows:
-        writer.writerow([r.label, r.kind, _cell(r.sigma_rel), _cell(r.half_life_ep),
-                         f"{r.result['top1']:.4f}",
-                         f"{r.result['top5']:.4f}", f"{r.result['loss']:.6f}",
-                         _cell(r.fit_error)])
+    writer.writerow(CSV_COLUMNS)
+    for part in parts:
+        for i, r in enumerate(part.rows):
+            writer.writerow([r.label, r.kind, _cell(r.sigma_rel), _cell(r.half_life_ep),
+                             _cell(r.fit_error), part.name, part.split, part.images,
+                             f"{r.result['top1']:.4f}", f"{r.result['top5']:.4f}",
+                             f"{r.result['loss']:.6f}", int(i == part.pick),
+                             protocol.describe(), protocol.metric])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -163,16 +249,23 @@ def posthoc_name(row: Row) -> str:
     return f"posthoc {length} (fit error {row.fit_error:.2%})"
 
 
-def best_checkpoint(meta: dict, state: dict, raw: dict | None, row: Row, target: Target,
-                    series: Series, scored: torch.dtype) -> dict:
+def best_checkpoint(meta: dict, state: dict, raw: dict | None, parts: list[Part], target: Target,
+                    series: Series, scored: torch.dtype, protocol: Protocol) -> dict:
     """model_posthoc_best.pth.tar: the reconstruction as timm's `state_dict_ema` (also our
-    validate.py --use-ema), with its length and fit under `posthoc` (`scored`: the dtype it was
-    scored in)."""
+    validate.py --use-ema), with its length, fit, the protocol of its choice and its figures
+    under `posthoc` (`selection`: where it was chosen; `report`: images the choice never saw, or
+    None; top1/top5/loss: the figure to report, the report part's where there is one) (`scored`:
+    the dtype it was scored in)."""
+    row = parts[0].rows[parts[0].pick]
+    figures = [p.figures() for p in parts]
+    shown = figures[-1]
     posthoc = {"target": row.label, "kind": target.profile.kind, "sigma_rel": row.sigma_rel,
                "half_life_epochs": row.half_life_ep, "fit_error": row.fit_error,
                "updates": series.updates, "step": series.snapshots[-1].step,
                "snapshots": len(series.snapshots), "tracked_sigma_rels": list(series.sigma_rels),
-               "top1": row.result["top1"], "loss": row.result["loss"]}
+               "protocol": protocol.record(), "selection": figures[0],
+               "report": figures[1] if len(figures) > 1 else None,
+               "top1": shown["top1"], "top5": shown["top5"], "loss": shown["loss"]}
     return weights_file(meta, raw if raw is not None else state, [state], [posthoc_name(row)],
                         scored, posthoc=posthoc)
 
@@ -206,6 +299,9 @@ def plot(path: Path, rows: list[Row], title: str) -> None:
         for r in rows:
             if r.kind == "raw":
                 ax.axhline(r.result[key], color="grey", linestyle="--", label="raw weights")
+            elif r.kind == "ema":
+                ax.axhline(r.result[key], color="grey", linestyle=":", linewidth=1,
+                           label=f"{r.label} (the run's)")
         ax.set_xscale("log")
         # Plain numbers at a few round lengths: log-scale labels like 3x10^-2 crowd each other.
         lengths = [r.sigma_rel for r in rows if r.sigma_rel is not None]

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from ..checkpoint.schema import args_dict
@@ -254,18 +255,18 @@ def build_model(s: ValidateSettings, ckpt: dict, dataset, weights: Weights | Non
     return model, arch
 
 
-def open_split(s: ValidateSettings, num_classes: int | None = None):
+def open_split(s: ValidateSettings, num_classes: int | None = None, split: str | None = None):
     """Where the split is, and the split: an ImageFolder as always, else what timm's reader of
     --dataset gives (a map-style split, or a stream's source; `num_classes`: for labels stored
-    as class indices, when the data names no classes)."""
-    spec = s.dataset
+    as class indices, when the data names no classes; `split`: another than --split)."""
+    spec, split = s.dataset, split or s.split
     if reads_folders(spec):
-        split_dir = resolve_split_dir(s.data_dir, s.split)
+        split_dir = resolve_split_dir(s.data_dir, split)
         return split_dir, load_image_folder(split_dir)
-    where = f"{spec.dataset or spec.root} {s.split}"
+    where = f"{spec.dataset or spec.root} {split}"
     if spec.streaming:
-        return where, open_source(spec, s.split, num_classes, flag="--split")
-    return where, open_mapped(spec, s.split, spec.img_mode(), num_classes, flag="--split")
+        return where, open_source(spec, split, num_classes, flag="--split")
+    return where, open_mapped(spec, split, spec.img_mode(), num_classes, flag="--split")
 
 
 def check_classes(ckpt: dict, dataset, split_dir) -> None:
@@ -284,9 +285,10 @@ def eval_batch_size(s: ValidateSettings, ckpt: dict) -> int:
 
 
 def split_loader(s: ValidateSettings, info, dataset, ckpt: dict, data_config: dict, device,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, indices: Sequence[int] | None = None):
     """The evaluation loader of this rank's share (each image counts exactly once under
-    torchrun) and the normalization of its uint8 batches (`batch_size`: --retry's)."""
+    torchrun) and the normalization of its uint8 batches (`batch_size`: --retry's; `indices`:
+    these images of a map-style split only, in this order)."""
     batch_size = batch_size or eval_batch_size(s, ckpt)
     crowded = s.loader.too_many_workers(info.local_processes)
     if crowded and info.is_primary:
@@ -304,6 +306,8 @@ def split_loader(s: ValidateSettings, info, dataset, ckpt: dict, data_config: di
         loader.set_epoch(0)
         return loader, normalize
     dataset.transform = eval_transform(data_config)
+    if indices is not None:
+        dataset = Subset(dataset, [int(i) for i in indices])
     sampler = EpochSampler(len(dataset), 0, shuffle=False, rank=info.rank,
                                 num_replicas=info.world_size, block=batch_size)
     loader = make_loader(dataset, batch_size, workers, seed=0, pin_memory=device.type == "cuda",
@@ -326,3 +330,9 @@ class WeightBank:
 
     def wait(self) -> None:
         """Nothing runs in the background here."""
+
+    def subset(self, indices: Sequence[int]) -> "WeightBank":
+        """A bank of some of these modules (shared, not copied), in the order of `indices`."""
+        bank = copy.copy(self)
+        bank.shadows = [self.shadows[i] for i in indices]
+        return bank

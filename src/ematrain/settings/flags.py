@@ -589,6 +589,23 @@ def _posthoc_flags(p) -> None:
                    help="--posthoc: classic EMAs to reconstruct, by half-life at the end of "
                         "training in the training flag's units (2ep, 500it, 300kimg); scored "
                         "beside the --sigma-rel ones")
+    _posthoc_select_flags(p)
+
+
+def _posthoc_select_flags(p) -> None:
+    """validate.py --posthoc's selection protocol (issue 23's flags)."""
+    p.add_argument("--select-split", default=None, metavar="SPLIT",
+                   help="--posthoc: choose the best weight set on this split folder, then score "
+                        "the pick, the raw weights and the tracked EMAs on --split and report "
+                        "those (default: chosen and scored on the same images)")
+    p.add_argument("--select-fraction", type=finite_float, default=None, metavar="F",
+                   help="--posthoc: a fixed, stratified part F of --split (each class's share, "
+                        "drawn with --select-seed) chooses, the rest reports")
+    p.add_argument("--select-seed", type=int, default=0, metavar="N",
+                   help="--posthoc: the seed of --select-fraction's draw (default: 0)")
+    p.add_argument("--select-metric", default=None, choices=["top1", "top5", "loss"],
+                   help="--posthoc: what the best is chosen by, ties broken by the lower loss "
+                        "(default: the run's --eval-metric)")
 
 
 def _precision_flags(group, training: bool) -> None:

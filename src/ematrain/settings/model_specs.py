@@ -59,11 +59,6 @@ class ModelSpec:
             raise UserError(f"--drop-connect is timm's old name of --drop-path: give one "
                             f"(got {self.drop_connect:g} and {self.drop_path:g})")
         check_compile_mode(self.torchcompile_mode, self.torchcompile)
-        if self.torchcompile:
-            import torch._dynamo
-            if self.torchcompile not in torch._dynamo.list_backends(exclude_tags=()):
-                raise UserError(f"--torchcompile: unknown backend {self.torchcompile!r} "
-                                f"(e.g. {', '.join(torch._dynamo.list_backends())}, eager)")
 
     def create_kwargs(self) -> dict:
         """timm.create_model keyword arguments; --model-kwargs wins over the named flags."""

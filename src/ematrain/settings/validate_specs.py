@@ -37,6 +37,33 @@ class WeightChoice:
 
 
 @dataclass(frozen=True)
+class SelectSpec:
+    """validate.py --posthoc's selection protocol (`posthoc.selection`): where the best weight
+    set is chosen, and by what."""
+    select_split: str | None = None
+    select_fraction: float | None = None
+    select_seed: int = 0
+    select_metric: str | None = None
+
+    def __post_init__(self):
+        if self.select_split is not None and self.select_fraction is not None:
+            raise UserError("--select-split and --select-fraction are two ways to choose on "
+                            "other images than the reported ones: give one")
+        if self.select_split is not None and not self.select_split.strip():
+            raise UserError("--select-split: give a split folder name")
+        if self.select_fraction is not None and not 0.0 < self.select_fraction < 1.0:
+            raise UserError(f"--select-fraction is the part of --split that chooses, in (0, 1), "
+                            f"got {self.select_fraction:g}")
+        at_least(self, 0, "select_seed")
+
+    @property
+    def given(self) -> list[str]:
+        """The --select-* flags given."""
+        return [f"--{f.name.replace('_', '-')}" for f in fields(self)
+                if getattr(self, f.name) != f.default]
+
+
+@dataclass(frozen=True)
 class TestTimeSpec:
     """timm validate.py's options: the evaluation transform beyond ImageSpec's fields, the
     model as evaluated, the label sets and metrics, and how the pass runs."""
@@ -110,6 +137,7 @@ class ValidateSettings:
     choice: WeightChoice
     precision: PrecisionSpec
     dataset: DatasetSpec
+    select: SelectSpec
     test: TestTimeSpec = field(default_factory=TestTimeSpec)
 
     def __post_init__(self):
@@ -134,6 +162,12 @@ class ValidateSettings:
             raise UserError("--posthoc scores its own weight sets from the run's snapshots: "
                             "--use-ema, --ema-decay, --ema-index, --model and --results-file "
                             "do not apply")
+        if not self.posthoc and self.select.given:
+            raise UserError(f"{' and '.join(self.select.given)} choose(s) among --posthoc's "
+                            f"weight sets: give --posthoc RUN_DIR")
+        if self.select.select_split == self.split:
+            raise UserError(f"--select-split {self.select.select_split} is the --split that is "
+                            f"reported: choose on another split, or with --select-fraction")
         check_sigma_rels("--sigma-rel", self.sigma_rel, MAX_TARGETS)
         at_most("--half-life", self.half_life, MAX_TARGETS, "each is one more EMA to form")
         if self.device:
@@ -165,7 +199,7 @@ class ValidateSettings:
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ValidateSettings":
         parts = {"image": ImageSpec, "loader": LoaderSpec, "choice": WeightChoice,
-                 "precision": PrecisionSpec, "test": TestTimeSpec}
+                 "precision": PrecisionSpec, "select": SelectSpec, "test": TestTimeSpec}
         own = {f.name: getattr(ns, f.name) for f in fields(cls)
                if f.name not in ("args", "dataset") and f.name not in parts}
         return cls(args=ns, **{name: from_args(spec, ns) for name, spec in parts.items()},

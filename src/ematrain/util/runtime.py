@@ -41,7 +41,13 @@ def fast_norm(enabled: bool) -> Iterator[None]:
 
 
 def check_compile_mode(mode: str | None, backend: str | None) -> None:
-    """--torchcompile-mode: one of torch.compile's modes, and only with --torchcompile."""
+    """--torchcompile: a backend torch knows; --torchcompile-mode: one of torch.compile's modes,
+    and only with --torchcompile (train.py and validate.py alike)."""
+    if backend:
+        import torch._dynamo
+        if backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise UserError(f"--torchcompile: unknown backend {backend!r} "
+                            f"(e.g. {', '.join(torch._dynamo.list_backends())}, eager)")
     if mode is None:
         return
     if not backend:
