@@ -46,7 +46,7 @@ from .distill import Distillation, build_teacher
 from .keeper import CheckpointKeeper
 from .model import create_model, init_head, probe_input, set_batchnorm
 from .optimizer import build_optimizer, build_scheduler
-from .parts import Run, TrainData
+from .parts import Run, TrainData, base_samples
 from .start_weights import load_initial_checkpoint
 from .tracking import build_trackers
 from .weight_sets import ema_labels, ema_names, tracked_sets, weight_sets
@@ -256,8 +256,7 @@ def build_shadow_policy(spec: EmaSpec, train: TrainData, seed: int) -> ShadowPol
     training data order is untouched, and every rank draws the same batches."""
     if spec.bn != "recalibrate":
         return ShadowPolicy(spec.bn, spec.bn_batches, spec.switch)
-    samples = train.train_set.dataset
-    calibration = copy.copy(getattr(samples, "dataset", samples))  # the folder itself
+    calibration = copy.copy(base_samples(train.train_set))
     calibration.transform = train.val_set.transform
 
     def batches(epoch: int):

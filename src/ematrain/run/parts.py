@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from timm.data import Mixup
+from timm.data import AugMixDataset, Mixup
+from timm.data.scheduled_sampler import ScheduledTransformDataset
 from torch import nn
 
 from ..data.loaders import end_workers, make_loader
@@ -31,6 +32,14 @@ from .keeper import CheckpointKeeper
 from .loop import Counters
 from .summary import Summary
 from .weight_sets import WeightSet, ema_labels, regular_emas
+
+
+def base_samples(dataset):
+    """The data set under the training wrappers: seeded samples, timm's AugMixDataset views
+    (--aug-splits), its ScheduledTransformDataset sizes (--train-img-sizes)."""
+    while isinstance(dataset, (SeededSamples, AugMixDataset, ScheduledTransformDataset)):
+        dataset = dataset.dataset
+    return dataset
 
 
 @dataclass
@@ -58,8 +67,7 @@ class TrainData:
 
     @property
     def class_names(self) -> list[str]:
-        samples = self.train_set.dataset  # the split, or timm's AugMixDataset around it
-        return samples.classes if hasattr(samples, "classes") else samples.dataset.classes
+        return base_samples(self.train_set).classes
 
     @property
     def per_rank_samples(self) -> int:

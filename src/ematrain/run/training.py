@@ -1,5 +1,6 @@
-"""`Training`: the epoch loop of one run. Train an epoch, validate every weight set, record,
-save, report; stop requests and recovery saves are handled between optimizer updates.
+"""`Training`: the epoch loop of one run. Train an epoch, then its end (`epoch_end`: validate
+every weight set, record, save, report); stop requests and recovery saves are handled between
+optimizer updates.
 
 The command around it (settings, then `build.build_run`, then `Training(run).fit()`) is
 `cli.train`; the step and the epoch's batches are `loop`'s; the files are `keeper`'s.
@@ -11,21 +12,10 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
-from ..checkpoint.schema import is_ours, save
+from ..checkpoint.schema import is_ours
 from ..settings.resume_policy import ResumeSource
 from ..util.clock import RunClock
-from ..util.distributed import (
-    all_reduce_sum,
-    any_rank,
-    barrier,
-    broadcast_object,
-    check_replicas_agree,
-    distribute_bn,
-    gather_to_primary,
-    local_buffers,
-)
+from ..util.distributed import any_rank, barrier, broadcast_object
 from ..util.invocation import command_name, launcher
 from ..util.logs import log
 from ..util.runtime import step_synchronizer
@@ -33,22 +23,15 @@ from ..util.seeding import seed_everything
 from ..util.signals import StopRequest
 from . import tracking
 from .curves import CurveRenderer
-from .evaluation import validate
+from .epoch_end import EpochEnd
 from .folder import RunFolder, open_run_folder, write_args
 from .keeper import LAST
-from .loop import EpochLoop, LoopConfig, NonFinite, NonFiniteShadows, current_lr
+from .loop import EpochLoop, LoopConfig, NonFinite, NonFiniteShadows
 from .parts import Run
-from .recipe_hooks import (
-    batch_loss_scale,
-    save_batch_image,
-    skipped_line,
-    start_at_epoch,
-    validates,
-)
-from .report import epoch_line, log_end, log_start
+from .recipe_hooks import batch_loss_scale, save_batch_image, start_at_epoch
+from .report import log_end, log_start
 from .restore import adopt_folder, restore
 from .step import Batches, Recipe
-from .weight_sets import primary_set
 
 
 class Interrupted(Exception):
@@ -72,10 +55,10 @@ class Training:
         self.loop = EpochLoop(run.model, run.optimizer, run.scheduler, run.emas, recipe, batches,
                               run.counters, config, any_rank=self.any_rank,
                               show=run.dist.is_primary, log=log.info)
-        self.run_dir: Path | None = None
         self.folder: RunFolder | None = None
         self.curves = CurveRenderer()
         self.clock = self.loop.clock = RunClock(run.num_epochs, run.data.steps_per_epoch)
+        self.end = EpochEnd(run, self.clock, self.curves)
         self.loop.on_interval = tracking.interval_logger(run)
         if s.loop.save_images and run.dist.is_primary:
             self.loop.save_images = lambda batch, images: save_batch_image(self.run_dir, batch,
@@ -84,6 +67,20 @@ class Training:
     @property
     def primary(self) -> bool:
         return self.run.dist.is_primary
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.end.run_dir
+
+    @run_dir.setter
+    def run_dir(self, folder: Path) -> None:
+        self.end.run_dir = folder
+
+    def finish_epoch(self, epoch: int, val_loader) -> None:
+        self.end.finish(epoch, val_loader)
+
+    def checkpoint(self, metric: float | None = None) -> dict | None:
+        return self.end.checkpoint(metric)
 
     def any_rank(self, flag: bool) -> bool:
         return any_rank(flag, self.run.dist, self.run.device)
@@ -157,7 +154,7 @@ class Training:
             if run.summary.rows:
                 # The checkpoint's rows are the record: a kill after the last epoch's checkpoint
                 # but before its summary.csv line has no later epoch to repair the file.
-                self.write_summary()
+                self.end.write_summary()
 
     # ----------------------------------------------------------------------------- one epoch
     def run_epoch(self, epoch: int, stop) -> int | None:
@@ -203,7 +200,7 @@ class Training:
         run = self.run
         ckpt = self.checkpoint()
         if self.primary:
-            run.keeper.save_mid_epoch(ckpt, LAST, then=self.settle_series())
+            run.keeper.save_mid_epoch(ckpt, LAST, then=self.end.settle_series())
             run.keeper.wait()
         barrier(run.dist)
         self.print_stop(f"stopped at epoch {epoch}, step {run.counters.epoch_step}")
@@ -230,77 +227,6 @@ class Training:
                     if halt:
                         raise Interrupted
 
-    def skip_validation(self, epoch: int) -> None:
-        """An epoch --val-interval does not validate: as timm, the scheduler steps without a
-        metric and summary.csv gets no row; last.pth.tar is still written (resume stays exact)."""
-        run = self.run
-        lr, train_loss = end_of_epoch(run, epoch)
-        if run.scheduler is not None:
-            run.scheduler.step(epoch + 1, None)
-        run.counters.finish_epoch()
-        ckpt = self.checkpoint()
-        if self.primary:
-            run.keeper.save_epoch(epoch, ckpt, [], then=self.settle_series())
-            print(skipped_line(run, epoch, lr, train_loss, self.clock.end_epoch()), flush=True)
-        barrier(run.dist)
-
-    def finish_epoch(self, epoch: int, val_loader) -> None:
-        """Validate every weight set, record the epoch, save, report."""
-        if not validates(self.run, epoch):
-            return self.skip_validation(epoch)
-        run, metric = self.run, self.run.settings.loop.eval_metric
-        lr, train_loss = end_of_epoch(run, epoch)
-        scores = validate(run.model, val_loader, run.device, emas=list(run.emas), epoch=epoch,
-                          amp_dtype=run.precision.autocast,
-                          channels_last=run.precision.channels_last,
-                          reduce=lambda t: all_reduce_sum(t, run.dist),
-                          show=self.primary, normalize=run.data.normalize)
-        results = {s.name: r for s, r in zip(run.weight_sets, scores)}
-        # As timm's train.py: the primary set's metric (the EMA's, with one on) is the one the
-        # plateau scheduler and the checkpoint's `metric` see.
-        value = results[primary_set(run.weight_sets).name][metric]
-        if run.scheduler is not None:
-            run.scheduler.step(epoch + 1, value)
-        run.summary.add(epoch, lr, train_loss, results)
-        improved = run.keeper.record(epoch, results)
-        run.counters.finish_epoch()
-        took = self.clock.end_epoch() if self.primary else None
-        tracking.log_epoch(run, epoch, results, took)  # before the checkpoint that covers it
-        ckpt = self.checkpoint(metric=value)
-        if self.primary:
-            rows = [dict(r) for r in run.summary.rows]
-            settle = self.settle_series()
-            run.keeper.save_epoch(epoch, ckpt, improved,
-                                  then=lambda: (settle and settle(), self.write_summary(rows)))
-            skipped = run.emas.regular.skipped_nonfinite if run.emas.regular is not None else 0
-            print(epoch_line(epoch, run.num_epochs, lr, train_loss, results,
-                                     run.weight_sets, [s.name for s in improved], skipped,
-                                     timing=(took, self.clock.remaining(epoch))), flush=True)
-        barrier(run.dist)
-
-    def checkpoint(self, metric: float | None = None) -> dict | None:
-        """The run's checkpoint now, on the primary process (None on the others, which would
-        build it for nothing). Under torchrun every process must call it: it gathers each
-        one's BatchNorm statistics, which only a reduction makes agree, so that a resumed
-        process continues from its own."""
-        run = self.run
-        ranks = (gather_to_primary(local_buffers(run.replica_modules()),
-                                               run.dist) if run.dist.enabled else None)
-        return save(run, metric=metric, rank_buffers=ranks) if self.primary else None
-
-    def settle_series(self):
-        """For a checkpoint about to become last.pth.tar: the job that makes the post-hoc
-        series its own once it is on disk (None when there is nothing to do)."""
-        return self.run.snapshots.settle() if self.run.snapshots is not None else None
-
-    def write_summary(self, rows: list[dict] | None = None) -> None:
-        """summary.csv (in the background writer after an epoch's checkpoint), then curves.png
-        (in the low-priority renderer)."""
-        rows = self.run.summary.rows if rows is None else rows
-        self.run.summary.write(self.run_dir, rows)
-        self.curves.submit(self.run_dir, self.run.weight_sets, title=self.run_dir.name,
-                           chance=100.0 / self.run.num_classes)
-
     def print_stop(self, what: str) -> None:
         if self.primary:
             last = self.run_dir / LAST
@@ -308,39 +234,6 @@ class Training:
             print(f"{self.prog}: {what}; saved {last}. Resume with: "
                   f"{resume_launcher(self.run, self.prog)} --resume {shlex.quote(str(last))}",
                   file=sys.stderr, flush=True)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-def sync_replicas(run: Run) -> None:
-    """Under torchrun: make BatchNorm statistics agree, then check the EMA shadows agree."""
-    s = run.settings
-    if not run.dist.enabled:
-        return
-    run.emas.wait()
-    shadows = run.emas.shadows
-    if not s.dist.sync_bn:
-        for module in [run.module] + shadows:
-            distribute_bn(module, run.dist, s.dist.dist_bn, run.device)
-    if shadows:
-        # Without any BatchNorm sync each rank's shadow keeps its own running statistics:
-        # only the parameters can be compared then.
-        buffers = bool(s.dist.sync_bn or s.dist.dist_bn)
-        sums = check_replicas_agree(shadows, run.dist, run.device, include_buffers=buffers)
-        for role, span in run.emas.spans().items():
-            what = "EMA" if role == "regular" else "post-hoc EMA"
-            log.info(f"{what} checksums (equal on all ranks): "
-                     + ", ".join(f"{sums[i]:.10g}" for i in span))
 
 
 def resume_launcher(run: Run, prog: str) -> str:
@@ -351,22 +244,3 @@ def resume_launcher(run: Run, prog: str) -> str:
     nodes = run.dist.world_size // max(local, 1)
     return (f"torchrun {f'--nnodes {nodes} ' if nodes > 1 else ''}--nproc_per_node {local} "
             f"{prog}")
-
-
-def calibration_input(run: Run, images: torch.Tensor) -> torch.Tensor:
-    """A loader batch as the model's input (--model-ema-bn recalibrate): no mixing or erasing,
-    as at validation."""
-    prepare = Batches(run.device, run.precision.model_dtype, run.precision.channels_last,
-                      normalize=run.data.normalize)
-    return prepare(images, torch.zeros(images.size(0), dtype=torch.long))[0]
-
-
-def end_of_epoch(run: Run, epoch: int) -> tuple[float, float]:
-    """What every epoch's end does before validation: BatchNorm statistics agreed, the last
-    update's snapshot, the shadows' policy. The epoch's LR and training loss."""
-    lr, train_loss = current_lr(run.optimizer), run.counters.train_loss
-    sync_replicas(run)
-    run.take_snapshot()  # the epoch's last update (the loop yields only the others)
-    run.shadow_policy.apply(run.emas.regular, run.model, epoch,
-                            lambda images: calibration_input(run, images))
-    return lr, train_loss
