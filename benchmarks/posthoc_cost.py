@@ -64,12 +64,9 @@ def sweep_ratio(args, data: Path, run_dir: Path) -> None:
         parts["read s"].append(read)
         parts["one pass s"].append(one_pass)
         for mode, flags in (modes.items() if r % 2 == 0 else reversed(list(modes.items()))):
-            rc = None
-
-            def sweep():
-                nonlocal rc
-                rc = quiet(validate.main, [str(data), "--posthoc", str(run_dir), *one, *flags])
-            wall = timed(sweep)
+            start = time.perf_counter()
+            rc = quiet(validate.main, [str(data), "--posthoc", str(run_dir), *one, *flags])
+            wall = time.perf_counter() - start
             assert rc == 0, f"validate.py --posthoc {' '.join(flags)} failed"
             k = passes_scored(run_dir / "posthoc.csv")
             got[mode].append(wall / (read + k * one_pass))
@@ -136,7 +133,7 @@ def memory_resnet50(args, env: dict, data: Path, run_dir: Path, work: Path, run)
     code = MEMORY_CHILD.format(src=str(REPO / "src"), threads=args.threads, run=str(folder.parent),
                                data=str(data))
     _, text = run(["-c", code], env)
-    base, peak_acc, peak, after, targets, rc = (int(x) for x in next(
+    base, peak_acc, peak, _after, targets, rc = (int(x) for x in next(
         line for line in text.splitlines() if line.startswith("MEM ")).split()[1:])
     gib = 2 ** 30
     print(f"\nresnet50 ({params / 1e6:.1f}M parameters), {len(picks)} snapshots of 2 power "

@@ -226,3 +226,19 @@ def test_the_demo_prints_the_picks_report_figure_beside_its_selection_figure(run
     assert f"on the half that chose it:    {best['selection']['top1']:6.2f} (selection" in out
     assert f"on the other half:            {best['report']['top1']:6.2f} (report)" in out
     assert "raw " in out.split("beside it:")[1] and "ema 0.9 " in out.split("beside it:")[1]
+
+
+def test_a_streaming_split_is_refused_a_selection(run_dir, data, tmp_path):
+    """A stream's loader reads --split's shards in its own order: no fixed images to divide."""
+    from data_writers import write_class_map, write_shards
+    shards = tmp_path / "shards"
+    for split in ("val", "holdout"):
+        write_shards(data / split, shards, split, per_shard=8)
+    classes = write_class_map([f"class_{i}" for i in range(3)], tmp_path / "classes.txt")
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    r = run_in_process(validate.main, "validate.py", "--dataset", "wds/d", "--data-dir", shards,
+                       "--class-map", classes, "--split", "val", "--posthoc", copy, "-j", "0",
+                       "--select-split", "holdout")
+    assert r.returncode == 2, r.stderr
+    assert "need a map-style split" in r.stderr and "Traceback" not in r.stderr, r.stderr

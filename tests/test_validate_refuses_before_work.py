@@ -40,6 +40,7 @@ def no_sweep(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the sweep ran")
     monkeypatch.setattr(series, "synthesize", forbidden)
+    monkeypatch.setattr(series, "accumulate", forbidden)
 
 
 def one_line(*argv) -> str:

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 from ..checkpoint.files import load_file
-
 from ..data.digits import write_digits_imagefolder
 from ..posthoc import sweep
 from ..run.build import build_run
@@ -86,7 +85,8 @@ def _posthoc(data_root: Path, run_dir: Path, workers: int) -> int:
         return rc
     info = load_file(run_dir / sweep.BEST)["posthoc"]
     chose, report = info["selection"], info["report"]
-    rows = [r for r in csv.DictReader(open(run_dir / sweep.CSV)) if r["part"] == "report"]
+    with open(run_dir / sweep.CSV, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["part"] == "report"]
     print()
     print(f"post-hoc EMA pick: {info['target']} (fit error {info['fit_error']:.2%}), chosen by "
           f"{info['protocol']['metric']} on half of val ({chose['images']} images)")

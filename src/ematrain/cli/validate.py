@@ -306,6 +306,10 @@ def posthoc_images(s, protocol: selection.Protocol, meta: dict) -> tuple[Images,
     num_classes = s.num_classes or meta.get("num_classes")
     split_dir, dataset = open_split(s, num_classes)
     check_classes(meta, dataset, split_dir)
+    if protocol.separate and s.dataset.streaming:  # its loader reads --split's shards only
+        raise UserError("--select-split and --select-fraction need a map-style split (an "
+                        "ImageFolder or a non-streaming --dataset): a stream has no fixed "
+                        "images to divide")
     if protocol.mode == "split":
         select_dir, chooser = open_split(s, num_classes, protocol.select_split)
         if same_split(select_dir, split_dir):
