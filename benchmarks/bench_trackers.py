@@ -3,7 +3,7 @@ trackers, with --log-tensorboard, with --log-wandb (W&B offline) and with both; 
 command's wall time and the run's own time ("done in", from the start of training: the trackers'
 start-up included), median of --repeats runs each.
 
-    .venv/bin/python benchmarks/bench_trackers.py [--repeats 3] [--epochs 3]
+    .venv/bin/python benchmarks/bench_trackers.py [--repeats 4] [--epochs 3]
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def one_run(data: Path, out: Path, extra: list[str], epochs: int) -> tuple[float
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args(argv)
     from conftest import make_imagefolder
@@ -62,12 +62,15 @@ def main(argv=None) -> int:
                 times[name].append(one_run(data, Path(tmp) / f"out{i}", extra, args.epochs))
     steps = 160 // 8 * args.epochs
     print(f"test_resnet 32 px, batch 8, {steps} steps ({args.epochs} epochs), two EMAs, "
-          f"--log-interval 5; median of {args.repeats}")
-    print(f"{'trackers':<24} {'command (s)':>12} {'run (s)':>9}")
+          f"--log-interval 5; median [min-max] of {args.repeats}")
+    print(f"{'trackers':<24} {'command (s)':>20} {'run (s)':>20}")
     for name, runs in times.items():
-        print(f"{name:<24} {statistics.median(w for w, _ in runs):12.2f} "
-              f"{statistics.median(r for _, r in runs):9.2f}")
+        print(f"{name:<24} {_spread([w for w, _ in runs]):>20} {_spread([r for _, r in runs]):>20}")
     return 0
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
 
 
 if __name__ == "__main__":
