@@ -113,9 +113,8 @@ def from_posthoc(ckpt: dict, path: Path) -> Chosen:
     chosen = Chosen(picked.state, ckpt, picked.name.removeprefix("ema "), "posthoc",
                     sigma_rel=info.get("sigma_rel"), logged=scores or None,
                     sources=[str(Path(path).resolve())])
-    if info.get("half_life_epochs") is not None and info.get("fit_error") is not None:
-        chosen.notes.append(f"a half-life of {info['half_life_epochs']:.3g} epochs, fit error "
-                            f"{info['fit_error']:.2%}")
+    if info.get("half_life_epochs") is not None:  # the name already says the fit error
+        chosen.notes.append(f"a half-life of {info['half_life_epochs']:.3g} epochs")
     return chosen
 
 
