@@ -20,6 +20,8 @@ from ..checkpoint.weights import Weights, load_weights_into
 from ..data.augmix import split_batchnorm
 from ..data.folders import load_image_folder, resolve_split_dir
 from ..data.loaders import batches, make_loader
+from ..data.naflex import PatchNormalize, eval_collate, model_patch_size, to_dtype
+from ..data.naflex import eval_transform as naflex_eval_transform
 from ..data.readers import open_mapped, open_source, open_stream, stream_loader
 from ..data.samplers import EpochSampler
 from ..data.transforms import Normalize, check_data_config, eval_transform
@@ -64,11 +66,13 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
             for batch, (images, targets) in enumerate(stream):
                 if extras is not None and show and bar.disable:
                     extras.progress(batch, len(loader))
-                images = images.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
-                if normalize is not None:
+                if isinstance(images, dict):  # a NaFlex batch: `normalize` moves it
                     images = normalize(images)
-                if channels_last:
+                else:
+                    images = images.to(device, non_blocking=True)
+                    images = normalize(images) if normalize is not None else images
+                if channels_last and not isinstance(images, dict):
                     images = images.contiguous(memory_format=torch.channels_last)
                 sets.score(images, targets, sums, amp_dtype)
                 bar.update(1)
@@ -105,8 +109,8 @@ class _EvalSets:
         for index in self.order:
             if self.swapper is not None:
                 self.swapper.load(index)
-            x = images if amp_dtype is not None else images.to(self.dtypes[index])
-            with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            x = images if amp_dtype is not None else to_dtype(images, self.dtypes[index])
+            with torch.autocast(targets.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 output = self.nets[index](x)
             if self.extras is not None:
                 output = self.extras.output(output, targets, first=index == 0)
