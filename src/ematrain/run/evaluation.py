@@ -288,11 +288,30 @@ def eval_batch_size(s: ValidateSettings, ckpt: dict) -> int:
             or recorded.get("batch_size") or 256)
 
 
+def naflex_evaluation(s: ValidateSettings, ckpt: dict, model, arch: str) -> dict | None:
+    """validate.py's NaFlex evaluation (--naflex-loader, or a checkpoint trained with it): the
+    patch size, sequence length (--naflex-max-seq-len, else training's, else timm's 576) and
+    patch layout of its batches; None for image batches."""
+    recorded = args_dict(ckpt)
+    given = s.naflex.naflex_loader
+    if not (given or (given is None and recorded.get("naflex_loader"))):
+        return None
+    if s.dataset.streaming:
+        raise UserError(f"--naflex-loader evaluates a map-style split; --dataset "
+                        f"{s.dataset.dataset} is a stream")
+    return {"patch_size": model_patch_size(unwrap_model(model), arch),
+            "max_seq_len": int(s.naflex.naflex_max_seq_len or recorded.get("naflex_max_seq_len")
+                               or 576),
+            "channels_last": not recorded.get("naflex_patchify_channels_first")}
+
+
 def split_loader(s: ValidateSettings, info, dataset, ckpt: dict, data_config: dict, device,
-                 batch_size: int | None = None, indices: Sequence[int] | None = None):
+                 batch_size: int | None = None, indices: Sequence[int] | None = None,
+                 naflex: dict | None = None):
     """The evaluation loader of this rank's share (each image counts exactly once under
     torchrun) and the normalization of its uint8 batches (`batch_size`: --retry's; `indices`:
-    these images of a map-style split only, in this order)."""
+    these images of a map-style split only, in this order; `naflex`: NaFlex batches, as
+    `naflex_evaluation` gives them)."""
     batch_size = batch_size or eval_batch_size(s, ckpt)
     crowded = s.loader.too_many_workers(info.local_processes)
     if crowded and info.is_primary:
@@ -309,13 +328,21 @@ def split_loader(s: ValidateSettings, info, dataset, ckpt: dict, data_config: di
         loader = stream_loader(stream, 0, pin_memory=device.type == "cuda")
         loader.set_epoch(0)
         return loader, normalize
-    dataset.transform = eval_transform(data_config)
+    collate = None
+    if naflex is not None:
+        dataset.transform = naflex_eval_transform(data_config, naflex["patch_size"],
+                                                  naflex["max_seq_len"], naflex["channels_last"])
+        collate = eval_collate(naflex["max_seq_len"])
+        normalize = PatchNormalize(data_config["mean"], data_config["std"], device,
+                                   channels_last=naflex["channels_last"])
+    else:
+        dataset.transform = eval_transform(data_config)
     if indices is not None:
         dataset = Subset(dataset, [int(i) for i in indices])
     sampler = EpochSampler(len(dataset), 0, shuffle=False, rank=info.rank,
                                 num_replicas=info.world_size, block=batch_size)
     loader = make_loader(dataset, batch_size, workers, seed=0, pin_memory=device.type == "cuda",
-                         sampler=sampler)
+                         sampler=sampler, collate_fn=collate)
     return loader, normalize
 
 
