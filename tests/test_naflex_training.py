@@ -151,5 +151,21 @@ def test_a_model_without_patches_is_refused_before_any_work(data, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith(
         "train.py: error: --naflex-loader needs a NaFlex model")
     assert not (tmp_path / "x").exists()
+    r = run_in_process(train.main, "train.py", data, *NAFLEX, "--naflex-patch-sizes", "8", "16",
+                       "--output", tmp_path, "--experiment", "x")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "give --model-kwargs enable_patch_interpolator=True to train it at other patch sizes")
+    assert not (tmp_path / "x").exists()
     with pytest.raises(UserError, match="give --naflex-loader"):
         train_settings([str(data), "--naflex-patch-sizes", "8"])
+
+
+def test_a_recipe_gives_the_naflex_settings_and_args_yaml_records_them(data, tmp_path):
+    recipe = tmp_path / "naflex.yaml"
+    recipe.write_text("naflex_loader: true\nnaflex_train_seq_lens: [64, 144]\n"
+                      "naflex_loss_scale: none\nnaflex_patch_sizes: [8, 16]\n"
+                      "naflex_patch_size_probs: [1, 3]\n")
+    s = train_settings(["-c", recipe, str(data), "--naflex-max-seq-len", "100"])
+    assert s.naflex.enabled and s.naflex.naflex_train_seq_lens == [64, 144]
+    assert (s.naflex.naflex_loss_scale, s.naflex.naflex_max_seq_len) == ("none", 100)
+    assert vars(s.args)["naflex_patch_size_probs"] == [1.0, 3.0]  # args.yaml's record

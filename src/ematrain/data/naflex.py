@@ -43,6 +43,18 @@ def model_patch_size(model: nn.Module, name: str) -> tuple[int, int]:
     return tuple(model.get_patch_size())
 
 
+def check_patch_sizes(model: nn.Module, name: str, sizes) -> None:
+    """--naflex-patch-sizes other than the model's own need a NaFlexVit that resizes its patch
+    embedding to each batch's patches (timm's ``enable_patch_interpolator``)."""
+    own = model_patch_size(model, name)
+    others = [s for s in sizes or () if (s, s) != tuple(own)]
+    embeds = getattr(model, "embeds", None)
+    if others and not getattr(embeds, "enable_patch_interpolator", True):
+        raise UserError(f"--naflex-patch-sizes {' '.join(map(str, sizes))}: {name} embeds "
+                        f"{own[0]}x{own[1]} patches only; give --model-kwargs "
+                        f"enable_patch_interpolator=True to train it at other patch sizes")
+
+
 class _EpochKeyed(torch.utils.data.Dataset):
     """Index ``i`` of `samples` (seeded samples) as the key ``(epoch, i)`` of the shared epoch."""
 

@@ -17,6 +17,7 @@ from torch import nn
 from ..data.naflex import (
     PatchErase,
     PatchNormalize,
+    check_patch_sizes,
     eval_collate,
     eval_transform,
     model_patch_size,
@@ -38,6 +39,7 @@ def use_naflex_batches(train, s: TrainSettings, dist: DistInfo, model: nn.Module
     and the training batches randomly erased, in the main process."""
     spec, aug, labels, config = s.naflex, s.aug, s.labels, train.data_config
     patch = model_patch_size(model, s.model.model)
+    check_patch_sizes(model, s.model.model, spec.naflex_patch_sizes)
     mixup = (naflex_mixup(num_classes, labels.mixup, labels.cutmix, labels.mixup_prob,
                           labels.mixup_switch_prob, labels.smoothing, labels.mixup_off_epoch)
              if labels.mixing else None)

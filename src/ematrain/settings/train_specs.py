@@ -174,6 +174,7 @@ def _check_naflex(s: "TrainSettings") -> None:
         return
     taken = [flag for flag, on in (
         ("--train-img-sizes", s.sizes.enabled), ("--aug-splits", s.aug.aug_splits),
+        ("--aug-repeats", s.data.aug_repeats),
         ("--use-multi-epochs-loader", s.data.use_multi_epochs_loader),
         ("--kd-model-name", s.distill.enabled), ("--save-images", s.loop.save_images),
         ("--model-ema-bn recalibrate", s.ema.bn == "recalibrate"),
