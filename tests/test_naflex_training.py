@@ -19,7 +19,7 @@ from ematrain.util.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
 
-TINY_NAFLEX = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)
+TINY_NAFLEX = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
 SEQ_LENS = (4, 9, 16)
 NAFLEX = ["--model", "naflexvit_base_patch16_gap", "--model-kwargs",
           *(f"{k}={v}" for k, v in TINY_NAFLEX.items()), "--naflex-loader",

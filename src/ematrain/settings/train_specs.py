@@ -168,7 +168,7 @@ def _check_sizes(s: "TrainSettings") -> None:
                         f"{' '.join(map(str, batches))}")
 
 
-def _check_naflex(s: "TrainSettings") -> None:
+def _check_naflex(s: TrainSettings) -> None:
     """What NaFlex training cannot be combined with (timm refuses or asserts the first four)."""
     if not s.naflex.enabled:
         return
