@@ -30,9 +30,10 @@ def test_a_checkpoint_holds_exactly_the_schemas_keys(small_data, tmp_path):
     # post-hoc key of model_posthoc_best.pth.tar (tests/test_posthoc.py) and the per-process
     # buffers of torchrun (tests/test_distributed_resume.py), a stream's position
     # (tests/test_train_on_every_reader.py), the trackers' state (off here:
-    # tests/test_trackers_in_training.py).
+    # tests/test_trackers_in_training.py), feature distillation's projection
+    # (tests/test_distillation_in_training.py).
     assert keys_named(ckpt) == schema - {"amp_scaler", "posthoc_ema", "posthoc", "rank_buffers",
-                                         "data_stream", "trackers"}
+                                         "data_stream", "trackers", "task_state"}
     assert ckpt["version"] == schema_mod.CHECKPOINT_VERSION
     assert isinstance(ckpt["args"], dict) and ckpt["args"]["model"] == "test_resnet"
     assert ckpt["ema"]["keys"] == ["state_dict_ema", "state_dict_ema_1"]

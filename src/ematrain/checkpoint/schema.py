@@ -2,7 +2,7 @@
 
 A checkpoint has timm's keys, so timm's tools read it, plus ours. Each stateful part of a run
 (`Run.parts()`: model, optimizer, scheduler, amp_scaler, emas, snapshots, counters, keeper,
-summary, trackers) gives its ``state_dict()`` and takes it back with ``load_state_dict()``; the run's
+summary, data_stream, trackers, task_state) gives its ``state_dict()`` and takes it back with ``load_state_dict()``; the run's
 settings and data add what describes the run (`run_record`: owners `settings`, `data`, `run`),
 and the schema its version. This module alone knows under which keys they live. The key table
 `SCHEMA` is the reference: the README's table is checked against it by a test, and `save` writes
@@ -73,6 +73,9 @@ SCHEMA: tuple[Key, ...] = (
         "tracker's state, so a resumed run continues it: W&B's run id and project, its last "
         "step and the rows of its last minute (W&B may lose them in a kill); TensorBoard's last "
         "step (later ones are purged) and folder"),
+    Key("task_state", "task_state", "timm", "with --kd-distill-type feature when the student's "
+        "and the teacher's feature widths differ: the trained projection (timm's task state, "
+        "`projection`); never averaged, so there is no `task_state_ema`"),
     Key("rank_buffers", "distributed", "ematrain", "under torchrun only: every process's "
         "BatchNorm statistics of the model and of each shadow, by rank (they differ between "
         "reductions); a resumed process with the same process count takes its own back"),

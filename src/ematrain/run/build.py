@@ -177,18 +177,25 @@ def use_sized_batches(train: TrainData, s: TrainSettings, dist: DistInfo) -> flo
 
 
 def build_objective(s: TrainSettings, model: nn.Module, num_classes: int, train: TrainData,
-                    dist: DistInfo, device: torch.device, precision: Precision):
+                    device: torch.device, precision: Precision):
     """The training loss (timm's JSD loss with --jsd-loss), distillation around it
-    (--kd-model-name), and the model as it trains (DDP, torch.compile)."""
+    (--kd-model-name), and the plain module the optimizer trains: the model, or distillation's
+    `trained` (feature distillation's projection beside the student)."""
     loss_fn = (augmix.jsd_loss(s.aug.aug_splits, s.labels.smoothing) if s.aug.jsd_loss
                else build_train_loss(s.labels))
     distill = build_distill(s.distill, model, loss_fn, num_classes, train.data_config, device,
                             precision)
-    wrapped = wrap_model(model, dist, device, s.model.torchcompile, s.model.torchcompile_mode,
+    return loss_fn, distill, (distill.trained if distill is not None else model)
+
+
+def wrap_trained(s: TrainSettings, trained: nn.Module, distill: Distillation | None,
+                 dist: DistInfo, device: torch.device) -> nn.Module:
+    """The trained module as it runs (DDP, torch.compile); distillation runs it from now on."""
+    wrapped = wrap_model(trained, dist, device, s.model.torchcompile, s.model.torchcompile_mode,
                          not s.dist.no_ddp_bb)
     if distill is not None:
         distill.bind(wrapped)
-    return loss_fn, distill, wrapped
+    return wrapped
 
 
 def build_mixup(spec: LabelSpec, num_classes: int) -> Mixup | None:
@@ -337,7 +344,8 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
         lr = use_sized_batches(train, s, dist)
     if s.naflex.enabled:  # timm's reference batch (the LR's) stays -b
         use_naflex_batches(train, s, dist, model, num_classes, device)
-    optimizer = build_optimizer(s.optim, model, lr)
+    loss_fn, distill, trained = build_objective(s, model, num_classes, train, device, precision)
+    optimizer = build_optimizer(s.optim, trained, lr)
     scheduler, num_epochs = build_scheduler(s.schedule, optimizer, train.steps_per_epoch,
                                             s.loop.seed, s.loop.eval_metric)
     mixup = None if s.naflex.enabled else build_mixup(s.labels, num_classes)  # NaFlex: its own
@@ -352,8 +360,7 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
                        names=ema_names(s.ema, decays), primary=s.loop.primary_weights)
     if power is not None:
         sets += tracked_sets(power.decays, first=len(decays))
-    loss_fn, distill, wrapped = build_objective(s, model, num_classes, train, dist, device,
-                                                precision)
+    wrapped = wrap_trained(s, trained, distill, dist, device)
     return Run(settings=s, dist=dist, device=device, precision=precision, data=train,
                num_classes=num_classes, model=wrapped, distill=distill,
                optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,

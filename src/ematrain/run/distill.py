@@ -8,9 +8,10 @@ returns ``task_weight * task_loss + distill_weight * kd_loss``.
 
 What this module adds is the contract with the loop:
 
-- The **student is the model**: what the optimizer trains (with feature distillation's
-  projection), what every EMA averages, what validation scores and what a checkpoint's
-  ``state_dict`` holds. `student` is the plain student module.
+- The **student is the model**: what every EMA averages, what validation scores and what a
+  checkpoint's ``state_dict`` holds (`student`, the plain module). What the optimizer trains,
+  DDP wraps and --clip-grad clips is `trainable`: the student, and with feature distillation
+  the projection beside it (`trained` unwrapped).
 - The **teacher is frozen**: its parameters need no gradient, it stays in eval mode (its
   BatchNorm statistics never move), no EMA sees it, no checkpoint holds it (a resume rebuilds
   it from the same name and weights).
@@ -18,7 +19,8 @@ What this module adds is the contract with the loop:
   ``--mean/--std`` (not the student's pretrained config, which timm's tasks assume) and
   re-normalized for the teacher's own.
 - What a resume needs beyond the student is `state_dict` (timm's ``task_state``: the
-  projection); the optimizer holds its moments like any parameter's.
+  projection, never averaged: the EMAs hold students only); the optimizer holds its moments
+  like any parameter's.
 """
 from __future__ import annotations
 
@@ -148,6 +150,11 @@ class Distillation:
         return self.task.trainable_module
 
     @property
+    def trained(self) -> nn.Module:
+        """`trainable` without its DDP/compile wrappers: what the optimizer is built over."""
+        return unwrap_model(self.task.trainable_module)
+
+    @property
     def student(self) -> nn.Module:
         """The plain student: what every EMA averages, validation scores and checkpoints keep."""
         module = unwrap_model(self.task.trainable_module)
@@ -169,19 +176,29 @@ class Distillation:
         self.last = {"task_loss": result["task_loss"].detach(), "kd_loss": kd.detach()}
         return result["loss"]
 
+    def clip_parameters(self, exclude_head: bool = False) -> list[torch.Tensor]:
+        """What --clip-grad clips: every trained parameter, the projection's included (AGC
+        leaves the student's classifier alone, as timm's tasks do)."""
+        return list(self.task.get_clip_parameters(exclude_head=exclude_head))
+
     @property
     def weights(self) -> tuple[float, float]:
         """(task weight, distillation weight) as timm resolved them."""
         return float(self.task.task_loss_weight), float(self.task.distill_loss_weight)
 
     # --------------------------------------------------------------------------- state
+    @property
+    def holds_state(self) -> bool:
+        """Whether a checkpoint must carry `state_dict` (feature distillation's projection,
+        trained when the student's and the teacher's feature widths differ)."""
+        return getattr(self.trained, "projection", None) is not None
+
     def state_dict(self) -> dict:
         """timm's ``task_state``: the feature projection, if there is one (else empty)."""
         return self.task.get_task_state()
 
     def load_state_dict(self, state: dict | None) -> None:
-        projected = self.kind == "feature" and unwrap_model(self.trainable).projection is not None
-        if projected and not (state and "projection" in state):
+        if self.holds_state and not (state and "projection" in state):
             raise UserError("the checkpoint holds no feature-distillation projection "
                                 "(task_state): it was not trained with this --kd-distill-type "
                                 "and these feature widths")

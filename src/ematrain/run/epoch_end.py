@@ -64,7 +64,7 @@ class EpochEnd:
             return self.skip(epoch)
         run, metric = self.run, self.run.settings.loop.eval_metric
         lr, train_loss = end_of_epoch(run, epoch)
-        scores = validate(run.model, val_loader, run.device, emas=list(run.emas), epoch=epoch,
+        scores = validate(run.eval_model, val_loader, run.device, emas=list(run.emas), epoch=epoch,
                           amp_dtype=run.precision.autocast,
                           channels_last=run.precision.channels_last,
                           reduce=lambda t: all_reduce_sum(t, run.dist),
@@ -151,6 +151,6 @@ def end_of_epoch(run: Run, epoch: int) -> tuple[float, float]:
     lr, train_loss = current_lr(run.optimizer), run.counters.train_loss
     sync_replicas(run)
     run.take_snapshot()  # the epoch's last update (the loop yields only the others)
-    run.shadow_policy.apply(run.emas.regular, run.model, epoch,
+    run.shadow_policy.apply(run.emas.regular, run.eval_model, epoch,
                             lambda images: calibration_input(run, images))
     return lr, train_loss

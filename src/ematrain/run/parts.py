@@ -128,7 +128,8 @@ class Run:
     precision: Precision
     data: TrainData  # or a stream's `datasets.StreamData`
     num_classes: int
-    model: nn.Module          # what trains: possibly wrapped in DDP and torch.compile
+    model: nn.Module          # what trains, possibly wrapped in DDP and torch.compile: the
+    #                           model, or with feature distillation the student and projection
     optimizer: torch.optim.Optimizer
     scheduler: object | None
     num_epochs: int
@@ -143,7 +144,7 @@ class Run:
     shadow_policy: ShadowPolicy = field(default_factory=ShadowPolicy)
     counters: Counters = field(default_factory=Counters)
     # --kd-model-name: the loss of each step (timm's distillation task around the student);
-    # `model` is the student, which every EMA averages and every checkpoint holds.
+    # `module` is the student, which every EMA averages and every checkpoint holds.
     distill: object | None = None
     summary: Summary = None
     trackers: Trackers = field(default_factory=Trackers)  # W&B, TensorBoard (`tracking`)
@@ -158,8 +159,16 @@ class Run:
 
     @property
     def module(self) -> nn.Module:
-        """The plain model inside any DDP / torch.compile wrapper."""
-        return unwrap_model(self.model)
+        """The plain model inside any DDP / torch.compile wrapper (with distillation: the
+        student, what the EMAs average and checkpoints hold)."""
+        return self.distill.student if self.distill is not None else unwrap_model(self.model)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What validation scores as the raw weights: `model` when it is the model (in its
+        wrappers), the plain student when it trains beside a projection (its forward gives
+        features too)."""
+        return self.model if unwrap_model(self.model) is self.module else self.module
 
     @property
     def decays(self) -> list[float]:
@@ -173,6 +182,8 @@ class Run:
                  "snapshots": self.snapshots, "counters": self.counters,
                  "keeper": self.keeper, "summary": self.summary,
                  "data_stream": self.data if self.data.streaming else None,
+                 "task_state": self.distill if self.distill and self.distill.holds_state
+                 else None,
                  "trackers": self.trackers if self.trackers.spec.any else None}
         return {name: part for name, part in parts.items() if part is not None}
 

@@ -39,6 +39,9 @@ class Recipe:
     # --variable-batch-loss-scale, --naflex-loss-scale: the factor of a batch's loss, given
     # its size.
     loss_scale: Callable[[int], float] | None = None
+    # What the EMAs average when the trained module holds more than the model (feature
+    # distillation's student, beside its projection); None: the trained module itself.
+    averaged: nn.Module | None = None
 
     def loss(self, model: nn.Module, images: torch.Tensor, targets) -> torch.Tensor:
         if self.objective is not None:
@@ -49,6 +52,14 @@ class Recipe:
         if self.loss_scale is not None:
             loss = loss * self.loss_scale(batch_images(images))
         return loss
+
+    def clip_parameters(self, model: nn.Module) -> list[torch.Tensor]:
+        """What --clip-grad clips: the trained parameters (distillation's own, its projection's
+        included); AGC leaves the classifier alone, as timm does."""
+        exclude_head = "agc" in self.clip_mode
+        if self.objective is not None and hasattr(self.objective, "clip_parameters"):
+            return self.objective.clip_parameters(exclude_head)
+        return list(model_parameters(model, exclude_head=exclude_head))
 
 
 def _no_sync(model: nn.Module, update: bool):
@@ -83,9 +94,8 @@ def train_step(model: nn.Module, optimizer, images: torch.Tensor, targets: torch
         if recipe.clip_grad is not None:
             if recipe.scaler is not None:
                 recipe.scaler.unscale_(optimizer)
-            # AGC leaves the classifier alone, as timm does.
-            params = model_parameters(model, exclude_head="agc" in recipe.clip_mode)
-            dispatch_clip_grad(params, value=recipe.clip_grad, mode=recipe.clip_mode)
+            dispatch_clip_grad(recipe.clip_parameters(model), value=recipe.clip_grad,
+                               mode=recipe.clip_mode)
         if recipe.scaler is not None:
             recipe.scaler.step(optimizer)
             recipe.scaler.update()
@@ -95,7 +105,7 @@ def train_step(model: nn.Module, optimizer, images: torch.Tensor, targets: torch
         if recipe.synchronize is not None:
             recipe.synchronize()
         if emas is not None:  # the run's EMAs (a collection, or one ModelEma) count the step
-            emas.update(model)
+            emas.update(model if recipe.averaged is None else recipe.averaged)
     return loss.detach()
 
 

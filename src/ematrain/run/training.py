@@ -47,7 +47,7 @@ class Training:
         recipe = Recipe(run.loss_fn, run.precision.autocast, run.scaler, s.optim.clip_grad,
                         s.optim.clip_mode, objective=run.distill,
                         synchronize=step_synchronizer(run.device, s.dist.synchronize_step),
-                        loss_scale=batch_loss_scale(run))
+                        loss_scale=batch_loss_scale(run), averaged=run.module)
         batches = Batches(run.device, run.precision.model_dtype, run.precision.channels_last,
                           run.mixup_fn, run.data.normalize, run.data.erase)
         config = LoopConfig(s.optim.grad_accum_steps, s.loop.log_interval, s.loop.skip_nonfinite,

@@ -263,10 +263,7 @@ class DistillSpec:
                 raise UserError("--kd-pretrained-path is the teacher's weights: give "
                                 "--kd-model-name too")
             return
-        if self.kd_distill_type == "feature":
-            raise UserError("--kd-distill-type feature trains a projection beside the student, "
-                            "which ematrain's checkpoints and EMAs do not hold yet; use logit "
-                            "or token")
+        positive(self, "kd_student_feature_dim", "kd_teacher_feature_dim")  # the projection's
         if self.kd_loss_type != "kl":
             raise UserError(f"--kd-loss-type: timm's logit and token distillation take kl only, "
                             f"got {self.kd_loss_type!r}")

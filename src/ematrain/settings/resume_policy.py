@@ -100,6 +100,9 @@ RESUME_POLICY: tuple[Rule, ...] = (
          "continuation of this run"),
     Rule("kd_pretrained_path", REFUSE, "the run distills from its teacher's weights"),
     Rule("kd_distill_type", REFUSE, "the loss of the run is that kind of distillation"),
+    *(Rule(key, REFUSE, "feature distillation's projection (the checkpoint's `task_state`) "
+           "has the recorded widths") for key in ("kd_student_feature_dim",
+                                                  "kd_teacher_feature_dim")),
     Rule("aug_splits", REFUSE, "the BatchNorm statistics and the batches are of that many "
          "augmentation splits"),
     Rule("split_bn", REFUSE, "the weights hold (or lack) per-split BatchNorm layers"),
