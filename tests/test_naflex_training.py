@@ -14,7 +14,7 @@ from conftest import make_imagefolder, make_training, run_epochs, run_in_process
 
 from ematrain.cli import train, validate
 from ematrain.run import training
-from ematrain.settings.train_specs import train_settings
+from ematrain.settings.train_specs import resolve_train, train_settings
 from ematrain.util.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread_no_plots")
@@ -107,6 +107,8 @@ def test_a_stop_mid_epoch_resumes_to_the_uninterrupted_runs_weights(data, tmp_pa
     assert ((tmp_path / "ref" / "r" / "summary.csv").read_text()
             == (tmp_path / "out" / "r" / "summary.csv").read_text())
     _validate_as_training_did(data, tmp_path / "ref" / "r", tmp_path)
+    with pytest.raises(UserError, match="records --naflex-patchify-channels-first off.*recorded layout"):
+        resolve_train(["--resume", str(last), "--naflex-patchify-channels-first"])
 
 
 def _validate_as_training_did(data, run_dir, tmp_path):
