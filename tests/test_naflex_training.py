@@ -171,3 +171,18 @@ def test_a_recipe_gives_the_naflex_settings_and_args_yaml_records_them(data, tmp
     assert s.naflex.enabled and s.naflex.naflex_train_seq_lens == [64, 144]
     assert (s.naflex.naflex_loss_scale, s.naflex.naflex_max_seq_len) == ("none", 100)
     assert vars(s.args)["naflex_patch_size_probs"] == [1.0, 3.0]  # args.yaml's record
+
+
+@pytest.mark.parametrize("mode,local", [("none", 1.0), ("sqrt", 0.5), ("linear", 0.25)])
+def test_under_torchrun_a_batch_is_also_scaled_by_its_share_of_the_images(data, monkeypatch,
+                                                                           mode, local):
+    """timm's NaFlex arithmetic: (images / -b) ** {0, 1/2, 1}, times world_size x images / the
+    images of all processes (their batches differ); here a second process holds 12 images."""
+    from ematrain.run import naflex_parts
+    from ematrain.util.distributed import DistInfo
+    s = train_settings([str(data), *NAFLEX, "-b", "16", "--naflex-loss-scale", mode])
+    monkeypatch.setattr(naflex_parts, "all_reduce_sum", lambda t, info: t + 12)
+    scale = naflex_parts.naflex_loss_scale(s, DistInfo(rank=0, world_size=2), torch.device("cpu"))
+    assert scale(4) == pytest.approx(local * 2 * 4 / (4 + 12))
+    alone = naflex_parts.naflex_loss_scale(s, DistInfo(), torch.device("cpu"))
+    assert alone is None if mode == "none" else alone(4) == pytest.approx(local)
