@@ -163,7 +163,7 @@ def test_the_timm_fixture_is_what_timms_parser_writes(tmp_path):
 
 @pytest.mark.parametrize("line,shown", [("tta: 2", "tta=2"),
                                         ("amp_impl: apex", "amp_impl='apex'"),
-                                        ("naflex_loader: true", "naflex_loader=True"),
+                                        ("fuser: te", "fuser='te'"),
                                         ("torchscript: true", "torchscript=True")])
 def test_timm_settings_we_lack_are_refused_when_switched_on(tmp_path, line, shown):
     key = line.split(":")[0]
@@ -184,16 +184,16 @@ def test_a_recipe_typo_is_still_an_unknown_key(tmp_path):
 
 
 def test_timm_flags_we_lack_are_named_on_the_command_line(tmp_path):
-    naflex = why_refused("naflex_loader")
+    tta = why_refused("tta")
     with pytest.raises(UserError) as err:
-        train_settings([str(tmp_path), "--naflex-loader", "--torchscript"])
-    assert str(err.value) == (f"timm setting(s) ematrain does not support: --naflex-loader "
-                              f"({naflex}); --torchscript ({why_refused('torchscript')})")
+        train_settings([str(tmp_path), "--tta=2", "--torchscript"])
+    assert str(err.value) == (f"timm setting(s) ematrain does not support: --tta "
+                              f"({tta}); --torchscript ({why_refused('torchscript')})")
     with pytest.raises(UserError, match=r"^unrecognized arguments: --bogus$"):
         train_settings([str(tmp_path), "--bogus"])
     with pytest.raises(UserError) as err:
-        train_settings([str(tmp_path), "--naflex-loader", "--modle", "x"])
-    assert str(err.value).endswith(f"({naflex}); unrecognized arguments: --modle")
+        train_settings([str(tmp_path), "--tta=2", "--modle", "x"])
+    assert str(err.value).endswith(f"({tta}); unrecognized arguments: --modle")
 
 
 def test_a_half_life_on_the_command_line_replaces_the_recipe_decay(tmp_path):

@@ -17,7 +17,11 @@ README = (REPO_ROOT / "README.md").read_text()
 BLOCK = re.search(r"<!-- recipe-flag-commands -->\n```bash\n(.*?)```", README, re.S).group(1)
 COMMANDS = [line for line in BLOCK.splitlines() if line and not line.startswith("#")]
 # What each command's model becomes here, and the run's length.
-TINY_MODEL = {"vit_small_patch16_224": "test_vit"}
+TINY_MODEL = {"vit_small_patch16_224": "test_vit",
+              "naflexvit_base_patch16_gap": "naflexvit_base_patch16_gap"}
+# A NaFlexVit of one small block, on sequences that fit 32 px images.
+TINY_NAFLEX = ["--model-kwargs", "patch_size=8", "embed_dim=32", "depth=1", "num_heads=2",
+               "--naflex-train-seq-lens", "4", "9", "16", "--naflex-max-seq-len", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +33,14 @@ def files(tmp_path_factory):
 
 
 def test_the_readme_lists_a_command_per_family():
-    assert len(COMMANDS) == 5
+    assert len(COMMANDS) == 6
     for flag in ("--kd-model-name", "--val-interval", "--grayscale-prob", "--fast-norm",
-                 "--use-train-size"):
+                 "--use-train-size", "--naflex-loader"):
         assert any(flag in c for c in COMMANDS), flag
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=["distill", "loop", "augment", "speed",
-                                                     "validate"])
+                                                     "validate", "naflex"])
 def test_the_readme_recipe_flag_command_runs(command, small_data, files, tmp_path):
     words = shlex.split(command)
     assert words[0] == ".venv/bin/python"
@@ -50,6 +54,8 @@ def test_the_readme_recipe_flag_command_runs(command, small_data, files, tmp_pat
             extra += ["--epochs", "3", "--start-epoch", "1"]
         if "--kd-model-name" in args:
             extra += ["--kd-model-name", "test_resnet"]
+        if "--naflex-loader" in args:
+            extra += TINY_NAFLEX
         r = run_in_process(train.main, script, *args, *extra)
     else:
         r = run_in_process(validate.main, script, *args, "--model", "test_resnet", "-j", "0",

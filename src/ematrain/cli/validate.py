@@ -32,6 +32,7 @@ from ..run.evaluation import (
     check_classes,
     eval_batch_size,
     evaluation_dtype,
+    naflex_evaluation,
     open_split,
     resolve_data_config,
     split_loader,
@@ -161,10 +162,12 @@ def score(s: ValidateSettings, info, device) -> dict | None:
     data_config = resolve_data_config(s.image, ckpt, model, s.precision.channels_last, s.test)
     classes = int(getattr(unwrap_model(model), "num_classes", len(dataset.classes)))
     model, data_config = test_time_model(s, model, data_config)
+    naflex = naflex_evaluation(s, ckpt, model, arch)
     reduce = lambda t: distributed.all_reduce_sum(t, info)
 
     def evaluate(batch_size: int | None) -> dict:
-        loader, normalize = split_loader(s, info, dataset, ckpt, data_config, device, batch_size)
+        loader, normalize = split_loader(s, info, dataset, ckpt, data_config, device, batch_size,
+                                         naflex=naflex)
         extras = eval_extras_for(s, dataset, loader, device, classes)
         precision = s.precision.on(device)
         result = validate(model, loader, device, reduce=reduce, show=info.is_primary,
@@ -256,7 +259,8 @@ def evaluate_posthoc(s, info, device) -> int:
     last_run = ({k: last_ckpt.get(k) for k in ("args", "trackers", "counters")}
                 if last_ckpt else None)
     del tracked, formed, fixed, emas, last_ckpt
-    score = ScorePass(s, info, meta, data_config, device, model)
+    score = ScorePass(s, info, meta, data_config, device, model,
+                      naflex_evaluation(s, meta, model, arch))
     for row, result in zip(rows, score(chooser, bank)):
         row.result = result
     best = sweep.best_row(rows, protocol.metric)
@@ -352,13 +356,14 @@ class ScorePass:
     """One pass of the live model and a bank of weight sets over some images (each rank its
     share, summed), as training scores them."""
 
-    def __init__(self, s, info, meta: dict, data_config: dict, device, model):
+    def __init__(self, s, info, meta: dict, data_config: dict, device, model, naflex=None):
         self.s, self.info, self.meta, self.data_config = s, info, meta, data_config
-        self.device, self.model = device, model
+        self.device, self.model, self.naflex = device, model, naflex
 
     def __call__(self, images: Images, bank: WeightBank) -> list[dict]:
         loader, normalize = split_loader(self.s, self.info, images.dataset, self.meta,
-                                         self.data_config, self.device, indices=images.indices)
+                                         self.data_config, self.device, indices=images.indices,
+                                         naflex=self.naflex)
         info = self.info
         return validate(self.model, loader, self.device, ema=bank, show=info.is_primary,
                         normalize=normalize, reduce=lambda t: distributed.all_reduce_sum(t, info))

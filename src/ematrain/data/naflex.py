@@ -24,6 +24,8 @@ from functools import partial
 import torch
 from timm.data import create_transform
 from timm.data.naflex_dataset import NaFlexCollator, NaFlexMapDatasetWrapper
+from timm.data.naflex_mixup import NaFlexMixup
+from timm.data.naflex_random_erasing import PatchRandomErasing
 from timm.data.readers.shared_count import SharedCount
 from torch import nn
 
@@ -39,6 +41,18 @@ def model_patch_size(model: nn.Module, name: str) -> tuple[int, int]:
                         f"naflexvit_base_patch16_gap): {name} takes image tensors, not patch "
                         f"sequences")
     return tuple(model.get_patch_size())
+
+
+def check_patch_sizes(model: nn.Module, name: str, sizes) -> None:
+    """--naflex-patch-sizes other than the model's own need a NaFlexVit that resizes its patch
+    embedding to each batch's patches (timm's ``enable_patch_interpolator``)."""
+    own = model_patch_size(model, name)
+    others = [s for s in sizes or () if (s, s) != tuple(own)]
+    embeds = getattr(model, "embeds", None)
+    if others and not getattr(embeds, "enable_patch_interpolator", True):
+        raise UserError(f"--naflex-patch-sizes {' '.join(map(str, sizes))}: {name} embeds "
+                        f"{own[0]}x{own[1]} patches only; give --model-kwargs "
+                        f"enable_patch_interpolator=True to train it at other patch sizes")
 
 
 class _EpochKeyed(torch.utils.data.Dataset):
@@ -85,8 +99,10 @@ def train_batches(samples, *, patch_size, seq_lens, batch_size: int, seed: int,
                   channels_last: bool = True) -> NaFlexBatches:
     """The training stream as timm's `create_naflex_loader` configures it: ``batch_size`` images
     of the longest sequence make the token budget of every batch."""
-    factory = partial(create_transform, is_training=True, use_prefetcher=True, naflex=True,
-                      patchify_channels_last=channels_last, **transform_kwargs)
+    kwargs = dict(transform_kwargs, is_training=True)
+    kwargs.pop("input_size", None)  # the sequence length sizes each image
+    factory = partial(create_transform, use_prefetcher=True, naflex=True,
+                      patchify_channels_last=channels_last, **kwargs)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # timm prints its schedule's size
             return NaFlexBatches(samples, patch_size=None if patch_sizes else patch_size,
@@ -139,6 +155,49 @@ class PatchNormalize:
         return out
 
 
+class PatchErase:
+    """timm's patch random erasing of a normalized NaFlex batch (--reprob, --remode,
+    --recount), as its NaFlex prefetcher applies it: on P-P-C patches, each image on its own
+    draw."""
+
+    def __init__(self, prob: float, mode: str, count: int, device: torch.device,
+                 channels: int = 3, channels_last: bool = True):
+        self.erase = PatchRandomErasing(erase_prob=prob, mode=mode, max_count=count,
+                                        device=device)
+        self.channels, self.channels_last = channels, channels_last
+
+    def __call__(self, batch: dict) -> dict:
+        patches = batch["patches"]
+        b, n = patches.shape[:2]
+        view = (b, n, -1, self.channels) if self.channels_last else (b, n, self.channels, -1)
+        flat = patches.reshape(view)
+        if not self.channels_last:
+            flat = flat.transpose(-2, -1).contiguous()
+        flat = self.erase(flat, patch_coord=batch["patch_coord"],
+                          patch_valid=batch.get("patch_valid"))
+        if not self.channels_last:
+            flat = flat.transpose(-2, -1).contiguous()
+        return dict(batch, patches=flat.reshape(patches.shape))
+
+
+def naflex_mixup(num_classes: int, mixup: float, cutmix: float, prob: float,
+                 switch_prob: float, smoothing: float, off_epoch: int) -> NaFlexMixup:
+    """timm's mixup/cutmix of NaFlex batches (pairs of images of any sizes), run by the batch
+    stream before patchifying; it turns the targets into soft ones and stops at `off_epoch`
+    (--mixup-off-epoch)."""
+    return NaFlexMixup(num_classes=num_classes, mixup_alpha=mixup, cutmix_alpha=cutmix,
+                       prob=prob, switch_prob=switch_prob, label_smoothing=smoothing,
+                       mixup_off_epoch=off_epoch)
+
+
 def batch_images(batch) -> int:
     """Images in a batch of either kind (a NaFlex dict or an image tensor)."""
     return batch["patches"].shape[0] if isinstance(batch, dict) else batch.shape[0]
+
+
+def to_dtype(batch, dtype: torch.dtype):
+    """A batch of either kind with its pixel values in `dtype` (a NaFlex batch's coordinates
+    and masks keep theirs)."""
+    if isinstance(batch, dict):
+        return dict(batch, patches=batch["patches"].to(dtype))
+    return batch.to(dtype)

@@ -55,16 +55,21 @@ def train_transform(data_config: dict, aug, separate: bool = False):
     workers neither convert nor normalize, and pass a quarter of the bytes; `Normalize` does it
     for the whole batch, and random erasing (`batch_eraser`) follows it there.
     """
-    config = dict(data_config, interpolation=aug.train_interpolation or data_config["interpolation"])
     try:
-        return create_transform(
-            **config, is_training=True, no_aug=aug.no_aug, scale=tuple(aug.scale),
-            ratio=tuple(aug.ratio), hflip=aug.hflip, vflip=aug.vflip, color_jitter=aug.color_jitter,
-            auto_augment=aug.aa, use_prefetcher=True, separate=separate,
-            **_newer_augmentation(aug))
+        return create_transform(**augmentation_kwargs(data_config, aug), use_prefetcher=True,
+                                separate=separate)
     except (AssertionError, KeyError, ValueError) as exc:
         raise UserError(f"cannot build the training augmentation (--aa {aug.aa}, --scale, "
                         f"--ratio, --color-jitter): {type(exc).__name__} {exc}".rstrip()) from None
+
+
+def augmentation_kwargs(data_config: dict, aug) -> dict:
+    """timm's create_transform arguments of the training augmentation (AugSpec `aug`), shared
+    by image batches and NaFlex batches (`data.naflex.train_batches`)."""
+    config = dict(data_config, interpolation=aug.train_interpolation or data_config["interpolation"])
+    return dict(**config, is_training=True, no_aug=aug.no_aug, scale=tuple(aug.scale),
+                ratio=tuple(aug.ratio), hflip=aug.hflip, vflip=aug.vflip,
+                color_jitter=aug.color_jitter, auto_augment=aug.aa, **_newer_augmentation(aug))
 
 
 def _newer_augmentation(aug) -> dict:

@@ -45,6 +45,7 @@ from .datasets import build_stream_data, mapped_splits, reads_folders
 from .distill import Distillation, build_teacher
 from .keeper import CheckpointKeeper
 from .model import create_model, init_head, probe_input, set_batchnorm
+from .naflex_parts import use_naflex_batches
 from .optimizer import build_optimizer, build_scheduler
 from .parts import Run, TrainData, base_samples
 from .start_weights import load_initial_checkpoint
@@ -136,7 +137,7 @@ def check_first_batch(s: TrainSettings, model: nn.Module, train: TrainData,
         raise UserError(f"a training batch of {smallest}{short}: {s.model.model}'s BatchNorm "
                         f"layers would see one value per channel (their last inputs are 1x1 "
                         f"per image at this size); give -b 2 or more")
-    if s.labels.mixing and smallest % 2:
+    if s.labels.mixing and smallest % 2 and not s.naflex.enabled:  # NaFlex pairs any batch
         raise UserError(f"mixup/cutmix need an even training batch, got {smallest}{short}")
 
 
@@ -341,11 +342,13 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     lr = s.lr(dist.world_size)
     if s.sizes.enabled:
         lr = use_sized_batches(train, s, dist)
+    if s.naflex.enabled:  # timm's reference batch (the LR's) stays -b
+        use_naflex_batches(train, s, dist, model, num_classes, device)
     loss_fn, distill, trained = build_objective(s, model, num_classes, train, device, precision)
     optimizer = build_optimizer(s.optim, trained, lr)
     scheduler, num_epochs = build_scheduler(s.schedule, optimizer, train.steps_per_epoch,
                                             s.loop.seed, s.loop.eval_metric)
-    mixup = build_mixup(s.labels, num_classes)
+    mixup = None if s.naflex.enabled else build_mixup(s.labels, num_classes)  # NaFlex: its own
     decays = (s.ema.decays_per_step(s.global_batch(dist.world_size), train.steps_per_epoch)
               if s.ema.enabled else [])
     ema = build_ema(s.ema, model, device, decays)

@@ -20,6 +20,8 @@ from ..checkpoint.weights import Weights, load_weights_into
 from ..data.augmix import split_batchnorm
 from ..data.folders import load_image_folder, resolve_split_dir
 from ..data.loaders import batches, make_loader
+from ..data.naflex import PatchNormalize, eval_collate, model_patch_size, to_dtype
+from ..data.naflex import eval_transform as naflex_eval_transform
 from ..data.readers import open_mapped, open_source, open_stream, stream_loader
 from ..data.samplers import EpochSampler
 from ..data.transforms import Normalize, check_data_config, eval_transform
@@ -64,11 +66,13 @@ def validate(model: nn.Module, loader, device: torch.device, ema: ModelEma | Non
             for batch, (images, targets) in enumerate(stream):
                 if extras is not None and show and bar.disable:
                     extras.progress(batch, len(loader))
-                images = images.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
-                if normalize is not None:
+                if isinstance(images, dict):  # a NaFlex batch: `normalize` moves it
                     images = normalize(images)
-                if channels_last:
+                else:
+                    images = images.to(device, non_blocking=True)
+                    images = normalize(images) if normalize is not None else images
+                if channels_last and not isinstance(images, dict):
                     images = images.contiguous(memory_format=torch.channels_last)
                 sets.score(images, targets, sums, amp_dtype)
                 bar.update(1)
@@ -105,8 +109,8 @@ class _EvalSets:
         for index in self.order:
             if self.swapper is not None:
                 self.swapper.load(index)
-            x = images if amp_dtype is not None else images.to(self.dtypes[index])
-            with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            x = images if amp_dtype is not None else to_dtype(images, self.dtypes[index])
+            with torch.autocast(targets.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 output = self.nets[index](x)
             if self.extras is not None:
                 output = self.extras.output(output, targets, first=index == 0)
@@ -284,11 +288,30 @@ def eval_batch_size(s: ValidateSettings, ckpt: dict) -> int:
             or recorded.get("batch_size") or 256)
 
 
+def naflex_evaluation(s: ValidateSettings, ckpt: dict, model, arch: str) -> dict | None:
+    """validate.py's NaFlex evaluation (--naflex-loader, or a checkpoint trained with it): the
+    patch size, sequence length (--naflex-max-seq-len, else training's, else timm's 576) and
+    patch layout of its batches; None for image batches."""
+    recorded = args_dict(ckpt)
+    given = s.naflex.naflex_loader
+    if not (given or (given is None and recorded.get("naflex_loader"))):
+        return None
+    if s.dataset.streaming:
+        raise UserError(f"--naflex-loader evaluates a map-style split; --dataset "
+                        f"{s.dataset.dataset} is a stream")
+    return {"patch_size": model_patch_size(unwrap_model(model), arch),
+            "max_seq_len": int(s.naflex.naflex_max_seq_len or recorded.get("naflex_max_seq_len")
+                               or 576),
+            "channels_last": not recorded.get("naflex_patchify_channels_first")}
+
+
 def split_loader(s: ValidateSettings, info, dataset, ckpt: dict, data_config: dict, device,
-                 batch_size: int | None = None, indices: Sequence[int] | None = None):
+                 batch_size: int | None = None, indices: Sequence[int] | None = None,
+                 naflex: dict | None = None):
     """The evaluation loader of this rank's share (each image counts exactly once under
     torchrun) and the normalization of its uint8 batches (`batch_size`: --retry's; `indices`:
-    these images of a map-style split only, in this order)."""
+    these images of a map-style split only, in this order; `naflex`: NaFlex batches, as
+    `naflex_evaluation` gives them)."""
     batch_size = batch_size or eval_batch_size(s, ckpt)
     crowded = s.loader.too_many_workers(info.local_processes)
     if crowded and info.is_primary:
@@ -305,13 +328,21 @@ def split_loader(s: ValidateSettings, info, dataset, ckpt: dict, data_config: di
         loader = stream_loader(stream, 0, pin_memory=device.type == "cuda")
         loader.set_epoch(0)
         return loader, normalize
-    dataset.transform = eval_transform(data_config)
+    collate = None
+    if naflex is not None:
+        dataset.transform = naflex_eval_transform(data_config, naflex["patch_size"],
+                                                  naflex["max_seq_len"], naflex["channels_last"])
+        collate = eval_collate(naflex["max_seq_len"])
+        normalize = PatchNormalize(data_config["mean"], data_config["std"], device,
+                                   channels_last=naflex["channels_last"])
+    else:
+        dataset.transform = eval_transform(data_config)
     if indices is not None:
         dataset = Subset(dataset, [int(i) for i in indices])
     sampler = EpochSampler(len(dataset), 0, shuffle=False, rank=info.rank,
                                 num_replicas=info.world_size, block=batch_size)
     loader = make_loader(dataset, batch_size, workers, seed=0, pin_memory=device.type == "cuda",
-                         sampler=sampler)
+                         sampler=sampler, collate_fn=collate)
     return loader, normalize
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.loaders import batches
+from ..data.naflex import batch_images
 from ..ema.collection import EmaCollection
 from ..util.clock import RunClock, StepTimer, duration
 from ..util.logs import show_bars
@@ -169,7 +170,7 @@ class EpochLoop:
                 c.num_updates += 1
                 if self.scheduler is not None:
                     self.scheduler.step_update(num_updates=c.num_updates)
-            progress.update(batch, self._last_loss, images.size(0))
+            progress.update(batch, self._last_loss, batch_images(images))
             if update and batch + 1 < total:
                 yield c.num_updates
 
@@ -181,7 +182,7 @@ class EpochLoop:
         except SkippedStep:
             self._skip(batch, rollback)
             return False
-        self.tally.add(loss, images.size(0), batch)
+        self.tally.add(loss, batch_images(images), batch)
         self.counters.epoch_step = batch + 1
         self._last_loss = loss
         return True

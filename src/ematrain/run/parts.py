@@ -60,6 +60,8 @@ class TrainData:
     erase: object | None = None         # random erasing of the normalized batch
     collate: object | None = None       # --aug-splits: timm's fast_collate, split-major
     batch_sampler: object | None = None  # --train-img-sizes: `data.sized_batches.SizedBatches`
+    naflex: object | None = None        # --naflex-loader: `data.naflex.NaFlexBatches`
+    val_collate: object | None = None   # --naflex-loader: timm's NaFlex collate
     warnings: list = field(default_factory=list)  # said when training starts
     _loaders: tuple | None = field(default=None, repr=False)
 
@@ -88,19 +90,25 @@ class TrainData:
         once and keep their worker processes from epoch to epoch."""
         # The epoch's order and augmentation depend only on (seed, epoch): that makes resume exact.
         self.train_set.set_epoch(epoch)
-        if self.batch_sampler is not None:  # its batches are counted, not its images
+        if self.naflex is not None:  # whole batches of its own schedule, counted as such
+            self.naflex.set_epoch(epoch, start=start_batch)
+        elif self.batch_sampler is not None:  # its batches are counted, not its images
             self.batch_sampler.set_epoch(epoch, start=start_batch)
         else:
             self.sampler.set_epoch(epoch, start=start_batch * self.batch_size)
         if self._loaders is None:
             sampler = None if self.batch_sampler is not None else EpochTagged(self.sampler)
-            train = make_loader(self.train_set, self.batch_size, self.workers, seed=seed,
-                                drop_last=self.drop_last, pin_memory=self.pin_memory,
-                                sampler=sampler, persistent=True, collate_fn=self.collate,
-                                batch_sampler=self.batch_sampler)
+            if self.naflex is not None:
+                train = make_loader(self.naflex, None, self.workers, seed=seed,
+                                    pin_memory=self.pin_memory, persistent=True)
+            else:
+                train = make_loader(self.train_set, self.batch_size, self.workers, seed=seed,
+                                    drop_last=self.drop_last, pin_memory=self.pin_memory,
+                                    sampler=sampler, persistent=True, collate_fn=self.collate,
+                                    batch_sampler=self.batch_sampler)
             val = make_loader(self.val_set, self.val_batch_size, self.workers, seed=0,
                               pin_memory=self.pin_memory, sampler=self.val_sampler,
-                              persistent=True)
+                              persistent=True, collate_fn=self.val_collate)
             self._loaders = (train, val)
         return self._loaders
 

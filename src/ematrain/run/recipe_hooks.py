@@ -11,6 +11,7 @@ from ..data.sized_batches import loss_scale
 from ..util.clock import duration
 from ..util.logs import log
 from .loop import current_lr
+from .naflex_parts import naflex_loss_scale
 from .parts import Run
 
 
@@ -38,7 +39,10 @@ def save_batch_image(run_dir: Path | None, batch: int, images: torch.Tensor) -> 
 
 def batch_loss_scale(run: Run):
     """--variable-batch-loss-scale sqrt|linear: each batch's loss times (its size / timm's
-    policy-average batch), to the power 1/2 or 1; None when off."""
+    policy-average batch), to the power 1/2 or 1; None when off (--naflex-loss-scale:
+    `naflex_parts.naflex_loss_scale`)."""
+    if run.settings.naflex.enabled:  # --naflex-loss-scale
+        return naflex_loss_scale(run.settings, run.dist, run.device)
     mode = run.settings.sizes.variable_batch_loss_scale
     sampler = getattr(run.data, "batch_sampler", None)  # a stream has none
     if sampler is None or mode == "none":

@@ -12,6 +12,7 @@ from timm.models import model_parameters
 from timm.utils import dispatch_clip_grad
 from torch import nn
 
+from ..data.naflex import batch_images, to_dtype
 from ..ema.collection import EmaCollection
 from ..ema.model_ema import ModelEma
 
@@ -35,7 +36,8 @@ class Recipe:
     objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # --synchronize-step: wait for the device after each optimizer step.
     synchronize: Callable[[], None] | None = None
-    # --variable-batch-loss-scale: the factor of a batch's loss, given its size.
+    # --variable-batch-loss-scale, --naflex-loss-scale: the factor of a batch's loss, given
+    # its size.
     loss_scale: Callable[[int], float] | None = None
     # What the EMAs average when the trained module holds more than the model (feature
     # distillation's student, beside its projection); None: the trained module itself.
@@ -48,7 +50,7 @@ class Recipe:
             # The loss of a 16-bit model's output is computed in float32, as autocast does.
             loss = self.loss_fn(model(images).float(), targets)
         if self.loss_scale is not None:
-            loss = loss * self.loss_scale(images.size(0))
+            loss = loss * self.loss_scale(batch_images(images))
         return loss
 
     def clip_parameters(self, model: nn.Module) -> list[torch.Tensor]:
@@ -75,7 +77,7 @@ def train_step(model: nn.Module, optimizer, images: torch.Tensor, targets: torch
     `group_size` batches make one update (gradient accumulation): each one's loss is divided by
     it. Returns the batch's loss (detached, on the device).
     """
-    device = images.device.type
+    device = targets.device.type  # the images may be a NaFlex batch (a dict of tensors)
     with _no_sync(model, update):
         with torch.autocast(device, dtype=recipe.autocast, enabled=recipe.autocast is not None):
             loss = recipe.loss(model, images, targets)
@@ -111,7 +113,9 @@ def train_step(model: nn.Module, optimizer, images: torch.Tensor, targets: torch
 @dataclass
 class Batches:
     """What happens to a loader batch before the step: device, normalization (the loader gives
-    uint8), random erasing, mixing, dtype, layout."""
+    uint8), random erasing, mixing, dtype, layout. A NaFlex batch (a dict of patches,
+    coordinates and masks, already mixed by its stream) is moved and normalized by its
+    `normalize` (`data.naflex.PatchNormalize`)."""
     device: torch.device
     dtype: torch.dtype | None = None  # --model-dtype; None keeps float32
     channels_last: bool = False
@@ -120,8 +124,12 @@ class Batches:
     erase: Callable | None = None
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor):
-        images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
+        if isinstance(images, dict):
+            images = self.normalize(images)
+            images = self.erase(images) if self.erase is not None else images
+            return to_dtype(images, self.dtype) if self.dtype is not None else images, targets
+        images = images.to(self.device, non_blocking=True)
         if self.normalize is not None:
             images = self.normalize(images)
         if self.erase is not None:

@@ -226,6 +226,47 @@ class SizeSpec:
 
 
 @dataclass(frozen=True)
+class NaflexSpec:
+    """timm's NaFlex loader (--naflex-loader and its family): patch sequences of several
+    lengths in token-budget batches for training, one length for evaluation. validate.py has
+    the last two fields only (None: as the checkpoint was trained)."""
+    naflex_loader: bool | None = False
+    naflex_max_seq_len: int | None = 576
+    naflex_train_seq_lens: list = (128, 256, 576, 784, 1024)
+    naflex_patch_sizes: list | None = None
+    naflex_patch_size_probs: list | None = None
+    naflex_loss_scale: str = "linear"
+    naflex_patchify_channels_first: bool = False
+
+    def __post_init__(self):
+        at_least(self, 1, "naflex_max_seq_len")
+        if not self.naflex_train_seq_lens or min(self.naflex_train_seq_lens) < 1:
+            raise UserError("--naflex-train-seq-lens must be >= 1 (patches per image)")
+        if self.naflex_patch_sizes is not None and min(self.naflex_patch_sizes) < 1:
+            raise UserError("--naflex-patch-sizes must be >= 1 (pixels)")
+        probs, sizes = self.naflex_patch_size_probs, self.naflex_patch_sizes
+        if probs is not None:
+            if sizes is None:
+                raise UserError("--naflex-patch-size-probs weighs --naflex-patch-sizes: give them")
+            if len(probs) != len(sizes):
+                raise UserError(f"--naflex-patch-size-probs gives {len(probs)} weights for "
+                                f"{len(sizes)} --naflex-patch-sizes: one each")
+            if min(probs) < 0 or not sum(probs) > 0:
+                raise UserError("--naflex-patch-size-probs must be >= 0 with a positive sum")
+        if not self.naflex_loader and sizes is not None:
+            raise UserError("--naflex-patch-sizes shapes NaFlex training: give --naflex-loader")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.naflex_loader)
+
+    @property
+    def channels_last(self) -> bool:
+        """Patches flattened P-P-C (timm's default), else C-P-P."""
+        return not self.naflex_patchify_channels_first
+
+
+@dataclass(frozen=True)
 class LabelSpec:
     """What the loss sees: mixup/cutmix, label smoothing, BCE."""
     mixup: float

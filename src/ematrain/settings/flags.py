@@ -155,6 +155,7 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     _misc_flags(p)
     _recipe_flags(p)
     _size_flags(p)
+    _naflex_flags(p)
     _distill_flags(p)
     _tracker_flags(p)
     return p
@@ -571,6 +572,7 @@ def validate_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="format of --results-file (default: from its suffix)")
     _precision_flags(p, training=False)
     _test_time_flags(p)
+    _naflex_flags(p, training=False)
     return p
 
 
@@ -717,6 +719,36 @@ def _size_flags(p) -> None:
     g.add_argument("--variable-batch-loss-scale", type=str, default="none",
                    choices=["none", "sqrt", "linear"],
                    help="scale each batch's loss by its size over the average batch")
+
+
+def _naflex_flags(p, training: bool = True) -> None:
+    """timm's NaFlex loader: NaFlexVit models trained on token-budget batches of patch
+    sequences (train.py) and evaluated at one sequence length (both)."""
+    g = p.add_argument_group("NaFlex loader parameters")
+    if not training:
+        g.add_argument("--naflex-loader", action="store_true", default=None,
+                       help="evaluate through timm's NaFlex pipeline (a NaFlex model; default: "
+                            "as the checkpoint was trained)")
+        g.add_argument("--naflex-max-seq-len", type=int, default=None, metavar="N",
+                       help="patches per evaluated image (default: training's, else 576)")
+        return
+    g.add_argument("--naflex-loader", action="store_true", default=False,
+                   help="train on timm's NaFlex batches of patch sequences (a NaFlex model, "
+                        "e.g. naflexvit_base_patch16_gap)")
+    g.add_argument("--naflex-train-seq-lens", type=int, nargs="+",
+                   default=[128, 256, 576, 784, 1024], metavar="N",
+                   help="the training sequence lengths (patches per image), one per batch")
+    g.add_argument("--naflex-max-seq-len", type=int, default=576, metavar="N",
+                   help="patches per image in validation")
+    g.add_argument("--naflex-patch-sizes", type=int, nargs="+", default=None, metavar="N",
+                   help="patch sizes to train at, one drawn per batch (default: the model's)")
+    g.add_argument("--naflex-patch-size-probs", type=finite_float, nargs="+", default=None,
+                   metavar="P", help="weights of --naflex-patch-sizes (default: equal)")
+    g.add_argument("--naflex-loss-scale", type=str, default="linear",
+                   choices=["none", "sqrt", "linear"],
+                   help="scale each batch's loss by its size over -b")
+    g.add_argument("--naflex-patchify-channels-first", action="store_true", default=False,
+                   help="patches flattened channels-first (C-P-P) instead of P-P-C")
 
 
 def _distill_flags(p) -> None:

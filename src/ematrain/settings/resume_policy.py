@@ -110,6 +110,11 @@ RESUME_POLICY: tuple[Rule, ...] = (
            "in them") for key in ("train_img_sizes", "train_batch_sizes", "train_size_probs",
                                   "train_size_schedule", "train_size_schedule_spread",
                                   "train_size_random_mix", "train_batches_per_epoch")),
+    *(Rule(key, MID_EPOCH, "they make the epoch's NaFlex batches: the position within it is "
+           "counted in them") for key in ("naflex_loader", "naflex_train_seq_lens",
+                                          "naflex_patch_sizes", "naflex_patch_size_probs")),
+    Rule("naflex_patchify_channels_first", REFUSE, "the patch embedding's weights read patches "
+         "in the recorded layout"),
     Rule("log_wandb", NEW, "W&B logs from the resumed step on, into the W&B run the checkpoint "
          "names (its `trackers` key) when it has one, else a new one"),
     Rule("wandb_project", NEW, "for a W&B run started on resume; the run the checkpoint names "
@@ -135,7 +140,9 @@ SCHEDULE_SETTINGS = {"sched", "epochs", "warmup_epochs", "warmup_lr", "min_lr", 
                      "batch_size", "grad_accum_steps", "world_size",
                      # Variable-size training sets the batches per epoch and the LR's batch.
                      "train_img_sizes", "train_batch_sizes", "train_size_probs",
-                     "train_size_schedule", "train_batches_per_epoch"}
+                     "train_size_schedule", "train_batches_per_epoch",
+                     # So do NaFlex batches.
+                     "naflex_loader", "naflex_train_seq_lens"}
 
 
 def policy_markdown() -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from ..util.errors import UserError
 
 _TORCHSCRIPT = "TorchScript is deprecated in torch 2: use --torchcompile"
-_NAFLEX = "NaFlex loading is not wired into ematrain's loop or validate.py"
 
 # Each unsupported setting: the value that leaves it off, and why it is refused when on.
 TIMM_REFUSED: dict[str, tuple[object, str]] = {
@@ -24,14 +23,13 @@ TIMM_REFUSED: dict[str, tuple[object, str]] = {
                                 "does not depend on"),
     "tta": (0, "timm's train.py averages groups of outputs that its loader no longer makes"),
     "amp_impl": ("native", "timm 1.0 removed apex AMP; --amp is torch's native AMP"),
-    "naflex_loader": (False, _NAFLEX),
 }
 # Command-line spellings that are not the dest's (timm's second name of a setting).
 _SPELLINGS: dict[str, str] = {}
 TIMM_SETTINGS_NOT_SUPPORTED = {key: off for key, (off, _why) in TIMM_REFUSED.items()}
 # Settings that only act when another one is on: whatever their value, they are idle while
-# their gate is off. Matched by prefix, so timm's variants of the NaFlex family are known.
-_TIMM_GATED = {"naflex_": "naflex_loader"}
+# their gate is off (matched by prefix). None at present.
+_TIMM_GATED: dict[str, str] = {}
 
 
 def timm_gate(key: str) -> str | None:

@@ -20,6 +20,7 @@ from .data_specs import (
     ImageSpec,
     LabelSpec,
     LoaderSpec,
+    NaflexSpec,
     SizeSpec,
     dataset_spec,
 )
@@ -105,18 +106,20 @@ class TrainSettings:
     trackers: TrackerSpec
     distill: DistillSpec = field(default_factory=DistillSpec)
     sizes: SizeSpec = field(default_factory=SizeSpec)
+    naflex: NaflexSpec = field(default_factory=NaflexSpec)
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "TrainSettings":
         specs = {"data": DataSpec, "loader": LoaderSpec, "image": ImageSpec, "model": ModelSpec,
                  "aug": AugSpec, "labels": LabelSpec, "optim": OptimSpec, "schedule": ScheduleSpec,
                  "precision": PrecisionSpec, "loop": LoopSpec, "dist": DistSpec,
-                 "distill": DistillSpec, "sizes": SizeSpec}
+                 "distill": DistillSpec, "sizes": SizeSpec, "naflex": NaflexSpec}
         built = {name: from_args(spec, ns) for name, spec in specs.items()}
         trackers = tracker_spec(vars(ns), resuming=bool(ns.resume))
         settings = cls(args=ns, ema=EmaSpec.from_args(ns), posthoc=PosthocSpec.from_args(ns),
                        dataset=dataset_spec(ns), trackers=trackers, **built)
-        if settings.labels.mixing and settings.loader.batch_size % 2:
+        _check_naflex(settings)
+        if settings.labels.mixing and settings.loader.batch_size % 2 and not settings.naflex.enabled:
             raise UserError(f"mixup/cutmix need an even --batch-size, got "
                             f"{settings.loader.batch_size}")
         if settings.dataset.kind == FOLDER:
@@ -163,6 +166,25 @@ def _check_sizes(s: "TrainSettings") -> None:
     if s.labels.mixing and any(b % 2 for b in batches):
         raise UserError(f"mixup/cutmix need even batches, got --train-batch-sizes "
                         f"{' '.join(map(str, batches))}")
+
+
+def _check_naflex(s: TrainSettings) -> None:
+    """What NaFlex training cannot be combined with (timm refuses or asserts the first four)."""
+    if not s.naflex.enabled:
+        return
+    taken = [flag for flag, on in (
+        ("--train-img-sizes", s.sizes.enabled), ("--aug-splits", s.aug.aug_splits),
+        ("--aug-repeats", s.data.aug_repeats),
+        ("--use-multi-epochs-loader", s.data.use_multi_epochs_loader),
+        ("--kd-model-name", s.distill.enabled), ("--save-images", s.loop.save_images),
+        ("--model-ema-bn recalibrate", s.ema.bn == "recalibrate"),
+        ("--cutmix-minmax", s.labels.cutmix_minmax is not None),
+        (f"--mixup-mode {s.labels.mixup_mode}", s.labels.mixup_mode != "batch"),
+        (f"--dataset {s.dataset.dataset}", s.dataset.streaming)) if on]
+    if taken:
+        raise UserError(f"--naflex-loader with {taken[0]}: timm's NaFlex batches are patch "
+                        f"sequences of a map-style data set, drawn by their own schedule, mixed "
+                        f"per pair of images (--mixup-mode batch); give one of the two")
 
 
 def _stream_checks(s: TrainSettings) -> None:

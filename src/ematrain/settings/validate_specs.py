@@ -12,7 +12,7 @@ from ..util.distributed import device_named
 from ..util.errors import UserError
 from ..util.runtime import check_compile_mode
 from .checks import at_least, at_most, check_sigma_rels, from_args
-from .data_specs import CROP_MODES, ImageSpec, LoaderSpec, dataset_spec
+from .data_specs import CROP_MODES, ImageSpec, LoaderSpec, NaflexSpec, dataset_spec
 from .flags import validate_parser
 from .layers import parse_command
 from .model_specs import PrecisionSpec
@@ -139,6 +139,7 @@ class ValidateSettings:
     dataset: DatasetSpec
     select: SelectSpec
     test: TestTimeSpec = field(default_factory=TestTimeSpec)
+    naflex: NaflexSpec = field(default_factory=NaflexSpec)
 
     def __post_init__(self):
         if not self.data_dir and not self.dataset.dataset:
@@ -199,7 +200,8 @@ class ValidateSettings:
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ValidateSettings":
         parts = {"image": ImageSpec, "loader": LoaderSpec, "choice": WeightChoice,
-                 "precision": PrecisionSpec, "select": SelectSpec, "test": TestTimeSpec}
+                 "precision": PrecisionSpec, "select": SelectSpec, "test": TestTimeSpec,
+                 "naflex": NaflexSpec}
         own = {f.name: getattr(ns, f.name) for f in fields(cls)
                if f.name not in ("args", "dataset") and f.name not in parts}
         return cls(args=ns, **{name: from_args(spec, ns) for name, spec in parts.items()},
