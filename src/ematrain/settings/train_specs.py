@@ -169,22 +169,30 @@ def _check_sizes(s: "TrainSettings") -> None:
 
 
 def _check_naflex(s: TrainSettings) -> None:
-    """What NaFlex training cannot be combined with (timm refuses or asserts the first four)."""
+    """What NaFlex training cannot be combined with (timm refuses or asserts the first four),
+    each with its reason."""
     if not s.naflex.enabled:
         return
-    taken = [flag for flag, on in (
-        ("--train-img-sizes", s.sizes.enabled), ("--aug-splits", s.aug.aug_splits),
-        ("--aug-repeats", s.data.aug_repeats),
-        ("--use-multi-epochs-loader", s.data.use_multi_epochs_loader),
-        ("--kd-model-name", s.distill.enabled), ("--save-images", s.loop.save_images),
-        ("--model-ema-bn recalibrate", s.ema.bn == "recalibrate"),
-        ("--cutmix-minmax", s.labels.cutmix_minmax is not None),
-        (f"--mixup-mode {s.labels.mixup_mode}", s.labels.mixup_mode != "batch"),
-        (f"--dataset {s.dataset.dataset}", s.dataset.streaming)) if on]
-    if taken:
-        raise UserError(f"--naflex-loader with {taken[0]}: timm's NaFlex batches are patch "
-                        f"sequences of a map-style data set, drawn by their own schedule, mixed "
-                        f"per pair of images (--mixup-mode batch); give one of the two")
+    schedule = "the NaFlex stream draws each epoch's batches by its own schedule"
+    refused = (
+        ("--train-img-sizes", s.sizes.enabled, "both are batch schedules (timm: alternatives)"),
+        ("--aug-splits", s.aug.aug_splits, "a patch batch holds one view of each image"),
+        ("--aug-repeats", s.data.aug_repeats, schedule),
+        ("--use-multi-epochs-loader", s.data.use_multi_epochs_loader, schedule),
+        ("--kd-model-name", s.distill.enabled, "timm's teachers take image tensors, not patch "
+                                               "sequences"),
+        ("--save-images", s.loop.save_images, "a patch batch is no image grid"),
+        ("--model-ema-bn recalibrate", s.ema.bn == "recalibrate", "recalibration draws image "
+                                                                   "batches"),
+        ("--cutmix-minmax", s.labels.cutmix_minmax is not None, "timm's NaFlexMixup has no "
+                                                                 "such bounds"),
+        (f"--mixup-mode {s.labels.mixup_mode}", s.labels.mixup_mode != "batch",
+         "timm's NaFlexMixup mixes per pair of images (--mixup-mode batch)"),
+        (f"--dataset {s.dataset.dataset}", s.dataset.streaming, "the NaFlex stream reads a "
+                                                                 "map-style data set by index"))
+    for flag, on, why in refused:
+        if on:
+            raise UserError(f"--naflex-loader with {flag}: {why}; give one of the two")
 
 
 def _stream_checks(s: TrainSettings) -> None:
