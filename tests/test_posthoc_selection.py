@@ -53,9 +53,10 @@ def sweep_copy(run_dir, tmp_path, data, *flags, monkeypatch=None):
     if monkeypatch is not None:
         original = validate.split_loader
 
-        def recording(s, info, dataset, ckpt, data_config, device, indices=None):
+        def recording(s, info, dataset, ckpt, data_config, device, indices=None, **kwargs):
             passes.append((dataset.root, None if indices is None else list(indices)))
-            return original(s, info, dataset, ckpt, data_config, device, indices=indices)
+            return original(s, info, dataset, ckpt, data_config, device, indices=indices,
+                            **kwargs)
         monkeypatch.setattr(validate, "split_loader", recording)
     r = run_in_process(validate.main, "validate.py", data, "--posthoc", copy, "-j", "0",
                        "--sigma-rel", "0.03", "0.08", "0.2", *flags)

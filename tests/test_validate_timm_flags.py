@@ -104,11 +104,11 @@ def test_valid_labels_and_metrics(data, resnet18_file, tmp_path):
 def test_retry_halves_the_batch_after_out_of_memory(data, resnet18_file, tmp_path, monkeypatch):
     real, sizes = validate.split_loader, []
 
-    def flaky(s, info, dataset, ckpt, config, device, batch_size=None):
+    def flaky(s, info, dataset, ckpt, config, device, batch_size=None, **kwargs):
         sizes.append(batch_size)
         if len(sizes) == 1:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")
-        return real(s, info, dataset, ckpt, config, device, batch_size)
+        return real(s, info, dataset, ckpt, config, device, batch_size, **kwargs)
     monkeypatch.setattr(validate, "split_loader", flaky)
     r = _validate(data, resnet18_file, tmp_path, "--retry", "--use-train-size", "--img-size", "40")
     assert sizes[0] == 6 and 0 < sizes[1] < 6 and r["count"] == 6
