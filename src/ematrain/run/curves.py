@@ -6,6 +6,7 @@ The renderer imports this module alone (with `summary` and `weight_sets`): no to
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import math
@@ -76,7 +77,7 @@ class CurveRenderer:
             [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(_PACKAGE_ROOT)!r}); "
                                    f"from ematrain.run.curves import render_forever; "
                                    f"render_forever()"],
-            stdin=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(19))
+            stdin=subprocess.PIPE, text=True, preexec_fn=_renderer_setup(os.getpid()))
         return self._process
 
     def _warn_ended(self, then: str) -> None:
@@ -96,6 +97,31 @@ class CurveRenderer:
             if self._process.returncode != 0:
                 self._warn_ended("curves.png may lack the last epochs; summary.csv has them")
             self._process = None
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _renderer_setup(parent: int):
+    """What the renderer's process does before it starts: the lowest CPU priority, and on Linux
+    death with the run's process. A run killed (SIGKILL, out of memory) would otherwise leave
+    its renderer drawing at that priority for minutes on a busy machine, into the folder that
+    the resumed run has taken over: a temporary file left beside it, an older picture over
+    the new one. (The signal comes when the thread that started the renderer ends: the run's
+    background writer, which lives as long as the run.)"""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child may only call it
+        prctl = libc.prctl
+    except (OSError, AttributeError):  # not Linux: the renderer ends at its stdin's end
+        prctl = None
+
+    def setup() -> None:
+        os.nice(19)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:  # the run died before the signal was asked for
+                os._exit(1)
+    return setup
 
 
 def render_forever() -> None:
