@@ -20,8 +20,11 @@ $(VENV)/.deps-stamp: pyproject.toml $(VENV)/.torch-stamp
 	$(VPIP) install $(PIP_FLAGS) -e '.[test,demo,data,log]'
 	touch $@
 
+# Two processes (the cores of the machine the suite is sized for), each taking whole test files,
+# so a file's module fixtures are built once; TEST_WORKERS=0 runs it in this process alone.
+TEST_WORKERS ?= 2
 test: venv
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: venv
 	$(VPY) -m ematrain.cli.demo
