@@ -186,3 +186,16 @@ def test_under_torchrun_a_batch_is_also_scaled_by_its_share_of_the_images(data, 
     assert scale(4) == pytest.approx(local * 2 * 4 / (4 + 12))
     alone = naflex_parts.naflex_loss_scale(s, DistInfo(), torch.device("cpu"))
     assert alone is None if mode == "none" else alone(4) == pytest.approx(local)
+
+
+def test_ema_horizons_in_images_count_the_images_naflex_steps_hold(data):
+    """A NaFlex step holds more images at shorter sequences than -b: a half-life in images is
+    counted in the epoch's images per step (its 24 images over its steps), not in -b's."""
+    flags = list(NAFLEX)
+    at = flags.index("--model-ema-decay")
+    flags[at:at + 2] = ["--model-ema-half-life", "12img"]
+    tr = make_training([data, *flags, "--naflex-train-seq-lens", "4", "16"])
+    steps = tr.run.data.steps_per_epoch
+    assert steps == 2  # timm's schedule: 16 and 8 images at 4 patches (a budget of 4 x 16)
+    assert tr.run.images_per_step() == 12  # not -b 4
+    assert tr.run.decays == [pytest.approx(0.5 ** (12 / 12))]

@@ -349,11 +349,12 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     scheduler, num_epochs = build_scheduler(s.schedule, optimizer, train.steps_per_epoch,
                                             s.loop.seed, s.loop.eval_metric)
     mixup = None if s.naflex.enabled else build_mixup(s.labels, num_classes)  # NaFlex: its own
-    decays = (s.ema.decays_per_step(s.global_batch(dist.world_size), train.steps_per_epoch)
+    images_per_step = train.images_per_step or s.global_batch(dist.world_size)
+    decays = (s.ema.decays_per_step(images_per_step, train.steps_per_epoch)
               if s.ema.enabled else [])
     ema = build_ema(s.ema, model, device, decays)
     power, snapshots = build_posthoc(s.posthoc, s.ema, model, device, train.steps_per_epoch,
-                                     s.global_batch(dist.world_size),
+                                     images_per_step,
                                      train.steps_per_epoch * num_epochs, fresh=not resuming)
     sets = weight_sets(decays, ema_labels(s.ema, decays),
                        tag="sr" if s.ema.enabled and s.ema.schedule == "power" else "",

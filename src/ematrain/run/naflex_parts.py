@@ -51,6 +51,8 @@ def use_naflex_batches(train, s: TrainSettings, dist: DistInfo, model: nn.Module
         patch_size_probs=spec.naflex_patch_size_probs, mixup_fn=mixup, rank=dist.rank,
         world_size=dist.world_size, channels_last=spec.channels_last)
     train.steps_per_epoch = math.ceil(train.naflex.batches / s.optim.grad_accum_steps)
+    # EMA horizons in images count the images of a step, which vary with its sequence length.
+    train.images_per_step = max(1, round(len(train.train_set) / train.steps_per_epoch))
     train.normalize = PatchNormalize(config["mean"], config["std"], device,
                                      channels_last=spec.channels_last)
     train.erase = (PatchErase(aug.reprob, aug.remode, aug.recount, device,

@@ -62,6 +62,9 @@ class TrainData:
     batch_sampler: object | None = None  # --train-img-sizes: `data.sized_batches.SizedBatches`
     naflex: object | None = None        # --naflex-loader: `data.naflex.NaFlexBatches`
     val_collate: object | None = None   # --naflex-loader: timm's NaFlex collate
+    # --naflex-loader: images per optimizer step over all processes, on average over the epoch
+    # (its batches hold more images at shorter sequences); None: the settings' global batch.
+    images_per_step: int | None = None
     warnings: list = field(default_factory=list)  # said when training starts
     _loaders: tuple | None = field(default=None, repr=False)
 
@@ -206,7 +209,8 @@ class Run:
         return record
 
     def images_per_step(self) -> int:
-        return self.settings.global_batch(self.dist.world_size)
+        """Images per optimizer step, the unit of EMA horizons and intervals stated in images."""
+        return self.data.images_per_step or self.settings.global_batch(self.dist.world_size)
 
     def length(self) -> RunLength:
         """The run's length, in the units EMA horizons are stated in."""

@@ -69,7 +69,7 @@ def log_start(run, run_dir: Path) -> None:
     log.info(f"training {s.model.model} ({params:.2f}M params) on {where}: "
              f"{_counted(run.data.counts())}, "
              f"{run.num_classes} classes, {plural(run.num_epochs, 'epoch')}")
-    log.info(f"lr {run.lr:.4g} for a global batch of {run.images_per_step()}"
+    log.info(f"lr {run.lr:.4g} for a global batch of {s.global_batch(dist.world_size)}"
              + ("" if s.optim.lr is not None else f" (--lr-base {s.optim.lr_base:g} per "
                                                   f"{s.optim.lr_base_size} images)"))
     log.info(f"output: {run_dir}")
