@@ -135,6 +135,7 @@ def _validate_as_training_did(data, run_dir, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--train-img-sizes", "24", "32"], "--naflex-loader with --train-img-sizes"),
     (["--aug-splits", "3"], "--naflex-loader with --aug-splits"),
+    (["--no-aug"], "--naflex-loader with --no-aug: timm's NaFlex training transform"),
     (["--use-multi-epochs-loader"], "--naflex-loader with --use-multi-epochs-loader"),
     (["--mixup", "0.2", "--mixup-mode", "elem"], "--naflex-loader with --mixup-mode elem"),
     (["--naflex-patch-sizes", "8", "16", "--naflex-patch-size-probs", "1"], "2 --naflex-patch-sizes"),

@@ -177,6 +177,8 @@ def _check_naflex(s: TrainSettings) -> None:
     refused = (
         ("--train-img-sizes", s.sizes.enabled, "both are batch schedules (timm: alternatives)"),
         ("--aug-splits", s.aug.aug_splits, "a patch batch holds one view of each image"),
+        ("--no-aug", s.aug.no_aug, "timm's NaFlex training transform has no plain path (timm "
+                                   "ignores --no-aug there)"),
         ("--aug-repeats", s.data.aug_repeats, schedule),
         ("--use-multi-epochs-loader", s.data.use_multi_epochs_loader, schedule),
         ("--kd-model-name", s.distill.enabled, "timm's teachers take image tensors, not patch "
