@@ -6,11 +6,14 @@ scores the saved weights as training did. What NaFlex training cannot take is on
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import timm
 import torch
-from conftest import make_imagefolder, make_training, run_epochs, run_in_process
+from conftest import REPO_ROOT, make_imagefolder, make_training, run_epochs, run_in_process
 
 from ematrain.cli import train, validate
 from ematrain.run import training
@@ -200,3 +203,19 @@ def test_ema_horizons_in_images_count_the_images_naflex_steps_hold(data):
     assert steps == 2  # timm's schedule: 16 and 8 images at 4 patches (a budget of 4 x 16)
     assert tr.run.images_per_step() == 12  # not -b 4
     assert tr.run.decays == [pytest.approx(0.5 ** (12 / 12))]
+
+
+def test_under_torchrun_two_processes_train_one_run_that_validate_py_scores_the_same(data,
+                                                                                     tmp_path):
+    """Two processes: each trains on its share of the NaFlex batches (loss scaled by timm's
+    arithmetic, the shadows checked equal every epoch), validation scores each image once, and
+    validate.py in one process gives the run's last figures for the raw and the EMA weights."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(REPO_ROOT / "train.py"), str(data), *NAFLEX,
+                        "--epochs", "2", "--naflex-loss-scale", "sqrt", "--output", str(tmp_path),
+                        "--experiment", "r"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (r.stdout + r.stderr).count("EMA checksums (equal on all ranks)") == 2  # per epoch
+    _validate_as_training_did(data, tmp_path / "r", tmp_path)
