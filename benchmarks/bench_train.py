@@ -45,7 +45,10 @@ When the newest one needs a newer timm than the installed one, take an older com
 ``git --git-dir GITDIR log --format=%H -- train.py``. ``--timm-git-dir GITDIR`` makes the
 benchmark print which commit its copy of train.py comes from.
 
-    python benchmarks/bench_train.py [--pairs 4] [--epochs 3] [--timm-train PATH]
+With ``--recipe naflex`` every run trains a small NaFlexVit on timm's NaFlex batches instead
+(ours and timm's train.py only: the bare loop has no NaFlex batches).
+
+    python benchmarks/bench_train.py [--pairs 4] [--epochs 3] [--timm-train PATH] [--recipe R]
                                      [--timm-git-dir GITDIR] [--data DIR] [--threads N]
                                      [--skip-timm] [--skip-bare] [--repo DIR] [--keep]
 """
@@ -251,6 +254,10 @@ def parse_args(argv=None):
                         "written from scikit-learn's digits when missing)")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="OMP_NUM_THREADS / MKL_NUM_THREADS of every run (default: the CPU count)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="resnet18",
+                   help="what every run trains: resnet18 (the default flags), or naflex: a "
+                        "small NaFlexVit on timm's NaFlex batches (--naflex-loader; no bare "
+                        "loop, which has no NaFlex batches)")
     p.add_argument("--skip-timm", action="store_true", help="do not run timm's train.py")
     p.add_argument("--skip-bare", action="store_true", help="do not run the bare loop")
     p.add_argument("--repo", type=Path, default=REPO,
@@ -259,6 +266,8 @@ def parse_args(argv=None):
                    help="interpreter for every run (default: this one)")
     p.add_argument("--keep", action="store_true", help="keep the runs' folders and logs")
     args = p.parse_args(argv)
+    if args.recipe != "resnet18":
+        args.skip_bare = True
     if args.pairs < 1 or args.epochs < 1:
         p.error("--pairs and --epochs must be >= 1")
     if args.timm_train is not None and not args.timm_train.is_file():
@@ -317,9 +326,21 @@ def prepare_data(args) -> tuple[Path, int]:
     return data, len(classes)
 
 
+# What every run trains, by --recipe: the model and its optimizer (the rest is common).
+RECIPES = {
+    "resnet18": ["--model", "resnet18", "--opt", "sgd", "--lr", "0.05"],
+    # A 2-block NaFlexVit with 8 px patches on timm's token-budget batches of 4, 9 or 16
+    # patches an image (a budget of -b 32 x 16 patches), validated at 16 patches an image.
+    "naflex": ["--model", "naflexvit_base_patch16_gap", "--model-kwargs", "patch_size=8",
+               "embed_dim=64", "depth=2", "num_heads=2", "--opt", "adamw", "--lr", "0.001",
+               "--naflex-loader", "--naflex-train-seq-lens", "4", "9", "16",
+               "--naflex-max-seq-len", "16"],
+}
+
+
 def common_flags(args, classes: int, ema: bool) -> list[str]:
-    flags = ["--model", "resnet18", "-b", "32", "-j", "2", "--epochs", str(args.epochs),
-             "--opt", "sgd", "--lr", "0.05", "--sched", "cosine", "--warmup-epochs", "1",
+    flags = [*RECIPES[args.recipe], "-b", "32", "-j", "2", "--epochs", str(args.epochs),
+             "--sched", "cosine", "--warmup-epochs", "1",
              "--checkpoint-hist", "1", "--device", "cpu", "--img-size", "32",
              "--num-classes", str(classes)]
     if ema:
@@ -457,7 +478,8 @@ def skipped_lines(args) -> list[str]:
         lines.append("ours / timm: not measured: no --timm-train PATH given (timm's train.py is "
                      "not in the pip package; see this script's docstring for how to get it)")
     if args.skip_bare:
-        lines.append("ours / bare: not measured (--skip-bare)")
+        why = "--skip-bare" if args.recipe == "resnet18" else f"--recipe {args.recipe}"
+        lines.append(f"ours / bare: not measured ({why})")
     return lines
 
 
