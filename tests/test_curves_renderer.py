@@ -68,10 +68,9 @@ def test_the_renderer_dies_with_a_killed_run():
     """A SIGKILLed run takes its renderer with it, even one in the middle of a picture (here
     stopped, as one starved at the lowest priority on a busy machine is): no orphan drawing,
     minutes later, into the folder that the resumed run has taken over."""
-    script = ("import sys, time; sys.path.insert(0, %r)\n"
+    script = (f"import sys, time; sys.path.insert(0, {str(curves._PACKAGE_ROOT)!r})\n"
               "from ematrain.run.curves import CurveRenderer\n"
-              "print(CurveRenderer()._running().pid, flush=True); time.sleep(600)"
-              % str(curves._PACKAGE_ROOT))
+              "print(CurveRenderer()._running().pid, flush=True); time.sleep(600)")
     run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     renderer = int(run.stdout.readline())
     try:

@@ -177,21 +177,21 @@ def _check_naflex(s: TrainSettings) -> None:
     refused = (
         ("--train-img-sizes", s.sizes.enabled, "both are batch schedules (timm: alternatives)"),
         ("--aug-splits", s.aug.aug_splits, "a patch batch holds one view of each image"),
-        ("--no-aug", s.aug.no_aug, "timm's NaFlex training transform has no plain path (timm "
-                                   "ignores --no-aug there)"),
+        ("--no-aug", s.aug.no_aug,
+         "timm's NaFlex training transform has no plain path (timm ignores --no-aug there)"),
         ("--aug-repeats", s.data.aug_repeats, schedule),
         ("--use-multi-epochs-loader", s.data.use_multi_epochs_loader, schedule),
-        ("--kd-model-name", s.distill.enabled, "timm's teachers take image tensors, not patch "
-                                               "sequences"),
+        ("--kd-model-name", s.distill.enabled,
+         "timm's teachers take image tensors, not patch sequences"),
         ("--save-images", s.loop.save_images, "a patch batch is no image grid"),
-        ("--model-ema-bn recalibrate", s.ema.bn == "recalibrate", "recalibration draws image "
-                                                                   "batches"),
-        ("--cutmix-minmax", s.labels.cutmix_minmax is not None, "timm's NaFlexMixup has no "
-                                                                 "such bounds"),
+        ("--model-ema-bn recalibrate", s.ema.bn == "recalibrate",
+         "recalibration draws image batches"),
+        ("--cutmix-minmax", s.labels.cutmix_minmax is not None,
+         "timm's NaFlexMixup has no such bounds"),
         (f"--mixup-mode {s.labels.mixup_mode}", s.labels.mixup_mode != "batch",
          "timm's NaFlexMixup mixes per pair of images (--mixup-mode batch)"),
-        (f"--dataset {s.dataset.dataset}", s.dataset.streaming, "the NaFlex stream reads a "
-                                                                 "map-style data set by index"))
+        (f"--dataset {s.dataset.dataset}", s.dataset.streaming,
+         "the NaFlex stream reads a map-style data set by index"))
     for flag, on, why in refused:
         if on:
             raise UserError(f"--naflex-loader with {flag}: {why}; give one of the two")
