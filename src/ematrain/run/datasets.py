@@ -87,6 +87,7 @@ class StreamData:
     splits: tuple[str, str] = ("train", "validation")
     normalize: Normalize | None = None
     erase: object | None = None
+    images_per_step: int | None = None  # as `parts.TrainData`'s: the settings' global batch
     warnings: list = field(default_factory=list)
     streaming = True
     _loaders: tuple | None = field(default=None, repr=False)
