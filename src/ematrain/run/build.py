@@ -47,7 +47,7 @@ from .keeper import CheckpointKeeper
 from .model import create_model, init_head, probe_input, set_batchnorm
 from .naflex_parts import use_naflex_batches
 from .optimizer import build_optimizer, build_scheduler
-from .parts import Run, TrainData, base_samples
+from .parts import Run, TrainData, base_samples, images_per_step
 from .start_weights import load_initial_checkpoint
 from .tracking import build_trackers
 from .weight_sets import ema_labels, ema_names, tracked_sets, weight_sets
@@ -349,12 +349,12 @@ def build_run(settings: TrainSettings, resuming: bool = False) -> Run:
     scheduler, num_epochs = build_scheduler(s.schedule, optimizer, train.steps_per_epoch,
                                             s.loop.seed, s.loop.eval_metric)
     mixup = None if s.naflex.enabled else build_mixup(s.labels, num_classes)  # NaFlex: its own
-    images_per_step = train.images_per_step or s.global_batch(dist.world_size)
-    decays = (s.ema.decays_per_step(images_per_step, train.steps_per_epoch)
+    per_step = images_per_step(train, s, dist.world_size)
+    decays = (s.ema.decays_per_step(per_step, train.steps_per_epoch)
               if s.ema.enabled else [])
     ema = build_ema(s.ema, model, device, decays)
     power, snapshots = build_posthoc(s.posthoc, s.ema, model, device, train.steps_per_epoch,
-                                     images_per_step,
+                                     per_step,
                                      train.steps_per_epoch * num_epochs, fresh=not resuming)
     sets = weight_sets(decays, ema_labels(s.ema, decays),
                        tag="sr" if s.ema.enabled and s.ema.schedule == "power" else "",

@@ -122,6 +122,12 @@ class TrainData:
         self._loaders = None
 
 
+def images_per_step(data, settings: TrainSettings, world_size: int) -> int:
+    """Images per optimizer step, the unit of EMA horizons and intervals stated in images: what
+    the data counts (NaFlex batches), else the settings' global batch."""
+    return data.images_per_step or settings.global_batch(world_size)
+
+
 @dataclass
 class Run:
     """One training run's parts, built once from its settings."""
@@ -209,8 +215,7 @@ class Run:
         return record
 
     def images_per_step(self) -> int:
-        """Images per optimizer step, the unit of EMA horizons and intervals stated in images."""
-        return self.data.images_per_step or self.settings.global_batch(self.dist.world_size)
+        return images_per_step(self.data, self.settings, self.dist.world_size)
 
     def length(self) -> RunLength:
         """The run's length, in the units EMA horizons are stated in."""
